@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 machine (run as root):
+#   ./mimbox.sh reproduce --quick     every figure, quick mode, into results/
+#   ./mimbox.sh test                  the test suite
+#   ./mimbox.sh <any invoke task>     see ./mimbox.sh --list
+# It installs what is missing (idempotent), then runs `invoke <task>` in the project's venv.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+
+# Debian packages, by name. mininet is Debian's 2.3.0 (with mnexec), not PyPI's.
+APT_PACKAGES=(mininet iproute2 iptables nftables libnetfilter-queue-dev tcpdump iperf3 wrk haproxy squid
+              nginx-light clang llvm bpftool libbpf-dev python3-venv python3-dev gcc make ethtool
+              iputils-ping curl procps psmisc)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "mimbox.sh: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts these services on install; experiments start their own copies.
+  for svc in nginx squid haproxy; do service "$svc" stop >/dev/null 2>&1 || true; done
+  pkill -x nginx 2>/dev/null || true; pkill -x squid 2>/dev/null || true; pkill -x haproxy 2>/dev/null || true
+fi
+
+# The venv uses Debian's python3 with --system-site-packages so that Debian's mininet is importable.
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  rm -f .venv/.installed-*; touch "$stamp"
+fi
+
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/invoke "$@"

@@ -1,0 +1,175 @@
+"""Capability probes: each one tries the feature for real (in a throwaway network namespace
+where it touches networking) and never guesses from the kernel version.
+
+Used by `mimbox doctor`, by the link class (netem or the fallback), and by tests that must
+SKIP with a reason when the kernel lacks something.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from dataclasses import dataclass
+
+IPPROTO_MPTCP = 262
+CGROUP2_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+BPFFS = "/sys/fs/bpf"
+QDISC_PROBE_ARGS = {"netem": ["delay", "1ms"], "htb": ["default", "1"],
+                    "tbf": ["rate", "1mbit", "burst", "10k", "latency", "10ms"], "fq": []}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One probed feature: whether it works, what we saw, and how to fix it."""
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True  # experiments cannot run without it
+
+
+def run(cmd: list[str], netns: str | None = None, check: bool = False, timeout: float = 20,
+        **kw) -> subprocess.CompletedProcess:
+    """Run a command (inside `netns` if given) and capture its output as text."""
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
+
+
+@contextlib.contextmanager
+def throwaway_netns(prefix: str = "mimbox-probe"):
+    """A named network namespace with a dummy interface `d0`, deleted on exit whatever happens."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    run(["ip", "netns", "add", name], check=True)
+    try:
+        run(["ip", "link", "add", "d0", "type", "dummy"], netns=name)
+        run(["ip", "link", "set", "d0", "up"], netns=name)
+        run(["ip", "link", "set", "lo", "up"], netns=name)
+        yield name
+    finally:
+        run(["ip", "netns", "del", name])
+
+
+def _try(cmd: list[str], netns: str | None = None) -> tuple[bool, str]:
+    try:
+        p = run(cmd, netns=netns)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    lines = (p.stderr or p.stdout).strip().splitlines()
+    return p.returncode == 0, (lines[-1] if lines else "ok")
+
+
+def _sysctl(path: str) -> str | None:
+    try:
+        with open("/proc/sys/" + path.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def qdisc_works(kind: str) -> bool:
+    """True when `tc qdisc add ... <kind>` succeeds (tried on a dummy device)."""
+    with throwaway_netns() as ns:
+        ok, _ = _try(["tc", "qdisc", "add", "dev", "d0", "root", "handle", "1:", kind, *QDISC_PROBE_ARGS[kind]], ns)
+    return ok
+
+
+def mptcp_socket_works() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
+        return True
+    except OSError:
+        return False
+
+
+def cgroup2_root() -> str | None:
+    """The cgroup2 mount point where we can create child groups, or None."""
+    for root in CGROUP2_ROOTS:
+        if os.path.exists(os.path.join(root, "cgroup.procs")):
+            probe = os.path.join(root, f"mimbox-probe-{os.getpid()}")
+            try:
+                os.mkdir(probe)
+                os.rmdir(probe)
+                return root
+            except OSError:
+                continue
+    return None
+
+
+def probe_all(build_dir: str | None = None) -> list[Capability]:
+    """Probe everything the converter and the experiments use."""
+    caps: list[Capability] = []
+    add = caps.append
+
+    enabled = _sysctl("net.mptcp.enabled")
+    add(Capability("mptcp.enabled", enabled == "1", f"net.mptcp.enabled={enabled}",
+                   "sysctl -w net.mptcp.enabled=1"))
+    add(Capability("mptcp.socket", mptcp_socket_works(), "socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)",
+                   "a kernel built with CONFIG_MPTCP=y"))
+    with throwaway_netns() as ns:
+        ok, out = _try(["ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2"], ns)
+        add(Capability("mptcp.limits", ok, f"ip mptcp limits set subflow 2: {out}",
+                       "iproute2 with `ip mptcp` (Debian 12 has it)"))
+        ok, out = _try(["ip", "mptcp", "endpoint", "add", "10.99.0.1", "dev", "d0", "subflow"], ns)
+        add(Capability("mptcp.endpoint", ok, f"ip mptcp endpoint add ... subflow: {out}", ""))
+        for kind, req, fix in (("netem", False, "none here: topologies.links falls back to HTB + NFQUEUE delay line"),
+                               ("htb", True, "CONFIG_NET_SCH_HTB"), ("tbf", False, "CONFIG_NET_SCH_TBF"),
+                               ("fq", False, "not needed (no EDT pacing used)")):
+            ok, out = _try(["tc", "qdisc", "add", "dev", "d0", "root", "handle", "1:", kind,
+                            *QDISC_PROBE_ARGS[kind]], ns)
+            run(["tc", "qdisc", "del", "dev", "d0", "root"], netns=ns)
+            add(Capability(f"qdisc.{kind}", ok, out, fix, required=req))
+        for name, rule, req in (
+                ("netfilter.nfqueue", ["-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-j", "NFQUEUE",
+                                       "--queue-num", "7"], True),
+                ("netfilter.tproxy", ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-j", "TPROXY",
+                                      "--on-port", "1", "--tproxy-mark", "0x1/0x1"], True),
+                ("netfilter.reject", ["-A", "INPUT", "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                 True)):
+            ok, out = _try(["iptables", *rule], ns)
+            add(Capability(name, ok, out, "iptables (nft backend) with the xt target built in", required=req))
+        ok, out = _try(["ethtool", "-k", "d0"], ns)
+        add(Capability("tool.ethtool", ok, out, "apt-get install ethtool"))
+    try:
+        from netfilterqueue import NetfilterQueue
+        q = NetfilterQueue()
+        q.bind(65000, lambda p: p.accept())
+        q.unbind()
+        add(Capability("nfqueue.bind", True, "bound and unbound queue 65000 from Python"))
+    except Exception as e:  # noqa: BLE001 - any failure here is the answer
+        add(Capability("nfqueue.bind", False, repr(e), "pip install netfilterqueue; libnetfilter-queue1"))
+
+    root = cgroup2_root()
+    add(Capability("cgroup2", root is not None, f"writable cgroup2 at {root}",
+                   "mount -t cgroup2 none /sys/fs/cgroup/unified"))
+    bpffs = os.path.ismount(BPFFS)
+    add(Capability("bpffs", bpffs, f"{BPFFS} mounted={bpffs}", f"mount -t bpf bpf {BPFFS}"))
+    obj = os.path.join(build_dir or "build", "bpf", "dstopt_client.bpf.o")
+    if os.path.exists(obj) and shutil.which("bpftool") and bpffs:
+        pin = f"{BPFFS}/mimbox-probe-{os.getpid()}"
+        ok, out = _try(["bpftool", "prog", "loadall", obj, pin])
+        shutil.rmtree(pin, ignore_errors=True)
+        add(Capability("bpf.sock_ops+connect4", ok, f"bpftool prog loadall {obj}: {out}",
+                       "kernel with BPF, BTF and bpf_store_hdr_opt (5.10+)"))
+    else:
+        add(Capability("bpf.sock_ops+connect4", False, f"{obj} not built", "invoke build"))
+
+    try:
+        import mininet.net  # noqa: F401
+        mn_ok = shutil.which("mnexec") is not None
+        add(Capability("mininet", mn_ok, "mininet importable, mnexec on PATH" if mn_ok else "no mnexec",
+                       "apt-get install mininet (Debian 2.3.0)"))
+    except ImportError as e:
+        add(Capability("mininet", False, str(e), "apt-get install mininet; venv with --system-site-packages"))
+    for tool in ("haproxy", "squid", "nginx", "wrk", "iperf3", "tcpdump", "clang", "bpftool", "ping"):
+        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+        add(Capability(f"tool.{tool}", path is not None, path or "not found",
+                       f"apt-get install {'nginx-light' if tool == 'nginx' else 'iputils-ping' if tool == 'ping' else tool}"))
+    shim = os.path.join(build_dir or "build", "libmptcpize.so")
+    add(Capability("mptcpize.shim", os.path.exists(shim), shim, "invoke build"))
+    return caps

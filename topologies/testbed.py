@@ -1,0 +1,237 @@
+"""The paper's worlds as Mininet topologies: client =(paths)= converter host (mbox) -- server.
+
+    PaperTopo   Fig. 3: unshaped 10 Gbit/s-class veth links, two client paths.
+    MobileTopo  §4.4: WiFi over ADSL (8M/512k, 20 ms RTT) + 3G (2M/256k, 80 ms RTT) to the converter,
+                100 Mbit/s and 10 ms RTT from the converter to the server; optional loss.
+
+Hosts are linked directly (no switches: this kernel has no Open vSwitch datapath); `mbox` forwards
+IP, so with nothing started on it the topology is the paper's "router" baseline (the *direct*
+variant: client and server speak MPTCP end to end). `Testbed` starts a topology and configures
+routing and MPTCP the way a user of it needs; use it as a context manager so that everything is
+torn down, also on errors and Ctrl-C:
+
+    with Testbed(MobileTopo(client_loss=1.0)) as tb:
+        print(tb.client.cmd("ping -c1", tb.server_ip))
+
+From the shell: `mn --custom topologies/testbed.py --topo mimbox-paper --controller none --link emu`
+builds the same hosts and links (without the routing set-up that Testbed adds).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+# `mn --custom` execs this file directly: make the project importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mininet.net import Mininet  # noqa: E402
+from mininet.topo import Topo  # noqa: E402
+
+from topologies.links import EmuLink  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One client path (or server path): its name and what each direction of its link does."""
+    name: str
+    up: dict = field(default_factory=dict)    # shaping of what the client (or mbox) sends
+    down: dict = field(default_factory=dict)  # shaping of what mbox (or the server) sends
+
+
+@dataclass(frozen=True)
+class Addr:
+    """Addressing of path k on a side: subnet 10.0.<n>.0/24, .1 the outer host, .2 mbox."""
+    n: int
+    intf_outer: str
+    intf_mbox: str
+
+    @property
+    def outer_ip(self) -> str:
+        return f"10.0.{self.n}.1"
+
+    @property
+    def mbox_ip(self) -> str:
+        return f"10.0.{self.n}.2"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.0.{self.n}.0/24"
+
+
+class ConverterTopo(Topo):
+    """client -- k paths -- mbox -- m paths -- server. Subclasses choose the paths."""
+
+    client_paths: list[PathSpec]
+    server_paths: list[PathSpec]
+
+    def build(self, client_paths: list[PathSpec], server_paths: list[PathSpec]):
+        """Add the three hosts and one link per path."""
+        self.client_paths, self.server_paths = client_paths, server_paths
+        self.client_addrs, self.server_addrs = [], []
+        client = self.addHost("client", ip=None)
+        mbox = self.addHost("mbox", ip=None)
+        server = self.addHost("server", ip=None)
+        port = 0
+        for i, path in enumerate(client_paths):
+            a = Addr(1 + i, f"client-eth{i}", f"mbox-eth{port}")
+            self.client_addrs.append(a)
+            self.addLink(client, mbox, intfName1=a.intf_outer, intfName2=a.intf_mbox,
+                         params1={"ip": a.outer_ip + "/24", **path.up},
+                         params2={"ip": a.mbox_ip + "/24", **path.down})
+            port += 1
+        for j, path in enumerate(server_paths):
+            # server subnets are 10.0.101.0/24, 10.0.102.0/24...; the server holds .1
+            a = Addr(101 + j, f"server-eth{j}", f"mbox-eth{port}")
+            self.server_addrs.append(a)
+            self.addLink(server, mbox, intfName1=a.intf_outer, intfName2=a.intf_mbox,
+                         params1={"ip": a.outer_ip + "/24", **path.down},
+                         params2={"ip": a.mbox_ip + "/24", **path.up})
+            port += 1
+
+
+class PaperTopo(ConverterTopo):
+    """Fig. 3: two unshaped client paths, one (or two) unshaped server paths."""
+
+    def build(self, server_paths: int = 1):
+        """`server_paths=2` gives the server a second path, for TCP client -> MPTCP server."""
+        super().build([PathSpec("path1"), PathSpec("path2")],
+                      [PathSpec(f"server{j + 1}") for j in range(server_paths)])
+
+
+class MobileTopo(ConverterTopo):
+    """§4.4: the smartphone's WiFi (ADSL) and 3G links, the converter in the cloud."""
+
+    WIFI = dict(up=dict(bw=0.512, delay="10ms"), down=dict(bw=8, delay="10ms"))
+    CELL = dict(up=dict(bw=0.256, delay="40ms"), down=dict(bw=2, delay="40ms"))
+    SERVER = dict(bw=100, delay="5ms")
+    QUEUE_PACKETS = 100  # per direction; the paper does not give its queue sizes
+
+    def build(self, client_loss: float = 0.0, server_loss: float = 0.0, seed: int = 1,
+              queue_packets: int = QUEUE_PACKETS):
+        """Loss is in percent, on both directions of the client links / the server link."""
+        def shape(d: dict, loss: float, k: int) -> dict:
+            out = dict(d, max_queue_size=queue_packets, seed=seed * 100 + k)
+            if loss:
+                out["loss"] = loss
+            return out
+        client = [PathSpec("wifi", shape(self.WIFI["up"], client_loss, 1), shape(self.WIFI["down"], client_loss, 2)),
+                  PathSpec("3g", shape(self.CELL["up"], client_loss, 3), shape(self.CELL["down"], client_loss, 4))]
+        server = [PathSpec("server", shape(self.SERVER, server_loss, 5), shape(self.SERVER, server_loss, 6))]
+        super().build(client, server)
+
+
+HOST_SYSCTLS = {
+    "net.mptcp.enabled": "1",
+    "net.ipv4.tcp_tw_reuse": "1",                 # connection-per-request load (wrk, Connection: close)
+    "net.ipv4.ip_local_port_range": "1024 65000",
+    "net.ipv4.conf.all.rp_filter": "0",           # multipath: replies may come back on another interface
+    "net.ipv4.conf.default.rp_filter": "0",
+}
+
+
+class Testbed:
+    """A started, configured network of a ConverterTopo; a context manager that always cleans up."""
+
+    def __init__(self, topo: ConverterTopo, mptcp_subflows: bool = True):
+        self.topo = topo
+        self.mptcp_subflows = mptcp_subflows
+        self.net: Mininet | None = None
+
+    # -- names a user of the testbed needs ------------------------------------------------------
+    @property
+    def client(self):
+        return self.net["client"]
+
+    @property
+    def mbox(self):
+        return self.net["mbox"]
+
+    @property
+    def server(self):
+        return self.net["server"]
+
+    @property
+    def server_ip(self) -> str:
+        return self.topo.server_addrs[0].outer_ip
+
+    @property
+    def mbox_client_ip(self) -> str:
+        """The converter's address on the client's first path (where explicit clients connect)."""
+        return self.topo.client_addrs[0].mbox_ip
+
+    @property
+    def client_ips(self) -> list[str]:
+        return [a.outer_ip for a in self.topo.client_addrs]
+
+    def links(self):
+        return self.net.links
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "Testbed":
+        """Build and start the network, then configure routing and MPTCP."""
+        self.net = Mininet(topo=self.topo, link=EmuLink, controller=None, build=False,
+                           autoSetMacs=True, waitConnected=False)
+        try:
+            self.net.build()
+            self.net.start()
+            self._configure()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every host and link (delay lines included); safe to call twice."""
+        net, self.net = self.net, None
+        if net is not None:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort teardown
+            try:
+                net.stop()
+            finally:
+                signal.signal(signal.SIGINT, old)
+
+    def __enter__(self) -> "Testbed":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _configure(self) -> None:
+        for host in (self.client, self.mbox, self.server):
+            for key, value in HOST_SYSCTLS.items():
+                host.cmd(f"sysctl -qw {key}='{value}'")
+            host.cmd("ip link set lo up")
+        self.mbox.cmd("sysctl -qw net.ipv4.ip_forward=1")
+        self._multihome(self.client, self.topo.client_addrs)
+        self._multihome(self.server, self.topo.server_addrs)
+        for host, addrs in ((self.client, self.topo.client_addrs), (self.server, self.topo.server_addrs)):
+            n = max(2, len(addrs))
+            host.cmd(f"ip mptcp limits set subflow {n} add_addr_accepted {n}")
+            if self.mptcp_subflows:
+                for a in addrs[1:]:
+                    host.cmd(f"ip mptcp endpoint add {a.outer_ip} dev {a.intf_outer} subflow")
+        # The converter accepts subflows from its clients and opens its own towards a multi-homed server.
+        self.mbox.cmd("ip mptcp limits set subflow 4 add_addr_accepted 4")
+        for a in self.topo.server_addrs[1:]:
+            self.mbox.cmd(f"ip mptcp endpoint add {a.mbox_ip} dev {a.intf_mbox} subflow")
+            self.mbox.cmd(f"ip rule add from {a.mbox_ip} table {a.n}")
+            self.mbox.cmd(f"ip route add {a.subnet} dev {a.intf_mbox} table {a.n}")
+            self.mbox.cmd(f"ip route add default via {a.outer_ip} dev {a.intf_mbox} table {a.n}")
+
+    @staticmethod
+    def _multihome(host, addrs: list[Addr]) -> None:
+        """Default route on the first path; per-source tables so each subflow leaves by its own link."""
+        host.cmd(f"ip route replace default via {addrs[0].mbox_ip} dev {addrs[0].intf_outer}")
+        for a in addrs:
+            host.cmd(f"ip rule add from {a.outer_ip} table {a.n}")
+            for b in addrs:
+                host.cmd(f"ip route add {b.subnet} dev {b.intf_outer} scope link table {a.n}")
+            host.cmd(f"ip route add default via {a.mbox_ip} dev {a.intf_outer} table {a.n}")
+
+
+# For `mn --custom topologies/testbed.py --topo ...`
+topos = {"mimbox-paper": PaperTopo, "mimbox-mobile": MobileTopo}
+links = {"emu": EmuLink}
