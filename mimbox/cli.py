@@ -1,0 +1,168 @@
+"""`mimbox run | client | doctor | stats | pm` — the converter's command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from mimbox.config import (BufferConfig, Config, ListenerConfig, SafetyConfig, parse_hostport,
+                           parse_size)
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(",") if p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mimbox", description="MiMBox: a Multipath TCP <-> TCP protocol converter.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the converter", description=(
+        "Terminate client connections and convert them to server connections, MPTCP <-> TCP. "
+        "Client SYNs are held (NFQUEUE) until the server answers, so a refused server gives the "
+        "client a RST; bytes are moved with splice(). Run as root on the converter host."))
+    g = r.add_argument_group("listener and redirection")
+    g.add_argument("--listen", default="0.0.0.0:7000", metavar="ADDR:PORT",
+                   help="where clients connect (explicit/static) or where TPROXY delivers (transparent)")
+    g.add_argument("--mode", choices=("explicit", "transparent", "static"), default="explicit",
+                   help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
+                        "path, intercept with TPROXY; static: one fixed --upstream")
+    g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server")
+    g.add_argument("--intercept", metavar="PORTS", default="", help="transparent mode: destination ports, e.g. 80,443")
+    g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
+                   help="transparent mode: intercept only these client prefixes (repeatable)")
+    g.add_argument("--no-client-mptcp", action="store_true", help="listen with plain TCP")
+    g.add_argument("--no-server-mptcp", action="store_true", help="connect to servers with plain TCP")
+    g.add_argument("--queue-num", type=int, default=4200, help="NFQUEUE number for held SYNs (default 4200)")
+    g = r.add_argument_group("data path and memory")
+    g.add_argument("--engine", choices=("splice", "copy"), default="splice",
+                   help="splice: zero-copy socket->pipe->socket; copy: read()/write() baseline")
+    g.add_argument("--pipe-size", default="256K", help="pipe (or copy buffer) per direction (default 256K)")
+    for side in ("client", "server"):
+        for buf in ("rcvbuf", "sndbuf"):
+            g.add_argument(f"--{side}-{buf}", metavar="BYTES",
+                           help=f"cap SO_{buf.upper()} of the {side}-facing socket (e.g. 200K); default: kernel autotuning")
+    g.add_argument("--memory-budget", default="1G",
+                   help="memory the connections may pin; with the buffer caps it gives the connection limit")
+    g.add_argument("--max-connections", type=int, help="explicit connection limit (overrides the budget)")
+    g = r.add_argument_group("safety")
+    g.add_argument("--allow-client", action="append", default=[], metavar="PREFIX",
+                   help="clients allowed (repeatable); default: this host's connected subnets")
+    g.add_argument("--deny", action="append", default=[], metavar="PREFIX",
+                   help="destinations refused, on top of loopback, link-local, multicast and this host")
+    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach a server (default 10)")
+    g.add_argument("--idle-timeout", type=float, default=300.0, help="reset connections idle this long (0: never)")
+    g = r.add_argument_group("operation")
+    g.add_argument("--stats", metavar="PATH", help="unix socket for `mimbox stats` (default /run/mimbox/PORT.sock)")
+    g.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let connections finish")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    c = sub.add_parser("client", help="run a program with its connections redirected through a converter",
+                       description="Run COMMAND unchanged; its TCP connections go to the converter with the real "
+                                   "destination in DST_OPT (eBPF, scoped to a cgroup of its own).")
+    c.add_argument("--via", required=True, metavar="ADDR:PORT", help="the converter's address")
+    c.add_argument("--mptcp", action="store_true", help="make the program's sockets MPTCP (LD_PRELOAD shim)")
+    c.add_argument("--skip", action="append", default=[], metavar="ADDR", help="destinations never redirected")
+    c.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    d = sub.add_parser("doctor", help="probe the kernel and tools this project needs")
+    d.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("stats", help="print a running converter's counters")
+    s.add_argument("--port", type=int, default=7000)
+    s.add_argument("--path", help="stats socket (default /run/mimbox/PORT.sock)")
+    s.add_argument("--connections", action="store_true", help="list open connections too")
+
+    p = sub.add_parser("pm", help="configure the in-kernel MPTCP path manager of this host")
+    p.add_argument("--subflows", type=int, default=2, help="max additional subflows per connection")
+    p.add_argument("--add-addr-accepted", type=int, default=2, help="max addresses accepted from peers")
+    p.add_argument("--signal", action="append", default=[], metavar="ADDR", help="announce ADDR to peers")
+    p.add_argument("--subflow", action="append", default=[], metavar="ADDR@DEV",
+                   help="open extra subflows from ADDR on DEV")
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    """The one place command-line options become a Config."""
+    host, port = parse_hostport(a.listen)
+    size = parse_size
+    from mimbox.stats import default_stats_path
+    return Config(
+        listener=ListenerConfig(addr=host, port=port, mode=a.mode,
+                                upstream=parse_hostport(a.upstream) if a.upstream else None,
+                                intercept_ports=_ports(a.intercept), intercept_from=tuple(a.intercept_from),
+                                client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
+                                queue_num=a.queue_num),
+        buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
+                             server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
+                             pipe_size=size(a.pipe_size), engine=a.engine),
+        safety=SafetyConfig(allow_clients=tuple(a.allow_client), deny_dst=tuple(a.deny),
+                            memory_budget=size(a.memory_budget), max_connections=a.max_connections,
+                            connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout),
+        stats_path=a.stats or default_stats_path(port), log_level=a.log_level,
+    ).validate()
+
+
+def cmd_run(a) -> int:
+    from mimbox.relay import Relay
+    cfg = config_from_args(a)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s mimbox %(levelname)s %(message)s")
+    with Relay(cfg) as relay:
+        print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port}", flush=True)
+        relay.serve(drain_timeout=a.drain_timeout)
+    return 0
+
+
+def cmd_client(a) -> int:
+    from mimbox.client import run_redirected
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        print("mimbox client: give a command after --", file=sys.stderr)
+        return 2
+    return run_redirected(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
+
+
+def cmd_doctor(a) -> int:
+    from mimbox.kernel import probe_all
+    from mimbox.paths import BUILD
+    caps = probe_all(str(BUILD))
+    if a.json:
+        print(json.dumps([c.__dict__ for c in caps], indent=2))
+    else:
+        for c in caps:
+            state = "OK" if c.ok else ("MISSING" if c.required else "MISSING (optional)")
+            fix = f"  -> {c.fix}" if (not c.ok and c.fix) else ""
+            print(f"{c.name:<26} {state:<19} {c.detail}{fix}")
+    return 0 if all(c.ok for c in caps if c.required) else 1
+
+
+def cmd_stats(a) -> int:
+    from mimbox.stats import default_stats_path, query
+    snap = query(a.path or default_stats_path(a.port))
+    if not a.connections:
+        snap.pop("connections", None)
+    print(json.dumps(snap, indent=2))
+    return 0
+
+
+def cmd_pm(a) -> int:
+    from mimbox.mptcp import setup_path_manager
+    subflow = [tuple(x.split("@", 1)) for x in a.subflow]
+    for line in setup_path_manager(a.subflows, a.add_addr_accepted, a.signal, subflow):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "client": cmd_client, "doctor": cmd_doctor, "stats": cmd_stats,
+                "pm": cmd_pm}[a.cmd](a)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"mimbox {a.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Client side of explicit redirection: run an unchanged program with its TCP connections sent to
+the converter and the real destination carried in DST_OPT (mimbox/bpf/dstopt_client.bpf.c).
+
+The programs are attached to a cgroup made for this one command, so nothing else on the host is
+touched; the cgroup, the pinned programs and maps are removed when the command ends, also on
+errors and Ctrl-C. `mptcp=True` adds the LD_PRELOAD shim that makes the program's sockets MPTCP.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+from mimbox.kernel import BPFFS, cgroup2_root
+from mimbox.paths import BPF_CLIENT_OBJ, MPTCPIZE
+
+
+def _bpftool(*args: str) -> None:
+    p = subprocess.run(["bpftool", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"bpftool {' '.join(args)}: {(p.stderr or p.stdout).strip()}")
+
+
+def _hex(b: bytes) -> list[str]:
+    return ["hex", *(f"{x:02x}" for x in b)]
+
+
+class ClientRedirect:
+    """A cgroup whose TCP connections go to the converter `via` with DST_OPT in their SYN."""
+
+    def __init__(self, via: tuple[str, int], skip: tuple[str, ...] = (), obj: Path = BPF_CLIENT_OBJ):
+        self.via, self.skip, self.obj = via, skip, obj
+        ident = f"mimbox-client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        root = cgroup2_root()
+        if root is None:
+            raise RuntimeError("no writable cgroup2 hierarchy (see `mimbox doctor`)")
+        self.cgroup = Path(root) / ident
+        self.pins = Path(BPFFS) / ident
+        self.attached: list[str] = []
+
+    def __enter__(self) -> "ClientRedirect":
+        if not self.obj.exists():
+            raise RuntimeError(f"{self.obj} is not built: run `invoke build`")
+        if not os.path.ismount(BPFFS):
+            subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+        try:
+            self.cgroup.mkdir()
+            _bpftool("prog", "loadall", str(self.obj), str(self.pins / "progs"),
+                     "pinmaps", str(self.pins / "maps"))
+            addr = ipaddress.IPv4Address(self.via[0]).packed
+            cfg = addr + self.via[1].to_bytes(2, "big") + b"\0\0"
+            _bpftool("map", "update", "pinned", str(self.pins / "maps" / "mimbox_cfg"),
+                     "key", *_hex(b"\0\0\0\0"), "value", *_hex(cfg))
+            for a in self.skip:
+                _bpftool("map", "update", "pinned", str(self.pins / "maps" / "mimbox_skip"),
+                         "key", *_hex(ipaddress.IPv4Address(a).packed), "value", *_hex(b"\1"))
+            for kind, prog in (("connect4", "mimbox_connect4"), ("sock_ops", "mimbox_sockops")):
+                _bpftool("cgroup", "attach", str(self.cgroup), kind, "pinned", str(self.pins / "progs" / prog))
+                self.attached.append(kind)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._kill_members()
+        for kind, prog in (("connect4", "mimbox_connect4"), ("sock_ops", "mimbox_sockops")):
+            if kind in self.attached:
+                subprocess.run(["bpftool", "cgroup", "detach", str(self.cgroup), kind, "pinned",
+                                str(self.pins / "progs" / prog)], capture_output=True)
+        self.attached.clear()
+        shutil.rmtree(self.pins, ignore_errors=True)
+        if self.cgroup.exists():
+            try:
+                self.cgroup.rmdir()
+            except OSError:
+                pass
+
+    def _kill_members(self) -> None:
+        procs = self.cgroup / "cgroup.procs"
+        if not procs.exists():
+            return
+        for line in procs.read_text().split():
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def popen(self, cmd: list[str], mptcp: bool = False, **kw) -> subprocess.Popen:
+        """Start `cmd` inside the cgroup (it joins before exec, so its first connect is covered)."""
+        env = dict(kw.pop("env", None) or os.environ)
+        if mptcp:
+            env["LD_PRELOAD"] = " ".join(x for x in (str(MPTCPIZE), env.get("LD_PRELOAD", "")) if x)
+        procs = str(self.cgroup / "cgroup.procs")
+
+        def join_cgroup():
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        return subprocess.Popen(cmd, env=env, preexec_fn=join_cgroup, **kw)
+
+
+def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
+    """`mimbox client`: run cmd redirected through the converter; return its exit code."""
+    with ClientRedirect(via, skip) as cr:
+        p = cr.popen(cmd, mptcp=mptcp)
+        try:
+            return p.wait()
+        except KeyboardInterrupt:
+            p.send_signal(signal.SIGINT)
+            return p.wait()

@@ -1,0 +1,141 @@
+"""The converter's configuration: one dataclass per concern, built once from the command line."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from dataclasses import asdict, dataclass, field
+
+MODES = ("explicit", "transparent", "static")
+ENGINES = ("splice", "copy")
+
+
+def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """'10.0.0.1:80' / ':80' / '80' -> ('10.0.0.1', 80); raise ValueError on anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = default_host, text
+    host = host or default_host
+    ipaddress.IPv4Address(host)
+    p = int(port)
+    if not 0 < p < 65536:
+        raise ValueError(f"port {p} out of range")
+    return host, p
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'64K' / '1M' / '2G' / '65536' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    return int(float(t.rstrip("KMG")) * mult)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """Where clients reach the converter, and how connections are redirected."""
+    addr: str = "0.0.0.0"
+    port: int = 7000
+    mode: str = "explicit"
+    upstream: tuple[str, int] | None = None      # static mode
+    intercept_ports: tuple[int, ...] = ()        # transparent mode: TCP destination ports taken over
+    intercept_from: tuple[str, ...] = ()         # transparent mode: only these client prefixes
+    client_mptcp: bool = True                    # listen with IPPROTO_MPTCP (TCP clients fall back)
+    server_mptcp: bool = True                    # connect with IPPROTO_MPTCP (TCP servers fall back)
+    queue_num: int = 4200                        # NFQUEUE that holds SYNs until the server answers
+    backlog: int = 4096
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """Per-side socket buffer caps (the paper's tcp_rmem/tcp_wmem experiment) and pipes."""
+    client_rcvbuf: int | None = None
+    client_sndbuf: int | None = None
+    server_rcvbuf: int | None = None
+    server_sndbuf: int | None = None
+    pipe_size: int = 256 << 10
+    engine: str = "splice"
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Who may use the converter and where it may go (explicit mode must not be an open relay)."""
+    allow_clients: tuple[str, ...] = ()   # empty: the converter's own connected subnets
+    deny_dst: tuple[str, ...] = ()        # added to the built-in deny list
+    memory_budget: int = 1 << 30
+    max_connections: int | None = None    # None: derived from memory_budget
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    pending_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    buffers: BufferConfig = field(default_factory=BufferConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    stats_path: str | None = None         # unix socket for `mimbox stats`
+    log_level: str = "info"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def validate(self) -> "Config":
+        """Raise ValueError with a clear message for an inconsistent configuration."""
+        lc = self.listener
+        if lc.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if lc.mode == "static" and not lc.upstream:
+            raise ValueError("static mode needs --upstream HOST:PORT")
+        if lc.mode == "transparent" and not lc.intercept_ports:
+            raise ValueError("transparent mode needs --intercept PORT[,PORT...]")
+        if self.buffers.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}")
+        for net in (*self.safety.allow_clients, *self.safety.deny_dst, *lc.intercept_from):
+            ipaddress.IPv4Network(net, strict=False)
+        return self
+
+    def per_connection_memory(self) -> int:
+        """Bytes one converted connection may pin: both sockets' buffers and both pipes."""
+        rmem, wmem = kernel_buffer_defaults()
+        b = self.buffers
+        sides = sum(x if x is not None else d for x, d in (
+            (b.client_rcvbuf, rmem), (b.client_sndbuf, wmem), (b.server_rcvbuf, rmem), (b.server_sndbuf, wmem)))
+        pipes = 2 * b.pipe_size  # two pipes (splice) or two user-space buffers (copy)
+        return sides + pipes
+
+    def connection_limit(self) -> int:
+        """The global limit: explicit, or the memory budget divided by per-connection memory."""
+        if self.safety.max_connections is not None:
+            return self.safety.max_connections
+        return max(1, self.safety.memory_budget // self.per_connection_memory())
+
+
+def kernel_buffer_defaults() -> tuple[int, int]:
+    """The kernel's initial (not maximum) receive and send buffer sizes, tcp_rmem[1]/tcp_wmem[1]."""
+    def read(name: str, fallback: int) -> int:
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                return int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return fallback
+    return read("tcp_rmem", 131072), read("tcp_wmem", 16384)
+
+
+def local_subnets() -> list[str]:
+    """The IPv4 subnets this host is directly connected to (the default allowed clients)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    nets = []
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet" and not a["local"].startswith("127."):
+                nets.append(str(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False)))
+    return nets
+
+
+def local_addresses() -> list[str]:
+    """Every IPv4 address of this host (the converter never relays to itself)."""
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    return [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])
+            if a.get("family") == "inet"]

@@ -1,0 +1,168 @@
+"""DST_OPT, the paper's TCP option that tells the converter where the client really wants to go.
+
+Declared once, here. The BPF programs get these constants from the header this module writes
+(`python -m mimbox.dstopt --header`), the converter parses SYNs with `parse_options`, and the
+tests and fuzzers use `DstOpt.encode`.
+
+Wire layout: an RFC 6994 shared experimental option (kind 253) carrying an IPv4 address and port:
+
+    0        1        2        3        4        5        6        7        8        9
+    +--------+--------+--------+--------+--------+--------+--------+--------+--------+--------+
+    | kind   | length |      ExID       |        server IPv4 address        |   server port   |
+    |  253   |   10   |     0x4D42      |          (network order)          | (network order) |
+    +--------+--------+--------+--------+--------+--------+--------+--------+--------+--------+
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import struct
+import sys
+from dataclasses import dataclass
+
+KIND = 253          # RFC 4727/6994 experimental option, shared through an ExID
+EXID = 0x4D42       # "MB": our RFC 6994 experiment identifier
+LENGTH = 10
+STRUCT = struct.Struct("!BBH4sH")  # kind, length, ExID, address, port
+assert STRUCT.size == LENGTH
+
+TCPOPT_EOL, TCPOPT_NOP = 0, 1
+TCPOPT_MPTCP = 30
+MPTCP_SUB_CAPABLE, MPTCP_SUB_JOIN = 0, 1
+
+
+class OptionError(ValueError):
+    """A malformed or refused DST_OPT; the message says why (it goes to the log line)."""
+
+
+@dataclass(frozen=True)
+class DstOpt:
+    """The real server a client asked for."""
+    addr: str
+    port: int
+
+    def encode(self) -> bytes:
+        """The option's 10 bytes."""
+        return STRUCT.pack(KIND, LENGTH, EXID, ipaddress.IPv4Address(self.addr).packed, self.port)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "DstOpt":
+        """Parse one option (kind byte first); raise OptionError if it is not a valid DST_OPT."""
+        if len(raw) < 2 or raw[0] != KIND:
+            raise OptionError("not an experimental option")
+        if raw[1] != LENGTH or len(raw) != LENGTH:
+            raise OptionError(f"DST_OPT length {raw[1]} (expected {LENGTH})")
+        _, _, exid, addr, port = STRUCT.unpack(raw)
+        if exid != EXID:
+            raise OptionError(f"unknown ExID 0x{exid:04x}")
+        if port == 0:
+            raise OptionError("DST_OPT port 0")
+        ip = ipaddress.IPv4Address(addr)
+        if ip.is_unspecified:
+            raise OptionError("DST_OPT address 0.0.0.0")
+        return cls(str(ip), port)
+
+
+@dataclass(frozen=True)
+class SynOptions:
+    """What the converter needs from a SYN's TCP options."""
+    dst: DstOpt | None          # the DST_OPT, if one was present and valid
+    dst_error: str | None       # why a present DST_OPT-looking option was refused
+    mp_capable: bool
+    mp_join: bool
+
+
+def parse_options(opts: bytes) -> SynOptions:
+    """Walk the TCP option list of a SYN. Never raises: malformed input is reported, not thrown."""
+    dst = None
+    err = None
+    mpc = join = False
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == TCPOPT_EOL:
+            break
+        if kind == TCPOPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n:
+            err = err or "truncated option list"
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            err = err or f"bad option length {length} for kind {kind}"
+            break
+        body = opts[i:i + length]
+        if kind == KIND:
+            exid = int.from_bytes(body[2:4], "big") if length >= 4 else None
+            if exid is not None and exid != EXID:
+                err = err or f"unknown ExID 0x{exid:04x}"
+            elif dst is not None:
+                err = "more than one DST_OPT"
+            else:
+                try:
+                    dst = DstOpt.decode(body)
+                except OptionError as e:
+                    err = str(e)
+        elif kind == TCPOPT_MPTCP and length >= 3:
+            sub = body[2] >> 4
+            mpc |= sub == MPTCP_SUB_CAPABLE
+            join |= sub == MPTCP_SUB_JOIN
+        i += length
+    if err:
+        dst = None
+    return SynOptions(dst, err, mpc, join)
+
+
+@dataclass(frozen=True)
+class Syn:
+    """The fields of an IPv4 TCP SYN the converter decides on."""
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    flags: int
+    options: SynOptions
+
+
+def parse_syn(packet: bytes) -> Syn:
+    """Parse an IPv4 packet holding a TCP segment; raise OptionError if it is not one."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        raise OptionError("not IPv4")
+    ihl = (packet[0] & 0x0F) * 4
+    if packet[9] != 6 or len(packet) < ihl + 20:
+        raise OptionError("not TCP")
+    tcp = packet[ihl:]
+    doff = (tcp[12] >> 4) * 4
+    if doff < 20 or len(tcp) < doff:
+        raise OptionError("bad TCP data offset")
+    sport, dport = struct.unpack_from("!HH", tcp)
+    return Syn(src=str(ipaddress.IPv4Address(packet[12:16])), sport=sport,
+               dst=str(ipaddress.IPv4Address(packet[16:20])), dport=dport, flags=tcp[13],
+               options=parse_options(bytes(tcp[20:doff])))
+
+
+def c_header() -> str:
+    """The constants for the BPF side, generated from this module."""
+    return (
+        "/* Generated by `python -m mimbox.dstopt --header`: do not edit. */\n"
+        "#pragma once\n"
+        f"#define DSTOPT_KIND {KIND}\n"
+        f"#define DSTOPT_LEN {LENGTH}\n"
+        f"#define DSTOPT_EXID 0x{EXID:04X}\n"
+        "/* layout: kind, len, exid (be16), addr (be32), port (be16) */\n"
+        "#define DSTOPT_OFF_EXID 2\n#define DSTOPT_OFF_ADDR 4\n#define DSTOPT_OFF_PORT 8\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DST_OPT layout tools")
+    ap.add_argument("--header", action="store_true", help="print the C header for the BPF programs")
+    a = ap.parse_args(argv)
+    if a.header:
+        sys.stdout.write(c_header())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Netfilter rules owned by one converter listener: installed at start, removed at exit.
+
+Every rule lives in chains named MIMBOX-<port> (raw, mangle and filter tables), reached by one
+jump each; `remove()` deletes the jumps and the chains, and `install()` first removes what a
+killed predecessor on the same port may have left.
+
+    raw/PREROUTING     client SYNs to the listener (or, transparent, to intercepted ports)
+                       -> NFQUEUE: held until the converter has connected to the server
+    mangle/PREROUTING  transparent mode only: TPROXY to the listener, mark for local delivery
+    filter/INPUT       SYNs the converter refused (marked in the verdict) -> TCP RST
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+REFUSE_MARK = 0x4D420000
+REFUSE_MASK = 0xFFFF0000
+TPROXY_MARK = 0x1
+TPROXY_TABLE = 4242
+
+
+def ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"iptables {' '.join(args)}: {p.stderr.strip()}")
+    return p
+
+
+def ip(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    p = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {p.stderr.strip()}")
+    return p
+
+
+@dataclass
+class ListenerRules:
+    """The rules of one listener. Use as a context manager, or install()/remove()."""
+    port: int
+    queue_num: int
+    listen_addr: str = "0.0.0.0"
+    transparent_ports: tuple[int, ...] = ()
+    transparent_from: tuple[str, ...] = ()
+
+    @property
+    def chain(self) -> str:
+        return f"MIMBOX-{self.port}"
+
+    def _hooks(self) -> list[tuple[str, str]]:
+        hooks = [("raw", "PREROUTING"), ("filter", "INPUT")]
+        if self.transparent_ports:
+            hooks.append(("mangle", "PREROUTING"))
+        return hooks
+
+    def _syn_matches(self) -> list[list[str]]:
+        syn = ["-p", "tcp", "--syn"]
+        if not self.transparent_ports:
+            dst = [] if self.listen_addr == "0.0.0.0" else ["-d", self.listen_addr]
+            return [[*syn, *dst, "--dport", str(self.port)]]
+        ports = ["-m", "multiport", "--dports", ",".join(map(str, self.transparent_ports))]
+        sources = [["-s", s] for s in self.transparent_from] or [[]]
+        return [[*syn, *src, *ports] for src in sources]
+
+    def install(self) -> "ListenerRules":
+        """Remove leftovers of an earlier run on this port, then install this listener's rules."""
+        self.remove()
+        try:
+            for table, hook in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("filter", "INPUT")):
+                ipt("-t", table, "-N", self.chain)
+            for m in self._syn_matches():
+                ipt("-t", "raw", "-A", self.chain, *m, "-j", "NFQUEUE", "--queue-num", str(self.queue_num))
+            ipt("-t", "filter", "-A", self.chain, "-p", "tcp", "-m", "mark", "--mark",
+                f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}", "-j", "REJECT", "--reject-with", "tcp-reset")
+            if self.transparent_ports:
+                ports = ["-m", "multiport", "--dports", ",".join(map(str, self.transparent_ports))]
+                for src in [["-s", s] for s in self.transparent_from] or [[]]:
+                    ipt("-t", "mangle", "-A", self.chain, "-p", "tcp", *src, *ports, "-j", "TPROXY",
+                        "--on-port", str(self.port), "--on-ip", "0.0.0.0",
+                        "--tproxy-mark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}")
+                if str(TPROXY_TABLE) not in ip("rule", "show").stdout:
+                    ip("rule", "add", "fwmark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}", "lookup",
+                       str(TPROXY_TABLE), check=True)
+                ip("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(TPROXY_TABLE), check=True)
+            for table, hook in self._hooks():
+                ipt("-t", table, "-I", hook, "1", "-j", self.chain)
+        except Exception:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Delete this listener's jumps and chains (and the TPROXY route); quiet if absent."""
+        for table, hook in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("filter", "INPUT")):
+            while ipt("-t", table, "-D", hook, "-j", self.chain, check=False).returncode == 0:
+                pass
+            ipt("-t", table, "-F", self.chain, check=False)
+            ipt("-t", table, "-X", self.chain, check=False)
+        if self.transparent_ports and "TPROXY" not in ipt("-t", "mangle", "-S", check=False).stdout:
+            ip("rule", "del", "fwmark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}", "lookup", str(TPROXY_TABLE))
+            ip("route", "flush", "table", str(TPROXY_TABLE))
+
+    def __enter__(self) -> "ListenerRules":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

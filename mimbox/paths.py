@@ -1,0 +1,8 @@
+"""Where the artefacts built by `invoke build` live (BPF objects, the MPTCP shim)."""
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = Path(os.environ.get("MIMBOX_BUILD", ROOT / "build"))
+BPF_CLIENT_OBJ = BUILD / "bpf" / "dstopt_client.bpf.o"
+MPTCPIZE = BUILD / "libmptcpize.so"

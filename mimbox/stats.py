@@ -1,0 +1,71 @@
+"""Counters of a running converter, and the unix-socket endpoint that `mimbox stats` reads."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    """Global counters; per-connection detail is added by the relay when asked."""
+    syns: int = 0
+    accepted: int = 0
+    closed: int = 0
+    refused: Counter = field(default_factory=Counter)    # reason -> count
+    errors: Counter = field(default_factory=Counter)     # cause -> count
+    bytes_up: int = 0          # client -> server
+    bytes_down: int = 0        # server -> client
+    client_mptcp: int = 0
+    client_tcp: int = 0        # plain TCP or MPTCP fallen back
+    server_mptcp: int = 0
+    server_tcp: int = 0
+    client_subflows: Counter = field(default_factory=Counter)  # subflow count at close -> connections
+    server_connect_us_sum: float = 0.0   # SYN seen -> server connection established
+    server_connect_us_max: float = 0.0
+    server_connects: int = 0
+
+    def server_connected(self, seconds: float) -> None:
+        us = seconds * 1e6
+        self.server_connect_us_sum += us
+        self.server_connect_us_max = max(self.server_connect_us_max, us)
+        self.server_connects += 1
+
+    def snapshot(self, **extra) -> dict:
+        d = asdict(self)
+        for k in ("refused", "errors", "client_subflows"):
+            d[k] = {str(a): b for a, b in getattr(self, k).items()}
+        d["server_connect_us_mean"] = self.server_connect_us_sum / self.server_connects if self.server_connects else 0
+        d.update(extra)
+        return d
+
+
+def default_stats_path(port: int) -> str:
+    return f"/run/mimbox/{port}.sock"
+
+
+def open_endpoint(path: str) -> socket.socket:
+    """A listening unix socket at `path` (replacing a stale one)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(16)
+    s.setblocking(False)
+    return s
+
+
+def query(path: str, timeout: float = 5.0) -> dict:
+    """Read the JSON snapshot a converter serves at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))

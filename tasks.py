@@ -1,0 +1,55 @@
+"""invoke tasks: thin; each calls one function of mimbox/, topologies/ or experiments/."""
+from __future__ import annotations
+
+import os
+import sys
+
+from invoke import task
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+@task(help={"force": "rebuild even if up to date"})
+def build(c, force=False):
+    """Build the BPF client programs and the MPTCP LD_PRELOAD shim into build/."""
+    c.run("mkdir -p build/bpf")
+    c.run(f"{PY} -m mimbox.dstopt --header > build/bpf/dstopt.h")
+    arch_inc = "/usr/include/" + os.uname().machine + "-linux-gnu"
+    obj, src = "build/bpf/dstopt_client.bpf.o", "mimbox/bpf/dstopt_client.bpf.c"
+    if force or not os.path.exists(obj) or os.path.getmtime(obj) < os.path.getmtime(src):
+        c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
+    c.run("gcc -O2 -shared -fPIC -Wall -o build/libmptcpize.so native/mptcpize.c -ldl")
+    c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
+
+
+@task(pre=[build])
+def doctor(c):
+    """Probe the kernel and tools (one line per capability; non-zero exit if something needed is missing)."""
+    c.run(f"{PY} -m mimbox.cli doctor", pty=False)
+
+
+@task(pre=[build], help={"slow": "also run the slow fidelity/soak tests", "k": "pytest -k expression"})
+def test(c, slow=False, k=""):
+    """Run the test suite (as root: it builds real namespaces)."""
+    marker = "" if not slow else "-m ''"
+    kexpr = f"-k '{k}'" if k else ""
+    c.run(f"{PY} -m pytest {marker} {kexpr}", pty=False)
+
+
+@task(help={"topology": "paper | mobile | all", "loss": "client-side loss (percent) for the mobile topology"})
+def linkcheck(c, topology="all", loss=1.0):
+    """Measure every emulated link (rate, RTT, loss) and fail if one is off its tolerance."""
+    c.run(f"{PY} -m topologies.linkcheck_cli --topology {topology} --loss {loss}", pty=False)
+
+
+@task
+def clean(c):
+    """Remove anything a crashed run may have left (like `mn -c`): hosts, delay lines, converters, rules."""
+    c.run(f"{PY} -m topologies.cleanup", pty=False)
+
+
+@task(pre=[build], help={"quick": "fewer points and repetitions (the README's main job)"})
+def reproduce(c, quick=False):
+    """Reproduce every figure of the paper into results/."""
+    c.run(f"{PY} -m experiments.reproduce {'--quick' if quick else ''}", pty=False)
