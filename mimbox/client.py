@@ -15,7 +15,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from mimbox.kernel import BPFFS, cgroup2_root
+from mimbox.kernel import BPFFS, ensure_mounts
 from mimbox.paths import BPF_CLIENT_OBJ, MPTCPIZE
 
 
@@ -35,9 +35,7 @@ class ClientRedirect:
     def __init__(self, via: tuple[str, int], skip: tuple[str, ...] = (), obj: Path = BPF_CLIENT_OBJ):
         self.via, self.skip, self.obj = via, skip, obj
         ident = f"mimbox-client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        root = cgroup2_root()
-        if root is None:
-            raise RuntimeError("no writable cgroup2 hierarchy (see `mimbox doctor`)")
+        root = ensure_mounts()
         self.cgroup = Path(root) / ident
         self.pins = Path(BPFFS) / ident
         self.attached: list[str] = []
@@ -45,10 +43,9 @@ class ClientRedirect:
     def __enter__(self) -> "ClientRedirect":
         if not self.obj.exists():
             raise RuntimeError(f"{self.obj} is not built: run `invoke build`")
-        if not os.path.ismount(BPFFS):
-            subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
         try:
             self.cgroup.mkdir()
+            self.pins.mkdir()
             _bpftool("prog", "loadall", str(self.obj), str(self.pins / "progs"),
                      "pinmaps", str(self.pins / "maps"))
             addr = ipaddress.IPv4Address(self.via[0]).packed

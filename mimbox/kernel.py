@@ -101,6 +101,27 @@ def cgroup2_root() -> str | None:
     return None
 
 
+def ensure_mounts() -> str:
+    """Make sure cgroup2 and bpffs are mounted in this mount namespace; return the cgroup2 root.
+
+    Mininet hosts get a fresh /sys of their own (mnexec remounts sysfs), without these mounts;
+    mounting them there is private to the host and goes away with it.
+    """
+    root = cgroup2_root()
+    if root is None:
+        target = "/sys/fs/cgroup"
+        if os.path.ismount(target):
+            target = "/sys/fs/cgroup/unified"
+            os.makedirs(target, exist_ok=True)
+        run(["mount", "-t", "cgroup2", "none", target], check=True)
+        root = cgroup2_root()
+        if root is None:
+            raise RuntimeError("cgroup2 is mounted but no child group can be created")
+    if not os.path.ismount(BPFFS):
+        run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
+    return root
+
+
 def probe_all(build_dir: str | None = None) -> list[Capability]:
     """Probe everything the converter and the experiments use."""
     caps: list[Capability] = []

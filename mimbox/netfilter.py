@@ -6,7 +6,7 @@ killed predecessor on the same port may have left.
 
     raw/PREROUTING     client SYNs to the listener (or, transparent, to intercepted ports)
                        -> NFQUEUE: held until the converter has connected to the server
-    mangle/PREROUTING  transparent mode only: TPROXY to the listener, mark for local delivery
+    mangle/PREROUTING  transparent mode only: TPROXY to the listener of that port, mark for local delivery
     filter/INPUT       SYNs the converter refused (marked in the verdict) -> TCP RST
 """
 from __future__ import annotations
@@ -73,11 +73,13 @@ class ListenerRules:
             ipt("-t", "filter", "-A", self.chain, "-p", "tcp", "-m", "mark", "--mark",
                 f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}", "-j", "REJECT", "--reject-with", "tcp-reset")
             if self.transparent_ports:
-                ports = ["-m", "multiport", "--dports", ",".join(map(str, self.transparent_ports))]
-                for src in [["-s", s] for s in self.transparent_from] or [[]]:
-                    ipt("-t", "mangle", "-A", self.chain, "-p", "tcp", *src, *ports, "-j", "TPROXY",
-                        "--on-port", str(self.port), "--on-ip", "0.0.0.0",
-                        "--tproxy-mark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}")
+                # TPROXY each port to a listener on that same port: MPTCP refuses an MP_JOIN whose
+                # destination port differs from its listener's (MismatchPortSynRx).
+                for port in self.transparent_ports:
+                    for src in [["-s", s] for s in self.transparent_from] or [[]]:
+                        ipt("-t", "mangle", "-A", self.chain, "-p", "tcp", *src, "--dport", str(port), "-j", "TPROXY",
+                            "--on-port", str(port), "--on-ip", "0.0.0.0",
+                            "--tproxy-mark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}")
                 if str(TPROXY_TABLE) not in ip("rule", "show").stdout:
                     ip("rule", "add", "fwmark", f"0x{TPROXY_MARK:x}/0x{TPROXY_MARK:x}", "lookup",
                        str(TPROXY_TABLE), check=True)

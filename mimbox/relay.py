@@ -117,7 +117,7 @@ class Relay:
         self.rules = ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
                                    transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
                                    transparent_from=lc.intercept_from)
-        self.listener = None
+        self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
         self.pump = self._pump_splice if bc.engine == "splice" else self._pump_copy
@@ -127,17 +127,19 @@ class Relay:
         """Listen, bind the SYN queue, install the rules; everything is undone by close()."""
         lc, bc = self.cfg.listener, self.cfg.buffers
         try:
-            ls = mptcp.stream_socket(lc.client_mptcp)
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if lc.mode == "transparent":
-                ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            for opt, val in ((socket.SO_RCVBUF, bc.client_rcvbuf), (socket.SO_SNDBUF, bc.client_sndbuf)):
-                if val:
-                    ls.setsockopt(socket.SOL_SOCKET, opt, val)  # inherited by accepted sockets
-            ls.bind((lc.addr, lc.port))
-            ls.listen(lc.backlog)
-            self.listener = ls
-            self.epoll.register(ls.fileno(), select.EPOLLIN)
+            ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
+            for port in ports:
+                ls = mptcp.stream_socket(lc.client_mptcp)
+                self.listeners.append(ls)
+                ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if lc.mode == "transparent":
+                    ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                for opt, val in ((socket.SO_RCVBUF, bc.client_rcvbuf), (socket.SO_SNDBUF, bc.client_sndbuf)):
+                    if val:
+                        ls.setsockopt(socket.SOL_SOCKET, opt, val)  # inherited by accepted sockets
+                ls.bind((lc.addr, port))
+                ls.listen(lc.backlog)
+                self.epoll.register(ls.fileno(), select.EPOLLIN)
             self.nfq = NetfilterQueue()
             self.nfq.bind(lc.queue_num, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
             self.epoll.register(self.nfq.get_fd(), select.EPOLLIN)
@@ -164,7 +166,7 @@ class Relay:
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
-        for s in (self.listener, self.stats_sock):
+        for s in (*self.listeners, self.stats_sock):
             if s is not None:
                 s.close()
         if self.stats_sock is not None and self.cfg.stats_path:
@@ -172,7 +174,8 @@ class Relay:
                 os.unlink(self.cfg.stats_path)
             except OSError:
                 pass
-        self.listener = self.stats_sock = None
+        self.listeners = []
+        self.stats_sock = None
         for r, w in self.pipes:
             os.close(r)
             os.close(w)
@@ -195,9 +198,10 @@ class Relay:
             self._loop(lambda: self.stopping)
             log.info("stopping: no new connections, draining %d", len(self.conns) // 2)
             self.rules.remove()          # new SYNs now meet a closed port (RST)
-            self.epoll.unregister(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
+            for ls in self.listeners:
+                self.epoll.unregister(ls.fileno())
+                ls.close()
+            self.listeners = []
             deadline = time.monotonic() + drain_timeout
             self._loop(lambda: not self.conns or time.monotonic() > deadline)
         finally:
@@ -207,7 +211,7 @@ class Relay:
     def _loop(self, done) -> None:
         poll = self.epoll.poll
         conns = self.conns
-        lfd = self.listener.fileno() if self.listener else -1
+        lfds = {ls.fileno(): ls for ls in self.listeners}
         qfd = self.nfq.get_fd()
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         next_sweep = time.monotonic() + 1.0
@@ -232,8 +236,8 @@ class Relay:
                             self.pump(conn, conn.up)
                 elif fd == qfd:
                     self.nfq.run(block=False)
-                elif fd == lfd:
-                    self._accept()
+                elif fd in lfds:
+                    self._accept(lfds[fd])
                 elif fd in self.pending_fds:
                     self._server_connected(fd)
                 elif fd == sfd:
@@ -327,8 +331,7 @@ class Relay:
             p.pkt = None
 
     # -- accept / pair -------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        ls = self.listener
+    def _accept(self, ls: socket.socket) -> None:
         while True:
             try:
                 cs, addr = ls.accept()

@@ -1,0 +1,100 @@
+"""Shared set-up for the tests: real namespaces (Mininet), real kernel MPTCP, cleanup always.
+
+Like the kernel's MPTCP selftests: one library of set-up/teardown and counters, features probed by
+trying, and a missing kernel feature is a SKIP with the reason (never a pass).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mimbox import kernel
+
+PY = sys.executable
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        pytest.exit("the tests build network namespaces: run them as root", returncode=2)
+
+
+def require(ok: bool, reason: str):
+    if not ok:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def mptcp_ok():
+    require(kernel.mptcp_socket_works(), "kernel has no MPTCP sockets")
+
+
+@pytest.fixture(scope="module")
+def paper_tb(mptcp_ok):
+    """Fig. 3 testbed, with a second server path so the converter's server side can use 2 subflows."""
+    from topologies.testbed import PaperTopo, Testbed
+    with Testbed(PaperTopo(server_paths=2)) as tb:
+        yield tb
+
+
+class Server:
+    """An xfer server on the testbed's server host, with its JSON reports."""
+
+    def __init__(self, tb, port: int, mptcp: bool, count: int = 1, wait_subflows: int = 0):
+        argv = [PY, "-m", "experiments.measure.xfer", "server", "--port", str(port), "--count", str(count)]
+        if mptcp:
+            argv.append("--mptcp")
+        if wait_subflows:
+            argv += ["--wait-subflows", str(wait_subflows)]
+        self.proc = tb.server.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline()
+        assert "listening" in first, self.proc.stderr.read()
+
+    def reports(self, timeout: float = 60) -> list[dict]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def run_client(tb, system, port: int, up: int, down: int, order: str = "both", mptcp: bool = True,
+               wait_subflows: int = 0, timeout: float = 120) -> dict:
+    """Run the xfer client on tb.client through `system`; return its JSON report."""
+    host, p = system.endpoint(tb, port)
+    argv = [PY, "-m", "experiments.measure.xfer", "client", host, str(p), "--up", str(up), "--down", str(down),
+            "--order", order]
+    if mptcp:
+        argv.append("--mptcp")
+    if wait_subflows:
+        argv += ["--wait-subflows", str(wait_subflows)]
+    argv = system.client_argv(tb, argv, mptcp)
+    proc = tb.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, f"client printed nothing: {err}"
+    return json.loads(lines[-1])
+
+
+def transfer(tb, system, up: int, down: int, order: str = "both", client_mptcp: bool = True,
+             server_mptcp: bool = False, port: int = 9000, wait_subflows: int = 0,
+             server_wait_subflows: int = 0) -> tuple[dict, dict]:
+    """One byte-checked transfer through `system`; asserts every byte arrived intact both ways."""
+    srv = Server(tb, port, server_mptcp, wait_subflows=server_wait_subflows)
+    try:
+        c = run_client(tb, system, port, up, down, order, client_mptcp, wait_subflows)
+        assert "error" not in c, c
+        (s,) = srv.reports()
+    finally:
+        srv.kill()
+    assert "error" not in s, s
+    assert c["sent"] == up and s["received"] == up, (c, s)
+    assert s["sent"] == down and c["received"] == down, (c, s)
+    assert c["sha_sent"] == s["sha_received"], "upload corrupted"
+    assert s["sha_sent"] == c["sha_received"] == c["expected_server_sha"], "download corrupted"
+    return c, s
