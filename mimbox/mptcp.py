@@ -1,6 +1,7 @@
 """MPTCP socket helpers: is a socket really MPTCP, how many subflows, and path-manager set-up."""
 from __future__ import annotations
 
+import ctypes
 import socket
 import struct
 import subprocess
@@ -8,9 +9,8 @@ import subprocess
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
 MPTCP_INFO = 1
+MPTCP_TCPINFO = 2
 TCP_IS_MPTCP = 43
-# struct mptcp_info (include/uapi/linux/mptcp.h): mptcpi_subflows at 0, mptcpi_subflows_total at 80.
-_INFO_LEN = 81
 
 
 def stream_socket(mptcp: bool) -> socket.socket:
@@ -35,15 +35,27 @@ def is_mptcp(sock: socket.socket) -> bool:
         return False
 
 
-def subflows(sock: socket.socket) -> int:
-    """Number of subflows of an MPTCP connection (1 for TCP or fallback)."""
-    try:
-        raw = sock.getsockopt(SOL_MPTCP, MPTCP_INFO, _INFO_LEN)
-    except OSError:
+_libc = ctypes.CDLL(None, use_errno=True)
+_SFD = struct.Struct("IIII")   # struct mptcp_subflow_data: size_subflow_data, num_subflows, size_kernel, size_user
+_STATE_BYTES = 8               # we read only the head of each tcp_info (tcpi_state is its first byte)
+TCP_ESTABLISHED = 1
+
+
+def subflows(sock: socket.socket, max_subflows: int = 8) -> int:
+    """Established subflows of an MPTCP connection (1 for TCP or fallback).
+
+    Counts the per-subflow tcp_info states from MPTCP_TCPINFO: MPTCP_INFO's counters include
+    subflows still in SYN_SENT (a join the connection may yet lose).
+    """
+    size = _SFD.size + max_subflows * _STATE_BYTES
+    buf = ctypes.create_string_buffer(_SFD.pack(_SFD.size, 0, 0, _STATE_BYTES) + bytes(size - _SFD.size), size)
+    optlen = ctypes.c_uint32(size)
+    if _libc.getsockopt(sock.fileno(), SOL_MPTCP, MPTCP_TCPINFO, buf, ctypes.byref(optlen)) != 0:
         return 1
-    if len(raw) > 80 and raw[80]:
-        return raw[80]            # mptcpi_subflows_total counts the initial subflow too
-    return (raw[0] + 1) if raw else 1  # older kernels: additional subflows only
+    _, n, _, user = _SFD.unpack_from(buf.raw)
+    step = user or _STATE_BYTES
+    states = [buf.raw[_SFD.size + i * step] for i in range(min(n, max_subflows))]
+    return max(1, sum(1 for st in states if st == TCP_ESTABLISHED))
 
 
 def setup_path_manager(subflows_max: int = 2, add_addr_accepted: int = 2,

@@ -44,8 +44,8 @@ def test_half_close_propagates(paper_tb, converter, order):
 
 def test_two_subflows_each_side(paper_tb, converter):
     """MPTCP is really used: 2 subflows client-side, and 2 server-side towards an MPTCP server."""
-    c, s = transfer(paper_tb, converter, up=1 << 20, down=1 << 20, client_mptcp=True, server_mptcp=True,
-                    wait_subflows=2, server_wait_subflows=2)
+    c, s = transfer(paper_tb, converter, up=1 << 20, down=1 << 20, order="server-first", client_mptcp=True,
+                    server_mptcp=True, wait_subflows=2, server_wait_subflows=2)
     assert c["subflows"] == 2, c
     assert s["subflows"] == 2, s
     st = converter.stats()

@@ -133,6 +133,7 @@ HOST_SYSCTLS = {
 
 class Testbed:
     """A started, configured network of a ConverterTopo; a context manager that always cleans up."""
+    __test__ = False  # not a pytest class, despite the name
 
     def __init__(self, topo: ConverterTopo, mptcp_subflows: bool = True):
         self.topo = topo
@@ -212,11 +213,11 @@ class Testbed:
             host.cmd(f"ip mptcp limits set subflow {n} add_addr_accepted {n}")
             if self.mptcp_subflows:
                 for a in addrs[1:]:
-                    host.cmd(f"ip mptcp endpoint add {a.outer_ip} dev {a.intf_outer} subflow")
+                    host.cmd(f"ip mptcp endpoint add {a.outer_ip} subflow")
         # The converter accepts subflows from its clients and opens its own towards a multi-homed server.
         self.mbox.cmd("ip mptcp limits set subflow 4 add_addr_accepted 4")
         for a in self.topo.server_addrs[1:]:
-            self.mbox.cmd(f"ip mptcp endpoint add {a.mbox_ip} dev {a.intf_mbox} subflow")
+            self.mbox.cmd(f"ip mptcp endpoint add {a.mbox_ip} subflow")
             self.mbox.cmd(f"ip rule add from {a.mbox_ip} table {a.n}")
             self.mbox.cmd(f"ip route add {a.subnet} dev {a.intf_mbox} table {a.n}")
             self.mbox.cmd(f"ip route add default via {a.outer_ip} dev {a.intf_mbox} table {a.n}")

@@ -1,0 +1,42 @@
+"""`mimbox doctor` reports this kernel as it is: each verdict is checked against an independent try."""
+import json
+import subprocess
+import sys
+
+from mimbox import kernel
+
+
+def doctor() -> dict:
+    p = subprocess.run([sys.executable, "-m", "mimbox.cli", "doctor", "--json"], capture_output=True, text=True)
+    return {c["name"]: c for c in json.loads(p.stdout)}, p.returncode
+
+
+def independent_qdisc_try(kind: str) -> bool:
+    with kernel.throwaway_netns("mimbox-test") as ns:
+        args = kernel.QDISC_PROBE_ARGS[kind]
+        return subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "d0", "root", kind, *args],
+                              capture_output=True).returncode == 0
+
+
+def test_doctor_matches_reality():
+    caps, rc = doctor()
+    for kind in ("netem", "htb", "tbf"):
+        assert caps[f"qdisc.{kind}"]["ok"] == independent_qdisc_try(kind), kind
+    assert caps["mptcp.socket"]["ok"] == kernel.mptcp_socket_works()
+    with open("/proc/sys/net/mptcp/enabled") as f:
+        assert caps["mptcp.enabled"]["ok"] == (f.read().strip() == "1")
+    # exit status: non-zero exactly when a required capability is missing
+    assert (rc == 0) == all(c["ok"] for c in caps.values() if c["required"])
+
+
+def test_doctor_leaves_no_namespace():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    doctor()
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "mimbox-probe" not in after and before == after
+
+
+def test_netem_missing_means_fallback_is_used():
+    """On a kernel without netem the link class must take the fallback path (and say so)."""
+    from topologies.links import netem_available
+    assert netem_available() == independent_qdisc_try("netem")

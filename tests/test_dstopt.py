@@ -1,0 +1,111 @@
+"""DST_OPT: one declaration shared by the parser, the BPF header and these tests; fuzzed."""
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mimbox import dstopt
+from mimbox.dstopt import DstOpt, OptionError, parse_options, parse_syn
+from mimbox.paths import BUILD
+
+
+def test_roundtrip():
+    o = DstOpt("192.0.2.7", 8080)
+    raw = o.encode()
+    assert len(raw) == dstopt.LENGTH == 10 and raw[0] == 253
+    assert DstOpt.decode(raw) == o
+    assert parse_options(b"\x02\x04\x05\xb4\x01\x01" + raw).dst == o
+
+
+def test_bpf_header_is_generated_from_the_declaration():
+    header = (BUILD / "bpf" / "dstopt.h").read_text()
+    assert header == dstopt.c_header()
+    assert f"#define DSTOPT_EXID 0x{dstopt.EXID:04X}" in header
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (bytes([253, 9]) + b"\x4d\x42" + bytes(5), "length"),
+    (bytes([253, 11]) + b"\x4d\x42" + bytes(7), "length"),
+    (bytes([253, 10]) + b"\x12\x34" + bytes([10, 0, 0, 1, 0, 80]), "ExID"),
+    (bytes([253, 10]) + b"\x4d\x42" + bytes([0, 0, 0, 0, 0, 80]), "0.0.0.0"),
+    (bytes([253, 10]) + b"\x4d\x42" + bytes([10, 0, 0, 1, 0, 0]), "port 0"),
+    (bytes([253, 10]) + b"\x4d\x42" + bytes([10, 0]), "length"),
+])
+def test_malformed_options_are_refused_with_a_reason(raw, reason):
+    r = parse_options(raw)
+    assert r.dst is None and reason in r.dst_error
+
+
+def test_two_dstopts_are_refused():
+    raw = DstOpt("10.0.0.1", 80).encode()
+    r = parse_options(raw + raw)
+    assert r.dst is None and "more than one" in r.dst_error
+
+
+def test_mptcp_subtypes_are_recognised():
+    assert parse_options(bytes([30, 4, 0x01, 0x81])).mp_capable
+    assert parse_options(bytes([30, 12, 0x10, 0]) + bytes(8)).mp_join
+
+
+def syn_packet(options: bytes) -> bytes:
+    options += b"\x00" * (-len(options) % 4)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 7000, 1, 0, (5 + len(options) // 4) << 4, 0x02, 65535, 0, 0) + options
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, bytes([10, 0, 1, 1]),
+                     bytes([10, 0, 1, 2]))
+    return ip + tcp
+
+
+def test_parse_syn_reads_addresses_and_option():
+    s = parse_syn(syn_packet(DstOpt("10.0.101.1", 9000).encode()))
+    assert (s.src, s.sport, s.dst, s.dport) == ("10.0.1.1", 40000, "10.0.1.2", 7000)
+    assert s.options.dst == DstOpt("10.0.101.1", 9000)
+
+
+def test_parse_syn_agrees_with_scapy():
+    """An independent encoder (scapy) builds the SYN; our parser reads the same fields."""
+    from scapy.layers.inet import IP, TCP
+    pkt = bytes(IP(src="10.0.2.1", dst="10.0.1.2") / TCP(sport=1234, dport=7000, flags="S",
+                options=[("MSS", 1460), ("SAckOK", b""), (253, DstOpt("198.51.100.3", 443).encode()[2:])]))
+    s = parse_syn(pkt)
+    assert s.src == "10.0.2.1" and s.sport == 1234 and s.options.dst == DstOpt("198.51.100.3", 443)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=40))
+def test_parser_never_raises_on_any_option_bytes(raw):
+    r = parse_options(raw)
+    assert r.dst is None or isinstance(r.dst, DstOpt)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=80))
+def test_parse_syn_raises_only_option_error(raw):
+    try:
+        parse_syn(raw)
+    except OptionError:
+        pass
+
+
+def test_fuzz_100k_mutations_of_valid_syn_options():
+    """10^5 mutated option lists (byte flips, truncations, splices): no exception escapes."""
+    rng = random.Random(20131209)
+    base = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07" + bytes([30, 4, 1, 0x81]) + \
+        DstOpt("10.0.101.1", 80).encode()
+    found = 0
+    for i in range(100_000):
+        b = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            if not b:
+                break
+            op = rng.random()
+            if op < 0.5:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            elif op < 0.75:
+                del b[rng.randrange(len(b)):]
+            else:
+                b[rng.randrange(len(b)):rng.randrange(len(b))] = rng.randbytes(rng.randint(0, 6))
+        r = parse_options(bytes(b[:40]))
+        found += r.dst is not None
+    assert 0 < found < 100_000   # mutations both keep and break the option: the fuzz explores both
