@@ -172,6 +172,9 @@ class Testbed:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> "Testbed":
         """Build and start the network, then configure routing and MPTCP."""
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # `kill`/`timeout` must unwind through stop() too, not leave hosts and processes behind
+            signal.signal(signal.SIGTERM, _raise_system_exit)
         self.net = Mininet(topo=self.topo, link=EmuLink, controller=None, build=False,
                            autoSetMacs=True, waitConnected=False)
         try:
@@ -189,6 +192,8 @@ class Testbed:
         if net is not None:
             old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort teardown
             try:
+                for host in net.hosts:
+                    kill_namespace_processes(host)
                 net.stop()
             finally:
                 signal.signal(signal.SIGINT, old)
@@ -231,6 +236,27 @@ class Testbed:
             for b in addrs:
                 host.cmd(f"ip route add {b.subnet} dev {b.intf_outer} scope link table {a.n}")
             host.cmd(f"ip route add default via {a.mbox_ip} dev {a.intf_outer} table {a.n}")
+
+
+def _raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def kill_namespace_processes(host) -> None:
+    """Kill every process left in a host's network namespace (servers, peers, clients a run started),
+    except the host's own shell, which Mininet stops."""
+    try:
+        ns = os.readlink(f"/proc/{host.pid}/ns/net")
+    except OSError:
+        return
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) in (host.pid, os.getpid()):
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == ns:
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # For `mn --custom topologies/testbed.py --topo ...`

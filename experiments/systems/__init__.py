@@ -145,3 +145,79 @@ class MiMBox(System):
             return [PY, "-m", "mimbox.cli", "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
                     *(["--mptcp"] if mptcp else []), "--", *argv]
         return super().client_argv(tb, argv, mptcp)
+
+
+class Naive(System):
+    """The paper's read()/write() or splice() converter (experiments/systems/naive.py), static upstream."""
+
+    def __init__(self, engine: str, port: int = 7001, cpus: str | None = None):
+        super().__init__(cpus)
+        self.engine, self.port = engine, port
+        self.name = {"readwrite": "read/write", "splice": "splice"}[engine]
+
+    def start(self, tb, server_port: int) -> None:
+        super().start(tb, server_port)
+        p = self._popen(tb.mbox, [PY, "-m", "experiments.systems.naive", "--engine", self.engine,
+                                  "--listen", str(self.port), "--upstream", f"{tb.server_ip}:{server_port}"])
+        if b"ready" not in p.stdout.readline():
+            raise RuntimeError(f"{self.name} did not start: {p.stderr.read()}")
+
+
+def run_dir(tag: str) -> str:
+    """A private directory for a peer's config and logs (`invoke clean` knows the prefix)."""
+    import tempfile
+    return tempfile.mkdtemp(prefix=f"mimbox-run-{tag}-")
+
+
+class HAProxy(System):
+    """HAProxy 2.6 (Debian), cache-less, splicing; its sockets made MPTCP by the LD_PRELOAD shim."""
+
+    def __init__(self, threads: int = 1, mode: str = "http", port: int = 7002, cpus: str | None = None):
+        super().__init__(cpus)
+        self.threads, self.mode, self.port = threads, mode, port
+        self.name = f"haproxy-{threads}t"
+
+    def config(self, tb, server_port: int) -> str:
+        http = self.mode == "http"
+        return "\n".join([
+            "global", f"    nbthread {self.threads}", "    maxconn 4096",
+            "    tune.maxaccept 64",
+            "defaults", f"    mode {self.mode}", "    timeout connect 5s", "    timeout client 60s",
+            "    timeout server 60s", "    option splice-auto",
+            *(["    option http-server-close"] if http else []),
+            "frontend fe", f"    bind 0.0.0.0:{self.port}", "    default_backend be",
+            "backend be", f"    server s1 {tb.server_ip}:{server_port}", ""])
+
+    def start(self, tb, server_port: int) -> None:
+        super().start(tb, server_port)
+        d = run_dir("haproxy")
+        cfg = os.path.join(d, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(self.config(tb, server_port))
+        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "haproxy", "-db", "-f", cfg])
+        wait_port(tb.mbox, self.port)
+
+
+class Squid(System):
+    """Squid 5.7 (Debian) as a reverse proxy with caching off; MPTCP through the shim."""
+    name = "squid"
+
+    def __init__(self, port: int = 7003, cpus: str | None = None):
+        super().__init__(cpus)
+        self.port = port
+
+    def start(self, tb, server_port: int) -> None:
+        super().start(tb, server_port)
+        d = run_dir("squid")
+        os.chmod(d, 0o777)
+        cfg = os.path.join(d, "squid.conf")
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                f"http_port {self.port} accel defaultsite={tb.server_ip} no-vhost",
+                f"cache_peer {tb.server_ip} parent {server_port} 0 no-query originserver name=origin",
+                "cache_peer_access origin allow all", "http_access allow all", "cache deny all",
+                "cache_mem 0 MB", "memory_pools off", "workers 1", f"pid_filename {d}/squid.pid",
+                f"cache_log {d}/cache.log", "access_log none", f"coredump_dir {d}",
+                "shutdown_lifetime 1 second", "max_filedescriptors 65536", ""]))
+        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "squid", "-N", "-f", cfg])
+        wait_port(tb.mbox, self.port, timeout=30)

@@ -1,0 +1,126 @@
+"""Fig. 4 — goodput vs MSS: bulk client -> server transfer through each converter and the router.
+
+Topology: the paper's testbed (Fig. 3). The MSS is set by the MTU of every interface (MTU = MSS + 40)
+and checked on the wire (the SYN's MSS option). Segmentation offloads are off so that a segment
+is a packet, as the paper's per-segment argument assumes. End hosts on one core, the converter on
+the other; the converter's CPU time per GB is recorded beside each goodput.
+"""
+from __future__ import annotations
+
+import re
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import servers  # noqa: E402
+from experiments.common import (CONVERTER_CPUS, END_HOST_CPUS, Run, fidelity_rows, interleave,  # noqa: E402
+                                mean_ci, progress)
+from experiments.measure import cpu_seconds  # noqa: E402
+from experiments.measure.tools import iperf3  # noqa: E402
+from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
+from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+
+NAME = "fig4_goodput"
+FULL = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=5, seconds=10)
+QUICK = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=3, seconds=2)
+SERVER_PORT = 5201
+
+
+def systems() -> list:
+    return [Router(), MiMBox(mode="explicit", cpus=CONVERTER_CPUS), Naive("readwrite", cpus=CONVERTER_CPUS),
+            Naive("splice", port=7004, cpus=CONVERTER_CPUS), HAProxy(threads=1, mode="tcp", cpus=CONVERTER_CPUS)]
+
+
+def set_mss(tb, mss: int) -> None:
+    for host in (tb.client, tb.mbox, tb.server):
+        for intf in host.intfList():
+            if str(intf) != "lo":
+                host.cmd(f"ip link set dev {intf} mtu {mss + 40}")
+
+
+def syn_mss_on_wire(tb, system) -> int:
+    """The MSS option of the client's SYN, read from a capture on the client's first interface."""
+    cap = tb.client.popen(["tcpdump", "-c", "1", "-nn", "-v", "-i", "client-eth0",
+                           "tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0"],
+                          stdout=-1, stderr=-1, text=True)
+    tb.client.cmd("sleep 0.3")
+    try:
+        iperf3(tb, system, SERVER_PORT + 1, None, nbytes="1M", cpus=END_HOST_CPUS)
+        out, _ = cap.communicate(timeout=5)
+    finally:
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait()
+    m = re.search(r"mss (\d+)", out)
+    return int(m.group(1)) if m else -1
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    """Topology -> runs -> tidy rows (one per measurement)."""
+    rows = []
+    with Testbed(PaperTopo()) as tb:
+        fidelity = fidelity_rows(tb, seconds=1.0)
+        for host in (tb.client, tb.mbox, tb.server):
+            for intf in host.intfList():
+                if str(intf) != "lo":
+                    host.cmd(f"ethtool -K {intf} tso off gso off gro off")
+        syss = systems()
+        tcp_server = servers.iperf3(tb, SERVER_PORT, mptcp=False, cpus=END_HOST_CPUS)
+        mptcp_server = servers.iperf3(tb, SERVER_PORT + 1, mptcp=True, cpus=END_HOST_CPUS)
+        try:
+            for s in syss:
+                s.start(tb, SERVER_PORT)
+            wire_mss = {}
+            for rep in range(params["reps"]):
+                for mss in params["mss"]:
+                    set_mss(tb, mss)
+                    if rep == 0:
+                        wire_mss[mss] = syn_mss_on_wire(tb, syss[0])
+                    for s in interleave(syss, rep):
+                        port = SERVER_PORT + 1 if isinstance(s, Router) else SERVER_PORT
+                        pids = s.pids()
+                        c0 = cpu_seconds(pids)
+                        r = iperf3(tb, s, port, params["seconds"], cpus=END_HOST_CPUS)
+                        cpu = cpu_seconds(pids) - c0
+                        gb = r["bytes"] / 1e9
+                        rows.append(dict(system=s.name, mss=mss, wire_mss=wire_mss[mss], rep=rep,
+                                         goodput_gbps=r["goodput_bps"] / 1e9, bytes=r["bytes"],
+                                         converter_cpu_s=cpu if s.converts else float("nan"),
+                                         cpu_s_per_gb=cpu / gb if s.converts and gb else float("nan")))
+                        progress(f"fig4 rep {rep} mss {mss} {s.name}: {r['goodput_bps'] / 1e9:.2f} Gbit/s")
+        finally:
+            for s in syss:
+                s.stop()
+            tcp_server.stop()
+            mptcp_server.stop()
+    return pd.DataFrame(rows), {"link_fidelity": fidelity}
+
+
+def plot(df: pd.DataFrame):
+    """Goodput vs MSS with 95 % CI error bars; converter CPU s/GB below."""
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, gridspec_kw=dict(height_ratios=[2, 1]))
+    for name, g in df.groupby("system", sort=False):
+        stats = g.groupby("mss")["goodput_gbps"].apply(lambda v: mean_ci(v)).apply(pd.Series)
+        ax.errorbar(stats.index, stats[0], yerr=stats[1], marker="o", capsize=3, label=name)
+        cpu = g.groupby("mss")["cpu_s_per_gb"].mean()
+        if cpu.notna().any():
+            ax2.plot(cpu.index, cpu.values, marker="o", label=name)
+    ax.set_ylabel("goodput [Gbit/s]")
+    ax.set_title("Fig. 4: goodput vs MSS (paper: MiMBox close to the router, above user-space converters)",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=.3)
+    ax2.set_xlabel("MSS [bytes]")
+    ax2.set_ylabel("converter CPU [s/GB]")
+    ax2.grid(alpha=.3)
+    return fig
+
+
+def main(quick: bool = True, **overrides) -> pd.DataFrame:
+    params = dict(QUICK if quick else FULL, **overrides)
+    df, extra = run(params)
+    Run(NAME, params, extra).save(df, plot(df))
+    return df

@@ -1,0 +1,49 @@
+"""Load generators on the client host: iperf3 (bulk) and wrk (HTTP, a connection per request)."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+
+def iperf3(tb, system, server_port: int, seconds: int | None, reverse: bool = False, mptcp: bool = True,
+           cpus: str | None = "0", extra: str = "", nbytes: str | None = None) -> dict:
+    """Bulk transfer through `system` for `seconds` (or `nbytes`, e.g. '1M'); returns goodput (bit/s)
+    and bytes as iperf3 measured them."""
+    host, port = system.endpoint(tb, server_port)
+    amount = ["-n", nbytes] if nbytes else ["-t", str(max(1, int(seconds)))]  # iperf3: -t 0 is forever
+    argv = ["iperf3", "-c", host, "-p", str(port), *amount, "-J", *(["-R"] if reverse else []),
+            *shlex.split(extra)]
+    argv = system.client_argv(tb, argv, mptcp)
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    out = tb.client.cmd(" ".join(shlex.quote(a) for a in argv))
+    try:
+        r = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    except ValueError:
+        raise RuntimeError(f"iperf3 through {system}: {out[-500:]}")
+    if "error" in r:
+        raise RuntimeError(f"iperf3 through {system}: {r['error']}")
+    s = r["end"]["sum_received"]
+    return {"goodput_bps": s["bits_per_second"], "bytes": s["bytes"], "seconds": s["seconds"]}
+
+
+def wrk(tb, system, server_port: int, path: str, seconds: float, connections: int = 40, threads: int = 1,
+        mptcp: bool = True, cpus: str | None = "0") -> dict:
+    """HTTP GETs with `Connection: close` (a new connection per request); returns req/s and errors."""
+    host, port = system.endpoint(tb, server_port)
+    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "-H", "Connection: close",
+            f"http://{host}:{port}{path}"]
+    argv = system.client_argv(tb, argv, mptcp)
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    out = tb.client.cmd(" ".join(shlex.quote(a) for a in argv))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk through {system}: {out[-800:]}")
+    total = re.search(r"(\d+) requests in", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"req_per_s": float(m.group(1)), "requests": int(total.group(1)) if total else 0,
+            "socket_errors": sum(map(int, errs.groups())) if errs else 0,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0}

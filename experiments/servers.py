@@ -1,0 +1,64 @@
+"""The servers of the experiments, on tb.server: nginx (HTTP objects) and iperf3 (bulk)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from experiments.systems import run_dir, wait_port
+from mimbox.paths import MPTCPIZE
+
+
+class Server:
+    """A process on the server host; MPTCP (shim) when the experiment's baseline needs it."""
+
+    def __init__(self, tb, argv: list[str], port: int, mptcp: bool, cpus: str | None = None):
+        if mptcp:
+            argv = ["env", f"LD_PRELOAD={MPTCPIZE}", *argv]
+        if cpus is not None:
+            argv = ["taskset", "-c", cpus, *argv]
+        self.port = port
+        self.proc = tb.server.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(tb.server, port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str | None = None) -> Server:
+    """nginx serving /<size>.bin files of each size (lighter than the paper's Apache, so the server
+    is not the bottleneck)."""
+    d = run_dir("nginx")
+    www = os.path.join(d, "www")
+    os.makedirs(www)
+    for n in sizes:
+        with open(os.path.join(www, f"{n}.bin"), "wb") as f:
+            f.write(os.urandom(n))
+    os.chmod(d, 0o755)
+    os.chmod(www, 0o755)
+    cfg = os.path.join(d, "nginx.conf")
+    with open(cfg, "w") as f:
+        f.write(f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 65536; multi_accept on; }}
+http {{ access_log off; sendfile on; tcp_nopush on; keepalive_timeout 0; client_body_temp_path {d};
+  proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{ listen {port} backlog=4096 reuseport; root {www}; }} }}
+""")
+    return Server(tb, ["nginx", "-c", cfg, "-p", d], port, mptcp, cpus)
+
+
+def iperf3(tb, port: int = 5201, mptcp: bool = False, cpus: str | None = None) -> Server:
+    """An iperf3 server (MPTCP through the shim when asked)."""
+    return Server(tb, ["iperf3", "-s", "-p", str(port)], port, mptcp, cpus)

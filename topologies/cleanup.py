@@ -1,0 +1,65 @@
+"""`invoke clean`: remove what a crashed run left behind, like `mn -c` (which it calls)."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+PATTERNS = ["topologies.delayline", "mimbox.cli run", "experiments.measure", "mininet:"]
+PEERS = ["nginx", "haproxy", "squid", "iperf3", "wrk", "tcpdump"]
+
+
+OURS = ("iperf3", "nginx", "haproxy", "squid", "wrk", "tcpdump", "mimbox", "experiments.", "topologies.", "mnexec")
+
+
+def kill_orphans_in_namespaces() -> None:
+    """Our tools still running in network namespaces other than the root one (a crashed testbed's)."""
+    root = os.readlink("/proc/self/ns/net")   # run from the root namespace
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/net")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ns != root and any(tag in cmd for tag in OURS):
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+
+
+def clean() -> None:
+    for pat in PATTERNS:
+        subprocess.run(["pkill", "-9", "-f", pat], capture_output=True)
+    for peer in PEERS:   # only copies started from our run directories, never a system service
+        subprocess.run(["pkill", "-9", "-f", f"{peer}.*mimbox-run"], capture_output=True)
+    kill_orphans_in_namespaces()
+    from mininet.clean import cleanup
+    cleanup()
+    for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
+        name = ns.split(" ")[0]
+        if name.startswith(("mimbox-", "nfttest")):
+            subprocess.run(["ip", "netns", "del", name])
+    for d in glob.glob("/sys/fs/bpf/mimbox-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        for d in glob.glob(f"{root}/mimbox-*"):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+    for chain_table in ("raw", "mangle", "filter"):
+        out = subprocess.run(["iptables", "-t", chain_table, "-S"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("-A") and "MIMBOX-" in line:
+                subprocess.run(["iptables", "-t", chain_table, *line.replace("-A", "-D", 1).split()])
+        for line in out.splitlines():
+            if line.startswith("-N MIMBOX-"):
+                subprocess.run(["iptables", "-t", chain_table, "-F", line.split()[1]])
+                subprocess.run(["iptables", "-t", chain_table, "-X", line.split()[1]])
+    print("clean: done")
+
+
+if __name__ == "__main__":
+    clean()
