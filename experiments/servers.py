@@ -52,7 +52,7 @@ def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str |
     with open(cfg, "w") as f:
         f.write(f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
 events {{ worker_connections 65536; multi_accept on; }}
-http {{ access_log off; sendfile on; tcp_nopush on; keepalive_timeout 0; client_body_temp_path {d};
+http {{ access_log off; sendfile on; tcp_nopush off; tcp_nodelay on; keepalive_timeout 0; client_body_temp_path {d};
   proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
   server {{ listen {port} backlog=4096 reuseport; root {www}; }} }}
 """)

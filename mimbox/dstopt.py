@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import struct
 import sys
 from dataclasses import dataclass
@@ -137,9 +138,8 @@ def parse_syn(packet: bytes) -> Syn:
     if doff < 20 or len(tcp) < doff:
         raise OptionError("bad TCP data offset")
     sport, dport = struct.unpack_from("!HH", tcp)
-    return Syn(src=str(ipaddress.IPv4Address(packet[12:16])), sport=sport,
-               dst=str(ipaddress.IPv4Address(packet[16:20])), dport=dport, flags=tcp[13],
-               options=parse_options(bytes(tcp[20:doff])))
+    return Syn(src=socket.inet_ntoa(packet[12:16]), sport=sport, dst=socket.inet_ntoa(packet[16:20]),
+               dport=dport, flags=tcp[13], options=parse_options(bytes(tcp[20:doff])))
 
 
 def c_header() -> str:

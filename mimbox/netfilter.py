@@ -18,6 +18,11 @@ REFUSE_MARK = 0x4D420000
 REFUSE_MASK = 0xFFFF0000
 TPROXY_MARK = 0x1
 TPROXY_TABLE = 4242
+# MP_JOIN SYNs join an existing connection: the kernel alone handles them, so they need not visit
+# the queue. Linux puts the MPTCP option 20 bytes into a SYN's options (after MSS, SACK_PERM+TS,
+# NOP+WS): kind 30, length 12, subtype 1. A join laid out differently is still queued, and then
+# released at once by the relay (which checks every option), so this is only a fast path.
+NOT_MP_JOIN = ["-m", "u32", "!", "--u32", "0>>22&0x3C@40>>8&0xFFFFF0=0x1E0C10"]
 
 
 def ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,7 +59,7 @@ class ListenerRules:
         return hooks
 
     def _syn_matches(self) -> list[list[str]]:
-        syn = ["-p", "tcp", "--syn"]
+        syn = ["-p", "tcp", "--syn", *NOT_MP_JOIN]
         if not self.transparent_ports:
             dst = [] if self.listen_addr == "0.0.0.0" else ["-d", self.listen_addr]
             return [[*syn, *dst, "--dport", str(self.port)]]

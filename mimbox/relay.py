@@ -121,6 +121,7 @@ class Relay:
         self.nfq = None
         self.stats_sock = None
         self.pump = self._pump_splice if bc.engine == "splice" else self._pump_copy
+        self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -298,11 +299,6 @@ class Relay:
         if p.pkt is None:
             return                # already released; waiting for accept()
         err = p.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            try:
-                p.server.getpeername()
-            except OSError:
-                return            # not connected yet (spurious wake-up)
         if err:
             self.stats.errors["server " + errno.errorcode.get(err, str(err))] += 1
             return self._refuse_pending(key, p, f"server {p.dst[0]}:{p.dst[1]}: {os.strerror(err)}")
@@ -463,14 +459,8 @@ class Relay:
         st.closed += 1
         st.bytes_up += conn.up.bytes
         st.bytes_down += conn.down.bytes
-        st.client_subflows[mptcp.subflows(conn.client) if conn.client_mptcp else 1] += 1
         for s in (conn.client, conn.server):
-            fd = s.fileno()
-            self.conns.pop(fd, None)
-            try:
-                self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+            self.conns.pop(s.fileno(), None)   # close() below also drops it from the epoll set
             if reset:
                 self._reset(s)
             else:
@@ -483,8 +473,9 @@ class Relay:
                     os.close(d.pipe_r)
                     os.close(d.pipe_w)
                 d.pipe_r = d.pipe_w = -1
-        log.debug("closed %s:%d -> %s:%d up=%d down=%d", *conn.client_addr, *conn.dst,
-                  conn.up.bytes, conn.down.bytes)
+        if self.debug:
+            log.debug("closed %s:%d -> %s:%d up=%d down=%d", *conn.client_addr, *conn.dst,
+                      conn.up.bytes, conn.down.bytes)
 
     def _abort(self, conn: Connection, cause: str) -> None:
         """One side failed (reset, timeout...): reset both, so neither peer waits for nothing."""

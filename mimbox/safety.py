@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from mimbox.config import SafetyConfig, local_addresses, local_subnets
@@ -25,15 +26,22 @@ class Policy:
                    deny=[ipaddress.IPv4Network(n, strict=False) for n in (*BUILTIN_DENY, *cfg.deny_dst)],
                    own={ipaddress.IPv4Address(a) for a in local_addresses()})
 
+    def __post_init__(self):
+        # integer (network, mask) pairs: the check runs for every SYN
+        self._allow = [(int(n.network_address), int(n.netmask)) for n in self.allow_clients]
+        self._deny = [(int(n.network_address), int(n.netmask), n) for n in self.deny]
+        self._own = {int(a) for a in self.own}
+
     def refusal(self, client: str, dst: str, dport: int) -> str | None:
-        c, d = ipaddress.IPv4Address(client), ipaddress.IPv4Address(dst)
-        if not any(c in n for n in self.allow_clients):
+        c = int.from_bytes(socket.inet_aton(client), "big")
+        d = int.from_bytes(socket.inet_aton(dst), "big")
+        if not any(c & m == n for n, m in self._allow):
             return f"client {client} not in allowed prefixes"
-        if d in self.own:
+        if d in self._own:
             return f"destination {dst} is the converter itself"
-        for n in self.deny:
-            if d in n:
-                return f"destination {dst} denied ({n})"
+        for n, m, net in self._deny:
+            if d & m == n:
+                return f"destination {dst} denied ({net})"
         if dport == 0:
             return "destination port 0"
         return None

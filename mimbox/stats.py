@@ -22,7 +22,6 @@ class Stats:
     client_tcp: int = 0        # plain TCP or MPTCP fallen back
     server_mptcp: int = 0
     server_tcp: int = 0
-    client_subflows: Counter = field(default_factory=Counter)  # subflow count at close -> connections
     server_connect_us_sum: float = 0.0   # SYN seen -> server connection established
     server_connect_us_max: float = 0.0
     server_connects: int = 0
@@ -35,7 +34,7 @@ class Stats:
 
     def snapshot(self, **extra) -> dict:
         d = asdict(self)
-        for k in ("refused", "errors", "client_subflows"):
+        for k in ("refused", "errors"):
             d[k] = {str(a): b for a, b in getattr(self, k).items()}
         d["server_connect_us_mean"] = self.server_connect_us_sum / self.server_connects if self.server_connects else 0
         d.update(extra)
