@@ -1,0 +1,212 @@
+"""Table 1 — per-segment forwarding delay inside the converter host (§4.2).
+
+A client opens connections one after another; on each it sends one 1300-byte burst (the paper's
+bursts at 20 kbit/s) and closes. tcpdump captures both of the converter host's interfaces with
+nanosecond timestamps; the delay of a segment is (leaves one interface) - (arrived on the other):
+  SYN      client's SYN in  -> SYN towards the server out
+  SYN+ACK  server's SYN+ACK in -> SYN+ACK towards the client out (N/A when the client's SYN+ACK
+           leaves before the server's arrives: the read()/write() converter answers at once)
+  data     the 1300-byte segment in -> out
+One client path only (no join subflow), so every segment crosses the two captured interfaces.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, Run, mean_ci, progress  # noqa: E402
+from experiments.systems import PY, MiMBox, Naive, Router, run_dir  # noqa: E402
+from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+
+NAME = "table1_delay"
+FULL = dict(measures=100, interval=0.52)   # 1300 bytes at 20 kbit/s
+QUICK = dict(measures=30, interval=0.05)
+SERVER_PORT = 9500
+PAPER = {  # Table 1, microseconds: (mean, ci) or None for N/A
+    "router": {"SYN": (5.2, 0.1), "SYN+ACK": (5.2, 0.1), "data": (5.3, 0.1)},
+    "read/write": {"SYN": (143.4, 11.4), "SYN+ACK": None, "data": (29.0, 0.3)},
+    "mimbox (TCP server)": {"SYN": (17.5, 1.2), "SYN+ACK": (41.6, 2.0), "data": (16.0, 0.1)},
+}
+BURST_CLIENT = """
+import socket, sys, time
+host, port, n, interval, mptcp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == '1'
+payload = bytes(1300)
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.connect((host, port))
+    time.sleep(interval / 2)
+    s.sendall(payload)
+    time.sleep(interval / 2)
+    s.close()
+"""
+SINK = """
+import socket, sys, threading
+port, mptcp = int(sys.argv[1]), sys.argv[2] == '1'
+ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); ls.bind(('0.0.0.0', port)); ls.listen(128)
+print('ready', flush=True)
+def drain(c):
+    while c.recv(65536): pass
+    c.close()
+while True:
+    c, _ = ls.accept(); threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+
+
+def capture(host, intf: str, path: str) -> subprocess.Popen:
+    p = host.popen(["tcpdump", "-Z", "root", "--immediate-mode", "-U", "-i", intf, "-n", "-s", "128", "-B", "8192", "--time-stamp-precision", "nano",
+                    "-w", path, "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p.stderr.readline()   # "listening on ...": the capture is armed
+    return p
+
+
+def read_pcap(path: str) -> list[dict]:
+    from scapy.layers.inet import IP, TCP
+    from scapy.utils import PcapReader
+    out = []
+    with PcapReader(path) as r:
+        for pkt in r:
+            if IP not in pkt or TCP not in pkt:
+                continue
+            t = pkt[TCP]
+            payload = pkt[IP].len - pkt[IP].ihl * 4 - t.dataofs * 4   # the capture is truncated (-s 128)
+            out.append(dict(time=float(pkt.time), src=pkt[IP].src, dst=pkt[IP].dst, sport=t.sport, dport=t.dport,
+                            flags=str(t.flags), seq=t.seq, payload=payload))
+    return out
+
+
+def pair(ins: list[float], outs: list[float]) -> list[float]:
+    """i-th arrival with the first departure after it (connections are sequential): delays in us."""
+    delays, j = [], 0
+    for t in ins:
+        while j < len(outs) and outs[j] < t:
+            j += 1
+        if j == len(outs):
+            break
+        delays.append((outs[j] - t) * 1e6)
+        j += 1
+    return delays
+
+
+def delays_from(client_side: list[dict], server_side: list[dict]) -> dict[str, list[float]]:
+    syn_in = [p["time"] for p in client_side if p["flags"] == "S"]
+    syn_out = [p["time"] for p in server_side if p["flags"] == "S"]
+    sa_in = [p["time"] for p in server_side if p["flags"] == "SA"]
+    sa_out = [p["time"] for p in client_side if p["flags"] == "SA"]
+    data_in = [p["time"] for p in client_side if p["payload"] == 1300]
+    data_out = [p["time"] for p in server_side if p["payload"] == 1300]
+    res = {"SYN": pair(syn_in, syn_out), "data": pair(data_in, data_out)}
+    # SYN+ACK exists only when the client's SYN+ACK follows the server's
+    res["SYN+ACK"] = pair(sa_in, sa_out) if sa_out and sa_in and sa_out[0] > sa_in[0] else []
+    return res
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    rows = []
+    cases = [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
+             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
+             ("mimbox (MPTCP server)", MiMBox(mode="explicit", port=7010, cpus=CONVERTER_CPUS,
+                                              extra=["--queue-num", "4310"]), True)]
+    with Testbed(PaperTopo()) as tb:
+        tb.client.cmd("ip mptcp endpoint flush")      # one path: every segment crosses both captures
+        d = run_dir("delay")
+        client_py, sink_py = os.path.join(d, "burst_client.py"), os.path.join(d, "sink.py")
+        for path, text in ((client_py, BURST_CLIENT), (sink_py, SINK)):
+            with open(path, "w") as f:
+                f.write(text)
+        for name, system, server_mptcp in cases:
+            sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
+                                    "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
+            sink.stdout.readline()
+            system.start(tb, SERVER_PORT)
+            host, port = system.endpoint(tb, SERVER_PORT)
+            # warm the route and neighbour caches first, as the paper does
+            tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
+            tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
+            pc = os.path.join(d, f"{len(rows)}-client.pcap")
+            ps = os.path.join(d, f"{len(rows)}-server.pcap")
+            caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+            try:
+                argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
+                                               str(params["interval"]), "1"], mptcp=False)
+                out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
+                if "Error" in out:
+                    raise RuntimeError(f"burst client through {name}: {out[-600:]}")
+                time.sleep(0.3)
+            finally:
+                for c in caps:
+                    c.terminate()
+                    c.wait()
+                system.stop()
+                sink.kill()
+                sink.wait()
+            for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
+                rows += [dict(system=name, segment=kind, i=i, delay_us=v) for i, v in enumerate(values)]
+            progress(f"table1 {name}: " + ", ".join(
+                f"{k} {mean_ci(g.delay_us)[0]:.1f} us" for k, g in pd.DataFrame(
+                    [r for r in rows if r["system"] == name]).groupby("segment")))
+    return pd.DataFrame(rows), {}
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: mean +- 95 % CI per system and segment; N/A where the value cannot exist."""
+    out = []
+    for system in df["system"].unique():
+        row = {"system": system}
+        for seg in ("SYN", "SYN+ACK", "data"):
+            v = df[(df.system == system) & (df.segment == seg)].delay_us
+            if len(v):
+                m, ci = mean_ci(v)
+                row[seg] = f"{m:.1f} ± {ci:.1f} µs (n={len(v)})"
+            else:
+                row[seg] = "N/A"
+            p = PAPER.get(system, {}).get(seg, "—") if system in PAPER else "—"
+            row[f"paper {seg}"] = "N/A" if p is None else (f"{p[0]} ± {p[1]} µs" if p != "—" else "—")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def plot(df: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    systems = list(df["system"].unique())
+    segs = ["SYN", "SYN+ACK", "data"]
+    w = 0.8 / len(systems)
+    for k, system in enumerate(systems):
+        means, cis, paper = [], [], []
+        for seg in segs:
+            v = df[(df.system == system) & (df.segment == seg)].delay_us
+            m, ci = mean_ci(v) if len(v) else (0.0, 0.0)
+            means.append(m)
+            cis.append(ci)
+            p = PAPER.get(system, {}).get(seg)
+            paper.append(p[0] if p else float("nan"))
+        xs = [i + k * w for i in range(len(segs))]
+        bars = ax.bar(xs, means, w, yerr=cis, capsize=3, label=system)
+        ax.plot(xs, paper, "*", color=bars.patches[0].get_facecolor(), ms=10, markeredgecolor="k")
+    ax.plot([], [], "*", color="gray", markeredgecolor="k", label="paper (2013 hardware)")
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(segs))], segs)
+    ax.set_ylabel("time inside the converter host [µs]")
+    ax.set_yscale("log")
+    ax.set_title("Table 1: per-segment forwarding delay (mean ± 95 % CI; missing bar = N/A)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=.3, axis="y")
+    return fig
+
+
+def main(quick: bool = True, **overrides) -> pd.DataFrame:
+    params = dict(QUICK if quick else FULL, **overrides)
+    df, extra = run(params)
+    run_ = Run(NAME, params, extra)
+    run_.save(df, plot(df))
+    table = summary(df)
+    table.to_csv(run_.dir / "table.csv", index=False)
+    return df
