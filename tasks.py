@@ -53,3 +53,12 @@ def clean(c):
 def reproduce(c, quick=False):
     """Reproduce every figure of the paper into results/."""
     c.run(f"{PY} -m experiments.reproduce {'--quick' if quick else ''}", pty=False)
+
+
+@task(pre=[build], help={"slow": "the long variants too (full integrity matrix, 10k idle, 100k short)"})
+def reliability(c, slow=False):
+    """Reliability and security suite; writes results/reliability/summary.json for README."""
+    marker = "-m ''" if slow else ""
+    c.run(f"MIMBOX_RELIABILITY_SUMMARY=results/reliability/summary.json {PY} -m pytest {marker} "
+          "tests/test_reliability.py tests/test_dstopt.py", pty=False, warn=True)
+    c.run(f"{PY} -m experiments.report", pty=False)

@@ -7,6 +7,8 @@ download, and the memory it saves per connection.
 """
 from __future__ import annotations
 
+import sys
+
 import matplotlib
 import pandas as pd
 
@@ -14,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
-from experiments.common import Run, fidelity_rows, mean_ci, progress  # noqa: E402
+from experiments.common import fidelity_rows, mean_ci, progress, run_experiment  # noqa: E402
 from experiments.measure.tools import iperf3  # noqa: E402
 from experiments.systems import MiMBox, Router  # noqa: E402
 from topologies.testbed import MobileTopo, Testbed  # noqa: E402
@@ -117,7 +119,5 @@ def plot(df: pd.DataFrame):
 
 
 def main(quick: bool = True, **overrides) -> pd.DataFrame:
-    params = dict(QUICK if quick else FULL, **overrides)
-    df, extra = run(params)
-    Run(NAME, params, extra).save(df, plot(df), findings=findings(df))
-    return df
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

@@ -103,3 +103,18 @@ def fidelity_rows(tb, seconds: float = 1.0) -> list[dict]:
     """The measured link fidelity of the topology used (goes into the manifest)."""
     from topologies.linkcheck import check_testbed
     return [r.row() for r in check_testbed(tb, seconds=seconds)]
+
+
+def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
+    """The same path for every figure: params -> module.run (topology, runs) -> CSV, figure, manifest.
+
+    Optional hooks of the module: `findings(df) -> dict` (into the manifest) and
+    `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv)."""
+    params = dict(module.QUICK if quick else module.FULL, **overrides)
+    df, extra = module.run(params)
+    out = Run(module.NAME, params, extra)
+    findings = module.findings(df) if hasattr(module, "findings") else None
+    out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}))
+    for name, table in (module.tables(df) if hasattr(module, "tables") else {}).items():
+        table.to_csv(out.dir / f"{name}.csv", index=False)
+    return df

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import time
 
 import matplotlib
@@ -22,7 +23,13 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, Run, mean_ci, progress  # noqa: E402
+from experiments.common import (  # noqa: E402
+    CONVERTER_CPUS,
+    END_HOST_CPUS,
+    mean_ci,
+    progress,
+    run_experiment,
+)
 from experiments.systems import PY, MiMBox, Naive, Router, run_dir  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
@@ -157,6 +164,10 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), {}
 
 
+def tables(df: pd.DataFrame) -> dict:
+    return {"table": summary(df)}
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Table 1: mean +- 95 % CI per system and segment; N/A where the value cannot exist."""
     out = []
@@ -203,10 +214,5 @@ def plot(df: pd.DataFrame):
 
 
 def main(quick: bool = True, **overrides) -> pd.DataFrame:
-    params = dict(QUICK if quick else FULL, **overrides)
-    df, extra = run(params)
-    run_ = Run(NAME, params, extra)
-    run_.save(df, plot(df))
-    table = summary(df)
-    table.to_csv(run_.dir / "table.csv", index=False)
-    return df
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

@@ -2,12 +2,14 @@
 
 Topology: the paper's testbed (Fig. 3). The MSS is set by the MTU of every interface (MTU = MSS + 40)
 and checked on the wire (the SYN's MSS option). Segmentation offloads are off so that a segment
-is a packet, as the paper's per-segment argument assumes. End hosts on one core, the converter on
+is a packet, as the paper's per-segment argument assumes; one more point at MSS 1460 with
+TSO/GSO on shows the converters when segments are batched as on real NICs. End hosts on one core, the converter on
 the other; the converter's CPU time per GB is recorded beside each goodput.
 """
 from __future__ import annotations
 
 import re
+import sys
 
 import matplotlib
 import pandas as pd
@@ -16,22 +18,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
-from experiments.common import (CONVERTER_CPUS, END_HOST_CPUS, Run, fidelity_rows, interleave,  # noqa: E402
-                                mean_ci, progress)
+from experiments.common import (  # noqa: E402
+    CONVERTER_CPUS,
+    END_HOST_CPUS,
+    fidelity_rows,
+    interleave,
+    mean_ci,
+    progress,
+    run_experiment,
+)
 from experiments.measure import cpu_seconds  # noqa: E402
 from experiments.measure.tools import iperf3  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "fig4_goodput"
-FULL = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=5, seconds=10)
-QUICK = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=3, seconds=2)
+FULL = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=5, seconds=10, offload_point=True)
+QUICK = dict(mss=[128, 256, 512, 768, 1024, 1460], reps=3, seconds=2, offload_point=True)
 SERVER_PORT = 5201
 
 
 def systems() -> list:
     return [Router(), MiMBox(mode="explicit", cpus=CONVERTER_CPUS), Naive("readwrite", cpus=CONVERTER_CPUS),
             Naive("splice", port=7004, cpus=CONVERTER_CPUS), HAProxy(threads=1, mode="tcp", cpus=CONVERTER_CPUS)]
+
+
+def set_offloads(tb, on: bool) -> None:
+    for host in (tb.client, tb.mbox, tb.server):
+        for intf in host.intfList():
+            if str(intf) != "lo":
+                host.cmd(f"ethtool -K {intf} tso {'on' if on else 'off'} gso {'on' if on else 'off'} gro off")
 
 
 def set_mss(tb, mss: int) -> None:
@@ -63,10 +79,6 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows = []
     with Testbed(PaperTopo()) as tb:
         fidelity = fidelity_rows(tb, seconds=1.0)
-        for host in (tb.client, tb.mbox, tb.server):
-            for intf in host.intfList():
-                if str(intf) != "lo":
-                    host.cmd(f"ethtool -K {intf} tso off gso off gro off")
         syss = systems()
         tcp_server = servers.iperf3(tb, SERVER_PORT, mptcp=False, cpus=END_HOST_CPUS)
         mptcp_server = servers.iperf3(tb, SERVER_PORT + 1, mptcp=True, cpus=END_HOST_CPUS)
@@ -74,11 +86,17 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             for s in syss:
                 s.start(tb, SERVER_PORT)
             wire_mss = {}
+            # the MSS sweep with offloads off (a segment is a packet), then, with offloads on, the
+            # 1460-byte point again: what a converter costs when segments are batched as on real NICs
+            points = [(mss, False) for mss in params["mss"]]
+            if params.get("offload_point"):
+                points.append((1460, True))
             for rep in range(params["reps"]):
-                for mss in params["mss"]:
+                for mss, offload in points:
+                    set_offloads(tb, offload)
                     set_mss(tb, mss)
-                    if rep == 0:
-                        wire_mss[mss] = syn_mss_on_wire(tb, syss[0])
+                    if (mss, offload) not in wire_mss:
+                        wire_mss[(mss, offload)] = syn_mss_on_wire(tb, syss[0])
                     for s in interleave(syss, rep):
                         port = SERVER_PORT + 1 if isinstance(s, Router) else SERVER_PORT
                         pids = s.pids()
@@ -86,11 +104,12 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                         r = iperf3(tb, s, port, params["seconds"], cpus=END_HOST_CPUS)
                         cpu = cpu_seconds(pids) - c0
                         gb = r["bytes"] / 1e9
-                        rows.append(dict(system=s.name, mss=mss, wire_mss=wire_mss[mss], rep=rep,
-                                         goodput_gbps=r["goodput_bps"] / 1e9, bytes=r["bytes"],
+                        rows.append(dict(system=s.name, mss=mss, offload=offload, wire_mss=wire_mss[(mss, offload)],
+                                         rep=rep, goodput_gbps=r["goodput_bps"] / 1e9, bytes=r["bytes"],
                                          converter_cpu_s=cpu if s.converts else float("nan"),
                                          cpu_s_per_gb=cpu / gb if s.converts and gb else float("nan")))
-                        progress(f"fig4 rep {rep} mss {mss} {s.name}: {r['goodput_bps'] / 1e9:.2f} Gbit/s")
+                        progress(f"fig4 rep {rep} mss {mss}{' TSO/GSO' if offload else ''} {s.name}: "
+                                 f"{r['goodput_bps'] / 1e9:.2f} Gbit/s")
         finally:
             for s in syss:
                 s.stop()
@@ -102,12 +121,22 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
 def plot(df: pd.DataFrame):
     """Goodput vs MSS with 95 % CI error bars; converter CPU s/GB below."""
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, gridspec_kw=dict(height_ratios=[2, 1]))
+    if "offload" not in df:
+        df = df.assign(offload=False)
     for name, g in df.groupby("system", sort=False):
-        stats = g.groupby("mss")["goodput_gbps"].apply(lambda v: mean_ci(v)).apply(pd.Series)
-        ax.errorbar(stats.index, stats[0], yerr=stats[1], marker="o", capsize=3, label=name)
-        cpu = g.groupby("mss")["cpu_s_per_gb"].mean()
+        sweep, tso = g[~g.offload], g[g.offload]
+        stats = sweep.groupby("mss")["goodput_gbps"].apply(lambda v: mean_ci(v)).apply(pd.Series)
+        line = ax.errorbar(stats.index, stats[0], yerr=stats[1], marker="o", capsize=3, label=name)
+        color = line[0].get_color()
+        if len(tso):
+            m, ci = mean_ci(tso.goodput_gbps)
+            ax.errorbar([1560], [m], yerr=[ci], marker="s", capsize=3, color=color, ls="none")
+        cpu = sweep.groupby("mss")["cpu_s_per_gb"].mean()
         if cpu.notna().any():
-            ax2.plot(cpu.index, cpu.values, marker="o", label=name)
+            ax2.plot(cpu.index, cpu.values, marker="o", label=name, color=color)
+            if len(tso):
+                ax2.plot([1560], [tso.cpu_s_per_gb.mean()], marker="s", color=color, ls="none")
+    ax.plot([], [], "ks", ls="none", label="MSS 1460, TSO/GSO on (right)")
     ax.set_ylabel("goodput [Gbit/s]")
     ax.set_title("Fig. 4: goodput vs MSS (paper: MiMBox close to the router, above user-space converters)",
                  fontsize=9)
@@ -120,7 +149,5 @@ def plot(df: pd.DataFrame):
 
 
 def main(quick: bool = True, **overrides) -> pd.DataFrame:
-    params = dict(QUICK if quick else FULL, **overrides)
-    df, extra = run(params)
-    Run(NAME, params, extra).save(df, plot(df))
-    return df
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 
 import matplotlib
 import pandas as pd
@@ -15,7 +16,7 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import Run, fidelity_rows, interleave, progress  # noqa: E402
+from experiments.common import fidelity_rows, interleave, progress, run_experiment  # noqa: E402
 from experiments.systems import PY, MiMBox, Router  # noqa: E402
 from topologies.testbed import MobileTopo, Testbed  # noqa: E402
 
@@ -89,7 +90,5 @@ def plot(df: pd.DataFrame):
 
 
 def main(quick: bool = True, **overrides) -> pd.DataFrame:
-    params = dict(QUICK if quick else FULL, **overrides)
-    df, extra = run(params)
-    Run(NAME, params, extra).save(df, plot(df))
-    return df
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

@@ -40,18 +40,21 @@ def fig4() -> str:
     df, man = _load("fig4_goodput")
     if df is None:
         return "_Fig. 4 not run yet._"
-    g = df.groupby(["mss", "system"]).agg(goodput=("goodput_gbps", "mean"), cpu=("cpu_s_per_gb", "mean")).reset_index()
+    if "offload" not in df:
+        df = df.assign(offload=False)
+    g = df.groupby(["offload", "mss", "system"]).agg(goodput=("goodput_gbps", "mean"),
+                                                     cpu=("cpu_s_per_gb", "mean")).reset_index()
     rows = []
-    for mss in sorted(g.mss.unique()):
-        d = g[g.mss == mss].set_index("system")
-        row = {"MSS": mss}
+    for (offload, mss), d in g.groupby(["offload", "mss"]):
+        d = d.set_index("system")
+        row = {"MSS": f"{mss}{' TSO/GSO on' if offload else ''}"}
         for s in d.index:
             row[f"{s} Gbit/s"] = f"{d.goodput[s]:.2f}"
         mb = d.goodput.get("mimbox")
         for peer in ("router", "haproxy-1t", "read/write", "splice"):
             if peer in d.index and mb:
                 row[f"mimbox/{peer}"] = f"{mb / d.goodput[peer]:.2f}"
-        row["CPU s/GB mimbox | haproxy | r/w"] = " | ".join(
+        row["CPU s/GB mimbox / haproxy / r/w"] = " / ".join(
             f"{d.cpu.get(s, float('nan')):.2f}" for s in ("mimbox", "haproxy-1t", "read/write"))
         rows.append(row)
     return ("![Fig. 4](results/fig4_goodput/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n" + _env_line(man))
@@ -81,7 +84,7 @@ def fig5() -> str:
         mb = d.rps.get("mimbox")
         for peer in [p for p in d.index if p != "mimbox"]:
             row[f"mimbox/{peer}"] = f"{mb / d.rps[peer]:.2f}"
-        row["µs CPU/req mimbox | haproxy-1t"] = f"{d.cpu.get('mimbox', float('nan')):.0f} | " \
+        row["µs CPU/req mimbox / haproxy-1t"] = f"{d.cpu.get('mimbox', float('nan')):.0f} / " \
                                                  f"{d.cpu.get('haproxy-1t', float('nan')):.0f}"
         rows.append(row)
     paper = "Paper at 1 KB (8-core testbed): MiMBox 22k, HAProxy 8 threads 18k, 1 thread 9.5k, Squid 2.5k req/s " \
@@ -125,10 +128,23 @@ def interactive() -> str:
             + _env_line(man))
 
 
+def reliability() -> str:
+    path = RESULTS / "reliability" / "summary.json"
+    if not path.exists():
+        return "_Run `./mimbox.sh reliability` to fill this table._"
+    r = json.loads(path.read_text())
+    t = r.get("tests", {})
+    row = {"cases run": r.get("cases", 0), "bytes compared": f"{r.get('bytes_compared', 0):,}",
+           "faults injected": r.get("faults", 0), "inputs fuzzed": f"{r.get('inputs', 0):,}",
+           "tests passed": t.get("passed", 0), "failed": t.get("failed", 0) + t.get("error", 0),
+           "skipped": t.get("skipped", 0), "seed": r.get("seed")}
+    return _md(pd.DataFrame([row]))
+
+
 def section() -> str:
     parts = [("Fig. 4 — goodput vs MSS", fig4()), ("Table 1 — forwarding delay", table1()),
              ("Fig. 5 — requests/s vs file size", fig5()), ("Fig. 6 — goodput vs per-socket memory", fig6()),
-             ("Interactive delay", interactive())]
+             ("Interactive delay", interactive()), ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 
 

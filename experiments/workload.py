@@ -8,6 +8,7 @@ paper's 8 on an 8-core box), Squid. The converter's CPU time per request is reco
 from __future__ import annotations
 
 import os
+import sys
 
 import matplotlib
 import pandas as pd
@@ -16,8 +17,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
-from experiments.common import (CONVERTER_CPUS, END_HOST_CPUS, Run, fidelity_rows, interleave,  # noqa: E402
-                                mean_ci, progress)
+from experiments.common import (  # noqa: E402
+    CONVERTER_CPUS,
+    END_HOST_CPUS,
+    fidelity_rows,
+    interleave,
+    mean_ci,
+    progress,
+    run_experiment,
+)
 from experiments.measure import cpu_seconds  # noqa: E402
 from experiments.measure.tools import wrk  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Router, Squid  # noqa: E402
@@ -26,7 +34,7 @@ from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 NAME = "fig5_workload"
 KB = 1024
 FULL = dict(sizes=[1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB], reps=5, seconds=10, connections=40)
-QUICK = dict(sizes=[1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB], reps=2, seconds=3, connections=40)
+QUICK = dict(sizes=[1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB], reps=3, seconds=3, connections=40)
 # The paper's Fig. 5 at 1 KB (requests/s, §4.3 text)
 PAPER_1KB = {"mimbox": 22_000, "haproxy-8t": 18_000, "haproxy-1t": 9_500, "squid": 2_500}
 HTTP_PORT = 80
@@ -94,7 +102,5 @@ def plot(df: pd.DataFrame):
 
 
 def main(quick: bool = True, **overrides) -> pd.DataFrame:
-    params = dict(QUICK if quick else FULL, **overrides)
-    df, extra = run(params)
-    Run(NAME, params, extra).save(df, plot(df))
-    return df
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

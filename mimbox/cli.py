@@ -6,8 +6,14 @@ import json
 import logging
 import sys
 
-from mimbox.config import (BufferConfig, Config, ListenerConfig, SafetyConfig, parse_hostport,
-                           parse_size)
+from mimbox.config import (
+    BufferConfig,
+    Config,
+    ListenerConfig,
+    SafetyConfig,
+    parse_hostport,
+    parse_size,
+)
 
 
 def _ports(text: str) -> tuple[int, ...]:

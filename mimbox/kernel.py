@@ -42,12 +42,14 @@ def run(cmd: list[str], netns: str | None = None, check: bool = False, timeout: 
 
 @contextlib.contextmanager
 def throwaway_netns(prefix: str = "mimbox-probe"):
-    """A named network namespace with a dummy interface `d0`, deleted on exit whatever happens."""
+    """A named network namespace with an interface `d0` (one end of a veth pair: the dummy driver
+    may be a module this kernel cannot load), deleted on exit whatever happens."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     run(["ip", "netns", "add", name], check=True)
     try:
-        run(["ip", "link", "add", "d0", "type", "dummy"], netns=name)
+        run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"], netns=name, check=True)
         run(["ip", "link", "set", "d0", "up"], netns=name)
+        run(["ip", "link", "set", "d1", "up"], netns=name)
         run(["ip", "link", "set", "lo", "up"], netns=name)
         yield name
     finally:
@@ -165,6 +167,11 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
     except Exception as e:  # noqa: BLE001 - any failure here is the answer
         add(Capability("nfqueue.bind", False, repr(e), "pip install netfilterqueue; libnetfilter-queue1"))
 
+    by = {c.name: c.ok for c in caps}
+    emu_ok = by["qdisc.netem"] or (by["qdisc.htb"] and by["netfilter.nfqueue"] and by["nfqueue.bind"])
+    add(Capability("link-emulation", emu_ok,
+                   "netem" if by["qdisc.netem"] else "fallback: HTB rate + NFQUEUE delay line (topologies.links)",
+                   "needs sch_netem, or sch_htb with NFQUEUE"))
     root = cgroup2_root()
     add(Capability("cgroup2", root is not None, f"writable cgroup2 at {root}",
                    "mount -t cgroup2 none /sys/fs/cgroup/unified"))

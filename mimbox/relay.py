@@ -47,7 +47,25 @@ IP_TRANSPARENT = 19
 EPOLLET = select.EPOLLET
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
-RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+PIPE_POOL = 1024
+
+
+def raise_fd_limit(connections: int) -> int:
+    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + 2 * PIPE_POOL + 256
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except OSError:
+        ceiling = hard
+    target = min(max(want, soft), ceiling)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+    except (ValueError, OSError):
+        target = soft
+    return max(1, (target - 2 * PIPE_POOL - 256) // 2)
 
 
 class Direction:
@@ -106,7 +124,7 @@ class Relay:
         lc, bc = cfg.listener, cfg.buffers
         self.redirect = for_listener(lc)
         self.policy = Policy.from_config(cfg.safety)
-        self.limit = cfg.connection_limit()
+        self.limit = min(cfg.connection_limit(), raise_fd_limit(cfg.connection_limit()))
         self.stats = Stats()
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
@@ -371,17 +389,28 @@ class Relay:
                 self.pump(conn, conn.up)
 
     def _attach(self, d: Direction) -> None:
-        if self.pump == self._pump_splice:
-            if self.pipes:
-                d.pipe_r, d.pipe_w = self.pipes.pop()
-            else:
-                d.pipe_r, d.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                try:
-                    fcntl.fcntl(d.pipe_w, F_SETPIPE_SZ, self.cfg.buffers.pipe_size)
-                except OSError:
-                    pass          # above /proc/sys/fs/pipe-max-size: keep the default
-        else:
+        if self.pump == self._pump_copy:
             d.buf = memoryview(bytearray(self.cfg.buffers.pipe_size))
+        # splice: a pipe is taken from the pool only while bytes are in flight (_take_pipe)
+
+    def _take_pipe(self, d: Direction) -> None:
+        if self.pipes:
+            d.pipe_r, d.pipe_w = self.pipes.pop()
+            return
+        d.pipe_r, d.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(d.pipe_w, F_SETPIPE_SZ, self.cfg.buffers.pipe_size)
+        except OSError:
+            pass          # above /proc/sys/fs/pipe-max-size: keep the default
+
+    def _give_pipe(self, d: Direction) -> None:
+        """An empty pipe goes back to the pool (idle connections hold none)."""
+        if len(self.pipes) < PIPE_POOL:
+            self.pipes.append((d.pipe_r, d.pipe_w))
+        else:
+            os.close(d.pipe_r)
+            os.close(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
 
     # -- data path -------------------------------------------------------------------------------------
     def _pump_splice(self, conn: Connection, d: Direction) -> None:
@@ -400,9 +429,12 @@ class Relay:
                     continue
                 if d.eof:
                     return self._finish(conn, d)
+                if d.pipe_r < 0:
+                    self._take_pipe(d)
                 try:
                     n = splice(d.src, d.pipe_w, size, flags=flags)
                 except BlockingIOError:
+                    self._give_pipe(d)
                     return        # src empty: EPOLLIN on src resumes us
                 if n == 0:
                     d.eof = True
@@ -467,12 +499,12 @@ class Relay:
                 s.close()
         for d in (conn.up, conn.down):
             if d.pipe_r >= 0:
-                if d.buffered == 0 and len(self.pipes) < 1024:
-                    self.pipes.append((d.pipe_r, d.pipe_w))
-                else:
+                if d.buffered:      # bytes still in it (reset): the pipe is not reusable
                     os.close(d.pipe_r)
                     os.close(d.pipe_w)
-                d.pipe_r = d.pipe_w = -1
+                    d.pipe_r = d.pipe_w = -1
+                else:
+                    self._give_pipe(d)
         if self.debug:
             log.debug("closed %s:%d -> %s:%d up=%d down=%d", *conn.client_addr, *conn.dst,
                       conn.up.bytes, conn.down.bytes)

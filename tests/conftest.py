@@ -22,6 +22,19 @@ def pytest_configure(config):
         pytest.exit("the tests build network namespaces: run them as root", returncode=2)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """`invoke reliability` asks for a summary file: counts from the ledger plus pytest's outcome."""
+    path = os.environ.get("MIMBOX_RELIABILITY_SUMMARY")
+    if not path:
+        return
+    import ledger
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = {k: len(v) for k, v in (tr.stats.items() if tr else []) if k in ("passed", "failed", "skipped", "error")}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**ledger.totals, "tests": stats, "seed": os.environ.get("MIMBOX_SEED", "20131209")}, f, indent=2)
+
+
 def require(ok: bool, reason: str):
     if not ok:
         pytest.skip(reason)

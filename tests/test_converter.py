@@ -1,14 +1,11 @@
 """The converter, for real: each redirection mode, each direction, byte-exact, in the Fig. 3 testbed."""
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-import time
 
 import pytest
-
 from conftest import PY, Server, run_client, transfer
+
 from experiments.systems import MiMBox
 
 SIZES = [1, 64 << 10, 8 << 20 | 12345]   # 1 byte, 64 KiB, > 8 MB (odd size)

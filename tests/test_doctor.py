@@ -12,10 +12,16 @@ def doctor() -> dict:
 
 
 def independent_qdisc_try(kind: str) -> bool:
-    with kernel.throwaway_netns("mimbox-test") as ns:
+    """Not through mimbox.kernel: a namespace and veth pair of the test's own."""
+    ns = f"mimbox-test-{kind}"
+    sh = lambda *a: subprocess.run(["ip", "netns", "exec", ns, *a], capture_output=True)  # noqa: E731
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        assert sh("ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1").returncode == 0
         args = kernel.QDISC_PROBE_ARGS[kind]
-        return subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "d0", "root", kind, *args],
-                              capture_output=True).returncode == 0
+        return sh("tc", "qdisc", "add", "dev", "t0", "root", kind, *args).returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
 
 
 def test_doctor_matches_reality():
@@ -23,6 +29,8 @@ def test_doctor_matches_reality():
     for kind in ("netem", "htb", "tbf"):
         assert caps[f"qdisc.{kind}"]["ok"] == independent_qdisc_try(kind), kind
     assert caps["mptcp.socket"]["ok"] == kernel.mptcp_socket_works()
+    assert caps["qdisc.htb"]["ok"], "HTB is what the link emulation stands on"
+    assert caps["tool.ethtool"]["ok"] and caps["mptcp.endpoint"]["ok"], caps
     with open("/proc/sys/net/mptcp/enabled") as f:
         assert caps["mptcp.enabled"]["ok"] == (f.read().strip() == "1")
     # exit status: non-zero exactly when a required capability is missing

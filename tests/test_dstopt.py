@@ -2,6 +2,7 @@
 import random
 import struct
 
+import ledger
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -75,6 +76,7 @@ def test_parse_syn_agrees_with_scapy():
 @settings(max_examples=3000, deadline=None)
 @given(st.binary(max_size=40))
 def test_parser_never_raises_on_any_option_bytes(raw):
+    ledger.add(inputs=1)
     r = parse_options(raw)
     assert r.dst is None or isinstance(r.dst, DstOpt)
 
@@ -82,6 +84,7 @@ def test_parser_never_raises_on_any_option_bytes(raw):
 @settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=80))
 def test_parse_syn_raises_only_option_error(raw):
+    ledger.add(inputs=1)
     try:
         parse_syn(raw)
     except OptionError:
@@ -109,3 +112,4 @@ def test_fuzz_100k_mutations_of_valid_syn_options():
         r = parse_options(bytes(b[:40]))
         found += r.dst is not None
     assert 0 < found < 100_000   # mutations both keep and break the option: the fuzz explores both
+    ledger.add(cases=1, inputs=100_000)

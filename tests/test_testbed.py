@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import Server, run_client
+
 from experiments.systems import Router
 from topologies.linkcheck import check_testbed, format_table, measure_loss
 from topologies.testbed import MobileTopo, PaperTopo, Testbed
@@ -71,7 +71,7 @@ def test_mptcp_uses_both_client_paths(mptcp_ok, topo):
 
 def test_nothing_left_after_stop_even_on_error(mptcp_ok):
     with pytest.raises(RuntimeError):
-        with Testbed(MobileTopo()) as tb:
+        with Testbed(MobileTopo()):
             assert delay_lines(), "the fallback should run delay lines"
             raise RuntimeError("boom")
     assert delay_lines() == []

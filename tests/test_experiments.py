@@ -1,0 +1,73 @@
+"""The experiment harness, on tiny configurations (one point, seconds long): each produces tidy rows
+with the expected columns and physically sane values, every peer present. No performance thresholds:
+performance is what the figures report. Output goes to a temporary results/ directory."""
+import os
+
+import pytest
+
+from experiments import buffers, common, delay, goodput, interactive, report, workload
+
+
+@pytest.fixture(autouse=True)
+def tmp_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_fig4_goodput_tiny(mptcp_ok, tmp_results):
+    df = goodput.main(quick=True, mss=[1000], reps=1, seconds=1)
+    assert set(df.system) == {"router", "mimbox", "read/write", "splice", "haproxy-1t"}
+    assert (df.wire_mss == 1000).all()
+    assert ((df.goodput_gbps > 0) & (df.goodput_gbps < 100)).all()
+    assert df[df.system != "router"].cpu_s_per_gb.gt(0).all()
+    assert (tmp_results / goodput.NAME / "figure.png").exists()
+
+
+def test_table1_delay_tiny(mptcp_ok, tmp_results):
+    df = delay.main(quick=True, measures=4, interval=0.02)
+    assert (df.delay_us > 0).all()
+    for system in ("router", "read/write", "mimbox (TCP server)", "mimbox (MPTCP server)"):
+        segs = set(df[df.system == system].segment)
+        assert {"SYN", "data"} <= segs, (system, segs)
+    assert "SYN+ACK" not in set(df[df.system == "read/write"].segment)   # N/A, as in the paper
+    assert "SYN+ACK" in set(df[df.system == "mimbox (TCP server)"].segment)
+
+
+def test_fig5_workload_tiny(mptcp_ok, tmp_results):
+    df = workload.main(quick=True, sizes=[1024], reps=1, seconds=1, connections=10)
+    assert set(df.system) == {"router", "mimbox", "haproxy-1t", f"haproxy-{os.cpu_count()}t", "squid"}
+    assert (df.req_per_s > 0).all() and (df.non_2xx == 0).all()
+
+
+def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
+    df = buffers.main(quick=True, sizes=[200 * 1024], reps=1, seconds=2)
+    down = df[df.direction == "download"].goodput_mbps
+    up = df[df.direction == "upload"].goodput_mbps
+    assert (down > 0).all() and (down < 10.5).all()      # WiFi 8 + 3G 2 Mbit/s
+    assert (up > 0).all() and (up < 0.8).all()           # 512 + 256 kbit/s
+    assert "findings" in (tmp_results / buffers.NAME / "manifest.json").read_text()
+
+
+def test_interactive_tiny(mptcp_ok, tmp_results):
+    df = interactive.main(quick=True, seconds=3, reps=1)
+    assert set(df.system) == {"mimbox", "direct (no converter)"}
+    assert (df.messages > 250).all()                      # 3 s of a message every 10 ms
+    assert ((df.mean_ms > 5) & (df.max_ms >= df.mean_ms)).all()   # at least the one-way delay
+
+
+def test_report_renders_from_results(tmp_results):
+    text = report.section()
+    assert "Fig. 4" in text and "Interactive" in text
+
+
+def test_notebook_executes():
+    """The notebook loads the committed results/ and redraws every figure."""
+    import nbformat
+    from nbclient import NotebookClient
+    path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "results.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors

@@ -1,0 +1,417 @@
+"""Reliability and security through the converter: integrity under loss and offload changes,
+aggregation, handover, faults, bad input, no open relay, bounded resources.
+
+Randomised conditions are seeded (MIMBOX_SEED, default 20131209) and logged so a failure replays.
+The long variants are marked slow; every kind of case runs at least once by default.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+
+import ledger
+import pytest
+from conftest import PY, Server, run_client, transfer
+
+from experiments.systems import MiMBox
+from mimbox.dstopt import DstOpt
+from topologies.testbed import ConverterTopo, PathSpec, Testbed
+
+SEED = int(os.environ.get("MIMBOX_SEED", "20131209"))
+TOOLS = os.path.join(os.path.dirname(__file__), "tools")
+
+
+class LossyTopo(ConverterTopo):
+    """Two fast client paths with WiFi/3G-like delay asymmetry and 1 % loss both ways."""
+
+    def build(self, loss: float = 1.0, seed: int = SEED):
+        def d(bw, delay, k):
+            return dict(bw=bw, delay=delay, loss=loss, seed=seed + k, max_queue_size=200)
+        super().build([PathSpec("wifi", d(50, "5ms", 1), d(50, "5ms", 2)),
+                       PathSpec("cell", d(20, "20ms", 3), d(20, "20ms", 4))],
+                      [PathSpec("server", dict(bw=100, delay="2ms"), dict(bw=100, delay="2ms"))])
+
+
+class AggregationTopo(ConverterTopo):
+    """Two 20 Mbit/s client paths: only both together carry 40 Mbit/s."""
+
+    def build(self):
+        p = dict(bw=20, delay="2ms", max_queue_size=100)
+        super().build([PathSpec("a", p, p), PathSpec("b", p, p)], [PathSpec("server")])
+
+
+@pytest.fixture(scope="module")
+def lossy_tb(mptcp_ok):
+    print(f"LossyTopo seed {SEED}")
+    with Testbed(LossyTopo()) as tb:
+        yield tb
+
+
+@pytest.fixture(scope="module")
+def lossy_converter(lossy_tb):
+    m = MiMBox(mode="explicit", port=7500, extra=["--queue-num", "4500"])
+    m.start(lossy_tb, 9000)
+    yield m
+    m.stop()
+
+
+def _matrix(slow: bool):
+    sizes = [0, 1, 64 << 10, 1 << 20, 8 << 20]
+    orders = ["both", "client-first", "server-first"]
+    cases = [(s, o, m) for s in sizes for o in orders for m in (True, False)]
+    if slow:
+        return cases
+    rng = random.Random(SEED)
+    return sorted(rng.sample([c for c in cases if c[0] < 8 << 20], 5)) + [(8 << 20, "both", True)]
+
+
+@pytest.mark.parametrize("size,order,client_mptcp", _matrix(slow=False))
+def test_integrity_under_loss(lossy_tb, lossy_converter, size, order, client_mptcp):
+    """1 % loss both ways on both paths, asymmetric delays: every byte arrives, both directions."""
+    up = size if order != "server-first" else size // 3
+    transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
+    ledger.add(cases=1, bytes_compared=up + size, faults=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,order,client_mptcp", _matrix(slow=True))
+def test_integrity_matrix_full(lossy_tb, lossy_converter, size, order, client_mptcp):
+    up = size if order != "server-first" else size // 3
+    transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
+    ledger.add(cases=1, bytes_compared=up + size, faults=1)
+
+
+def test_integrity_with_offloads_off(paper_tb):
+    """GSO/GRO/TSO and checksum offloads off on every interface: still byte-exact."""
+    for host in (paper_tb.client, paper_tb.mbox, paper_tb.server):
+        for intf in host.intfList():
+            if str(intf) != "lo":
+                host.cmd(f"ethtool -K {intf} tso off gso off gro off tx off rx off")
+    m = MiMBox(mode="static", port=7501, extra=["--queue-num", "4501"])
+    m.start(paper_tb, 9000)
+    try:
+        transfer(paper_tb, m, up=8 << 20, down=8 << 20, order="both")
+        ledger.add(cases=1, bytes_compared=16 << 20, faults=1)
+    finally:
+        m.stop()
+        for host in (paper_tb.client, paper_tb.mbox, paper_tb.server):
+            for intf in host.intfList():
+                if str(intf) != "lo":
+                    host.cmd(f"ethtool -K {intf} tso on gso on tx on rx on")
+
+
+def rx_bytes(tb, intf: str) -> int:
+    return int(tb.client.cmd(f"cat /sys/class/net/{intf}/statistics/rx_bytes"))
+
+
+def test_aggregation_is_real(mptcp_ok):
+    """Two 20 Mbit/s paths: a 20 MB download through the converter takes less time than one path
+    alone allows (8 s), and both subflows carried data (like simult_flows.sh)."""
+    with Testbed(AggregationTopo()) as tb:
+        m = MiMBox(mode="explicit", port=7502, extra=["--queue-num", "4502"])
+        m.start(tb, 9000)
+        try:
+            size = 20_000_000
+            before = {i: rx_bytes(tb, i) for i in ("client-eth0", "client-eth1")}
+            c, s = transfer(tb, m, up=1, down=size, order="server-first", wait_subflows=2)
+            got = {i: rx_bytes(tb, i) - before[i] for i in before}
+        finally:
+            m.stop()
+    one_path_s = size * 8 / 20e6 / (1448 / 1514)
+    print(f"elapsed {c['elapsed']:.2f} s, one path alone needs {one_path_s:.2f} s; bytes per path {got}")
+    assert c["subflows"] == 2
+    assert c["elapsed"] < 0.8 * one_path_s, c["elapsed"]
+    assert min(got.values()) > 0.2 * size, got
+    ledger.add(cases=1, bytes_compared=size + 1)
+
+
+def test_handover_wifi_down_mid_transfer(mptcp_ok):
+    """The WiFi link dies mid-download: the transfer completes over the other path, every byte."""
+    with Testbed(AggregationTopo()) as tb:
+        m = MiMBox(mode="explicit", port=7503, extra=["--queue-num", "4503"])
+        m.start(tb, 9000)
+        srv = Server(tb, 9000, mptcp=False)
+        try:
+            size = 15_000_000
+            argv = m.client_argv(tb, [PY, "-m", "experiments.measure.xfer", "client", tb.server_ip, "9000",
+                                      "--up", "1", "--down", str(size), "--order", "server-first", "--mptcp",
+                                      "--wait-subflows", "2"])
+            proc = tb.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(1.5)
+            tb.client.cmd("ip link set client-eth0 down")    # WiFi gone
+            out, err = proc.communicate(timeout=60)
+            import json
+            c = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
+            (s,) = srv.reports()
+            tb.client.cmd("ip link set client-eth0 up")
+        finally:
+            srv.kill()
+            m.stop()
+    assert c["received"] == size and c["sha_received"] == s["sha_sent"], (c, s)
+    ledger.add(cases=1, bytes_compared=size, faults=1)
+
+
+def test_server_reset_mid_transfer_resets_client(paper_tb):
+    """The server resets mid-transfer: the client sees a reset promptly, not a hang or a clean EOF."""
+    m = MiMBox(mode="static", port=7504, extra=["--queue-num", "4504"])
+    m.start(paper_tb, 9100)
+    rst_server = ("import socket,struct,time;ls=socket.socket();ls.setsockopt(1,2,1);ls.bind(('0.0.0.0',9100));"
+                  "ls.listen();c,_=ls.accept();c.sendall(b'x'*100000);time.sleep(0.3);"
+                  "c.setsockopt(1,13,struct.pack('ii',1,0));c.close()")
+    srv = paper_tb.server.popen([PY, "-c", rst_server])
+    try:
+        from experiments.systems import wait_port
+        wait_port(paper_tb.server, 9100)
+        client = ("import socket,time;s=socket.socket(2,1,262);s.connect(('%s',7504));t=time.time();n=0\n"
+                  "try:\n  while True:\n    b=s.recv(65536)\n    if not b: print('EOF',n); break\n    n+=len(b)\n"
+                  "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % paper_tb.mbox_client_ip)
+        out = paper_tb.client.cmd(f"{PY} -c \"{client}\"")
+    finally:
+        srv.kill()
+        srv.wait()
+        m.stop()
+    assert out.strip().startswith("RESET"), out
+    assert float(out.split()[-1]) < 2.0, out
+    ledger.add(cases=1, faults=1)
+
+
+def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
+    """A client that disappears without FIN: both sides are freed after the idle timeout."""
+    m = MiMBox(mode="static", port=7505, extra=["--queue-num", "4505", "--idle-timeout", "2"])
+    m.start(paper_tb, 9200)
+    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9200", "1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv.stdout.readline()
+    cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7505", "1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert cl.stdout.readline().startswith("held 1")
+        assert m.stats()["active"] == 1
+        # the client vanishes: its packets stop (no FIN, no RST)
+        paper_tb.client.cmd("iptables -A OUTPUT -p tcp --dport 7505 -j DROP")
+        cl.kill()
+        deadline = time.time() + 6
+        while time.time() < deadline and m.stats()["active"]:
+            time.sleep(0.2)
+        st = m.stats()
+    finally:
+        paper_tb.client.cmd("iptables -D OUTPUT -p tcp --dport 7505 -j DROP")
+        srv.kill()
+        m.stop()
+    assert st["active"] == 0 and st["errors"].get("idle timeout") == 1, st
+    ledger.add(cases=1, faults=1)
+
+
+def test_unreachable_server_gives_rst(paper_tb):
+    """A destination that never answers: after --connect-timeout the client gets a RST."""
+    m = MiMBox(mode="explicit", port=7506, extra=["--queue-num", "4506", "--connect-timeout", "1"])
+    m.start(paper_tb, 9000)
+    paper_tb.server.cmd("iptables -A INPUT -p tcp --dport 9300 -j DROP")   # a black hole
+    try:
+        t = time.time()
+        r = run_client(paper_tb, m, 9300, 1, 1, mptcp=True)
+        took = time.time() - t
+    finally:
+        paper_tb.server.cmd("iptables -D INPUT -p tcp --dport 9300 -j DROP")
+        m.stop()
+    assert r.get("errno") == 111 and took < 5, (r, took)
+    ledger.add(cases=1, faults=1)
+
+
+def test_converter_restart_serves_at_once(paper_tb):
+    """Killed (SIGKILL, rules left behind) and restarted: new connections work at once."""
+    m = MiMBox(mode="explicit", port=7507, extra=["--queue-num", "4507"])
+    m.start(paper_tb, 9000)
+    for p in m.procs:
+        p.kill()
+        p.wait()
+    m.procs.clear()
+    m.start(paper_tb, 9000)        # finds and replaces the stale rules of port 7507
+    try:
+        transfer(paper_tb, m, up=1000, down=1000)
+    finally:
+        m.stop()
+    for table in ("raw", "filter"):
+        assert "MIMBOX-7507" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+    ledger.add(cases=1, faults=1, bytes_compared=2000)
+
+
+def _syn_with(tb, opt_bytes: bytes, dport: int, sport: int) -> str:
+    """Send one crafted SYN from the client with scapy; return the flags of the answer (or 'none')."""
+    script = ("from scapy.all import IP,TCP,sr1,conf;conf.verb=0\n"
+              f"opts=[('MSS',1460)] + ([({opt_bytes[0]}, {opt_bytes[2:]!r})] if {len(opt_bytes)} else [])\n"
+              f"a=sr1(IP(src='{tb.client_ips[0]}',dst='{tb.mbox_client_ip}')/TCP(sport={sport},dport={dport},"
+              "flags='S',seq=1000,options=opts),timeout=2)\n"
+              "print('ANSWER', a[TCP].flags if a is not None else 'none')")
+    path = f"/tmp/mimbox-syn-{os.getpid()}.py"
+    with open(path, "w") as f:
+        f.write(script)
+    # the kernel must not answer the crafted handshake itself with a RST of its own
+    out = tb.client.cmd(f"iptables -A OUTPUT -p tcp --tcp-flags RST RST --sport {sport} -j DROP; {PY} {path}; "
+                        f"iptables -D OUTPUT -p tcp --tcp-flags RST RST --sport {sport} -j DROP")
+    return out.split("ANSWER", 1)[1].strip() if "ANSWER" in out else out
+
+
+BAD_OPTIONS = [
+    ("no option", b""),
+    ("length 9", bytes([253, 9]) + b"\x4d\x42" + bytes([10, 0, 101, 1, 35])),
+    ("length 12", bytes([253, 12]) + b"\x4d\x42" + bytes([10, 0, 101, 1, 35, 40, 0, 0])),
+    ("unknown ExID", bytes([253, 10]) + b"\x12\x34" + bytes([10, 0, 101, 1, 35, 40])),
+    ("0.0.0.0", DstOpt("10.0.101.1", 80).encode()[:4] + bytes([0, 0, 0, 0, 35, 40])),
+    ("port 0", DstOpt("10.0.101.1", 80).encode()[:8] + bytes([0, 0])),
+    ("the converter itself", DstOpt("10.0.1.2", 7508).encode()),
+    ("loopback", DstOpt("127.0.0.1", 22).encode()),
+    ("multicast", DstOpt("224.0.0.1", 80).encode()),
+    ("link-local", DstOpt("169.254.1.1", 80).encode()),
+]
+
+
+def test_bad_dstopt_gets_rst_and_log_and_service_continues(paper_tb):
+    """Every malformed or forbidden DST_OPT: RST, a log line naming the reason; others still served."""
+    m = MiMBox(mode="explicit", port=7508, extra=["--queue-num", "4508"])
+    m.start(paper_tb, 9000)
+    try:
+        answers = {name: _syn_with(paper_tb, opt, 7508, 40000 + i) for i, (name, opt) in enumerate(BAD_OPTIONS)}
+        transfer(paper_tb, m, up=10_000, down=10_000)      # a good client is still served
+        st = m.stats()
+    finally:
+        m.stop()
+    bad = {k: v for k, v in answers.items() if "R" not in v}
+    assert not bad, f"answered without RST: {bad}"
+    assert sum(st["refused"].values()) == len(BAD_OPTIONS), st["refused"]
+    log = m.log.decode()
+    for needle in ("no DST_OPT", "length 9", "length 12", "unknown ExID", "0.0.0.0", "port 0", "converter itself",
+                   "127.0.0.0/8", "224.0.0.0/4", "169.254.0.0/16"):
+        assert needle in log, needle
+    ledger.add(cases=len(BAD_OPTIONS) + 1, inputs=len(BAD_OPTIONS), bytes_compared=20_000)
+
+
+def test_slow_trickle_does_not_block_others(paper_tb):
+    """A slowloris-style client trickling a byte at a time: the converter keeps serving others."""
+    m = MiMBox(mode="explicit", port=7509, extra=["--queue-num", "4509"])
+    m.start(paper_tb, 9000)
+    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9400", "1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv.stdout.readline()
+    trickle = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
+        "import socket,time;s=socket.create_connection(('%s',9400));"
+        "[(s.send(b'x'), time.sleep(0.2)) for _ in range(25)]" % paper_tb.server_ip)], mptcp=False))
+    try:
+        time.sleep(0.5)
+        t = time.time()
+        transfer(paper_tb, m, up=1 << 20, down=1 << 20)
+        took = time.time() - t
+        active = m.stats()["active"]
+    finally:
+        trickle.kill()
+        srv.kill()
+        m.stop()
+    assert took < 5 and active >= 1, (took, active)
+    ledger.add(cases=1, bytes_compared=2 << 20, faults=1)
+
+
+def test_client_outside_allowed_prefixes_refused(paper_tb):
+    """No open relay: a client outside --allow-client gets RST; one inside is served."""
+    m = MiMBox(mode="explicit", port=7511, extra=["--queue-num", "4511", "--allow-client", "10.0.2.0/24"])
+    m.start(paper_tb, 9000)
+    try:
+        r = run_client(paper_tb, m, 9000, 1, 1)   # from 10.0.1.1: outside
+        st = m.stats()
+    finally:
+        m.stop()
+    assert r.get("errno") == 111, r
+    assert any("not in allowed" in k for k in st["refused"]), st
+    ledger.add(cases=1, inputs=1)
+
+
+def test_connection_limit_refuses_cleanly(paper_tb):
+    """--max-connections 5: five idle connections are held, the rest get RST (no random failure)."""
+    m = MiMBox(mode="static", port=7512, extra=["--queue-num", "4512", "--max-connections", "5"])
+    m.start(paper_tb, 9500)
+    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9500", "5"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv.stdout.readline()
+    cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7512", "8"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = cl.stdout.readline()
+        st = m.stats()
+    finally:
+        cl.kill()
+        srv.kill()
+        m.stop()
+    assert line.strip() == "held 5 refused 3", line
+    assert st["refused"].get("connection limit 5 reached") == 3, st
+    ledger.add(cases=1, faults=3)
+
+
+def converter_fds(m) -> int:
+    return len(os.listdir(f"/proc/{m.pids()[0]}/fd"))
+
+
+@pytest.mark.parametrize("n", [pytest.param(2000, id="2k"), pytest.param(10_000, id="10k", marks=pytest.mark.slow)])
+def test_many_idle_connections_then_no_leak(paper_tb, n):
+    """n idle connections held under a memory budget, then closed: fds and pipes back to start."""
+    m = MiMBox(mode="static", port=7513, extra=["--queue-num", "4513", "--max-connections", str(n + 10),
+                                                "--idle-timeout", "0"])
+    m.start(paper_tb, 9600)
+    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9600", str(n)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv.stdout.readline()
+    try:
+        fds0 = converter_fds(m)
+        cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7513",
+                                    str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = cl.stdout.readline()
+        held = m.stats()
+        fds_held = converter_fds(m)
+        rss_kb = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+        cl.stdin.close()
+        cl.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and m.stats()["active"]:
+            time.sleep(0.5)
+        after = m.stats()
+        fds1 = converter_fds(m)
+    finally:
+        srv.kill()
+        m.stop()
+    print(f"{n} held: {fds_held} fds, RSS {rss_kb} KB ({rss_kb * 1024 / n:.0f} B/connection)")
+    assert line.startswith(f"held {n} refused 0"), line
+    assert held["active"] == n
+    assert fds_held <= fds0 + 2 * n + 8          # two sockets per connection, no pipes while idle
+    assert after["active"] == 0 and after["pending"] == 0
+    assert fds1 <= fds0 + 2 * after["pipes_pooled"]  # only pooled pipes remain
+    ledger.add(cases=1)
+
+
+@pytest.mark.parametrize("n", [pytest.param(5000, id="5k"), pytest.param(100_000, id="100k",
+                                                                          marks=pytest.mark.slow)])
+def test_many_short_connections_no_growth(paper_tb, n):
+    """n short connections in a row (wrk-like churn): no growth in fds or memory."""
+    from experiments import servers
+    from experiments.measure.tools import wrk
+    m = MiMBox(mode="static", port=7514, extra=["--queue-num", "4514"])
+    web = servers.nginx(paper_tb, [1024], 9700)
+    m.start(paper_tb, 9700)
+    try:
+        wrk(paper_tb, m, 9700, "/1024.bin", 1, 20)        # warm-up: pools fill
+        fds0 = converter_fds(m)
+        rss0 = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+        done = 0
+        while done < n:
+            r = wrk(paper_tb, m, 9700, "/1024.bin", 2, 20)
+            assert r["socket_errors"] == 0 and r["non_2xx"] == 0, r
+            done += r["requests"]
+        time.sleep(0.5)
+        fds1 = converter_fds(m)
+        rss1 = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+    finally:
+        m.stop()
+        web.stop()
+    print(f"{done} connections: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KB")
+    assert fds1 <= fds0 + 8
+    assert rss1 - rss0 < 8 * 1024, (rss0, rss1)
+    ledger.add(cases=1)
