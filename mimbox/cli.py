@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("data path and memory")
     g.add_argument("--engine", choices=("splice", "copy"), default="splice",
                    help="splice: zero-copy socket->pipe->socket; copy: read()/write() baseline")
-    g.add_argument("--pipe-size", default="256K", help="pipe (or copy buffer) per direction (default 256K)")
+    g.add_argument("--pipe-size", default="64K", help="pipe (or copy buffer) per direction (default 64K)")
     for side in ("client", "server"):
         for buf in ("rcvbuf", "sndbuf"):
             g.add_argument(f"--{side}-{buf}", metavar="BYTES",

@@ -54,7 +54,7 @@ class BufferConfig:
     client_sndbuf: int | None = None
     server_rcvbuf: int | None = None
     server_sndbuf: int | None = None
-    pipe_size: int = 256 << 10
+    pipe_size: int = 64 << 10
     engine: str = "splice"
 
 

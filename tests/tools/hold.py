@@ -9,7 +9,11 @@ import sys
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (200_000, 200_000))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 200_000), max(hard, 200_000)))
+    except (ValueError, OSError):   # no CAP_SYS_RESOURCE: up to the hard limit only
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     role = sys.argv[1]
     socks = []
     if role == "server":
