@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static")
 ENGINES = ("splice", "copy")
@@ -77,9 +77,6 @@ class Config:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     stats_path: str | None = None         # unix socket for `mimbox stats`
     log_level: str = "info"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
     def validate(self) -> "Config":
         """Raise ValueError with a clear message for an inconsistent configuration."""

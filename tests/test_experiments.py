@@ -71,3 +71,34 @@ def test_notebook_executes():
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("proxy", ["haproxy", "squid"])
+def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
+    """HAProxy and Squid have no MPTCP of their own: through the shim, the client's connection to
+    them is MPTCP with 2 subflows (seen in the converter host's socket table during a download)."""
+    from experiments import servers
+    from experiments.systems import HAProxy, Squid, wait_port
+    from mimbox.paths import MPTCPIZE
+    system = HAProxy(threads=1, port=7600) if proxy == "haproxy" else Squid(port=7601)
+    web = servers.nginx(paper_tb, [32 << 20], 9800)
+    system.start(paper_tb, 9800)
+    try:
+        wait_port(paper_tb.mbox, system.port)
+        curl = paper_tb.client.popen(["env", f"LD_PRELOAD={MPTCPIZE}", "curl", "-s", "-o", "/dev/null",
+                                      "--limit-rate", "2M", f"http://{paper_tb.mbox_client_ip}:{system.port}/"
+                                      f"{32 << 20}.bin"])
+        import time
+        deadline = time.time() + 8          # the download lasts ~16 s at 2 MB/s
+        while time.time() < deadline:
+            table = paper_tb.mbox.cmd(f"ss -Htni -M state established '( sport = :{system.port} )'")
+            if "subflows:1" in table:
+                break
+            time.sleep(0.3)
+        curl.kill()
+        curl.wait()
+    finally:
+        system.stop()
+        web.stop()
+    assert "tcp-ulp-mptcp" in table, table          # its subflows are MPTCP subflows
+    assert "subflows:1" in table, table             # one additional subflow: two in all

@@ -175,7 +175,3 @@ class EmuLink(Link):
             if isinstance(intf, EmuIntf):
                 intf.stop_delay_line()
         super().stop()
-
-    def shapes(self) -> dict[str, LinkShape]:
-        """'<sender intf>' -> the shape of what it sends."""
-        return {str(self.intf1): self.intf1.shape, str(self.intf2): self.intf2.shape}

@@ -23,9 +23,15 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-# `mn --custom` execs this file directly: make the project importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# `mn --custom` execs this file (without __file__): make the project importable either way.
+try:
+    _HERE = os.path.abspath(__file__)
+except NameError:
+    _args = " ".join(sys.argv).replace("--custom=", "--custom ").split()
+    _HERE = os.path.abspath(next(p for p in _args[_args.index("--custom") + 1].split(",") if "testbed" in p))
+sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
+from mininet.link import Link  # noqa: E402
 from mininet.net import Mininet  # noqa: E402
 from mininet.topo import Topo  # noqa: E402
 
@@ -166,9 +172,6 @@ class Testbed:
     def client_ips(self) -> list[str]:
         return [a.outer_ip for a in self.topo.client_addrs]
 
-    def links(self):
-        return self.net.links
-
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> "Testbed":
         """Build and start the network, then configure routing and MPTCP."""
@@ -259,6 +262,9 @@ def kill_namespace_processes(host) -> None:
             pass
 
 
-# For `mn --custom topologies/testbed.py --topo ...`
+# For `mn --custom topologies/testbed.py --topo mimbox-paper --controller none --link emu`.
 topos = {"mimbox-paper": PaperTopo, "mimbox-mobile": MobileTopo}
-links = {"emu": EmuLink}
+# Mininet 2.3.0's mn ignores a custom `links` dict (a missing comma in setCustom), but replaces its
+# LINKS table with one of this name: keep Mininet's own entries and add ours.
+from mininet.link import OVSLink, TCLink, TCULink  # noqa: E402
+LINKS = {"default": Link, "tc": TCLink, "tcu": TCULink, "ovs": OVSLink, "emu": EmuLink}
