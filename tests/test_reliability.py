@@ -146,10 +146,16 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
             c = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
             (s,) = srv.reports()
             tb.client.cmd("ip link set client-eth0 up")
+            tb.client.cmd("ip route replace default via 10.0.1.2 dev client-eth0")
+            # and back: a new connection gets both paths again at once (the routes the link took
+            # with it are restored first; whether the kernel re-creates the lost subflow of a
+            # connection still running is not asserted here)
+            c2, _ = transfer(tb, m, up=1, down=1_000_000, order="server-first", wait_subflows=2)
         finally:
             srv.kill()
             m.stop()
     assert c["received"] == size and c["sha_received"] == s["sha_sent"], (c, s)
+    assert c2["subflows"] == 2, c2
     ledger.add(cases=1, bytes_compared=size, faults=1)
 
 
@@ -221,18 +227,32 @@ def test_unreachable_server_gives_rst(paper_tb):
 
 
 def test_converter_restart_serves_at_once(paper_tb):
-    """Killed (SIGKILL, rules left behind) and restarted: new connections work at once."""
+    """Killed (SIGKILL, rules left behind) and restarted: the old connection ends at once (nothing
+    hangs), and new connections work at once."""
     m = MiMBox(mode="explicit", port=7507, extra=["--queue-num", "4507"])
     m.start(paper_tb, 9000)
+    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9000", "1"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv.stdout.readline()
+    old = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
+        "import socket,time;s=socket.create_connection(('%s',9000));print('up',flush=True);t=time.time()\n"
+        "try:\n  b=s.recv(1)\n  print('EOF' if not b else 'DATA', round(time.time()-t,2))\n"
+        "except OSError as e: print('RESET', round(time.time()-t,2))" % paper_tb.server_ip)], mptcp=False),
+        stdout=subprocess.PIPE, text=True)
+    assert old.stdout.readline().strip() == "up"
+    time.sleep(0.3)
     for p in m.procs:
         p.kill()
         p.wait()
     m.procs.clear()
+    ended = old.stdout.readline().split()
+    srv.kill()
     m.start(paper_tb, 9000)        # finds and replaces the stale rules of port 7507
     try:
         transfer(paper_tb, m, up=1000, down=1000)
     finally:
         m.stop()
+    assert ended and ended[0] in ("EOF", "RESET") and float(ended[1]) < 2.0, ended
     for table in ("raw", "filter"):
         assert "MIMBOX-7507" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
     ledger.add(cases=1, faults=1, bytes_compared=2000)
