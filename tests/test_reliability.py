@@ -23,6 +23,20 @@ SEED = int(os.environ.get("MIMBOX_SEED", "20131209"))
 TOOLS = os.path.join(os.path.dirname(__file__), "tools")
 
 
+def hold_server(tb, port: int, n: int) -> subprocess.Popen:
+    """tests/tools/hold.py on the server: accepts n connections and keeps them until its stdin closes."""
+    p = tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", str(port), str(n)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def hold_clients(tb, port: int, n: int) -> subprocess.Popen:
+    """n idle connections from the client to the converter's `port`; prints 'held K refused R'."""
+    return tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", tb.mbox_client_ip, str(port), str(n)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 class LossyTopo(ConverterTopo):
     """Two fast client paths with WiFi/3G-like delay asymmetry and 1 % loss both ways."""
 
@@ -187,11 +201,8 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
     """A client that disappears without FIN: both sides are freed after the idle timeout."""
     m = MiMBox(mode="static", port=7505, extra=["--queue-num", "4505", "--idle-timeout", "2"])
     m.start(paper_tb, 9200)
-    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9200", "1"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    srv.stdout.readline()
-    cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7505", "1"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv = hold_server(paper_tb, 9200, 1)
+    cl = hold_clients(paper_tb, 7505, 1)
     try:
         assert cl.stdout.readline().startswith("held 1")
         assert m.stats()["active"] == 1
@@ -231,9 +242,7 @@ def test_converter_restart_serves_at_once(paper_tb):
     hangs), and new connections work at once."""
     m = MiMBox(mode="explicit", port=7507, extra=["--queue-num", "4507"])
     m.start(paper_tb, 9000)
-    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9000", "1"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    srv.stdout.readline()
+    srv = hold_server(paper_tb, 9000, 1)
     old = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
         "import socket,time;s=socket.create_connection(('%s',9000));print('up',flush=True);t=time.time()\n"
         "try:\n  b=s.recv(1)\n  print('EOF' if not b else 'DATA', round(time.time()-t,2))\n"
@@ -313,9 +322,7 @@ def test_slow_trickle_does_not_block_others(paper_tb):
     """A slowloris-style client trickling a byte at a time: the converter keeps serving others."""
     m = MiMBox(mode="explicit", port=7509, extra=["--queue-num", "4509"])
     m.start(paper_tb, 9000)
-    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9400", "1"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    srv.stdout.readline()
+    srv = hold_server(paper_tb, 9400, 1)
     trickle = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
         "import socket,time;s=socket.create_connection(('%s',9400));"
         "[(s.send(b'x'), time.sleep(0.2)) for _ in range(25)]" % paper_tb.server_ip)], mptcp=False))
@@ -351,11 +358,8 @@ def test_connection_limit_refuses_cleanly(paper_tb):
     """--max-connections 5: five idle connections are held, the rest get RST (no random failure)."""
     m = MiMBox(mode="static", port=7512, extra=["--queue-num", "4512", "--max-connections", "5"])
     m.start(paper_tb, 9500)
-    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9500", "5"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    srv.stdout.readline()
-    cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7512", "8"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    srv = hold_server(paper_tb, 9500, 5)
+    cl = hold_clients(paper_tb, 7512, 8)
     try:
         line = cl.stdout.readline()
         st = m.stats()
@@ -387,13 +391,10 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     m = MiMBox(mode="static", port=7513, extra=["--queue-num", "4513", "--max-connections", str(n + 10),
                                                 "--idle-timeout", "0"])
     m.start(paper_tb, 9600)
-    srv = paper_tb.server.popen([PY, os.path.join(TOOLS, "hold.py"), "server", "9600", str(n)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    srv.stdout.readline()
+    srv = hold_server(paper_tb, 9600, n)
     try:
         fds0 = converter_fds(m)
-        cl = paper_tb.client.popen([PY, os.path.join(TOOLS, "hold.py"), "client", paper_tb.mbox_client_ip, "7513",
-                                    str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cl = hold_clients(paper_tb, 7513, n)
         line = cl.stdout.readline()
         held = m.stats()
         fds_held = converter_fds(m)
