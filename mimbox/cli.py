@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "client a RST; bytes are moved with splice(). Run as root on the converter host."))
     g = r.add_argument_group("listener and redirection")
     g.add_argument("--listen", default="0.0.0.0:7000", metavar="ADDR:PORT",
-                   help="where clients connect (explicit/static) or where TPROXY delivers (transparent)")
+                   help="where clients connect (explicit/static); in transparent mode its port only names the "
+                        "rules and stats socket: one listener per --intercept port takes the connections")
     g.add_argument("--mode", choices=("explicit", "transparent", "static"), default="explicit",
                    help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
                         "path, intercept with TPROXY; static: one fixed --upstream")
@@ -145,7 +146,13 @@ def cmd_doctor(a) -> int:
 
 def cmd_stats(a) -> int:
     from mimbox.stats import default_stats_path, query
-    snap = query(a.path or default_stats_path(a.port))
+    path = a.path or default_stats_path(a.port)
+    try:
+        snap = query(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"mimbox stats: no converter answers at {path} (is `mimbox run` running on port {a.port}?)",
+              file=sys.stderr)
+        return 2
     if not a.connections:
         snap.pop("connections", None)
     print(json.dumps(snap, indent=2))
