@@ -41,6 +41,8 @@ def clean() -> None:
         name = ns.split(" ")[0]
         if name.startswith(("mimbox-", "nfttest")):
             subprocess.run(["ip", "netns", "del", name])
+    for d in glob.glob("/tmp/mimbox-run-*"):
+        shutil.rmtree(d, ignore_errors=True)
     for d in glob.glob("/sys/fs/bpf/mimbox-*"):
         shutil.rmtree(d, ignore_errors=True)
     for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):

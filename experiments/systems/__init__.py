@@ -164,9 +164,14 @@ class Naive(System):
 
 
 def run_dir(tag: str) -> str:
-    """A private directory for a peer's config and logs (`invoke clean` knows the prefix)."""
+    """A private directory for a peer's config, logs and captures; removed when this process exits
+    (`invoke clean` removes what a killed run left)."""
+    import atexit
+    import shutil
     import tempfile
-    return tempfile.mkdtemp(prefix=f"mimbox-run-{tag}-")
+    d = tempfile.mkdtemp(prefix=f"mimbox-run-{tag}-")
+    atexit.register(shutil.rmtree, d, True)
+    return d
 
 
 class HAProxy(System):
