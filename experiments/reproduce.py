@@ -26,9 +26,9 @@ def main(argv=None) -> int:
         progress(f"== {name} ({'quick' if a.quick else 'full'})")
         try:
             module.main(quick=a.quick)
-        except KeyboardInterrupt:
-            progress("interrupted: testbed torn down")
-            return 130
+        except (KeyboardInterrupt, SystemExit) as e:
+            progress("interrupted: testbed torn down, results/ of this figure left as they were")
+            return 130 if isinstance(e, KeyboardInterrupt) else (e.code or 143)
         except Exception:  # noqa: BLE001 - one figure failing must not hide the others
             traceback.print_exc()
             failed.append(name)

@@ -197,6 +197,7 @@ class Testbed:
             try:
                 for host in net.hosts:
                     kill_namespace_processes(host)
+                    _release_shell(host)
                 net.stop()
             finally:
                 signal.signal(signal.SIGINT, old)
@@ -243,6 +244,16 @@ class Testbed:
 
 def _raise_system_exit(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def _release_shell(host, timeout_s: float = 5.0) -> None:
+    """After an interrupted host.cmd() (Ctrl-C, SIGTERM), let the host's shell finish the killed
+    command so that teardown can use it again."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while host.waiting and time.monotonic() < deadline:
+        host.monitor(timeoutms=200)
+    host.waiting = False
 
 
 def kill_namespace_processes(host) -> None:
