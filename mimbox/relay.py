@@ -42,7 +42,7 @@ from mimbox.stats import Stats, open_endpoint
 log = logging.getLogger("mimbox")
 
 F_SETPIPE_SZ = 1031
-SPLICE_F_MOVE, SPLICE_F_NONBLOCK, SPLICE_F_MORE = 1, 2, 4
+SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 IP_TRANSPARENT = 19
 EPOLLET = select.EPOLLET
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
