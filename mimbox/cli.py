@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transparent mode: intercept only these client prefixes (repeatable)")
     g.add_argument("--no-client-mptcp", action="store_true", help="listen with plain TCP")
     g.add_argument("--no-server-mptcp", action="store_true", help="connect to servers with plain TCP")
-    g.add_argument("--queue-num", type=int, default=4200, help="NFQUEUE number for held SYNs (default 4200)")
+    g.add_argument("--queue-num", type=int, default=4200,
+                   help="NFQUEUE number for held SYNs (default 4200; N workers use QUEUE_NUM..QUEUE_NUM+N-1)")
     g = r.add_argument_group("data path and memory")
     g.add_argument("--engine", choices=("splice", "copy"), default="splice",
                    help="splice: zero-copy socket->pipe->socket; copy: read()/write() baseline")
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idle-timeout", type=float, default=300.0, help="reset connections idle this long (0: never)")
     g = r.add_argument_group("operation")
     g.add_argument("--stats", metavar="PATH", help="unix socket for `mimbox stats` (default /run/mimbox/PORT.sock)")
+    g.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="event loops (processes), each on the shared port with SO_REUSEPORT; default 0: one per "
+                        "core this process may use (taskset/cpuset respected)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let connections finish")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -113,10 +117,20 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 def cmd_run(a) -> int:
     from mimbox.relay import Relay
+    from mimbox.workers import Supervisor, default_workers
     cfg = config_from_args(a)
+    workers = a.workers or default_workers()
+    if not 1 <= workers <= 256:
+        raise ValueError(f"--workers must be between 1 and 256, not {workers}")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s mimbox %(levelname)s %(message)s")
+
+    def ready():
+        print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port} ({workers} worker{'s' * (workers > 1)})",
+              flush=True)
+    if workers > 1:
+        return Supervisor(cfg, workers, drain_timeout=a.drain_timeout).run(on_ready=ready)
     with Relay(cfg) as relay:
-        print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port}", flush=True)
+        ready()
         relay.serve(drain_timeout=a.drain_timeout)
     return 0
 

@@ -94,10 +94,13 @@ class Config:
         return self
 
     def per_connection_memory(self) -> int:
-        """Bytes one converted connection may pin: both sockets' buffers and both pipes."""
+        """Bytes one converted connection may pin: both sockets' buffers and both pipes.
+
+        A capped buffer counts twice its value: the kernel doubles SO_RCVBUF/SO_SNDBUF to leave room
+        for its own overhead (socket(7)); tcp_rmem[1]/tcp_wmem[1] are already the doubled sizes."""
         rmem, wmem = kernel_buffer_defaults()
         b = self.buffers
-        sides = sum(x if x is not None else d for x, d in (
+        sides = sum(2 * x if x is not None else d for x, d in (
             (b.client_rcvbuf, rmem), (b.client_sndbuf, wmem), (b.server_rcvbuf, rmem), (b.server_sndbuf, wmem)))
         pipes = 2 * b.pipe_size  # two pipes (splice) or two user-space buffers (copy)
         return sides + pipes

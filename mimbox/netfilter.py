@@ -25,6 +25,23 @@ TPROXY_TABLE = 4242
 NOT_MP_JOIN = ["-m", "u32", "!", "--u32", "0>>22&0x3C@40>>8&0xFFFFF0=0x1E0C10"]
 
 
+def worker_of_port(sport: int, workers: int) -> int:
+    """Which worker holds the SYN of a client using source port `sport` (low byte, split evenly).
+
+    The queue rules (below) and the relay's accept path both use this one function: a worker that
+    accept()s a connection whose SYN another worker held hands the socket to that worker."""
+    return ((sport & 0xFF) * workers) >> 8
+
+
+def worker_port_ranges(workers: int) -> list[tuple[int, int]]:
+    """For each worker, the (lowest, highest) source-port low byte it owns (contiguous, by construction)."""
+    ranges: list[list[int]] = [[256, -1] for _ in range(workers)]
+    for b in range(256):
+        r = ranges[worker_of_port(b, workers)]
+        r[0], r[1] = min(r[0], b), max(r[1], b)
+    return [(lo, hi) for lo, hi in ranges]
+
+
 def ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
     if check and p.returncode != 0:
@@ -47,6 +64,7 @@ class ListenerRules:
     listen_addr: str = "0.0.0.0"
     transparent_ports: tuple[int, ...] = ()
     transparent_from: tuple[str, ...] = ()
+    workers: int = 1              # SYNs split by source port over queues queue_num .. queue_num+workers-1
 
     @property
     def chain(self) -> str:
@@ -67,6 +85,13 @@ class ListenerRules:
         sources = [["-s", s] for s in self.transparent_from] or [[]]
         return [[*syn, *src, *ports] for src in sources]
 
+    def _queues(self) -> list[tuple[int, list[str]]]:
+        """(queue number, extra match) per worker: the TCP source port's low byte picks the worker."""
+        if self.workers <= 1:
+            return [(self.queue_num, [])]
+        return [(self.queue_num + w, ["-m", "u32", "--u32", f"0>>22&0x3C@0>>16&0xFF={lo}:{hi}"])
+                for w, (lo, hi) in enumerate(worker_port_ranges(self.workers))]
+
     def install(self) -> "ListenerRules":
         """Remove leftovers of an earlier run on this port, then install this listener's rules."""
         self.remove()
@@ -74,7 +99,8 @@ class ListenerRules:
             for table, hook in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("filter", "INPUT")):
                 ipt("-t", table, "-N", self.chain)
             for m in self._syn_matches():
-                ipt("-t", "raw", "-A", self.chain, *m, "-j", "NFQUEUE", "--queue-num", str(self.queue_num))
+                for queue, split in self._queues():
+                    ipt("-t", "raw", "-A", self.chain, *m, *split, "-j", "NFQUEUE", "--queue-num", str(queue))
             ipt("-t", "filter", "-A", self.chain, "-p", "tcp", "-m", "mark", "--mark",
                 f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}", "-j", "REJECT", "--reject-with", "tcp-reset")
             if self.transparent_ports:

@@ -34,7 +34,7 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 from mimbox import mptcp
 from mimbox.config import Config
 from mimbox.dstopt import OptionError, parse_syn
-from mimbox.netfilter import REFUSE_MARK, ListenerRules
+from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
 from mimbox.stats import Stats, open_endpoint
@@ -48,6 +48,14 @@ EPOLLET = select.EPOLLET
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
 PIPE_POOL = 1024
+
+
+def listener_rules(cfg: Config, workers: int = 1) -> ListenerRules:
+    """The netfilter rules a listener of `cfg` needs (installed by the relay, or by the supervisor)."""
+    lc = cfg.listener
+    return ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
+                         transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
+                         transparent_from=lc.intercept_from, workers=workers)
 
 
 def raise_fd_limit(connections: int) -> int:
@@ -66,6 +74,42 @@ def raise_fd_limit(connections: int) -> int:
     except (ValueError, OSError):
         target = soft
     return max(1, (target - 2 * PIPE_POOL - 256) // 2)
+
+
+class Admission:
+    """The connection limit. Workers share one counter (shared memory, under a lock), so the limit
+    holds for the converter as a whole whichever worker a client's source port picks."""
+
+    def __init__(self, limit: int, shared: bool = False):
+        import multiprocessing
+        self.limit = limit
+        self.shared = multiprocessing.Value("q", 0) if shared else None
+        self.count = 0
+
+    def take(self) -> bool:
+        """Admit one more connection, or say False at the limit."""
+        if self.shared is None:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+        with self.shared.get_lock():
+            if self.shared.value >= self.limit:
+                return False
+            self.shared.value += 1
+            return True
+
+    def give(self) -> None:
+        """A connection admitted by take() has ended."""
+        if self.shared is None:
+            self.count -= 1
+            return
+        with self.shared.get_lock():
+            self.shared.value -= 1
+
+    @property
+    def used(self) -> int:
+        return self.count if self.shared is None else self.shared.value
 
 
 class Direction:
@@ -117,14 +161,25 @@ class Pending:
 
 
 class Relay:
-    """One listener and its event loop. `serve()` runs until SIGTERM/SIGINT, then drains."""
+    """One listener and its event loop. `serve()` runs until SIGTERM/SIGINT, then drains.
 
-    def __init__(self, cfg: Config):
+    Alone (workers=1) it owns its netfilter rules. As one of several workers (mimbox.workers) it
+    holds the SYNs of its share of source ports (queue_num + worker), listens with SO_REUSEPORT, and
+    passes a connection the kernel gave it but whose SYN another worker held to that worker over
+    `links` (SCM_RIGHTS); the supervisor owns the rules.
+    """
+
+    def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
+                 links: dict[int, socket.socket] | None = None, admission: Admission | None = None):
         self.cfg = cfg.validate()
         lc, bc = cfg.listener, cfg.buffers
+        self.worker, self.workers = worker, workers
+        self.links = links or {}          # other worker -> a unix datagram socket connected to it
         self.redirect = for_listener(lc)
         self.policy = Policy.from_config(cfg.safety)
-        self.limit = min(cfg.connection_limit(), raise_fd_limit(cfg.connection_limit()))
+        self.admission = admission or Admission(cfg.connection_limit())
+        # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
+        self.fd_capacity = raise_fd_limit(self.admission.limit)
         self.stats = Stats()
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
@@ -132,9 +187,7 @@ class Relay:
         self.pipes: list[tuple[int, int]] = []
         self.stopping = False
         self.epoll = select.epoll()
-        self.rules = ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
-                                   transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
-                                   transparent_from=lc.intercept_from)
+        self.rules = None if workers > 1 else listener_rules(cfg)
         self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
@@ -151,6 +204,8 @@ class Relay:
                 ls = mptcp.stream_socket(lc.client_mptcp)
                 self.listeners.append(ls)
                 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.workers > 1:
+                    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # one listener per worker
                 if lc.mode == "transparent":
                     ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 for opt, val in ((socket.SO_RCVBUF, bc.client_rcvbuf), (socket.SO_SNDBUF, bc.client_sndbuf)):
@@ -160,24 +215,29 @@ class Relay:
                 ls.listen(lc.backlog)
                 self.epoll.register(ls.fileno(), select.EPOLLIN)
             self.nfq = NetfilterQueue()
-            self.nfq.bind(lc.queue_num, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
+            self.nfq.bind(lc.queue_num + self.worker, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
             self.epoll.register(self.nfq.get_fd(), select.EPOLLIN)
+            for link in self.links.values():
+                link.setblocking(False)
+                self.epoll.register(link.fileno(), select.EPOLLIN)
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
                 self.epoll.register(self.stats_sock.fileno(), select.EPOLLIN)
-            self.rules.install()
+            if self.rules is not None:
+                self.rules.install()
         except BaseException:
             self.close()
             raise
         log.info("listening on %s:%d, mode %s, engine %s, %s -> %s, limit %d connections",
                  lc.addr, lc.port, lc.mode, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
-                 "MPTCP" if lc.server_mptcp else "TCP", self.limit)
+                 "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         return self
 
     def close(self) -> None:
         """Remove the rules, reset what is still open, release every fd (idempotent)."""
-        self.rules.remove()
+        if self.rules is not None:
+            self.rules.remove()
         for key, p in list(self.pending.items()):
             self._refuse_pending(key, p, "converter shutting down")
         for conn, _ in list(self.conns.values()):
@@ -185,7 +245,7 @@ class Relay:
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
-        for s in (*self.listeners, self.stats_sock):
+        for s in (*self.listeners, self.stats_sock, *self.links.values()):
             if s is not None:
                 s.close()
         if self.stats_sock is not None and self.cfg.stats_path:
@@ -194,6 +254,7 @@ class Relay:
             except OSError:
                 pass
         self.listeners = []
+        self.links = {}
         self.stats_sock = None
         for r, w in self.pipes:
             os.close(r)
@@ -216,7 +277,8 @@ class Relay:
         try:
             self._loop(lambda: self.stopping)
             log.info("stopping: no new connections, draining %d", len(self.conns) // 2)
-            self.rules.remove()          # new SYNs now meet a closed port (RST)
+            if self.rules is not None:
+                self.rules.remove()      # new SYNs now meet a closed port (RST)
             for ls in self.listeners:
                 self.epoll.unregister(ls.fileno())
                 ls.close()
@@ -233,6 +295,7 @@ class Relay:
         lfds = {ls.fileno(): ls for ls in self.listeners}
         qfd = self.nfq.get_fd()
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
+        link_fds = {s.fileno() for s in self.links.values()}
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
@@ -259,6 +322,8 @@ class Relay:
                     self._accept(lfds[fd])
                 elif fd in self.pending_fds:
                     self._server_connected(fd)
+                elif fd in link_fds:
+                    self._receive_handed(fd)
                 elif fd == sfd:
                     self._serve_stats()
             now = time.monotonic()
@@ -289,8 +354,11 @@ class Relay:
         except OptionError as e:
             return self._refuse(pkt, key, None, str(e))
         reason = self.policy.refusal(syn.src, dst[0], dst[1])
-        if reason is None and len(self.conns) // 2 + len(self.pending) >= self.limit:
-            reason = f"connection limit {self.limit} reached"
+        if reason is None:
+            if len(self.conns) // 2 + len(self.pending) >= self.fd_capacity:
+                reason = f"file descriptor limit reached ({self.fd_capacity} connections per worker)"
+            elif not self.admission.take():
+                reason = f"connection limit {self.admission.limit} reached"
         if reason is not None:
             return self._refuse(pkt, key, dst, reason)
         bc = self.cfg.buffers
@@ -306,6 +374,7 @@ class Relay:
             err = e.errno
         if err not in (0, errno.EINPROGRESS):
             s.close()
+            self.admission.give()
             return self._refuse(pkt, key, dst, f"server {dst[0]}:{dst[1]}: {os.strerror(err)}")
         p = Pending(pkt, s, dst, now)
         self.pending[key] = p
@@ -333,7 +402,8 @@ class Relay:
         pkt.accept()              # filter/INPUT answers a marked SYN with a TCP RST
 
     def _refuse_pending(self, key, p: Pending, reason: str) -> None:
-        self.pending.pop(key, None)
+        if self.pending.pop(key, None) is not None:
+            self.admission.give()
         self.pending_fds.pop(p.server.fileno(), None)
         try:
             self.epoll.unregister(p.server.fileno())
@@ -354,39 +424,77 @@ class Relay:
             except OSError as e:
                 self.stats.errors["accept " + errno.errorcode.get(e.errno, str(e.errno))] += 1
                 return
+            if self.workers > 1:
+                owner = worker_of_port(addr[1], self.workers)
+                if owner != self.worker:
+                    self._hand_over(cs, owner)
+                    continue
             cs.setblocking(False)
-            p = self.pending.pop(addr, None)
-            if p is None or p.pkt is not None:
-                # No held SYN for it (e.g. it arrived while the rules were being installed): reset.
-                self.stats.errors["accept without SYN"] += 1
-                self._reset(cs)
-                continue
-            sfd = p.server.fileno()
-            del self.pending_fds[sfd]
-            self.stats.accepted += 1
-            conn = Connection(cs, p.server, addr, p.dst, p.t_syn)
-            cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.client_mptcp = mptcp.is_mptcp(cs)
-            conn.server_mptcp = mptcp.is_mptcp(p.server)
-            st = self.stats
-            if conn.client_mptcp:
-                st.client_mptcp += 1
-            else:
-                st.client_tcp += 1
-            if conn.server_mptcp:
-                st.server_mptcp += 1
-            else:
-                st.server_tcp += 1
-            self._attach(conn.up)
-            self._attach(conn.down)
-            cfd = cs.fileno()
-            self.conns[cfd] = (conn, True)
-            self.conns[sfd] = (conn, False)
-            self.epoll.register(cfd, WATCH)
-            # the server socket is registered since connect(); ET: pump once for data already there
-            self.pump(conn, conn.down)
-            if not conn.closed:
-                self.pump(conn, conn.up)
+            self._pair(cs, addr)
+
+    def _hand_over(self, cs: socket.socket, owner: int) -> None:
+        """Another worker held this connection's SYN and has its server socket: pass the client socket."""
+        try:
+            socket.send_fds(self.links[owner], [b"c"], [cs.fileno()])
+            self.stats.handed_over += 1
+        except OSError as e:
+            self.stats.errors["hand-over " + errno.errorcode.get(e.errno, str(e.errno))] += 1
+            self._reset(cs)
+            return
+        cs.close()                # the owner has its own reference now
+
+    def _receive_handed(self, fd: int) -> None:
+        link = next(s for s in self.links.values() if s.fileno() == fd)
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(link, 16, 64)
+            except BlockingIOError:
+                return
+            for cfd in fds:
+                cs = socket.socket(fileno=cfd)
+                cs.setblocking(False)
+                try:
+                    addr = cs.getpeername()
+                except OSError:
+                    self._reset(cs)   # the client went away on the way here
+                    continue
+                self._pair(cs, addr)
+
+    def _pair(self, cs: socket.socket, addr) -> None:
+        """Pair an accepted client socket with the server socket started at its SYN; start relaying."""
+        p = self.pending.get(addr)
+        if p is None or p.pkt is not None:
+            # No held SYN for it (e.g. it arrived while the rules were being installed): reset.
+            self.stats.errors["accept without SYN"] += 1
+            self._reset(cs)
+            return
+        del self.pending[addr]
+        sfd = p.server.fileno()
+        del self.pending_fds[sfd]
+        self.stats.accepted += 1
+        conn = Connection(cs, p.server, addr, p.dst, p.t_syn)
+        cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.client_mptcp = mptcp.is_mptcp(cs)
+        conn.server_mptcp = mptcp.is_mptcp(p.server)
+        st = self.stats
+        if conn.client_mptcp:
+            st.client_mptcp += 1
+        else:
+            st.client_tcp += 1
+        if conn.server_mptcp:
+            st.server_mptcp += 1
+        else:
+            st.server_tcp += 1
+        self._attach(conn.up)
+        self._attach(conn.down)
+        cfd = cs.fileno()
+        self.conns[cfd] = (conn, True)
+        self.conns[sfd] = (conn, False)
+        self.epoll.register(cfd, WATCH)
+        # the server socket is registered since connect(); ET: pump once for data already there
+        self.pump(conn, conn.down)
+        if not conn.closed:
+            self.pump(conn, conn.up)
 
     def _attach(self, d: Direction) -> None:
         if self.pump == self._pump_copy:
@@ -487,6 +595,7 @@ class Relay:
         if conn.closed:
             return
         conn.closed = True
+        self.admission.give()
         st = self.stats
         st.closed += 1
         st.bytes_up += conn.up.bytes
@@ -542,9 +651,10 @@ class Relay:
 
     def snapshot(self, connections: bool = True) -> dict:
         conns = {id(c): c for c, _ in self.conns.values()}.values()
-        extra = {"active": len(conns), "pending": len(self.pending), "limit": self.limit,
+        extra = {"active": len(conns), "pending": len(self.pending), "limit": self.admission.limit,
+                 "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": len(self.pipes)}
+                 "pipes_pooled": len(self.pipes), "workers": self.workers}
         if connections:
             extra["connections"] = [c.info() for c in conns]
         return self.stats.snapshot(**extra)

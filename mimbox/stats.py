@@ -25,6 +25,7 @@ class Stats:
     server_connect_us_sum: float = 0.0   # SYN seen -> server connection established
     server_connect_us_max: float = 0.0
     server_connects: int = 0
+    handed_over: int = 0       # accepted here, relayed by the worker that held the SYN
 
     def server_connected(self, seconds: float) -> None:
         us = seconds * 1e6
@@ -39,6 +40,38 @@ class Stats:
         d["server_connect_us_mean"] = self.server_connect_us_sum / self.server_connects if self.server_connects else 0
         d.update(extra)
         return d
+
+
+SUMMED = ("active", "pending", "pipes_pooled", "fd_capacity")
+
+
+def merge(snapshots: list[dict], **extra) -> dict:
+    """One snapshot for a converter run by several workers: counters added, maxima kept, lists joined."""
+    out: dict = {}
+    for snap in snapshots:
+        for k, v in snap.items():
+            if k == "server_connect_us_max":
+                out[k] = max(out.get(k, 0), v)
+            elif k in ("refused", "errors"):
+                c = out.setdefault(k, Counter())
+                c.update(v)
+            elif k == "connections":
+                out.setdefault(k, []).extend(v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k in SUMMED or k in Stats.__annotations__):
+                out[k] = out.get(k, 0) + v
+            else:
+                out.setdefault(k, v)
+    for k in ("refused", "errors"):
+        out[k] = dict(out.get(k, {}))
+    n = out.get("server_connects", 0)
+    out["server_connect_us_mean"] = out.get("server_connect_us_sum", 0) / n if n else 0
+    out.update(extra)
+    return out
+
+
+def worker_stats_path(path: str, worker: int) -> str:
+    """Where worker `worker` of a multi-worker converter serves its own counters."""
+    return f"{path}.w{worker}"
 
 
 def default_stats_path(port: int) -> str:

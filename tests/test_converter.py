@@ -11,9 +11,11 @@ from experiments.systems import MiMBox
 SIZES = [1, 64 << 10, 8 << 20 | 12345]   # 1 byte, 64 KiB, > 8 MB (odd size)
 
 
-@pytest.fixture(scope="module", params=["explicit", "transparent", "static"])
+@pytest.fixture(scope="module", params=[(mode, workers) for mode in ("explicit", "transparent", "static")
+                                        for workers in (1, 2)], ids=lambda p: f"{p[0]}-{p[1]}w")
 def converter(request, paper_tb):
-    m = MiMBox(mode=request.param)
+    mode, workers = request.param
+    m = MiMBox(mode=mode, extra=["--workers", str(workers)])
     m.start(paper_tb, 9000)
     yield m
     m.stop()
@@ -111,3 +113,43 @@ def test_rules_removed_after_stop(paper_tb):
     m.stop()
     for table in ("raw", "mangle", "filter"):
         assert "MIMBOX-7400" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+
+
+def test_workers_share_the_port_and_hand_over(paper_tb):
+    """Two event loops: SYNs split by source port, accepted sockets handed to the SYN's worker; every
+    connection byte-exact, counters summed over both workers, and a dead worker stops the converter
+    with its rules removed (a service manager then restarts it)."""
+    import os
+    import signal
+    import time
+
+    from mimbox.stats import query, worker_stats_path
+    m = MiMBox(mode="static", port=7500, extra=["--workers", "2", "--queue-num", "4310"])
+    m.start(paper_tb, 9000)
+    try:
+        srv = Server(paper_tb, 9000, mptcp=False, count=24)
+        try:
+            for i in range(24):
+                c = run_client(paper_tb, m, 9000, 1000 + i, 70_000 + i)
+                assert c["received"] == 70_000 + i and c["sha_received"] == c["expected_server_sha"], c
+            reports = srv.reports()
+        finally:
+            srv.kill()
+        assert [r["received"] for r in reports] == [1000 + i for i in range(24)]
+        st = m.stats()
+        assert st["workers"] == 2 and st["accepted"] == st["closed"] == 24, st
+        assert st["bytes_down"] == sum(70_000 + i + 1 for i in range(24)), st   # +1: xfer's greeting byte
+        assert st["handed_over"] > 0, "the reuseport hash never picked the other worker in 24 connections"
+        per_worker = [query(worker_stats_path(m.stats_path, w))["accepted"] for w in range(2)]
+        assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker
+        worker_pid = int(paper_tb.mbox.cmd(f"pgrep -P {m.proc.pid}").split()[0])
+        os.kill(worker_pid, signal.SIGKILL)
+        m.proc.wait(timeout=15)
+        assert m.proc.returncode == 1
+        time.sleep(0.2)
+        for table in ("raw", "filter"):
+            assert "MIMBOX-7500" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+        assert not os.path.exists(m.stats_path)
+    finally:
+        m.stop()
+    assert b"exited" in m.log, m.log[-2000:]

@@ -205,7 +205,7 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
     cl = hold_clients(paper_tb, 7505, 1)
     try:
         assert cl.stdout.readline().startswith("held 1")
-        assert m.stats()["active"] == 1
+        assert wait_active(m, 1)
         # the client vanishes: its packets stop (no FIN, no RST)
         paper_tb.client.cmd("iptables -A OUTPUT -p tcp --dport 7505 -j DROP")
         cl.kill()
@@ -372,33 +372,62 @@ def test_connection_limit_refuses_cleanly(paper_tb):
     ledger.add(cases=1, faults=3)
 
 
+def wait_active(m, n: int, timeout: float = 5.0) -> bool:
+    """The client's connect() returns before the converter has accept()ed (and, with several
+    workers, handed over): wait until the converter counts n active connections."""
+    deadline = time.time() + timeout
+    while m.stats()["active"] != n and time.time() < deadline:
+        time.sleep(0.05)
+    return m.stats()["active"] == n
+
+
+def converter_pids(m) -> list[int]:
+    """The converter's processes: `mimbox run` and, with several workers, its workers."""
+    main = m.pids()[0]
+    with open(f"/proc/{main}/task/{main}/children") as f:
+        return [main, *map(int, f.read().split())]
+
+
 def converter_fds(m) -> int:
-    return len(os.listdir(f"/proc/{m.pids()[0]}/fd"))
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in converter_pids(m))
 
 
-def fd_capacity() -> int:
-    """Connections one converter process can hold here: two sockets each within RLIMIT_NOFILE's hard
-    limit (this sandbox caps it at 20000 and grants no CAP_SYS_RESOURCE to raise it)."""
-    import resource
-    from mimbox.relay import PIPE_POOL
-    return (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 2 * PIPE_POOL - 256) // 2 - 10
+def converter_rss_kb(m) -> int:
+    total = 0
+    for pid in converter_pids(m):
+        with open(f"/proc/{pid}/status") as f:
+            total += int(f.read().split("VmRSS:")[1].split()[0])
+    return total
 
 
-@pytest.mark.parametrize("n", [pytest.param(2000, id="2k"),
-                                pytest.param(min(10_000, fd_capacity()), id="max", marks=pytest.mark.slow)])
+IDLE_BUFFERS = ["--client-rcvbuf", "64K", "--client-sndbuf", "64K", "--server-rcvbuf", "32K",
+                "--server-sndbuf", "32K", "--pipe-size", "64K"]
+
+
+def budget_for(n: int, options: list[str]) -> int:
+    """The --memory-budget that admits exactly n connections with these buffer options."""
+    from mimbox.cli import build_parser, config_from_args
+    return n * config_from_args(build_parser().parse_args(["run", *options])).per_connection_memory()
+
+
+@pytest.mark.parametrize("n", [pytest.param(2000, id="2k"), pytest.param(10_000, id="10k", marks=pytest.mark.slow)])
 def test_many_idle_connections_then_no_leak(paper_tb, n):
-    """n idle connections held under a memory budget, then closed: fds and pipes back to start."""
-    m = MiMBox(mode="static", port=7513, extra=["--queue-num", "4513", "--max-connections", str(n + 10),
-                                                "--idle-timeout", "0"])
+    """n idle connections held under a memory budget that admits exactly n, then closed: fds and
+    pipes back to start. Two workers: one process's RLIMIT_NOFILE (hard 20000 in this sandbox,
+    two sockets a connection) could not hold 10,000."""
+    budget = budget_for(n, IDLE_BUFFERS)     # 512 KB a connection: 2x each capped buffer + 2 pipes
+    m = MiMBox(mode="static", port=7513, extra=["--queue-num", "4513", "--workers", "2", *IDLE_BUFFERS,
+                                                "--memory-budget", str(budget), "--idle-timeout", "0"])
     m.start(paper_tb, 9600)
     srv = hold_server(paper_tb, 9600, n)
     try:
-        fds0 = converter_fds(m)
+        fds0, rss0 = converter_fds(m), converter_rss_kb(m)
         cl = hold_clients(paper_tb, 7513, n)
         line = cl.stdout.readline()
+        assert wait_active(m, n, timeout=30)
         held = m.stats()
         fds_held = converter_fds(m)
-        rss_kb = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+        rss_kb = converter_rss_kb(m)
         cl.stdin.close()             # both ends close: the converter passes each FIN on
         srv.stdin.close()
         cl.wait(timeout=60)
@@ -410,10 +439,10 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     finally:
         srv.kill()
         m.stop()
-    print(f"{n} held: {fds_held} fds, RSS {rss_kb} KB ({rss_kb * 1024 / n:.0f} B/connection)")
+    print(f"{n} held: {fds_held} fds, RSS {rss0} -> {rss_kb} KB ({(rss_kb - rss0) * 1024 / n:.0f} B/connection)")
     assert line.startswith(f"held {n} refused 0"), line
-    assert held["active"] == n
-    assert fds_held <= fds0 + 2 * n + 8          # two sockets per connection, no pipes while idle
+    assert held["active"] == n and held["limit"] == n, held
+    assert fds_held <= fds0 + 2 * n + 16         # two sockets per connection, no pipes while idle
     assert after["active"] == 0 and after["pending"] == 0
     assert fds1 <= fds0 + 2 * after["pipes_pooled"]  # only pooled pipes remain
     ledger.add(cases=1)
@@ -431,7 +460,7 @@ def test_many_short_connections_no_growth(paper_tb, n):
     try:
         wrk(paper_tb, m, 9700, "/1024.bin", 1, 20)        # warm-up: pools fill
         fds0 = converter_fds(m) - 2 * m.stats()["pipes_pooled"]   # pooled pipes may grow, up to a cap
-        rss0 = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+        rss0 = converter_rss_kb(m)
         done = 0
         while done < n:
             r = wrk(paper_tb, m, 9700, "/1024.bin", 2, 20)
@@ -440,7 +469,7 @@ def test_many_short_connections_no_growth(paper_tb, n):
         time.sleep(0.5)
         pooled = m.stats()["pipes_pooled"]
         fds1 = converter_fds(m) - 2 * pooled
-        rss1 = int(open(f"/proc/{m.pids()[0]}/status").read().split("VmRSS:")[1].split()[0])
+        rss1 = converter_rss_kb(m)
     finally:
         m.stop()
         web.stop()

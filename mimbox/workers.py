@@ -1,0 +1,217 @@
+"""One event loop per core: a supervisor and its forked workers.
+
+Each worker is a full Relay with its own epoll loop, its own SO_REUSEPORT listener(s) and its own
+NFQUEUE. The SYN-holding rules split client SYNs over the workers' queues by the low byte of the
+client's source port (mimbox.netfilter.worker_of_port), so the worker that connects to the server
+is known from the client's address alone. The kernel's reuseport hash, which user space cannot
+predict (and SO_ATTACH_REUSEPORT_CBPF is refused on MPTCP listeners), may hand the accepted socket
+to another worker; that worker passes it over a unix socket (SCM_RIGHTS) to the owner, which pairs
+it with its server socket.
+
+The supervisor forks the workers, installs the rules once all of them listen, serves the summed
+counters at the stats socket (each worker serves its own at PATH.wN), and on SIGTERM/SIGINT removes
+the rules and lets every worker drain. If a worker dies, the others are stopped and the
+supervisor exits non-zero, so a service manager restarts the whole converter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from mimbox.config import Config
+from mimbox.stats import merge, open_endpoint, query, worker_stats_path
+
+log = logging.getLogger("mimbox")
+
+READY_TIMEOUT = 30.0
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (taskset/cpuset respected)."""
+    return len(os.sched_getaffinity(0))
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker must not outlive a killed supervisor: it would hold the port and the queue."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:      # the supervisor died before prctl() took effect
+        os._exit(1)
+
+
+class Supervisor:
+    """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
+
+    def __init__(self, cfg: Config, workers: int, drain_timeout: float = 30.0):
+        from mimbox.relay import listener_rules
+        self.cfg, self.workers, self.drain_timeout = cfg.validate(), workers, drain_timeout
+        from mimbox.relay import Admission
+        self.rules = listener_rules(cfg, workers)
+        self.admission = Admission(cfg.connection_limit(), shared=True)
+        self.children: dict[int, int] = {}     # pid -> worker index
+        self.stats_sock: socket.socket | None = None
+        self.stopping = False
+
+    # -- workers -----------------------------------------------------------------------------------------
+    def _fork_workers(self) -> int:
+        """Fork the workers; return the read end of the pipe on which each says it is listening."""
+        pairs = {(i, j): socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                 for i, j in itertools.combinations(range(self.workers), 2)}
+        ready_r, ready_w = os.pipe()
+        supervisor = os.getpid()
+        try:
+            for w in range(self.workers):
+                pid = os.fork()
+                if pid == 0:                                   # the worker
+                    die_with_parent(supervisor)
+                    os.close(ready_r)
+                    links = {}
+                    for (i, j), (a, b) in pairs.items():
+                        if w == i:
+                            links[j] = a
+                            b.close()
+                        elif w == j:
+                            links[i] = b
+                            a.close()
+                        else:
+                            a.close()
+                            b.close()
+                    os._exit(self._worker(w, links, ready_w))
+                self.children[pid] = w
+        finally:
+            for a, b in pairs.values():
+                a.close()
+                b.close()
+            os.close(ready_w)
+        return ready_r
+
+    def _worker(self, w: int, links: dict[int, socket.socket], ready_w: int) -> int:
+        from mimbox.relay import Relay
+        for h in logging.getLogger().handlers:
+            h.setFormatter(logging.Formatter(f"%(asctime)s mimbox[w{w}] %(levelname)s %(message)s"))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor says when to stop (SIGTERM)
+        try:
+            cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
+                                      if self.cfg.stats_path else None)
+            with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission) as relay:
+                os.write(ready_w, b"r")
+                os.close(ready_w)
+                relay.serve(drain_timeout=self.drain_timeout)
+            return 0
+        except BaseException:
+            log.exception("worker %d failed", w)
+            return 1
+
+    def _wait_ready(self, ready_r: int) -> None:
+        got, deadline = 0, time.monotonic() + READY_TIMEOUT
+        try:
+            while got < self.workers:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([ready_r], [], [], left)[0]:
+                    raise RuntimeError(f"only {got} of {self.workers} workers started in {READY_TIMEOUT:g}s")
+                data = os.read(ready_r, 64)
+                if not data:
+                    raise RuntimeError(f"a worker exited while starting ({got} of {self.workers} ready)")
+                got += len(data)
+        finally:
+            os.close(ready_r)
+
+    def _stop_workers(self) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.drain_timeout + 5
+        while self.children and time.monotonic() < deadline:
+            self._reap(block_for=0.1)
+        for pid in self.children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self.children.clear()
+
+    def _reap(self, block_for: float = 0.0) -> list[tuple[int, int]]:
+        """Collect exited workers: [(worker, exit status)]."""
+        gone = []
+        end = time.monotonic() + block_for
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return gone
+            if pid == 0:
+                if gone or time.monotonic() >= end:
+                    return gone
+                time.sleep(0.02)
+                continue
+            if pid in self.children:
+                gone.append((self.children.pop(pid), os.waitstatus_to_exitcode(status)))
+
+    # -- stats ---------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The workers' counters, summed (a worker that does not answer is named in `unanswered`)."""
+        snaps, missing = [], []
+        for w in range(self.workers):
+            try:
+                snaps.append(query(worker_stats_path(self.cfg.stats_path, w), timeout=2.0))
+            except (OSError, ValueError):
+                missing.append(w)
+        return merge(snaps, workers=self.workers, unanswered=missing)
+
+    def _serve_stats(self) -> None:
+        try:
+            c, _ = self.stats_sock.accept()
+        except BlockingIOError:
+            return
+        with c:
+            try:
+                c.setblocking(True)
+                c.settimeout(3.0)
+                c.sendall(json.dumps(self.snapshot()).encode())
+            except OSError:
+                pass
+
+    # -- the supervisor's life -----------------------------------------------------------------------
+    def run(self, on_ready=None) -> int:
+        """Start the workers, install the rules, serve stats until SIGTERM/SIGINT; 0 on a clean stop."""
+        def stop(*_):
+            self.stopping = True
+        code = 0
+        try:
+            ready_r = self._fork_workers()
+            old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            self._wait_ready(ready_r)
+            self.rules.install()
+            if self.cfg.stats_path:
+                self.stats_sock = open_endpoint(self.cfg.stats_path)
+            if on_ready:
+                on_ready()
+            while not self.stopping:
+                socks = [self.stats_sock] if self.stats_sock else []
+                if select.select(socks, [], [], 0.5)[0]:
+                    self._serve_stats()
+                for w, status in self._reap():
+                    log.error("worker %d exited (status %d): stopping the converter", w, status)
+                    code = 1
+                    self.stopping = True
+            log.info("stopping: no new connections, %d workers draining", len(self.children))
+            for s, h in old.items():
+                signal.signal(s, h)
+        finally:
+            self.rules.remove()           # new SYNs meet a closed port from now on
+            self._stop_workers()
+            if self.stats_sock is not None:
+                self.stats_sock.close()
+                try:
+                    os.unlink(self.cfg.stats_path)
+                except OSError:
+                    pass
+        return code
