@@ -97,6 +97,27 @@ def test_integrity_matrix_full(lossy_tb, lossy_converter, size, order, client_mp
     ledger.add(cases=1, bytes_compared=up + size, faults=1)
 
 
+DIRECTIONS = {"upload": (1, 0), "download": (0, 1), "both": (1, 1)}
+
+
+@pytest.fixture(scope="module")
+def clean_converter(paper_tb):
+    m = MiMBox(mode="static", port=7520, extra=["--queue-num", "4520"])
+    m.start(paper_tb, 9000)
+    yield m
+    m.stop()
+
+
+@pytest.mark.parametrize("client_mptcp", [True, False], ids=["mptcp", "tcp"])
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+@pytest.mark.parametrize("size", [0, 1, 64 << 10, 1 << 20, 8 << 20 | 777])
+def test_integrity_clean(paper_tb, clean_converter, size, direction, client_mptcp):
+    """Clean, unshaped links: every size x direction x client protocol, every byte compared."""
+    up, down = (size * k for k in DIRECTIONS[direction])
+    transfer(paper_tb, clean_converter, up=up, down=down, client_mptcp=client_mptcp)
+    ledger.add(cases=1, bytes_compared=up + down)
+
+
 def test_integrity_with_offloads_off(paper_tb):
     """GSO/GRO/TSO and checksum offloads off on every interface: still byte-exact."""
     for host in (paper_tb.client, paper_tb.mbox, paper_tb.server):
