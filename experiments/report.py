@@ -81,9 +81,12 @@ def fig5() -> str:
         row = {"size": f"{size // 1024} KB"}
         for s in d.index:
             row[s] = f"{d.rps[s]:.0f}"
-        mb = d.rps.get("mimbox")
-        for peer in [p for p in d.index if p != "mimbox"]:
-            row[f"mimbox/{peer}"] = f"{mb / d.rps[peer]:.2f}"
+        pairs = [("mimbox", p) for p in ("haproxy-1t", "squid", "router")]
+        pairs += [(m, "haproxy-" + m.split("-")[1].replace("w", "t")) for m in d.index
+                  if m.startswith("mimbox-") and m.endswith("w")]     # same number of event loops
+        for mine, peer in pairs:
+            if mine in d.index and peer in d.index:
+                row[f"{mine}/{peer}"] = f"{d.rps[mine] / d.rps[peer]:.2f}"
         row["µs CPU/req mimbox / haproxy-1t"] = f"{d.cpu.get('mimbox', float('nan')):.0f} / " \
                                                  f"{d.cpu.get('haproxy-1t', float('nan')):.0f}"
         rows.append(row)

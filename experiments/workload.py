@@ -2,8 +2,8 @@
 
 wrk (weighttp is not packaged) sends `Connection: close` GETs through each system to nginx on the
 server (nginx instead of the paper's Apache, so the server is not the bottleneck). Systems: the
-router (end-to-end MPTCP), MiMBox (explicit), HAProxy with 1 and N threads (N = cores here; the
-paper's 8 on an 8-core box), Squid. The converter's CPU time per request is recorded too.
+router (end-to-end MPTCP), MiMBox (explicit) with 1 worker and with N workers, HAProxy with 1 and
+N threads (N = cores here; the paper's 8 on an 8-core box), Squid. The converter's CPU time per request is recorded too.
 """
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ def systems() -> list:
     n = os.cpu_count() or 2
     c = CONVERTER_CPUS if n == 2 else None
     all_cpus = ",".join(str(i) for i in range(n))
-    return [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c),
-            HAProxy(threads=n, port=7005, cpus=all_cpus), Squid(cpus=c)]
+    # one event loop each on the converter's core; then n of them on every core (same count each)
+    return [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c),
+            MiMBox(mode="explicit", port=7006, cpus=all_cpus, workers=n, extra=["--queue-num", "4250"]),
+            HAProxy(threads=n, port=7005, cpus=all_cpus)]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:

@@ -98,10 +98,13 @@ class MiMBox(System):
     """Our converter, started with `mimbox run` on the converter host."""
 
     def __init__(self, mode: str = "static", engine: str = "splice", port: int = 7000, extra: list[str] = (),
-                 cpus: str | None = None):
+                 cpus: str | None = None, workers: int | None = None):
+        """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core)."""
         super().__init__(cpus)
         self.mode, self.engine, self.port, self.extra = mode, engine, port, list(extra)
-        self.name = "mimbox" if engine == "splice" else f"mimbox-{engine}"
+        if workers is not None:
+            self.extra += ["--workers", str(workers)]
+        self.name = ("mimbox" if engine == "splice" else f"mimbox-{engine}") + (f"-{workers}w" if workers else "")
         self.log = b""
 
     def start(self, tb, server_port: int) -> None:
