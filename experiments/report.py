@@ -133,6 +133,20 @@ def interactive() -> str:
             + _env_line(man))
 
 
+def profile() -> str:
+    df, man = _load("profile_converter")
+    if df is None:
+        return "_Profile not run yet._"
+    f, m = man.get("findings", {}), man
+    top = df.head(8)[["code", "function", "kind", "share"]].assign(share=lambda d: (100 * d.share).round(1))
+    top.columns = ["line", "function", "kind", "% of busy samples"]
+    cpu = sum(m.get("cpu_us_per_request", [])) / max(1, len(m.get("cpu_us_per_request", [])))
+    return ("![Profile](results/profile_converter/figure.png)\n\n"
+            f"Under Fig. 5's 1 KB load the converter spent {100 * f.get('system_call_share', 0):.0f} % of its busy "
+            f"samples in system calls and {100 * f.get('python_share', 0):.0f} % interpreting Python "
+            f"({cpu:.0f} µs CPU per request, {m.get('samples', 0)} samples).\n\n" + _md(top) + "\n\n" + _env_line(man))
+
+
 def reliability() -> str:
     path = RESULTS / "reliability" / "summary.json"
     if not path.exists():
@@ -149,7 +163,8 @@ def reliability() -> str:
 def section() -> str:
     parts = [("Fig. 4 — goodput vs MSS", fig4()), ("Table 1 — forwarding delay", table1()),
              ("Fig. 5 — requests/s vs file size", fig5()), ("Fig. 6 — goodput vs per-socket memory", fig6()),
-             ("Interactive delay", interactive()), ("Reliability suite", reliability())]
+             ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
+             ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 
 

@@ -7,10 +7,11 @@ import sys
 import time
 import traceback
 
-from experiments import buffers, delay, goodput, interactive, report, workload
+from experiments import buffers, delay, goodput, interactive, profile, report, workload
 from experiments.common import progress
 
-FIGURES = {"fig4": goodput, "table1": delay, "fig5": workload, "fig6": buffers, "interactive": interactive}
+FIGURES = {"fig4": goodput, "table1": delay, "fig5": workload, "fig6": buffers, "interactive": interactive,
+           "profile": profile}
 
 
 def main(argv=None) -> int:
