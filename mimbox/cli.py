@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transparent mode: intercept only these client prefixes (repeatable)")
     g.add_argument("--no-client-mptcp", action="store_true", help="listen with plain TCP")
     g.add_argument("--no-server-mptcp", action="store_true", help="connect to servers with plain TCP")
+    g.add_argument("--server-mptcp-retry", type=float, default=300.0, metavar="SECONDS",
+                   help="a server that answered without MPTCP gets plain TCP sockets (cheaper than an MPTCP "
+                        "socket that falls back) for this long, then MPTCP is tried again (default 300; 0: always try)")
     g.add_argument("--queue-num", type=int, default=4200,
                    help="NFQUEUE number for held SYNs (default 4200; N workers use QUEUE_NUM..QUEUE_NUM+N-1)")
     g = r.add_argument_group("data path and memory")
@@ -110,7 +113,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                              pipe_size=size(a.pipe_size), engine=a.engine),
         safety=SafetyConfig(allow_clients=tuple(a.allow_client), deny_dst=tuple(a.deny),
                             memory_budget=size(a.memory_budget), max_connections=a.max_connections,
-                            connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout),
+                            connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout,
+                            server_mptcp_retry=a.server_mptcp_retry),
         stats_path=a.stats or default_stats_path(port), log_level=a.log_level,
     ).validate()
 

@@ -68,6 +68,7 @@ class SafetyConfig:
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     pending_timeout: float = 30.0
+    server_mptcp_retry: float = 300.0     # seconds a server seen without MPTCP gets plain TCP sockets
 
 
 @dataclass(frozen=True)

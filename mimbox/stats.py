@@ -25,6 +25,7 @@ class Stats:
     server_connect_us_sum: float = 0.0   # SYN seen -> server connection established
     server_connect_us_max: float = 0.0
     server_connects: int = 0
+    server_tcp_remembered: int = 0   # plain TCP chosen: the server answered MPTCP without it recently
     handed_over: int = 0       # accepted here, relayed by the worker that held the SYN
 
     def server_connected(self, seconds: float) -> None:

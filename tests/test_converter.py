@@ -15,7 +15,8 @@ SIZES = [1, 64 << 10, 8 << 20 | 12345]   # 1 byte, 64 KiB, > 8 MB (odd size)
                                         for workers in (1, 2)], ids=lambda p: f"{p[0]}-{p[1]}w")
 def converter(request, paper_tb):
     mode, workers = request.param
-    m = MiMBox(mode=mode, extra=["--workers", str(workers)])
+    # MPTCP and TCP servers take turns on one port here: no remembering which one it was
+    m = MiMBox(mode=mode, extra=["--workers", str(workers), "--server-mptcp-retry", "0"])
     m.start(paper_tb, 9000)
     yield m
     m.stop()
@@ -153,3 +154,27 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
     finally:
         m.stop()
     assert b"exited" in m.log, m.log[-2000:]
+
+
+def test_server_without_mptcp_is_remembered(paper_tb):
+    """A server that answered without MPTCP gets plain TCP sockets for --server-mptcp-retry seconds
+    (cheaper than an MPTCP socket falling back); after that MPTCP is tried again, and used."""
+    import time
+    m = MiMBox(mode="static", port=7600, extra=["--workers", "1", "--queue-num", "4320",
+                                                "--server-mptcp-retry", "2"])
+    m.start(paper_tb, 9000)
+    try:
+        transfer(paper_tb, m, up=1000, down=1000, server_mptcp=False)     # learns: no MPTCP there
+        transfer(paper_tb, m, up=1000, down=1000, server_mptcp=False)     # plain TCP socket
+        st = m.stats()
+        assert st["server_tcp_remembered"] == 1 and st["server_tcp"] == 2, st
+        t_learned = time.monotonic()
+        _, s = transfer(paper_tb, m, up=1000, down=1000, server_mptcp=True)   # still within the 2 s
+        assert s["mptcp"] is False and m.stats()["server_tcp_remembered"] == 2
+        time.sleep(max(0.0, 2.2 - (time.monotonic() - t_learned)))
+        _, s = transfer(paper_tb, m, up=1000, down=1000, server_mptcp=True)   # tried again: MPTCP
+        assert s["mptcp"] is True
+        st = m.stats()
+        assert st["server_tcp_remembered"] == 2 and st["server_mptcp"] == 1, st
+    finally:
+        m.stop()
