@@ -35,7 +35,7 @@ QUICK = dict(size=1024, seconds=6, reps=2, rate=200, connections=40)
 HTTP_PORT = 80
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 # a source line that calls one of these enters the kernel
-SYSCALLS = re.compile(r"\b(splice|connect_ex|accept|shutdown|close|setsockopt|getsockopt|pipe2|poll|"
+SYSCALLS = re.compile(r"\b(splice|connect_ex|_?accept|shutdown|close|setsockopt|getsockopt|pipe2|poll|"
                       r"register|unregister|send_fds|recv_fds|readv|write|read|run|fcntl|_real_close)\b\(")
 
 
@@ -47,7 +47,7 @@ def py_spy() -> str:
 def classify(func: str, path: str, line: int) -> tuple[str, str]:
     """(source text, 'system call' | 'Python') of one sampled line."""
     text = linecache.getline(path, line).strip()
-    if func == "_real_close" or SYSCALLS.search(text) or "pkt.accept()" in text:
+    if path.endswith("/socket.py") or SYSCALLS.search(text) or "pkt.accept()" in text:
         return text, "system call"
     return text, "Python"
 
