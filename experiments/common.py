@@ -46,7 +46,20 @@ def environment() -> dict:
             "iperf3": _first_line(["iperf3", "-v"]), "mininet": _first_line(["mn", "--version"]),
         },
         "pinning": {"end_hosts": END_HOST_CPUS, "converter": CONVERTER_CPUS},
+        "cpuidle": _cpuidle(),
     }
+
+
+def _cpuidle() -> dict:
+    """How an idle core sleeps: in a VM, a halt is a VM exit, and waking a waiting process costs it."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
+    return {"driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+            "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")}
 
 
 @dataclass

@@ -126,6 +126,11 @@ def cmd_run(a) -> int:
     workers = a.workers or default_workers()
     if not 1 <= workers <= 256:
         raise ValueError(f"--workers must be between 1 and 256, not {workers}")
+    if workers > 1:
+        from mimbox.kernel import mptcp_reuseport_works
+        ok, why = mptcp_reuseport_works() if cfg.listener.client_mptcp else (True, "")
+        if not ok:
+            raise RuntimeError(f"--workers {workers} needs SO_REUSEPORT on MPTCP listeners ({why}); use --workers 1")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s mimbox %(levelname)s %(message)s")
 
     def ready():

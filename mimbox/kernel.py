@@ -89,6 +89,24 @@ def mptcp_socket_works() -> bool:
         return False
 
 
+def mptcp_reuseport_works() -> tuple[bool, str]:
+    """Two MPTCP listeners on one port with SO_REUSEPORT (what `mimbox run --workers N` needs)."""
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", socks[0].getsockname()[1] if len(socks) > 1 else 0))
+            s.listen(1)
+        return True, f"two MPTCP listeners on 127.0.0.1:{socks[0].getsockname()[1]}"
+    except OSError as e:
+        return False, str(e)
+    finally:
+        for s in socks:
+            s.close()
+
+
 def cgroup2_root() -> str | None:
     """The cgroup2 mount point where we can create child groups, or None."""
     for root in CGROUP2_ROOTS:
@@ -134,6 +152,8 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
                    "sysctl -w net.mptcp.enabled=1"))
     add(Capability("mptcp.socket", mptcp_socket_works(), "socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)",
                    "a kernel built with CONFIG_MPTCP=y"))
+    ok, out = mptcp_reuseport_works()
+    add(Capability("mptcp.reuseport", ok, out, "without it run the converter with --workers 1", required=False))
     with throwaway_netns() as ns:
         ok, out = _try(["ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2"], ns)
         add(Capability("mptcp.limits", ok, f"ip mptcp limits set subflow 2: {out}",
