@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deny", action="append", default=[], metavar="PREFIX",
                    help="destinations refused, on top of loopback, link-local, multicast and this host")
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach a server (default 10)")
+    g.add_argument("--handshake-timeout", type=float, default=15.0,
+                   help="seconds a client may take to complete its handshake once its SYN is released (it may "
+                        "abort it: then its server connection is closed after this long; default 15)")
     g.add_argument("--idle-timeout", type=float, default=300.0, help="reset connections idle this long (0: never)")
     g = r.add_argument_group("operation")
     g.add_argument("--stats", metavar="PATH", help="unix socket for `mimbox stats` (default /run/mimbox/PORT.sock)")
@@ -114,6 +117,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
         safety=SafetyConfig(allow_clients=tuple(a.allow_client), deny_dst=tuple(a.deny),
                             memory_budget=size(a.memory_budget), max_connections=a.max_connections,
                             connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout,
+                            handshake_timeout=a.handshake_timeout,
                             server_mptcp_retry=a.server_mptcp_retry),
         stats_path=a.stats or default_stats_path(port), log_level=a.log_level,
     ).validate()

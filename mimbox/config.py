@@ -67,7 +67,7 @@ class SafetyConfig:
     max_connections: int | None = None    # None: derived from memory_budget
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
-    pending_timeout: float = 30.0
+    handshake_timeout: float = 15.0       # SYN released, client never completed: close the server side
     server_mptcp_retry: float = 300.0     # seconds a server seen without MPTCP gets plain TCP sockets
 
 

@@ -681,7 +681,7 @@ class Relay:
             if p.pkt is not None and now - p.t_syn > sc.connect_timeout:
                 self.stats.errors["server connect timeout"] += 1
                 self._refuse_pending(key, p, f"server {p.dst[0]}:{p.dst[1]}: no answer in {sc.connect_timeout:g}s")
-            elif p.pkt is None and now - p.ready_at > sc.pending_timeout:
+            elif p.pkt is None and now - p.ready_at > sc.handshake_timeout:
                 self.stats.errors["client handshake timeout"] += 1
                 self._refuse_pending(key, p, "client never completed its handshake")
         if sc.idle_timeout > 0:
