@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import select
@@ -37,7 +36,7 @@ from mimbox.dstopt import OptionError, parse_syn
 from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
-from mimbox.stats import Stats, open_endpoint
+from mimbox.stats import Stats, answer, open_endpoint
 
 log = logging.getLogger("mimbox")
 
@@ -700,15 +699,4 @@ class Relay:
         return self.stats.snapshot(**extra)
 
     def _serve_stats(self) -> None:
-        try:
-            c, _ = self.stats_sock.accept()
-        except BlockingIOError:
-            return
-        try:
-            c.setblocking(True)
-            c.settimeout(1.0)
-            c.sendall(json.dumps(self.snapshot()).encode())
-        except OSError:
-            pass
-        finally:
-            c.close()
+        answer(self.stats_sock, self.snapshot)

@@ -93,6 +93,21 @@ def open_endpoint(path: str) -> socket.socket:
     return s
 
 
+def answer(endpoint: socket.socket, snapshot, timeout: float = 1.0) -> None:
+    """Serve one waiting `mimbox stats` client of `endpoint` with snapshot() as JSON (never raises)."""
+    try:
+        c, _ = endpoint.accept()
+    except BlockingIOError:
+        return
+    with c:
+        try:
+            c.setblocking(True)
+            c.settimeout(timeout)
+            c.sendall(json.dumps(snapshot()).encode())
+        except OSError:
+            pass
+
+
 def query(path: str, timeout: float = 5.0) -> dict:
     """Read the JSON snapshot a converter serves at `path`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import select
@@ -26,7 +25,7 @@ import socket
 import time
 
 from mimbox.config import Config
-from mimbox.stats import merge, open_endpoint, query, worker_stats_path
+from mimbox.stats import answer, merge, open_endpoint, query, worker_stats_path
 
 log = logging.getLogger("mimbox")
 
@@ -167,17 +166,7 @@ class Supervisor:
         return merge(snaps, workers=self.workers, unanswered=missing)
 
     def _serve_stats(self) -> None:
-        try:
-            c, _ = self.stats_sock.accept()
-        except BlockingIOError:
-            return
-        with c:
-            try:
-                c.setblocking(True)
-                c.settimeout(3.0)
-                c.sendall(json.dumps(self.snapshot()).encode())
-            except OSError:
-                pass
+        answer(self.stats_sock, self.snapshot, timeout=3.0)
 
     # -- the supervisor's life -----------------------------------------------------------------------
     def run(self, on_ready=None) -> int:
