@@ -47,7 +47,7 @@ def py_spy() -> str:
 def classify(func: str, path: str, line: int) -> tuple[str, str]:
     """(source text, 'system call' | 'Python') of one sampled line."""
     text = linecache.getline(path, line).strip()
-    if path.endswith("/socket.py") or SYSCALLS.search(text) or "pkt.accept()" in text:
+    if os.path.basename(path) == "socket.py" or SYSCALLS.search(text) or "pkt.accept()" in text:
         return text, "system call"
     return text, "Python"
 
