@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments import buffers, common, delay, goodput, interactive, report, workload
+from experiments import buffers, common, delay, goodput, interactive, profile, report, workload
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +36,16 @@ def test_table1_delay_tiny(mptcp_ok, tmp_results):
 
 def test_fig5_workload_tiny(mptcp_ok, tmp_results):
     df = workload.main(quick=True, sizes=[1024], reps=1, seconds=1, connections=10)
-    assert set(df.system) == {"router", "mimbox", "haproxy-1t", f"haproxy-{os.cpu_count()}t", "squid"}
+    n = os.cpu_count()
+    assert set(df.system) == {"router", "mimbox", "haproxy-1t", f"mimbox-{n}w", f"haproxy-{n}t", "squid"}
     assert (df.req_per_s > 0).all() and (df.non_2xx == 0).all()
+
+
+def test_profile_tiny(mptcp_ok, tmp_results):
+    """py-spy samples the converter under load; every sampled line is classified."""
+    df = profile.main(quick=True, seconds=3, reps=1)
+    assert df.samples.sum() > 50 and set(df.kind) <= {"system call", "Python"}
+    assert "splice" in " ".join(df[df.kind == "system call"].code)
 
 
 def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
