@@ -215,8 +215,8 @@ class Testbed:
                 host.cmd(f"sysctl -qw {key}='{value}'")
             host.cmd("ip link set lo up")
         self.mbox.cmd("sysctl -qw net.ipv4.ip_forward=1")
-        self._multihome(self.client, self.topo.client_addrs)
-        self._multihome(self.server, self.topo.server_addrs)
+        self._multihome(self.client, self.topo.client_addrs, other_subnets_on_link=False)
+        self._multihome(self.server, self.topo.server_addrs, other_subnets_on_link=True)
         for host, addrs in ((self.client, self.topo.client_addrs), (self.server, self.topo.server_addrs)):
             n = max(2, len(addrs))
             host.cmd(f"ip mptcp limits set subflow {n} add_addr_accepted {n}")
@@ -232,13 +232,19 @@ class Testbed:
             self.mbox.cmd(f"ip route add default via {a.outer_ip} dev {a.intf_mbox} table {a.n}")
 
     @staticmethod
-    def _multihome(host, addrs: list[Addr]) -> None:
-        """Default route on the first path; per-source tables so each subflow leaves by its own link."""
+    def _multihome(host, addrs: list[Addr], other_subnets_on_link: bool) -> None:
+        """Default route on the first path; per-source tables so each subflow leaves by its own link.
+
+        other_subnets_on_link=False is a phone: what leaves from its 3G address goes over 3G, even
+        to the converter's WiFi-side address (else the 3G subflow to an explicit converter would
+        ride the WiFi uplink). True is a multi-homed server: a peer address on another path's
+        subnet is reached over that path, as the peer's subflow came in."""
         host.cmd(f"ip route replace default via {addrs[0].mbox_ip} dev {addrs[0].intf_outer}")
         for a in addrs:
             host.cmd(f"ip rule add from {a.outer_ip} table {a.n}")
             for b in addrs:
-                host.cmd(f"ip route add {b.subnet} dev {b.intf_outer} scope link table {a.n}")
+                if b is a or other_subnets_on_link:
+                    host.cmd(f"ip route add {b.subnet} dev {b.intf_outer} scope link table {a.n}")
             host.cmd(f"ip route add default via {a.mbox_ip} dev {a.intf_outer} table {a.n}")
 
 
