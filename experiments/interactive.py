@@ -22,7 +22,7 @@ from topologies.testbed import MobileTopo, Testbed  # noqa: E402
 
 NAME = "interactive_delay"
 FULL = dict(seconds=60, reps=3, buffer=200 * 1024, loss=1.0)
-QUICK = dict(seconds=15, reps=1, buffer=200 * 1024, loss=1.0)
+QUICK = dict(seconds=15, reps=3, buffer=200 * 1024, loss=1.0)   # max delay is one loss event: repeat
 PAPER_MAX_MS = {"mimbox": 150, "direct (no converter)": 250}
 PORT = 9600
 

@@ -77,3 +77,15 @@ def test_nothing_left_after_stop_even_on_error(mptcp_ok):
     assert delay_lines() == []
     shells = subprocess.run(["pgrep", "-f", "mininet:"], capture_output=True, text=True).stdout
     assert shells.strip() == ""
+
+
+def test_each_address_leaves_by_its_own_path(mptcp_ok):
+    """A phone's 3G address reaches the converter's WiFi-side address over 3G (an explicit or static
+    converter is addressed there); a multi-homed server answers a peer on its second path's subnet
+    over that path."""
+    with Testbed(PaperTopo(server_paths=2)) as tb:
+        c3g, s2 = tb.topo.client_addrs[1], tb.topo.server_addrs[1]
+        route = tb.client.cmd(f"ip route get {tb.mbox_client_ip} from {c3g.outer_ip}")
+        assert f"dev {c3g.intf_outer}" in route, route
+        route = tb.server.cmd(f"ip route get {s2.mbox_ip} from {tb.server_ip}")
+        assert f"dev {s2.intf_outer}" in route, route
