@@ -326,7 +326,7 @@ class Relay:
         lfds = {ls.fileno(): ls for ls in self.listeners}
         qfd = self.nfq.get_fd()
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
-        link_fds = {s.fileno() for s in self.links.values()}
+        link_fds = {s.fileno(): s for s in self.links.values()}
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
@@ -354,7 +354,7 @@ class Relay:
                 elif fd in self.pending_fds:
                     self._server_connected(fd, ev)
                 elif fd in link_fds:
-                    self._receive_handed(fd)
+                    self._receive_handed(link_fds[fd])
                 elif fd == sfd:
                     self._serve_stats()
             now = time.monotonic()
@@ -482,8 +482,7 @@ class Relay:
             return
         cs.close()                # the owner has its own reference now
 
-    def _receive_handed(self, fd: int) -> None:
-        link = next(s for s in self.links.values() if s.fileno() == fd)
+    def _receive_handed(self, link: socket.socket) -> None:
         while True:
             try:
                 _, fds, _, _ = socket.recv_fds(link, 16, 64)

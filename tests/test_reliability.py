@@ -63,12 +63,17 @@ def lossy_tb(mptcp_ok):
         yield tb
 
 
-@pytest.fixture(scope="module")
-def lossy_converter(lossy_tb):
-    m = MiMBox(mode="explicit", port=7500, extra=["--queue-num", "4500"])
-    m.start(lossy_tb, 9000)
+def running_converter(tb, mode: str, port: int, queue: int):
+    """A module-scoped converter towards the server's port 9000 (a generator for fixtures)."""
+    m = MiMBox(mode=mode, port=port, extra=["--queue-num", str(queue)])
+    m.start(tb, 9000)
     yield m
     m.stop()
+
+
+@pytest.fixture(scope="module")
+def lossy_converter(lossy_tb):
+    yield from running_converter(lossy_tb, "explicit", 7500, 4500)
 
 
 def _matrix(slow: bool):
@@ -102,10 +107,7 @@ DIRECTIONS = {"upload": (1, 0), "download": (0, 1), "both": (1, 1)}
 
 @pytest.fixture(scope="module")
 def clean_converter(paper_tb):
-    m = MiMBox(mode="static", port=7520, extra=["--queue-num", "4520"])
-    m.start(paper_tb, 9000)
-    yield m
-    m.stop()
+    yield from running_converter(paper_tb, "static", 7520, 4520)
 
 
 @pytest.mark.parametrize("client_mptcp", [True, False], ids=["mptcp", "tcp"])
