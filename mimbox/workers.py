@@ -50,9 +50,8 @@ class Supervisor:
     """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
 
     def __init__(self, cfg: Config, workers: int, drain_timeout: float = 30.0):
-        from mimbox.relay import listener_rules
+        from mimbox.relay import Admission, listener_rules
         self.cfg, self.workers, self.drain_timeout = cfg.validate(), workers, drain_timeout
-        from mimbox.relay import Admission
         self.rules = listener_rules(cfg, workers)
         self.admission = Admission(cfg.connection_limit(), shared=True)
         self.children: dict[int, int] = {}     # pid -> worker index
@@ -96,7 +95,9 @@ class Supervisor:
         from mimbox.relay import Relay
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"%(asctime)s mimbox[w{w}] %(levelname)s %(message)s"))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor says when to stop (SIGTERM)
+        # while starting, Ctrl-C (sent to the whole process group) is the supervisor's to handle;
+        # once serving, SIGINT and SIGTERM both make the worker drain
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
                                       if self.cfg.stats_path else None)
