@@ -1,6 +1,7 @@
 """What every experiment shares: where results go, the run's environment, progress, interleaving."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MIMBOX_RESULTS", ROOT / "results"))
 END_HOST_CPUS = "0"    # client and server processes: one core ...
 CONVERTER_CPUS = "1"   # ... the converter the other, like the paper's separate boxes
+# The converter-bound regime's box: a quarter of one core per event loop. Measured here, the router
+# path then delivers >= 2x every converter's 1 KB rate (checked in every run: bound_check).
+CONVERTER_QUOTA_CORES = 0.25
 
 
 def _first_line(cmd: list[str]) -> str:
@@ -118,6 +122,54 @@ def fidelity_rows(tb, seconds: float = 1.0) -> list[dict]:
     return [r.row() for r in check_testbed(tb, seconds=seconds)]
 
 
+class RunFailed(RuntimeError):
+    """A run finished but its data says it is not valid (e.g. a peer dropped connections)."""
+
+
+@contextlib.contextmanager
+def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_CORES):
+    """Give each converting system its own CPU box for `regime` (before it starts), and remove the
+    boxes afterwards whatever happens. converter-bound: `cores` per event loop of the system
+    (HAProxy with N threads, MiMBox with N workers get N x cores); end-host-bound: no limit, the box
+    only counts CPU time. The router has none: forwarding runs in the kernel's softirqs."""
+    from topologies.regimes import CONVERTER_BOUND, CpuQuota
+    boxes = []
+    try:
+        for s in systems:
+            if s.converts:
+                limit = cores * s.loops if regime == CONVERTER_BOUND else None
+                s.box = CpuQuota(s.name.replace("/", ""), limit).create()
+                boxes.append(s.box)
+        if regime == CONVERTER_BOUND and boxes:
+            yield {"regime": regime, "cores_per_loop": cores, "quota_us_per_loop": int(cores * boxes[0].period_us),
+                   "period_us": boxes[0].period_us, "cgroup": f"v{boxes[0].version}",
+                   "quota_us": {s.name: s.box.quota_us for s in systems if s.box is not None}}
+        else:
+            yield {"regime": regime, "cgroup": "accounting only"}
+    finally:
+        for s in systems:
+            s.box = None
+        for b in boxes:
+            b.remove()
+
+
+def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
+    """Per point of the converter-bound regime: the router's rate over the best converter's. >= 2
+    means the converters, not the end hosts, were the bottleneck there."""
+    out = []
+    cb = df[df["regime"] == "converter-bound"]
+    for k, g in cb.groupby(key):
+        means = g.groupby("system")[metric].mean()
+        conv = means.drop("router", errors="ignore")
+        if "router" not in means or conv.empty:
+            continue
+        ratio = float(means["router"] / conv.max())
+        out.append({key: k, "router": float(means["router"]), "best_converter": conv.idxmax(),
+                    "best_rate": float(conv.max()), "router_over_best": round(ratio, 2),
+                    "converter_bound": ratio >= 2.0})
+    return out
+
+
 def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
     """The same path for every figure: params -> module.run (topology, runs) -> CSV, figure, manifest.
 
@@ -130,4 +182,8 @@ def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
     out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}))
     for name, table in (module.tables(df) if hasattr(module, "tables") else {}).items():
         table.to_csv(out.dir / f"{name}.csv", index=False)
+    problems = module.problems(df) if hasattr(module, "problems") else []
+    if problems:
+        raise RunFailed(f"{module.NAME}: the data is saved in {out.dir}, but the run is not valid:\n  "
+                        + "\n  ".join(problems))
     return df

@@ -1,9 +1,17 @@
 """Fig. 5 — requests/s vs file size: 40 concurrent HTTP clients, a new connection per request.
 
 wrk (weighttp is not packaged) sends `Connection: close` GETs through each system to nginx on the
-server (nginx instead of the paper's Apache, so the server is not the bottleneck). Systems: the
-router (end-to-end MPTCP), MiMBox (explicit) with 1 worker and with N workers, HAProxy with 1 and
-N threads (N = cores here; the paper's 8 on an 8-core box), Squid. The converter's CPU time per request is recorded too.
+server (nginx instead of the paper's Apache, so the server is not the bottleneck). The converter's
+CPU time per request is recorded too (its CPU box's counter: threads and children included).
+
+Two regimes, in one run (`regime` column):
+- converter-bound (the paper's): every converter held to the same CPU quota per event loop
+  (experiments.common.CONVERTER_QUOTA_CORES), so req/s follows the converter's CPU per request;
+  the router path, unlimited, must deliver >= 2x the best converter (checked: findings.bound_check).
+  Systems: MiMBox (explicit and static), HAProxy 1 thread (http as in the paper, and tcp),
+  Squid, the paper's splice() and read()/write() converters, MiMBox N workers vs HAProxy N threads.
+- end-host-bound: no quota; the end hosts' core caps every system, so equal rates mean
+  "not the bottleneck", not "equally fast".
 """
 from __future__ import annotations
 
@@ -19,87 +27,128 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments import servers  # noqa: E402
 from experiments.common import (  # noqa: E402
     CONVERTER_CPUS,
+    CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
+    bound_check,
+    converter_boxes,
     fidelity_rows,
     interleave,
     mean_ci,
     progress,
     run_experiment,
 )
-from experiments.measure import cpu_seconds  # noqa: E402
 from experiments.measure.tools import wrk  # noqa: E402
-from experiments.systems import HAProxy, MiMBox, Router, Squid  # noqa: E402
+from experiments.systems import HAProxy, MiMBox, Naive, Router, Squid  # noqa: E402
+from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "fig5_workload"
 KB = 1024
-FULL = dict(sizes=[1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB], reps=5, seconds=10, connections=40)
-QUICK = dict(sizes=[1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB], reps=3, seconds=3, connections=40)
+FULL = dict(sizes={CONVERTER_BOUND: [1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB],
+                   END_HOST_BOUND: [1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB]},
+            reps=5, seconds=10, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+QUICK = dict(sizes={CONVERTER_BOUND: [1 * KB, 16 * KB, 256 * KB], END_HOST_BOUND: [1 * KB, 16 * KB, 1024 * KB]},
+             reps=3, seconds=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
 # The paper's Fig. 5 at 1 KB (requests/s, §4.3 text)
 PAPER_1KB = {"mimbox": 22_000, "haproxy-8t": 18_000, "haproxy-1t": 9_500, "squid": 2_500}
 HTTP_PORT = 80
 
 
-def systems() -> list:
+def systems(regime: str) -> list:
+    """One event loop each on the converter's core; then N of them on every core (same count each)."""
     n = os.cpu_count() or 2
     c = CONVERTER_CPUS if n == 2 else None
     all_cpus = ",".join(str(i) for i in range(n))
-    # one event loop each on the converter's core; then n of them on every core (same count each)
-    return [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c),
-            MiMBox(mode="explicit", port=7006, cpus=all_cpus, workers=n, extra=["--queue-num", "4250"]),
-            HAProxy(threads=n, port=7005, cpus=all_cpus)]
+    one_loop = [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c)]
+    if regime == CONVERTER_BOUND:
+        one_loop += [MiMBox(mode="static", port=7007, cpus=c, extra=["--queue-num", "4300"]),
+                     HAProxy(threads=1, mode="tcp", port=7008, cpus=c),
+                     Naive("splice", port=7004, cpus=c), Naive("readwrite", port=7001, cpus=c)]
+    return one_loop + [MiMBox(mode="explicit", port=7006, cpus=all_cpus, workers=n, extra=["--queue-num", "4250"]),
+                       HAProxy(threads=n, port=7005, cpus=all_cpus)]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    rows = []
+    rows, regimes = [], {}
     with Testbed(PaperTopo()) as tb:
         fidelity = fidelity_rows(tb, seconds=1.0)
-        syss = systems()
-        web = servers.nginx(tb, params["sizes"], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
-        web_mptcp = servers.nginx(tb, params["sizes"], HTTP_PORT + 1, mptcp=True, cpus=END_HOST_CPUS)
+        web = servers.nginx(tb, sorted({s for v in params["sizes"].values() for s in v}), HTTP_PORT,
+                            mptcp=False, cpus=END_HOST_CPUS)
+        web_mptcp = servers.nginx(tb, sorted({s for v in params["sizes"].values() for s in v}), HTTP_PORT + 1,
+                                  mptcp=True, cpus=END_HOST_CPUS)
         try:
-            for s in syss:
-                s.start(tb, HTTP_PORT)
-            for rep in range(params["reps"]):
-                for size in params["sizes"]:
-                    for s in interleave(syss, rep):
-                        port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
-                        pids = s.pids()
-                        c0 = cpu_seconds(pids)
-                        r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"],
-                                cpus=END_HOST_CPUS)
-                        cpu = cpu_seconds(pids) - c0
-                        rows.append(dict(system=s.name, size=size, rep=rep, **r,
-                                         converter_cpu_s=cpu if s.converts else float("nan"),
-                                         cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]
-                                         else float("nan")))
-                        progress(f"fig5 rep {rep} {size} B {s.name}: {r['req_per_s']:.0f} req/s "
-                                 f"({r['socket_errors']} socket errors)")
+            for regime, sizes in params["sizes"].items():
+                syss = systems(regime)
+                with converter_boxes(syss, regime, params["quota_cores"]) as box:
+                    regimes[regime] = box
+                    try:
+                        for s in syss:
+                            s.start(tb, HTTP_PORT)
+                        rows += _measure(tb, syss, regime, sizes, params)
+                    finally:
+                        for s in syss:
+                            s.stop()
         finally:
-            for s in syss:
-                s.stop()
             web.stop()
             web_mptcp.stop()
-    return pd.DataFrame(rows), {"link_fidelity": fidelity}
+    return pd.DataFrame(rows), {"link_fidelity": fidelity, "regimes": regimes}
+
+
+def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> list[dict]:
+    rows = []
+    for rep in range(params["reps"]):
+        for size in sizes:
+            for s in interleave(syss, rep):
+                port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
+                c0 = s.cpu_s()
+                r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
+                cpu = s.cpu_s() - c0
+                rows.append(dict(regime=regime, system=s.name, size=size, rep=rep, **r,
+                                 converter_cpu_s=cpu if s.converts else float("nan"),
+                                 cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]
+                                 else float("nan")))
+                progress(f"fig5 {regime} rep {rep} {size} B {s.name}: {r['req_per_s']:.0f} req/s, "
+                         f"{rows[-1]['cpu_us_per_req']:.0f} µs/req ({r['socket_errors']} socket errors)")
+    return rows
+
+
+def findings(df: pd.DataFrame) -> dict:
+    """Whether the converter-bound regime was that (router >= 2x the best converter at each size)."""
+    return {"bound_check": bound_check(df, "req_per_s")}
+
+
+def problems(df: pd.DataFrame) -> list[str]:
+    """A peer that drops connections under the figure's load makes the figure invalid."""
+    bad = df[(df["socket_errors"] > 0) | (df["non_2xx"] > 0)]
+    return [f"{r.regime} {r.system} {r.size} B rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx"
+            for r in bad.itertuples()]
 
 
 def plot(df: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, g in df.groupby("system", sort=False):
-        st = g.groupby("size")["req_per_s"].apply(lambda v: mean_ci(v)).apply(pd.Series)
-        line = ax.errorbar(st.index / KB, st[0], yerr=st[1], marker="o", capsize=3, label=name)
-        paper_name = "haproxy-8t" if name.startswith("haproxy-") and name != "haproxy-1t" else name
-        if paper_name in PAPER_1KB:
-            ax.plot([1], [PAPER_1KB[paper_name]], marker="*", ms=12, ls="none", color=line[0].get_color(),
-                    alpha=.6)
-    ax.plot([], [], marker="*", ls="none", color="gray", label="paper, 1 KB (8-core testbed)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("file size [KB]")
-    ax.set_ylabel("requests/s (new connection per request)")
-    ax.set_title("Fig. 5: 40 concurrent HTTP clients", fontsize=9)
-    ax.grid(alpha=.3, which="both")
-    ax.legend(fontsize=8)
+    """req/s vs size, one panel per regime; the paper's 1 KB values as stars."""
+    regimes = [r for r in (CONVERTER_BOUND, END_HOST_BOUND) if r in set(df["regime"])]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6.4 * len(regimes), 4.6), squeeze=False, sharey=True)
+    colors = {}
+    for ax, regime in zip(axes[0], regimes):
+        for name, g in df[df["regime"] == regime].groupby("system", sort=False):
+            st = g.groupby("size")["req_per_s"].apply(lambda v: mean_ci(v)).apply(pd.Series)
+            line = ax.errorbar(st.index / KB, st[0], yerr=st[1], marker="o", capsize=3, label=name,
+                               color=colors.get(name))
+            colors.setdefault(name, line[0].get_color())
+            paper_name = "haproxy-8t" if name.startswith("haproxy-") and name[8:9] != "1" and "-tcp" not in name \
+                else name
+            if paper_name in PAPER_1KB:
+                ax.plot([1], [PAPER_1KB[paper_name]], marker="*", ms=12, ls="none", color=colors[name], alpha=.6)
+        ax.plot([], [], marker="*", ls="none", color="gray", label="paper, 1 KB (8-core testbed)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("file size [KB]")
+        ax.set_title(f"{regime}" + (" (each converter: same CPU quota per loop)" if regime == CONVERTER_BOUND
+                                    else " (no quota: the end hosts' core caps all)"), fontsize=9)
+        ax.grid(alpha=.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("requests/s (new connection per request)")
+    fig.suptitle("Fig. 5: 40 concurrent HTTP clients", fontsize=10)
     return fig
 
 

@@ -72,7 +72,7 @@ def test_refused_destination_logged_and_reset(paper_tb):
         assert r.get("errno") == 111, r
     finally:
         m.stop()
-    assert b"refused" in m.log and b"denied" in m.log, m.log[-2000:]
+    assert "refused" in m.log() and "denied" in m.log(), m.log()[-2000:]
 
 
 def test_unchanged_curl_through_explicit_converter(paper_tb):
@@ -153,7 +153,7 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
         assert not os.path.exists(m.stats_path)
     finally:
         m.stop()
-    assert b"exited" in m.log, m.log[-2000:]
+    assert "exited" in m.log(), m.log()[-2000:]
 
 
 def test_server_without_mptcp_is_remembered(paper_tb):

@@ -1,6 +1,7 @@
 """The experiment harness, on tiny configurations (one point, seconds long): each produces tidy rows
 with the expected columns and physically sane values, every peer present. No performance thresholds:
 performance is what the figures report. Output goes to a temporary results/ directory."""
+import json
 import os
 
 import pytest
@@ -35,10 +36,18 @@ def test_table1_delay_tiny(mptcp_ok, tmp_results):
 
 
 def test_fig5_workload_tiny(mptcp_ok, tmp_results):
-    df = workload.main(quick=True, sizes=[1024], reps=1, seconds=1, connections=10)
+    df = workload.main(quick=True, sizes={"converter-bound": [1024], "end-host-bound": [1024]}, reps=1, seconds=1,
+                       connections=10)
     n = os.cpu_count()
-    assert set(df.system) == {"router", "mimbox", "haproxy-1t", f"mimbox-{n}w", f"haproxy-{n}t", "squid"}
+    one_each = {"router", "mimbox", "haproxy-1t", f"mimbox-{n}w", f"haproxy-{n}t", "squid"}
+    assert set(df[df.regime == "end-host-bound"].system) == one_each
+    assert set(df[df.regime == "converter-bound"].system) == one_each | {
+        "mimbox-static", "haproxy-1t-tcp", "splice", "read/write"}
     assert (df.req_per_s > 0).all() and (df.non_2xx == 0).all()
+    assert df[df.system != "router"].cpu_us_per_req.gt(0).all()
+    man = json.loads((tmp_results / workload.NAME / "manifest.json").read_text())
+    assert man["regimes"]["converter-bound"]["quota_us_per_loop"] == 25_000
+    assert man["findings"]["bound_check"][0]["size"] == 1024
 
 
 def test_profile_tiny(mptcp_ok, tmp_results):

@@ -1,8 +1,13 @@
-"""`invoke clean`: remove what a crashed run left behind, like `mn -c` (which it calls)."""
+"""`invoke clean`: remove what a crashed run left behind, and only that.
+
+Like `mn -c`, but narrower: `mn -c` also deletes every /tmp/*.log and /tmp/*.out on the machine and
+every `*-ethN` link, whoever made them; this removes only our hosts' links, processes started
+from our run directories, our rules, BPF pins, cgroups and temp files."""
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -10,6 +15,7 @@ PATTERNS = ["topologies.delayline", "mimbox.cli run", "experiments.measure", "mi
 PEERS = ["nginx", "haproxy", "squid", "iperf3", "wrk", "tcpdump"]
 
 
+HOSTS = ("client", "mbox", "server")   # topologies.testbed's node names
 OURS = ("iperf3", "nginx", "haproxy", "squid", "wrk", "tcpdump", "mimbox", "experiments.", "topologies.", "mnexec")
 
 
@@ -29,14 +35,22 @@ def kill_orphans_in_namespaces() -> None:
                 pass
 
 
+def remove_our_links() -> None:
+    """veth ends our topologies' hosts left in the root namespace (named <host>-eth<N>)."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if re.fullmatch(rf"({'|'.join(HOSTS)})-eth\d+", name):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
 def clean() -> None:
     for pat in PATTERNS:
         subprocess.run(["pkill", "-9", "-f", pat], capture_output=True)
     for peer in PEERS:   # only copies started from our run directories, never a system service
         subprocess.run(["pkill", "-9", "-f", f"{peer}.*mimbox-run"], capture_output=True)
     kill_orphans_in_namespaces()
-    from mininet.clean import cleanup
-    cleanup()
+    remove_our_links()
     for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
         name = ns.split(" ")[0]
         if name.startswith(("mimbox-", "nfttest")):
@@ -51,6 +65,11 @@ def clean() -> None:
                 os.rmdir(d)
             except OSError:
                 pass
+    for f in glob.glob("/tmp/mimbox-syn-*.py"):
+        os.unlink(f)
+    from topologies.regimes import cleanup_leftovers
+    for line in cleanup_leftovers():
+        print(f"clean: {line}")
     for chain_table in ("raw", "mangle", "filter"):
         out = subprocess.run(["iptables", "-t", chain_table, "-S"], capture_output=True, text=True).stdout
         for line in out.splitlines():

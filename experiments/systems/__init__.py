@@ -11,12 +11,15 @@ so an experiment is a loop over systems and parameters, with no special cases pe
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
+from experiments.measure import cpu_seconds
 from mimbox.paths import MPTCPIZE
+from topologies.regimes import CpuQuota
 
 PY = sys.executable
 
@@ -31,26 +34,62 @@ def wait_port(host, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def ready_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The first line a starting process prints, or '' if it prints none within `timeout` or exits."""
+    r, _, _ = select.select([p.stdout], [], [], timeout)
+    return p.stdout.readline().decode(errors="replace") if r else ""
+
+
 class System:
-    """Base: a set of processes on the converter host."""
+    """Base: a set of processes on the converter host.
+
+    `box` (a topologies.regimes.CpuQuota, set before start()) is the converter box's CPU: every
+    process the system starts, and their children, run inside it, and its usage is the system's CPU
+    cost. Each system's stderr goes to a file (`log_path`), so a talkative one never blocks on a pipe."""
     name = "system"
     #: True when the client talks MPTCP to the converter and the converter TCP to the server
     converts = True
+    #: how many cores' worth of event loops it runs (a CPU quota scales with it)
+    loops = 1
 
     def __init__(self, cpus: str | None = None):
         self.cpus = cpus           # taskset list for the converter's processes, e.g. "1"
         self.procs: list[subprocess.Popen] = []
         self.host = None
         self.port = None
+        self.box: CpuQuota | None = None
+        self.log_path = None
 
     def _popen(self, host, argv: list[str], **kw) -> subprocess.Popen:
         if self.cpus is not None:
             argv = ["taskset", "-c", self.cpus, *argv]
+        if self.box is not None:
+            argv = self.box.wrap(argv)
         kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        p = host.popen(argv, **kw)
+        if "stderr" not in kw:
+            if self.log_path is None:
+                self.log_path = os.path.join(run_dir(self.name.replace("/", "")), "stderr.log")
+            with open(self.log_path, "ab") as err:   # the child keeps its own copy
+                p = host.popen(argv, stderr=err, **kw)
+        else:
+            p = host.popen(argv, **kw)
         self.procs.append(p)
+        if self.box is not None:
+            self.box.admit(p.pid)
         return p
+
+    def log(self) -> str:
+        """What the system wrote to stderr so far."""
+        if self.log_path is None or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the system used so far (its box's counter: children and exited ones included)."""
+        if self.box is not None:
+            return self.box.usage_s()
+        return cpu_seconds(self.pids())
 
     def start(self, tb, server_port: int) -> None:
         """Start on tb.mbox, relaying to tb.server's `server_port`."""
@@ -104,8 +143,9 @@ class MiMBox(System):
         self.mode, self.engine, self.port, self.extra = mode, engine, port, list(extra)
         if workers is not None:
             self.extra += ["--workers", str(workers)]
-        self.name = ("mimbox" if engine == "splice" else f"mimbox-{engine}") + (f"-{workers}w" if workers else "")
-        self.log = b""
+        self.name = "mimbox" + ("" if mode == "explicit" else f"-{mode}") + ("" if engine == "splice" else f"-{engine}") \
+            + (f"-{workers}w" if workers else "")
+        self.loops = workers or 1
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
@@ -117,11 +157,10 @@ class MiMBox(System):
         if self.mode == "transparent":
             argv += ["--intercept", str(server_port)]
         self.proc = self._popen(tb.mbox, argv)
-        line = self.proc.stdout.readline().decode()
+        line = ready_line(self.proc)
         if "ready" not in line:
-            err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
             self.stop()
-            raise RuntimeError(f"mimbox did not start: {line} {err}")
+            raise RuntimeError(f"mimbox did not start: {line} {self.log()[-2000:]}")
 
     @property
     def stats_path(self) -> str:
@@ -130,13 +169,6 @@ class MiMBox(System):
     def stats(self) -> dict:
         from mimbox.stats import query
         return query(self.stats_path)
-
-    def stop(self) -> None:
-        procs = list(self.procs)
-        super().stop()
-        for p in procs:
-            if p.stderr is not None:
-                self.log += p.stderr.read() or b""
 
     def endpoint(self, tb, server_port: int) -> tuple[str, int]:
         if self.mode == "static":
@@ -162,8 +194,9 @@ class Naive(System):
         super().start(tb, server_port)
         p = self._popen(tb.mbox, [PY, "-m", "experiments.systems.naive", "--engine", self.engine,
                                   "--listen", str(self.port), "--upstream", f"{tb.server_ip}:{server_port}"])
-        if b"ready" not in p.stdout.readline():
-            raise RuntimeError(f"{self.name} did not start: {p.stderr.read()}")
+        if "ready" not in ready_line(p):
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {self.log()[-2000:]}")
 
 
 def run_dir(tag: str) -> str:
@@ -183,7 +216,8 @@ class HAProxy(System):
     def __init__(self, threads: int = 1, mode: str = "http", port: int = 7002, cpus: str | None = None):
         super().__init__(cpus)
         self.threads, self.mode, self.port = threads, mode, port
-        self.name = f"haproxy-{threads}t"
+        self.loops = threads
+        self.name = f"haproxy-{threads}t" + ("" if mode == "http" else f"-{mode}")
 
     def config(self, tb, server_port: int) -> str:
         http = self.mode == "http"

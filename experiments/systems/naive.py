@@ -14,7 +14,8 @@ import signal
 import socket
 import sys
 
-IPPROTO_MPTCP = 262
+from mimbox.mptcp import IPPROTO_MPTCP
+
 CHUNK = 64 << 10
 
 
@@ -25,13 +26,15 @@ def serve(listen_port: int, upstream: tuple[str, int], engine: str) -> None:
     ls.listen(1024)
     ep = select.epoll()
     ep.register(ls.fileno(), select.EPOLLIN)
-    peer: dict[int, tuple[socket.socket, socket.socket, tuple[int, int] | None]] = {}
+    # fd -> (its socket, the other socket, the pipe of this direction, the other direction's pipe)
+    peer: dict[int, tuple] = {}
     print("ready", flush=True)
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
 
     def close(fd: int) -> None:
-        a, b, pipe = peer.pop(fd)
+        """Either side's EOF or error ends both sides and both directions' pipes."""
+        a, b, pipe, other_pipe = peer.pop(fd)
         peer.pop(b.fileno(), None)
         for s in (a, b):
             try:
@@ -39,28 +42,37 @@ def serve(listen_port: int, upstream: tuple[str, int], engine: str) -> None:
             except (OSError, ValueError):
                 pass
             s.close()
-        if pipe:
-            os.close(pipe[0])
-            os.close(pipe[1])
+        for p in (pipe, other_pipe):
+            if p:
+                os.close(p[0])
+                os.close(p[1])
 
     while running[0]:
         for fd, _ in ep.poll(1.0):
             if fd == ls.fileno():
-                c, _ = ls.accept()
-                s = socket.create_connection(upstream)      # blocking connect, after accept()
+                try:
+                    c, _ = ls.accept()
+                except OSError as e:    # e.g. EMFILE: say so, keep serving the others
+                    print(f"accept: {e}", file=sys.stderr, flush=True)
+                    continue
+                try:
+                    s = socket.create_connection(upstream)      # blocking connect, after accept()
+                except OSError:
+                    c.close()
+                    continue
                 for x in (c, s):
                     x.setblocking(True)
                     x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 p1 = os.pipe() if engine == "splice" else None
                 p2 = os.pipe() if engine == "splice" else None
-                peer[c.fileno()] = (c, s, p1)
-                peer[s.fileno()] = (s, c, p2)
+                peer[c.fileno()] = (c, s, p1, p2)
+                peer[s.fileno()] = (s, c, p2, p1)
                 ep.register(c.fileno(), select.EPOLLIN)
                 ep.register(s.fileno(), select.EPOLLIN)
                 continue
             if fd not in peer:
                 continue
-            src, dst, pipe = peer[fd]
+            src, dst, pipe, _ = peer[fd]
             try:
                 if engine == "splice":
                     n = os.splice(src.fileno(), pipe[1], CHUNK, flags=1)
