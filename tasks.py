@@ -12,13 +12,15 @@ PY = sys.executable
 
 @task(help={"force": "rebuild even if up to date"})
 def build(c, force=False):
-    """Build the BPF client programs and the MPTCP LD_PRELOAD shim into build/."""
+    """Build the BPF programs (client redirect, converter SYN recorder) and the MPTCP LD_PRELOAD shim into build/."""
     c.run("mkdir -p build/bpf")
     c.run(f"{PY} -m mimbox.dstopt --header > build/bpf/dstopt.h")
     arch_inc = "/usr/include/" + os.uname().machine + "-linux-gnu"
-    obj, src = "build/bpf/dstopt_client.bpf.o", "mimbox/bpf/dstopt_client.bpf.c"
-    if force or not os.path.exists(obj) or os.path.getmtime(obj) < os.path.getmtime(src):
-        c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
+    for name in ("dstopt_client", "dstopt_server"):
+        obj, src = f"build/bpf/{name}.bpf.o", f"mimbox/bpf/{name}.bpf.c"
+        if force or not os.path.exists(obj) or os.path.getmtime(obj) < max(
+                os.path.getmtime(src), os.path.getmtime("mimbox/dstopt.py")):
+            c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
     c.run("gcc -O2 -shared -fPIC -Wall -o build/libmptcpize.so native/mptcpize.c -ldl")
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 

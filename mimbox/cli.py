@@ -7,6 +7,7 @@ import logging
 import sys
 
 from mimbox.config import (
+    ENGINES,
     BufferConfig,
     Config,
     ListenerConfig,
@@ -44,11 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--server-mptcp-retry", type=float, default=300.0, metavar="SECONDS",
                    help="a server that answered without MPTCP gets plain TCP sockets (cheaper than an MPTCP "
                         "socket that falls back) for this long, then MPTCP is tried again (default 300; 0: always try)")
+    g.add_argument("--syn-path", choices=("auto", "hold", "accept"), default=ListenerConfig.syn_path,
+                   help="hold: every client SYN waits until the server answered (the paper; refusals are RSTs "
+                        "to the SYN); accept: the kernel answers at once and the server is connected after "
+                        "accept(); auto (default): hold while under the pending caps, past them accept "
+                        "(a spoofed SYN flood then meets SYN cookies, not server connections)")
+    g.add_argument("--hold-rate", type=int, default=ListenerConfig.hold_rate, metavar="N",
+                   help="auto: at most N SYNs/s per client /24 (per worker) are held; the others are answered "
+                        f"by the kernel at once (default {ListenerConfig.hold_rate})")
+    g.add_argument("--pending-limit", type=int, default=ListenerConfig.pending_limit, metavar="N",
+                   help=f"SYNs held at once, per worker (default {ListenerConfig.pending_limit})")
+    g.add_argument("--pending-per-prefix", type=int, default=ListenerConfig.pending_per_prefix, metavar="N",
+                   help=f"SYNs held at once from one client /24 (default {ListenerConfig.pending_per_prefix})")
     g.add_argument("--queue-num", type=int, default=4200,
                    help="NFQUEUE number for held SYNs (default 4200; N workers use QUEUE_NUM..QUEUE_NUM+N-1)")
     g = r.add_argument_group("data path and memory")
-    g.add_argument("--engine", choices=("splice", "copy"), default="splice",
-                   help="splice: zero-copy socket->pipe->socket; copy: read()/write() baseline")
+    g.add_argument("--engine", choices=ENGINES, default=BufferConfig.engine,
+                   help="auto (default): copy through one buffer per worker for a direction's first 256 KB, "
+                        "then splice; splice: always socket->pipe->socket, no copy through user space; "
+                        "copy: always read()/write()")
     g.add_argument("--pipe-size", default="64K", help="pipe (or copy buffer) per direction (default 64K)")
     for side in ("client", "server"):
         for buf in ("rcvbuf", "sndbuf"):
@@ -110,7 +125,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 upstream=parse_hostport(a.upstream) if a.upstream else None,
                                 intercept_ports=_ports(a.intercept), intercept_from=tuple(a.intercept_from),
                                 client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
-                                queue_num=a.queue_num),
+                                queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
+                                pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
                              server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
                              pipe_size=size(a.pipe_size), engine=a.engine),

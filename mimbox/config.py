@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static")
-ENGINES = ("splice", "copy")
+ENGINES = ("auto", "splice", "copy")
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -44,6 +44,10 @@ class ListenerConfig:
     client_mptcp: bool = True                    # listen with IPPROTO_MPTCP (TCP clients fall back)
     server_mptcp: bool = True                    # connect with IPPROTO_MPTCP (TCP servers fall back)
     queue_num: int = 4200                        # NFQUEUE that holds SYNs until the server answers
+    syn_path: str = "auto"                       # hold | accept | auto (see mimbox.synpath.SynGate)
+    pending_limit: int = 256                     # SYNs held at once (per worker) ...
+    pending_per_prefix: int = 64                 # ... and from one client /24
+    hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     backlog: int = 4096
 
 
@@ -55,7 +59,7 @@ class BufferConfig:
     server_rcvbuf: int | None = None
     server_sndbuf: int | None = None
     pipe_size: int = 64 << 10
-    engine: str = "splice"
+    engine: str = "auto"                     # copy a direction's first 256 KB, then splice
 
 
 @dataclass(frozen=True)

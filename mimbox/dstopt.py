@@ -27,6 +27,13 @@ LENGTH = 10
 STRUCT = struct.Struct("!BBH4sH")  # kind, length, ExID, address, port
 assert STRUCT.size == LENGTH
 
+# What the converter-side BPF program (mimbox/bpf/dstopt_server.bpf.c) records per client SYN
+# seen with a DST_OPT: key (client address, client port), value (server address, server port);
+# all in network order, padded to 8 bytes. Mirrored in the generated header as C structs.
+RECORD_KEY = struct.Struct("!4sH2x")
+RECORD_VALUE = struct.Struct("!4sH2x")
+RECORD_ENTRIES = 65536          # LRU: a flood of SYNs that never complete pushes out only the oldest
+
 TCPOPT_EOL, TCPOPT_NOP = 0, 1
 TCPOPT_MPTCP = 30
 MPTCP_SUB_CAPABLE, MPTCP_SUB_JOIN = 0, 1
@@ -152,6 +159,10 @@ def c_header() -> str:
         f"#define DSTOPT_EXID 0x{EXID:04X}\n"
         "/* layout: kind, len, exid (be16), addr (be32), port (be16) */\n"
         "#define DSTOPT_OFF_EXID 2\n#define DSTOPT_OFF_ADDR 4\n#define DSTOPT_OFF_PORT 8\n"
+        f"#define DSTOPT_RECORD_ENTRIES {RECORD_ENTRIES}\n"
+        "/* RECORD_KEY / RECORD_VALUE of mimbox/dstopt.py: network order, 8 bytes each */\n"
+        "struct dstopt_record_key { __u32 saddr; __u16 sport; __u16 pad; };\n"
+        "struct dstopt_record_value { __u32 addr; __u16 port; __u16 pad; };\n"
     )
 
 

@@ -6,6 +6,7 @@ killed predecessor on the same port may have left.
 
     raw/PREROUTING     client SYNs to the listener (or, transparent, to intercepted ports)
                        -> NFQUEUE: held until the converter has connected to the server
+                       (with --syn-path auto, up to a rate per client /24; none with accept)
     mangle/PREROUTING  transparent mode only: TPROXY to the listener of that port, mark for local delivery
     filter/INPUT       SYNs the converter refused (marked in the verdict) -> TCP RST
 """
@@ -65,6 +66,8 @@ class ListenerRules:
     transparent_ports: tuple[int, ...] = ()
     transparent_from: tuple[str, ...] = ()
     workers: int = 1              # SYNs split by source port over queues queue_num .. queue_num+workers-1
+    queue_syns: bool = True       # False: no SYN visits the converter (static/transparent, --syn-path accept)
+    hold_rate: int | None = None  # queue at most this many SYNs/s per client /24 (per worker); None: all
 
     @property
     def chain(self) -> str:
@@ -92,15 +95,25 @@ class ListenerRules:
         return [(self.queue_num + w, ["-m", "u32", "--u32", f"0>>22&0x3C@0>>16&0xFF={lo}:{hi}"])
                 for w, (lo, hi) in enumerate(worker_port_ranges(self.workers))]
 
+    def _rate(self, worker: int) -> list[str]:
+        """Past hold_rate SYNs/s from one client /24, SYNs skip the queue: the kernel answers them
+        (SYN cookies when its backlog is full) and the converter connects after accept()."""
+        if self.hold_rate is None:
+            return []
+        return ["-m", "hashlimit", "--hashlimit-upto", f"{self.hold_rate}/sec", "--hashlimit-burst",
+                str(self.hold_rate), "--hashlimit-mode", "srcip", "--hashlimit-srcmask", "24",
+                "--hashlimit-name", f"mimbox{self.port}w{worker}"]
+
     def install(self) -> "ListenerRules":
         """Remove leftovers of an earlier run on this port, then install this listener's rules."""
         self.remove()
         try:
             for table, hook in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("filter", "INPUT")):
                 ipt("-t", table, "-N", self.chain)
-            for m in self._syn_matches():
-                for queue, split in self._queues():
-                    ipt("-t", "raw", "-A", self.chain, *m, *split, "-j", "NFQUEUE", "--queue-num", str(queue))
+            for m in self._syn_matches() if self.queue_syns else ():
+                for w, (queue, split) in enumerate(self._queues()):
+                    ipt("-t", "raw", "-A", self.chain, *m, *split, *self._rate(w), "-j", "NFQUEUE",
+                        "--queue-num", str(queue))
             ipt("-t", "filter", "-A", self.chain, "-p", "tcp", "-m", "mark", "--mark",
                 f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}", "-j", "REJECT", "--reject-with", "tcp-reset")
             if self.transparent_ports:

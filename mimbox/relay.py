@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
@@ -37,6 +38,8 @@ from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
 from mimbox.stats import Stats, answer, open_endpoint
+from mimbox.synpath import DEFER, REFUSE, Admission, Cause, Destinations, RefusalLog, ServerMemory, SynGate
+from mimbox.synrecord import SynRecorder
 
 log = logging.getLogger("mimbox")
 
@@ -44,17 +47,61 @@ F_SETPIPE_SZ = 1031
 SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 IP_TRANSPARENT = 19
 EPOLLET = select.EPOLLET
+EPOLLOUT = select.EPOLLOUT
+NOT_OUT = ~select.EPOLLOUT
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
 PIPE_POOL = 1024
+# events after which a direction reads until its source is empty; after a bare EPOLLIN one read
+# that did not fill the buffer is enough (new bytes raise a new edge), which saves a failing read
+DRAIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
+# engine auto: a direction moves its first bytes by copying through the worker's buffer (cheapest for
+# short transfers) and splices once it has moved this many (no copy through user space for bulk)
+SPLICE_AFTER = 256 << 10
 
 
-def listener_rules(cfg: Config, workers: int = 1) -> ListenerRules:
+@dataclass
+class SynPlan:
+    """How a listener's client SYNs reach it, decided once (by the relay, or by the supervisor for
+    all its workers): whether any visits NFQUEUE, at what rate per client /24 (auto), and the BPF
+    recorder that tells explicit mode the destination of SYNs that did not."""
+    queue: bool
+    hold_rate: int | None = None          # None: every SYN that matches is queued
+    recorder: SynRecorder | None = None
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+
+def plan_syns(cfg: Config) -> SynPlan:
+    """hold: every SYN queued and held. accept: none queued, except in explicit mode without the
+    BPF recorder (queued only to read DST_OPT, released at once). auto: queued (and held under the
+    caps) up to --hold-rate per client /24, the rest straight to the kernel; again every SYN queued
+    in explicit mode without the recorder."""
+    lc = cfg.listener
+    if lc.syn_path == "hold":
+        return SynPlan(queue=True)
+    recorder = None
+    if lc.mode == "explicit":
+        try:
+            recorder = SynRecorder(lc.port).install()
+        except (RuntimeError, OSError) as e:
+            log.warning("no BPF SYN recorder (%s): every SYN visits the converter to be read", e)
+    needs_queue = lc.mode == "explicit" and recorder is None
+    if lc.syn_path == "accept":
+        return SynPlan(queue=needs_queue, recorder=recorder)
+    return SynPlan(queue=True, hold_rate=None if needs_queue else lc.hold_rate, recorder=recorder)
+
+
+def listener_rules(cfg: Config, plan: SynPlan, workers: int = 1) -> ListenerRules:
     """The netfilter rules a listener of `cfg` needs (installed by the relay, or by the supervisor)."""
     lc = cfg.listener
     return ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
                          transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
-                         transparent_from=lc.intercept_from, workers=workers)
+                         transparent_from=lc.intercept_from, workers=workers, queue_syns=plan.queue,
+                         hold_rate=plan.hold_rate)
 
 
 def raise_fd_limit(connections: int) -> int:
@@ -75,72 +122,9 @@ def raise_fd_limit(connections: int) -> int:
     return max(1, (target - 2 * PIPE_POOL - 256) // 2)
 
 
-class Admission:
-    """The connection limit. Workers share one counter (shared memory, under a lock), so the limit
-    holds for the converter as a whole whichever worker a client's source port picks."""
-
-    def __init__(self, limit: int, shared: bool = False):
-        import multiprocessing
-        self.limit = limit
-        self.shared = multiprocessing.Value("q", 0) if shared else None
-        self.count = 0
-
-    def take(self) -> bool:
-        """Admit one more connection, or say False at the limit."""
-        if self.shared is None:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
-            return True
-        with self.shared.get_lock():
-            if self.shared.value >= self.limit:
-                return False
-            self.shared.value += 1
-            return True
-
-    def give(self) -> None:
-        """A connection admitted by take() has ended."""
-        if self.shared is None:
-            self.count -= 1
-            return
-        with self.shared.get_lock():
-            self.shared.value -= 1
-
-    @property
-    def used(self) -> int:
-        return self.count if self.shared is None else self.shared.value
-
-
-class ServerMemory:
-    """Servers that answered an MPTCP SYN without MPTCP: the next connections to them, for `ttl`
-    seconds, use plain TCP sockets. An MPTCP socket falls back by itself, but its extra layer costs
-    on every system call of the connection (Fig. 5's 1 KB load: 18 % more requests/s with TCP
-    sockets towards nginx). After `ttl` MPTCP is tried again; ttl 0 turns the memory off."""
-
-    def __init__(self, ttl: float, size: int = 65536):
-        self.ttl, self.size = ttl, size
-        self.until: dict[tuple[str, int], float] = {}
-
-    def tcp_only(self, dst: tuple[str, int], now: float) -> bool:
-        t = self.until.get(dst)
-        if t is None:
-            return False
-        if now < t:
-            return True
-        del self.until[dst]
-        return False
-
-    def learn(self, dst: tuple[str, int], mptcp_works: bool, now: float) -> None:
-        if mptcp_works or self.ttl <= 0:
-            self.until.pop(dst, None)
-            return
-        if len(self.until) >= self.size:
-            self.until.pop(next(iter(self.until)))     # the oldest entry (dicts keep insertion order)
-        self.until[dst] = now + self.ttl
-
-
 class Direction:
-    """One way of a connection: src socket -> pipe (or buffer) -> dst socket."""
+    """One way of a connection: src socket -> pipe (splice) or worker buffer (copy) -> dst socket.
+    `buffered` bytes wait for dst: in the pipe, or in `buf` from `off` (what a short write left)."""
     __slots__ = ("src", "dst", "pipe_r", "pipe_w", "buf", "off", "buffered", "eof", "done", "bytes")
 
     def __init__(self, src: int, dst: int):
@@ -157,7 +141,7 @@ class Direction:
 class Connection:
     """A converted connection: the client's socket, the server's, and the two directions."""
     __slots__ = ("client", "server", "up", "down", "client_addr", "dst", "t_syn", "t_accept",
-                 "last", "client_mptcp", "server_mptcp", "closed")
+                 "last", "client_mptcp", "server_mptcp", "closed", "connecting", "tried_mptcp")
 
     def __init__(self, client: socket.socket, server: socket.socket, client_addr, dst, t_syn: float):
         self.client, self.server = client, server
@@ -169,6 +153,8 @@ class Connection:
         self.t_accept = self.last = time.monotonic()
         self.client_mptcp = self.server_mptcp = False
         self.closed = False
+        self.connecting = False       # accepted first: the server connection is still being made
+        self.tried_mptcp = False
 
     def info(self) -> dict:
         return {"client": "%s:%d" % self.client_addr, "server": "%s:%d" % self.dst,
@@ -179,11 +165,12 @@ class Connection:
 
 
 class Pending:
-    """A held SYN and the server connection started for it."""
-    __slots__ = ("pkt", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp")
+    """A held SYN and the server connection started for it (`pkt` None: released, awaiting accept)."""
+    __slots__ = ("pkt", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
 
-    def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool):
+    def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool, client_ip: int):
         self.pkt, self.server, self.dst, self.t_syn = pkt, server, dst, t_syn
+        self.client_ip = client_ip
         self.ready_at = 0.0
         self.tried_mptcp = tried_mptcp
         self.server_mptcp = False
@@ -199,7 +186,9 @@ class Relay:
     """
 
     def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
-                 links: dict[int, socket.socket] | None = None, admission: Admission | None = None):
+                 links: dict[int, socket.socket] | None = None, admission: Admission | None = None,
+                 plan: SynPlan | None = None):
+        """plan: the supervisor's (it owns rules and recorder); None: this relay plans and owns them."""
         self.cfg = cfg.validate()
         lc, bc = cfg.listener, cfg.buffers
         self.worker, self.workers = worker, workers
@@ -211,17 +200,26 @@ class Relay:
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
         self.fd_capacity = raise_fd_limit(self.admission.limit)
         self.stats = Stats()
+        self.gate = SynGate(lc.syn_path, lc.pending_limit, lc.pending_per_prefix)
+        self.destinations = Destinations(ttl=2 * cfg.safety.handshake_timeout)
+        self.refusals = RefusalLog(log)
+        self.plan = plan              # made in open() when this relay owns it
+        self.owns_plan = plan is None
+        self.queue_syns = True
+        self.recorder: SynRecorder | None = None
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
         self.conns: dict[int, tuple[Connection, bool]] = {}   # fd -> (connection, is_client_side)
         self.pipes: list[tuple[int, int]] = []
         self.stopping = False
         self.epoll = select.epoll()
-        self.rules = None if workers > 1 else listener_rules(cfg)
+        self.rules = None
         self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
-        self.pump = self._pump_splice if bc.engine == "splice" else self._pump_copy
+        self.pump = {"splice": self._pump_splice, "copy": self._pump_copy, "auto": self._pump_auto}[bc.engine]
+        self.copy_buf = memoryview(bytearray(bc.pipe_size))   # one per worker: copied bytes never stay in it
+        self.copy_iov = [self.copy_buf]
         self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
@@ -229,6 +227,11 @@ class Relay:
         """Listen, bind the SYN queue, install the rules; everything is undone by close()."""
         lc, bc = self.cfg.listener, self.cfg.buffers
         try:
+            if self.owns_plan:
+                self.plan = plan_syns(self.cfg)
+                self.rules = listener_rules(self.cfg, self.plan)
+            self.queue_syns = self.plan.queue
+            self.recorder = self.plan.recorder
             ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
             for port in ports:
                 ls = mptcp.stream_socket(lc.client_mptcp)
@@ -245,9 +248,10 @@ class Relay:
                 ls.bind((lc.addr, port))
                 ls.listen(lc.backlog)
                 self.epoll.register(ls.fileno(), select.EPOLLIN)
-            self.nfq = NetfilterQueue()
-            self.nfq.bind(lc.queue_num + self.worker, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
-            self.epoll.register(self.nfq.get_fd(), select.EPOLLIN)
+            if self.queue_syns:
+                self.nfq = NetfilterQueue()
+                self.nfq.bind(lc.queue_num + self.worker, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
+                self.epoll.register(self.nfq.get_fd(), select.EPOLLIN)
             for link in self.links.values():
                 link.setblocking(False)
                 self.epoll.register(link.fileno(), select.EPOLLIN)
@@ -259,8 +263,8 @@ class Relay:
         except BaseException:
             self.close()
             raise
-        log.info("listening on %s:%d, mode %s, engine %s, %s -> %s, limit %d connections",
-                 lc.addr, lc.port, lc.mode, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
+        log.info("listening on %s:%d, mode %s, SYN path %s, engine %s, %s -> %s, limit %d connections",
+                 lc.addr, lc.port, lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         return self
@@ -269,10 +273,13 @@ class Relay:
         """Remove the rules, reset what is still open, release every fd (idempotent)."""
         if self.rules is not None:
             self.rules.remove()
+        if self.owns_plan and self.plan is not None:
+            self.plan.close()
         for key, p in list(self.pending.items()):
-            self._refuse_pending(key, p, "converter shutting down")
+            self._refuse_pending(key, p, Cause.SHUTTING_DOWN, "")
         for conn, _ in list(self.conns.values()):
-            self._abort(conn, "converter shutting down")
+            self._abort(conn, Cause.SHUTTING_DOWN.value)
+        self.refusals.flush()
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
@@ -324,7 +331,7 @@ class Relay:
         poll = self.epoll.poll
         conns = self.conns
         lfds = {ls.fileno(): ls for ls in self.listeners}
-        qfd = self.nfq.get_fd()
+        qfd = self.nfq.get_fd() if self.nfq is not None else -3
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         link_fds = {s.fileno(): s for s in self.links.values()}
         next_sweep = time.monotonic() + 1.0
@@ -333,20 +340,20 @@ class Relay:
                 events = poll(1.0)
             except InterruptedError:
                 continue
+            pump = self.pump
             for fd, ev in events:
                 entry = conns.get(fd)
                 if entry is not None:
                     conn, is_client = entry
-                    if is_client:
-                        if ev & ~select.EPOLLOUT:
-                            self.pump(conn, conn.up)
-                        if ev & select.EPOLLOUT and not conn.closed:
-                            self.pump(conn, conn.down)
-                    else:
-                        if ev & ~select.EPOLLOUT:
-                            self.pump(conn, conn.down)
-                        if ev & select.EPOLLOUT and not conn.closed:
-                            self.pump(conn, conn.up)
+                    if conn.connecting:
+                        if not is_client:
+                            self._server_ready(conn, ev)
+                        continue      # client bytes wait in its socket until the server is there
+                    d_in, d_out = (conn.up, conn.down) if is_client else (conn.down, conn.up)
+                    if ev & NOT_OUT:
+                        pump(conn, d_in, ev & DRAIN)
+                    if ev & EPOLLOUT and d_out.buffered and not conn.closed:
+                        pump(conn, d_out, True)      # its destination has room again
                 elif fd == qfd:
                     self.nfq.run(block=False)
                 elif fd in lfds:
@@ -383,15 +390,46 @@ class Relay:
         try:
             dst = self.redirect.destination(syn)
         except OptionError as e:
-            return self._refuse(pkt, key, None, str(e))
-        reason = self.policy.refusal(syn.src, dst[0], dst[1])
-        if reason is None:
-            if len(self.conns) // 2 + len(self.pending) >= self.fd_capacity:
-                reason = f"file descriptor limit reached ({self.fd_capacity} connections per worker)"
-            elif not self.admission.take():
-                reason = f"connection limit {self.admission.limit} reached"
-        if reason is not None:
-            return self._refuse(pkt, key, dst, reason)
+            return self._refuse(pkt, key, None, Cause.BAD_OPTION, str(e))
+        refusal = self.policy.refusal(syn.src, dst[0], dst[1])
+        if refusal is not None:
+            return self._refuse(pkt, key, dst, *refusal)
+        client_ip = int.from_bytes(socket.inet_aton(syn.src), "big")
+        decision = self.gate.decide(client_ip)
+        if decision == DEFER:
+            # The kernel answers this SYN (SYN cookies if its backlog is full); the server is
+            # connected only if the client completes its handshake (_connect_after_accept).
+            self.stats.deferred += 1
+            if self.cfg.listener.mode == "explicit":
+                self.destinations.remember(key, dst, now)
+            pkt.accept()
+            return
+        if decision == REFUSE:
+            return self._refuse(pkt, key, dst, Cause.PENDING_LIMIT, f"{self.gate.held} SYNs held")
+        full = self._capacity_refusal()
+        if full is not None:
+            return self._refuse(pkt, key, dst, *full)
+        try:
+            s, try_mptcp = self._open_server(dst, now)
+        except OSError as e:
+            self.admission.give()
+            return self._refuse(pkt, key, dst, Cause.of_errno(e.errno), f"server {dst[0]}:{dst[1]}: {e.strerror}")
+        p = Pending(pkt, s, dst, now, try_mptcp, client_ip)
+        self.pending[key] = p
+        self.gate.hold(client_ip)
+        self.pending_fds[s.fileno()] = (key, p)
+        self.epoll.register(s.fileno(), WATCH)
+
+    def _capacity_refusal(self) -> tuple[Cause, str] | None:
+        """None after admitting one connection, or why there is no room for it."""
+        if len(self.conns) // 2 + len(self.pending) >= self.fd_capacity:
+            return Cause.FD_LIMIT, f"{self.fd_capacity} connections per worker"
+        if not self.admission.take():
+            return Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections"
+        return None
+
+    def _open_server(self, dst: tuple[str, int], now: float) -> tuple[socket.socket, bool]:
+        """A non-blocking socket connecting to `dst` (MPTCP unless the server was seen without it)."""
         bc = self.cfg.buffers
         try_mptcp = self.cfg.listener.server_mptcp and not self.servers.tcp_only(dst, now)
         if self.cfg.listener.server_mptcp and not try_mptcp:
@@ -404,16 +442,13 @@ class Relay:
             if bc.server_sndbuf:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bc.server_sndbuf)
             err = s.connect_ex(dst)
-        except OSError as e:
-            err = e.errno
+        except OSError:
+            s.close()
+            raise
         if err not in (0, errno.EINPROGRESS):
             s.close()
-            self.admission.give()
-            return self._refuse(pkt, key, dst, f"server {dst[0]}:{dst[1]}: {os.strerror(err)}")
-        p = Pending(pkt, s, dst, now, try_mptcp)
-        self.pending[key] = p
-        self.pending_fds[s.fileno()] = (key, p)
-        self.epoll.register(s.fileno(), WATCH)
+            raise OSError(err, os.strerror(err))
+        return s, try_mptcp
 
     def _server_connected(self, fd: int, ev: int) -> None:
         key, p = self.pending_fds[fd]
@@ -424,7 +459,7 @@ class Relay:
             err = p.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)   # writable alone: connected
         if err:
             self.stats.errors["server " + errno.errorcode.get(err, str(err))] += 1
-            return self._refuse_pending(key, p, f"server {p.dst[0]}:{p.dst[1]}: {os.strerror(err)}")
+            return self._refuse_pending(key, p, Cause.of_errno(err), f"server {p.dst[0]}:{p.dst[1]}: {os.strerror(err)}")
         now = time.monotonic()
         self.stats.server_connected(now - p.t_syn)
         if p.tried_mptcp:
@@ -434,15 +469,17 @@ class Relay:
         pkt, p.pkt = p.pkt, None
         pkt.accept()              # the kernel now answers the client's SYN
 
-    def _refuse(self, pkt, key, dst, reason: str) -> None:
-        self.stats.refused[reason.split(":")[0].split(" (")[0]] += 1
-        log.warning("refused %s:%d -> %s: %s", key[0], key[1], "%s:%d" % dst if dst else "?", reason)
+    def _refuse(self, pkt, key, dst, cause: Cause, detail: str) -> None:
+        self.stats.refused[cause.value] += 1
+        self.refusals.refused(cause, f"{key[0]}:{key[1]} -> {'%s:%d' % dst if dst else '?'}"
+                                     + (f" ({detail})" if detail else ""))
         pkt.set_mark(REFUSE_MARK)
         pkt.accept()              # filter/INPUT answers a marked SYN with a TCP RST
 
-    def _refuse_pending(self, key, p: Pending, reason: str) -> None:
+    def _refuse_pending(self, key, p: Pending, cause: Cause, detail: str) -> None:
         if self.pending.pop(key, None) is not None:
             self.admission.give()
+            self.gate.release(p.client_ip)
         self.pending_fds.pop(p.server.fileno(), None)
         try:
             self.epoll.unregister(p.server.fileno())
@@ -450,26 +487,27 @@ class Relay:
             pass
         p.server.close()
         if p.pkt is not None:
-            self._refuse(p.pkt, key, p.dst, reason)
+            self._refuse(p.pkt, key, p.dst, cause, detail)
             p.pkt = None
 
     # -- accept / pair -------------------------------------------------------------------------------
     def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                cs, addr = ls.accept()
-            except BlockingIOError:
+        """One connection per event: the listener is level-triggered, so epoll reports it again
+        while more wait, and no accept() ends in a failing call (an exception in Python)."""
+        try:
+            cs, addr = ls.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.stats.errors["accept " + errno.errorcode.get(e.errno, str(e.errno))] += 1
+            return
+        if self.workers > 1 and self.queue_syns:
+            owner = worker_of_port(addr[1], self.workers)
+            if owner != self.worker:
+                self._hand_over(cs, owner)
                 return
-            except OSError as e:
-                self.stats.errors["accept " + errno.errorcode.get(e.errno, str(e.errno))] += 1
-                return
-            if self.workers > 1:
-                owner = worker_of_port(addr[1], self.workers)
-                if owner != self.worker:
-                    self._hand_over(cs, owner)
-                    continue
-            cs.setblocking(False)
-            self._pair(cs, addr)
+        cs.setblocking(False)
+        self._pair(cs, addr)
 
     def _hand_over(self, cs: socket.socket, owner: int) -> None:
         """Another worker held this connection's SYN and has its server socket: pass the client socket."""
@@ -501,43 +539,112 @@ class Relay:
     def _pair(self, cs: socket.socket, addr) -> None:
         """Pair an accepted client socket with the server socket started at its SYN; start relaying."""
         p = self.pending.get(addr)
-        if p is None or p.pkt is not None:
-            # No held SYN for it (e.g. it arrived while the rules were being installed): reset.
-            self.stats.errors["accept without SYN"] += 1
+        if p is None:
+            return self._connect_after_accept(cs, addr)
+        if p.pkt is not None:
+            # Its SYN is still held (a retransmission the kernel answered before ours was): reset.
+            self.stats.errors["accept while SYN held"] += 1
             self._reset(cs)
             return
         del self.pending[addr]
+        self.gate.release(p.client_ip)
         sfd = p.server.fileno()
         del self.pending_fds[sfd]
-        self.stats.accepted += 1
         conn = Connection(cs, p.server, addr, p.dst, p.t_syn)
-        conn.client_mptcp = mptcp.is_mptcp(cs)
         conn.server_mptcp = p.server_mptcp
-        st = self.stats
-        if conn.client_mptcp:
-            st.client_mptcp += 1
-        else:
-            st.client_tcp += 1
-        if conn.server_mptcp:
-            st.server_mptcp += 1
-        else:
-            st.server_tcp += 1
-        self._attach(conn.up)
-        self._attach(conn.down)
-        cfd = cs.fileno()
-        self.conns[cfd] = (conn, True)
-        self.conns[sfd] = (conn, False)
-        self.epoll.register(cfd, WATCH)
+        self._start(conn)
+        self._count_server(conn)
         # the server socket is registered since connect(); ET: pump once for data already there
         self.pump(conn, conn.down)
         if not conn.closed:
             self.pump(conn, conn.up)
 
-    def _attach(self, d: Direction) -> None:
-        if self.pump == self._pump_copy:
-            d.buf = memoryview(bytearray(self.cfg.buffers.pipe_size))
-        # splice: a pipe is taken from the pool only while bytes are in flight (_take_pipe)
+    def _start(self, conn: Connection) -> None:
+        """Count the accepted connection and watch both its sockets."""
+        st = self.stats
+        st.accepted += 1
+        conn.client_mptcp = mptcp.is_mptcp(conn.client)
+        if conn.client_mptcp:
+            st.client_mptcp += 1
+        else:
+            st.client_tcp += 1
+        self._attach(conn.up)
+        self._attach(conn.down)
+        cfd, sfd = conn.client.fileno(), conn.server.fileno()
+        self.conns[cfd] = (conn, True)
+        self.conns[sfd] = (conn, False)
+        self.epoll.register(cfd, WATCH)
 
+    def _connect_after_accept(self, cs: socket.socket, addr) -> None:
+        """A client whose SYN was not held (accept or auto past the caps): find its destination,
+        check it, connect; the client is reset if that fails (it has no byte relayed yet)."""
+        now = time.monotonic()
+        lc = self.cfg.listener
+        if lc.mode == "static":
+            dst = lc.upstream
+        elif lc.mode == "transparent":
+            dst = cs.getsockname()     # TPROXY kept the address the client asked for
+        else:
+            dst = self.destinations.take(addr, now) or (self.recorder.pop(addr) if self.recorder else None)
+            if dst is None:
+                return self._refuse_accepted(cs, addr, None, Cause.NO_DESTINATION, "no DST_OPT seen in its SYN")
+            if dst[1] == 0 or dst[0] == "0.0.0.0":
+                return self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
+        refusal = self.policy.refusal(addr[0], dst[0], dst[1])   # its SYN may not have been judged
+        if refusal is not None:
+            return self._refuse_accepted(cs, addr, dst, *refusal)
+        full = self._capacity_refusal()
+        if full is not None:
+            return self._refuse_accepted(cs, addr, dst, *full)
+        try:
+            s, try_mptcp = self._open_server(dst, now)
+        except OSError as e:
+            self.admission.give()
+            return self._refuse_accepted(cs, addr, dst, Cause.of_errno(e.errno), f"server: {e.strerror}")
+        conn = Connection(cs, s, addr, dst, now)
+        conn.connecting, conn.tried_mptcp = True, try_mptcp
+        self._start(conn)
+        self.epoll.register(s.fileno(), WATCH)
+
+    def _server_ready(self, conn: Connection, ev: int) -> None:
+        """The server connection of an accepted-first client is established (or failed)."""
+        err = 0
+        if ev & (select.EPOLLERR | select.EPOLLHUP) or not ev & select.EPOLLOUT:
+            err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err and not ev & select.EPOLLOUT:
+                return            # not yet
+        if err:
+            cause = Cause.of_errno(err)
+            self.stats.refused[cause.value] += 1
+            self.refusals.refused(cause, "%s:%d -> %s:%d (after accept: %s)" % (*conn.client_addr, *conn.dst,
+                                                                                 os.strerror(err)))
+            self._close(conn, reset=True)
+            return
+        now = time.monotonic()
+        conn.connecting = False
+        self.stats.server_connected(now - conn.t_syn)
+        if conn.tried_mptcp:
+            conn.server_mptcp = mptcp.is_mptcp(conn.server)
+            self.servers.learn(conn.dst, conn.server_mptcp, now)
+        self._count_server(conn)
+        self.pump(conn, conn.up)          # what the client sent meanwhile (its edges were not acted on)
+        if ev & select.EPOLLIN and not conn.closed:
+            self.pump(conn, conn.down)    # later server bytes raise their own edge
+
+    def _count_server(self, conn: Connection) -> None:
+        if conn.server_mptcp:
+            self.stats.server_mptcp += 1
+        else:
+            self.stats.server_tcp += 1
+
+    def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
+        self.stats.refused[cause.value] += 1
+        self.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
+                                     + (f": {detail})" if detail else ")"))
+        self._reset(cs)
+
+    def _attach(self, d: Direction) -> None:
+        pass      # nothing per direction up front: pipes come from the pool while bytes are in flight
     def _take_pipe(self, d: Direction) -> None:
         if self.pipes:
             d.pipe_r, d.pipe_w = self.pipes.pop()
@@ -558,10 +665,20 @@ class Relay:
         d.pipe_r = d.pipe_w = -1
 
     # -- data path -------------------------------------------------------------------------------------
-    def _pump_splice(self, conn: Connection, d: Direction) -> None:
+    def _pump_auto(self, conn: Connection, d: Direction, drain=True) -> None:
+        """Copy a direction's first SPLICE_AFTER bytes, splice the rest."""
+        if d.pipe_r >= 0 or (d.bytes >= SPLICE_AFTER and not d.buffered):
+            self._pump_splice(conn, d, drain)
+        else:
+            self._pump_copy(conn, d, drain)
+
+    def _pump_splice(self, conn: Connection, d: Direction, drain=True) -> None:
+        """src -> pipe -> dst without copying through user space; `drain`: read until src is empty,
+        else stop after a read that did not fill the pipe."""
         splice = os.splice
         flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
         size = self.cfg.buffers.pipe_size
+        short = False
         try:
             while True:
                 if d.buffered:
@@ -571,7 +688,11 @@ class Relay:
                         return    # dst full: EPOLLOUT on dst resumes us
                     d.buffered -= n
                     d.bytes += n
-                    continue
+                    if d.buffered:
+                        continue
+                    if short and not drain:
+                        self._give_pipe(d)
+                        return    # a short read emptied src: its next bytes raise a new edge
                 if d.eof:
                     return self._finish(conn, d)
                 if d.pipe_r < 0:
@@ -585,33 +706,50 @@ class Relay:
                     d.eof = True
                 else:
                     d.buffered = n
+                    short = n < size
                     conn.last = time.monotonic()
         except OSError as e:
             self._abort(conn, errno.errorcode.get(e.errno, str(e.errno)))
 
-    def _pump_copy(self, conn: Connection, d: Direction) -> None:
+    def _pump_copy(self, conn: Connection, d: Direction, drain=True) -> None:
+        """src -> the worker's buffer -> dst; what dst does not take at once is kept in the direction
+        (at most one buffer's worth) and src is not read until it is delivered."""
+        buf = self.copy_buf
+        size = len(buf)
+        readv, write, iov = os.readv, os.write, self.copy_iov
         try:
-            while True:
+            if d.buffered:
+                try:
+                    n = write(d.dst, d.buf[d.off:])
+                except BlockingIOError:
+                    return
+                d.off += n
+                d.buffered -= n
+                d.bytes += n
                 if d.buffered:
-                    try:
-                        n = os.write(d.dst, d.buf[d.off:d.off + d.buffered])
-                    except BlockingIOError:
-                        return
-                    d.off += n
-                    d.buffered -= n
-                    d.bytes += n
-                    continue
+                    return        # still blocked: EPOLLOUT on dst resumes us
+                d.buf = None
+            while True:
                 if d.eof:
                     return self._finish(conn, d)
                 try:
-                    n = os.readv(d.src, [d.buf])
+                    n = readv(d.src, iov)
                 except BlockingIOError:
-                    return
+                    return        # src empty: EPOLLIN on src resumes us
                 if n == 0:
                     d.eof = True
-                else:
-                    d.off, d.buffered = 0, n
-                    conn.last = time.monotonic()
+                    continue
+                conn.last = time.monotonic()
+                try:
+                    w = write(d.dst, buf[:n])
+                except BlockingIOError:
+                    w = 0
+                d.bytes += w
+                if w < n:
+                    d.buf, d.off, d.buffered = bytes(buf[w:n]), 0, n - w
+                    return        # dst full: EPOLLOUT on dst resumes us
+                if n < size and not drain:
+                    return        # a short read emptied src: its next bytes raise a new edge
         except OSError as e:
             self._abort(conn, errno.errorcode.get(e.errno, str(e.errno)))
 
@@ -678,10 +816,18 @@ class Relay:
         for key, p in list(self.pending.items()):
             if p.pkt is not None and now - p.t_syn > sc.connect_timeout:
                 self.stats.errors["server connect timeout"] += 1
-                self._refuse_pending(key, p, f"server {p.dst[0]}:{p.dst[1]}: no answer in {sc.connect_timeout:g}s")
+                self._refuse_pending(key, p, Cause.SERVER_TIMEOUT,
+                                     f"server {p.dst[0]}:{p.dst[1]}: no answer in {sc.connect_timeout:g}s")
             elif p.pkt is None and now - p.ready_at > sc.handshake_timeout:
                 self.stats.errors["client handshake timeout"] += 1
-                self._refuse_pending(key, p, "client never completed its handshake")
+                self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
+        for conn in {id(c): c for c, _ in self.conns.values() if c.connecting}.values():
+            if now - conn.t_accept > sc.connect_timeout:
+                self.stats.refused[Cause.SERVER_TIMEOUT.value] += 1
+                self._abort(conn, Cause.SERVER_TIMEOUT.value)
+        self.destinations.expire(now)
+        if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
+            self.refusals.flush()
         if sc.idle_timeout > 0:
             idle = {id(c): c for c, _ in self.conns.values() if now - c.last > sc.idle_timeout}
             for conn in idle.values():
@@ -690,6 +836,7 @@ class Relay:
     def snapshot(self, connections: bool = True) -> dict:
         conns = {id(c): c for c, _ in self.conns.values()}.values()
         extra = {"active": len(conns), "pending": len(self.pending), "limit": self.admission.limit,
+                 "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
                  "pipes_pooled": len(self.pipes), "workers": self.workers}

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass
 
 from mimbox.config import SafetyConfig, local_addresses, local_subnets
+from mimbox.synpath import Cause
 
 # Never a destination, whatever the configuration says.
 BUILTIN_DENY = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
@@ -14,7 +15,7 @@ BUILTIN_DENY = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "24
 
 @dataclass
 class Policy:
-    """Decides on (client, destination); `refusal()` returns None or the reason for the log line."""
+    """Decides on (client, destination); `refusal()` returns None, or the cause and its detail."""
     allow_clients: list[ipaddress.IPv4Network]
     deny: list[ipaddress.IPv4Network]
     own: set[ipaddress.IPv4Address]
@@ -32,18 +33,26 @@ class Policy:
         self._deny = [(int(n.network_address), int(n.netmask), n) for n in self.deny]
         self._own = {int(a) for a in self.own}
 
-    def refusal(self, client: str, dst: str, dport: int) -> str | None:
+    def client_refusal(self, client: str) -> tuple[Cause, str] | None:
+        """Only the client check (the destination may not be known yet)."""
+        c = int.from_bytes(socket.inet_aton(client), "big")
+        if not any(c & m == n for n, m in self._allow):
+            return Cause.CLIENT_NOT_ALLOWED, f"client {client} not in allowed prefixes"
+        return None
+
+    def refusal(self, client: str, dst: str, dport: int) -> tuple[Cause, str] | None:
+        """None if `client` may reach dst:dport through the converter, else (cause, detail)."""
         c = int.from_bytes(socket.inet_aton(client), "big")
         d = int.from_bytes(socket.inet_aton(dst), "big")
         if not any(c & m == n for n, m in self._allow):
-            return f"client {client} not in allowed prefixes"
+            return Cause.CLIENT_NOT_ALLOWED, f"client {client} not in allowed prefixes"
         if d in self._own:
-            return f"destination {dst} is the converter itself"
+            return Cause.DESTINATION_DENIED, f"destination {dst} is the converter itself"
         for n, m, net in self._deny:
             if d & m == n:
-                return f"destination {dst} denied ({net})"
+                return Cause.DESTINATION_DENIED, f"destination {dst} denied ({net})"
         if dport == 0:
-            return "destination port 0"
+            return Cause.DESTINATION_DENIED, "destination port 0"
         return None
 
     def describe(self) -> str:

@@ -27,6 +27,7 @@ class Stats:
     server_connects: int = 0
     server_tcp_remembered: int = 0   # plain TCP chosen: the server answered MPTCP without it recently
     handed_over: int = 0       # accepted here, relayed by the worker that held the SYN
+    deferred: int = 0          # SYNs not held (--syn-path accept, or auto past the pending caps)
 
     def server_connected(self, seconds: float) -> None:
         us = seconds * 1e6
@@ -43,7 +44,7 @@ class Stats:
         return d
 
 
-SUMMED = ("active", "pending", "pipes_pooled", "fd_capacity")
+SUMMED = ("active", "pending", "pipes_pooled", "fd_capacity", "log_lines_refused")
 
 
 def merge(snapshots: list[dict], **extra) -> dict:

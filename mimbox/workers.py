@@ -50,9 +50,10 @@ class Supervisor:
     """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
 
     def __init__(self, cfg: Config, workers: int, drain_timeout: float = 30.0):
-        from mimbox.relay import Admission, listener_rules
+        from mimbox.synpath import Admission
         self.cfg, self.workers, self.drain_timeout = cfg.validate(), workers, drain_timeout
-        self.rules = listener_rules(cfg, workers)
+        self.plan = None     # made in run(): the BPF recorder's map fd is inherited by the workers
+        self.rules = None
         self.admission = Admission(cfg.connection_limit(), shared=True)
         self.children: dict[int, int] = {}     # pid -> worker index
         self.stats_sock: socket.socket | None = None
@@ -101,7 +102,8 @@ class Supervisor:
         try:
             cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
                                       if self.cfg.stats_path else None)
-            with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission) as relay:
+            with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission,
+                       plan=self.plan) as relay:
                 os.write(ready_w, b"r")
                 os.close(ready_w)
                 relay.serve(drain_timeout=self.drain_timeout)
@@ -174,8 +176,11 @@ class Supervisor:
         """Start the workers, install the rules, serve stats until SIGTERM/SIGINT; 0 on a clean stop."""
         def stop(*_):
             self.stopping = True
+        from mimbox.relay import listener_rules, plan_syns
         code = 0
         try:
+            self.plan = plan_syns(self.cfg)
+            self.rules = listener_rules(self.cfg, self.plan, self.workers)
             ready_r = self._fork_workers()
             old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
             self._wait_ready(ready_r)
@@ -196,8 +201,11 @@ class Supervisor:
             for s, h in old.items():
                 signal.signal(s, h)
         finally:
-            self.rules.remove()           # new SYNs meet a closed port from now on
+            if self.rules is not None:
+                self.rules.remove()       # new SYNs meet a closed port from now on
             self._stop_workers()
+            if self.plan is not None:
+                self.plan.close()
             if self.stats_sock is not None:
                 self.stats_sock.close()
                 try:

@@ -18,7 +18,8 @@ PY = sys.executable
 
 
 def pytest_configure(config):
-    if os.geteuid() != 0:
+    unit_only = config.args and all("tests/unit" in str(a) for a in config.args)
+    if os.geteuid() != 0 and not unit_only:
         pytest.exit("the tests build network namespaces: run them as root", returncode=2)
 
 

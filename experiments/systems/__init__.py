@@ -136,21 +136,26 @@ class Router(System):
 class MiMBox(System):
     """Our converter, started with `mimbox run` on the converter host."""
 
-    def __init__(self, mode: str = "static", engine: str = "splice", port: int = 7000, extra: list[str] = (),
-                 cpus: str | None = None, workers: int | None = None):
-        """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core)."""
+    def __init__(self, mode: str = "static", engine: str | None = None, port: int = 7000, extra: list[str] = (),
+                 cpus: str | None = None, workers: int | None = None, syn_path: str | None = None):
+        """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core);
+        engine, syn_path: None is the converter's default."""
         super().__init__(cpus)
         self.mode, self.engine, self.port, self.extra = mode, engine, port, list(extra)
         if workers is not None:
             self.extra += ["--workers", str(workers)]
-        self.name = "mimbox" + ("" if mode == "explicit" else f"-{mode}") + ("" if engine == "splice" else f"-{engine}") \
-            + (f"-{workers}w" if workers else "")
+        if syn_path is not None:
+            self.extra += ["--syn-path", syn_path]
+        if engine is not None:
+            self.extra += ["--engine", engine]
+        self.name = "mimbox" + ("" if mode == "explicit" else f"-{mode}") + (f"-{engine}" if engine else "") \
+            + (f"-{syn_path}" if syn_path else "") + (f"-{workers}w" if workers else "")
         self.loops = workers or 1
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
         argv = [PY, "-m", "mimbox.cli", "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
-                "--engine", self.engine, "--stats", f"/run/mimbox/test-{self.port}-{os.getpid()}.sock",
+                "--stats", f"/run/mimbox/test-{self.port}-{os.getpid()}.sock",
                 *self.extra]
         if self.mode == "static":
             argv += ["--upstream", f"{tb.server_ip}:{server_port}"]

@@ -1,0 +1,106 @@
+"""Per-connection cost: where the converter is the bottleneck, what each design choice costs.
+
+Fig. 5's converter-bound point (1 KB files, 40 clients, a new connection per request, every
+converter held to the same CPU quota) for MiMBox's variants beside HAProxy (http and tcp modes)
+and the paper's read()/write() converter, interleaved in one run: the SYN path (hold every SYN
+until the server answered, as the paper; or let the kernel answer and connect after accept()),
+and the data engine (splice through a pipe, or recv/send through a buffer). req/s and converter CPU
+µs per request; the variant that wins becomes the default (README, issue notes).
+"""
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import servers  # noqa: E402
+from experiments.common import (  # noqa: E402
+    CONVERTER_CPUS,
+    CONVERTER_QUOTA_CORES,
+    END_HOST_CPUS,
+    converter_boxes,
+    mean_ci,
+    run_experiment,
+)
+from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
+from experiments.workload import HTTP_PORT, _measure  # noqa: E402
+from topologies.regimes import CONVERTER_BOUND  # noqa: E402
+from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+
+NAME = "percost_converter"
+FULL = dict(size=1024, reps=5, seconds=5, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+
+
+def systems() -> list:
+    """The peers; MiMBox as of round 1 (every SYN held, splice); MiMBox's defaults; its variants."""
+    c = CONVERTER_CPUS
+    return [Router(), HAProxy(threads=1, cpus=c), HAProxy(threads=1, mode="tcp", port=7008, cpus=c),
+            Naive("readwrite", port=7001, cpus=c),
+            MiMBox(mode="explicit", cpus=c, syn_path="hold", engine="splice"),
+            MiMBox(mode="explicit", port=7011, cpus=c, syn_path="hold", extra=["--queue-num", "4311"]),
+            MiMBox(mode="explicit", port=7010, cpus=c, extra=["--queue-num", "4310"]),
+            MiMBox(mode="explicit", port=7014, cpus=c, syn_path="accept", extra=["--queue-num", "4314"]),
+            MiMBox(mode="static", port=7012, cpus=c, extra=["--queue-num", "4312"]),
+            MiMBox(mode="static", port=7013, cpus=c, syn_path="accept", extra=["--queue-num", "4313"])]
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    with Testbed(PaperTopo()) as tb:
+        web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
+        web_mptcp = servers.nginx(tb, [params["size"]], HTTP_PORT + 1, mptcp=True, cpus=END_HOST_CPUS)
+        syss = systems()
+        try:
+            with converter_boxes(syss, CONVERTER_BOUND, params["quota_cores"]) as box:
+                try:
+                    for s in syss:
+                        s.start(tb, HTTP_PORT)
+                    rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
+                    syn_paths = {s.name: {k: s.stats().get(k) for k in ("syns", "deferred", "accepted", "refused")}
+                                 for s in syss if isinstance(s, MiMBox)}
+                finally:
+                    for s in syss:
+                        s.stop()
+        finally:
+            web.stop()
+            web_mptcp.stop()
+    return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths}
+
+
+def tables(df: pd.DataFrame) -> dict:
+    """Mean req/s and µs/request per system, and each over HAProxy-1t (http)."""
+    g = df.groupby("system", sort=False).agg(req_per_s=("req_per_s", "mean"), cpu_us_per_req=("cpu_us_per_req", "mean"))
+    ref = g.loc["haproxy-1t"]
+    g["req_per_s_vs_haproxy_1t"] = (g.req_per_s / ref.req_per_s).round(3)
+    g["cpu_vs_haproxy_1t"] = (g.cpu_us_per_req / ref.cpu_us_per_req).round(3)
+    return {"summary": g.reset_index()}
+
+
+def problems(df: pd.DataFrame) -> list[str]:
+    bad = df[(df["socket_errors"] > 0) | (df["non_2xx"] > 0)]
+    return [f"{r.system} rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx" for r in bad.itertuples()]
+
+
+def plot(df: pd.DataFrame):
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(dict.fromkeys(df.system))
+    for axis, col, label in ((ax, "req_per_s", "requests/s"), (ax2, "cpu_us_per_req", "converter CPU µs/request")):
+        st = [mean_ci(df[df.system == n][col].dropna()) if df[df.system == n][col].notna().any() else (0, 0)
+              for n in names]
+        axis.barh(names, [m for m, _ in st], xerr=[c for _, c in st], color="tab:blue", alpha=.7)
+        axis.set_xlabel(label)
+        axis.grid(alpha=.3, axis="x")
+        axis.invert_yaxis()
+    ax2.set_yticklabels([])
+    fig.suptitle(f"1 KB, 40 clients, new connection per request; each converter at "
+                 f"{df.attrs.get('quota', CONVERTER_QUOTA_CORES):g} core", fontsize=9)
+    return fig
+
+
+def main(quick: bool = True, **overrides) -> pd.DataFrame:
+    """Run this experiment (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

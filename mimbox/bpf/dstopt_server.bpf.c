@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: GPL-2.0
+/* MiMBox converter side of explicit redirection: record each client SYN's DST_OPT.
+ *
+ * tc ingress on the converter's interfaces (direct action, always TC_ACT_UNSPEC: it only looks, and
+ * the next filter, e.g. another listener's recorder, still sees the packet).
+ * For a TCP SYN to the listener's port that carries a DST_OPT, it stores (client address, client
+ * port) -> (server address, server port) in an LRU map. The converter reads (and deletes) the entry
+ * when it accept()s the connection, so a SYN it did not hold still tells it where to go, and the
+ * SYN never visits user space. Layout and constants: mimbox/dstopt.py (generated dstopt.h).
+ */
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "dstopt.h"
+
+#define MAX_OPTS 40		/* TCP options are at most 40 bytes */
+
+/* [0]: the listener's TCP port, network order */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} mimbox_port SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, DSTOPT_RECORD_ENTRIES);
+	__type(key, struct dstopt_record_key);
+	__type(value, struct dstopt_record_value);
+} mimbox_syn_dst SEC(".maps");
+
+/* The option list, copied out of the packet, and where the walk is. */
+struct scan {
+	__u8 opts[MAX_OPTS];
+	__u32 len;
+	__u32 i;
+	__s32 found;		/* offset of a DST_OPT in opts, or -1 */
+};
+
+/* One step of the option walk (bpf_loop: the verifier checks this once, not 40 unrolled paths). */
+static long scan_step(__u32 n, void *ctx)
+{
+	struct scan *s = ctx;
+	__u32 i = s->i;
+	__u8 kind, len;
+
+	if (i >= s->len || i >= MAX_OPTS - 1)
+		return 1;
+	kind = s->opts[i];
+	if (kind == 0)
+		return 1;
+	if (kind == 1) {
+		s->i = i + 1;
+		return 0;
+	}
+	len = s->opts[i + 1];
+	if (len < 2)
+		return 1;
+	if (kind == DSTOPT_KIND && len == DSTOPT_LEN) {
+		if (i + DSTOPT_LEN <= s->len)
+			s->found = i;
+		return 1;
+	}
+	s->i = i + len;
+	return 0;
+}
+
+SEC("tc")
+int mimbox_record_dstopt(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	struct dstopt_record_key k = {};
+	struct dstopt_record_value v = {};
+	struct scan s = {.found = -1};
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	struct tcphdr *tcp;
+	__u32 zero = 0, *port, off;
+	__s32 f;
+	__u8 *o;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_UNSPEC;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+		return TC_ACT_UNSPEC;
+	tcp = (void *)ip + ip->ihl * 4;
+	if ((void *)(tcp + 1) > end || !tcp->syn || tcp->ack)
+		return TC_ACT_UNSPEC;
+	port = bpf_map_lookup_elem(&mimbox_port, &zero);
+	if (!port || tcp->dest != (__u16)*port || tcp->doff <= 5)
+		return TC_ACT_UNSPEC;
+	s.len = tcp->doff * 4 - sizeof(*tcp);
+	if (s.len == 0 || s.len > MAX_OPTS)
+		return TC_ACT_UNSPEC;
+	off = sizeof(*eth) + ip->ihl * 4 + sizeof(*tcp);
+	if (bpf_skb_load_bytes(skb, off, s.opts, s.len))
+		return TC_ACT_UNSPEC;
+	bpf_loop(MAX_OPTS, scan_step, &s, 0);
+	f = s.found;
+	if (f < 0 || f > MAX_OPTS - DSTOPT_LEN)
+		return TC_ACT_UNSPEC;
+	o = s.opts + f;
+	if (((o[DSTOPT_OFF_EXID] << 8) | o[DSTOPT_OFF_EXID + 1]) != DSTOPT_EXID)
+		return TC_ACT_UNSPEC;
+	k.saddr = ip->saddr;
+	k.sport = tcp->source;
+	__builtin_memcpy(&v.addr, o + DSTOPT_OFF_ADDR, 4);
+	__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT, 2);
+	bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_ANY);
+	return TC_ACT_UNSPEC;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,189 @@
+"""The converter's decision logic, without sockets or root: `pytest tests/unit` as any user."""
+import errno
+import ipaddress
+import logging
+
+import pytest
+
+from mimbox.netfilter import ListenerRules, worker_of_port, worker_port_ranges
+from mimbox.safety import Policy
+from mimbox.synpath import (
+    DEFER,
+    HOLD,
+    REFUSE,
+    Admission,
+    Cause,
+    Destinations,
+    RefusalLog,
+    ServerMemory,
+    SynGate,
+)
+
+
+def ip(a: str) -> int:
+    return int(ipaddress.IPv4Address(a))
+
+
+class TestSynGate:
+    def test_auto_holds_under_the_caps_and_defers_past_them(self):
+        g = SynGate("auto", limit=3, per_prefix=2)
+        for _ in range(2):
+            assert g.decide(ip("10.0.1.7")) == HOLD
+            g.hold(ip("10.0.1.7"))
+        assert g.decide(ip("10.0.1.200")) == DEFER      # same /24: its prefix cap is reached
+        assert g.decide(ip("10.0.2.1")) == HOLD         # another prefix still fits in the total
+        g.hold(ip("10.0.2.1"))
+        assert g.decide(ip("10.0.3.1")) == DEFER        # total cap
+        g.release(ip("10.0.1.7"))
+        assert g.decide(ip("10.0.1.9")) == HOLD         # 2 of 3 held, 1 of 2 from its prefix
+        g.release(ip("10.0.2.1"))
+        assert g.held == 1 and dict(g.by_prefix) == {ip("10.0.1.0"): 1}
+
+    def test_hold_refuses_past_the_caps_and_accept_never_holds(self):
+        g = SynGate("hold", limit=1, per_prefix=1)
+        g.hold(ip("10.0.1.1"))
+        assert g.decide(ip("10.0.1.2")) == REFUSE
+        assert SynGate("accept").decide(ip("10.0.1.2")) == DEFER
+
+    def test_release_forgets_empty_prefixes(self):
+        g = SynGate("auto")
+        for a in ("10.0.1.1", "10.0.1.2"):
+            g.hold(ip(a))
+        for a in ("10.0.1.1", "10.0.1.2"):
+            g.release(ip(a))
+        assert g.held == 0 and not g.by_prefix
+
+    def test_unknown_mode(self):
+        with pytest.raises(ValueError, match="unknown SYN path"):
+            SynGate("sometimes")
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+class TestRefusalLog:
+    def test_burst_then_one_summary_line_counters_elsewhere(self, caplog):
+        clock = FakeClock()
+        rl = RefusalLog(logging.getLogger("t"), burst=3, interval=1.0, clock=clock)
+        with caplog.at_level(logging.WARNING, logger="t"):
+            for i in range(1000):
+                rl.refused(Cause.PENDING_LIMIT if i % 2 else Cause.BAD_OPTION, f"10.0.1.{i % 250}:{i}")
+            assert len(caplog.records) == 3
+            clock.t += 1.0
+            rl.refused(Cause.BAD_OPTION, "10.0.1.1:1")
+        msgs = [r.getMessage() for r in caplog.records]
+        assert len(msgs) == 5 and rl.lines == 5
+        assert "997 more refusals suppressed" in msgs[3]
+        assert "pending limit 499" in msgs[3] and "bad option 498" in msgs[3]
+        assert msgs[0].startswith("refused 10.0.1.0:0") and msgs[0].endswith("bad option")
+
+    def test_quiet_windows_write_nothing_extra(self, caplog):
+        clock = FakeClock()
+        rl = RefusalLog(logging.getLogger("t2"), burst=2, clock=clock)
+        with caplog.at_level(logging.WARNING, logger="t2"):
+            for _ in range(5):
+                rl.refused(Cause.SERVER_REFUSED, "x")
+                clock.t += 2
+        assert rl.lines == 5 and not rl.suppressed
+
+
+def test_destinations_are_taken_once_bounded_and_expire():
+    d = Destinations(size=2, ttl=5.0)
+    d.remember(("10.0.1.1", 1), ("10.0.101.1", 80), now=0)
+    d.remember(("10.0.1.1", 2), ("10.0.101.1", 81), now=1)
+    d.remember(("10.0.1.1", 3), ("10.0.101.1", 82), now=2)     # pushes out port 1
+    assert d.take(("10.0.1.1", 1), now=2) is None
+    assert d.take(("10.0.1.1", 2), now=2) == ("10.0.101.1", 81)
+    assert d.take(("10.0.1.1", 2), now=2) is None               # once
+    assert d.take(("10.0.1.1", 3), now=8) is None               # older than ttl
+    d.remember(("10.0.1.1", 4), ("10.0.101.1", 83), now=10)
+    d.expire(now=16)
+    assert not d.entries
+
+
+def test_admission_limit():
+    a = Admission(2)
+    assert a.take() and a.take() and not a.take()
+    a.give()
+    assert a.used == 1 and a.take()
+
+
+def test_shared_admission_counts_across_processes():
+    import multiprocessing
+    a = Admission(3, shared=True)
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=lambda: [a.take() for _ in range(2)])
+    p.start()
+    p.join(10)
+    assert a.used == 2 and a.take() and not a.take()
+
+
+def test_server_memory():
+    m = ServerMemory(ttl=10, size=2)
+    m.learn(("s", 1), mptcp_works=False, now=0)
+    assert m.tcp_only(("s", 1), now=5) and not m.tcp_only(("s", 1), now=11)
+    m.learn(("s", 2), mptcp_works=False, now=0)
+    m.learn(("s", 3), mptcp_works=False, now=0)
+    m.learn(("s", 4), mptcp_works=False, now=0)
+    assert len(m.until) == 2 and ("s", 2) not in m.until
+    m.learn(("s", 4), mptcp_works=True, now=1)
+    assert not m.tcp_only(("s", 4), now=1)
+    off = ServerMemory(ttl=0)
+    off.learn(("s", 1), mptcp_works=False, now=0)
+    assert not off.tcp_only(("s", 1), now=0)
+
+
+@pytest.mark.parametrize("err,cause", [(errno.ECONNREFUSED, Cause.SERVER_REFUSED),
+                                       (errno.EHOSTUNREACH, Cause.SERVER_UNREACHABLE),
+                                       (errno.ENETUNREACH, Cause.SERVER_UNREACHABLE),
+                                       (errno.ETIMEDOUT, Cause.SERVER_TIMEOUT), (errno.EPIPE, Cause.SERVER_ERROR)])
+def test_cause_of_errno(err, cause):
+    assert Cause.of_errno(err) is cause
+
+
+def test_causes_are_keys_without_addresses():
+    for c in Cause:
+        assert not any(ch.isdigit() for ch in c.value), c
+
+
+def policy(allow=("10.0.1.0/24",), deny=("0.0.0.0/8", "127.0.0.0/8"), own=("10.0.1.2",)) -> Policy:
+    return Policy(allow_clients=[ipaddress.IPv4Network(n) for n in allow],
+                  deny=[ipaddress.IPv4Network(n) for n in deny], own={ipaddress.IPv4Address(a) for a in own})
+
+
+@pytest.mark.parametrize("client,dst,port,cause", [
+    ("10.0.1.5", "10.0.101.1", 80, None),
+    ("10.0.9.5", "10.0.101.1", 80, Cause.CLIENT_NOT_ALLOWED),
+    ("10.0.1.5", "10.0.1.2", 80, Cause.DESTINATION_DENIED),
+    ("10.0.1.5", "127.0.0.1", 22, Cause.DESTINATION_DENIED),
+    ("10.0.1.5", "10.0.101.1", 0, Cause.DESTINATION_DENIED),
+])
+def test_policy(client, dst, port, cause):
+    r = policy().refusal(client, dst, port)
+    assert (r[0] if r else None) is cause
+    if r:
+        assert client in r[1] or dst in r[1] or "port 0" in r[1]     # the addresses go to the detail
+
+
+def test_worker_of_port_splits_evenly_and_matches_the_rules():
+    for workers in (1, 2, 3, 4, 7):
+        ranges = worker_port_ranges(workers)
+        for b in range(256):
+            w = worker_of_port(b, workers)
+            assert ranges[w][0] <= b <= ranges[w][1]
+        sizes = [hi - lo + 1 for lo, hi in ranges]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_hold_rate_is_a_per_prefix_hashlimit_per_worker():
+    r = ListenerRules(port=7000, queue_num=4200, workers=2, hold_rate=50)
+    args = r._rate(1)
+    assert args[args.index("--hashlimit-upto") + 1] == "50/sec"
+    assert args[args.index("--hashlimit-srcmask") + 1] == "24"
+    assert args[args.index("--hashlimit-name") + 1] == "mimbox7000w1"
+    assert ListenerRules(port=7000, queue_num=4200)._rate(0) == []
