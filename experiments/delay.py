@@ -8,6 +8,13 @@ nanosecond timestamps; the delay of a segment is (leaves one interface) - (arriv
            leaves before the server's arrives: the read()/write() converter answers at once)
   data     the 1300-byte segment in -> out
 One client path only (no join subflow), so every segment crosses the two captured interfaces.
+
+Two idle regimes (`idle` column): halt (the VM's default here: an idle core halts at once, and
+waking it is a VM exit that costs more than a user-space converter's work) and poll (cpuidle
+haltpoll polls before halting, for this measurement only; topologies.regimes.IdlePolling sets it
+and always restores it). MiMBox is measured on both SYN paths: held (its default at this rate:
+connect to the server first, as the paper) and --syn-path accept (the kernel answers the client,
+the converter connects after accept(), like the read()/write() converter).
 """
 from __future__ import annotations
 
@@ -31,11 +38,12 @@ from experiments.common import (  # noqa: E402
     run_experiment,
 )
 from experiments.systems import PY, MiMBox, Naive, Router, run_dir  # noqa: E402
+from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "table1_delay"
-FULL = dict(measures=100, interval=0.52)   # 1300 bytes at 20 kbit/s
-QUICK = dict(measures=30, interval=0.05)
+FULL = dict(measures=100, interval=0.52, idle=["halt", "poll"], poll_ns=200_000)   # 1300 bytes at 20 kbit/s
+QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"], poll_ns=200_000)
 SERVER_PORT = 9500
 PAPER = {  # Table 1, microseconds: (mean, ci) or None for N/A
     "router": {"SYN": (5.2, 0.1), "SYN+ACK": (5.2, 0.1), "data": (5.3, 0.1)},
@@ -117,12 +125,17 @@ def delays_from(client_side: list[dict], server_side: list[dict]) -> dict[str, l
     return res
 
 
+def cases() -> list:
+    return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
+            ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
+            ("mimbox (MPTCP server)", MiMBox(mode="explicit", port=7010, cpus=CONVERTER_CPUS,
+                                             extra=["--queue-num", "4310"]), True),
+            ("mimbox accept-first (TCP server)", MiMBox(mode="explicit", port=7011, cpus=CONVERTER_CPUS,
+                                                        syn_path="accept", extra=["--queue-num", "4311"]), False)]
+
+
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    rows = []
-    cases = [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
-             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
-             ("mimbox (MPTCP server)", MiMBox(mode="explicit", port=7010, cpus=CONVERTER_CPUS,
-                                              extra=["--queue-num", "4310"]), True)]
+    rows, idle_settings = [], {}
     with Testbed(PaperTopo()) as tb:
         tb.client.cmd("ip mptcp endpoint flush")      # one path: every segment crosses both captures
         d = run_dir("delay")
@@ -130,38 +143,62 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         for path, text in ((client_py, BURST_CLIENT), (sink_py, SINK)):
             with open(path, "w") as f:
                 f.write(text)
-        for name, system, server_mptcp in cases:
-            sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
-                                    "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
-            sink.stdout.readline()
-            system.start(tb, SERVER_PORT)
-            host, port = system.endpoint(tb, SERVER_PORT)
-            # warm the route and neighbour caches first, as the paper does
-            tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
-            tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
-            pc = os.path.join(d, f"{len(rows)}-client.pcap")
-            ps = os.path.join(d, f"{len(rows)}-server.pcap")
-            caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
-            try:
-                argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
-                                               str(params["interval"]), "1"], mptcp=False)
-                out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
-                if "Error" in out:
-                    raise RuntimeError(f"burst client through {name}: {out[-600:]}")
-                time.sleep(0.3)
-            finally:
-                for c in caps:
-                    c.terminate()
-                    c.wait()
-                system.stop()
-                sink.kill()
-                sink.wait()
-            for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
-                rows += [dict(system=name, segment=kind, i=i, delay_us=v) for i, v in enumerate(values)]
-            progress(f"table1 {name}: " + ", ".join(
-                f"{k} {mean_ci(g.delay_us)[0]:.1f} us" for k, g in pd.DataFrame(
-                    [r for r in rows if r["system"] == name]).groupby("segment")))
-    return pd.DataFrame(rows), {}
+        for idle in params["idle"]:
+            with IdlePolling(params["poll_ns"]) if idle == POLL else _Halt() as regime:
+                idle_settings[idle] = {**regime.describe(), "during": haltpoll_now()}
+                if idle == POLL and not regime.active:
+                    progress(f"table1: no idle polling here ({regime.reason}); poll rows skipped")
+                    continue
+                for name, system, server_mptcp in cases():
+                    rows += _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params)
+        idle_settings["after"] = haltpoll_now()
+    return pd.DataFrame(rows), {"idle": idle_settings}
+
+
+class _Halt:
+    """The machine's own idle behaviour, untouched."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def describe(self) -> dict:
+        return {"idle": "halt", "polling": False}
+
+
+def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params) -> list[dict]:
+    rows = []
+    sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
+                            "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
+    sink.stdout.readline()
+    system.start(tb, SERVER_PORT)
+    host, port = system.endpoint(tb, SERVER_PORT)
+    # warm the route and neighbour caches first, as the paper does
+    tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
+    tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
+    tag = f"{idle}-{name.replace(' ', '_').replace('/', '')}"
+    pc, ps = os.path.join(d, f"{tag}-client.pcap"), os.path.join(d, f"{tag}-server.pcap")
+    caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+    try:
+        argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
+                                       str(params["interval"]), "1"], mptcp=False)
+        out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
+        if "Error" in out:
+            raise RuntimeError(f"burst client through {name}: {out[-600:]}")
+        time.sleep(0.3)
+    finally:
+        for c in caps:
+            c.terminate()
+            c.wait()
+        system.stop()
+        sink.kill()
+        sink.wait()
+    for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
+        rows += [dict(idle=idle, system=name, segment=kind, i=i, delay_us=v) for i, v in enumerate(values)]
+    progress(f"table1 {idle} {name}: " + ", ".join(
+        f"{k} {mean_ci(g.delay_us)[0]:.1f} us" for k, g in pd.DataFrame(rows).groupby("segment")))
+    return rows
 
 
 def tables(df: pd.DataFrame) -> dict:
@@ -169,47 +206,58 @@ def tables(df: pd.DataFrame) -> dict:
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 1: mean +- 95 % CI per system and segment; N/A where the value cannot exist."""
+    """Table 1: mean +- 95 % CI per idle regime, system and segment; N/A where it cannot exist."""
+    if "idle" not in df:
+        df = df.assign(idle="halt")
     out = []
-    for system in df["system"].unique():
-        row = {"system": system}
-        for seg in ("SYN", "SYN+ACK", "data"):
-            v = df[(df.system == system) & (df.segment == seg)].delay_us
-            if len(v):
-                m, ci = mean_ci(v)
-                row[seg] = f"{m:.1f} ± {ci:.1f} µs (n={len(v)})"
-            else:
-                row[seg] = "N/A"
-            p = PAPER.get(system, {}).get(seg, "—") if system in PAPER else "—"
-            row[f"paper {seg}"] = "N/A" if p is None else (f"{p[0]} ± {p[1]} µs" if p != "—" else "—")
-        out.append(row)
+    for idle in df["idle"].unique():
+        for system in df[df.idle == idle]["system"].unique():
+            row = {"idle": idle, "system": system}
+            for seg in ("SYN", "SYN+ACK", "data"):
+                v = df[(df.idle == idle) & (df.system == system) & (df.segment == seg)].delay_us
+                if len(v):
+                    m, ci = mean_ci(v)
+                    row[seg] = f"{m:.1f} ± {ci:.1f} µs (n={len(v)})"
+                else:
+                    row[seg] = "N/A"
+                p = PAPER.get(system, {}).get(seg, "—") if system in PAPER else "—"
+                row[f"paper {seg}"] = "N/A" if p is None else (f"{p[0]} ± {p[1]} µs" if p != "—" else "—")
+            out.append(row)
     return pd.DataFrame(out)
 
 
 def plot(df: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    systems = list(df["system"].unique())
+    """Bars per segment and system, one panel per idle regime; the paper's values as stars."""
+    if "idle" not in df:
+        df = df.assign(idle="halt")
+    idles = list(df["idle"].unique())
+    fig, axes = plt.subplots(1, len(idles), figsize=(7 * len(idles), 4.2), squeeze=False, sharey=True)
     segs = ["SYN", "SYN+ACK", "data"]
-    w = 0.8 / len(systems)
-    for k, system in enumerate(systems):
-        means, cis, paper = [], [], []
-        for seg in segs:
-            v = df[(df.system == system) & (df.segment == seg)].delay_us
-            m, ci = mean_ci(v) if len(v) else (0.0, 0.0)
-            means.append(m)
-            cis.append(ci)
-            p = PAPER.get(system, {}).get(seg)
-            paper.append(p[0] if p else float("nan"))
-        xs = [i + k * w for i in range(len(segs))]
-        bars = ax.bar(xs, means, w, yerr=cis, capsize=3, label=system)
-        ax.plot(xs, paper, "*", color=bars.patches[0].get_facecolor(), ms=10, markeredgecolor="k")
-    ax.plot([], [], "*", color="gray", markeredgecolor="k", label="paper (2013 hardware)")
-    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(segs))], segs)
-    ax.set_ylabel("time inside the converter host [µs]")
-    ax.set_yscale("log")
-    ax.set_title("Table 1: per-segment forwarding delay (mean ± 95 % CI; missing bar = N/A)", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=.3, axis="y")
+    for ax, idle in zip(axes[0], idles):
+        sub = df[df.idle == idle]
+        systems = list(sub["system"].unique())
+        w = 0.8 / len(systems)
+        for k, system in enumerate(systems):
+            means, cis, paper = [], [], []
+            for seg in segs:
+                v = sub[(sub.system == system) & (sub.segment == seg)].delay_us
+                m, ci = mean_ci(v) if len(v) else (0.0, 0.0)
+                means.append(m)
+                cis.append(ci)
+                p = PAPER.get(system, {}).get(seg)
+                paper.append(p[0] if p else float("nan"))
+            xs = [i + k * w for i in range(len(segs))]
+            bars = ax.bar(xs, means, w, yerr=cis, capsize=3, label=system)
+            ax.plot(xs, paper, "*", color=bars.patches[0].get_facecolor(), ms=10, markeredgecolor="k")
+        ax.plot([], [], "*", color="gray", markeredgecolor="k", label="paper (2013 hardware)")
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(segs))], segs)
+        ax.set_yscale("log")
+        ax.set_title(f"idle cores: {idle}" + (" (waking = a VM exit)" if idle == "halt" else
+                                              " (haltpoll polls first)"), fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=.3, axis="y")
+    axes[0][0].set_ylabel("time inside the converter host [µs]")
+    fig.suptitle("Table 1: per-segment forwarding delay (mean ± 95 % CI; missing bar = N/A)", fontsize=9)
     return fig
 
 

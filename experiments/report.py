@@ -36,28 +36,66 @@ def _env_line(man: dict) -> str:
             f"parameters: {json.dumps(p)}._")
 
 
+REGIME_MEANING = {
+    "converter-bound": "every converter held to the same CPU quota per event loop (the paper's regime: the "
+                       "converter box is the bottleneck, so rates follow the converter's CPU per request)",
+    "end-host-bound": "no quota: the end hosts' core caps every system, so equal rates mean \"not the bottleneck\", "
+                      "not \"equally fast\"",
+}
+
+
+def _regimes(df: pd.DataFrame) -> list[str]:
+    present = set(df["regime"]) if "regime" in df else {"end-host-bound"}
+    return [r for r in ("converter-bound", "end-host-bound") if r in present]
+
+
+def _quota_line(man: dict) -> str:
+    q = man.get("regimes", {}).get("converter-bound", {})
+    if not q.get("quota_us_per_loop"):
+        return ""
+    return (f"Quota: {q['quota_us_per_loop']} µs per {q['period_us']} µs period per event loop "
+            f"({q['cores_per_loop']:g} core, cgroup {q['cgroup']}).")
+
+
+def _bound_line(man: dict, key: str, unit: str) -> str:
+    checks = man.get("findings", {}).get("bound_check", [])
+    if not checks:
+        return ""
+    parts = [f"{c[key] // 1024 if key == 'size' else c[key]}{unit}: {c['router_over_best']:.1f}×"
+             + ("" if c["converter_bound"] else " (not converter-bound)") for c in checks]
+    return "Router over the best converter (≥ 2× means the converters were the bottleneck): " + ", ".join(parts) + "."
+
+
 def fig4() -> str:
     df, man = _load("fig4_goodput")
     if df is None:
         return "_Fig. 4 not run yet._"
     if "offload" not in df:
         df = df.assign(offload=False)
-    g = df.groupby(["offload", "mss", "system"]).agg(goodput=("goodput_gbps", "mean"),
-                                                     cpu=("cpu_s_per_gb", "mean")).reset_index()
-    rows = []
-    for (offload, mss), d in g.groupby(["offload", "mss"]):
-        d = d.set_index("system")
-        row = {"MSS": f"{mss}{' TSO/GSO on' if offload else ''}"}
-        for s in d.index:
-            row[f"{s} Gbit/s"] = f"{d.goodput[s]:.2f}"
-        mb = d.goodput.get("mimbox")
-        for peer in ("router", "haproxy-1t", "read/write", "splice"):
-            if peer in d.index and mb:
-                row[f"mimbox/{peer}"] = f"{mb / d.goodput[peer]:.2f}"
-        row["CPU s/GB mimbox / haproxy / r/w"] = " / ".join(
-            f"{d.cpu.get(s, float('nan')):.2f}" for s in ("mimbox", "haproxy-1t", "read/write"))
-        rows.append(row)
-    return ("![Fig. 4](results/fig4_goodput/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n" + _env_line(man))
+    if "regime" not in df:
+        df = df.assign(regime="end-host-bound")
+    out = ["![Fig. 4](results/fig4_goodput/figure.png)"]
+    for regime in _regimes(df):
+        g = df[df.regime == regime].groupby(["offload", "mss", "system"]).agg(
+            goodput=("goodput_gbps", "mean"), cpu=("cpu_s_per_gb", "mean")).reset_index()
+        rows = []
+        for (offload, mss), d in g.groupby(["offload", "mss"]):
+            d = d.set_index("system")
+            row = {"MSS": f"{mss}{' TSO/GSO on' if offload else ''}"}
+            for sname in d.index:
+                row[f"{sname} Gbit/s"] = f"{d.goodput[sname]:.2f}"
+            mb = d.goodput.get("mimbox")
+            for peer in ("router", "haproxy-1t-tcp", "read/write", "splice"):
+                if peer in d.index and mb:
+                    row[f"mimbox/{peer}"] = f"{mb / d.goodput[peer]:.2f}"
+            row["CPU s/GB mimbox / haproxy / r/w / splice"] = " / ".join(
+                f"{d.cpu.get(x, float('nan')):.2f}" for x in ("mimbox", "haproxy-1t-tcp", "read/write", "splice"))
+            rows.append(row)
+        out.append(f"**{regime}** — {REGIME_MEANING[regime]}.\n\n" + _md(pd.DataFrame(rows)))
+        if regime == "converter-bound":
+            out.append(" ".join(x for x in (_quota_line(man), _bound_line(man, "mss", " B")) if x))
+    out.append(_env_line(man))
+    return "\n\n".join(out)
 
 
 def table1() -> str:
@@ -69,30 +107,62 @@ def table1() -> str:
             + _env_line(man))
 
 
+FIG5_PEERS = ("haproxy-1t", "haproxy-1t-tcp", "squid", "splice", "read/write", "router")
+
+
 def fig5() -> str:
     df, man = _load("fig5_workload")
     if df is None:
         return "_Fig. 5 not run yet._"
-    g = df.groupby(["size", "system"]).agg(rps=("req_per_s", "mean"), cpu=("cpu_us_per_req", "mean"),
-                                           errors=("socket_errors", "sum")).reset_index()
-    rows = []
-    for size in sorted(g["size"].unique()):
-        d = g[g["size"] == size].set_index("system")
-        row = {"size": f"{size // 1024} KB"}
-        for s in d.index:
-            row[s] = f"{d.rps[s]:.0f}"
-        pairs = [("mimbox", p) for p in ("haproxy-1t", "squid", "router")]
-        pairs += [(m, "haproxy-" + m.split("-")[1].replace("w", "t")) for m in d.index
-                  if m.startswith("mimbox-") and m.endswith("w")]     # same number of event loops
-        for mine, peer in pairs:
-            if mine in d.index and peer in d.index:
-                row[f"{mine}/{peer}"] = f"{d.rps[mine] / d.rps[peer]:.2f}"
-        row["µs CPU/req mimbox / haproxy-1t"] = f"{d.cpu.get('mimbox', float('nan')):.0f} / " \
-                                                 f"{d.cpu.get('haproxy-1t', float('nan')):.0f}"
-        rows.append(row)
-    paper = "Paper at 1 KB (8-core testbed): MiMBox 22k, HAProxy 8 threads 18k, 1 thread 9.5k, Squid 2.5k req/s " \
-            "(MiMBox/HAProxy-1t 2.3, MiMBox/Squid 8.8)."
-    return ("![Fig. 5](results/fig5_workload/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n" + paper + "\n\n"
+    if "regime" not in df:
+        df = df.assign(regime="end-host-bound")
+    out = ["![Fig. 5](results/fig5_workload/figure.png)"]
+    for regime in _regimes(df):
+        sub = df[df.regime == regime]
+        g = sub.groupby(["size", "system"], sort=False).agg(rps=("req_per_s", "mean"), cpu=("cpu_us_per_req", "mean"),
+                                                            errors=("socket_errors", "sum")).reset_index()
+        systems = list(dict.fromkeys(sub.system))
+        rows = []
+        for name in systems:
+            row = {"system": name}
+            for size in sorted(g["size"].unique()):
+                d = g[(g["size"] == size) & (g.system == name)]
+                if len(d):
+                    row[f"{size // 1024} KB req/s"] = f"{d.rps.iloc[0]:.0f}"
+            d1 = g[(g["size"] == g["size"].min()) & (g.system == name)]
+            row[f"µs CPU/req at {g['size'].min() // 1024} KB"] = "—" if not len(d1) or pd.isna(d1.cpu.iloc[0]) \
+                else f"{d1.cpu.iloc[0]:.0f}"
+            rows.append(row)
+        ratios = []
+        for size in sorted(g["size"].unique()):
+            d = g[g["size"] == size].set_index("system")
+            pairs = [("mimbox", p) for p in FIG5_PEERS]
+            pairs += [(m, "haproxy-" + m.split("-")[1].replace("w", "t")) for m in d.index
+                      if m.startswith("mimbox-") and m.endswith("w")]     # same number of event loops
+            ratios += [f"{size // 1024} KB {mine}/{peer} **{d.rps[mine] / d.rps[peer]:.2f}**"
+                       for mine, peer in pairs if mine in d.index and peer in d.index]
+        out.append(f"**{regime}** — {REGIME_MEANING[regime]}.\n\n" + _md(pd.DataFrame(rows)) + "\n\nreq/s ratios: "
+                   + "; ".join(ratios) + ".")
+        if regime == "converter-bound":
+            out.append(" ".join(x for x in (_quota_line(man), _bound_line(man, "size", " KB")) if x))
+    out.append("Paper at 1 KB (8-core testbed, converter box saturated): MiMBox 22k, HAProxy 8 threads 18k, 1 thread "
+               "9.5k, Squid 2.5k req/s (MiMBox/HAProxy-1t 2.3, MiMBox/Squid 8.8).")
+    out.append(_env_line(man))
+    return "\n\n".join(out)
+
+
+def percost() -> str:
+    path = RESULTS / "percost_converter" / "summary.csv"
+    if not path.exists():
+        return "_Per-connection cost not run yet._"
+    _, man = _load("percost_converter")
+    t = pd.read_csv(path)
+    t = t.assign(req_per_s=t.req_per_s.round(0).astype(int), cpu_us_per_req=t.cpu_us_per_req.round(0))
+    t.columns = ["system", "req/s", "µs CPU/req", "req/s vs haproxy-1t", "CPU vs haproxy-1t"]
+    paths = man.get("syn_paths", {})
+    held = "; ".join(f"{k}: {v['syns']} of {v['accepted']} SYNs seen by the converter" for k, v in paths.items())
+    return ("![Per-connection cost](results/percost_converter/figure.png)\n\n" + _md(t.fillna("—")) + "\n\n"
+            + (f"SYNs that visited the converter (NFQUEUE) per accepted connection — {held}.\n\n" if held else "")
             + _env_line(man))
 
 
@@ -157,12 +227,28 @@ def reliability() -> str:
            "faults injected": r.get("faults", 0), "inputs fuzzed": f"{r.get('inputs', 0):,}",
            "tests passed": t.get("passed", 0), "failed": t.get("failed", 0) + t.get("error", 0),
            "skipped": t.get("skipped", 0), "seed": r.get("seed")}
-    return _md(pd.DataFrame([row]))
+    text = _md(pd.DataFrame([row]))
+    f = r.get("measurements", {}).get("syn_flood")
+    if f:
+        d, c = f["direct"], f["converter"]
+        text += (f"\n\nSpoofed SYN flood ({f['flood_syn_per_s']:,} SYN/s for {f['seconds']} s from the client's own "
+                 f"/24) beside a real client of 1 KB echo requests: directly to the server {d['done']}/"
+                 f"{d['done'] + d['failed']} requests ({d['rate']:.0f}/s, p99 {d['latency_ms_p99']} ms); through the "
+                 f"converter {c['done']}/{c['done'] + c['failed']} ({c['rate']:.0f}/s, p99 {c['latency_ms_p99']} ms). "
+                 f"The server saw {f['server_flood_connections']} connections caused by the flood (pending cap "
+                 f"{f['pending_cap']}); the converter's fds went {f['converter_fds']['baseline']} → "
+                 f"{f['converter_fds']['peak']} → {f['converter_fds']['after']}, its RSS "
+                 f"{f['converter_rss_kb']['baseline'] // 1024} → {f['converter_rss_kb']['peak'] // 1024} MB; "
+                 f"{f['log_lines']} log lines; {f['syns_seen']} SYNs visited it, {f['deferred']} of them released "
+                 f"unheld.")
+    return text
 
 
 def section() -> str:
-    parts = [("Fig. 4 — goodput vs MSS", fig4()), ("Table 1 — forwarding delay", table1()),
-             ("Fig. 5 — requests/s vs file size", fig5()), ("Fig. 6 — goodput vs per-socket memory", fig6()),
+    parts = [("Fig. 5 — requests/s vs file size", fig5()),
+             ("Per-connection cost, converter-bound, 1 KB", percost()),
+             ("Fig. 4 — goodput vs MSS", fig4()), ("Table 1 — forwarding delay", table1()),
+             ("Fig. 6 — goodput vs per-socket memory", fig6()),
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
              ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)

@@ -7,11 +7,11 @@ import sys
 import time
 import traceback
 
-from experiments import buffers, delay, goodput, interactive, profile, report, workload
+from experiments import buffers, delay, goodput, interactive, percost, profile, report, workload
 from experiments.common import progress
 
-FIGURES = {"fig4": goodput, "table1": delay, "fig5": workload, "fig6": buffers, "interactive": interactive,
-           "profile": profile}
+FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "fig6": buffers,
+           "interactive": interactive, "profile": profile}
 
 
 def main(argv=None) -> int:

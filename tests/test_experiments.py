@@ -17,8 +17,10 @@ def tmp_results(tmp_path, monkeypatch):
 
 
 def test_fig4_goodput_tiny(mptcp_ok, tmp_results):
-    df = goodput.main(quick=True, mss=[1000], reps=1, seconds=1, offload_point=False)
-    assert set(df.system) == {"router", "mimbox", "read/write", "splice", "haproxy-1t"}
+    df = goodput.main(quick=True, mss={"converter-bound": [1000], "end-host-bound": [1000]}, reps=1, seconds=1,
+                      offload_point=False)
+    for regime in ("converter-bound", "end-host-bound"):
+        assert set(df[df.regime == regime].system) == {"router", "mimbox", "read/write", "splice", "haproxy-1t-tcp"}
     assert (df.wire_mss == 1000).all()
     assert ((df.goodput_gbps > 0) & (df.goodput_gbps < 100)).all()
     assert df[df.system != "router"].cpu_s_per_gb.gt(0).all()
@@ -26,13 +28,22 @@ def test_fig4_goodput_tiny(mptcp_ok, tmp_results):
 
 
 def test_table1_delay_tiny(mptcp_ok, tmp_results):
+    from topologies.regimes import IdlePolling, haltpoll_now
+    before = haltpoll_now()
     df = delay.main(quick=True, measures=4, interval=0.02)
+    assert haltpoll_now() == before                        # the idle settings are put back
     assert (df.delay_us > 0).all()
-    for system in ("router", "read/write", "mimbox (TCP server)", "mimbox (MPTCP server)"):
-        segs = set(df[df.system == system].segment)
-        assert {"SYN", "data"} <= segs, (system, segs)
-    assert "SYN+ACK" not in set(df[df.system == "read/write"].segment)   # N/A, as in the paper
-    assert "SYN+ACK" in set(df[df.system == "mimbox (TCP server)"].segment)
+    idles = {"halt", "poll"} if IdlePolling.available() else {"halt"}
+    assert set(df.idle) == idles
+    for idle in idles:
+        sub = df[df.idle == idle]
+        for system in ("router", "read/write", "mimbox (TCP server)", "mimbox (MPTCP server)",
+                       "mimbox accept-first (TCP server)"):
+            segs = set(sub[sub.system == system].segment)
+            assert {"SYN", "data"} <= segs, (idle, system, segs)
+        for system in ("read/write", "mimbox accept-first (TCP server)"):     # N/A, as in the paper
+            assert "SYN+ACK" not in set(sub[sub.system == system].segment)
+        assert "SYN+ACK" in set(sub[sub.system == "mimbox (TCP server)"].segment)
 
 
 def test_fig5_workload_tiny(mptcp_ok, tmp_results):
