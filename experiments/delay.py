@@ -37,7 +37,7 @@ from experiments.common import (  # noqa: E402
     progress,
     run_experiment,
 )
-from experiments.systems import PY, MiMBox, Naive, Router, run_dir  # noqa: E402
+from experiments.systems import PY, MiMBox, Naive, Router, ready_line, run_dir  # noqa: E402
 from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
@@ -52,10 +52,11 @@ PAPER = {  # Table 1, microseconds: (mean, ci) or None for N/A
 }
 BURST_CLIENT = """
 import socket, sys, time
+from mimbox.mptcp import IPPROTO_MPTCP
 host, port, n, interval, mptcp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == '1'
 payload = bytes(1300)
 for i in range(n):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.connect((host, port))
     time.sleep(interval / 2)
@@ -65,8 +66,9 @@ for i in range(n):
 """
 SINK = """
 import socket, sys, threading
+from mimbox.mptcp import IPPROTO_MPTCP
 port, mptcp = int(sys.argv[1]), sys.argv[2] == '1'
-ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); ls.bind(('0.0.0.0', port)); ls.listen(128)
 print('ready', flush=True)
 def drain(c):
@@ -171,7 +173,7 @@ def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params
     rows = []
     sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
                             "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
-    sink.stdout.readline()
+    ready_line(sink)
     system.start(tb, SERVER_PORT)
     host, port = system.endpoint(tb, SERVER_PORT)
     # warm the route and neighbour caches first, as the paper does

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import fidelity_rows, interleave, progress, run_experiment  # noqa: E402
-from experiments.systems import PY, MiMBox, Router  # noqa: E402
+from experiments.systems import PY, MiMBox, Router, ready_line  # noqa: E402
 from topologies.testbed import MobileTopo, Testbed  # noqa: E402
 
 NAME = "interactive_delay"
@@ -33,7 +33,7 @@ def one_run(tb, system, seconds: float) -> dict:
                            str(seconds), *(["--mptcp"] if server_mptcp else [])], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     try:
-        srv.stdout.readline()
+        ready_line(srv)
         host, port = system.endpoint(tb, PORT)
         argv = system.client_argv(tb, [PY, "-m", "experiments.measure.stream", "client", host, str(port),
                                        "--mptcp"], mptcp=False)

@@ -15,7 +15,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
-IPPROTO_MPTCP = 262
+from mimbox.mptcp import IPPROTO_MPTCP  # noqa: F401 - defined once, there
 CGROUP2_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 BPFFS = "/sys/fs/bpf"
 QDISC_PROBE_ARGS = {"netem": ["delay", "1ms"], "htb": ["default", "1"],

@@ -37,6 +37,15 @@ def pytest_sessionfinish(session, exitstatus):
                    "measurements": ledger.measurements}, f, indent=2)
 
 
+def readline(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The next line a child prints; fails the test (instead of hanging the suite) after `timeout`."""
+    import select
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError(f"no output from {proc.args!r} within {timeout:g}s")
+    line = proc.stdout.readline()
+    return line.decode(errors="replace") if isinstance(line, bytes) else line
+
+
 def require(ok: bool, reason: str):
     if not ok:
         pytest.skip(reason)
@@ -65,7 +74,7 @@ class Server:
         if wait_subflows:
             argv += ["--wait-subflows", str(wait_subflows)]
         self.proc = tb.server.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = self.proc.stdout.readline()
+        first = readline(self.proc)
         assert "listening" in first, self.proc.stderr.read()
 
     def reports(self, timeout: float = 60) -> list[dict]:
@@ -112,4 +121,6 @@ def transfer(tb, system, up: int, down: int, order: str = "both", client_mptcp: 
     assert s["sent"] == down and c["received"] == down, (c, s)
     assert c["sha_sent"] == s["sha_received"], "upload corrupted"
     assert s["sha_sent"] == c["sha_received"] == c["expected_server_sha"], "download corrupted"
+    import ledger
+    ledger.add(bytes_compared=up + down)      # what was compared, not what a test says it compared
     return c, s

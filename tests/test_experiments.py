@@ -85,8 +85,29 @@ def test_interactive_tiny(mptcp_ok, tmp_results):
 
 
 def test_report_renders_from_results(tmp_results):
-    text = report.section()
-    assert "Fig. 4" in text and "Interactive" in text
+    """README's numbers are computed from results/: a made-up Fig. 5 run must come out as its ratios,
+    the converter-bound table first; a figure without results says so."""
+    import pandas as pd
+    assert "_Fig. 5 not run yet._" in report.section()
+    d = tmp_results / workload.NAME
+    d.mkdir()
+    rows = [dict(regime=reg, system=sy, size=1024, rep=r, req_per_s=rps * (1 + 0.01 * r), requests=1000,
+                 socket_errors=0, non_2xx=0, converter_cpu_s=0.1, cpu_us_per_req=us)
+            for reg, sy, rps, us in [("converter-bound", "router", 6000, float("nan")),
+                                     ("converter-bound", "mimbox", 3000, 90), ("converter-bound", "haproxy-1t", 2000, 120),
+                                     ("end-host-bound", "mimbox", 5000, 80), ("end-host-bound", "haproxy-1t", 5000, 81)]
+            for r in range(2)]
+    pd.DataFrame(rows).to_csv(d / "data.csv", index=False)
+    (d / "manifest.json").write_text(json.dumps({
+        "params": {}, "environment": {"date": "x", "kernel": "k", "cores": 2, "cpu": "c", "mimbox_commit": "abc"},
+        "regimes": {"converter-bound": {"quota_us_per_loop": 25000, "period_us": 100000, "cores_per_loop": 0.25,
+                                        "cgroup": "v1"}},
+        "findings": {"bound_check": workload.findings(pd.DataFrame(rows))["bound_check"]}}))
+    text = report.fig5()
+    assert "1 KB mimbox/haproxy-1t **1.50**" in text and "1 KB mimbox/haproxy-1t **1.00**" in text
+    assert text.index("**converter-bound**") < text.index("**end-host-bound**")
+    assert "| mimbox | 3015 | 90 |" in text                      # the mean of its two repetitions
+    assert "1 KB: 2.0×" in text and "not converter-bound" not in text
 
 
 def test_notebook_executes():

@@ -14,7 +14,7 @@ import os
 import time
 
 import ledger
-from conftest import PY
+from conftest import PY, readline
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig, SafetyConfig
@@ -58,10 +58,10 @@ def flood_and_measure(tb, host: str, port: int, watch_pid: int | None = None) ->
     server's accepted connections and (if watch_pid) the converter's peak fds/RSS."""
     echo = tb.server.popen([PY, TOOLS, "echo", str(ECHO_PORT)], stdin=-1, stdout=-1, text=True)
     try:
-        assert echo.stdout.readline().strip() == "ready"
+        assert readline(echo).strip() == "ready"
         syn = tb.client.popen([PY, TOOLS, "syn", host, str(port), "10.0.1", str(RATE), str(SECONDS)],
                               stdout=-1, stderr=-1, text=True)
-        assert syn.stdout.readline().strip() == "ready", syn.stderr.read()
+        assert readline(syn).strip() == "ready", syn.stderr.read()
         time.sleep(0.5)                                      # the flood is on before the first request
         real = tb.client.popen(["env", f"LD_PRELOAD={MPTCPIZE}", PY, TOOLS, "requests", host, str(port),
                                 str(SECONDS - 1), str(CLIENT_RATE)], stdout=-1, text=True)
@@ -75,7 +75,7 @@ def flood_and_measure(tb, host: str, port: int, watch_pid: int | None = None) ->
         sent = syn.communicate(timeout=SECONDS + 30)[0]
         echo.stdin.write("\n")
         echo.stdin.flush()
-        accepted = int(echo.stdout.readline().split()[1])
+        accepted = int(readline(echo).split()[1])
     finally:
         for p in (echo,):
             if p.poll() is None:

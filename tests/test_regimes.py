@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import readline
 
 from experiments.common import converter_boxes
 from experiments.systems import MiMBox, Squid
@@ -132,7 +133,7 @@ def test_idle_polling_is_always_restored(how):
     else:
         p = subprocess.Popen([sys.executable, "-c", CHILD.format(root=ROOT)], stdout=subprocess.PIPE)
         try:
-            assert p.stdout.readline().strip() == b"polling"
+            assert readline(p).strip() == "polling"
             assert regimes.haltpoll_now()["guest_halt_poll_ns"] == "123456"
             p.send_signal({"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}.get(how, signal.SIGKILL))
             p.wait(timeout=10)

@@ -14,12 +14,14 @@ import struct
 import sys
 import time
 
+from mimbox.mptcp import IPPROTO_MPTCP
+
 MSG = 125
 HEAD = struct.Struct("!dI")   # send time (CLOCK_REALTIME), sequence number
 
 
 def serve(port: int, mptcp: bool, seconds: float, rate_bps: int) -> None:
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("0.0.0.0", port))
     ls.listen(4)
@@ -41,7 +43,7 @@ def serve(port: int, mptcp: bool, seconds: float, rate_bps: int) -> None:
 
 
 def client(host: str, port: int, mptcp: bool) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if mptcp else 0)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
     s.connect((host, port))
     buf = b""
     delays = []

@@ -37,7 +37,8 @@ def wait_port(host, port: int, timeout: float = 10.0) -> None:
 def ready_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
     """The first line a starting process prints, or '' if it prints none within `timeout` or exits."""
     r, _, _ = select.select([p.stdout], [], [], timeout)
-    return p.stdout.readline().decode(errors="replace") if r else ""
+    line = p.stdout.readline() if r else ""
+    return line.decode(errors="replace") if isinstance(line, bytes) else line
 
 
 class System:

@@ -6,7 +6,8 @@
  *   kept in the socket's local storage. For an MPTCP socket this hook runs on its first TCP
  *   subflow; the kernel's later MP_JOIN subflows go to the converter and are left alone.
  * sockops: for sockets carrying such storage, ask for header-option callbacks and write DST_OPT
- *   (layout in mimbox/dstopt.py, constants in the generated dstopt.h) into the SYN only.
+ *   (layout in mimbox/dstopt.py, constants in the generated dstopt.h) into the SYN only; once
+ *   established, the callbacks are switched off again.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -100,6 +101,11 @@ int mimbox_sockops(struct bpf_sock_ops *skops)
 		if (bpf_sk_storage_get(&mimbox_orig, sk, 0, 0))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 						  BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		/* no SYN will follow: stop the per-packet header-option callbacks (on veth a peer's
+		 * packets are processed in the sender's system call, so they would cost the converter) */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 		if (skops->skb_tcp_flags & TCPHDR_SYN)

@@ -7,6 +7,8 @@ import resource
 import socket
 import sys
 
+from mimbox.mptcp import IPPROTO_MPTCP
+
 
 def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -18,7 +20,7 @@ def main() -> None:
     socks = []
     if role == "server":
         port, n = int(sys.argv[2]), int(sys.argv[3])
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(("0.0.0.0", port))
         ls.listen(65535)
@@ -30,7 +32,7 @@ def main() -> None:
         host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         refused = 0
         for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
             try:
                 s.connect((host, port))
                 socks.append(s)

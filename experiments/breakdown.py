@@ -1,0 +1,197 @@
+"""Where Table 1's microseconds go: the SYN and the data segment through MiMBox and through the
+paper's read()/write() converter, cut into phases by kernel probes (bpftrace) and the wire (tcpdump).
+
+Table 1's workload (one connection at a time, one 1300-byte burst each, one client path). For each
+segment arriving on the converter host (client-side capture, t0) the first event of each kind after
+it, on the converter's process, gives the phases:
+
+  MiMBox, held SYN   wire in -> nfqnl_enqueue_packet (netfilter)  -> epoll_wait returns (wake-up)
+                     -> connect() entered (Python: recv, parse DST_OPT, policy, socket, setsockopt)
+                     -> SYN on the server-side wire (kernel send)
+  read()/write() SYN wire in -> the client's ACK in (the kernel's handshake with the client: SYN+ACK
+                     out, the client's ACK back) -> epoll_wait returns -> connect() entered (Python:
+                     accept, socket) -> SYN on the wire
+  data (both)        wire in -> epoll_wait returns -> write() entered (Python: read, relay)
+                     -> segment on the wire
+
+bpftrace timestamps are CLOCK_MONOTONIC, the captures' CLOCK_REALTIME: the offset is read once
+before the run. Both idle regimes (halt, poll) as in Table 1.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from bisect import bisect_left
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, progress, run_experiment  # noqa: E402
+from experiments.delay import BURST_CLIENT, SERVER_PORT, SINK, _Halt, capture, read_pcap  # noqa: E402
+from experiments.systems import PY, MiMBox, Naive, ready_line, run_dir  # noqa: E402
+from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
+from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+
+NAME = "table1_breakdown"
+FULL = dict(measures=100, interval=0.1, idle=["halt", "poll"], poll_ns=200_000)
+QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"], poll_ns=200_000)
+
+PROBES = """
+kprobe:nfqnl_enqueue_packet { printf("nfq_enqueue %llu\\n", nsecs); }
+tracepoint:syscalls:sys_exit_epoll_wait /pid == $1/ { printf("wake %llu\\n", nsecs); }
+tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %llu\\n", nsecs); }
+tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %llu\\n", nsecs); }
+"""
+PHASES = {
+    ("mimbox", "SYN"): ["netfilter → queue", "wake-up", "Python (parse, policy, socket)", "kernel send"],
+    ("read/write", "SYN"): ["handshake with the client", "wake-up", "Python (accept, socket)", "kernel send"],
+    ("mimbox", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
+    ("read/write", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
+}
+
+
+def _after(times: list[int], t: int) -> int | None:
+    i = bisect_left(times, t)
+    return times[i] if i < len(times) else None
+
+
+def phases(system: str, segment: str, t0: int, ev: dict[str, list[int]], wire: dict[str, list[int]]) -> list[float]:
+    """The phase lengths (µs) of one segment that arrived at t0 (ns, monotonic), or [] if incomplete."""
+    if segment == "SYN":
+        out = _after(wire["syn_out"], t0)
+        if system == "mimbox":
+            marks = [t0, _after(ev["nfq_enqueue"], t0)]
+        else:
+            marks = [t0, _after(wire["ack_in"], t0)]
+        marks.append(_after(ev["wake"], marks[-1]) if marks[-1] else None)
+        marks.append(_after(ev["connect"], marks[-1]) if marks[-1] else None)
+    else:
+        out = _after(wire["data_out"], t0)
+        marks = [t0, _after(ev["wake"], t0)]
+        marks.append(_after(ev["write"], marks[-1]) if marks[-1] else None)
+    marks.append(out)
+    if any(m is None for m in marks) or any(b < a for a, b in zip(marks, marks[1:])):
+        return []
+    return [(b - a) / 1e3 for a, b in zip(marks, marks[1:])]
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    rows, idle_settings = [], {}
+    with Testbed(PaperTopo()) as tb:
+        tb.client.cmd("ip mptcp endpoint flush")      # one path, as Table 1
+        d = run_dir("breakdown")
+        client_py, sink_py = os.path.join(d, "burst_client.py"), os.path.join(d, "sink.py")
+        for path, text in ((client_py, BURST_CLIENT), (sink_py, SINK)):
+            with open(path, "w") as f:
+                f.write(text)
+        probes = os.path.join(d, "probes.bt")
+        with open(probes, "w") as f:
+            f.write(PROBES)
+        for idle in params["idle"]:
+            with IdlePolling(params["poll_ns"]) if idle == POLL else _Halt() as regime:
+                idle_settings[idle] = regime.describe()
+                if idle == POLL and not regime.active:
+                    continue
+                for name, system in (("mimbox", MiMBox(mode="explicit", cpus=CONVERTER_CPUS, syn_path="hold")),
+                                     ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS))):
+                    rows += _measure(tb, d, client_py, sink_py, probes, name, system, idle, params)
+        idle_settings["after"] = haltpoll_now()
+    return pd.DataFrame(rows), {"idle": idle_settings, "probes": PROBES.strip().splitlines()}
+
+
+def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> list[dict]:
+    sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT), "0"],
+                           stdout=subprocess.PIPE, text=True)
+    ready_line(sink)
+    system.start(tb, SERVER_PORT)
+    host, port = system.endpoint(tb, SERVER_PORT)
+    tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
+    tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
+    tag = f"{idle}-{name.replace('/', '')}"
+    pc, ps, trace = (os.path.join(d, f"{tag}-{x}") for x in ("client.pcap", "server.pcap", "trace.txt"))
+    offset = time.time_ns() - time.monotonic_ns()
+    bt = subprocess.Popen(["bpftrace", probes, str(system.procs[0].pid)], stdout=open(trace, "w"),
+                          stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "Attaching" not in open(trace).read() and time.monotonic() < deadline:
+        if bt.poll() is not None:
+            raise RuntimeError(f"bpftrace: {bt.stderr.read()[-800:]}")
+        time.sleep(0.1)
+    caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+    try:
+        argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
+                                       str(params["interval"]), "1"], mptcp=False)
+        tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
+        time.sleep(0.3)
+    finally:
+        for c in caps:
+            c.terminate()
+            c.wait()
+        bt.send_signal(2)
+        bt.wait(timeout=30)
+        system.stop()
+        sink.kill()
+        sink.wait()
+    ev: dict[str, list[int]] = {"nfq_enqueue": [], "wake": [], "connect": [], "write": []}
+    for line in open(trace):
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ev and parts[1].isdigit():
+            ev[parts[0]].append(int(parts[1]))
+    for v in ev.values():
+        v.sort()
+    mono = (lambda t: int(t * 1e9) - offset)
+    cside, sside = read_pcap(pc), read_pcap(ps)
+    wire = {"syn_out": sorted(mono(p["time"]) for p in sside if p["flags"] == "S"),
+            "ack_in": sorted(mono(p["time"]) for p in cside if p["flags"] == "A" and p["payload"] == 0),
+            "data_out": sorted(mono(p["time"]) for p in sside if p["payload"] == 1300)}
+    rows = []
+    for seg, t0s in (("SYN", [mono(p["time"]) for p in cside if p["flags"] == "S"]),
+                     ("data", [mono(p["time"]) for p in cside if p["payload"] == 1300])):
+        for i, t0 in enumerate(t0s):
+            ph = phases(name, seg, t0, ev, wire)
+            for phase, us in zip(PHASES[(name, seg)], ph):
+                rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase=phase, us=us))
+            if ph:
+                rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase="total", us=sum(ph)))
+    progress(f"breakdown {idle} {name}: {len(rows)} phase rows")
+    return rows
+
+
+def tables(df: pd.DataFrame) -> dict:
+    """Median µs per phase (medians: one late wake-up should not move a phase's typical cost)."""
+    t = df.groupby(["idle", "system", "segment", "phase"], sort=False)["us"].median().round(1).reset_index()
+    return {"phases": t}
+
+
+def plot(df: pd.DataFrame):
+    idles = list(df["idle"].unique())
+    fig, axes = plt.subplots(1, len(idles), figsize=(7 * len(idles), 3.8), squeeze=False, sharex=True)
+    for ax, idle in zip(axes[0], idles):
+        sub = df[(df.idle == idle) & (df.phase != "total")]
+        labels = []
+        for y, ((system, seg), g) in enumerate(sub.groupby(["system", "segment"], sort=False)):
+            left = 0.0
+            for phase in PHASES[(system, seg)]:
+                v = g[g.phase == phase].us.median()
+                ax.barh(y, v, left=left, edgecolor="k", linewidth=.3)
+                if v > 8:
+                    ax.text(left + v / 2, y, phase.split(" (")[0], ha="center", va="center", fontsize=6)
+                left += v
+            labels.append(f"{system} {seg}")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("µs (median per phase)")
+        ax.set_title(f"idle cores: {idle}", fontsize=9)
+        ax.grid(alpha=.3, axis="x")
+    fig.suptitle("Where Table 1's microseconds go (bpftrace + tcpdump on the converter host)", fontsize=9)
+    return fig
+
+
+def main(quick: bool = True, **overrides) -> pd.DataFrame:
+    """Run this experiment (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)
