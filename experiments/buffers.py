@@ -42,8 +42,8 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         fidelity = fidelity_rows(tb, seconds=2.0)
         half = params["server_side"] // 2          # setsockopt(v) gives 2v of kernel memory
         convs = {"mimbox": MiMBox(mode="explicit"),
-                 "mimbox, small server side": MiMBox(mode="explicit", port=7020,
-                                                     extra=["--queue-num", "4320", "--server-rcvbuf", str(half),
+                 "mimbox, small server side": MiMBox(mode="explicit",
+                                                     extra=["--server-rcvbuf", str(half),
                                                             "--server-sndbuf", str(half)])}
         tcp_srv = servers.iperf3(tb, PORT, mptcp=False)
         mptcp_srv = servers.iperf3(tb, PORT + 1, mptcp=True)

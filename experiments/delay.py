@@ -130,10 +130,9 @@ def delays_from(client_side: list[dict], server_side: list[dict]) -> dict[str, l
 def cases() -> list:
     return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
-            ("mimbox (MPTCP server)", MiMBox(mode="explicit", port=7010, cpus=CONVERTER_CPUS,
-                                             extra=["--queue-num", "4310"]), True),
-            ("mimbox accept-first (TCP server)", MiMBox(mode="explicit", port=7011, cpus=CONVERTER_CPUS,
-                                                        syn_path="accept", extra=["--queue-num", "4311"]), False)]
+            ("mimbox (MPTCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), True),
+            ("mimbox accept-first (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
+                                                        syn_path="accept"), False)]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:

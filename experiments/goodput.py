@@ -49,7 +49,7 @@ SERVER_PORT = 5201
 
 def systems() -> list:
     return [Router(), MiMBox(mode="explicit", cpus=CONVERTER_CPUS), Naive("readwrite", cpus=CONVERTER_CPUS),
-            Naive("splice", port=7004, cpus=CONVERTER_CPUS), HAProxy(threads=1, mode="tcp", cpus=CONVERTER_CPUS)]
+            Naive("splice", cpus=CONVERTER_CPUS), HAProxy(threads=1, mode="tcp", cpus=CONVERTER_CPUS)]
 
 
 def set_offloads(tb, on: bool) -> None:

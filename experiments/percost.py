@@ -39,14 +39,14 @@ QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=CONVERTER
 def systems() -> list:
     """The peers; MiMBox as of round 1 (every SYN held, splice); MiMBox's defaults; its variants."""
     c = CONVERTER_CPUS
-    return [Router(), HAProxy(threads=1, cpus=c), HAProxy(threads=1, mode="tcp", port=7008, cpus=c),
-            Naive("readwrite", port=7001, cpus=c),
+    return [Router(), HAProxy(threads=1, cpus=c), HAProxy(threads=1, mode="tcp", cpus=c),
+            Naive("readwrite", cpus=c),
             MiMBox(mode="explicit", cpus=c, syn_path="hold", engine="splice"),
-            MiMBox(mode="explicit", port=7011, cpus=c, syn_path="hold", extra=["--queue-num", "4311"]),
-            MiMBox(mode="explicit", port=7010, cpus=c, extra=["--queue-num", "4310"]),
-            MiMBox(mode="explicit", port=7014, cpus=c, syn_path="accept", extra=["--queue-num", "4314"]),
-            MiMBox(mode="static", port=7012, cpus=c, extra=["--queue-num", "4312"]),
-            MiMBox(mode="static", port=7013, cpus=c, syn_path="accept", extra=["--queue-num", "4313"])]
+            MiMBox(mode="explicit", cpus=c, syn_path="hold"),
+            MiMBox(mode="explicit", cpus=c),
+            MiMBox(mode="explicit", cpus=c, syn_path="accept"),
+            MiMBox(mode="static", cpus=c),
+            MiMBox(mode="static", cpus=c, syn_path="accept")]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:

@@ -61,11 +61,11 @@ def systems(regime: str) -> list:
     all_cpus = ",".join(str(i) for i in range(n))
     one_loop = [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c)]
     if regime == CONVERTER_BOUND:
-        one_loop += [MiMBox(mode="static", port=7007, cpus=c, extra=["--queue-num", "4300"]),
-                     HAProxy(threads=1, mode="tcp", port=7008, cpus=c),
-                     Naive("splice", port=7004, cpus=c), Naive("readwrite", port=7001, cpus=c)]
-    return one_loop + [MiMBox(mode="explicit", port=7006, cpus=all_cpus, workers=n, extra=["--queue-num", "4250"]),
-                       HAProxy(threads=n, port=7005, cpus=all_cpus)]
+        one_loop += [MiMBox(mode="static", cpus=c),
+                     HAProxy(threads=1, mode="tcp", cpus=c),
+                     Naive("splice", cpus=c), Naive("readwrite", cpus=c)]
+    return one_loop + [MiMBox(mode="explicit", cpus=all_cpus, workers=n),
+                       HAProxy(threads=n, cpus=all_cpus)]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:

@@ -11,20 +11,18 @@ SOL_MPTCP = 284
 MPTCP_INFO = 1
 MPTCP_TCPINFO = 2
 TCP_IS_MPTCP = 43
+# non-blocking from socket() on (one system call less than socket() + setblocking(False))
+NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def stream_socket(mptcp: bool) -> socket.socket:
     """A non-blocking TCP socket, MPTCP when asked and when the kernel has it (else plain TCP)."""
     if mptcp:
         try:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
-            s.setblocking(False)
-            return s
+            return socket.socket(socket.AF_INET, NONBLOCKING_STREAM, IPPROTO_MPTCP)
         except OSError:
             pass
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setblocking(False)
-    return s
+    return socket.socket(socket.AF_INET, NONBLOCKING_STREAM)
 
 
 def is_mptcp(sock: socket.socket) -> bool:

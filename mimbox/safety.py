@@ -13,6 +13,10 @@ BUILTIN_DENY = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "24
                 "255.255.255.255/32")
 
 
+MEMO_SIZE = 4096
+_UNKNOWN = object()
+
+
 @dataclass
 class Policy:
     """Decides on (client, destination); `refusal()` returns None, or the cause and its detail."""
@@ -32,6 +36,7 @@ class Policy:
         self._allow = [(int(n.network_address), int(n.netmask)) for n in self.allow_clients]
         self._deny = [(int(n.network_address), int(n.netmask), n) for n in self.deny]
         self._own = {int(a) for a in self.own}
+        self._memo: dict = {}
 
     def client_refusal(self, client: str) -> tuple[Cause, str] | None:
         """Only the client check (the destination may not be known yet)."""
@@ -41,7 +46,17 @@ class Policy:
         return None
 
     def refusal(self, client: str, dst: str, dport: int) -> tuple[Cause, str] | None:
-        """None if `client` may reach dst:dport through the converter, else (cause, detail)."""
+        """None if `client` may reach dst:dport through the converter, else (cause, detail).
+        Decisions are remembered (the policy does not change while running; bounded memory)."""
+        key = (client, dst, dport)
+        r = self._memo.get(key, _UNKNOWN)
+        if r is _UNKNOWN:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            r = self._memo[key] = self._decide(client, dst, dport)
+        return r
+
+    def _decide(self, client: str, dst: str, dport: int) -> tuple[Cause, str] | None:
         c = int.from_bytes(socket.inet_aton(client), "big")
         d = int.from_bytes(socket.inet_aton(dst), "big")
         if not any(c & m == n for n, m in self._allow):

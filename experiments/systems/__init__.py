@@ -24,6 +24,29 @@ from topologies.regimes import CpuQuota
 PY = sys.executable
 
 
+class Allocator:
+    """Listening ports and NFQUEUE numbers for systems created without them: every system of a run
+    gets its own, and a MiMBox a block of queues (one per worker it may start), so no two overlap
+    whatever the core count. Tests that name ports use the range below FIRST."""
+    FIRST = 17000
+
+    def __init__(self):
+        self.next_port = self.FIRST
+        self.next_queue = self.FIRST
+
+    def port(self) -> int:
+        self.next_port += 1
+        return self.next_port - 1
+
+    def queues(self, n: int) -> int:
+        """The first of `n` consecutive queue numbers."""
+        self.next_queue += n
+        return self.next_queue - n
+
+
+ALLOCATE = Allocator()
+
+
 def wait_port(host, port: int, timeout: float = 10.0) -> None:
     """Wait until something on `host` listens on TCP `port`."""
     deadline = time.monotonic() + timeout
@@ -137,12 +160,14 @@ class Router(System):
 class MiMBox(System):
     """Our converter, started with `mimbox run` on the converter host."""
 
-    def __init__(self, mode: str = "static", engine: str | None = None, port: int = 7000, extra: list[str] = (),
+    def __init__(self, mode: str = "static", engine: str | None = None, port: int | None = None, extra: list[str] = (),
                  cpus: str | None = None, workers: int | None = None, syn_path: str | None = None):
         """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core);
         engine, syn_path: None is the converter's default."""
         super().__init__(cpus)
-        self.mode, self.engine, self.port, self.extra = mode, engine, port, list(extra)
+        self.mode, self.engine, self.port, self.extra = mode, engine, port or ALLOCATE.port(), list(extra)
+        if "--queue-num" not in self.extra:
+            self.extra += ["--queue-num", str(ALLOCATE.queues(workers or os.cpu_count() or 1))]
         if workers is not None:
             self.extra += ["--workers", str(workers)]
         if syn_path is not None:
@@ -191,9 +216,9 @@ class MiMBox(System):
 class Naive(System):
     """The paper's read()/write() or splice() converter (experiments/systems/naive.py), static upstream."""
 
-    def __init__(self, engine: str, port: int = 7001, cpus: str | None = None):
+    def __init__(self, engine: str, port: int | None = None, cpus: str | None = None):
         super().__init__(cpus)
-        self.engine, self.port = engine, port
+        self.engine, self.port = engine, port or ALLOCATE.port()
         self.name = {"readwrite": "read/write", "splice": "splice"}[engine]
 
     def start(self, tb, server_port: int) -> None:
@@ -219,9 +244,9 @@ def run_dir(tag: str) -> str:
 class HAProxy(System):
     """HAProxy 2.6 (Debian), cache-less, splicing; its sockets made MPTCP by the LD_PRELOAD shim."""
 
-    def __init__(self, threads: int = 1, mode: str = "http", port: int = 7002, cpus: str | None = None):
+    def __init__(self, threads: int = 1, mode: str = "http", port: int | None = None, cpus: str | None = None):
         super().__init__(cpus)
-        self.threads, self.mode, self.port = threads, mode, port
+        self.threads, self.mode, self.port = threads, mode, port or ALLOCATE.port()
         self.loops = threads
         self.name = f"haproxy-{threads}t" + ("" if mode == "http" else f"-{mode}")
 
@@ -250,9 +275,9 @@ class Squid(System):
     """Squid 5.7 (Debian) as a reverse proxy with caching off; MPTCP through the shim."""
     name = "squid"
 
-    def __init__(self, port: int = 7003, cpus: str | None = None):
+    def __init__(self, port: int | None = None, cpus: str | None = None):
         super().__init__(cpus)
-        self.port = port
+        self.port = port or ALLOCATE.port()
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)

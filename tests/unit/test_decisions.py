@@ -187,3 +187,13 @@ def test_hold_rate_is_a_per_prefix_hashlimit_per_worker():
     assert args[args.index("--hashlimit-srcmask") + 1] == "24"
     assert args[args.index("--hashlimit-name") + 1] == "mimbox7000w1"
     assert ListenerRules(port=7000, queue_num=4200)._rate(0) == []
+
+
+def test_policy_memory_is_bounded_and_answers_the_same():
+    from mimbox.safety import MEMO_SIZE
+    p = policy()
+    for i in range(MEMO_SIZE + 10):
+        p.refusal("10.0.1.5", f"10.1.{i // 250}.{i % 250}", 80)
+    assert len(p._memo) <= MEMO_SIZE
+    assert p.refusal("10.0.9.5", "10.0.101.1", 80)[0] is Cause.CLIENT_NOT_ALLOWED
+    assert p.refusal("10.0.9.5", "10.0.101.1", 80)[0] is Cause.CLIENT_NOT_ALLOWED   # remembered, same answer
