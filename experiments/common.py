@@ -154,10 +154,12 @@ def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_C
 
 
 def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
-    """Per point of the converter-bound regime: the router's rate over the best converter's. >= 2
-    means the converters, not the end hosts, were the bottleneck there."""
+    """Per point of the converter-bound regime: the router's rate over the best one-loop converter's.
+    >= 2 means the converters, not the end hosts, were the bottleneck there."""
     out = []
     cb = df[df["regime"] == "converter-bound"]
+    if "loops" in cb:
+        cb = cb[cb["loops"] <= 1]       # one event loop each (N-loop systems have N quotas)
     for k, g in cb.groupby(key):
         means = g.groupby("system")[metric].mean()
         conv = means.drop("router", errors="ignore")

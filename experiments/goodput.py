@@ -129,7 +129,7 @@ def _measure(tb, syss: list, regime: str, mss_list: list[int], params: dict, wir
                 r = iperf3(tb, s, port, params["seconds"], cpus=END_HOST_CPUS)
                 cpu = s.cpu_s() - c0
                 gb = r["bytes"] / 1e9
-                rows.append(dict(regime=regime, system=s.name, mss=mss, offload=offload,
+                rows.append(dict(regime=regime, system=s.name, loops=s.loops, mss=mss, offload=offload,
                                  wire_mss=wire_mss[(mss, offload)], rep=rep, goodput_gbps=r["goodput_bps"] / 1e9,
                                  bytes=r["bytes"], converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_s_per_gb=cpu / gb if s.converts and gb else float("nan")))

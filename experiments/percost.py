@@ -9,7 +9,9 @@ and the data engine (splice through a pipe, or recv/send through a buffer). req/
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import matplotlib
 import pandas as pd
@@ -27,6 +29,7 @@ from experiments.common import (  # noqa: E402
     run_experiment,
 )
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
+from experiments.measure.tools import wrk  # noqa: E402
 from experiments.workload import HTTP_PORT, _measure  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
@@ -34,6 +37,7 @@ from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 NAME = "percost_converter"
 FULL = dict(size=1024, reps=5, seconds=5, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
 QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+PROFILED = ("haproxy-1t-tcp", "read/write", "mimbox", "mimbox-static-accept")   # perf: where the µs go
 
 
 def systems() -> list:
@@ -62,13 +66,51 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                     rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
                     syn_paths = {s.name: {k: s.stats().get(k) for k in ("syns", "deferred", "accepted", "refused")}
                                  for s in syss if isinstance(s, MiMBox)}
+                    split = [row for s in syss if s.name in PROFILED for row in cpu_split(tb, s, params)]
                 finally:
                     for s in syss:
                         s.stop()
         finally:
             web.stop()
             web_mptcp.stop()
-    return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths}
+    return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths, "cpu_split": split}
+
+
+def cpu_split(tb, system, params: dict) -> list[dict]:
+    """One more run of the load under `perf record` (software clock, the system's processes): the
+    converter's CPU µs per request split into kernel, the program itself (Python or HAProxy) and
+    libraries; empty where perf is missing."""
+    import shutil
+    import subprocess
+    import tempfile
+    if not shutil.which("perf"):
+        return []
+    data = tempfile.mktemp(prefix="mimbox-perf-", suffix=".data")
+    pids = ",".join(str(p) for p in (system.box.pids() if system.box else system.pids()))
+    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", pids, "-o", data],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                cpus=END_HOST_CPUS)
+    finally:
+        rec.send_signal(2)
+        rec.wait(timeout=60)
+    try:
+        out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso", "--stdio", "-q",
+                              "-F", "sample,dso"], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        os.unlink(data)
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            dso = parts[1].strip("[]")
+            where = "kernel" if dso == "kernel.kallsyms" else ("program" if dso.startswith(("python", "haproxy"))
+                                                               else "libraries")
+            rows.append(dict(system=system.name, where=where, dso=dso,
+                             us_per_req=int(parts[0]) * 1e6 / 4999 / max(1, r["requests"])))
+    return rows
 
 
 def tables(df: pd.DataFrame) -> dict:
@@ -78,6 +120,14 @@ def tables(df: pd.DataFrame) -> dict:
     g["req_per_s_vs_haproxy_1t"] = (g.req_per_s / ref.req_per_s).round(3)
     g["cpu_vs_haproxy_1t"] = (g.cpu_us_per_req / ref.cpu_us_per_req).round(3)
     return {"summary": g.reset_index()}
+
+
+def cpu_split_table(man: dict) -> pd.DataFrame:
+    """µs of converter CPU per request by where it ran (kernel / program / libraries), per system."""
+    d = pd.DataFrame(man.get("cpu_split", []))
+    if d.empty:
+        return d
+    return d.groupby(["system", "where"], sort=False).us_per_req.sum().round(1).unstack("where").reset_index()
 
 
 def problems(df: pd.DataFrame) -> list[str]:

@@ -161,9 +161,13 @@ def percost() -> str:
     t.columns = ["system", "req/s", "µs CPU/req", "req/s vs haproxy-1t", "CPU vs haproxy-1t"]
     paths = man.get("syn_paths", {})
     held = "; ".join(f"{k}: {v['syns']} of {v['accepted']} SYNs seen by the converter" for k, v in paths.items())
+    from experiments.percost import cpu_split_table
+    split = cpu_split_table(man)
+    split_md = ("Where the converter's CPU per request runs (µs, `perf record` on its processes during one more "
+                "run of the same load):\n\n" + _md(split.fillna(0)) + "\n\n") if len(split) else ""
     return ("![Per-connection cost](results/percost_converter/figure.png)\n\n" + _md(t.fillna("—")) + "\n\n"
             + (f"SYNs that visited the converter (NFQUEUE) per accepted connection — {held}.\n\n" if held else "")
-            + _env_line(man))
+            + split_md + _env_line(man))
 
 
 def fig6() -> str:

@@ -69,7 +69,7 @@ def systems(regime: str) -> list:
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    rows, regimes = [], {}
+    rows, regimes, syn_paths = [], {}, {}
     with Testbed(PaperTopo()) as tb:
         fidelity = fidelity_rows(tb, seconds=1.0)
         web = servers.nginx(tb, sorted({s for v in params["sizes"].values() for s in v}), HTTP_PORT,
@@ -85,13 +85,16 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                         for s in syss:
                             s.start(tb, HTTP_PORT)
                         rows += _measure(tb, syss, regime, sizes, params)
+                        syn_paths[regime] = {s.name: {k: s.stats().get(k) for k in ("syns", "deferred", "accepted")}
+                                             for s in syss if isinstance(s, MiMBox)}
                     finally:
                         for s in syss:
                             s.stop()
         finally:
             web.stop()
             web_mptcp.stop()
-    return pd.DataFrame(rows), {"link_fidelity": fidelity, "regimes": regimes}
+    return pd.DataFrame(rows), {"link_fidelity": fidelity, "regimes": regimes,
+                                "syns_seen_by_mimbox": syn_paths}
 
 
 def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> list[dict]:
@@ -103,7 +106,7 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 c0 = s.cpu_s()
                 r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
                 cpu = s.cpu_s() - c0
-                rows.append(dict(regime=regime, system=s.name, size=size, rep=rep, **r,
+                rows.append(dict(regime=regime, system=s.name, loops=s.loops, size=size, rep=rep, **r,
                                  converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]
                                  else float("nan")))

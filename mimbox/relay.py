@@ -38,7 +38,17 @@ from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
 from mimbox.stats import Stats, answer, open_endpoint
-from mimbox.synpath import DEFER, REFUSE, Admission, Cause, Destinations, RefusalLog, ServerMemory, SynGate
+from mimbox.synpath import (
+    DEFER,
+    REFUSE,
+    Admission,
+    Cause,
+    Destinations,
+    HeldSet,
+    RefusalLog,
+    ServerMemory,
+    SynGate,
+)
 from mimbox.synrecord import SynRecorder
 
 log = logging.getLogger("mimbox")
@@ -187,8 +197,10 @@ class Relay:
 
     def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
                  links: dict[int, socket.socket] | None = None, admission: Admission | None = None,
-                 plan: SynPlan | None = None):
-        """plan: the supervisor's (it owns rules and recorder); None: this relay plans and owns them."""
+                 plan: SynPlan | None = None, held: HeldSet | None = None):
+        """plan: the supervisor's (it owns rules and recorder); None: this relay plans and owns them.
+        held: the workers' shared set of held SYNs (None: hand over every connection another worker
+        owns by its source port)."""
         self.cfg = cfg.validate()
         lc, bc = cfg.listener, cfg.buffers
         self.worker, self.workers = worker, workers
@@ -207,6 +219,7 @@ class Relay:
         self.owns_plan = plan is None
         self.queue_syns = True
         self.recorder: SynRecorder | None = None
+        self.held = held
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
         self.conns: dict[int, tuple[Connection, bool]] = {}   # fd -> (connection, is_client_side)
@@ -417,6 +430,8 @@ class Relay:
         p = Pending(pkt, s, dst, now, try_mptcp, client_ip)
         self.pending[key] = p
         self.gate.hold(client_ip)
+        if self.held is not None:
+            self.held.add(key)
         self.pending_fds[s.fileno()] = (key, p)
         self.epoll.register(s.fileno(), WATCH)
 
@@ -480,6 +495,8 @@ class Relay:
         if self.pending.pop(key, None) is not None:
             self.admission.give()
             self.gate.release(p.client_ip)
+            if self.held is not None:
+                self.held.discard(key)
         self.pending_fds.pop(p.server.fileno(), None)
         try:
             self.epoll.unregister(p.server.fileno())
@@ -503,8 +520,8 @@ class Relay:
             return
         if self.workers > 1 and self.queue_syns:
             owner = worker_of_port(addr[1], self.workers)
-            if owner != self.worker:
-                self._hand_over(cs, owner)
+            if owner != self.worker and (self.held is None or addr in self.held):
+                self._hand_over(cs, owner)     # its SYN is held there, with its server connection
                 return
         cs.setblocking(False)
         self._pair(cs, addr)
@@ -548,6 +565,8 @@ class Relay:
             return
         del self.pending[addr]
         self.gate.release(p.client_ip)
+        if self.held is not None:
+            self.held.discard(addr)
         sfd = p.server.fileno()
         del self.pending_fds[sfd]
         conn = Connection(cs, p.server, addr, p.dst, p.t_syn)

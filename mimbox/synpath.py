@@ -223,3 +223,41 @@ class ServerMemory:
         if len(self.until) >= self.size:
             self.until.pop(next(iter(self.until)))     # the oldest entry (dicts keep insertion order)
         self.until[dst] = now + self.ttl
+
+
+class HeldSet:
+    """Which clients (address, port) have their SYN held by some worker, shared by all workers
+    (one slot per hash in shared memory, no lock: a slot is one 8-byte store). A worker that
+    accept()s a connection whose SYN another worker may hold hands it over only if the key is here;
+    the others — SYNs the kernel answered unheld — it serves itself. A collision can only make it
+    hand over a connection needlessly, or serve one whose SYN another worker held (that worker's
+    server connection then ends at the handshake timeout): never lose one."""
+
+    def __init__(self, slots: int = 1 << 16):
+        import multiprocessing
+        self.mask = slots - 1
+        if slots & self.mask:
+            raise ValueError("slots must be a power of two")
+        self.slots = multiprocessing.RawArray("Q", slots)
+
+    def _slot(self, key: int) -> int:
+        return ((key * 0x9E3779B97F4A7C15) >> 32) & self.mask
+
+    @staticmethod
+    def key(client: tuple[str, int]) -> int:
+        import socket
+        return (int.from_bytes(socket.inet_aton(client[0]), "big") << 16 | client[1]) + 1
+
+    def add(self, client: tuple[str, int]) -> None:
+        k = self.key(client)
+        self.slots[self._slot(k)] = k
+
+    def discard(self, client: tuple[str, int]) -> None:
+        k = self.key(client)
+        i = self._slot(k)
+        if self.slots[i] == k:
+            self.slots[i] = 0
+
+    def __contains__(self, client: tuple[str, int]) -> bool:
+        k = self.key(client)
+        return self.slots[self._slot(k)] == k

@@ -50,8 +50,9 @@ class Supervisor:
     """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
 
     def __init__(self, cfg: Config, workers: int, drain_timeout: float = 30.0):
-        from mimbox.synpath import Admission
+        from mimbox.synpath import Admission, HeldSet
         self.cfg, self.workers, self.drain_timeout = cfg.validate(), workers, drain_timeout
+        self.held = HeldSet()       # shared: which worker holds which SYN
         self.plan = None     # made in run(): the BPF recorder's map fd is inherited by the workers
         self.rules = None
         self.admission = Admission(cfg.connection_limit(), shared=True)
@@ -103,7 +104,7 @@ class Supervisor:
             cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
                                       if self.cfg.stats_path else None)
             with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission,
-                       plan=self.plan) as relay:
+                       plan=self.plan, held=self.held) as relay:
                 os.write(ready_w, b"r")
                 os.close(ready_w)
                 relay.serve(drain_timeout=self.drain_timeout)

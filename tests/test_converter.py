@@ -217,3 +217,19 @@ def test_auto_holds_at_a_low_rate_and_lets_the_kernel_answer_above_it(paper_tb):
         m.stop()
     assert st["accepted"] == 20 and st["refused"] == {}, st
     assert 1 <= st["syns"] < 20, st        # held: the hashlimit's burst of 1, then 1/s
+
+
+def test_workers_hand_over_only_held_connections(paper_tb):
+    """2 workers, --hold-rate 1: SYNs past the rate are answered by the kernel; the worker that
+    accept()s such a connection serves it itself, so hand-overs happen only for held SYNs."""
+    m = MiMBox(mode="static", port=7113, extra=["--workers", "2", "--queue-num", "4313", "--hold-rate", "1"])
+    m.start(paper_tb, 9000)
+    try:
+        for _ in range(24):
+            transfer(paper_tb, m, up=1000, down=3000)
+        st = m.stats()
+    finally:
+        m.stop()
+    held = st["syns"] - st["deferred"]
+    assert st["accepted"] == st["closed"] == 24 and st["refused"] == {}, st
+    assert held < 24 and st["handed_over"] <= held, st

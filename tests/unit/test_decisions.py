@@ -197,3 +197,22 @@ def test_policy_memory_is_bounded_and_answers_the_same():
     assert len(p._memo) <= MEMO_SIZE
     assert p.refusal("10.0.9.5", "10.0.101.1", 80)[0] is Cause.CLIENT_NOT_ALLOWED
     assert p.refusal("10.0.9.5", "10.0.101.1", 80)[0] is Cause.CLIENT_NOT_ALLOWED   # remembered, same answer
+
+
+def test_held_set_is_shared_and_forgets():
+    import multiprocessing
+
+    from mimbox.synpath import HeldSet
+    h = HeldSet(slots=1024)
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=lambda: h.add(("10.0.1.1", 40000)))
+    p.start()
+    p.join(10)
+    assert ("10.0.1.1", 40000) in h                 # added by another process
+    assert ("10.0.1.1", 40001) not in h and ("10.0.1.2", 40000) not in h
+    h.discard(("10.0.1.2", 40000))                  # not there: nothing happens
+    assert ("10.0.1.1", 40000) in h
+    h.discard(("10.0.1.1", 40000))
+    assert ("10.0.1.1", 40000) not in h
+    with pytest.raises(ValueError):
+        HeldSet(slots=1000)
