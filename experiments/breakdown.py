@@ -5,12 +5,14 @@ Table 1's workload (one connection at a time, one 1300-byte burst each, one clie
 segment arriving on the converter host (client-side capture, t0) the first event of each kind after
 it, on the converter's process, gives the phases:
 
-  MiMBox, held SYN   wire in -> nfqnl_enqueue_packet (netfilter)  -> epoll_wait returns (wake-up)
-                     -> connect() entered (Python: recv, parse DST_OPT, policy, socket, setsockopt)
-                     -> SYN on the server-side wire (kernel send)
+  MiMBox, held SYN   wire in -> epoll_wait returns (netfilter, NFQUEUE, wake-up; this kernel lets
+                     bpftrace attach neither a kprobe nor a kfunc to nfqnl_enqueue_packet)
+                     -> the queue's recv() returns -> socket() entered (Python: parse DST_OPT, policy)
+                     -> connect() entered (socket, setsockopt) -> SYN on the server-side wire
   read()/write() SYN wire in -> the client's ACK in (the kernel's handshake with the client: SYN+ACK
-                     out, the client's ACK back) -> epoll_wait returns -> connect() entered (Python:
-                     accept, socket) -> SYN on the wire
+                     out, the client's ACK back) -> epoll_wait returns -> accept() returns
+                     -> socket() entered (Python: create_connection resolves the address)
+                     -> connect() entered -> SYN on the wire
   data (both)        wire in -> epoll_wait returns -> write() entered (Python: read, relay)
                      -> segment on the wire
 
@@ -19,6 +21,7 @@ before the run. Both idle regimes (halt, poll) as in Table 1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -33,24 +36,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, progress, run_experiment  # noqa: E402
-from experiments.delay import BURST_CLIENT, SERVER_PORT, SINK, _Halt, capture, read_pcap  # noqa: E402
+from experiments.delay import BURST_CLIENT, SERVER_PORT, SINK, _Halt, capture, poll_ns, read_pcap  # noqa: E402
 from experiments.systems import PY, MiMBox, Naive, ready_line, run_dir  # noqa: E402
 from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "table1_breakdown"
-FULL = dict(measures=100, interval=0.1, idle=["halt", "poll"], poll_ns=200_000)
-QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"], poll_ns=200_000)
+FULL = dict(measures=100, interval=0.1, idle=["halt", "poll"])
+QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"])
 
 PROBES = """
-kprobe:nfqnl_enqueue_packet { printf("nfq_enqueue %llu\\n", nsecs); }
 tracepoint:syscalls:sys_exit_epoll_wait /pid == $1/ { printf("wake %llu\\n", nsecs); }
+tracepoint:syscalls:sys_exit_recvfrom /pid == $1/ { printf("recv %llu\\n", nsecs); }
+tracepoint:syscalls:sys_exit_accept4 /pid == $1/ { printf("accept %llu\\n", nsecs); }
+tracepoint:syscalls:sys_enter_socket /pid == $1/ { printf("socket %llu\\n", nsecs); }
 tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %llu\\n", nsecs); }
 tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %llu\\n", nsecs); }
 """
 PHASES = {
-    ("mimbox", "SYN"): ["netfilter → queue", "wake-up", "Python (parse, policy, socket)", "kernel send"],
-    ("read/write", "SYN"): ["handshake with the client", "wake-up", "Python (accept, socket)", "kernel send"],
+    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "Python (parse, policy)", "socket, setsockopt",
+                        "kernel send"],
+    ("read/write", "SYN"): ["handshake with the client", "wake-up", "accept", "Python (resolve, socket)",
+                            "socket, setsockopt", "kernel send"],
     ("mimbox", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
     ("read/write", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
 }
@@ -65,12 +72,9 @@ def phases(system: str, segment: str, t0: int, ev: dict[str, list[int]], wire: d
     """The phase lengths (µs) of one segment that arrived at t0 (ns, monotonic), or [] if incomplete."""
     if segment == "SYN":
         out = _after(wire["syn_out"], t0)
-        if system == "mimbox":
-            marks = [t0, _after(ev["nfq_enqueue"], t0)]
-        else:
-            marks = [t0, _after(wire["ack_in"], t0)]
-        marks.append(_after(ev["wake"], marks[-1]) if marks[-1] else None)
-        marks.append(_after(ev["connect"], marks[-1]) if marks[-1] else None)
+        marks = [t0] if system == "mimbox" else [t0, _after(wire["ack_in"], t0)]
+        for kind in ("wake", "recv" if system == "mimbox" else "accept", "socket", "connect"):
+            marks.append(_after(ev[kind], marks[-1]) if marks[-1] else None)
     else:
         out = _after(wire["data_out"], t0)
         marks = [t0, _after(ev["wake"], t0)]
@@ -81,9 +85,23 @@ def phases(system: str, segment: str, t0: int, ev: dict[str, list[int]], wire: d
     return [(b - a) / 1e3 for a, b in zip(marks, marks[1:])]
 
 
+@contextlib.contextmanager
+def tracefs():
+    """bpftrace's tracepoints need tracefs; mount it for the run if it is not, and unmount it after."""
+    path = "/sys/kernel/tracing"
+    mounted = not os.path.ismount(path)
+    if mounted:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", path], check=True)
+    try:
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", path])
+
+
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, idle_settings = [], {}
-    with Testbed(PaperTopo()) as tb:
+    with tracefs(), Testbed(PaperTopo()) as tb:
         tb.client.cmd("ip mptcp endpoint flush")      # one path, as Table 1
         d = run_dir("breakdown")
         client_py, sink_py = os.path.join(d, "burst_client.py"), os.path.join(d, "sink.py")
@@ -94,7 +112,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         with open(probes, "w") as f:
             f.write(PROBES)
         for idle in params["idle"]:
-            with IdlePolling(params["poll_ns"]) if idle == POLL else _Halt() as regime:
+            with IdlePolling(poll_ns(params)) if idle == POLL else _Halt() as regime:
                 idle_settings[idle] = regime.describe()
                 if idle == POLL and not regime.active:
                     continue
@@ -116,7 +134,9 @@ def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> l
     tag = f"{idle}-{name.replace('/', '')}"
     pc, ps, trace = (os.path.join(d, f"{tag}-{x}") for x in ("client.pcap", "server.pcap", "trace.txt"))
     offset = time.time_ns() - time.monotonic_ns()
-    bt = subprocess.Popen(["bpftrace", probes, str(system.procs[0].pid)], stdout=open(trace, "w"),
+    # bpftrace itself on the end hosts' core, away from the converter's
+    bt = subprocess.Popen(["taskset", "-c", END_HOST_CPUS, "bpftrace", probes, str(system.procs[0].pid)],
+                          stdout=open(trace, "w"),
                           stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while "Attaching" not in open(trace).read() and time.monotonic() < deadline:
@@ -138,7 +158,7 @@ def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> l
         system.stop()
         sink.kill()
         sink.wait()
-    ev: dict[str, list[int]] = {"nfq_enqueue": [], "wake": [], "connect": [], "write": []}
+    ev: dict[str, list[int]] = {"wake": [], "recv": [], "accept": [], "socket": [], "connect": [], "write": []}
     for line in open(trace):
         parts = line.split()
         if len(parts) == 2 and parts[0] in ev and parts[1].isdigit():
@@ -159,8 +179,17 @@ def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> l
                 rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase=phase, us=us))
             if ph:
                 rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase="total", us=sum(ph)))
-    progress(f"breakdown {idle} {name}: {len(rows)} phase rows")
+    if not rows:
+        progress("breakdown: bpftrace said: " + open(trace).read()[:600] + bt.stderr.read()[-600:])
+    progress(f"breakdown {idle} {name}: {len(rows)} phase rows (events: "
+             + ", ".join(f"{k} {len(v)}" for k, v in {**ev, **wire}.items()) + ")")
     return rows
+
+
+def problems(df: pd.DataFrame) -> list[str]:
+    if df.empty:
+        return ["no segment could be cut into phases (bpftrace saw none of the converter's system calls)"]
+    return []
 
 
 def tables(df: pd.DataFrame) -> dict:
@@ -170,6 +199,8 @@ def tables(df: pd.DataFrame) -> dict:
 
 
 def plot(df: pd.DataFrame):
+    if df.empty:
+        return plt.figure()
     idles = list(df["idle"].unique())
     fig, axes = plt.subplots(1, len(idles), figsize=(7 * len(idles), 3.8), squeeze=False, sharex=True)
     for ax, idle in zip(axes[0], idles):

@@ -11,8 +11,8 @@ One client path only (no join subflow), so every segment crosses the two capture
 
 Two idle regimes (`idle` column): halt (the VM's default here: an idle core halts at once, and
 waking it is a VM exit that costs more than a user-space converter's work) and poll (cpuidle
-haltpoll polls before halting, for this measurement only; topologies.regimes.IdlePolling sets it
-and always restores it). MiMBox is measured on both SYN paths: held (its default at this rate:
+haltpoll polls for twice the packet interval before halting, so an idle core never halts between
+packets; for this measurement only: topologies.regimes.IdlePolling sets it and always restores it). MiMBox is measured on both SYN paths: held (its default at this rate:
 connect to the server first, as the paper) and --syn-path accept (the kernel answers the client,
 the converter connects after accept(), like the read()/write() converter).
 """
@@ -42,8 +42,8 @@ from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "table1_delay"
-FULL = dict(measures=100, interval=0.52, idle=["halt", "poll"], poll_ns=200_000)   # 1300 bytes at 20 kbit/s
-QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"], poll_ns=200_000)
+FULL = dict(measures=100, interval=0.52, idle=["halt", "poll"])   # 1300 bytes at 20 kbit/s
+QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"])
 SERVER_PORT = 9500
 PAPER = {  # Table 1, microseconds: (mean, ci) or None for N/A
     "router": {"SYN": (5.2, 0.1), "SYN+ACK": (5.2, 0.1), "data": (5.3, 0.1)},
@@ -63,6 +63,7 @@ for i in range(n):
     s.sendall(payload)
     time.sleep(interval / 2)
     s.close()
+    time.sleep(interval / 2)   # the close is over before the next SYN: each segment meets a quiet converter
 """
 SINK = """
 import socket, sys, threading
@@ -127,6 +128,11 @@ def delays_from(client_side: list[dict], server_side: list[dict]) -> dict[str, l
     return res
 
 
+def poll_ns(params: dict) -> int:
+    """Idle polling must outlast the gap between packets (half the interval), or the core halts anyway."""
+    return params.get("poll_ns") or int(2e9 * params["interval"])
+
+
 def cases() -> list:
     return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
@@ -145,7 +151,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             with open(path, "w") as f:
                 f.write(text)
         for idle in params["idle"]:
-            with IdlePolling(params["poll_ns"]) if idle == POLL else _Halt() as regime:
+            with IdlePolling(poll_ns(params)) if idle == POLL else _Halt() as regime:
                 idle_settings[idle] = {**regime.describe(), "during": haltpoll_now()}
                 if idle == POLL and not regime.active:
                     progress(f"table1: no idle polling here ({regime.reason}); poll rows skipped")

@@ -110,6 +110,24 @@ def table1() -> str:
 FIG5_PEERS = ("haproxy-1t", "haproxy-1t-tcp", "squid", "splice", "read/write", "router")
 
 
+def breakdown() -> str:
+    path = RESULTS / "table1_breakdown" / "phases.csv"
+    if not path.exists():
+        return "_Breakdown not run yet._"
+    _, man = _load("table1_breakdown")
+    t = pd.read_csv(path)
+    rows = []
+    for (idle, system, seg), g in t.groupby(["idle", "system", "segment"], sort=False):
+        parts = [f"{r.phase} {r.us:.0f}" for r in g.itertuples() if r.phase != "total"]
+        total = g[g.phase == "total"].us
+        rows.append({"idle": idle, "system": system, "segment": seg, "phases (median µs)": " → ".join(parts),
+                     "total": f"{total.iloc[0]:.0f}" if len(total) else "—"})
+    return ("![Breakdown](results/table1_breakdown/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n"
+            "Measured with bpftrace on the converter's system calls and tcpdump on its two interfaces "
+            "(`experiments/breakdown.py`); tracing every system call of the process slows it, so the phases "
+            "add up to more than Table 1's untraced totals.\n\n" + _env_line(man))
+
+
 def fig5() -> str:
     df, man = _load("fig5_workload")
     if df is None:
@@ -252,6 +270,7 @@ def section() -> str:
     parts = [("Fig. 5 — requests/s vs file size", fig5()),
              ("Per-connection cost, converter-bound, 1 KB", percost()),
              ("Fig. 4 — goodput vs MSS", fig4()), ("Table 1 — forwarding delay", table1()),
+             ("Where Table 1's microseconds go", breakdown()),
              ("Fig. 6 — goodput vs per-socket memory", fig6()),
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
              ("Reliability suite", reliability())]

@@ -7,10 +7,11 @@ import sys
 import time
 import traceback
 
-from experiments import buffers, delay, goodput, interactive, percost, profile, report, workload
+from experiments import breakdown, buffers, delay, goodput, interactive, percost, profile, report, workload
 from experiments.common import progress
 
-FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "fig6": buffers,
+FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
+           "fig6": buffers,
            "interactive": interactive, "profile": profile}
 
 
