@@ -65,7 +65,8 @@ def test_profile_tiny(mptcp_ok, tmp_results):
     """py-spy samples the converter under load; every sampled line is classified."""
     df = profile.main(quick=True, seconds=3, reps=1)
     assert df.samples.sum() > 50 and set(df.kind) <= {"system call", "Python"}
-    assert "splice" in " ".join(df[df.kind == "system call"].code)
+    calls = " ".join(df[df.kind == "system call"].code)
+    assert "splice(" in calls or "write(" in calls, calls      # the data path was sampled (copy or splice)
 
 
 def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
