@@ -163,8 +163,10 @@ def fig5() -> str:
                    + "; ".join(ratios) + ".")
         if regime == "converter-bound":
             out.append(" ".join(x for x in (_quota_line(man), _bound_line(man, "size", " KB")) if x))
-    out.append("Paper at 1 KB (8-core testbed, converter box saturated): MiMBox 22k, HAProxy 8 threads 18k, 1 thread "
-               "9.5k, Squid 2.5k req/s (MiMBox/HAProxy-1t 2.3, MiMBox/Squid 8.8).")
+    from experiments.workload import PAPER_1KB as P
+    out.append(f"Paper at 1 KB (8-core testbed, converter box saturated): MiMBox {P['mimbox'] / 1000:g}k, HAProxy 8 "
+               f"threads {P['haproxy-8t'] / 1000:g}k, 1 thread {P['haproxy-1t'] / 1000:g}k, Squid {P['squid'] / 1000:g}k "
+               f"req/s (MiMBox/HAProxy-1t {P['mimbox'] / P['haproxy-1t']:.1f}, MiMBox/Squid {P['mimbox'] / P['squid']:.1f}).")
     out.append(_env_line(man))
     return "\n\n".join(out)
 

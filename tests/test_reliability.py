@@ -509,6 +509,6 @@ def test_many_short_connections_no_growth(paper_tb, n):
     print(f"{done} connections: fds other than pooled pipes {fds0} -> {fds1} ({pooled} pipes pooled), "
           f"RSS {rss0} -> {rss1} KB")
     assert fds1 <= fds0 + 2
-    assert pooled <= 1024
+    assert pooled <= 2 * 20        # at most one pipe per direction of the 20 concurrent connections
     assert rss1 - rss0 < 8 * 1024, (rss0, rss1)
     ledger.add(cases=1)
