@@ -180,13 +180,13 @@ def percost() -> str:
     t = t.assign(req_per_s=t.req_per_s.round(0).astype(int), cpu_us_per_req=t.cpu_us_per_req.round(0))
     t.columns = ["system", "req/s", "µs CPU/req", "req/s vs haproxy-1t", "CPU vs haproxy-1t"]
     paths = man.get("syn_paths", {})
-    held = "; ".join(f"{k}: {v['syns']} of {v['accepted']} SYNs seen by the converter" for k, v in paths.items())
+    held = "; ".join(f"{k} {v['syns']} for {v['accepted']} connections" for k, v in paths.items())
     from experiments.percost import cpu_split_table
     split = cpu_split_table(man)
     split_md = ("Where the converter's CPU per request runs (µs, `perf record` on its processes during one more "
                 "run of the same load):\n\n" + _md(split.fillna(0)) + "\n\n") if len(split) else ""
-    return ("![Per-connection cost](results/percost_converter/figure.png)\n\n" + _md(t.fillna("—")) + "\n\n"
-            + (f"SYNs that visited the converter (NFQUEUE) per accepted connection — {held}.\n\n" if held else "")
+    return ("![Per-connection cost](results/percost_converter/figure.png)\n\n" + _md(t.astype(object).fillna("—")) + "\n\n"
+            + (f"SYNs that visited the converter (NFQUEUE): {held}.\n\n" if held else "")
             + split_md + _env_line(man))
 
 
