@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -142,6 +143,14 @@ def ensure_mounts() -> str:
     return root
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def probe_all(build_dir: str | None = None) -> list[Capability]:
     """Probe everything the converter and the experiments use."""
     caps: list[Capability] = []
@@ -178,6 +187,11 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
             add(Capability(name, ok, out, "iptables (nft backend) with the xt target built in", required=req))
         ok, out = _try(["ethtool", "-k", "d0"], ns)
         add(Capability("tool.ethtool", ok, out, "apt-get install ethtool"))
+        ok, out = _try([sys.executable, "-c", "from mimbox.synrecord import SynRecorder; "
+                        "SynRecorder(65001, devices=['d0']).install().remove()"], ns)
+        add(Capability("bpf.syn-recorder", ok, f"tc ingress BPF recording DST_OPT: {out or 'attached and removed'}",
+                       "tc (iproute2), bpftool and `invoke build`; without it explicit mode reads every SYN "
+                       "through NFQUEUE (--syn-path auto and accept cost more)", required=False))
     try:
         from netfilterqueue import NetfilterQueue
         q = NetfilterQueue()
@@ -207,6 +221,14 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
     else:
         add(Capability("bpf.sock_ops+connect4", False, f"{obj} not built", "invoke build"))
 
+    quota = any(os.path.exists(p) for p in ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",)) or any(
+        "cpu" in _read(f"{r}/cgroup.controllers").split() for r in CGROUP2_ROOTS)
+    add(Capability("cgroup.cpu-quota", quota, "cgroup v2 cpu.max or v1 cpu.cfs_quota_us",
+                   "the experiments' converter-bound regime needs a cgroup cpu controller", required=False))
+    halt = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+    add(Capability("cpuidle.haltpoll", os.access(halt, os.W_OK), f"{halt} writable",
+                   "Table 1's idle-polling rows are skipped without it (not a KVM guest with haltpoll)",
+                   required=False))
     try:
         import mininet.net  # noqa: F401
         mn_ok = shutil.which("mnexec") is not None
@@ -214,6 +236,11 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
                        "apt-get install mininet (Debian 2.3.0)"))
     except ImportError as e:
         add(Capability("mininet", False, str(e), "apt-get install mininet; venv with --system-site-packages"))
+    for tool in ("bpftrace", "perf"):
+        path = shutil.which(tool)
+        add(Capability(f"tool.{tool}", path is not None, path or "not found",
+                       f"apt-get install {'linux-perf' if tool == 'perf' else tool} (Table 1 breakdown, "
+                       "per-connection cost split)", required=False))
     for tool in ("haproxy", "squid", "nginx", "wrk", "iperf3", "tcpdump", "clang", "bpftool", "ping"):
         path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
         add(Capability(f"tool.{tool}", path is not None, path or "not found",

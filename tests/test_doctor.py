@@ -24,6 +24,28 @@ def independent_qdisc_try(kind: str) -> bool:
         subprocess.run(["ip", "netns", "del", ns])
 
 
+def independent_recorder_try() -> bool:
+    """The converter-side BPF program loads and attaches at tc ingress (not through mimbox.kernel)."""
+    import os
+    import tempfile
+    from mimbox.paths import BPF_SERVER_OBJ
+    ns, pin = "mimbox-test-rec", tempfile.mktemp(prefix="mimbox-test-rec-", dir="/sys/fs/bpf")
+    # nsenter, not `ip netns exec`: that remounts /sys, and the pin is in this mount namespace's bpffs
+    sh = lambda *a: subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *a], capture_output=True)  # noqa: E731
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        assert sh("ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1").returncode == 0
+        if subprocess.run(["bpftool", "prog", "load", str(BPF_SERVER_OBJ), pin, "type", "classifier"],
+                          capture_output=True).returncode:
+            return False
+        return (sh("tc", "qdisc", "add", "dev", "t0", "clsact").returncode == 0 and
+                sh("tc", "filter", "add", "dev", "t0", "ingress", "bpf", "da", "object-pinned", pin).returncode == 0)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+        if os.path.exists(pin):
+            os.unlink(pin)
+
+
 def test_doctor_matches_reality():
     caps, rc = doctor()
     for kind in ("netem", "htb", "tbf"):
@@ -31,6 +53,7 @@ def test_doctor_matches_reality():
     assert caps["mptcp.socket"]["ok"] == kernel.mptcp_socket_works()
     assert caps["qdisc.htb"]["ok"], "HTB is what the link emulation stands on"
     assert caps["tool.ethtool"]["ok"] and caps["mptcp.endpoint"]["ok"], caps
+    assert caps["bpf.syn-recorder"]["ok"] == independent_recorder_try(), caps["bpf.syn-recorder"]
     with open("/proc/sys/net/mptcp/enabled") as f:
         assert caps["mptcp.enabled"]["ok"] == (f.read().strip() == "1")
     # exit status: non-zero exactly when a required capability is missing
