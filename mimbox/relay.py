@@ -1,25 +1,25 @@
-"""The converter's event loop: hold the client's SYN, connect to the server, relay bytes both ways.
+"""The converter's event loop: take a client's connection, connect to its server, relay both ways.
 
-Order of a connection, as in the paper (§3, Table 1):
+A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (mimbox.synpath.SynGate):
   1. the client's SYN reaches NFQUEUE (rules in mimbox.netfilter) and is held here;
   2. its destination comes from the redirector (DST_OPT, TPROXY'd address, or static);
      the policy may refuse it -> the SYN is released marked, and the kernel answers RST;
   3. the converter connects to the server at once (MPTCP socket, plain TCP on fallback);
      refused/unreachable -> the client gets RST, never an accepted connection that then closes;
   4. established -> the SYN is released to the listener, the kernel completes the client handshake;
-  5. accept() pairs the client socket with its server socket; bytes move socket -> pipe -> socket
-     with splice() (no copy to user space), or with recv/send for `--engine copy`;
-  6. each direction's EOF becomes a shutdown(SHUT_WR) on the other side; a reset on one side
-     becomes a reset on the other; both done -> both closed.
+  5. accept() pairs the client socket with its server socket.
+A SYN not held (past --hold-rate or the pending caps, or --syn-path accept) is answered by the
+kernel; at accept() the destination comes from the BPF recorder (explicit: mimbox.synrecord),
+TPROXY or the configuration, the policy is checked and the server connected; a failure resets the
+client before any byte is relayed.
 
-Back-pressure: a direction reads from its source only when its pipe is empty, so a slow reader
-stops the converter from reading (the sender's window closes); memory per connection is bounded
-by the socket buffers and one pipe per direction.
+Then bytes move both ways through mimbox.datapath (copy, then splice for bulk); each direction's
+EOF becomes a shutdown(SHUT_WR) on the other side; a reset on one side becomes a reset on the
+other; both done -> both closed.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -33,6 +33,7 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from mimbox import mptcp
 from mimbox.config import Config
+from mimbox.datapath import PIPE_POOL, DataPath, Direction
 from mimbox.dstopt import OptionError, parse_syn
 from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
 from mimbox.redirect import for_listener
@@ -53,21 +54,15 @@ from mimbox.synrecord import SynRecorder
 
 log = logging.getLogger("mimbox")
 
-F_SETPIPE_SZ = 1031
-SPLICE_F_MOVE, SPLICE_F_NONBLOCK = 1, 2
 IP_TRANSPARENT = 19
 EPOLLET = select.EPOLLET
 EPOLLOUT = select.EPOLLOUT
 NOT_OUT = ~select.EPOLLOUT
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
-PIPE_POOL = 1024
 # events after which a direction reads until its source is empty; after a bare EPOLLIN one read
 # that did not fill the buffer is enough (new bytes raise a new edge), which saves a failing read
 DRAIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
-# engine auto: a direction moves its first bytes by copying through the worker's buffer (cheapest for
-# short transfers) and splices once it has moved this many (no copy through user space for bulk)
-SPLICE_AFTER = 256 << 10
 
 
 @dataclass
@@ -130,22 +125,6 @@ def raise_fd_limit(connections: int) -> int:
     except (ValueError, OSError):
         target = soft
     return max(1, (target - 2 * PIPE_POOL - 256) // 2)
-
-
-class Direction:
-    """One way of a connection: src socket -> pipe (splice) or worker buffer (copy) -> dst socket.
-    `buffered` bytes wait for dst: in the pipe, or in `buf` from `off` (what a short write left)."""
-    __slots__ = ("src", "dst", "pipe_r", "pipe_w", "buf", "off", "buffered", "eof", "done", "bytes")
-
-    def __init__(self, src: int, dst: int):
-        self.src, self.dst = src, dst
-        self.pipe_r = self.pipe_w = -1
-        self.buf = None
-        self.off = 0
-        self.buffered = 0
-        self.eof = False
-        self.done = False
-        self.bytes = 0
 
 
 class Connection:
@@ -223,16 +202,14 @@ class Relay:
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
         self.conns: dict[int, tuple[Connection, bool]] = {}   # fd -> (connection, is_client_side)
-        self.pipes: list[tuple[int, int]] = []
         self.stopping = False
         self.epoll = select.epoll()
         self.rules = None
         self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
-        self.pump = {"splice": self._pump_splice, "copy": self._pump_copy, "auto": self._pump_auto}[bc.engine]
-        self.copy_buf = memoryview(bytearray(bc.pipe_size))   # one per worker: copied bytes never stay in it
-        self.copy_iov = [self.copy_buf]
+        self.data = DataPath(bc.engine, bc.pipe_size, finish=self._finish, abort=self._abort)
+        self.pump = self.data.pump
         self.debug = log.isEnabledFor(logging.DEBUG)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
@@ -307,10 +284,7 @@ class Relay:
         self.listeners = []
         self.links = {}
         self.stats_sock = None
-        for r, w in self.pipes:
-            os.close(r)
-            os.close(w)
-        self.pipes.clear()
+        self.data.close()
         self.epoll.close()
 
     def __enter__(self) -> "Relay":
@@ -587,8 +561,6 @@ class Relay:
             st.client_mptcp += 1
         else:
             st.client_tcp += 1
-        self._attach(conn.up)
-        self._attach(conn.down)
         cfd, sfd = conn.client.fileno(), conn.server.fileno()
         self.conns[cfd] = (conn, True)
         self.conns[sfd] = (conn, False)
@@ -662,116 +634,6 @@ class Relay:
                                      + (f": {detail})" if detail else ")"))
         self._reset(cs)
 
-    def _attach(self, d: Direction) -> None:
-        pass      # nothing per direction up front: pipes come from the pool while bytes are in flight
-    def _take_pipe(self, d: Direction) -> None:
-        if self.pipes:
-            d.pipe_r, d.pipe_w = self.pipes.pop()
-            return
-        d.pipe_r, d.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(d.pipe_w, F_SETPIPE_SZ, self.cfg.buffers.pipe_size)
-        except OSError:
-            pass          # above /proc/sys/fs/pipe-max-size: keep the default
-
-    def _give_pipe(self, d: Direction) -> None:
-        """An empty pipe goes back to the pool (idle connections hold none)."""
-        if len(self.pipes) < PIPE_POOL:
-            self.pipes.append((d.pipe_r, d.pipe_w))
-        else:
-            os.close(d.pipe_r)
-            os.close(d.pipe_w)
-        d.pipe_r = d.pipe_w = -1
-
-    # -- data path -------------------------------------------------------------------------------------
-    def _pump_auto(self, conn: Connection, d: Direction, drain=True) -> None:
-        """Copy a direction's first SPLICE_AFTER bytes, splice the rest."""
-        if d.pipe_r >= 0 or (d.bytes >= SPLICE_AFTER and not d.buffered):
-            self._pump_splice(conn, d, drain)
-        else:
-            self._pump_copy(conn, d, drain)
-
-    def _pump_splice(self, conn: Connection, d: Direction, drain=True) -> None:
-        """src -> pipe -> dst without copying through user space; `drain`: read until src is empty,
-        else stop after a read that did not fill the pipe."""
-        splice = os.splice
-        flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-        size = self.cfg.buffers.pipe_size
-        short = False
-        try:
-            while True:
-                if d.buffered:
-                    try:
-                        n = splice(d.pipe_r, d.dst, d.buffered, flags=flags)
-                    except BlockingIOError:
-                        return    # dst full: EPOLLOUT on dst resumes us
-                    d.buffered -= n
-                    d.bytes += n
-                    if d.buffered:
-                        continue
-                    if short and not drain:
-                        self._give_pipe(d)
-                        return    # a short read emptied src: its next bytes raise a new edge
-                if d.eof:
-                    return self._finish(conn, d)
-                if d.pipe_r < 0:
-                    self._take_pipe(d)
-                try:
-                    n = splice(d.src, d.pipe_w, size, flags=flags)
-                except BlockingIOError:
-                    self._give_pipe(d)
-                    return        # src empty: EPOLLIN on src resumes us
-                if n == 0:
-                    d.eof = True
-                else:
-                    d.buffered = n
-                    short = n < size
-                    conn.last = time.monotonic()
-        except OSError as e:
-            self._abort(conn, errno.errorcode.get(e.errno, str(e.errno)))
-
-    def _pump_copy(self, conn: Connection, d: Direction, drain=True) -> None:
-        """src -> the worker's buffer -> dst; what dst does not take at once is kept in the direction
-        (at most one buffer's worth) and src is not read until it is delivered."""
-        buf = self.copy_buf
-        size = len(buf)
-        readv, write, iov = os.readv, os.write, self.copy_iov
-        try:
-            if d.buffered:
-                try:
-                    n = write(d.dst, d.buf[d.off:])
-                except BlockingIOError:
-                    return
-                d.off += n
-                d.buffered -= n
-                d.bytes += n
-                if d.buffered:
-                    return        # still blocked: EPOLLOUT on dst resumes us
-                d.buf = None
-            while True:
-                if d.eof:
-                    return self._finish(conn, d)
-                try:
-                    n = readv(d.src, iov)
-                except BlockingIOError:
-                    return        # src empty: EPOLLIN on src resumes us
-                if n == 0:
-                    d.eof = True
-                    continue
-                conn.last = time.monotonic()
-                try:
-                    w = write(d.dst, buf[:n])
-                except BlockingIOError:
-                    w = 0
-                d.bytes += w
-                if w < n:
-                    d.buf, d.off, d.buffered = bytes(buf[w:n]), 0, n - w
-                    return        # dst full: EPOLLOUT on dst resumes us
-                if n < size and not drain:
-                    return        # a short read emptied src: its next bytes raise a new edge
-        except OSError as e:
-            self._abort(conn, errno.errorcode.get(e.errno, str(e.errno)))
-
     def _finish(self, conn: Connection, d: Direction) -> None:
         """The source said EOF and everything before it was delivered: pass the FIN on."""
         if d.done:
@@ -801,14 +663,8 @@ class Relay:
                 self._reset(s)
             else:
                 s.close()
-        for d in (conn.up, conn.down):
-            if d.pipe_r >= 0:
-                if d.buffered:      # bytes still in it (reset): the pipe is not reusable
-                    os.close(d.pipe_r)
-                    os.close(d.pipe_w)
-                    d.pipe_r = d.pipe_w = -1
-                else:
-                    self._give_pipe(d)
+        self.data.release(conn.up)
+        self.data.release(conn.down)
         if self.debug:
             log.debug("closed %s:%d -> %s:%d up=%d down=%d", *conn.client_addr, *conn.dst,
                       conn.up.bytes, conn.down.bytes)
@@ -858,7 +714,7 @@ class Relay:
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": len(self.pipes), "workers": self.workers}
+                 "pipes_pooled": len(self.data.pool), "workers": self.workers}
         if connections:
             extra["connections"] = [c.info() for c in conns]
         return self.stats.snapshot(**extra)
