@@ -19,6 +19,7 @@ other; both done -> both closed.
 """
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -153,16 +154,28 @@ class Connection:
                 "age_s": round(time.monotonic() - self.t_accept, 3)}
 
 
+class PendingState(enum.Enum):
+    """Where a held SYN's connection is, before accept()."""
+    HELD = "SYN held, connecting to the server"
+    RELEASED = "server answered, SYN released, waiting for the client's handshake and accept()"
+
+
 class Pending:
-    """A held SYN and the server connection started for it (`pkt` None: released, awaiting accept)."""
-    __slots__ = ("pkt", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
+    """A held SYN and the server connection started for it."""
+    __slots__ = ("pkt", "state", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
 
     def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool, client_ip: int):
         self.pkt, self.server, self.dst, self.t_syn = pkt, server, dst, t_syn
+        self.state = PendingState.HELD
         self.client_ip = client_ip
         self.ready_at = 0.0
         self.tried_mptcp = tried_mptcp
         self.server_mptcp = False
+
+    def release(self):
+        """The verdict is about to be given: returns the packet, now no longer held."""
+        pkt, self.pkt, self.state = self.pkt, None, PendingState.RELEASED
+        return pkt
 
 
 class Relay:
@@ -372,7 +385,7 @@ class Relay:
         p = self.pending.get(key)
         if p is not None:
             # A retransmitted SYN: drop it while the first is held; once released, let the kernel answer.
-            pkt.drop() if p.pkt is not None else pkt.accept()
+            pkt.drop() if p.state is PendingState.HELD else pkt.accept()
             return
         try:
             dst = self.redirect.destination(syn)
@@ -441,8 +454,8 @@ class Relay:
 
     def _server_connected(self, fd: int, ev: int) -> None:
         key, p = self.pending_fds[fd]
-        if p.pkt is None:
-            return                # already released; waiting for accept()
+        if p.state is PendingState.RELEASED:
+            return                # waiting for accept()
         err = 0
         if ev & (select.EPOLLERR | select.EPOLLHUP) or not ev & select.EPOLLOUT:
             err = p.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)   # writable alone: connected
@@ -455,8 +468,7 @@ class Relay:
             p.server_mptcp = mptcp.is_mptcp(p.server)
             self.servers.learn(p.dst, p.server_mptcp, now)
         p.ready_at = now
-        pkt, p.pkt = p.pkt, None
-        pkt.accept()              # the kernel now answers the client's SYN
+        p.release().accept()              # the kernel now answers the client's SYN
 
     def _refuse(self, pkt, key, dst, cause: Cause, detail: str) -> None:
         self.stats.refused[cause.value] += 1
@@ -477,9 +489,8 @@ class Relay:
         except (OSError, ValueError):
             pass
         p.server.close()
-        if p.pkt is not None:
-            self._refuse(p.pkt, key, p.dst, cause, detail)
-            p.pkt = None
+        if p.state is PendingState.HELD:
+            self._refuse(p.release(), key, p.dst, cause, detail)
 
     # -- accept / pair -------------------------------------------------------------------------------
     def _accept(self, ls: socket.socket) -> None:
@@ -532,7 +543,7 @@ class Relay:
         p = self.pending.get(addr)
         if p is None:
             return self._connect_after_accept(cs, addr)
-        if p.pkt is not None:
+        if p.state is PendingState.HELD:
             # Its SYN is still held (a retransmission the kernel answered before ours was): reset.
             self.stats.errors["accept while SYN held"] += 1
             self._reset(cs)
@@ -689,11 +700,11 @@ class Relay:
     def _sweep(self, now: float) -> None:
         sc = self.cfg.safety
         for key, p in list(self.pending.items()):
-            if p.pkt is not None and now - p.t_syn > sc.connect_timeout:
+            if p.state is PendingState.HELD and now - p.t_syn > sc.connect_timeout:
                 self.stats.errors["server connect timeout"] += 1
                 self._refuse_pending(key, p, Cause.SERVER_TIMEOUT,
                                      f"server {p.dst[0]}:{p.dst[1]}: no answer in {sc.connect_timeout:g}s")
-            elif p.pkt is None and now - p.ready_at > sc.handshake_timeout:
+            elif p.state is PendingState.RELEASED and now - p.ready_at > sc.handshake_timeout:
                 self.stats.errors["client handshake timeout"] += 1
                 self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
         for conn in {id(c): c for c, _ in self.conns.values() if c.connecting}.values():
