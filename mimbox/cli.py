@@ -8,6 +8,7 @@ import sys
 
 from mimbox.config import (
     ENGINES,
+    MODES,
     BufferConfig,
     Config,
     ListenerConfig,
@@ -30,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Client SYNs are held (NFQUEUE) until the server answers, so a refused server gives the "
         "client a RST; bytes are moved with splice(). Run as root on the converter host."))
     g = r.add_argument_group("listener and redirection")
-    g.add_argument("--listen", default="0.0.0.0:7000", metavar="ADDR:PORT",
+    g.add_argument("--listen", default=f"{ListenerConfig.addr}:{ListenerConfig.port}", metavar="ADDR:PORT",
                    help="where clients connect (explicit/static); in transparent mode its port only names the "
                         "rules and stats socket: one listener per --intercept port takes the connections")
-    g.add_argument("--mode", choices=("explicit", "transparent", "static"), default="explicit",
+    g.add_argument("--mode", choices=MODES, default=ListenerConfig.mode,
                    help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
                         "path, intercept with TPROXY; static: one fixed --upstream")
     g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server")
@@ -42,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transparent mode: intercept only these client prefixes (repeatable)")
     g.add_argument("--no-client-mptcp", action="store_true", help="listen with plain TCP")
     g.add_argument("--no-server-mptcp", action="store_true", help="connect to servers with plain TCP")
-    g.add_argument("--server-mptcp-retry", type=float, default=300.0, metavar="SECONDS",
+    g.add_argument("--server-mptcp-retry", type=float, default=SafetyConfig.server_mptcp_retry, metavar="SECONDS",
                    help="a server that answered without MPTCP gets plain TCP sockets (cheaper than an MPTCP "
-                        "socket that falls back) for this long, then MPTCP is tried again (default 300; 0: always try)")
+                        f"socket that falls back) for this long, then MPTCP is tried again (default {SafetyConfig.server_mptcp_retry:g}; "
+                        "0: always try)")
     g.add_argument("--syn-path", choices=("auto", "hold", "accept"), default=ListenerConfig.syn_path,
                    help="hold: every client SYN waits until the server answered (the paper; refusals are RSTs "
                         "to the SYN); accept: the kernel answers at once and the server is connected after "
@@ -57,19 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SYNs held at once, per worker (default {ListenerConfig.pending_limit})")
     g.add_argument("--pending-per-prefix", type=int, default=ListenerConfig.pending_per_prefix, metavar="N",
                    help=f"SYNs held at once from one client /24 (default {ListenerConfig.pending_per_prefix})")
-    g.add_argument("--queue-num", type=int, default=4200,
-                   help="NFQUEUE number for held SYNs (default 4200; N workers use QUEUE_NUM..QUEUE_NUM+N-1)")
+    g.add_argument("--queue-num", type=int, default=ListenerConfig.queue_num,
+                   help=f"NFQUEUE number for held SYNs (default {ListenerConfig.queue_num}; N workers use "
+                        "QUEUE_NUM..QUEUE_NUM+N-1)")
     g = r.add_argument_group("data path and memory")
     g.add_argument("--engine", choices=ENGINES, default=BufferConfig.engine,
                    help="auto (default): copy through one buffer per worker for a direction's first 256 KB, "
                         "then splice; splice: always socket->pipe->socket, no copy through user space; "
                         "copy: always read()/write()")
-    g.add_argument("--pipe-size", default="64K", help="pipe (or copy buffer) per direction (default 64K)")
+    g.add_argument("--pipe-size", default=str(BufferConfig.pipe_size),
+                   help=f"pipe (or copy buffer) per direction (default {BufferConfig.pipe_size >> 10}K)")
     for side in ("client", "server"):
         for buf in ("rcvbuf", "sndbuf"):
             g.add_argument(f"--{side}-{buf}", metavar="BYTES",
                            help=f"cap SO_{buf.upper()} of the {side}-facing socket (e.g. 200K); default: kernel autotuning")
-    g.add_argument("--memory-budget", default="1G",
+    g.add_argument("--memory-budget", default=str(SafetyConfig.memory_budget),
                    help="memory the connections may pin; with the buffer caps it gives the connection limit")
     g.add_argument("--max-connections", type=int, help="explicit connection limit (overrides the budget)")
     g = r.add_argument_group("safety")
@@ -77,18 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients allowed (repeatable); default: this host's connected subnets")
     g.add_argument("--deny", action="append", default=[], metavar="PREFIX",
                    help="destinations refused, on top of loopback, link-local, multicast and this host")
-    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to reach a server (default 10)")
-    g.add_argument("--handshake-timeout", type=float, default=15.0,
+    g.add_argument("--connect-timeout", type=float, default=SafetyConfig.connect_timeout,
+                   help=f"seconds to reach a server (default {SafetyConfig.connect_timeout:g})")
+    g.add_argument("--handshake-timeout", type=float, default=SafetyConfig.handshake_timeout,
                    help="seconds a client may take to complete its handshake once its SYN is released (it may "
-                        "abort it: then its server connection is closed after this long; default 15)")
-    g.add_argument("--idle-timeout", type=float, default=300.0, help="reset connections idle this long (0: never)")
+                        f"abort it: then its server connection is closed after this long; default {SafetyConfig.handshake_timeout:g})")
+    g.add_argument("--idle-timeout", type=float, default=SafetyConfig.idle_timeout,
+                   help=f"reset connections idle this long (default {SafetyConfig.idle_timeout:g}; 0: never)")
     g = r.add_argument_group("operation")
     g.add_argument("--stats", metavar="PATH", help="unix socket for `mimbox stats` (default /run/mimbox/PORT.sock)")
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="event loops (processes), each on the shared port with SO_REUSEPORT; default 0: one per "
                         "core this process may use (taskset/cpuset respected)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let connections finish")
-    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-level", default=Config.log_level, choices=("debug", "info", "warning", "error"))
 
     c = sub.add_parser("client", help="run a program with its connections redirected through a converter",
                        description="Run COMMAND unchanged; its TCP connections go to the converter with the real "

@@ -216,3 +216,15 @@ def test_held_set_is_shared_and_forgets():
     assert ("10.0.1.1", 40000) not in h
     with pytest.raises(ValueError):
         HeldSet(slots=1000)
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """Each default is defined once, in mimbox.config: the command line without options gives it."""
+    import dataclasses
+
+    from mimbox.cli import build_parser, config_from_args
+    from mimbox.config import BufferConfig, ListenerConfig, SafetyConfig
+    cfg = config_from_args(build_parser().parse_args(["run", "--mode", "static", "--upstream", "10.0.101.1:80"]))
+    assert cfg.listener == dataclasses.replace(ListenerConfig(), mode="static", upstream=("10.0.101.1", 80))
+    assert cfg.buffers == BufferConfig()
+    assert cfg.safety == SafetyConfig()
