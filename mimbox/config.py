@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
 from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static")
@@ -128,19 +126,22 @@ def kernel_buffer_defaults() -> tuple[int, int]:
     return read("tcp_rmem", 131072), read("tcp_wmem", 16384)
 
 
+def _ipv4_addresses() -> list[tuple[str, int]]:
+    """(address, prefix length) of every IPv4 address of this network namespace (netlink, pyroute2)."""
+    import socket
+
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return [(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"])
+                for m in ipr.get_addr(family=socket.AF_INET)]
+
+
 def local_subnets() -> list[str]:
     """The IPv4 subnets this host is directly connected to (the default allowed clients)."""
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout
-    nets = []
-    for link in json.loads(out or "[]"):
-        for a in link.get("addr_info", []):
-            if a.get("family") == "inet" and not a["local"].startswith("127."):
-                nets.append(str(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False)))
-    return nets
+    return [str(ipaddress.IPv4Network(f"{a}/{n}", strict=False)) for a, n in _ipv4_addresses()
+            if not a.startswith("127.")]
 
 
 def local_addresses() -> list[str]:
     """Every IPv4 address of this host (the converter never relays to itself)."""
-    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout
-    return [a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])
-            if a.get("family") == "inet"]
+    return [a for a, _ in _ipv4_addresses()]

@@ -228,3 +228,16 @@ def test_cli_defaults_are_the_configs_defaults():
     assert cfg.listener == dataclasses.replace(ListenerConfig(), mode="static", upstream=("10.0.101.1", 80))
     assert cfg.buffers == BufferConfig()
     assert cfg.safety == SafetyConfig()
+
+
+def test_local_addresses_match_ip_addr():
+    """The converter's own addresses and subnets (netlink through pyroute2) are what `ip` reports."""
+    import json
+    import subprocess
+
+    from mimbox.config import local_addresses, local_subnets
+    out = json.loads(subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout)
+    addrs = [(a["local"], a["prefixlen"]) for link in out for a in link.get("addr_info", [])]
+    assert sorted(local_addresses()) == sorted(a for a, _ in addrs)
+    assert sorted(local_subnets()) == sorted(str(ipaddress.IPv4Network(f"{a}/{n}", strict=False))
+                                             for a, n in addrs if not a.startswith("127."))
