@@ -1,0 +1,25 @@
+"""`mimbox.sh clean` removes what this project left, and nothing of anybody else's."""
+import os
+import subprocess
+import tempfile
+
+
+def test_clean_keeps_other_files_and_links_and_removes_ours():
+    other = tempfile.NamedTemporaryFile(dir="/tmp", suffix=".log", delete=False)
+    other.close()
+    ours = f"/tmp/mimbox-syn-{os.getpid()}.py"
+    open(ours, "w").close()
+    subprocess.run(["ip", "link", "add", "mbox-eth9", "type", "veth", "peer", "name", "mimbox-peer9"], check=True)
+    subprocess.run(["ip", "link", "add", "user-eth9", "type", "veth", "peer", "name", "user-peer9"], check=True)
+    try:
+        from topologies.cleanup import clean
+        clean()
+        assert os.path.exists(other.name), "a file of somebody else's was deleted"
+        assert not os.path.exists(ours)
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        assert "mbox-eth9" not in links          # our host's leftover veth end ...
+        assert "user-eth9" in links              # ... but not a link named like Mininet's of another host
+    finally:
+        os.unlink(other.name)
+        subprocess.run(["ip", "link", "del", "mbox-eth9"], capture_output=True)
+        subprocess.run(["ip", "link", "del", "user-eth9"], capture_output=True)
