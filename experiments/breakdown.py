@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -36,8 +35,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, progress, run_experiment  # noqa: E402
-from experiments.delay import BURST_CLIENT, SERVER_PORT, SINK, _Halt, capture, poll_ns, read_pcap  # noqa: E402
-from experiments.systems import PY, MiMBox, Naive, ready_line, run_dir  # noqa: E402
+from experiments.delay import BURST_CLIENT, SINK, _Halt, bursts, poll_ns, read_pcap  # noqa: E402
+from experiments.systems import MiMBox, Naive, run_dir  # noqa: E402
 from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
@@ -123,41 +122,30 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), {"idle": idle_settings, "probes": PROBES.strip().splitlines()}
 
 
-def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> list[dict]:
-    sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT), "0"],
-                           stdout=subprocess.PIPE, text=True)
-    ready_line(sink)
-    system.start(tb, SERVER_PORT)
-    host, port = system.endpoint(tb, SERVER_PORT)
-    tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
-    tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
-    tag = f"{idle}-{name.replace('/', '')}"
-    pc, ps, trace = (os.path.join(d, f"{tag}-{x}") for x in ("client.pcap", "server.pcap", "trace.txt"))
-    offset = time.time_ns() - time.monotonic_ns()
-    # bpftrace itself on the end hosts' core, away from the converter's
+@contextlib.contextmanager
+def bpftrace(probes: str, trace: str, system):
+    """bpftrace on `system`'s first process, writing to `trace`, from attached to stopped; on the end
+    hosts' core, away from the converter's."""
     bt = subprocess.Popen(["taskset", "-c", END_HOST_CPUS, "bpftrace", probes, str(system.procs[0].pid)],
-                          stdout=open(trace, "w"),
-                          stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while "Attaching" not in open(trace).read() and time.monotonic() < deadline:
-        if bt.poll() is not None:
-            raise RuntimeError(f"bpftrace: {bt.stderr.read()[-800:]}")
-        time.sleep(0.1)
-    caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+                          stdout=open(trace, "w"), stderr=subprocess.PIPE, text=True)
     try:
-        argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
-                                       str(params["interval"]), "1"], mptcp=False)
-        tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while "Attaching" not in open(trace).read() and time.monotonic() < deadline:
+            if bt.poll() is not None:
+                raise RuntimeError(f"bpftrace: {bt.stderr.read()[-800:]}")
+            time.sleep(0.1)
+        yield
     finally:
-        for c in caps:
-            c.terminate()
-            c.wait()
         bt.send_signal(2)
         bt.wait(timeout=30)
-        system.stop()
-        sink.kill()
-        sink.wait()
+
+
+def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> list[dict]:
+    tag = f"{idle}-{name.replace('/', '')}"
+    trace = os.path.join(d, f"{tag}-trace.txt")
+    offset = time.time_ns() - time.monotonic_ns()
+    pc, ps = bursts(tb, d, client_py, sink_py, name, system, tag, False, params,
+                    tracer=lambda s: bpftrace(probes, trace, s))
     ev: dict[str, list[int]] = {"wake": [], "recv": [], "accept": [], "socket": [], "connect": [], "write": []}
     for line in open(trace):
         parts = line.split()

@@ -153,6 +153,26 @@ def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_C
             b.remove()
 
 
+@contextlib.contextmanager
+def running(tb, systems: list, regime: str, cores: float, server_port: int):
+    """The systems started on tb in their CPU boxes for `regime` (converter_boxes), stopped and the
+    boxes removed afterwards whatever happens; yields the boxes' description for the manifest."""
+    with converter_boxes(systems, regime, cores) as box:
+        try:
+            for s in systems:
+                s.start(tb, server_port)
+            yield box
+        finally:
+            for s in systems:
+                s.stop()
+
+
+def syn_counts(systems: list, keys=("syns", "deferred", "accepted")) -> dict:
+    """Per MiMBox of `systems` (running), how many SYNs visited it and how many connections it took."""
+    from experiments.systems import MiMBox
+    return {s.name: {k: s.stats().get(k) for k in keys} for s in systems if isinstance(s, MiMBox)}
+
+
 def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
     """Per point of the converter-bound regime: the router's rate over the best one-loop converter's.
     >= 2 means the converters, not the end hosts, were the bottleneck there."""

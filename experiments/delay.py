@@ -18,6 +18,7 @@ the converter connects after accept(), like the read()/write() converter).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -174,33 +175,45 @@ class _Halt:
         return {"idle": "halt", "polling": False}
 
 
-def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params) -> list[dict]:
-    rows = []
+def bursts(tb, d: str, client_py: str, sink_py: str, name: str, system, tag: str, server_mptcp: bool,
+           params: dict, tracer=None) -> tuple[str, str]:
+    """Start the sink and `system`, warm the caches, capture both converter interfaces while the burst
+    client runs through it, stop everything; returns the two captures' paths. `tracer(system)`, if
+    given, is a context manager around the captured part (the breakdown's bpftrace)."""
     sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
                             "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
     ready_line(sink)
-    system.start(tb, SERVER_PORT)
-    host, port = system.endpoint(tb, SERVER_PORT)
-    # warm the route and neighbour caches first, as the paper does
-    tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
-    tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
-    tag = f"{idle}-{name.replace(' ', '_').replace('/', '')}"
     pc, ps = os.path.join(d, f"{tag}-client.pcap"), os.path.join(d, f"{tag}-server.pcap")
-    caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
     try:
-        argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
-                                       str(params["interval"]), "1"], mptcp=False)
-        out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
-        if "Error" in out:
-            raise RuntimeError(f"burst client through {name}: {out[-600:]}")
-        time.sleep(0.3)
+        system.start(tb, SERVER_PORT)
+        host, port = system.endpoint(tb, SERVER_PORT)
+        # warm the route and neighbour caches first, as the paper does
+        tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
+        tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
+        with tracer(system) if tracer else contextlib.nullcontext():
+            caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+            try:
+                argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
+                                               str(params["interval"]), "1"], mptcp=False)
+                out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
+                if "Error" in out:
+                    raise RuntimeError(f"burst client through {name}: {out[-600:]}")
+                time.sleep(0.3)
+            finally:
+                for c in caps:
+                    c.terminate()
+                    c.wait()
     finally:
-        for c in caps:
-            c.terminate()
-            c.wait()
         system.stop()
         sink.kill()
         sink.wait()
+    return pc, ps
+
+
+def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params) -> list[dict]:
+    rows = []
+    tag = f"{idle}-{name.replace(' ', '_').replace('/', '')}"
+    pc, ps = bursts(tb, d, client_py, sink_py, name, system, tag, server_mptcp, params)
     for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
         rows += [dict(idle=idle, system=name, segment=kind, i=i, delay_us=v) for i, v in enumerate(values)]
     progress(f"table1 {idle} {name}: " + ", ".join(

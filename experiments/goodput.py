@@ -27,12 +27,12 @@ from experiments.common import (  # noqa: E402
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
     bound_check,
-    converter_boxes,
     fidelity_rows,
     interleave,
     mean_ci,
     progress,
     run_experiment,
+    running,
 )
 from experiments.measure.tools import iperf3  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
@@ -94,15 +94,8 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         try:
             for regime, mss_list in params["mss"].items():
                 syss = systems()
-                with converter_boxes(syss, regime, params["quota_cores"]) as box:
-                    regimes[regime] = box
-                    try:
-                        for s in syss:
-                            s.start(tb, SERVER_PORT)
-                        rows += _measure(tb, syss, regime, mss_list, params, wire_mss)
-                    finally:
-                        for s in syss:
-                            s.stop()
+                with running(tb, syss, regime, params["quota_cores"], SERVER_PORT) as regimes[regime]:
+                    rows += _measure(tb, syss, regime, mss_list, params, wire_mss)
         finally:
             tcp_server.stop()
             mptcp_server.stop()

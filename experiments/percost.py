@@ -24,9 +24,10 @@ from experiments.common import (  # noqa: E402
     CONVERTER_CPUS,
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
-    converter_boxes,
     mean_ci,
     run_experiment,
+    running,
+    syn_counts,
 )
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
 from experiments.measure.tools import wrk  # noqa: E402
@@ -59,17 +60,10 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         web_mptcp = servers.nginx(tb, [params["size"]], HTTP_PORT + 1, mptcp=True, cpus=END_HOST_CPUS)
         syss = systems()
         try:
-            with converter_boxes(syss, CONVERTER_BOUND, params["quota_cores"]) as box:
-                try:
-                    for s in syss:
-                        s.start(tb, HTTP_PORT)
-                    rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
-                    syn_paths = {s.name: {k: s.stats().get(k) for k in ("syns", "deferred", "accepted", "refused")}
-                                 for s in syss if isinstance(s, MiMBox)}
-                    split = [row for s in syss if s.name in PROFILED for row in cpu_split(tb, s, params)]
-                finally:
-                    for s in syss:
-                        s.stop()
+            with running(tb, syss, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as box:
+                rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
+                syn_paths = syn_counts(syss, ("syns", "deferred", "accepted", "refused"))
+                split = [row for s in syss if s.name in PROFILED for row in cpu_split(tb, s, params)]
         finally:
             web.stop()
             web_mptcp.stop()

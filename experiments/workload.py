@@ -30,12 +30,13 @@ from experiments.common import (  # noqa: E402
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
     bound_check,
-    converter_boxes,
     fidelity_rows,
     interleave,
     mean_ci,
     progress,
     run_experiment,
+    running,
+    syn_counts,
 )
 from experiments.measure.tools import wrk  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, Router, Squid  # noqa: E402
@@ -79,17 +80,9 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         try:
             for regime, sizes in params["sizes"].items():
                 syss = systems(regime)
-                with converter_boxes(syss, regime, params["quota_cores"]) as box:
-                    regimes[regime] = box
-                    try:
-                        for s in syss:
-                            s.start(tb, HTTP_PORT)
-                        rows += _measure(tb, syss, regime, sizes, params)
-                        syn_paths[regime] = {s.name: {k: s.stats().get(k) for k in ("syns", "deferred", "accepted")}
-                                             for s in syss if isinstance(s, MiMBox)}
-                    finally:
-                        for s in syss:
-                            s.stop()
+                with running(tb, syss, regime, params["quota_cores"], HTTP_PORT) as regimes[regime]:
+                    rows += _measure(tb, syss, regime, sizes, params)
+                    syn_paths[regime] = syn_counts(syss)
         finally:
             web.stop()
             web_mptcp.stop()

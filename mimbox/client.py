@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -71,11 +72,15 @@ class ClientRedirect:
                                 str(self.pins / "progs" / prog)], capture_output=True)
         self.attached.clear()
         shutil.rmtree(self.pins, ignore_errors=True)
-        if self.cgroup.exists():
+        # killed members leave the group only once they have exited: retry for a moment
+        for _ in range(100):
             try:
                 self.cgroup.rmdir()
+                return
+            except FileNotFoundError:
+                return
             except OSError:
-                pass
+                time.sleep(0.01)
 
     def _kill_members(self) -> None:
         procs = self.cgroup / "cgroup.procs"

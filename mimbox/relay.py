@@ -406,14 +406,10 @@ class Relay:
             return
         if decision == REFUSE:
             return self._refuse(pkt, key, dst, Cause.PENDING_LIMIT, f"{self.gate.held} SYNs held")
-        full = self._capacity_refusal()
-        if full is not None:
-            return self._refuse(pkt, key, dst, *full)
-        try:
-            s, try_mptcp = self._open_server(dst, now)
-        except OSError as e:
-            self.admission.give()
-            return self._refuse(pkt, key, dst, Cause.of_errno(e.errno), f"server {dst[0]}:{dst[1]}: {e.strerror}")
+        opened = self._admit_and_open(dst, now, lambda cause, detail: self._refuse(pkt, key, dst, cause, detail))
+        if opened is None:
+            return
+        s, try_mptcp = opened
         p = Pending(pkt, s, dst, now, try_mptcp, client_ip)
         self.pending[key] = p
         self.gate.hold(client_ip)
@@ -421,6 +417,20 @@ class Relay:
             self.held.add(key)
         self.pending_fds[s.fileno()] = (key, p)
         self.epoll.register(s.fileno(), WATCH)
+
+    def _admit_and_open(self, dst: tuple[str, int], now: float, refuse) -> tuple[socket.socket, bool] | None:
+        """Admit one more connection and start its server connection; or call refuse(cause, detail)
+        (an RST to a held SYN, or to an accepted client) and return None."""
+        full = self._capacity_refusal()
+        if full is not None:
+            refuse(*full)
+            return None
+        try:
+            return self._open_server(dst, now)
+        except OSError as e:
+            self.admission.give()
+            refuse(Cause.of_errno(e.errno), f"server {dst[0]}:{dst[1]}: {e.strerror}")
+            return None
 
     def _capacity_refusal(self) -> tuple[Cause, str] | None:
         """None after admitting one connection, or why there is no room for it."""
@@ -595,14 +605,11 @@ class Relay:
         refusal = self.policy.refusal(addr[0], dst[0], dst[1])   # its SYN may not have been judged
         if refusal is not None:
             return self._refuse_accepted(cs, addr, dst, *refusal)
-        full = self._capacity_refusal()
-        if full is not None:
-            return self._refuse_accepted(cs, addr, dst, *full)
-        try:
-            s, try_mptcp = self._open_server(dst, now)
-        except OSError as e:
-            self.admission.give()
-            return self._refuse_accepted(cs, addr, dst, Cause.of_errno(e.errno), f"server: {e.strerror}")
+        opened = self._admit_and_open(dst, now,
+                                      lambda cause, detail: self._refuse_accepted(cs, addr, dst, cause, detail))
+        if opened is None:
+            return
+        s, try_mptcp = opened
         conn = Connection(cs, s, addr, dst, now)
         conn.connecting, conn.tried_mptcp = True, try_mptcp
         self._start(conn)

@@ -204,17 +204,22 @@ def test_explicit_without_holding_reads_dstopt_from_bpf(paper_tb):
     assert "MIMBOX-7110" not in paper_tb.mbox.cmd("iptables -t raw -S")
 
 
+def stats_after_transfers(tb, m: MiMBox, n: int) -> dict:
+    """Start m, run n byte-checked 1 KB-up / 2 KB-down transfers through it, return its counters."""
+    m.start(tb, 9000)
+    try:
+        for _ in range(n):
+            transfer(tb, m, up=1000, down=2000)
+        return m.stats()
+    finally:
+        m.stop()
+
+
 def test_auto_holds_at_a_low_rate_and_lets_the_kernel_answer_above_it(paper_tb):
     """--syn-path auto with --hold-rate 1: a few SYNs are held (and answered after the server), the
     rest skip the converter and are connected after accept(); every byte still arrives."""
-    m = MiMBox(mode="static", port=7112, extra=["--queue-num", "4312", "--hold-rate", "1"])
-    m.start(paper_tb, 9000)
-    try:
-        for _ in range(20):
-            transfer(paper_tb, m, up=1000, down=2000)
-        st = m.stats()
-    finally:
-        m.stop()
+    st = stats_after_transfers(paper_tb, MiMBox(mode="static", port=7112, extra=["--queue-num", "4312",
+                                                                               "--hold-rate", "1"]), 20)
     assert st["accepted"] == 20 and st["refused"] == {}, st
     assert 1 <= st["syns"] < 20, st        # held: the hashlimit's burst of 1, then 1/s
 
@@ -222,14 +227,8 @@ def test_auto_holds_at_a_low_rate_and_lets_the_kernel_answer_above_it(paper_tb):
 def test_workers_hand_over_only_held_connections(paper_tb):
     """2 workers, --hold-rate 1: SYNs past the rate are answered by the kernel; the worker that
     accept()s such a connection serves it itself, so hand-overs happen only for held SYNs."""
-    m = MiMBox(mode="static", port=7113, extra=["--workers", "2", "--queue-num", "4313", "--hold-rate", "1"])
-    m.start(paper_tb, 9000)
-    try:
-        for _ in range(24):
-            transfer(paper_tb, m, up=1000, down=3000)
-        st = m.stats()
-    finally:
-        m.stop()
+    st = stats_after_transfers(paper_tb, MiMBox(mode="static", port=7113, extra=["--workers", "2", "--queue-num", "4313",
+                                                                               "--hold-rate", "1"]), 24)
     held = st["syns"] - st["deferred"]
     assert st["accepted"] == st["closed"] == 24 and st["refused"] == {}, st
     assert held < 24 and st["handed_over"] <= held, st
