@@ -44,6 +44,7 @@ class ClientRedirect:
     def __enter__(self) -> "ClientRedirect":
         if not self.obj.exists():
             raise RuntimeError(f"{self.obj} is not built: run `invoke build`")
+        remove_stale_groups(self.cgroup.parent)
         try:
             self.cgroup.mkdir()
             self.pins.mkdir()
@@ -105,10 +106,23 @@ class ClientRedirect:
         return subprocess.Popen(cmd, env=env, preexec_fn=join_cgroup, **kw)
 
 
+def remove_stale_groups(root: Path) -> None:
+    """Empty cgroups of `mimbox client` runs that were killed (SIGKILL leaves them behind)."""
+    for d in root.glob("mimbox-client-*"):
+        pid = d.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                d.rmdir()
+            except OSError:
+                pass      # still has members, or gone meanwhile
+
+
 def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
     """`mimbox client`: run cmd redirected through the converter; return its exit code."""
     with ClientRedirect(via, skip) as cr:
         p = cr.popen(cmd, mptcp=mptcp)
+        # SIGTERM goes to the program; we wait for it and then remove the cgroup and programs
+        signal.signal(signal.SIGTERM, lambda *_: p.send_signal(signal.SIGTERM))
         try:
             return p.wait()
         except KeyboardInterrupt:

@@ -360,7 +360,8 @@ def test_slow_trickle_does_not_block_others(paper_tb):
         took = time.time() - t
         active = m.stats()["active"]
     finally:
-        trickle.kill()
+        trickle.terminate()        # `mimbox client` passes it on, then removes its cgroup
+        trickle.wait(timeout=10)
         srv.kill()
         m.stop()
     assert took < 5 and active >= 1, (took, active)
