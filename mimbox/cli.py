@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SYNs held at once, per worker (default {ListenerConfig.pending_limit})")
     g.add_argument("--pending-per-prefix", type=int, default=ListenerConfig.pending_per_prefix, metavar="N",
                    help=f"SYNs held at once from one client /24 (default {ListenerConfig.pending_per_prefix})")
+    g.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also accept (and at once close) plain TCP connections on PORT while serving: a load "
+                        "balancer's health check; closed first on SIGTERM, so the balancer drops this converter "
+                        "while its connections drain")
     g.add_argument("--queue-num", type=int, default=ListenerConfig.queue_num,
                    help=f"NFQUEUE number for held SYNs (default {ListenerConfig.queue_num}; N workers use "
                         "QUEUE_NUM..QUEUE_NUM+N-1)")
@@ -118,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal", action="append", default=[], metavar="ADDR", help="announce ADDR to peers")
     p.add_argument("--subflow", action="append", default=[], metavar="ADDR@DEV",
                    help="open extra subflows from ADDR on DEV")
+    p.add_argument("--cluster", metavar="OWN_ADDR",
+                   help="this converter is one of several behind a shared (anycast/ECMP) address: set the C flag "
+                        "(net.mptcp.allow_join_initial_addr_port=0, peers never join the shared address) and "
+                        "announce OWN_ADDR, this box's unique address, where peers send their joins instead")
     return ap
 
 
@@ -132,7 +140,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 intercept_ports=_ports(a.intercept), intercept_from=tuple(a.intercept_from),
                                 client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
                                 queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
-                                pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate),
+                                pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
+                                health_port=a.health_port),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
                              server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
                              pipe_size=size(a.pipe_size), engine=a.engine),
@@ -211,7 +220,7 @@ def cmd_stats(a) -> int:
 def cmd_pm(a) -> int:
     from mimbox.mptcp import setup_path_manager
     subflow = [tuple(x.split("@", 1)) for x in a.subflow]
-    for line in setup_path_manager(a.subflows, a.add_addr_accepted, a.signal, subflow):
+    for line in setup_path_manager(a.subflows, a.add_addr_accepted, a.signal, subflow, cluster=a.cluster):
         print(line)
     return 0
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,8 @@ class ClientRedirect:
             _bpftool("prog", "loadall", str(self.obj), str(self.pins / "progs"),
                      "pinmaps", str(self.pins / "maps"))
             addr = ipaddress.IPv4Address(self.via[0]).packed
-            cfg = addr + self.via[1].to_bytes(2, "big") + b"\0\0"
+            # struct mimbox_cfg: converter address and port, then the cgroup's id (its inode on cgroup2)
+            cfg = addr + self.via[1].to_bytes(2, "big") + b"\0\0" + os.stat(self.cgroup).st_ino.to_bytes(8, sys.byteorder)
             _bpftool("map", "update", "pinned", str(self.pins / "maps" / "mimbox_cfg"),
                      "key", *_hex(b"\0\0\0\0"), "value", *_hex(cfg))
             for a in self.skip:

@@ -47,6 +47,7 @@ class ListenerConfig:
     pending_per_prefix: int = 64                 # ... and from one client /24
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     backlog: int = 4096
+    health_port: int | None = None               # a TCP port that accepts while the converter serves
 
 
 @dataclass(frozen=True)

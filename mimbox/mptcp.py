@@ -58,14 +58,21 @@ def subflows(sock: socket.socket, max_subflows: int = 8) -> int:
 
 def setup_path_manager(subflows_max: int = 2, add_addr_accepted: int = 2,
                        signal: list[str] = (), subflow: list[tuple[str, str]] = (),
-                       netns_cmd: list[str] = ()) -> list[str]:
+                       netns_cmd: list[str] = (), cluster: str | None = None) -> list[str]:
     """Configure the in-kernel path manager with `ip mptcp`; returns the commands it ran.
 
     signal:  addresses announced to peers (ADD_ADDR), e.g. a converter with several addresses;
-    subflow: (address, device) pairs from which this host opens extra subflows itself.
+    subflow: (address, device) pairs from which this host opens extra subflows itself;
+    cluster: this box's own address when it is one of several behind a shared address
+             (see cluster_commands).
     """
+    if cluster is not None:
+        import ipaddress
+        ipaddress.IPv4Address(cluster)      # a clear error for a typo, before anything changes
     cmds = [["ip", "mptcp", "limits", "set", "subflow", str(subflows_max),
              "add_addr_accepted", str(add_addr_accepted)]]
+    if cluster is not None:
+        cmds += cluster_commands(cluster)
     cmds += [["ip", "mptcp", "endpoint", "add", a, "signal"] for a in signal]
     cmds += [["ip", "mptcp", "endpoint", "add", a, "dev", d, "subflow"] for a, d in subflow]
     for c in cmds:
@@ -73,3 +80,11 @@ def setup_path_manager(subflows_max: int = 2, add_addr_accepted: int = 2,
         if p.returncode != 0 and "exists" not in p.stderr:
             raise RuntimeError(f"{' '.join(c)}: {p.stderr.strip()}")
     return [" ".join(c) for c in cmds]
+
+
+def cluster_commands(own_address: str) -> list[list[str]]:
+    """A converter behind a load-balanced address (RFC 8684 §3.1): the C flag, so peers never
+    join the shared initial address (the balancer may hash a join to another converter), and an
+    ADD_ADDR of this converter's own address, where its peers' joins go instead."""
+    return [["sysctl", "-qw", "net.mptcp.allow_join_initial_addr_port=0"],
+            ["ip", "mptcp", "endpoint", "add", own_address, "signal"]]

@@ -221,6 +221,7 @@ class Relay:
         self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
+        self.health_sock: socket.socket | None = None
         self.data = DataPath(bc.engine, bc.pipe_size, finish=self._finish, abort=self._abort)
         self.pump = self.data.pump
         self.debug = log.isEnabledFor(logging.DEBUG)
@@ -258,6 +259,13 @@ class Relay:
             for link in self.links.values():
                 link.setblocking(False)
                 self.epoll.register(link.fileno(), select.EPOLLIN)
+            if lc.health_port:
+                hs = self.health_sock = socket.socket(socket.AF_INET, mptcp.NONBLOCKING_STREAM)
+                hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # every worker answers
+                hs.bind(("0.0.0.0", lc.health_port))
+                hs.listen(64)
+                self.epoll.register(hs.fileno(), select.EPOLLIN)
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
                 self.epoll.register(self.stats_sock.fileno(), select.EPOLLIN)
@@ -286,6 +294,7 @@ class Relay:
         if self.nfq is not None:
             self.nfq.unbind()
             self.nfq = None
+        self._close_health()
         for s in (*self.listeners, self.stats_sock, *self.links.values()):
             if s is not None:
                 s.close()
@@ -314,6 +323,7 @@ class Relay:
         old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._loop(lambda: self.stopping)
+            self._close_health()         # a balancer stops sending new clients here
             log.info("stopping: no new connections, draining %d", len(self.conns) // 2)
             if self.rules is not None:
                 self.rules.remove()      # new SYNs now meet a closed port (RST)
@@ -334,6 +344,7 @@ class Relay:
         qfd = self.nfq.get_fd() if self.nfq is not None else -3
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         link_fds = {s.fileno(): s for s in self.links.values()}
+        hfd = self.health_sock.fileno() if self.health_sock else -4
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
@@ -364,6 +375,8 @@ class Relay:
                     self._receive_handed(link_fds[fd])
                 elif fd == sfd:
                     self._serve_stats()
+                elif fd == hfd:
+                    self._answer_health()
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
@@ -665,6 +678,25 @@ class Relay:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def _answer_health(self) -> None:
+        """A health probe: the handshake completed, which is the answer; close at once."""
+        try:
+            while True:
+                self.health_sock.accept()[0].close()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            log.debug("health probe: %s", e)
+
+    def _close_health(self) -> None:
+        if self.health_sock is not None:
+            try:
+                self.epoll.unregister(self.health_sock.fileno())
+            except (OSError, ValueError):
+                pass
+            self.health_sock.close()
+            self.health_sock = None
 
     def _close(self, conn: Connection, reset: bool = False) -> None:
         if conn.closed:

@@ -121,13 +121,15 @@ def serve(port: int, mptcp: bool, count: int, bind: str = "0.0.0.0", want_subflo
             r = exchange(c, down, seed + 1, first, "server")
             r["subflows"] = max(seen, r["subflows"])
             r["peer"] = "%s:%d" % addr
+            r["seed"] = seed
         except Exception as e:  # noqa: BLE001 - reported, the server keeps serving
             r = {"error": repr(e), "peer": "%s:%d" % addr}
         finally:
             c.close()
-        print(json.dumps(r), flush=True)
+        with printing:      # one whole line per connection, whichever thread finishes first
+            print(json.dumps(r), flush=True)
 
-    threads = []
+    threads, printing = [], threading.Lock()
     for _ in range(count):
         c, addr = ls.accept()
         t = threading.Thread(target=handle, args=(c, addr))
@@ -164,6 +166,29 @@ def client(host: str, port: int, up: int, down: int, order: str, mptcp: bool, se
     return r
 
 
+def many(a) -> int:
+    """`--connections N`: N clients, `--parallel` at a time; 1 if any of them failed."""
+    from concurrent.futures import ThreadPoolExecutor
+    lock = threading.Lock()
+    failed = 0
+
+    def one(i: int) -> None:
+        nonlocal failed
+        seed = a.seed + i
+        try:
+            r = client(a.host, a.port, a.up, a.down, a.order, a.mptcp, seed, a.wait_subflows)
+        except OSError as e:
+            r = {"error": repr(e), "errno": e.errno}
+        r["seed"] = seed
+        with lock:
+            failed += "error" in r
+            print(json.dumps(r), flush=True)
+
+    with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+        list(pool.map(one, range(a.connections)))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="byte-exact transfer tool")
     sub = ap.add_subparsers(dest="role", required=True)
@@ -182,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--mptcp", action="store_true")
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--wait-subflows", type=int, default=0, help="wait (up to 3 s) for this many subflows first")
+    c.add_argument("--connections", type=int, default=0,
+                   help="open this many connections (seeds SEED, SEED+1, ...), --parallel at a time; one JSON "
+                        "line each")
+    c.add_argument("--parallel", type=int, default=10)
     a = ap.parse_args(argv)
     if a.role == "server":
         serve(a.port, a.mptcp, a.count, a.bind, a.wait_subflows)
+    elif a.connections:
+        return many(a)
     else:
         try:
             r = client(a.host, a.port, a.up, a.down, a.order, a.mptcp, a.seed, a.wait_subflows)

@@ -4,7 +4,10 @@
  * cgroup/connect4: a TCP connect() by a process of the client's cgroup to any destination that is
  *   not the converter (nor loopback) is sent to the converter instead; the original destination is
  *   kept in the socket's local storage. For an MPTCP socket this hook runs on its first TCP
- *   subflow; the kernel's later MP_JOIN subflows go to the converter and are left alone.
+ *   subflow, and again on each MP_JOIN subflow the kernel opens later (a subflow inherits the
+ *   connection's cgroup): those are left alone, told apart by the task connecting: a join is
+ *   opened by a kernel worker, not by a process of the client's cgroup. (Redirecting a join to
+ *   the converter's first address breaks it behind a load balancer: see ClusterTopo.)
  * sockops: for sockets carrying such storage, ask for header-option callbacks and write DST_OPT
  *   (layout in mimbox/dstopt.py, constants in the generated dstopt.h) into the SYN only; once
  *   established, the callbacks are switched off again.
@@ -22,6 +25,7 @@
 struct mimbox_cfg {
 	__u32 conv_addr;	/* network order */
 	__u32 conv_port;	/* network order, low 16 bits (as bpf_sock_addr.user_port) */
+	__u64 cgroup_id;	/* the client's cgroup (v2 id): only its tasks' connects are redirected */
 };
 
 struct orig_dst {
@@ -72,6 +76,8 @@ int mimbox_connect4(struct bpf_sock_addr *ctx)
 	cfg = bpf_map_lookup_elem(&mimbox_cfg, &key);
 	if (!cfg || !cfg->conv_addr || dst == cfg->conv_addr)
 		return 1;
+	if (cfg->cgroup_id && bpf_get_current_cgroup_id() != cfg->cgroup_id)
+		return 1;	/* an MP_JOIN opened by the kernel's path manager */
 	if ((bpf_ntohl(dst) >> 24) == 127 || bpf_map_lookup_elem(&mimbox_skip, &dst))
 		return 1;
 	sk = ctx->sk;

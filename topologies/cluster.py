@@ -1,0 +1,261 @@
+"""Several converters behind one service address: the stateless ECMP front tier operators use.
+
+    client =(wifi, 3g)= front ==(ECMP to the VIP)== conv1 .. convN
+                          \\________________________ server
+
+`front` is a router. The service address (VIP) sits on every converter's loopback, and `front`
+reaches it through a resilient nexthop group over the N converters with L4 hashing
+(`fib_multipath_hash_policy=1`): each connection's first subflow lands on one converter, and
+removing a converter moves none of the others' flows (only its hash buckets are given to the
+survivors). The converters are one-armed: they reach the server through `front` too.
+
+MPTCP joins must reach the converter that owns the connection, which the VIP's hash does not
+promise. `Cluster.configure_pm()` does what RFC 8684 §3.1 prescribes for a load-balanced server:
+the C flag (`net.mptcp.allow_join_initial_addr_port=0`: "do not join my initial address") and a
+`signal` endpoint with the converter's own address (ADD_ADDR), so the phone's second subflow
+goes straight to its converter's unique address. The phone accepts announced addresses and
+opens the join from its 3G address (a `subflow fullmesh` endpoint: fullmesh endpoints are used
+towards announced addresses too).
+
+    with ClusterTestbed(ClusterTopo(n=3)) as tb:
+        tb.converter(0).cmd("mimbox pm --cluster", tb.instance_ip(0))
+        print(tb.front.cmd("ip route get", tb.VIP))
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from mininet.topo import Topo
+
+from topologies.testbed import HOST_SYSCTLS, Addr, Testbed
+
+VIP = "10.255.0.1"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Link k between a host and the front router: subnet 10.0.<n>.0/24, .1 the host, .2 the router."""
+    n: int
+    host_intf: str
+    router_intf: str
+
+    @property
+    def host_ip(self) -> str:
+        return f"10.0.{self.n}.1"
+
+    @property
+    def router_ip(self) -> str:
+        return f"10.0.{self.n}.2"
+
+
+class ClusterTopo(Topo):
+    """A two-path client, a front router, `n` converter hosts and a server (unshaped veth links)."""
+
+    def build(self, n: int = 3, client_bw: float | None = None):
+        """Hosts `client`, `front`, `conv1`..`convN`, `server`; one link per client path and per host.
+        client_bw (Mbit/s, each direction of each client path) makes transfers last, e.g. to fail
+        a converter in their middle."""
+        if not 1 <= n <= 50:
+            raise ValueError(f"a cluster has 1..50 converters, not {n}")
+        self.n = n
+        client, front, server = (self.addHost(h, ip=None) for h in ("client", "front", "server"))
+        port = 0
+        self.client_addrs = []
+        shape = {"bw": client_bw} if client_bw else {}
+        for i in range(2):
+            a = Addr(1 + i, f"client-eth{i}", f"front-eth{port}")
+            self.client_addrs.append(a)
+            self.addLink(client, front, intfName1=a.intf_outer, intfName2=a.intf_mbox,
+                         params1={"ip": a.outer_ip + "/24", **shape}, params2={"ip": a.mbox_ip + "/24", **shape})
+            port += 1
+        self.server_seg = Segment(101, "server-eth0", f"front-eth{port}")
+        self.addLink(server, front, intfName1=self.server_seg.host_intf, intfName2=self.server_seg.router_intf,
+                     params1={"ip": self.server_seg.host_ip + "/24"}, params2={"ip": self.server_seg.router_ip + "/24"})
+        port += 1
+        self.instance_segs = []
+        for k in range(n):
+            s = Segment(201 + k, f"conv{k + 1}-eth0", f"front-eth{port}")
+            self.instance_segs.append(s)
+            conv = self.addHost(f"conv{k + 1}", ip=None)
+            self.addLink(conv, front, intfName1=s.host_intf, intfName2=s.router_intf,
+                         params1={"ip": s.host_ip + "/24"}, params2={"ip": s.router_ip + "/24"})
+            port += 1
+
+
+class InstanceView:
+    """One converter of the cluster seen through the names a single-box Testbed has (`client`,
+    `mbox`, `server`, `server_ip`, `mbox_client_ip`), so the experiments' systems start on it
+    unchanged; clients reach it at the VIP."""
+
+    def __init__(self, tb: "ClusterTestbed", k: int):
+        self.tb, self.k = tb, k
+        self.client, self.server, self.mbox = tb.client, tb.server, tb.converter(k)
+        self.server_ip, self.mbox_client_ip = tb.server_ip, tb.VIP
+        self.client_ips = tb.client_ips
+
+
+class ClusterTestbed(Testbed):
+    """A started ClusterTopo with routing, ECMP and MPTCP configured; tears everything down on exit.
+
+    cluster_pm=False leaves the converters' path managers at the kernel's defaults (joins to the
+    VIP allowed, nothing announced): the negative control, where joins hash to the wrong box."""
+    __test__ = False
+    VIP = VIP
+
+    def __init__(self, topo: ClusterTopo, cluster_pm: bool = True, resilient: bool = True):
+        super().__init__(topo)
+        self.cluster_pm = cluster_pm
+        self.resilient = resilient
+        self.nexthop_ids: list[int] = []
+        self.checker = None
+
+    # -- names -----------------------------------------------------------------------------------
+    @property
+    def front(self):
+        return self.net["front"]
+
+    @property
+    def mbox(self):
+        raise AttributeError("a cluster has several converters: use converter(k) or instance(k)")
+
+    def converter(self, k: int):
+        """The k-th converter host (0-based)."""
+        return self.net[f"conv{k + 1}"]
+
+    @property
+    def converters(self) -> list:
+        return [self.converter(k) for k in range(self.topo.n)]
+
+    def instance(self, k: int) -> InstanceView:
+        """Converter k as a single-box testbed (for `System.start`)."""
+        return InstanceView(self, k)
+
+    def instance_ip(self, k: int) -> str:
+        """Converter k's own (unicast) address: the one it announces for joins."""
+        return self.topo.instance_segs[k].host_ip
+
+    @property
+    def server_ip(self) -> str:
+        return self.topo.server_seg.host_ip
+
+    @property
+    def mbox_client_ip(self) -> str:
+        return VIP
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _configure(self) -> None:
+        hosts = [self.client, self.front, self.server, *self.converters]
+        for host in hosts:
+            for key, value in HOST_SYSCTLS.items():
+                host.cmd(f"sysctl -qw {key}='{value}'")
+            host.cmd("ip link set lo up")
+        front = self.front
+        front.cmd("sysctl -qw net.ipv4.ip_forward=1")
+        front.cmd("sysctl -qw net.ipv4.fib_multipath_hash_policy=1")   # L4: ports in the hash
+        # The phone: default route on WiFi, its 3G address leaves by 3G; it accepts announced
+        # addresses and opens the extra subflow from its 3G address towards them.
+        self._multihome(self.client, self.topo.client_addrs, other_subnets_on_link=False)
+        self.client.cmd("ip mptcp limits set subflow 2 add_addr_accepted 2")
+        self.client.cmd(f"ip mptcp endpoint add {self.topo.client_addrs[1].outer_ip} "
+                        f"dev {self.topo.client_addrs[1].intf_outer} subflow fullmesh")
+        seg = self.topo.server_seg
+        self.server.cmd(f"ip route replace default via {seg.router_ip} dev {seg.host_intf}")
+        for k, conv in enumerate(self.converters):
+            s = self.topo.instance_segs[k]
+            conv.cmd(f"ip addr add {VIP}/32 dev lo")
+            conv.cmd(f"ip route replace default via {s.router_ip} dev {s.host_intf}")
+            if self.cluster_pm:
+                self.configure_pm(k)
+            else:
+                conv.cmd("ip mptcp limits set subflow 2 add_addr_accepted 0")
+        self.route_vip()
+
+    def configure_pm(self, k: int) -> None:
+        """Converter k: C flag on, its own address announced, with the operator's command
+        `mimbox pm --cluster OWN_ADDR`."""
+        out = self.converter(k).cmd(f"{sys.executable} -m mimbox.cli pm --subflows 2 --add-addr-accepted 0 "
+                                    f"--cluster {self.instance_ip(k)} 2>&1; echo rc=$?")
+        if "rc=0" not in out:
+            raise RuntimeError(f"conv{k + 1}: mimbox pm --cluster: {out.strip()}")
+
+    def route_vip(self) -> None:
+        """The front tier: VIP over every live converter, resilient buckets where the kernel has them."""
+        front = self.front
+        self.nexthop_ids = []
+        for k, s in enumerate(self.topo.instance_segs):
+            nh = 1 + k
+            front.cmd(f"ip nexthop replace id {nh} via {s.host_ip} dev {s.router_intf}")
+            self.nexthop_ids.append(nh)
+        members = "/".join(map(str, self.nexthop_ids))
+        out = ""
+        if self.resilient:
+            out = front.cmd(f"ip nexthop replace id 1000 group {members} type resilient buckets 128 "
+                            "idle_timer 0 2>&1")
+        if not self.resilient or out.strip():
+            self.resilient = False   # an older kernel: plain hash-threshold multipath
+            front.cmd(f"ip nexthop replace id 1000 group {members} 2>&1")
+        out = front.cmd(f"ip route replace {VIP}/32 nhid 1000 2>&1")
+        if out.strip():
+            raise RuntimeError(f"front: VIP route: {out.strip()}")
+
+    def steer_through_converters(self) -> None:
+        """Transparent mode: the client's traffic towards the server takes the VIP's ECMP group
+        too (policy routing on the front router), so converters on the path can intercept it."""
+        for a in self.topo.client_addrs:
+            self.front.cmd(f"ip rule add iif {a.intf_mbox} to {self.topo.server_seg.host_ip}/32 table 100")
+        out = self.front.cmd(f"ip route replace {self.topo.server_seg.host_ip}/32 nhid 1000 table 100 2>&1")
+        if out.strip():
+            raise RuntimeError(f"front: steering route: {out.strip()}")
+
+    def unsteer(self) -> None:
+        """Undo steer_through_converters()."""
+        for a in self.topo.client_addrs:
+            self.front.cmd(f"ip rule del iif {a.intf_mbox} to {self.topo.server_seg.host_ip}/32 table 100")
+        self.front.cmd("ip route flush table 100")
+
+    def watch(self, health_port: int, interval: float = 0.05) -> None:
+        """Run the front tier's health check (topologies/healthcheck.py) on the converters'
+        `--health-port`: one that stops answering leaves the VIP's group."""
+        group_args = "type resilient buckets 128" if self.resilient else ""
+        members = [f"--member={nh}={self.instance_ip(k)}" for k, nh in enumerate(self.nexthop_ids)]
+        self.checker = self.front.popen([sys.executable, "-m", "topologies.healthcheck", "--group", "1000",
+                                         "--group-args", group_args, "--port", str(health_port),
+                                         "--interval", str(interval), *members],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = self.checker.stdout.readline()
+        if "watching" not in first:
+            raise RuntimeError(f"health check did not start: {first}{self.checker.stdout.read()}")
+
+    def fail(self, k: int, power_off: bool = False) -> float:
+        """Converter k fails: its processes are killed (a crash: the box's kernel resets their
+        connections), and with power_off its link goes dark too. Returns the seconds until the
+        front router no longer hashes the VIP's flows to it (power-off: the kernel drops a
+        nexthop whose link is down; crash: the health check of watch() drops it)."""
+        from topologies.testbed import kill_namespace_processes
+        t0 = time.monotonic()
+        conv = self.converter(k)
+        kill_namespace_processes(conv)
+        if power_off:
+            conv.cmd(f"ip link set {self.topo.instance_segs[k].host_intf} down")
+        nh = self.nexthop_ids[k]
+        while not self._nexthop_gone(nh):
+            if time.monotonic() - t0 > 10:
+                raise RuntimeError(f"front still routes the VIP to conv{k + 1} after 10 s")
+            time.sleep(0.001)
+        return time.monotonic() - t0
+
+    def _nexthop_gone(self, nh: int) -> bool:
+        group = self.front.cmd("ip nexthop show id 1000")
+        members = group.split("group", 1)[1].split()[0] if "group" in group else ""
+        return str(nh) not in members.split("/")
+
+    @staticmethod
+    def mib(host, name: str) -> int:
+        """An MPTCP MIB counter of a host's namespace (`name` on the MPTcpExt lines of /proc/net/netstat)."""
+        lines = [line.split() for line in host.cmd("cat /proc/net/netstat").splitlines() if line.startswith("MPTcpExt:")]
+        if len(lines) < 2:
+            raise RuntimeError("this kernel exposes no MPTcpExt counters")
+        return int(dict(zip(lines[0][1:], lines[1][1:]))[name])
