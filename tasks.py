@@ -12,7 +12,8 @@ PY = sys.executable
 
 @task(help={"force": "rebuild even if up to date"})
 def build(c, force=False):
-    """Build the BPF programs (client redirect, converter SYN recorder) and the MPTCP LD_PRELOAD shim into build/."""
+    """Build the BPF programs (client redirect, converter SYN recorder) and the LD_PRELOAD shims (MPTCP,
+    RFC 8803 client) into build/."""
     c.run("mkdir -p build/bpf")
     c.run(f"{PY} -m mimbox.dstopt --header > build/bpf/dstopt.h")
     arch_inc = "/usr/include/" + os.uname().machine + "-linux-gnu"
@@ -22,6 +23,7 @@ def build(c, force=False):
                 os.path.getmtime(src), os.path.getmtime("mimbox/dstopt.py")):
             c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
     c.run("gcc -O2 -shared -fPIC -Wall -o build/libmptcpize.so native/mptcpize.c -ldl")
+    c.run("gcc -O2 -shared -fPIC -Wall -o build/libconvertize.so native/convertize.c -ldl")
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 
 

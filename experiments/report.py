@@ -24,7 +24,7 @@ def _load(name: str):
 def _md(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
+    for _, r in df.astype(object).iterrows():   # keeps each column's own type (no ints as floats)
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -241,6 +241,37 @@ def profile() -> str:
             f"({cpu:.0f} µs CPU per request, {m.get('samples', 0)} samples).\n\n" + _md(top) + "\n\n" + _env_line(man))
 
 
+def scaleout() -> str:
+    df, man = _load("scaleout")
+    if df is None:
+        return "_Scale-out not run yet._"
+    f = man.get("findings", {})
+    conv = df[df["instances"] > 0]
+    g = conv.groupby("instances").agg(req_s=("req_per_s", "mean"), cpu=("cpu_us_per_req", "mean"),
+                                      joins=("joins", "sum"), lost=("joins_no_token", "sum"),
+                                      rejected=("joins_rejected", "sum"), busiest=("busiest_share", "mean"))
+    eff = f.get("efficiency", {})
+    t = pd.DataFrame({"converters": g.index.astype(int), "req/s": g.req_s.round(0).astype(int),
+                      "ideal N × (N=1)": (g.index * g.req_s.get(1, float("nan"))).round(0).astype(int),
+                      "efficiency": [eff.get(str(n), eff.get(n, "—")) for n in g.index],
+                      "µs CPU/req": g.cpu.round(0).astype(int), "joins": g.joins.astype(int),
+                      "joins without token": g.lost.astype(int), "joins refused by the kernel": g.rejected.astype(int),
+                      "busiest converter's share": g.busiest.round(2)})
+    q = man.get("regime", {})
+    router = f.get("router_req_per_s", 0)
+    top = g.req_s.iloc[-1]
+    return ("![Scale-out](results/scaleout/figure.png)\n\n" + _md(t) + "\n\n"
+            f"No converter (the phone speaking MPTCP to the server through the front router): {router:.0f} req/s. "
+            f"That is the end hosts' ceiling here — wrk, nginx and the front router's forwarding share one core — "
+            f"and {len(g)} converters reach {100 * top / router:.0f} % of it, so on this 2-core machine the end hosts, "
+            "not the converters, bound any further N. Joins without token: MP_JOINs that met a converter that "
+            "does not own their connection (0 with the C flag and the announced address); joins refused by the "
+            "kernel: joins that met their own converter but a connection not yet fully established or already "
+            "closing (1 KB requests close within a round trip). "
+            + (f"Quota {q.get('quota_us_per_loop')} µs per {q.get('period_us')} µs per converter. " if q else "")
+            + "\n\n" + _env_line(man))
+
+
 def reliability() -> str:
     path = RESULTS / "reliability" / "summary.json"
     if not path.exists():
@@ -252,6 +283,10 @@ def reliability() -> str:
            "tests passed": t.get("passed", 0), "failed": t.get("failed", 0) + t.get("error", 0),
            "skipped": t.get("skipped", 0), "seed": r.get("seed")}
     text = _md(pd.DataFrame([row]))
+    kinds = r.get("faults_by_kind")
+    if kinds:
+        text += ("\n\nFaults, counted where they were injected and seen to take effect (tests/faults.py): "
+                 + ", ".join(f"{k} {v:,}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".")
     f = r.get("measurements", {}).get("syn_flood")
     if f:
         d, c = f["direct"], f["converter"]
@@ -265,6 +300,13 @@ def reliability() -> str:
                  f"{f['converter_rss_kb']['baseline'] // 1024} → {f['converter_rss_kb']['peak'] // 1024} MB; "
                  f"{f['log_lines']} log lines; {f['syns_seen']} SYNs visited it, {f['deferred']} of them released "
                  f"unheld.")
+    x = r.get("measurements", {}).get("converter failure behind ECMP")
+    if x:
+        text += (f"\n\nA converter of 3 behind the ECMP address killed in the middle of {x['connections']} transfers: "
+                 f"{x['on the dead converter']} of them were on it and {x['cut']} ended with it ({x['reset']} by a "
+                 f"reset, the others by an early end of stream); all {x['survivors complete']} others completed "
+                 f"byte-exact; the front router's health check dropped it {x['route withdrawn (ms)']} ms after the "
+                 f"kill, and {x['new connections to survivors']} new connections all went to the survivors.")
     return text
 
 
@@ -275,6 +317,7 @@ def section() -> str:
              ("Where Table 1's microseconds go", breakdown()),
              ("Fig. 6 — goodput vs per-socket memory", fig6()),
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
+             ("Scale-out: N converters behind one ECMP address", scaleout()),
              ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 

@@ -7,12 +7,22 @@ import sys
 import time
 import traceback
 
-from experiments import breakdown, buffers, delay, goodput, interactive, percost, profile, report, workload
+from experiments import (
+    breakdown,
+    buffers,
+    delay,
+    goodput,
+    interactive,
+    percost,
+    profile,
+    report,
+    scaleout,
+    workload,
+)
 from experiments.common import progress
 
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
-           "fig6": buffers,
-           "interactive": interactive, "profile": profile}
+           "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout}
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ def pytest_sessionfinish(session, exitstatus):
     stats = {k: len(v) for k, v in (tr.stats.items() if tr else []) if k in ("passed", "failed", "skipped", "error")}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({**ledger.totals, "tests": stats, "seed": os.environ.get("MIMBOX_SEED", "20131209"),
+        json.dump({**ledger.totals, "faults_by_kind": dict(ledger.faults), "tests": stats, "seed": os.environ.get("MIMBOX_SEED", "20131209"),
                    "measurements": ledger.measurements}, f, indent=2)
 
 

@@ -11,6 +11,7 @@ import random
 import subprocess
 import time
 
+import faults
 import ledger
 import pytest
 from conftest import PY, Server, readline, run_client, transfer
@@ -90,16 +91,18 @@ def _matrix(slow: bool):
 def test_integrity_under_loss(lossy_tb, lossy_converter, size, order, client_mptcp):
     """1 % loss both ways on both paths, asymmetric delays: every byte arrives, both directions."""
     up = size if order != "server-first" else size // 3
-    transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
-    ledger.add(cases=1, faults=1)
+    with faults.lossy_links(lossy_tb):
+        transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
+    ledger.add(cases=1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size,order,client_mptcp", _matrix(slow=True))
 def test_integrity_matrix_full(lossy_tb, lossy_converter, size, order, client_mptcp):
     up = size if order != "server-first" else size // 3
-    transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
-    ledger.add(cases=1, faults=1)
+    with faults.lossy_links(lossy_tb):
+        transfer(lossy_tb, lossy_converter, up=up, down=size, order=order, client_mptcp=client_mptcp)
+    ledger.add(cases=1)
 
 
 DIRECTIONS = {"upload": (1, 0), "download": (0, 1), "both": (1, 1)}
@@ -122,15 +125,12 @@ def test_integrity_clean(paper_tb, clean_converter, size, direction, client_mptc
 
 def test_integrity_with_offloads_off(paper_tb):
     """GSO/GRO/TSO and checksum offloads off on every interface: still byte-exact."""
-    for host in (paper_tb.client, paper_tb.mbox, paper_tb.server):
-        for intf in host.intfList():
-            if str(intf) != "lo":
-                host.cmd(f"ethtool -K {intf} tso off gso off gro off tx off rx off")
     m = MiMBox(mode="static", port=7501, extra=["--queue-num", "4501"])
-    m.start(paper_tb, 9000)
     try:
+        faults.offloads_off((paper_tb.client, paper_tb.mbox, paper_tb.server))
+        m.start(paper_tb, 9000)
         transfer(paper_tb, m, up=8 << 20, down=8 << 20, order="both")
-        ledger.add(cases=1, faults=1)
+        ledger.add(cases=1)
     finally:
         m.stop()
         for host in (paper_tb.client, paper_tb.mbox, paper_tb.server):
@@ -177,7 +177,7 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
                                       "--wait-subflows", "2"])
             proc = tb.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(1.5)
-            tb.client.cmd("ip link set client-eth0 down")    # WiFi gone
+            faults.link_down(tb.client, "client-eth0")    # WiFi gone
             out, err = proc.communicate(timeout=60)
             import json
             c = json.loads([x for x in out.splitlines() if x.startswith("{")][-1])
@@ -193,7 +193,7 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
             m.stop()
     assert c["received"] == size and c["sha_received"] == s["sha_sent"], (c, s)
     assert c2["subflows"] == 2, c2
-    ledger.add(cases=1, faults=1)
+    ledger.add(cases=1)
 
 
 def test_server_reset_mid_transfer_resets_client(paper_tb):
@@ -211,13 +211,17 @@ def test_server_reset_mid_transfer_resets_client(paper_tb):
                   "try:\n  while True:\n    b=s.recv(65536)\n    if not b: print('EOF',n); break\n    n+=len(b)\n"
                   "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % paper_tb.mbox_client_ip)
         out = paper_tb.client.cmd(f"{PY} -c \"{client}\"")
+        srv.wait(timeout=10)
+        if srv.returncode == 0:          # it reached its abortive close()
+            ledger.fault("server reset")
     finally:
-        srv.kill()
-        srv.wait()
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
         m.stop()
     assert "RESET" in out, out
     assert float(out.split("RESET", 1)[1].split()[1]) < 2.0, out
-    ledger.add(cases=1, faults=1)
+    ledger.add(cases=1)
 
 
 def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
@@ -230,34 +234,32 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
         assert readline(cl).startswith("held 1")
         assert wait_active(m, 1)
         # the client vanishes: its packets stop (no FIN, no RST)
-        paper_tb.client.cmd("iptables -A OUTPUT -p tcp --dport 7505 -j DROP")
-        cl.kill()
-        deadline = time.time() + 6
-        while time.time() < deadline and m.stats()["active"]:
-            time.sleep(0.2)
-        st = m.stats()
+        with faults.blackhole(paper_tb.client, "OUTPUT", "-p tcp --dport 7505"):
+            faults.kill([cl])
+            deadline = time.time() + 6
+            while time.time() < deadline and m.stats()["active"]:
+                time.sleep(0.2)
+            st = m.stats()
     finally:
-        paper_tb.client.cmd("iptables -D OUTPUT -p tcp --dport 7505 -j DROP")
         srv.kill()
         m.stop()
     assert st["active"] == 0 and st["errors"].get("idle timeout") == 1, st
-    ledger.add(cases=1, faults=1)
+    ledger.add(cases=1)
 
 
 def test_unreachable_server_gives_rst(paper_tb):
     """A destination that never answers: after --connect-timeout the client gets a RST."""
     m = MiMBox(mode="explicit", port=7506, extra=["--queue-num", "4506", "--connect-timeout", "1"])
     m.start(paper_tb, 9000)
-    paper_tb.server.cmd("iptables -A INPUT -p tcp --dport 9300 -j DROP")   # a black hole
     try:
-        t = time.time()
-        r = run_client(paper_tb, m, 9300, 1, 1, mptcp=True)
-        took = time.time() - t
+        with faults.blackhole(paper_tb.server, "INPUT", "-p tcp --dport 9300"):
+            t = time.time()
+            r = run_client(paper_tb, m, 9300, 1, 1, mptcp=True)
+            took = time.time() - t
     finally:
-        paper_tb.server.cmd("iptables -D INPUT -p tcp --dport 9300 -j DROP")
         m.stop()
     assert r.get("errno") == 111 and took < 5, (r, took)
-    ledger.add(cases=1, faults=1)
+    ledger.add(cases=1)
 
 
 def test_converter_restart_serves_at_once(paper_tb):
@@ -273,9 +275,7 @@ def test_converter_restart_serves_at_once(paper_tb):
         stdout=subprocess.PIPE, text=True)
     assert readline(old).strip() == "up"
     time.sleep(0.3)
-    for p in m.procs:
-        p.kill()
-        p.wait()
+    faults.kill(m.procs)
     m.procs.clear()
     ended = readline(old).split()
     srv.kill()
@@ -287,7 +287,7 @@ def test_converter_restart_serves_at_once(paper_tb):
     assert ended and ended[0] in ("EOF", "RESET") and float(ended[1]) < 2.0, ended
     for table in ("raw", "filter"):
         assert "MIMBOX-7507" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
-    ledger.add(cases=1, faults=1)
+    ledger.add(cases=1)
 
 
 def _syn_with(tb, opt_bytes: bytes, dport: int, sport: int) -> str:
@@ -365,7 +365,8 @@ def test_slow_trickle_does_not_block_others(paper_tb):
         srv.kill()
         m.stop()
     assert took < 5 and active >= 1, (took, active)
-    ledger.add(cases=1, faults=1)
+    ledger.fault("slow-trickling client")       # it was still trickling: counted among the active
+    ledger.add(cases=1)
 
 
 def test_client_outside_allowed_prefixes_refused(paper_tb):
@@ -397,7 +398,8 @@ def test_connection_limit_refuses_cleanly(paper_tb):
         m.stop()
     assert line.strip() == "held 5 refused 3", line
     assert st["refused"] == {"connection limit": 3}, st
-    ledger.add(cases=1, faults=3)
+    ledger.fault("connection over the limit", st["refused"]["connection limit"])
+    ledger.add(cases=1)
 
 
 def wait_active(m, n: int, timeout: float = 5.0) -> bool:

@@ -129,7 +129,7 @@ def test_every_join_reaches_its_converter(cluster, mode):
     by_converter = collections.Counter(s["peer"].split(":")[0] for s in served.values())
     assert set(by_converter) == {tb.instance_ip(k) for k in range(N)}, by_converter
     import ledger
-    ledger.add(bytes_compared=CONNECTIONS * 70_000)
+    ledger.add(bytes_compared=sum(r["sent"] + r["received"] for r in rows))
 
 
 def test_without_c_flag_joins_hash_to_the_wrong_converter(mptcp_ok):
@@ -182,7 +182,9 @@ def test_a_dead_converter_takes_only_its_own_connections(mptcp_ok):
     assert not any(s["peer"].startswith(dead_ip + ":") for s in served_after.values())
     assert withdrawn_s < 1.0, withdrawn_s
     import ledger
-    ledger.add(faults=1, bytes_compared=sum(up + down for r in rows if r["seed"] not in on_victim) + 30 * 2000)
+    ledger.fault("converter killed behind ECMP")
+    ledger.add(bytes_compared=sum(r["sent"] + r["received"] for r in rows if byte_exact(r, up, down))
+               + sum(r["sent"] + r["received"] for r in after))
     ledger.measured("converter failure behind ECMP", {
         "connections": len(rows), "on the dead converter": len(on_victim), "cut": len(cut),
         "reset": sum("error" in r for r in cut), "survivors complete": len(rows) - len(on_victim), "route withdrawn (ms)": round(withdrawn_s * 1e3, 1),

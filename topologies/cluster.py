@@ -181,11 +181,12 @@ class ClusterTestbed(Testbed):
         if "rc=0" not in out:
             raise RuntimeError(f"conv{k + 1}: mimbox pm --cluster: {out.strip()}")
 
-    def route_vip(self) -> None:
-        """The front tier: VIP over every live converter, resilient buckets where the kernel has them."""
+    def route_vip(self, members: int | None = None) -> None:
+        """The front tier: VIP over the first `members` converters (default: all), resilient buckets
+        where the kernel has them."""
         front = self.front
         self.nexthop_ids = []
-        for k, s in enumerate(self.topo.instance_segs):
+        for k, s in enumerate(self.topo.instance_segs[:members]):
             nh = 1 + k
             front.cmd(f"ip nexthop replace id {nh} via {s.host_ip} dev {s.router_intf}")
             self.nexthop_ids.append(nh)

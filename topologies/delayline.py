@@ -6,6 +6,8 @@ NFQUEUE that the link's ingress rule feeds. Loss is decided here with a seeded R
 can be replayed.
 
     python -m topologies.delayline --queue 3 --delay-ms 10 --loss 1.0 --seed 7
+
+SIGUSR1 makes it print `passed=N dropped=M` on stdout (what it let through and dropped so far).
 """
 from __future__ import annotations
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
     line = DelayLine(a.queue, a.delay_ms / 1000.0, a.loss, a.seed)
+    # SIGUSR1: print the counters (the reliability suite counts the drops it really made)
+    signal.signal(signal.SIGUSR1, lambda *_: print(f"passed={line.passed} dropped={line.dropped}", flush=True))
     print("ready", flush=True)  # the link waits for this before traffic may flow
     line.serve(lambda: bool(stopping))
     print(f"passed={line.passed} dropped={line.dropped}", file=sys.stderr)

@@ -133,6 +133,25 @@ class EmuIntf(TCIntf):
         if out.strip():
             raise RuntimeError(f"iptables on {node}: {out}")
 
+    def dropped(self) -> int:
+        """Packets this direction's emulation dropped so far (delay line's counter, or netem's)."""
+        import select
+        import signal as _signal
+        p = self.delay_line
+        if p is None:
+            if self.shape.loss <= 0:
+                return 0
+            out = self.node.cmd(f"tc -s qdisc show dev {self}")    # netem counts its drops
+            m = re.search(r"qdisc netem .*?dropped (\d+)", out, re.S)
+            return int(m.group(1)) if m else 0
+        p.send_signal(_signal.SIGUSR1)
+        if not select.select([p.stdout], [], [], 5.0)[0]:
+            raise RuntimeError(f"delay line of {self} did not report its counters")
+        m = re.fullmatch(r"passed=(\d+) dropped=(\d+)", p.stdout.readline().strip())
+        if not m:
+            raise RuntimeError(f"delay line of {self}: unexpected report")
+        return int(m.group(2))
+
     def stop_delay_line(self) -> None:
         """Stop this direction's delay process (its ingress rule goes with the namespace)."""
         p, self.delay_line = self.delay_line, None

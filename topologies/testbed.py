@@ -208,6 +208,12 @@ class Testbed:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def dropped_packets(self) -> int:
+        """Packets the links' loss emulation has dropped so far, all links and directions."""
+        from topologies.links import EmuIntf
+        return sum(intf.dropped() for link in self.net.links for intf in (link.intf1, link.intf2)
+                   if isinstance(intf, EmuIntf))
+
     # -- configuration ---------------------------------------------------------------------------
     def _configure(self) -> None:
         for host in (self.client, self.mbox, self.server):

@@ -181,7 +181,7 @@ class MiMBox(System):
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
         argv = [PY, "-m", "mimbox.cli", "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
-                "--stats", f"/run/mimbox/test-{self.port}-{os.getpid()}.sock",
+                "--stats", self.stats_path,
                 *self.extra]
         if self.mode == "static":
             argv += ["--upstream", f"{tb.server_ip}:{server_port}"]
@@ -195,7 +195,8 @@ class MiMBox(System):
 
     @property
     def stats_path(self) -> str:
-        return f"/run/mimbox/test-{self.port}-{os.getpid()}.sock"
+        # one per system: converters of a cluster share a port, in namespaces that share /run
+        return f"/run/mimbox/test-{self.port}-{os.getpid()}-{id(self):x}.sock"
 
     def stats(self) -> dict:
         from mimbox.stats import query

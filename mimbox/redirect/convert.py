@@ -1,0 +1,100 @@
+"""RFC 8803 mode: the client names its server in a Convert message at the start of its stream.
+
+The message rides in the SYN's data (TCP Fast Open, no cookie needed on the converter's port), so
+the kernel makes the connection accept()able as the SYN arrives and its first bytes are the
+message: the converter connects to the server at the SYN, as in the paper's modes. Refusals are
+not RSTs here but Error TLVs at the start of the converter's stream (then the connection closes),
+so a client learns why. Wire format: mimbox.convert.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+
+from mimbox import convert
+from mimbox.convert import ConvertError, Error, Message
+from mimbox.synpath import Cause
+
+TCP_FASTOPEN_NO_COOKIE = 34
+TFO_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+TFO_SERVER = 0x2
+
+# what a client is told for each refusal cause of the converter
+ERROR_OF_CAUSE = {
+    Cause.BAD_OPTION: Error.MALFORMED_MESSAGE,
+    Cause.NO_DESTINATION: Error.MALFORMED_MESSAGE,
+    Cause.CLIENT_NOT_ALLOWED: Error.NOT_AUTHORIZED,
+    Cause.DESTINATION_DENIED: Error.NOT_AUTHORIZED,
+    Cause.FD_LIMIT: Error.RESOURCE_EXCEEDED,
+    Cause.CONNECTION_LIMIT: Error.RESOURCE_EXCEEDED,
+    Cause.PENDING_LIMIT: Error.RESOURCE_EXCEEDED,
+    Cause.SERVER_REFUSED: Error.CONNECTION_RESET,
+    Cause.SERVER_UNREACHABLE: Error.DESTINATION_UNREACHABLE,
+    Cause.SERVER_TIMEOUT: Error.DESTINATION_UNREACHABLE,
+    Cause.SERVER_ERROR: Error.NETWORK_FAILURE,
+    Cause.HANDSHAKE_TIMEOUT: Error.MALFORMED_MESSAGE,
+    Cause.SHUTTING_DOWN: Error.RESOURCE_EXCEEDED,
+}
+
+
+def error_for(cause: Cause) -> bytes:
+    """The Convert message that tells a client the converter refused it for `cause`."""
+    return convert.error_reply(ERROR_OF_CAUSE.get(cause, Error.NETWORK_FAILURE))
+
+
+class Greeting:
+    """An accepted client whose Convert message is (partly) still on its way."""
+    __slots__ = ("sock", "addr", "buf", "t")
+
+    def __init__(self, sock: socket.socket, addr, now: float):
+        self.sock, self.addr, self.buf, self.t = sock, addr, b"", now
+
+    def feed(self, data: bytes) -> Message | None:
+        """Add bytes; the message once complete (None before); ConvertError for a bad one."""
+        self.buf += data
+        msg = convert.parse(self.buf)
+        if msg is None and len(self.buf) >= convert.MAX_MESSAGE:
+            raise ConvertError(Error.MALFORMED_MESSAGE, f"no complete message in {len(self.buf)} bytes")
+        return msg
+
+    @property
+    def early_data(self) -> bytes:
+        """The application's bytes that came after the message (for the server, first)."""
+        msg = convert.parse(self.buf)
+        return self.buf[msg.length:] if msg else b""
+
+
+def check_cookie(msg: Message, required: bytes | None) -> None:
+    """Raise ConvertError when the converter requires a cookie the message lacks or gets wrong."""
+    if required is None:
+        return
+    if msg.cookie is None:
+        raise ConvertError(Error.MISSING_COOKIE, "no Cookie TLV")
+    if msg.cookie.rstrip(b"\0") != required.rstrip(b"\0"):
+        raise ConvertError(Error.NOT_AUTHORIZED, "wrong cookie")
+
+
+def prepare_listener(ls: socket.socket, backlog: int) -> None:
+    """Accept SYN data without a TFO cookie on this listener only (the server side of TFO must
+    also be on in the namespace: see fastopen_server())."""
+    ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, backlog)
+    ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+
+
+@contextlib.contextmanager
+def fastopen_server():
+    """Turn on the server side of TCP Fast Open in this network namespace for the converter's life
+    (the kernel ignores SYN data otherwise), and restore the setting afterwards."""
+    with open(TFO_SYSCTL) as f:
+        old = int(f.read())
+    changed = not old & TFO_SERVER
+    if changed:
+        with open(TFO_SYSCTL, "w") as f:
+            f.write(str(old | TFO_SERVER))
+    try:
+        yield
+    finally:
+        if changed:
+            with open(TFO_SYSCTL, "w") as f:
+                f.write(str(old))
+
