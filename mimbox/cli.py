@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "rules and stats socket: one listener per --intercept port takes the connections")
     g.add_argument("--mode", choices=MODES, default=ListenerConfig.mode,
                    help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
-                        "path, intercept with TPROXY; static: one fixed --upstream")
+                        "path, intercept with TPROXY; static: one fixed --upstream; convert: RFC 8803, the server "
+                        "in a Convert message in the SYN's data (use `mimbox client --convert`)")
+    g.add_argument("--convert-cookie", metavar="TEXT",
+                   help="convert mode: serve only clients whose Convert message carries this Cookie TLV "
+                        "(others get Error 'Missing Cookie' or 'Not Authorized')")
     g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server")
     g.add_argument("--intercept", metavar="PORTS", default="", help="transparent mode: destination ports, e.g. 80,443")
     g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "destination in DST_OPT (eBPF, scoped to a cgroup of its own).")
     c.add_argument("--via", required=True, metavar="ADDR:PORT", help="the converter's address")
     c.add_argument("--mptcp", action="store_true", help="make the program's sockets MPTCP (LD_PRELOAD shim)")
+    c.add_argument("--convert", action="store_true",
+                   help="RFC 8803 instead of DST_OPT: each connect() becomes a TCP Fast Open SYN to the converter "
+                        "carrying a Convert message (LD_PRELOAD shim; no BPF, no cgroup)")
     c.add_argument("--skip", action="append", default=[], metavar="ADDR", help="destinations never redirected")
     c.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
@@ -141,7 +148,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
                                 queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
                                 pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
-                                health_port=a.health_port),
+                                health_port=a.health_port,
+                                convert_cookie=a.convert_cookie.encode() if a.convert_cookie else None),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
                              server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
                              pipe_size=size(a.pipe_size), engine=a.engine),
@@ -155,8 +163,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 
 def cmd_run(a) -> int:
-    from mimbox.relay import Relay
-    from mimbox.workers import Supervisor, default_workers
+    from mimbox.workers import default_workers
     cfg = config_from_args(a)
     workers = a.workers or default_workers()
     if not 1 <= workers <= 256:
@@ -167,6 +174,16 @@ def cmd_run(a) -> int:
         if not ok:
             raise RuntimeError(f"--workers {workers} needs SO_REUSEPORT on MPTCP listeners ({why}); use --workers 1")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s mimbox %(levelname)s %(message)s")
+    if cfg.listener.mode == "convert":
+        from mimbox.redirect.convert import fastopen_server
+        with fastopen_server():       # SYN data is ignored unless the namespace's TFO server side is on
+            return _serve(cfg, workers, a)
+    return _serve(cfg, workers, a)
+
+
+def _serve(cfg: Config, workers: int, a) -> int:
+    from mimbox.relay import Relay
+    from mimbox.workers import Supervisor
 
     def ready():
         print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port} ({workers} worker{'s' * (workers > 1)})",
@@ -185,6 +202,9 @@ def cmd_client(a) -> int:
     if not cmd:
         print("mimbox client: give a command after --", file=sys.stderr)
         return 2
+    if a.convert:
+        from mimbox.client import run_converted
+        return run_converted(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
     return run_redirected(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
 
 

@@ -130,3 +130,27 @@ def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, sk
         except KeyboardInterrupt:
             p.send_signal(signal.SIGINT)
             return p.wait()
+
+
+def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
+    """`mimbox client --convert`: run cmd with its connections sent through an RFC 8803 converter
+    (native/convertize.c: connect() becomes a TFO SYN carrying a Convert message; the converter's
+    answer is taken off the stream before the program reads); return its exit code.
+
+    The client side of TCP Fast Open must be on (net.ipv4.tcp_fastopen bit 1, Linux's default)."""
+    from mimbox.paths import CONVERTIZE
+    if not CONVERTIZE.exists():
+        raise RuntimeError(f"{CONVERTIZE} is not built: run `invoke build`")
+    with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
+        if not int(f.read()) & 1:
+            raise RuntimeError("TCP Fast Open is off for clients here: sysctl -w net.ipv4.tcp_fastopen=1")
+    env = dict(os.environ, MIMBOX_CONVERT_VIA=f"{via[0]}:{via[1]}", MIMBOX_CONVERT_SKIP=",".join(skip))
+    preload = [str(CONVERTIZE), *([str(MPTCPIZE)] if mptcp else []), env.get("LD_PRELOAD", "")]
+    env["LD_PRELOAD"] = " ".join(x for x in preload if x)
+    p = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: p.send_signal(signal.SIGTERM))
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        p.send_signal(signal.SIGINT)
+        return p.wait()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-MODES = ("explicit", "transparent", "static")
+MODES = ("explicit", "transparent", "static", "convert")
 ENGINES = ("auto", "splice", "copy")
 
 
@@ -48,6 +48,7 @@ class ListenerConfig:
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
+    convert_cookie: bytes | None = None          # convert mode: clients must send this Cookie TLV
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,10 @@ SPLICE_AFTER = 256 << 10
 
 class Direction:
     """One way of a connection: src socket -> pipe (splice) or worker buffer (copy) -> dst socket.
-    `buffered` bytes wait for dst: in the pipe, or in `buf` from `off` (what a short write left)."""
-    __slots__ = ("src", "dst", "pipe_r", "pipe_w", "buf", "off", "buffered", "eof", "done", "bytes")
+    `buffered` bytes wait for dst: in the pipe, or in `buf` from `off` (what a short write left).
+    `prefix`: bytes of the converter's own that go out in front of the first relayed ones, in the
+    same write (convert mode's answer: a client must not wake for it alone, see flush_prefix)."""
+    __slots__ = ("src", "dst", "pipe_r", "pipe_w", "buf", "off", "buffered", "eof", "done", "bytes", "prefix")
 
     def __init__(self, src: int, dst: int):
         self.src, self.dst = src, dst
@@ -41,6 +43,18 @@ class Direction:
         self.eof = False
         self.done = False
         self.bytes = 0
+        self.prefix = b""
+
+
+def flush_prefix(d: Direction) -> None:
+    """Write a direction's prefix now, alone (its source stayed silent, or ended)."""
+    p, d.prefix = d.prefix, b""
+    try:
+        n = os.write(d.dst, p)
+    except BlockingIOError:
+        n = 0
+    if n < len(p):       # only on a full fresh socket: keep the rest in front of the next bytes
+        d.buf, d.off, d.buffered = p[n:] + (d.buf[d.off:] if d.buf else b""), 0, len(p) - n + d.buffered
 
 
 class PipePool:
@@ -118,6 +132,10 @@ class DataPath:
         flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
         size = self.pipe_size
         short = False
+        if d.prefix:
+            flush_prefix(d)
+            if d.buffered:
+                return
         try:
             while True:
                 if d.buffered:
@@ -179,13 +197,16 @@ class DataPath:
                     d.eof = True
                     continue
                 conn.last = time.monotonic()
+                out = buf[:n]
+                if d.prefix:      # the converter's own bytes first, in the same segment
+                    out, d.prefix = d.prefix + bytes(out), b""
                 try:
-                    w = write(d.dst, buf[:n])
+                    w = write(d.dst, out)
                 except BlockingIOError:
                     w = 0
-                d.bytes += w
-                if w < n:
-                    d.buf, d.off, d.buffered = bytes(buf[w:n]), 0, n - w
+                d.bytes += w - (len(out) - n) if w >= len(out) - n else 0
+                if w < len(out):
+                    d.buf, d.off, d.buffered = bytes(out[w:]), 0, len(out) - w
                     return        # dst full: EPOLLOUT on dst resumes us
                 if n < size and not drain:
                     return        # a short read emptied src: its next bytes raise a new edge

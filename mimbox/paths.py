@@ -7,3 +7,4 @@ BUILD = Path(os.environ.get("MIMBOX_BUILD", ROOT / "build"))
 BPF_CLIENT_OBJ = BUILD / "bpf" / "dstopt_client.bpf.o"
 BPF_SERVER_OBJ = BUILD / "bpf" / "dstopt_server.bpf.o"
 MPTCPIZE = BUILD / "libmptcpize.so"
+CONVERTIZE = BUILD / "libconvertize.so"

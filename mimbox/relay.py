@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
-from mimbox import mptcp
+from mimbox import convert, mptcp
 from mimbox.config import Config
-from mimbox.datapath import PIPE_POOL, DataPath, Direction
+from mimbox.datapath import PIPE_POOL, DataPath, Direction, flush_prefix
 from mimbox.dstopt import OptionError, parse_syn
 from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
+from mimbox.redirect import convert as converting
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
 from mimbox.stats import Stats, answer, open_endpoint
@@ -61,6 +62,7 @@ EPOLLOUT = select.EPOLLOUT
 NOT_OUT = ~select.EPOLLOUT
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
+PREFIX_WAIT = 0.2     # convert mode: how long the answer waits for the server's first bytes
 # events after which a direction reads until its source is empty; after a bare EPOLLIN one read
 # that did not fill the buffer is enough (new bytes raise a new edge), which saves a failing read
 DRAIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
@@ -87,6 +89,8 @@ def plan_syns(cfg: Config) -> SynPlan:
     caps) up to --hold-rate per client /24, the rest straight to the kernel; again every SYN queued
     in explicit mode without the recorder."""
     lc = cfg.listener
+    if lc.mode == "convert":
+        return SynPlan(queue=False)     # the kernel accepts at the SYN (TFO): the message is the first bytes
     if lc.syn_path == "hold":
         return SynPlan(queue=True)
     recorder = None
@@ -131,7 +135,8 @@ def raise_fd_limit(connections: int) -> int:
 class Connection:
     """A converted connection: the client's socket, the server's, and the two directions."""
     __slots__ = ("client", "server", "up", "down", "client_addr", "dst", "t_syn", "t_accept",
-                 "last", "client_mptcp", "server_mptcp", "closed", "connecting", "tried_mptcp")
+                 "last", "client_mptcp", "server_mptcp", "closed", "connecting", "tried_mptcp", "reply",
+                 "early")
 
     def __init__(self, client: socket.socket, server: socket.socket, client_addr, dst, t_syn: float):
         self.client, self.server = client, server
@@ -145,6 +150,8 @@ class Connection:
         self.closed = False
         self.connecting = False       # accepted first: the server connection is still being made
         self.tried_mptcp = False
+        self.reply = None             # convert mode: the Convert answer the client gets first ...
+        self.early = b""              # ... and its bytes that followed its message, for the server
 
     def info(self) -> dict:
         return {"client": "%s:%d" % self.client_addr, "server": "%s:%d" % self.dst,
@@ -214,6 +221,7 @@ class Relay:
         self.held = held
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
+        self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
         self.conns: dict[int, tuple[Connection, bool]] = {}   # fd -> (connection, is_client_side)
         self.stopping = False
         self.epoll = select.epoll()
@@ -246,6 +254,8 @@ class Relay:
                     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # one listener per worker
                 if lc.mode == "transparent":
                     ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                if lc.mode == "convert":
+                    converting.prepare_listener(ls, lc.backlog)
                 for opt, val in ((socket.SO_RCVBUF, bc.client_rcvbuf), (socket.SO_SNDBUF, bc.client_sndbuf)):
                     if val:
                         ls.setsockopt(socket.SOL_SOCKET, opt, val)  # inherited by accepted sockets
@@ -290,6 +300,8 @@ class Relay:
             self._refuse_pending(key, p, Cause.SHUTTING_DOWN, "")
         for conn, _ in list(self.conns.values()):
             self._abort(conn, Cause.SHUTTING_DOWN.value)
+        for g in list(self.greetings.values()):
+            self._drop_greeting(g)
         self.refusals.flush()
         if self.nfq is not None:
             self.nfq.unbind()
@@ -353,34 +365,49 @@ class Relay:
                 continue
             pump = self.pump
             for fd, ev in events:
-                entry = conns.get(fd)
-                if entry is not None:
-                    conn, is_client = entry
-                    if conn.connecting:
-                        if not is_client:
-                            self._server_ready(conn, ev)
-                        continue      # client bytes wait in its socket until the server is there
-                    d_in, d_out = (conn.up, conn.down) if is_client else (conn.down, conn.up)
-                    if ev & NOT_OUT:
-                        pump(conn, d_in, ev & DRAIN)
-                    if ev & EPOLLOUT and d_out.buffered and not conn.closed:
-                        pump(conn, d_out, True)      # its destination has room again
-                elif fd == qfd:
-                    self.nfq.run(block=False)
-                elif fd in lfds:
-                    self._accept(lfds[fd])
-                elif fd in self.pending_fds:
-                    self._server_connected(fd, ev)
-                elif fd in link_fds:
-                    self._receive_handed(link_fds[fd])
-                elif fd == sfd:
-                    self._serve_stats()
-                elif fd == hfd:
-                    self._answer_health()
+                try:
+                    entry = conns.get(fd)
+                    if entry is not None:
+                        conn, is_client = entry
+                        if conn.connecting:
+                            if not is_client:
+                                self._server_ready(conn, ev)
+                            continue      # client bytes wait in its socket until the server is there
+                        d_in, d_out = (conn.up, conn.down) if is_client else (conn.down, conn.up)
+                        if ev & NOT_OUT:
+                            pump(conn, d_in, ev & DRAIN)
+                        if ev & EPOLLOUT and d_out.buffered and not conn.closed:
+                            pump(conn, d_out, True)      # its destination has room again
+                    elif fd == qfd:
+                        self.nfq.run(block=False)
+                    elif fd in lfds:
+                        self._accept(lfds[fd])
+                    elif fd in self.pending_fds:
+                        self._server_connected(fd, ev)
+                    elif fd in link_fds:
+                        self._receive_handed(link_fds[fd])
+                    elif fd in self.greetings:
+                        self._on_greeting(self.greetings[fd])
+                    elif fd == sfd:
+                        self._serve_stats()
+                    elif fd == hfd:
+                        self._answer_health()
+                except Exception:      # one connection's bug must not stop every other one
+                    self._contain(fd)
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + 1.0
+
+    def _contain(self, fd: int) -> None:
+        """An unexpected error while serving `fd`: log it, count it, and end what it belonged to."""
+        log.exception("internal error on fd %d", fd)
+        self.stats.errors["internal error"] += 1
+        entry = self.conns.get(fd)
+        if entry is not None:
+            self._abort(entry[0], "internal error")
+        elif fd in self.greetings:
+            self._drop_greeting(self.greetings[fd])
 
     # -- SYN hold ----------------------------------------------------------------------------------------
     def _on_syn(self, pkt) -> None:
@@ -605,6 +632,8 @@ class Relay:
         check it, connect; the client is reset if that fails (it has no byte relayed yet)."""
         now = time.monotonic()
         lc = self.cfg.listener
+        if lc.mode == "convert":
+            return self._greet(cs, addr, now)
         if lc.mode == "static":
             dst = lc.upstream
         elif lc.mode == "transparent":
@@ -615,18 +644,79 @@ class Relay:
                 return self._refuse_accepted(cs, addr, None, Cause.NO_DESTINATION, "no DST_OPT seen in its SYN")
             if dst[1] == 0 or dst[0] == "0.0.0.0":
                 return self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
+        self._open_for_accepted(cs, addr, dst, now)
+
+    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float) -> Connection | None:
+        """Policy, admission and the server connection for an accepted client; None if refused."""
         refusal = self.policy.refusal(addr[0], dst[0], dst[1])   # its SYN may not have been judged
         if refusal is not None:
             return self._refuse_accepted(cs, addr, dst, *refusal)
         opened = self._admit_and_open(dst, now,
                                       lambda cause, detail: self._refuse_accepted(cs, addr, dst, cause, detail))
         if opened is None:
-            return
+            return None
         s, try_mptcp = opened
         conn = Connection(cs, s, addr, dst, now)
         conn.connecting, conn.tried_mptcp = True, try_mptcp
         self._start(conn)
         self.epoll.register(s.fileno(), WATCH)
+        return conn
+
+    # -- convert mode (RFC 8803): the destination is the first bytes of the stream ----------------------
+    def _greet(self, cs: socket.socket, addr, now: float) -> None:
+        g = converting.Greeting(cs, addr, now)
+        self.greetings[cs.fileno()] = g
+        self.epoll.register(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self._on_greeting(g)          # with TFO the message came in the SYN: it is there already
+
+    def _on_greeting(self, g: converting.Greeting) -> None:
+        try:
+            data = g.sock.recv(convert.MAX_MESSAGE - len(g.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_greeting(g)       # gone before its message was complete
+            return
+        try:
+            msg = g.feed(data)
+            if msg is None:
+                return
+            converting.check_cookie(msg, self.cfg.listener.convert_cookie)
+        except convert.ConvertError as e:
+            self._answer_greeting(g, convert.error_reply(e.code))
+            self.stats.refused[Cause.BAD_OPTION.value] += 1
+            self.refusals.refused(Cause.BAD_OPTION, "%s:%d: Convert message: %s" % (*g.addr, e))
+            return
+        if msg.connect is None:          # an Info request: what this converter supports, then close
+            self._answer_greeting(g, convert.supported_reply(convert.SUPPORTED_KINDS))
+            return
+        del self.greetings[g.sock.fileno()]
+        self.epoll.unregister(g.sock.fileno())
+        if ":" in msg.connect[0]:        # the server side of this converter is IPv4
+            return self._refuse_accepted(g.sock, g.addr, msg.connect, Cause.SERVER_UNREACHABLE,
+                                         "IPv6 destinations are not served")
+        conn = self._open_for_accepted(g.sock, g.addr, msg.connect, g.t)
+        if conn is not None:
+            conn.reply, conn.early = convert.success_reply(), g.early_data
+
+    def _answer_greeting(self, g: converting.Greeting, reply: bytes) -> None:
+        """Answer a client that gets no connection (Error, or Supported TCP Extensions), then close."""
+        try:
+            g.sock.send(reply)
+            g.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._drop_greeting(g)
+
+    def _drop_greeting(self, g: converting.Greeting) -> None:
+        if self.greetings.pop(g.sock.fileno(), None) is not None:
+            try:
+                self.epoll.unregister(g.sock.fileno())
+            except OSError:
+                pass
+        g.sock.close()
 
     def _server_ready(self, conn: Connection, ev: int) -> None:
         """The server connection of an accepted-first client is established (or failed)."""
@@ -640,10 +730,12 @@ class Relay:
             self.stats.refused[cause.value] += 1
             self.refusals.refused(cause, "%s:%d -> %s:%d (after accept: %s)" % (*conn.client_addr, *conn.dst,
                                                                                  os.strerror(err)))
-            self._close(conn, reset=True)
+            self._fail_connecting(conn, cause)
             return
         now = time.monotonic()
         conn.connecting = False
+        if conn.reply is not None and not self._send_convert_reply(conn):
+            return
         self.stats.server_connected(now - conn.t_syn)
         if conn.tried_mptcp:
             conn.server_mptcp = mptcp.is_mptcp(conn.server)
@@ -652,6 +744,39 @@ class Relay:
         self.pump(conn, conn.up)          # what the client sent meanwhile (its edges were not acted on)
         if ev & select.EPOLLIN and not conn.closed:
             self.pump(conn, conn.down)    # later server bytes raise their own edge
+
+    def _send_convert_reply(self, conn: Connection) -> bool:
+        """Convert mode, server connected: the client's early bytes to the server (they fit a fresh
+        socket; a short write is a failure, not a truncation), and the client's answer queued in
+        front of the server's first bytes: one segment, so that an event-driven client is not woken
+        by the answer alone (wrk counts such a read as an error). A silent server: the sweep sends
+        it alone after PREFIX_WAIT."""
+        ok = True
+        try:
+            if conn.early:
+                ok = conn.server.send(conn.early) == len(conn.early)
+                conn.up.bytes += len(conn.early)
+        except OSError:
+            ok = False
+        conn.down.prefix = conn.reply
+        conn.reply, conn.early = None, b""
+        conn.last = time.monotonic()
+        if not ok:
+            self._abort(conn, "convert reply not sent")
+        return ok
+
+    def _fail_connecting(self, conn: Connection, cause: Cause) -> None:
+        """The server connection of an accepted client failed: RST to the client, or in convert
+        mode the Error TLV for `cause`, then the end of the stream."""
+        if conn.reply is None:
+            self._close(conn, reset=True)
+            return
+        try:
+            conn.client.send(converting.error_for(cause))
+            conn.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._close(conn)
 
     def _count_server(self, conn: Connection) -> None:
         if conn.server_mptcp:
@@ -663,6 +788,14 @@ class Relay:
         self.stats.refused[cause.value] += 1
         self.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
                                      + (f": {detail})" if detail else ")"))
+        if self.cfg.listener.mode == "convert":     # RFC 8803: an Error TLV says why, then the stream ends
+            try:
+                cs.send(converting.error_for(cause))
+                cs.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            cs.close()
+            return
         self._reset(cs)
 
     def _finish(self, conn: Connection, d: Direction) -> None:
@@ -670,6 +803,8 @@ class Relay:
         if d.done:
             return
         d.done = True
+        if d.prefix:
+            flush_prefix(d)       # convert mode: the answer before the end of the stream
         if conn.up.done and conn.down.done:
             self._close(conn)     # close() sends this FIN: both sockets have read their EOF, so no RST
             return
@@ -749,10 +884,17 @@ class Relay:
         for conn in {id(c): c for c, _ in self.conns.values() if c.connecting}.values():
             if now - conn.t_accept > sc.connect_timeout:
                 self.stats.refused[Cause.SERVER_TIMEOUT.value] += 1
-                self._abort(conn, Cause.SERVER_TIMEOUT.value)
+                self.stats.errors[Cause.SERVER_TIMEOUT.value] += 1
+                self._fail_connecting(conn, Cause.SERVER_TIMEOUT)
+        for g in [g for g in self.greetings.values() if now - g.t > sc.handshake_timeout]:
+            self.stats.errors["convert message timeout"] += 1
+            self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
         self.destinations.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
+        for conn in [c for c, is_client in self.conns.values() if is_client and c.down.prefix
+                     and not c.connecting and now - c.last > PREFIX_WAIT]:
+            flush_prefix(conn.down)       # the server is silent: the client gets its answer alone
         if sc.idle_timeout > 0:
             idle = {id(c): c for c, _ in self.conns.values() if now - c.last > sc.idle_timeout}
             for conn in idle.values():

@@ -11,7 +11,7 @@ from experiments.systems import MiMBox
 SIZES = [1, 64 << 10, 8 << 20 | 12345]   # 1 byte, 64 KiB, > 8 MB (odd size)
 
 
-@pytest.fixture(scope="module", params=[(mode, workers) for mode in ("explicit", "transparent", "static")
+@pytest.fixture(scope="module", params=[(mode, workers) for mode in ("explicit", "transparent", "static", "convert")
                                         for workers in (1, 2)], ids=lambda p: f"{p[0]}-{p[1]}w")
 def converter(request, paper_tb):
     mode, workers = request.param

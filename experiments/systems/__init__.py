@@ -205,11 +205,12 @@ class MiMBox(System):
     def endpoint(self, tb, server_port: int) -> tuple[str, int]:
         if self.mode == "static":
             return tb.mbox_client_ip, self.port
-        return tb.server_ip, server_port   # explicit (redirected by the client's BPF) and transparent
+        return tb.server_ip, server_port   # explicit/convert (redirected on the client) and transparent
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
-        if self.mode == "explicit":
+        if self.mode in ("explicit", "convert"):
             return [PY, "-m", "mimbox.cli", "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
+                    *(["--convert"] if self.mode == "convert" else []),
                     *(["--mptcp"] if mptcp else []), "--", *argv]
         return super().client_argv(tb, argv, mptcp)
 

@@ -39,8 +39,18 @@ class Static:
         return self.upstream
 
 
+class Convert:
+    """RFC 8803 (mimbox.redirect.convert): no SYN is read, the destination is the stream's first bytes."""
+    name = "convert"
+
+    def destination(self, syn: Syn) -> tuple[str, int]:
+        raise OptionError("convert mode reads its Connect TLV after accept(), not from the SYN")
+
+
 def for_listener(lc: ListenerConfig):
     """The redirector of a listener's mode."""
+    if lc.mode == "convert":
+        return Convert()
     if lc.mode == "explicit":
         return Explicit()
     if lc.mode == "transparent":

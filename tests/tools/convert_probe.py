@@ -1,0 +1,51 @@
+"""Send raw bytes as a TCP Fast Open SYN's data to a converter and report what comes back.
+
+    python convert_probe.py HOST PORT HEX [--mptcp] [--read-after-reply N]
+
+Prints one JSON line: the reply's bytes (hex, the first Convert message as the converter sent it),
+its parsed error code (or null), what followed it (hex, up to N bytes) and how the stream ended."""
+import argparse
+import json
+import socket
+import sys
+
+sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
+from mimbox import convert  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("host")
+ap.add_argument("port", type=int)
+ap.add_argument("hex")
+ap.add_argument("--mptcp", action="store_true")
+ap.add_argument("--read-after-reply", type=int, default=0)
+a = ap.parse_args()
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if a.mptcp else 0)
+s.setsockopt(socket.IPPROTO_TCP, 34, 1)        # TCP_FASTOPEN_NO_COOKIE
+s.settimeout(5)
+out = {"sent_in_syn": s.sendto(bytes.fromhex(a.hex), 0x20000000, (a.host, a.port))}
+buf, end = b"", "open"
+try:
+    while True:
+        r = convert.parse_reply(buf) if len(buf) >= 4 else None
+        if r is not None and len(buf) >= r.length + a.read_after_reply:
+            break
+        chunk = s.recv(65536)
+        if not chunk:
+            end = "eof"
+            break
+        buf += chunk
+except ConnectionResetError:
+    end = "reset"
+except socket.timeout:
+    end = "timeout"
+except convert.ConvertError as e:
+    end = f"bad reply: {e}"
+r = None
+try:
+    r = convert.parse_reply(buf)
+except convert.ConvertError:
+    pass
+out.update(reply=buf[:r.length].hex() if r else buf.hex(), error=int(r.error) if r and r.error is not None else None,
+           supported=r.supported.hex() if r and r.supported else None,
+           after=buf[r.length:].hex() if r else "", end=end)
+print(json.dumps(out), flush=True)
