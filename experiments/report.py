@@ -154,7 +154,7 @@ def fig5() -> str:
         ratios = []
         for size in sorted(g["size"].unique()):
             d = g[g["size"] == size].set_index("system")
-            pairs = [("mimbox", p) for p in FIG5_PEERS]
+            pairs = [("mimbox", p) for p in FIG5_PEERS] + [("mimbox-convert", "mimbox")]   # RFC 8803 vs DST_OPT
             pairs += [(m, "haproxy-" + m.split("-")[1].replace("w", "t")) for m in d.index
                       if m.startswith("mimbox-") and m.endswith("w")]     # same number of event loops
             ratios += [f"{size // 1024} KB {mine}/{peer} **{d.rps[mine] / d.rps[peer]:.2f}**"

@@ -8,7 +8,8 @@ Two regimes, in one run (`regime` column):
 - converter-bound (the paper's): every converter held to the same CPU quota per event loop
   (experiments.common.CONVERTER_QUOTA_CORES), so req/s follows the converter's CPU per request;
   the router path, unlimited, must deliver >= 2x the best converter (checked: findings.bound_check).
-  Systems: MiMBox (explicit and static), HAProxy 1 thread (http as in the paper, and tcp),
+  Systems: MiMBox (explicit with DST_OPT, RFC 8803 convert, static), HAProxy 1 thread (http as in
+  the paper, and tcp),
   Squid, the paper's splice() and read()/write() converters, MiMBox N workers vs HAProxy N threads.
 - end-host-bound: no quota; the end hosts' core caps every system, so equal rates mean
   "not the bottleneck", not "equally fast".
@@ -62,7 +63,7 @@ def systems(regime: str) -> list:
     all_cpus = ",".join(str(i) for i in range(n))
     one_loop = [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c)]
     if regime == CONVERTER_BOUND:
-        one_loop += [MiMBox(mode="static", cpus=c),
+        one_loop += [MiMBox(mode="static", cpus=c), MiMBox(mode="convert", cpus=c),
                      HAProxy(threads=1, mode="tcp", cpus=c),
                      Naive("splice", cpus=c), Naive("readwrite", cpus=c)]
     return one_loop + [MiMBox(mode="explicit", cpus=all_cpus, workers=n),
