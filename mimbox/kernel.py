@@ -176,6 +176,11 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
                             *QDISC_PROBE_ARGS[kind]], ns)
             run(["tc", "qdisc", "del", "dev", "d0", "root"], netns=ns)
             add(Capability(f"qdisc.{kind}", ok, out, fix, required=req))
+        # before the netfilter probes: their rules stay in this namespace (all TCP to a dead queue)
+        ok, out = _try([sys.executable, "-c", "from mimbox.redirect.convert import probe; print(probe())"], ns)
+        add(Capability("convert.tfo", ok, f"RFC 8803 mode's TCP Fast Open without cookie: {out}",
+                       "a kernel with TCP Fast Open on MPTCP sockets (Linux >= 6.2); without it --mode convert "
+                       "gets its message after the handshake, one round trip later", required=False))
         for name, rule, req in (
                 ("netfilter.nfqueue", ["-t", "raw", "-A", "PREROUTING", "-p", "tcp", "-j", "NFQUEUE",
                                        "--queue-num", "7"], True),

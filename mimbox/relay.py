@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 from netfilterqueue import COPY_PACKET, NetfilterQueue
 
-from mimbox import convert, mptcp
+from mimbox import convert, handover, mptcp
 from mimbox.config import Config
 from mimbox.datapath import PIPE_POOL, DataPath, Direction, flush_prefix
 from mimbox.dstopt import OptionError, parse_syn
-from mimbox.netfilter import REFUSE_MARK, ListenerRules, worker_of_port
+from mimbox.netfilter import REFUSE_MARK, ListenerRules
 from mimbox.redirect import convert as converting
 from mimbox.redirect import for_listener
 from mimbox.safety import Policy
@@ -48,11 +48,14 @@ from mimbox.synpath import (
     Cause,
     Destinations,
     HeldSet,
+    Pending,
+    PendingState,
     RefusalLog,
     ServerMemory,
     SynGate,
 )
 from mimbox.synrecord import SynRecorder
+from mimbox.timers import Timeouts, due
 
 log = logging.getLogger("mimbox")
 
@@ -62,7 +65,6 @@ EPOLLOUT = select.EPOLLOUT
 NOT_OUT = ~select.EPOLLOUT
 WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
-PREFIX_WAIT = 0.2     # convert mode: how long the answer waits for the server's first bytes
 # events after which a direction reads until its source is empty; after a bare EPOLLIN one read
 # that did not fill the buffer is enough (new bytes raise a new edge), which saves a failing read
 DRAIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
@@ -161,30 +163,6 @@ class Connection:
                 "age_s": round(time.monotonic() - self.t_accept, 3)}
 
 
-class PendingState(enum.Enum):
-    """Where a held SYN's connection is, before accept()."""
-    HELD = "SYN held, connecting to the server"
-    RELEASED = "server answered, SYN released, waiting for the client's handshake and accept()"
-
-
-class Pending:
-    """A held SYN and the server connection started for it."""
-    __slots__ = ("pkt", "state", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
-
-    def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool, client_ip: int):
-        self.pkt, self.server, self.dst, self.t_syn = pkt, server, dst, t_syn
-        self.state = PendingState.HELD
-        self.client_ip = client_ip
-        self.ready_at = 0.0
-        self.tried_mptcp = tried_mptcp
-        self.server_mptcp = False
-
-    def release(self):
-        """The verdict is about to be given: returns the packet, now no longer held."""
-        pkt, self.pkt, self.state = self.pkt, None, PendingState.RELEASED
-        return pkt
-
-
 class Relay:
     """One listener and its event loop. `serve()` runs until SIGTERM/SIGINT, then drains.
 
@@ -213,6 +191,7 @@ class Relay:
         self.stats = Stats()
         self.gate = SynGate(lc.syn_path, lc.pending_limit, lc.pending_per_prefix)
         self.destinations = Destinations(ttl=2 * cfg.safety.handshake_timeout)
+        self.timeouts = Timeouts.of(cfg.safety)
         self.refusals = RefusalLog(log)
         self.plan = plan              # made in open() when this relay owns it
         self.owns_plan = plan is None
@@ -553,39 +532,23 @@ class Relay:
         except OSError as e:
             self.stats.errors["accept " + errno.errorcode.get(e.errno, str(e.errno))] += 1
             return
-        if self.workers > 1 and self.queue_syns:
-            owner = worker_of_port(addr[1], self.workers)
-            if owner != self.worker and (self.held is None or addr in self.held):
-                self._hand_over(cs, owner)     # its SYN is held there, with its server connection
-                return
+        owner = handover.owner_elsewhere(addr, self.worker, self.workers, self.queue_syns, self.held)
+        if owner is not None:         # its SYN is held there, with its server connection
+            err = handover.send(self.links[owner], cs)
+            if err is None:
+                self.stats.handed_over += 1
+            else:
+                self.stats.errors["hand-over " + err] += 1
+                self._reset(cs)
+            return
         cs.setblocking(False)
         self._pair(cs, addr)
 
-    def _hand_over(self, cs: socket.socket, owner: int) -> None:
-        """Another worker held this connection's SYN and has its server socket: pass the client socket."""
-        try:
-            socket.send_fds(self.links[owner], [b"c"], [cs.fileno()])
-            self.stats.handed_over += 1
-        except OSError as e:
-            self.stats.errors["hand-over " + errno.errorcode.get(e.errno, str(e.errno))] += 1
-            self._reset(cs)
-            return
-        cs.close()                # the owner has its own reference now
-
     def _receive_handed(self, link: socket.socket) -> None:
-        while True:
-            try:
-                _, fds, _, _ = socket.recv_fds(link, 16, 64)
-            except BlockingIOError:
-                return
-            for cfd in fds:
-                cs = socket.socket(fileno=cfd)
-                cs.setblocking(False)
-                try:
-                    addr = cs.getpeername()
-                except OSError:
-                    self._reset(cs)   # the client went away on the way here
-                    continue
+        for cs, addr in handover.receive(link):
+            if addr is None:
+                self._reset(cs)       # the client went away on the way here
+            else:
                 self._pair(cs, addr)
 
     def _pair(self, cs: socket.socket, addr) -> None:
@@ -749,8 +712,8 @@ class Relay:
         """Convert mode, server connected: the client's early bytes to the server (they fit a fresh
         socket; a short write is a failure, not a truncation), and the client's answer queued in
         front of the server's first bytes: one segment, so that an event-driven client is not woken
-        by the answer alone (wrk counts such a read as an error). A silent server: the sweep sends
-        it alone after PREFIX_WAIT."""
+        by the answer alone (wrk counts such a read as an error). A client that sent nothing yet
+        and a silent server: the sweep sends it alone (mimbox.timers)."""
         ok = True
         try:
             if conn.early:
@@ -872,33 +835,30 @@ class Relay:
 
     # -- timers and stats --------------------------------------------------------------------------------
     def _sweep(self, now: float) -> None:
-        sc = self.cfg.safety
-        for key, p in list(self.pending.items()):
-            if p.state is PendingState.HELD and now - p.t_syn > sc.connect_timeout:
-                self.stats.errors["server connect timeout"] += 1
-                self._refuse_pending(key, p, Cause.SERVER_TIMEOUT,
-                                     f"server {p.dst[0]}:{p.dst[1]}: no answer in {sc.connect_timeout:g}s")
-            elif p.state is PendingState.RELEASED and now - p.ready_at > sc.handshake_timeout:
-                self.stats.errors["client handshake timeout"] += 1
-                self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
-        for conn in {id(c): c for c, _ in self.conns.values() if c.connecting}.values():
-            if now - conn.t_accept > sc.connect_timeout:
-                self.stats.refused[Cause.SERVER_TIMEOUT.value] += 1
-                self.stats.errors[Cause.SERVER_TIMEOUT.value] += 1
-                self._fail_connecting(conn, Cause.SERVER_TIMEOUT)
-        for g in [g for g in self.greetings.values() if now - g.t > sc.handshake_timeout]:
+        """Once a second: act on what waited too long (mimbox.timers decides what that is)."""
+        t = self.timeouts
+        d = due(t, now, self.pending, {id(c): c for c, _ in self.conns.values()}.values(),
+                self.greetings.values())
+        for key, p in d.server_silent:
+            self.stats.errors["server connect timeout"] += 1
+            self._refuse_pending(key, p, Cause.SERVER_TIMEOUT, f"server {p.dst[0]}:{p.dst[1]}: no answer in {t.connect:g}s")
+        for key, p in d.client_silent:
+            self.stats.errors["client handshake timeout"] += 1
+            self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
+        for conn in d.connect_after_accept:
+            self.stats.refused[Cause.SERVER_TIMEOUT.value] += 1
+            self.stats.errors[Cause.SERVER_TIMEOUT.value] += 1
+            self._fail_connecting(conn, Cause.SERVER_TIMEOUT)
+        for g in d.greetings:
             self.stats.errors["convert message timeout"] += 1
             self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
+        for conn in d.lone_answers:
+            flush_prefix(conn.down)       # the server is silent: the client gets its answer alone
+        for conn in d.idle:
+            self._abort(conn, "idle timeout")
         self.destinations.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
-        for conn in [c for c, is_client in self.conns.values() if is_client and c.down.prefix
-                     and not c.connecting and now - c.last > PREFIX_WAIT]:
-            flush_prefix(conn.down)       # the server is silent: the client gets its answer alone
-        if sc.idle_timeout > 0:
-            idle = {id(c): c for c, _ in self.conns.values() if now - c.last > sc.idle_timeout}
-            for conn in idle.values():
-                self._abort(conn, "idle timeout")
 
     def snapshot(self, connections: bool = True) -> dict:
         conns = {id(c): c for c, _ in self.conns.values()}.values()

@@ -7,6 +7,7 @@
     Destinations       where deferred clients wanted to go (explicit mode), bounded, oldest out
     Admission          the connection limit, shared by workers
     ServerMemory       servers that answered without MPTCP, for a while
+    Pending            a held SYN and its server connection; PendingState: held, then released
 
 Why a gate: holding a SYN makes the converter open a server connection before the client has
 proved its address. A spoofed SYN flood then fills the pending table and the server's backlog, and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import socket
 import time
 from collections import Counter, OrderedDict
 
@@ -261,3 +263,27 @@ class HeldSet:
     def __contains__(self, client: tuple[str, int]) -> bool:
         k = self.key(client)
         return self.slots[self._slot(k)] == k
+
+
+class PendingState(enum.Enum):
+    """Where a held SYN's connection is, before accept()."""
+    HELD = "SYN held, connecting to the server"
+    RELEASED = "server answered, SYN released, waiting for the client's handshake and accept()"
+
+
+class Pending:
+    """A held SYN and the server connection started for it."""
+    __slots__ = ("pkt", "state", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
+
+    def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool, client_ip: int):
+        self.pkt, self.server, self.dst, self.t_syn = pkt, server, dst, t_syn
+        self.state = PendingState.HELD
+        self.client_ip = client_ip
+        self.ready_at = 0.0
+        self.tried_mptcp = tried_mptcp
+        self.server_mptcp = False
+
+    def release(self):
+        """The verdict is about to be given: returns the packet, now no longer held."""
+        pkt, self.pkt, self.state = self.pkt, None, PendingState.RELEASED
+        return pkt

@@ -98,3 +98,29 @@ def fastopen_server():
             with open(TFO_SYSCTL, "w") as f:
                 f.write(str(old))
 
+
+
+def probe() -> str:
+    """Try convert mode's transport here (run inside a throwaway namespace by `mimbox doctor`): an
+    MPTCP listener taking SYN data without a cookie, a client sending its first bytes in the SYN.
+    Returns what happened; raises RuntimeError if the data did not ride in the SYN."""
+    import subprocess
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+    def passive() -> int:
+        rows = [line.split() for line in open("/proc/net/netstat") if line.startswith("TcpExt:")]
+        return int(dict(zip(rows[0][1:], rows[1][1:])).get("TCPFastOpenPassive", 0))
+    with fastopen_server():
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        prepare_listener(ls, 8)
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+        before = passive()
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        c.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        c.sendto(b"probe", 0x20000000, ls.getsockname())       # MSG_FASTOPEN
+        s, _ = ls.accept()
+        got = s.recv(16)
+        if got != b"probe" or passive() - before != 1:
+            raise RuntimeError(f"SYN data not accepted as such (got {got!r})")
+    return "MPTCP listener took SYN data without a TFO cookie"

@@ -1,0 +1,75 @@
+"""The relay's timers and worker hand-over decisions (mimbox/timers.py, mimbox/handover.py), without
+root or sockets."""
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+from mimbox.handover import owner_elsewhere
+from mimbox.netfilter import worker_of_port
+from mimbox.synpath import Pending, PendingState
+from mimbox.timers import Timeouts, due
+
+T = Timeouts(connect=10, handshake=15, idle=300, prefix_wait=0.2)
+
+
+def pending(t_syn: float, released_at: float | None = None) -> Pending:
+    p = Pending(pkt=object(), server=None, dst=("10.0.0.1", 80), t_syn=t_syn, tried_mptcp=True, client_ip=1)
+    if released_at is not None:
+        p.release()
+        p.ready_at = released_at
+    return p
+
+
+def conn(connecting=False, t_accept=0.0, last=0.0, prefix=b"", sent=0):
+    return NS(connecting=connecting, t_accept=t_accept, last=last, down=NS(prefix=prefix), up=NS(bytes=sent))
+
+
+def test_held_syn_times_out_after_connect_timeout_only():
+    p = pending(t_syn=100.0)
+    assert due(T, 109.9, {"a": p}, []).server_silent == []
+    assert due(T, 110.1, {"a": p}, []).server_silent == [("a", p)]
+    assert p.state is PendingState.HELD
+
+
+def test_released_syn_waits_for_the_handshake_timeout_from_its_release():
+    p = pending(t_syn=100.0, released_at=101.0)
+    d = due(T, 115.5, {"a": p}, [])
+    assert d.client_silent == [] and d.server_silent == []       # 14.5 s since release
+    assert due(T, 116.5, {"a": p}, []).client_silent == [("a", p)]
+
+
+def test_accepted_connection_waiting_for_its_server():
+    c = conn(connecting=True, t_accept=50.0, last=0.0)
+    assert due(T, 59.0, {}, [c]).connect_after_accept == []
+    d = due(T, 61.0, {}, [c])
+    assert d.connect_after_accept == [c] and d.idle == []        # connecting: not "idle"
+
+
+def test_idle_and_lone_answers():
+    quiet = conn(last=0.0)
+    answer = conn(last=999.9, prefix=b"\x01\x02\x00\x00")
+    d = due(T, 1000.0, {}, [quiet, answer])
+    assert d.idle == [quiet] and d.lone_answers == []            # the answer waited 0.1 s only
+    assert due(T, 1000.3, {}, [answer]).lone_answers == [answer]
+    asked = conn(last=999.9, prefix=b"\x01\x02\x00\x00", sent=80)     # it sent a request: wait for the reply
+    assert due(T, 1005.0, {}, [asked]).lone_answers == []
+    assert due(Timeouts(10, 15, 0), 10_000.0, {}, [quiet]).idle == []   # idle timeout 0: never
+
+
+def test_greetings_time_out_after_the_handshake_timeout():
+    g = NS(t=10.0)
+    assert due(T, 24.0, {}, [], [g]).greetings == []
+    assert due(T, 26.0, {}, [], [g]).greetings == [g]
+
+
+def test_hand_over_only_what_another_worker_held():
+    workers = 4
+    addr = ("10.0.1.1", 0x1234)
+    owner = worker_of_port(addr[1], workers)
+    other = (owner + 1) % workers
+    assert owner_elsewhere(addr, owner, workers, True, held=None) is None          # ours
+    assert owner_elsewhere(addr, other, workers, True, held=None) == owner        # theirs
+    assert owner_elsewhere(addr, other, workers, True, held={addr}) == owner      # theirs, and held
+    assert owner_elsewhere(addr, other, workers, True, held=set()) is None        # not held: serve here
+    assert owner_elsewhere(addr, other, workers, False, held=None) is None        # no SYN is queued
+    assert owner_elsewhere(addr, 0, 1, True, held=None) is None                   # one worker
