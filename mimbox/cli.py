@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--convert", action="store_true",
                    help="RFC 8803 instead of DST_OPT: each connect() becomes a TCP Fast Open SYN to the converter "
                         "carrying a Convert message (LD_PRELOAD shim; no BPF, no cgroup)")
+    c.add_argument("--no-fastopen", action="store_true",
+                   help="with --convert: send the Convert message right after the handshake, not in the SYN")
     c.add_argument("--skip", action="append", default=[], metavar="ADDR", help="destinations never redirected")
     c.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
@@ -204,7 +206,8 @@ def cmd_client(a) -> int:
         return 2
     if a.convert:
         from mimbox.client import run_converted
-        return run_converted(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
+        return run_converted(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip),
+                             fastopen=not a.no_fastopen)
     return run_redirected(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
 
 

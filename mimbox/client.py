@@ -132,7 +132,8 @@ def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, sk
             return p.wait()
 
 
-def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
+def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = (),
+                  fastopen: bool = True) -> int:
     """`mimbox client --convert`: run cmd with its connections sent through an RFC 8803 converter
     (native/convertize.c: connect() becomes a TFO SYN carrying a Convert message; the converter's
     answer is taken off the stream before the program reads); return its exit code.
@@ -142,9 +143,11 @@ def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, ski
     if not CONVERTIZE.exists():
         raise RuntimeError(f"{CONVERTIZE} is not built: run `invoke build`")
     with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
-        if not int(f.read()) & 1:
-            raise RuntimeError("TCP Fast Open is off for clients here: sysctl -w net.ipv4.tcp_fastopen=1")
-    env = dict(os.environ, MIMBOX_CONVERT_VIA=f"{via[0]}:{via[1]}", MIMBOX_CONVERT_SKIP=",".join(skip))
+        if fastopen and not int(f.read()) & 1:
+            raise RuntimeError("TCP Fast Open is off for clients here: sysctl -w net.ipv4.tcp_fastopen=1 "
+                               "(or --no-fastopen)")
+    env = dict(os.environ, MIMBOX_CONVERT_VIA=f"{via[0]}:{via[1]}", MIMBOX_CONVERT_SKIP=",".join(skip),
+               MIMBOX_CONVERT_FASTOPEN="1" if fastopen else "0")
     preload = [str(CONVERTIZE), *([str(MPTCPIZE)] if mptcp else []), env.get("LD_PRELOAD", "")]
     env["LD_PRELOAD"] = " ".join(x for x in preload if x)
     p = subprocess.Popen(cmd, env=env)

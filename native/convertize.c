@@ -8,7 +8,9 @@
  * its byte stream: the first read()/recv()/recvfrom() of such a socket consume it; an Error TLV
  * fails that read with ECONNREFUSED (errno) and MIMBOX_CONVERT_DEBUG=1 prints its code.
  * Destinations in MIMBOX_CONVERT_SKIP (comma-separated IPv4 addresses), loopback and the converter
- * itself are connected to directly. Wire format: mimbox/convert.py (RFC 8803 §4). */
+ * itself are connected to directly. MIMBOX_CONVERT_FASTOPEN=0 sends the message right after the
+ * handshake instead (one round trip later; see README on MPTCP with SYN data on Linux 6.18).
+ * Wire format: mimbox/convert.py (RFC 8803 §4). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -49,6 +51,7 @@ static struct sockaddr_in via;
 static int via_ok = -1;
 static in_addr_t skip[32];
 static int nskip;
+static int fastopen = 1;
 
 static int (*real_connect)(int, const struct sockaddr *, socklen_t);
 static ssize_t (*real_read)(int, void *, size_t);
@@ -85,6 +88,8 @@ static void init(void)
 	if (inet_pton(AF_INET, host, &via.sin_addr) != 1)
 		return;
 	via_ok = 1;
+	const char *f = getenv("MIMBOX_CONVERT_FASTOPEN");
+	fastopen = !(f && f[0] == '0');
 	const char *s = getenv("MIMBOX_CONVERT_SKIP");
 	while (s && *s && nskip < 32) {
 		char a[32];
@@ -143,11 +148,19 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 	m[18] = m[19] = 0xff;
 	memcpy(m + 20, &dst->sin_addr, 4);
 	int one = 1;
+	int nonblocking = fcntl(fd, F_GETFL) & O_NONBLOCK;
+	if (!fastopen) {
+		int r = real_connect(fd, (const struct sockaddr *)&via, sizeof(via));
+		if (r == 0 || errno == EINPROGRESS) {
+			c->state = SEND_MSG;	/* the message goes before the program's first bytes */
+			c->have = 0;
+		}
+		return r;
+	}
 	setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &one, sizeof(one));
 	ssize_t n = real_sendto(fd, m, CONNECT_LEN, MSG_FASTOPEN | MSG_NOSIGNAL,
 				(const struct sockaddr *)&via, sizeof(via));
 	int err = errno;
-	int nonblocking = fcntl(fd, F_GETFL) & O_NONBLOCK;
 	if (n == CONNECT_LEN) {
 		c->state = READ_REPLY;
 		debug("Connect in the SYN, bytes", fd, (int)n);

@@ -226,3 +226,21 @@ def test_unchanged_programs_through_convert_client(paper_tb, conv_open, tool):
         report = json.loads(out[out.index("{"):])
         assert report["end"]["sum_received"]["bytes"] > 0, out[-500:]
     assert accepted >= 1, (accepted, out[-500:])
+
+
+def test_message_after_the_handshake_without_fastopen(paper_tb, conv_open):
+    """`--no-fastopen`: the SYN carries no data (the kernel's TFO counter does not move) and the
+    Convert message leads the first bytes; a 256 KB download still arrives whole."""
+    from experiments import servers
+    srv = servers.nginx(paper_tb, [262144], 8081)
+    try:
+        before = tfo_passive(paper_tb)
+        argv = [PY, "-m", "mimbox.cli", "client", "--convert", "--no-fastopen", "--mptcp", "--via",
+                f"{paper_tb.mbox_client_ip}:{conv_open.port}", "--", "curl", "-sS", "-o", "/dev/null", "-w",
+                "%{http_code} %{size_download}", f"http://{paper_tb.server_ip}:8081/262144.bin"]
+        out = paper_tb.client.cmd(shlex.join(argv))
+        after = tfo_passive(paper_tb)
+    finally:
+        srv.stop()
+    assert out.strip().endswith("200 262144"), out
+    assert after == before, "the SYN carried data"
