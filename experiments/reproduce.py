@@ -17,12 +17,14 @@ from experiments import (
     profile,
     report,
     scaleout,
+    tfostall,
     workload,
 )
 from experiments.common import progress
 
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
-           "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout}
+           "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
+           "tfostall": tfostall}
 
 
 def main(argv=None) -> int:
