@@ -122,14 +122,18 @@ def remove_stale_groups(root: Path) -> None:
 def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
     """`mimbox client`: run cmd redirected through the converter; return its exit code."""
     with ClientRedirect(via, skip) as cr:
-        p = cr.popen(cmd, mptcp=mptcp)
-        # SIGTERM goes to the program; we wait for it and then remove the cgroup and programs
-        signal.signal(signal.SIGTERM, lambda *_: p.send_signal(signal.SIGTERM))
-        try:
-            return p.wait()
-        except KeyboardInterrupt:
-            p.send_signal(signal.SIGINT)
-            return p.wait()
+        # we wait for the program and then remove the cgroup and programs
+        return _wait_passing_signals(cr.popen(cmd, mptcp=mptcp))
+
+
+def _wait_passing_signals(p: subprocess.Popen) -> int:
+    """Wait for the program; SIGTERM and Ctrl-C are passed on to it, not acted on here."""
+    signal.signal(signal.SIGTERM, lambda *_: p.send_signal(signal.SIGTERM))
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        p.send_signal(signal.SIGINT)
+        return p.wait()
 
 
 def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = (),
@@ -150,10 +154,4 @@ def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, ski
                MIMBOX_CONVERT_FASTOPEN="1" if fastopen else "0")
     preload = [str(CONVERTIZE), *([str(MPTCPIZE)] if mptcp else []), env.get("LD_PRELOAD", "")]
     env["LD_PRELOAD"] = " ".join(x for x in preload if x)
-    p = subprocess.Popen(cmd, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: p.send_signal(signal.SIGTERM))
-    try:
-        return p.wait()
-    except KeyboardInterrupt:
-        p.send_signal(signal.SIGINT)
-        return p.wait()
+    return _wait_passing_signals(subprocess.Popen(cmd, env=env))

@@ -53,7 +53,7 @@ def test_fig5_workload_tiny(mptcp_ok, tmp_results):
     one_each = {"router", "mimbox", "haproxy-1t", f"mimbox-{n}w", f"haproxy-{n}t", "squid"}
     assert set(df[df.regime == "end-host-bound"].system) == one_each
     assert set(df[df.regime == "converter-bound"].system) == one_each | {
-        "mimbox-static", "haproxy-1t-tcp", "splice", "read/write"}
+        "mimbox-static", "mimbox-convert", "haproxy-1t-tcp", "splice", "read/write"}
     assert (df.req_per_s > 0).all() and (df.non_2xx == 0).all()
     assert df[df.system != "router"].cpu_us_per_req.gt(0).all()
     man = json.loads((tmp_results / workload.NAME / "manifest.json").read_text())
