@@ -304,7 +304,7 @@ def reliability() -> str:
     r = json.loads(path.read_text())
     t = r.get("tests", {})
     row = {"bytes compared (counted by the transfer helper)": f"{r.get('bytes_compared', 0):,}",
-           "faults injected": r.get("faults", 0), "inputs fuzzed": f"{r.get('inputs', 0):,}",
+           "faults injected": f"{r.get('faults', 0):,}", "inputs fuzzed": f"{r.get('inputs', 0):,}",
            "tests passed": t.get("passed", 0), "failed": t.get("failed", 0) + t.get("error", 0),
            "skipped": t.get("skipped", 0), "seed": r.get("seed")}
     text = _md(pd.DataFrame([row]))
