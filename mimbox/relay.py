@@ -647,6 +647,7 @@ class Relay:
             if msg is None:
                 return
             converting.check_cookie(msg, self.cfg.listener.convert_cookie)
+            converting.check_options(msg)
         except convert.ConvertError as e:
             self._answer_greeting(g, convert.error_reply(e.code))
             self.stats.refused[Cause.BAD_OPTION.value] += 1

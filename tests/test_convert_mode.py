@@ -82,6 +82,8 @@ def test_syn_data_carries_message_and_application_bytes(paper_tb, conv):
     ("the converter itself", convert.connect_message("10.0.1.2", 7800), Error.NOT_AUTHORIZED),
     ("nobody listens", convert.connect_message("10.0.101.1", 9999), Error.CONNECTION_RESET),
     ("no route", convert.connect_message("10.0.101.99", 9000), Error.DESTINATION_UNREACHABLE),
+    ("TCP option asked", convert.connect_message("10.0.101.1", 9000, tcp_options=bytes([2, 4, 5, 0xB4])),
+     Error.UNSUPPORTED_TCP_OPTION),
 ])
 def test_each_error_on_the_wire(paper_tb, conv, name, message, code):
     """Each refusal is an Error TLV with the RFC's code at the start of the stream, then its end."""

@@ -64,6 +64,14 @@ class Greeting:
         return self.buf[msg.length:] if msg else b""
 
 
+def check_options(msg: Message) -> None:
+    """Raise ConvertError when the Connect TLV asks for TCP options towards the server: this
+    converter lets its kernel choose them (only padding, EOL and NOP, is accepted)."""
+    asked = msg.tcp_options.rstrip(b"\0").replace(b"\1", b"")
+    if asked:
+        raise ConvertError(Error.UNSUPPORTED_TCP_OPTION, f"TCP option kind {asked[0]} requested")
+
+
 def check_cookie(msg: Message, required: bytes | None) -> None:
     """Raise ConvertError when the converter requires a cookie the message lacks or gets wrong."""
     if required is None:

@@ -105,3 +105,17 @@ def test_fuzz_parser_raises_only_its_own_error():
     assert all(outcomes.values()), outcomes          # every outcome was reached
     import ledger
     ledger.add(inputs=100_000)
+
+
+def test_every_refusal_cause_has_its_error():
+    """What a client is told for each cause the converter refuses with (Network Failure for a server
+    error that is neither a refusal, an unreachable network nor a timeout)."""
+    from mimbox.redirect.convert import ERROR_OF_CAUSE, check_options, error_for
+    from mimbox.synpath import Cause
+    assert set(ERROR_OF_CAUSE) == set(Cause)
+    assert convert.parse_reply(error_for(Cause.SERVER_ERROR)).error is Error.NETWORK_FAILURE
+    assert convert.parse_reply(error_for(Cause.CONNECTION_LIMIT)).error is Error.RESOURCE_EXCEEDED
+    check_options(convert.parse(convert.connect_message("10.0.0.1", 80, tcp_options=b"\1\1\0\0")))  # padding only
+    with pytest.raises(ConvertError) as e:
+        check_options(convert.parse(convert.connect_message("10.0.0.1", 80, tcp_options=bytes([8, 10, 0, 0]))))
+    assert e.value.code is Error.UNSUPPORTED_TCP_OPTION
