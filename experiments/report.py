@@ -254,7 +254,7 @@ def scaleout() -> str:
     eff = f.get("efficiency", {})
     t = pd.DataFrame({"converters": g.index.astype(int), "req/s": g.req_s.round(0).astype(int),
                       "ideal N × (N=1)": (g.index * g.req_s.get(1, float("nan"))).round(0).astype(int),
-                      "efficiency": [eff.get(str(n), eff.get(n, "—")) for n in g.index],
+                      "efficiency": [eff.get(str(int(n)), "—") for n in g.index],
                       "µs CPU/req": g.cpu.round(0).astype(int), "joins": g.joins.astype(int),
                       "joins without token": g.lost.astype(int), "joins refused by the kernel": g.rejected.astype(int),
                       "busiest converter's share": g.busiest.round(2)})

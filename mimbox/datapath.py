@@ -46,15 +46,23 @@ class Direction:
         self.prefix = b""
 
 
+def write_prefixed(d: Direction, data=b"") -> None:
+    """Write a direction's prefix with `data` behind it, in one write (the prefix is set before any
+    relayed byte, so nothing is buffered yet); what dst does not take is kept like a short write."""
+    out, plen = d.prefix + bytes(data), len(d.prefix)
+    d.prefix = b""
+    try:
+        w = os.write(d.dst, out)
+    except BlockingIOError:
+        w = 0
+    d.bytes += max(0, w - plen)
+    if w < len(out):
+        d.buf, d.off, d.buffered = out[w:], 0, len(out) - w
+
+
 def flush_prefix(d: Direction) -> None:
     """Write a direction's prefix now, alone (its source stayed silent, or ended)."""
-    p, d.prefix = d.prefix, b""
-    try:
-        n = os.write(d.dst, p)
-    except BlockingIOError:
-        n = 0
-    if n < len(p):       # only on a full fresh socket: keep the rest in front of the next bytes
-        d.buf, d.off, d.buffered = p[n:] + (d.buf[d.off:] if d.buf else b""), 0, len(p) - n + d.buffered
+    write_prefixed(d)
 
 
 class PipePool:
@@ -197,17 +205,19 @@ class DataPath:
                     d.eof = True
                     continue
                 conn.last = time.monotonic()
-                out = buf[:n]
-                if d.prefix:      # the converter's own bytes first, in the same segment
-                    out, d.prefix = d.prefix + bytes(out), b""
-                try:
-                    w = write(d.dst, out)
-                except BlockingIOError:
-                    w = 0
-                d.bytes += w - (len(out) - n) if w >= len(out) - n else 0
-                if w < len(out):
-                    d.buf, d.off, d.buffered = bytes(out[w:]), 0, len(out) - w
-                    return        # dst full: EPOLLOUT on dst resumes us
+                if d.prefix:      # once, convert mode: the converter's answer in the same segment
+                    write_prefixed(d, buf[:n])
+                    if d.buffered:
+                        return    # dst full: EPOLLOUT on dst resumes us
+                else:
+                    try:
+                        w = write(d.dst, buf[:n])
+                    except BlockingIOError:
+                        w = 0
+                    d.bytes += w
+                    if w < n:
+                        d.buf, d.off, d.buffered = bytes(buf[w:n]), 0, n - w
+                        return    # dst full: EPOLLOUT on dst resumes us
                 if n < size and not drain:
                     return        # a short read emptied src: its next bytes raise a new edge
         except OSError as e:

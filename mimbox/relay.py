@@ -667,11 +667,7 @@ class Relay:
 
     def _answer_greeting(self, g: converting.Greeting, reply: bytes) -> None:
         """Answer a client that gets no connection (Error, or Supported TCP Extensions), then close."""
-        try:
-            g.sock.send(reply)
-            g.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        converting.answer_and_end(g.sock, reply)
         self._drop_greeting(g)
 
     def _drop_greeting(self, g: converting.Greeting) -> None:
@@ -698,7 +694,7 @@ class Relay:
             return
         now = time.monotonic()
         conn.connecting = False
-        if conn.reply is not None and not self._send_convert_reply(conn):
+        if conn.reply is not None and not self._start_converted(conn):
             return
         self.stats.server_connected(now - conn.t_syn)
         if conn.tried_mptcp:
@@ -709,7 +705,7 @@ class Relay:
         if ev & select.EPOLLIN and not conn.closed:
             self.pump(conn, conn.down)    # later server bytes raise their own edge
 
-    def _send_convert_reply(self, conn: Connection) -> bool:
+    def _start_converted(self, conn: Connection) -> bool:
         """Convert mode, server connected: the client's early bytes to the server (they fit a fresh
         socket; a short write is a failure, not a truncation), and the client's answer queued in
         front of the server's first bytes: one segment, so that an event-driven client is not woken
@@ -735,11 +731,7 @@ class Relay:
         if conn.reply is None:
             self._close(conn, reset=True)
             return
-        try:
-            conn.client.send(converting.error_for(cause))
-            conn.client.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        converting.answer_and_end(conn.client, converting.error_for(cause))
         self._close(conn)
 
     def _count_server(self, conn: Connection) -> None:
@@ -753,11 +745,7 @@ class Relay:
         self.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
                                      + (f": {detail})" if detail else ")"))
         if self.cfg.listener.mode == "convert":     # RFC 8803: an Error TLV says why, then the stream ends
-            try:
-                cs.send(converting.error_for(cause))
-                cs.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            converting.answer_and_end(cs, converting.error_for(cause))
             cs.close()
             return
         self._reset(cs)
@@ -838,8 +826,7 @@ class Relay:
     def _sweep(self, now: float) -> None:
         """Once a second: act on what waited too long (mimbox.timers decides what that is)."""
         t = self.timeouts
-        d = due(t, now, self.pending, {id(c): c for c, _ in self.conns.values()}.values(),
-                self.greetings.values())
+        d = due(t, now, self.pending, self._connections(), self.greetings.values())
         for key, p in d.server_silent:
             self.stats.errors["server connect timeout"] += 1
             self._refuse_pending(key, p, Cause.SERVER_TIMEOUT, f"server {p.dst[0]}:{p.dst[1]}: no answer in {t.connect:g}s")
@@ -861,8 +848,12 @@ class Relay:
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
 
+    def _connections(self) -> list[Connection]:
+        """Each open connection once (self.conns holds it under both of its sockets)."""
+        return [c for c, is_client in self.conns.values() if is_client]
+
     def snapshot(self, connections: bool = True) -> dict:
-        conns = {id(c): c for c, _ in self.conns.values()}.values()
+        conns = self._connections()
         extra = {"active": len(conns), "pending": len(self.pending), "limit": self.admission.limit,
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,

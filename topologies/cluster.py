@@ -26,29 +26,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-
 from mininet.topo import Topo
 
 from topologies.testbed import HOST_SYSCTLS, Addr, Testbed
 
 VIP = "10.255.0.1"
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Link k between a host and the front router: subnet 10.0.<n>.0/24, .1 the host, .2 the router."""
-    n: int
-    host_intf: str
-    router_intf: str
-
-    @property
-    def host_ip(self) -> str:
-        return f"10.0.{self.n}.1"
-
-    @property
-    def router_ip(self) -> str:
-        return f"10.0.{self.n}.2"
+GROUP = 1000                                     # the VIP's nexthop group
+RESILIENT = "type resilient buckets 128"         # kept on every rewrite of the group (health check too)
 
 
 class ClusterTopo(Topo):
@@ -56,6 +40,7 @@ class ClusterTopo(Topo):
 
     def build(self, n: int = 3, client_bw: float | None = None):
         """Hosts `client`, `front`, `conv1`..`convN`, `server`; one link per client path and per host.
+        Each link is a testbed `Addr` whose middle end (.2, `mbox_ip`) is the front router.
         client_bw (Mbit/s, each direction of each client path) makes transfers last, e.g. to fail
         a converter in their middle."""
         if not 1 <= n <= 50:
@@ -71,17 +56,17 @@ class ClusterTopo(Topo):
             self.addLink(client, front, intfName1=a.intf_outer, intfName2=a.intf_mbox,
                          params1={"ip": a.outer_ip + "/24", **shape}, params2={"ip": a.mbox_ip + "/24", **shape})
             port += 1
-        self.server_seg = Segment(101, "server-eth0", f"front-eth{port}")
-        self.addLink(server, front, intfName1=self.server_seg.host_intf, intfName2=self.server_seg.router_intf,
-                     params1={"ip": self.server_seg.host_ip + "/24"}, params2={"ip": self.server_seg.router_ip + "/24"})
+        self.server_addr = Addr(101, "server-eth0", f"front-eth{port}")
+        self.addLink(server, front, intfName1=self.server_addr.intf_outer, intfName2=self.server_addr.intf_mbox,
+                     params1={"ip": self.server_addr.outer_ip + "/24"}, params2={"ip": self.server_addr.mbox_ip + "/24"})
         port += 1
-        self.instance_segs = []
+        self.instance_addrs = []
         for k in range(n):
-            s = Segment(201 + k, f"conv{k + 1}-eth0", f"front-eth{port}")
-            self.instance_segs.append(s)
+            s = Addr(201 + k, f"conv{k + 1}-eth0", f"front-eth{port}")
+            self.instance_addrs.append(s)
             conv = self.addHost(f"conv{k + 1}", ip=None)
-            self.addLink(conv, front, intfName1=s.host_intf, intfName2=s.router_intf,
-                         params1={"ip": s.host_ip + "/24"}, params2={"ip": s.router_ip + "/24"})
+            self.addLink(conv, front, intfName1=s.intf_outer, intfName2=s.intf_mbox,
+                         params1={"ip": s.outer_ip + "/24"}, params2={"ip": s.mbox_ip + "/24"})
             port += 1
 
 
@@ -135,11 +120,11 @@ class ClusterTestbed(Testbed):
 
     def instance_ip(self, k: int) -> str:
         """Converter k's own (unicast) address: the one it announces for joins."""
-        return self.topo.instance_segs[k].host_ip
+        return self.topo.instance_addrs[k].outer_ip
 
     @property
     def server_ip(self) -> str:
-        return self.topo.server_seg.host_ip
+        return self.topo.server_addr.outer_ip
 
     @property
     def mbox_client_ip(self) -> str:
@@ -161,12 +146,12 @@ class ClusterTestbed(Testbed):
         self.client.cmd("ip mptcp limits set subflow 2 add_addr_accepted 2")
         self.client.cmd(f"ip mptcp endpoint add {self.topo.client_addrs[1].outer_ip} "
                         f"dev {self.topo.client_addrs[1].intf_outer} subflow fullmesh")
-        seg = self.topo.server_seg
-        self.server.cmd(f"ip route replace default via {seg.router_ip} dev {seg.host_intf}")
+        a = self.topo.server_addr
+        self.server.cmd(f"ip route replace default via {a.mbox_ip} dev {a.intf_outer}")
         for k, conv in enumerate(self.converters):
-            s = self.topo.instance_segs[k]
+            s = self.topo.instance_addrs[k]
             conv.cmd(f"ip addr add {VIP}/32 dev lo")
-            conv.cmd(f"ip route replace default via {s.router_ip} dev {s.host_intf}")
+            conv.cmd(f"ip route replace default via {s.mbox_ip} dev {s.intf_outer}")
             if self.cluster_pm:
                 self.configure_pm(k)
             else:
@@ -186,19 +171,18 @@ class ClusterTestbed(Testbed):
         where the kernel has them."""
         front = self.front
         self.nexthop_ids = []
-        for k, s in enumerate(self.topo.instance_segs[:members]):
+        for k, s in enumerate(self.topo.instance_addrs[:members]):
             nh = 1 + k
-            front.cmd(f"ip nexthop replace id {nh} via {s.host_ip} dev {s.router_intf}")
+            front.cmd(f"ip nexthop replace id {nh} via {s.outer_ip} dev {s.intf_mbox}")
             self.nexthop_ids.append(nh)
         members = "/".join(map(str, self.nexthop_ids))
         out = ""
         if self.resilient:
-            out = front.cmd(f"ip nexthop replace id 1000 group {members} type resilient buckets 128 "
-                            "idle_timer 0 2>&1")
+            out = front.cmd(f"ip nexthop replace id {GROUP} group {members} {RESILIENT} 2>&1")
         if not self.resilient or out.strip():
             self.resilient = False   # an older kernel: plain hash-threshold multipath
-            front.cmd(f"ip nexthop replace id 1000 group {members} 2>&1")
-        out = front.cmd(f"ip route replace {VIP}/32 nhid 1000 2>&1")
+            front.cmd(f"ip nexthop replace id {GROUP} group {members} 2>&1")
+        out = front.cmd(f"ip route replace {VIP}/32 nhid {GROUP} 2>&1")
         if out.strip():
             raise RuntimeError(f"front: VIP route: {out.strip()}")
 
@@ -206,23 +190,23 @@ class ClusterTestbed(Testbed):
         """Transparent mode: the client's traffic towards the server takes the VIP's ECMP group
         too (policy routing on the front router), so converters on the path can intercept it."""
         for a in self.topo.client_addrs:
-            self.front.cmd(f"ip rule add iif {a.intf_mbox} to {self.topo.server_seg.host_ip}/32 table 100")
-        out = self.front.cmd(f"ip route replace {self.topo.server_seg.host_ip}/32 nhid 1000 table 100 2>&1")
+            self.front.cmd(f"ip rule add iif {a.intf_mbox} to {self.topo.server_addr.outer_ip}/32 table 100")
+        out = self.front.cmd(f"ip route replace {self.topo.server_addr.outer_ip}/32 nhid {GROUP} table 100 2>&1")
         if out.strip():
             raise RuntimeError(f"front: steering route: {out.strip()}")
 
     def unsteer(self) -> None:
         """Undo steer_through_converters()."""
         for a in self.topo.client_addrs:
-            self.front.cmd(f"ip rule del iif {a.intf_mbox} to {self.topo.server_seg.host_ip}/32 table 100")
+            self.front.cmd(f"ip rule del iif {a.intf_mbox} to {self.topo.server_addr.outer_ip}/32 table 100")
         self.front.cmd("ip route flush table 100")
 
     def watch(self, health_port: int, interval: float = 0.05) -> None:
         """Run the front tier's health check (topologies/healthcheck.py) on the converters'
         `--health-port`: one that stops answering leaves the VIP's group."""
-        group_args = "type resilient buckets 128" if self.resilient else ""
+        group_args = RESILIENT if self.resilient else ""
         members = [f"--member={nh}={self.instance_ip(k)}" for k, nh in enumerate(self.nexthop_ids)]
-        self.checker = self.front.popen([sys.executable, "-m", "topologies.healthcheck", "--group", "1000",
+        self.checker = self.front.popen([sys.executable, "-m", "topologies.healthcheck", "--group", str(GROUP),
                                          "--group-args", group_args, "--port", str(health_port),
                                          "--interval", str(interval), *members],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -240,7 +224,7 @@ class ClusterTestbed(Testbed):
         conv = self.converter(k)
         kill_namespace_processes(conv)
         if power_off:
-            conv.cmd(f"ip link set {self.topo.instance_segs[k].host_intf} down")
+            conv.cmd(f"ip link set {self.topo.instance_addrs[k].intf_outer} down")
         nh = self.nexthop_ids[k]
         while not self._nexthop_gone(nh):
             if time.monotonic() - t0 > 10:
@@ -249,7 +233,7 @@ class ClusterTestbed(Testbed):
         return time.monotonic() - t0
 
     def _nexthop_gone(self, nh: int) -> bool:
-        group = self.front.cmd("ip nexthop show id 1000")
+        group = self.front.cmd(f"ip nexthop show id {GROUP}")
         members = group.split("group", 1)[1].split()[0] if "group" in group else ""
         return str(nh) not in members.split("/")
 

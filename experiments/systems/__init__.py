@@ -177,6 +177,7 @@ class MiMBox(System):
         self.name = "mimbox" + ("" if mode == "explicit" else f"-{mode}") + (f"-{engine}" if engine else "") \
             + (f"-{syn_path}" if syn_path else "") + (f"-{workers}w" if workers else "")
         self.loops = workers or 1
+        self.fastopen = True      # convert mode: the Convert message in the SYN's data (TFO)
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
@@ -211,6 +212,7 @@ class MiMBox(System):
         if self.mode in ("explicit", "convert"):
             return [PY, "-m", "mimbox.cli", "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
                     *(["--convert"] if self.mode == "convert" else []),
+                    *(["--no-fastopen"] if self.mode == "convert" and not self.fastopen else []),
                     *(["--mptcp"] if mptcp else []), "--", *argv]
         return super().client_argv(tb, argv, mptcp)
 

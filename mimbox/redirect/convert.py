@@ -44,24 +44,32 @@ def error_for(cause: Cause) -> bytes:
 
 class Greeting:
     """An accepted client whose Convert message is (partly) still on its way."""
-    __slots__ = ("sock", "addr", "buf", "t")
+    __slots__ = ("sock", "addr", "buf", "t", "msg")
 
     def __init__(self, sock: socket.socket, addr, now: float):
-        self.sock, self.addr, self.buf, self.t = sock, addr, b"", now
+        self.sock, self.addr, self.buf, self.t, self.msg = sock, addr, b"", now, None
 
     def feed(self, data: bytes) -> Message | None:
         """Add bytes; the message once complete (None before); ConvertError for a bad one."""
         self.buf += data
-        msg = convert.parse(self.buf)
-        if msg is None and len(self.buf) >= convert.MAX_MESSAGE:
+        self.msg = convert.parse(self.buf)
+        if self.msg is None and len(self.buf) >= convert.MAX_MESSAGE:
             raise ConvertError(Error.MALFORMED_MESSAGE, f"no complete message in {len(self.buf)} bytes")
-        return msg
+        return self.msg
 
     @property
     def early_data(self) -> bytes:
         """The application's bytes that came after the message (for the server, first)."""
-        msg = convert.parse(self.buf)
-        return self.buf[msg.length:] if msg else b""
+        return self.buf[self.msg.length:] if self.msg else b""
+
+
+def answer_and_end(sock: socket.socket, reply: bytes) -> None:
+    """Send a client the converter's Convert message and end the stream (FIN); it may be gone."""
+    try:
+        sock.send(reply)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def check_options(msg: Message) -> None:
