@@ -39,7 +39,7 @@ _STATE_BYTES = 8               # we read only the head of each tcp_info (tcpi_st
 TCP_ESTABLISHED = 1
 
 
-def subflows(sock: socket.socket, max_subflows: int = 8) -> int:
+def subflows(sock: socket.socket | int, max_subflows: int = 8) -> int:
     """Established subflows of an MPTCP connection (1 for TCP or fallback).
 
     Counts the per-subflow tcp_info states from MPTCP_TCPINFO: MPTCP_INFO's counters include
@@ -48,7 +48,8 @@ def subflows(sock: socket.socket, max_subflows: int = 8) -> int:
     size = _SFD.size + max_subflows * _STATE_BYTES
     buf = ctypes.create_string_buffer(_SFD.pack(_SFD.size, 0, 0, _STATE_BYTES) + bytes(size - _SFD.size), size)
     optlen = ctypes.c_uint32(size)
-    if _libc.getsockopt(sock.fileno(), SOL_MPTCP, MPTCP_TCPINFO, buf, ctypes.byref(optlen)) != 0:
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    if _libc.getsockopt(fd, SOL_MPTCP, MPTCP_TCPINFO, buf, ctypes.byref(optlen)) != 0:
         return 1
     _, n, _, user = _SFD.unpack_from(buf.raw)
     step = user or _STATE_BYTES

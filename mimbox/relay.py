@@ -13,13 +13,16 @@ kernel; at accept() the destination comes from the BPF recorder (explicit: mimbo
 TPROXY or the configuration, the policy is checked and the server connected; a failure resets the
 client before any byte is relayed.
 
-Then bytes move both ways through mimbox.datapath (copy, then splice for bulk); each direction's
-EOF becomes a shutdown(SHUT_WR) on the other side; a reset on one side becomes a reset on the
-other; both done -> both closed.
+From accept() on, a connection is the core's (mimbox.core, in C): it accepts, and where the
+destination, the policy's verdict and the admission are known without Python (static,
+transparent, explicit with the BPF recorder; a pair already allowed) it connects to the server
+itself; then it moves bytes both ways (copy, then splice for bulk), turns each direction's EOF into
+a shutdown(SHUT_WR) on the other side and a reset on one side into a reset on the other, and closes
+both when both are done. What it cannot decide comes back here as an event.
 """
 from __future__ import annotations
 
-import enum
+import ctypes
 import errno
 import logging
 import os
@@ -34,7 +37,26 @@ from netfilterqueue import COPY_PACKET, NetfilterQueue
 
 from mimbox import convert, handover, mptcp
 from mimbox.config import Config
-from mimbox.datapath import PIPE_POOL, DataPath, Direction, flush_prefix
+from mimbox.core import (
+    DST_PYTHON,
+    DST_RECORDER,
+    DST_STATIC,
+    DST_TRANSPARENT,
+    ENGINES,
+    ETIME,
+    EV_ABORTED,
+    EV_ACCEPTED,
+    EV_FD,
+    EV_GIVEBACK,
+    EV_OPEN,
+    EV_REFUSED,
+    PIPE_POOL,
+    Core,
+    CoreConfig,
+    addr_of,
+    ip_n,
+    port_n,
+)
 from mimbox.dstopt import OptionError, parse_syn
 from mimbox.netfilter import REFUSE_MARK, ListenerRules
 from mimbox.redirect import convert as converting
@@ -51,23 +73,17 @@ from mimbox.synpath import (
     Pending,
     PendingState,
     RefusalLog,
-    ServerMemory,
     SynGate,
 )
 from mimbox.synrecord import SynRecorder
-from mimbox.timers import Timeouts, due
+from mimbox.timers import PREFIX_WAIT, Timeouts, due
 
 log = logging.getLogger("mimbox")
 
 IP_TRANSPARENT = 19
-EPOLLET = select.EPOLLET
-EPOLLOUT = select.EPOLLOUT
-NOT_OUT = ~select.EPOLLOUT
-WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
+WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 LINGER_RST = struct.pack("ii", 1, 0)
-# events after which a direction reads until its source is empty; after a bare EPOLLIN one read
-# that did not fill the buffer is enough (new bytes raise a new edge), which saves a failing read
-DRAIN = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
+SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, then splices
 
 
 @dataclass
@@ -134,35 +150,6 @@ def raise_fd_limit(connections: int) -> int:
     return max(1, (target - 2 * PIPE_POOL - 256) // 2)
 
 
-class Connection:
-    """A converted connection: the client's socket, the server's, and the two directions."""
-    __slots__ = ("client", "server", "up", "down", "client_addr", "dst", "t_syn", "t_accept",
-                 "last", "client_mptcp", "server_mptcp", "closed", "connecting", "tried_mptcp", "reply",
-                 "early")
-
-    def __init__(self, client: socket.socket, server: socket.socket, client_addr, dst, t_syn: float):
-        self.client, self.server = client, server
-        cfd, sfd = client.fileno(), server.fileno()
-        self.up = Direction(cfd, sfd)
-        self.down = Direction(sfd, cfd)
-        self.client_addr, self.dst = client_addr, dst
-        self.t_syn = t_syn
-        self.t_accept = self.last = time.monotonic()
-        self.client_mptcp = self.server_mptcp = False
-        self.closed = False
-        self.connecting = False       # accepted first: the server connection is still being made
-        self.tried_mptcp = False
-        self.reply = None             # convert mode: the Convert answer the client gets first ...
-        self.early = b""              # ... and its bytes that followed its message, for the server
-
-    def info(self) -> dict:
-        return {"client": "%s:%d" % self.client_addr, "server": "%s:%d" % self.dst,
-                "bytes_up": self.up.bytes, "bytes_down": self.down.bytes,
-                "client_mptcp": self.client_mptcp, "client_subflows": mptcp.subflows(self.client),
-                "server_mptcp": self.server_mptcp, "server_subflows": mptcp.subflows(self.server),
-                "age_s": round(time.monotonic() - self.t_accept, 3)}
-
-
 class Relay:
     """One listener and its event loop. `serve()` runs until SIGTERM/SIGINT, then drains.
 
@@ -183,7 +170,6 @@ class Relay:
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
         self.redirect = for_listener(lc)
-        self.servers = ServerMemory(cfg.safety.server_mptcp_retry)
         self.policy = Policy.from_config(cfg.safety)
         self.admission = admission or Admission(cfg.connection_limit())
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
@@ -201,17 +187,35 @@ class Relay:
         self.pending: dict[tuple[str, int], Pending] = {}
         self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
         self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
-        self.conns: dict[int, tuple[Connection, bool]] = {}   # fd -> (connection, is_client_side)
+        self.core: Core | None = None    # made in open(): it needs the plan's recorder
         self.stopping = False
-        self.epoll = select.epoll()
         self.rules = None
         self.listeners: list[socket.socket] = []
         self.nfq = None
         self.stats_sock = None
         self.health_sock: socket.socket | None = None
-        self.data = DataPath(bc.engine, bc.pipe_size, finish=self._finish, abort=self._abort)
-        self.pump = self.data.pump
         self.debug = log.isEnabledFor(logging.DEBUG)
+
+    def _core_config(self) -> CoreConfig:
+        """What the core decides by itself, from the configuration (mimbox.core)."""
+        lc, bc, sc = self.cfg.listener, self.cfg.buffers, self.cfg.safety
+        source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT}.get(lc.mode, DST_PYTHON)
+        if lc.mode == "explicit" and self.recorder is not None:
+            source = DST_RECORDER
+        held = self.held.slots if self.held is not None else None
+        return CoreConfig(
+            engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
+            static_addr=ip_n(lc.upstream[0]) if lc.mode == "static" else 0,
+            static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
+            recorder_fd=self.recorder.map.fd if source == DST_RECORDER else -1,
+            server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,
+            server_sndbuf=bc.server_sndbuf or 0, fd_capacity=self.fd_capacity, worker=self.worker,
+            workers=self.workers, syns_queued=int(self.queue_syns),
+            server_mptcp_retry=sc.server_mptcp_retry, connect_timeout=sc.connect_timeout,
+            idle_timeout=sc.idle_timeout, prefix_wait=PREFIX_WAIT,
+            admission=self.admission.address(), admission_limit=self.admission.limit,
+            held_slots=ctypes.addressof(held) if held is not None else None,
+            held_mask=self.held.mask if self.held is not None else 0)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -223,6 +227,7 @@ class Relay:
                 self.rules = listener_rules(self.cfg, self.plan)
             self.queue_syns = self.plan.queue
             self.recorder = self.plan.recorder
+            self.core = Core(self._core_config())
             ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
             for port in ports:
                 ls = mptcp.stream_socket(lc.client_mptcp)
@@ -240,24 +245,24 @@ class Relay:
                         ls.setsockopt(socket.SOL_SOCKET, opt, val)  # inherited by accepted sockets
                 ls.bind((lc.addr, port))
                 ls.listen(lc.backlog)
-                self.epoll.register(ls.fileno(), select.EPOLLIN)
+                self.core.listen(ls.fileno())
             if self.queue_syns:
                 self.nfq = NetfilterQueue()
                 self.nfq.bind(lc.queue_num + self.worker, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
-                self.epoll.register(self.nfq.get_fd(), select.EPOLLIN)
+                self.core.watch(self.nfq.get_fd(), select.EPOLLIN)
             for link in self.links.values():
                 link.setblocking(False)
-                self.epoll.register(link.fileno(), select.EPOLLIN)
+                self.core.watch(link.fileno(), select.EPOLLIN)
             if lc.health_port:
                 hs = self.health_sock = socket.socket(socket.AF_INET, mptcp.NONBLOCKING_STREAM)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # every worker answers
                 hs.bind(("0.0.0.0", lc.health_port))
                 hs.listen(64)
-                self.epoll.register(hs.fileno(), select.EPOLLIN)
+                self.core.watch(hs.fileno(), select.EPOLLIN)
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
-                self.epoll.register(self.stats_sock.fileno(), select.EPOLLIN)
+                self.core.watch(self.stats_sock.fileno(), select.EPOLLIN)
             if self.rules is not None:
                 self.rules.install()
         except BaseException:
@@ -277,8 +282,11 @@ class Relay:
             self.plan.close()
         for key, p in list(self.pending.items()):
             self._refuse_pending(key, p, Cause.SHUTTING_DOWN, "")
-        for conn, _ in list(self.conns.values()):
-            self._abort(conn, Cause.SHUTTING_DOWN.value)
+        if self.core is not None:
+            n = self.core.abort_all()
+            if n:
+                self.stats.errors[Cause.SHUTTING_DOWN.value] += n
+                log.info("reset %d connections: %s", n, Cause.SHUTTING_DOWN.value)
         for g in list(self.greetings.values()):
             self._drop_greeting(g)
         self.refusals.flush()
@@ -297,8 +305,9 @@ class Relay:
         self.listeners = []
         self.links = {}
         self.stats_sock = None
-        self.data.close()
-        self.epoll.close()
+        if self.core is not None:
+            self.core.close()
+            self.core = None
 
     def __enter__(self) -> "Relay":
         return self.open()
@@ -315,23 +324,21 @@ class Relay:
         try:
             self._loop(lambda: self.stopping)
             self._close_health()         # a balancer stops sending new clients here
-            log.info("stopping: no new connections, draining %d", len(self.conns) // 2)
+            log.info("stopping: no new connections, draining %d", self.core.active())
             if self.rules is not None:
                 self.rules.remove()      # new SYNs now meet a closed port (RST)
             for ls in self.listeners:
-                self.epoll.unregister(ls.fileno())
+                self.core.unwatch(ls.fileno())
                 ls.close()
             self.listeners = []
             deadline = time.monotonic() + drain_timeout
-            self._loop(lambda: not self.conns or time.monotonic() > deadline)
+            self._loop(lambda: not self.core.active() or time.monotonic() > deadline)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
 
     def _loop(self, done) -> None:
-        poll = self.epoll.poll
-        conns = self.conns
-        lfds = {ls.fileno(): ls for ls in self.listeners}
+        run = self.core.run
         qfd = self.nfq.get_fd() if self.nfq is not None else -3
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         link_fds = {s.fileno(): s for s in self.links.values()}
@@ -339,54 +346,70 @@ class Relay:
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
-                events = poll(1.0)
+                events = run(max(1, int((next_sweep - time.monotonic()) * 1000)))
             except InterruptedError:
                 continue
-            pump = self.pump
-            for fd, ev in events:
+            for ev in events:
                 try:
-                    entry = conns.get(fd)
-                    if entry is not None:
-                        conn, is_client = entry
-                        if conn.connecting:
-                            if not is_client:
-                                self._server_ready(conn, ev)
-                            continue      # client bytes wait in its socket until the server is there
-                        d_in, d_out = (conn.up, conn.down) if is_client else (conn.down, conn.up)
-                        if ev & NOT_OUT:
-                            pump(conn, d_in, ev & DRAIN)
-                        if ev & EPOLLOUT and d_out.buffered and not conn.closed:
-                            pump(conn, d_out, True)      # its destination has room again
-                    elif fd == qfd:
-                        self.nfq.run(block=False)
-                    elif fd in lfds:
-                        self._accept(lfds[fd])
-                    elif fd in self.pending_fds:
-                        self._server_connected(fd, ev)
-                    elif fd in link_fds:
-                        self._receive_handed(link_fds[fd])
-                    elif fd in self.greetings:
-                        self._on_greeting(self.greetings[fd])
-                    elif fd == sfd:
-                        self._serve_stats()
-                    elif fd == hfd:
-                        self._answer_health()
+                    kind = ev.kind
+                    if kind == EV_FD:
+                        fd = ev.fd
+                        if fd == qfd:
+                            self.nfq.run(block=False)
+                        elif fd in self.pending_fds:
+                            self._server_connected(fd, ev.events)
+                        elif fd in link_fds:
+                            self._receive_handed(link_fds[fd])
+                        elif fd in self.greetings:
+                            self._on_greeting(self.greetings[fd])
+                        elif fd == sfd:
+                            self._serve_stats()
+                        elif fd == hfd:
+                            self._answer_health()
+                    else:
+                        self._on_core_event(ev)
                 except Exception:      # one connection's bug must not stop every other one
-                    self._contain(fd)
+                    self._contain(ev)
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + 1.0
 
-    def _contain(self, fd: int) -> None:
-        """An unexpected error while serving `fd`: log it, count it, and end what it belonged to."""
-        log.exception("internal error on fd %d", fd)
+    def _on_core_event(self, ev) -> None:
+        """A connection the core hands over: to set up here, or a failure to count and log."""
+        kind = ev.kind
+        addr = addr_of(ev.caddr, ev.cport)
+        dst = addr_of(ev.daddr, ev.dport)
+        if kind == EV_ACCEPTED:            # held SYN, hand-over, convert mode, destination not known
+            cs = socket.socket(fileno=ev.fd)
+            if ev.caddr == 0:
+                self._reset(cs)
+                return
+            self._accepted(cs, addr)
+        elif kind == EV_OPEN:              # destination known, policy or admission to decide here
+            cs = socket.socket(fileno=ev.fd)
+            if dst[1] == 0 or dst[0] == "0.0.0.0":
+                self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
+                return
+            self._open_for_accepted(cs, addr, dst, time.monotonic())
+        elif kind in (EV_REFUSED, EV_GIVEBACK):   # the server connection failed (the core reset the client)
+            cause = Cause.of_errno(ev.err)
+            self.stats.refused[cause.value] += 1
+            self.refusals.refused(cause, "%s:%d -> %s:%d (after accept: %s)" % (*addr, *dst, os.strerror(ev.err)))
+            if kind == EV_GIVEBACK:        # convert mode: the client learns why from an Error TLV
+                cs = socket.socket(fileno=ev.fd)
+                converting.answer_and_end(cs, converting.error_for(cause))
+                cs.close()
+        elif kind == EV_ABORTED:
+            why = "idle timeout" if ev.err == ETIME else errno.errorcode.get(ev.err, str(ev.err))
+            log.info("reset %s:%d -> %s:%d: %s", *addr, *dst, why)
+
+    def _contain(self, ev) -> None:
+        """An unexpected error while serving an event: log it, count it, end what it belonged to."""
+        log.exception("internal error on event %d fd %d", ev.kind, ev.fd)
         self.stats.errors["internal error"] += 1
-        entry = self.conns.get(fd)
-        if entry is not None:
-            self._abort(entry[0], "internal error")
-        elif fd in self.greetings:
-            self._drop_greeting(self.greetings[fd])
+        if ev.fd in self.greetings:
+            self._drop_greeting(self.greetings[ev.fd])
 
     # -- SYN hold ----------------------------------------------------------------------------------------
     def _on_syn(self, pkt) -> None:
@@ -419,8 +442,8 @@ class Relay:
             # The kernel answers this SYN (SYN cookies if its backlog is full); the server is
             # connected only if the client completes its handshake (_connect_after_accept).
             self.stats.deferred += 1
-            if self.cfg.listener.mode == "explicit":
-                self.destinations.remember(key, dst, now)
+            if self.cfg.listener.mode == "explicit" and self.recorder is None:
+                self.destinations.remember(key, dst, now)   # else the core pops it from the recorder
             pkt.accept()
             return
         if decision == REFUSE:
@@ -434,8 +457,9 @@ class Relay:
         self.gate.hold(client_ip)
         if self.held is not None:
             self.held.add(key)
+        self.core.claim(key)         # its accept() comes back here, to be paired
         self.pending_fds[s.fileno()] = (key, p)
-        self.epoll.register(s.fileno(), WATCH)
+        self.core.watch(s.fileno(), WATCH)
 
     def _admit_and_open(self, dst: tuple[str, int], now: float, refuse) -> tuple[socket.socket, bool] | None:
         """Admit one more connection and start its server connection; or call refuse(cause, detail)
@@ -453,7 +477,7 @@ class Relay:
 
     def _capacity_refusal(self) -> tuple[Cause, str] | None:
         """None after admitting one connection, or why there is no room for it."""
-        if len(self.conns) // 2 + len(self.pending) >= self.fd_capacity:
+        if self.core.active() + len(self.pending) >= self.fd_capacity:
             return Cause.FD_LIMIT, f"{self.fd_capacity} connections per worker"
         if not self.admission.take():
             return Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections"
@@ -462,7 +486,7 @@ class Relay:
     def _open_server(self, dst: tuple[str, int], now: float) -> tuple[socket.socket, bool]:
         """A non-blocking socket connecting to `dst` (MPTCP unless the server was seen without it)."""
         bc = self.cfg.buffers
-        try_mptcp = self.cfg.listener.server_mptcp and not self.servers.tcp_only(dst, now)
+        try_mptcp = self.cfg.listener.server_mptcp and not self.core.tcp_only(dst)
         if self.cfg.listener.server_mptcp and not try_mptcp:
             self.stats.server_tcp_remembered += 1
         s = mptcp.stream_socket(try_mptcp)
@@ -495,7 +519,7 @@ class Relay:
         self.stats.server_connected(now - p.t_syn)
         if p.tried_mptcp:
             p.server_mptcp = mptcp.is_mptcp(p.server)
-            self.servers.learn(p.dst, p.server_mptcp, now)
+            self.core.learn(p.dst, p.server_mptcp)
         p.ready_at = now
         p.release().accept()              # the kernel now answers the client's SYN
 
@@ -512,26 +536,16 @@ class Relay:
             self.gate.release(p.client_ip)
             if self.held is not None:
                 self.held.discard(key)
+            self.core.claim(key, False)
         self.pending_fds.pop(p.server.fileno(), None)
-        try:
-            self.epoll.unregister(p.server.fileno())
-        except (OSError, ValueError):
-            pass
+        self.core.unwatch(p.server.fileno())
         p.server.close()
         if p.state is PendingState.HELD:
             self._refuse(p.release(), key, p.dst, cause, detail)
 
     # -- accept / pair -------------------------------------------------------------------------------
-    def _accept(self, ls: socket.socket) -> None:
-        """One connection per event: the listener is level-triggered, so epoll reports it again
-        while more wait, and no accept() ends in a failing call (an exception in Python)."""
-        try:
-            cs, addr = ls.accept()
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.stats.errors["accept " + errno.errorcode.get(e.errno, str(e.errno))] += 1
-            return
+    def _accepted(self, cs: socket.socket, addr) -> None:
+        """A client the core accepted and handed here: another worker's, or one to pair or set up."""
         owner = handover.owner_elsewhere(addr, self.worker, self.workers, self.queue_syns, self.held)
         if owner is not None:         # its SYN is held there, with its server connection
             err = handover.send(self.links[owner], cs)
@@ -565,30 +579,19 @@ class Relay:
         self.gate.release(p.client_ip)
         if self.held is not None:
             self.held.discard(addr)
-        sfd = p.server.fileno()
-        del self.pending_fds[sfd]
-        conn = Connection(cs, p.server, addr, p.dst, p.t_syn)
-        conn.server_mptcp = p.server_mptcp
-        self._start(conn)
-        self._count_server(conn)
-        # the server socket is registered since connect(); ET: pump once for data already there
-        self.pump(conn, conn.down)
-        if not conn.closed:
-            self.pump(conn, conn.up)
+        self.core.claim(addr, False)
+        del self.pending_fds[p.server.fileno()]
+        # the server socket is connected: the core relays from now on (and moves what is there)
+        self._hand_to_core(cs, p.server, addr, p.dst, p.t_syn, connecting=False, server_mptcp=p.server_mptcp)
 
-    def _start(self, conn: Connection) -> None:
-        """Count the accepted connection and watch both its sockets."""
-        st = self.stats
-        st.accepted += 1
-        conn.client_mptcp = mptcp.is_mptcp(conn.client)
-        if conn.client_mptcp:
-            st.client_mptcp += 1
-        else:
-            st.client_tcp += 1
-        cfd, sfd = conn.client.fileno(), conn.server.fileno()
-        self.conns[cfd] = (conn, True)
-        self.conns[sfd] = (conn, False)
-        self.epoll.register(cfd, WATCH)
+    def _hand_to_core(self, cs: socket.socket, s: socket.socket, addr, dst, t_syn: float, **kw) -> None:
+        cfd, sfd = cs.detach(), s.detach()
+        try:
+            self.core.add(cfd, sfd, addr, dst, t_syn, **kw)
+        except OSError as e:
+            self.stats.errors["core " + errno.errorcode.get(e.errno, str(e.errno))] += 1
+            self._reset(socket.socket(fileno=cfd))
+            os.close(sfd)
 
     def _connect_after_accept(self, cs: socket.socket, addr) -> None:
         """A client whose SYN was not held (accept or auto past the caps): find its destination,
@@ -609,27 +612,26 @@ class Relay:
                 return self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
         self._open_for_accepted(cs, addr, dst, now)
 
-    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float) -> Connection | None:
-        """Policy, admission and the server connection for an accepted client; None if refused."""
+    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes = b"",
+                           early: bytes = b"") -> None:
+        """Policy, admission and the server connection for an accepted client, then the core's;
+        refused here otherwise. An allowed pair is told to the core, which opens the next itself."""
         refusal = self.policy.refusal(addr[0], dst[0], dst[1])   # its SYN may not have been judged
         if refusal is not None:
             return self._refuse_accepted(cs, addr, dst, *refusal)
+        self.core.allow(addr[0], dst)
         opened = self._admit_and_open(dst, now,
                                       lambda cause, detail: self._refuse_accepted(cs, addr, dst, cause, detail))
         if opened is None:
-            return None
+            return
         s, try_mptcp = opened
-        conn = Connection(cs, s, addr, dst, now)
-        conn.connecting, conn.tried_mptcp = True, try_mptcp
-        self._start(conn)
-        self.epoll.register(s.fileno(), WATCH)
-        return conn
+        self._hand_to_core(cs, s, addr, dst, now, connecting=True, tried_mptcp=try_mptcp, prefix=reply, early=early)
 
     # -- convert mode (RFC 8803): the destination is the first bytes of the stream ----------------------
     def _greet(self, cs: socket.socket, addr, now: float) -> None:
         g = converting.Greeting(cs, addr, now)
         self.greetings[cs.fileno()] = g
-        self.epoll.register(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._on_greeting(g)          # with TFO the message came in the SYN: it is there already
 
     def _on_greeting(self, g: converting.Greeting) -> None:
@@ -657,13 +659,11 @@ class Relay:
             self._answer_greeting(g, convert.supported_reply(convert.SUPPORTED_KINDS))
             return
         del self.greetings[g.sock.fileno()]
-        self.epoll.unregister(g.sock.fileno())
+        self.core.unwatch(g.sock.fileno())
         if ":" in msg.connect[0]:        # the server side of this converter is IPv4
             return self._refuse_accepted(g.sock, g.addr, msg.connect, Cause.SERVER_UNREACHABLE,
                                          "IPv6 destinations are not served")
-        conn = self._open_for_accepted(g.sock, g.addr, msg.connect, g.t)
-        if conn is not None:
-            conn.reply, conn.early = convert.success_reply(), g.early_data
+        self._open_for_accepted(g.sock, g.addr, msg.connect, g.t, convert.success_reply(), g.early_data)
 
     def _answer_greeting(self, g: converting.Greeting, reply: bytes) -> None:
         """Answer a client that gets no connection (Error, or Supported TCP Extensions), then close."""
@@ -672,73 +672,8 @@ class Relay:
 
     def _drop_greeting(self, g: converting.Greeting) -> None:
         if self.greetings.pop(g.sock.fileno(), None) is not None:
-            try:
-                self.epoll.unregister(g.sock.fileno())
-            except OSError:
-                pass
+            self.core.unwatch(g.sock.fileno())
         g.sock.close()
-
-    def _server_ready(self, conn: Connection, ev: int) -> None:
-        """The server connection of an accepted-first client is established (or failed)."""
-        err = 0
-        if ev & (select.EPOLLERR | select.EPOLLHUP) or not ev & select.EPOLLOUT:
-            err = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if not err and not ev & select.EPOLLOUT:
-                return            # not yet
-        if err:
-            cause = Cause.of_errno(err)
-            self.stats.refused[cause.value] += 1
-            self.refusals.refused(cause, "%s:%d -> %s:%d (after accept: %s)" % (*conn.client_addr, *conn.dst,
-                                                                                 os.strerror(err)))
-            self._fail_connecting(conn, cause)
-            return
-        now = time.monotonic()
-        conn.connecting = False
-        if conn.reply is not None and not self._start_converted(conn):
-            return
-        self.stats.server_connected(now - conn.t_syn)
-        if conn.tried_mptcp:
-            conn.server_mptcp = mptcp.is_mptcp(conn.server)
-            self.servers.learn(conn.dst, conn.server_mptcp, now)
-        self._count_server(conn)
-        self.pump(conn, conn.up)          # what the client sent meanwhile (its edges were not acted on)
-        if ev & select.EPOLLIN and not conn.closed:
-            self.pump(conn, conn.down)    # later server bytes raise their own edge
-
-    def _start_converted(self, conn: Connection) -> bool:
-        """Convert mode, server connected: the client's early bytes to the server (they fit a fresh
-        socket; a short write is a failure, not a truncation), and the client's answer queued in
-        front of the server's first bytes: one segment, so that an event-driven client is not woken
-        by the answer alone (wrk counts such a read as an error). A client that sent nothing yet
-        and a silent server: the sweep sends it alone (mimbox.timers)."""
-        ok = True
-        try:
-            if conn.early:
-                ok = conn.server.send(conn.early) == len(conn.early)
-                conn.up.bytes += len(conn.early)
-        except OSError:
-            ok = False
-        conn.down.prefix = conn.reply
-        conn.reply, conn.early = None, b""
-        conn.last = time.monotonic()
-        if not ok:
-            self._abort(conn, "convert reply not sent")
-        return ok
-
-    def _fail_connecting(self, conn: Connection, cause: Cause) -> None:
-        """The server connection of an accepted client failed: RST to the client, or in convert
-        mode the Error TLV for `cause`, then the end of the stream."""
-        if conn.reply is None:
-            self._close(conn, reset=True)
-            return
-        converting.answer_and_end(conn.client, converting.error_for(cause))
-        self._close(conn)
-
-    def _count_server(self, conn: Connection) -> None:
-        if conn.server_mptcp:
-            self.stats.server_mptcp += 1
-        else:
-            self.stats.server_tcp += 1
 
     def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
         self.stats.refused[cause.value] += 1
@@ -749,22 +684,6 @@ class Relay:
             cs.close()
             return
         self._reset(cs)
-
-    def _finish(self, conn: Connection, d: Direction) -> None:
-        """The source said EOF and everything before it was delivered: pass the FIN on."""
-        if d.done:
-            return
-        d.done = True
-        if d.prefix:
-            flush_prefix(d)       # convert mode: the answer before the end of the stream
-        if conn.up.done and conn.down.done:
-            self._close(conn)     # close() sends this FIN: both sockets have read their EOF, so no RST
-            return
-        dst = conn.server if d is conn.up else conn.client
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def _answer_health(self) -> None:
         """A health probe: the handshake completed, which is the answer; close at once."""
@@ -778,41 +697,10 @@ class Relay:
 
     def _close_health(self) -> None:
         if self.health_sock is not None:
-            try:
-                self.epoll.unregister(self.health_sock.fileno())
-            except (OSError, ValueError):
-                pass
+            if self.core is not None:
+                self.core.unwatch(self.health_sock.fileno())
             self.health_sock.close()
             self.health_sock = None
-
-    def _close(self, conn: Connection, reset: bool = False) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self.admission.give()
-        st = self.stats
-        st.closed += 1
-        st.bytes_up += conn.up.bytes
-        st.bytes_down += conn.down.bytes
-        for s in (conn.client, conn.server):
-            self.conns.pop(s.fileno(), None)   # close() below also drops it from the epoll set
-            if reset:
-                self._reset(s)
-            else:
-                s.close()
-        self.data.release(conn.up)
-        self.data.release(conn.down)
-        if self.debug:
-            log.debug("closed %s:%d -> %s:%d up=%d down=%d", *conn.client_addr, *conn.dst,
-                      conn.up.bytes, conn.down.bytes)
-
-    def _abort(self, conn: Connection, cause: str) -> None:
-        """One side failed (reset, timeout...): reset both, so neither peer waits for nothing."""
-        if conn.closed:
-            return
-        self.stats.errors[cause] += 1
-        log.info("reset %s:%d -> %s:%d: %s", *conn.client_addr, *conn.dst, cause)
-        self._close(conn, reset=True)
 
     @staticmethod
     def _reset(s: socket.socket) -> None:
@@ -824,44 +712,58 @@ class Relay:
 
     # -- timers and stats --------------------------------------------------------------------------------
     def _sweep(self, now: float) -> None:
-        """Once a second: act on what waited too long (mimbox.timers decides what that is)."""
+        """Once a second: act on what waited too long (mimbox.timers decides it for held SYNs and
+        convert messages; the core for its connections: connect and idle timeouts, lone answers)."""
         t = self.timeouts
-        d = due(t, now, self.pending, self._connections(), self.greetings.values())
+        d = due(t, now, self.pending, self.greetings.values())
         for key, p in d.server_silent:
             self.stats.errors["server connect timeout"] += 1
             self._refuse_pending(key, p, Cause.SERVER_TIMEOUT, f"server {p.dst[0]}:{p.dst[1]}: no answer in {t.connect:g}s")
         for key, p in d.client_silent:
             self.stats.errors["client handshake timeout"] += 1
             self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
-        for conn in d.connect_after_accept:
-            self.stats.refused[Cause.SERVER_TIMEOUT.value] += 1
-            self.stats.errors[Cause.SERVER_TIMEOUT.value] += 1
-            self._fail_connecting(conn, Cause.SERVER_TIMEOUT)
         for g in d.greetings:
             self.stats.errors["convert message timeout"] += 1
             self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
-        for conn in d.lone_answers:
-            flush_prefix(conn.down)       # the server is silent: the client gets its answer alone
-        for conn in d.idle:
-            self._abort(conn, "idle timeout")
+        for ev in self.core.sweep():
+            self._on_core_event(ev)
         self.destinations.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
 
-    def _connections(self) -> list[Connection]:
-        """Each open connection once (self.conns holds it under both of its sockets)."""
-        return [c for c, is_client in self.conns.values() if is_client]
-
     def snapshot(self, connections: bool = True) -> dict:
-        conns = self._connections()
-        extra = {"active": len(conns), "pending": len(self.pending), "limit": self.admission.limit,
+        """The relay's counters and the core's, as one (`mimbox stats`)."""
+        cs = self.core.stats()
+        extra = {"active": cs.active, "pending": len(self.pending), "limit": self.admission.limit,
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": len(self.data.pool), "workers": self.workers}
+                 "pipes_pooled": cs.pipes_pooled, "workers": self.workers}
         if connections:
-            extra["connections"] = [c.info() for c in conns]
-        return self.stats.snapshot(**extra)
+            now = time.monotonic()
+            extra["connections"] = [
+                {"client": "%s:%d" % c.client, "server": "%s:%d" % c.server, "bytes_up": c.bytes_up,
+                 "bytes_down": c.bytes_down, "client_mptcp": c.client_mptcp,
+                 "client_subflows": mptcp.subflows(c.cfd), "server_mptcp": c.server_mptcp,
+                 "server_subflows": mptcp.subflows(c.sfd), "age_s": round(now - c.t_accept, 3)}
+                for c in self.core.connections()]
+        d = self.stats.snapshot(**extra)
+        for k in ("accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed", "bytes_up",
+                  "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum"):
+            d[k] += getattr(cs, k)
+        d["server_connect_us_max"] = max(d["server_connect_us_max"], cs.server_connect_us_max)
+        n = d["server_connects"]
+        d["server_connect_us_mean"] = d["server_connect_us_sum"] / n if n else 0
+        errors = d["errors"]
+        for prefix, counts in (("", cs.errors), ("accept ", cs.accept_errors)):
+            for e, count in enumerate(counts):
+                if count:
+                    key = prefix + errno.errorcode.get(e, str(e))
+                    errors[key] = errors.get(key, 0) + count
+        for key, count in (("idle timeout", cs.idle_timeouts), (Cause.SERVER_TIMEOUT.value, cs.connect_timeouts)):
+            if count:
+                errors[key] = errors.get(key, 0) + count
+        return d
 
     def _serve_stats(self) -> None:
         answer(self.stats_sock, self.snapshot)

@@ -5,8 +5,7 @@
     SynGate            hold a SYN (paper: connect to the server first) or let the kernel answer it
                        (connect after accept), by how many SYNs are held, in total and per prefix
     Destinations       where deferred clients wanted to go (explicit mode), bounded, oldest out
-    Admission          the connection limit, shared by workers
-    ServerMemory       servers that answered without MPTCP, for a while
+    Admission          the connection limit, shared by workers (and the core)
     Pending            a held SYN and its server connection; PendingState: held, then released
 
 Why a gate: holding a SYN makes the converter open a server connection before the client has
@@ -164,67 +163,52 @@ class Destinations:
 
 
 class Admission:
-    """The connection limit. Workers share one counter (shared memory, under a lock), so the limit
-    holds for the converter as a whole whichever worker a client's source port picks."""
+    """The connection limit. Workers share one counter in shared memory, updated by the core's atomic
+    operations (mimbox.core: core_admit/core_unadmit), so the limit holds for the converter as a
+    whole whichever worker a client's source port picks, and the core admits without Python."""
 
     def __init__(self, limit: int, shared: bool = False):
+        import ctypes
         import multiprocessing
         self.limit = limit
-        self.shared = multiprocessing.Value("q", 0) if shared else None
-        self.count = 0
+        self.cell = multiprocessing.RawValue(ctypes.c_int64, 0) if shared else ctypes.c_int64(0)
+        self._atomic = None
+
+    def address(self) -> int:
+        """Where the counter is (for the core)."""
+        import ctypes
+        return ctypes.addressof(self.cell)
+
+    def _ops(self):
+        if self._atomic is None:
+            from mimbox import core
+            try:
+                self._atomic = core.lib()
+            except RuntimeError:          # not built: one process only (unit tests)
+                self._atomic = False
+        return self._atomic
 
     def take(self) -> bool:
         """Admit one more connection, or say False at the limit."""
-        if self.shared is None:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
-            return True
-        with self.shared.get_lock():
-            if self.shared.value >= self.limit:
-                return False
-            self.shared.value += 1
-            return True
+        ops = self._ops()
+        if ops:
+            return bool(ops.core_admit(self.address(), self.limit))
+        if self.cell.value >= self.limit:
+            return False
+        self.cell.value += 1
+        return True
 
     def give(self) -> None:
         """A connection admitted by take() has ended."""
-        if self.shared is None:
-            self.count -= 1
-            return
-        with self.shared.get_lock():
-            self.shared.value -= 1
+        ops = self._ops()
+        if ops:
+            ops.core_unadmit(self.address())
+        else:
+            self.cell.value -= 1
 
     @property
     def used(self) -> int:
-        return self.count if self.shared is None else self.shared.value
-
-
-class ServerMemory:
-    """Servers that answered an MPTCP SYN without MPTCP: the next connections to them, for `ttl`
-    seconds, use plain TCP sockets. An MPTCP socket falls back by itself, but its extra layer costs
-    on every system call of the connection (Fig. 5's 1 KB load: 18 % more requests/s with TCP
-    sockets towards nginx). After `ttl` MPTCP is tried again; ttl 0 turns the memory off."""
-
-    def __init__(self, ttl: float, size: int = 65536):
-        self.ttl, self.size = ttl, size
-        self.until: dict[tuple[str, int], float] = {}
-
-    def tcp_only(self, dst: tuple[str, int], now: float) -> bool:
-        t = self.until.get(dst)
-        if t is None:
-            return False
-        if now < t:
-            return True
-        del self.until[dst]
-        return False
-
-    def learn(self, dst: tuple[str, int], mptcp_works: bool, now: float) -> None:
-        if mptcp_works or self.ttl <= 0:
-            self.until.pop(dst, None)
-            return
-        if len(self.until) >= self.size:
-            self.until.pop(next(iter(self.until)))     # the oldest entry (dicts keep insertion order)
-        self.until[dst] = now + self.ttl
+        return self.cell.value
 
 
 class HeldSet:

@@ -1,10 +1,13 @@
-"""The converter's timers, decided without a socket (unit-tested in tests/unit): once a second the
-relay asks `due()` what has waited too long and acts on the answer.
+"""The converter's timers. Once a second the relay asks `due()` what of its own has waited too
+long (decided without a socket, unit-tested in tests/unit) and acts on the answer:
 
     held SYN, server silent         > connect timeout     -> refused (RST to the SYN)
     released SYN, client silent     > handshake timeout   -> its server connection closed
-    accepted, server still silent   > connect timeout     -> RST (convert mode: Error TLV)
     convert message incomplete      > handshake timeout   -> Error TLV "Malformed Message"
+
+and the core (native/relaycore.c, core_sweep) those of the connections it relays:
+
+    accepted, server still silent   > connect timeout     -> RST (convert mode: Error TLV)
     convert answer, both silent     > PREFIX_WAIT         -> the answer is sent alone (a client that
                                                              sent bytes gets it with the server's)
     connection without a byte       > idle timeout        -> reset both sides (0: never)
@@ -36,27 +39,16 @@ class Due:
     """What has waited too long, by what the relay does about it."""
     server_silent: list = field(default_factory=list)        # (key, Pending) still HELD
     client_silent: list = field(default_factory=list)        # (key, Pending) RELEASED, never accepted
-    connect_after_accept: list = field(default_factory=list)  # Connection, server still connecting
     greetings: list = field(default_factory=list)            # convert mode: Greeting never complete
-    lone_answers: list = field(default_factory=list)         # Connection whose answer waits alone
-    idle: list = field(default_factory=list)                 # Connection without a byte for too long
 
 
-def due(t: Timeouts, now: float, pending: dict, connections, greetings=()) -> Due:
-    """`connections`: each Connection once; `pending`: key -> Pending; `greetings`: Greeting objects."""
+def due(t: Timeouts, now: float, pending: dict, greetings=()) -> Due:
+    """`pending`: key -> Pending; `greetings`: Greeting objects."""
     d = Due()
     for key, p in pending.items():
         if p.state is PendingState.HELD and now - p.t_syn > t.connect:
             d.server_silent.append((key, p))
         elif p.state is PendingState.RELEASED and now - p.ready_at > t.handshake:
             d.client_silent.append((key, p))
-    for c in connections:
-        if c.connecting:
-            if now - c.t_accept > t.connect:
-                d.connect_after_accept.append(c)
-        elif t.idle > 0 and now - c.last > t.idle:
-            d.idle.append(c)
-        elif c.down.prefix and not c.up.bytes and now - c.last > t.prefix_wait:
-            d.lone_answers.append(c)    # a client that sent bytes waits for the server's, not for this
     d.greetings = [g for g in greetings if now - g.t > t.handshake]
     return d

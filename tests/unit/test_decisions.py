@@ -15,7 +15,6 @@ from mimbox.synpath import (
     Cause,
     Destinations,
     RefusalLog,
-    ServerMemory,
     SynGate,
 )
 
@@ -121,21 +120,6 @@ def test_shared_admission_counts_across_processes():
     p.start()
     p.join(10)
     assert a.used == 2 and a.take() and not a.take()
-
-
-def test_server_memory():
-    m = ServerMemory(ttl=10, size=2)
-    m.learn(("s", 1), mptcp_works=False, now=0)
-    assert m.tcp_only(("s", 1), now=5) and not m.tcp_only(("s", 1), now=11)
-    m.learn(("s", 2), mptcp_works=False, now=0)
-    m.learn(("s", 3), mptcp_works=False, now=0)
-    m.learn(("s", 4), mptcp_works=False, now=0)
-    assert len(m.until) == 2 and ("s", 2) not in m.until
-    m.learn(("s", 4), mptcp_works=True, now=1)
-    assert not m.tcp_only(("s", 4), now=1)
-    off = ServerMemory(ttl=0)
-    off.learn(("s", 1), mptcp_works=False, now=0)
-    assert not off.tcp_only(("s", 1), now=0)
 
 
 @pytest.mark.parametrize("err,cause", [(errno.ECONNREFUSED, Cause.SERVER_REFUSED),

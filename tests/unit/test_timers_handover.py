@@ -1,5 +1,5 @@
 """The relay's timers and worker hand-over decisions (mimbox/timers.py, mimbox/handover.py), without
-root or sockets."""
+root or sockets. The core's timers (connections: connect, idle, lone answers) are in tests/test_core.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
@@ -20,46 +20,24 @@ def pending(t_syn: float, released_at: float | None = None) -> Pending:
     return p
 
 
-def conn(connecting=False, t_accept=0.0, last=0.0, prefix=b"", sent=0):
-    return NS(connecting=connecting, t_accept=t_accept, last=last, down=NS(prefix=prefix), up=NS(bytes=sent))
-
-
 def test_held_syn_times_out_after_connect_timeout_only():
     p = pending(t_syn=100.0)
-    assert due(T, 109.9, {"a": p}, []).server_silent == []
-    assert due(T, 110.1, {"a": p}, []).server_silent == [("a", p)]
+    assert due(T, 109.9, {"a": p}).server_silent == []
+    assert due(T, 110.1, {"a": p}).server_silent == [("a", p)]
     assert p.state is PendingState.HELD
 
 
 def test_released_syn_waits_for_the_handshake_timeout_from_its_release():
     p = pending(t_syn=100.0, released_at=101.0)
-    d = due(T, 115.5, {"a": p}, [])
+    d = due(T, 115.5, {"a": p})
     assert d.client_silent == [] and d.server_silent == []       # 14.5 s since release
-    assert due(T, 116.5, {"a": p}, []).client_silent == [("a", p)]
-
-
-def test_accepted_connection_waiting_for_its_server():
-    c = conn(connecting=True, t_accept=50.0, last=0.0)
-    assert due(T, 59.0, {}, [c]).connect_after_accept == []
-    d = due(T, 61.0, {}, [c])
-    assert d.connect_after_accept == [c] and d.idle == []        # connecting: not "idle"
-
-
-def test_idle_and_lone_answers():
-    quiet = conn(last=0.0)
-    answer = conn(last=999.9, prefix=b"\x01\x02\x00\x00")
-    d = due(T, 1000.0, {}, [quiet, answer])
-    assert d.idle == [quiet] and d.lone_answers == []            # the answer waited 0.1 s only
-    assert due(T, 1000.3, {}, [answer]).lone_answers == [answer]
-    asked = conn(last=999.9, prefix=b"\x01\x02\x00\x00", sent=80)     # it sent a request: wait for the reply
-    assert due(T, 1005.0, {}, [asked]).lone_answers == []
-    assert due(Timeouts(10, 15, 0), 10_000.0, {}, [quiet]).idle == []   # idle timeout 0: never
+    assert due(T, 116.5, {"a": p}).client_silent == [("a", p)]
 
 
 def test_greetings_time_out_after_the_handshake_timeout():
     g = NS(t=10.0)
-    assert due(T, 24.0, {}, [], [g]).greetings == []
-    assert due(T, 26.0, {}, [], [g]).greetings == [g]
+    assert due(T, 24.0, {}, [g]).greetings == []
+    assert due(T, 26.0, {}, [g]).greetings == [g]
 
 
 def test_hand_over_only_what_another_worker_held():

@@ -1,0 +1,228 @@
+"""The per-connection path in C (native/relaycore.c, built into build/librelaycore.so): its layouts,
+declared once here, and a thin command API for the relay.
+
+    core = Core(CoreConfig(...))           # one per worker; owns the worker's epoll set
+    core.watch(fd, events)                  # a Python fd: reported back as Event(kind=EV_FD)
+    core.listen(fd)                         # a listener: the core accepts on it
+    for ev in core.run(timeout_ms): ...     # what Python must decide (EV_ACCEPTED, EV_OPEN, ...)
+    core.add(cfd, sfd, ...)                 # a connection Python set up, relayed by the core
+
+Why C: under Fig. 5's 1 KB load the interpreter cost ~40 µs per connection (perf, results/
+percost_converter) where HAProxy's own code costs ~10 µs; the kernel's part is the same for both.
+The relay keeps every decision that is not per-byte or per-connection routine: held SYNs,
+hand-over, convert mode's messages, policy decisions not yet made, refusals' log lines, stats.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+
+from mimbox.paths import RELAYCORE
+
+ENGINES = {"copy": 0, "splice": 1, "auto": 2}
+DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_RECORDER = range(4)
+EV_FD, EV_ACCEPTED, EV_OPEN, EV_REFUSED, EV_GIVEBACK, EV_ABORTED = range(1, 7)
+ERRNO_SLOTS = 160
+MAX_EVENTS = 512
+PIPE_POOL = 1024               # empty pipes a core keeps for splice (POOL_MAX)
+ETIME = errno.ETIME            # an idle timeout, in EV_ABORTED
+
+
+class CoreConfig(ctypes.Structure):
+    """struct core_config."""
+    _fields_ = [("engine", ctypes.c_int32), ("pipe_size", ctypes.c_int32), ("splice_after", ctypes.c_int32),
+                ("dst_source", ctypes.c_int32), ("static_addr", ctypes.c_uint32), ("static_port", ctypes.c_uint16),
+                ("_pad", ctypes.c_uint16), ("recorder_fd", ctypes.c_int32), ("server_mptcp", ctypes.c_int32),
+                ("server_rcvbuf", ctypes.c_int32), ("server_sndbuf", ctypes.c_int32), ("fd_capacity", ctypes.c_int32),
+                ("worker", ctypes.c_int32), ("workers", ctypes.c_int32), ("syns_queued", ctypes.c_int32),
+                ("_pad2", ctypes.c_int32), ("server_mptcp_retry", ctypes.c_double),
+                ("connect_timeout", ctypes.c_double), ("idle_timeout", ctypes.c_double),
+                ("prefix_wait", ctypes.c_double), ("admission", ctypes.c_void_p),
+                ("admission_limit", ctypes.c_int64), ("held_slots", ctypes.c_void_p), ("held_mask", ctypes.c_uint64)]
+
+
+class Event(ctypes.Structure):
+    """struct core_event: what the core hands to Python. Addresses and ports in network order."""
+    _fields_ = [("kind", ctypes.c_int32), ("fd", ctypes.c_int32), ("events", ctypes.c_uint32),
+                ("err", ctypes.c_int32), ("caddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("sfd", ctypes.c_int32)]
+
+
+class CoreStats(ctypes.Structure):
+    """struct core_stats: the core's counters (the relay adds its own)."""
+    _fields_ = [(n, ctypes.c_uint64) for n in ("accepted", "client_mptcp", "client_tcp", "server_mptcp",
+                                               "server_tcp", "closed", "bytes_up", "bytes_down",
+                                               "server_connects", "server_tcp_remembered")] + [
+        ("server_connect_us_sum", ctypes.c_double), ("server_connect_us_max", ctypes.c_double)] + [
+        (n, ctypes.c_uint64) for n in ("active", "pipes_pooled", "idle_timeouts", "connect_timeouts",
+                                       "refused_after_accept")] + [
+        ("errors", ctypes.c_uint64 * ERRNO_SLOTS), ("accept_errors", ctypes.c_uint64 * ERRNO_SLOTS)]
+
+
+class ConnInfo(ctypes.Structure):
+    """struct core_conn_info: one relayed connection, for `mimbox stats --connections`."""
+    _fields_ = [("cfd", ctypes.c_int32), ("sfd", ctypes.c_int32), ("caddr", ctypes.c_uint32),
+                ("daddr", ctypes.c_uint32), ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("client_mptcp", ctypes.c_uint8), ("server_mptcp", ctypes.c_uint8), ("connecting", ctypes.c_uint8),
+                ("_pad", ctypes.c_uint8), ("bytes_up", ctypes.c_uint64), ("bytes_down", ctypes.c_uint64),
+                ("t_accept", ctypes.c_double)]
+
+
+LAYOUTS = (CoreConfig, Event, CoreStats, ConnInfo)     # core_abi(i) is sizeof the i-th
+
+
+def load() -> ctypes.CDLL:
+    """The built library, its signatures declared and its layouts checked against this module."""
+    if not RELAYCORE.exists():
+        raise RuntimeError(f"{RELAYCORE} is missing (run `./mimbox.sh build`)")
+    lib = ctypes.CDLL(str(RELAYCORE), use_errno=True)
+    P, I, U32, U16 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint16
+    sig = {"core_new": (P, [ctypes.POINTER(CoreConfig)]), "core_free": (None, [P]),
+           "core_watch": (I, [P, I, U32, I]), "core_unwatch": (I, [P, I]),
+           "core_run": (I, [P, I, ctypes.POINTER(Event), I]), "core_sweep": (I, [P, ctypes.POINTER(Event), I]),
+           "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
+                            ctypes.c_char_p, U32]),
+           "core_allow": (None, [P, U32, U32, U16]), "core_claim": (None, [P, U32, U16, I]),
+           "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
+           "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
+           "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
+           "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P])}
+    for name, (res, args) in sig.items():
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
+    for i, layout in enumerate(LAYOUTS):
+        if lib.core_abi(i) != ctypes.sizeof(layout):
+            raise RuntimeError(f"{RELAYCORE}: {layout.__name__} is {lib.core_abi(i)} bytes in C, "
+                               f"{ctypes.sizeof(layout)} here (rebuild: `./mimbox.sh build --force`)")
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = load()
+    return _lib
+
+
+def ip_n(addr: str) -> int:
+    """An IPv4 address as the core holds it (network order in a host integer)."""
+    return struct.unpack("=I", socket.inet_aton(addr))[0]
+
+
+def port_n(port: int) -> int:
+    return socket.htons(port)
+
+
+def addr_of(a: int, p: int) -> tuple[str, int]:
+    """(address, port) from the core's network-order integers."""
+    return socket.inet_ntoa(struct.pack("=I", a)), socket.ntohs(p)
+
+
+@dataclass
+class Listed:
+    """One relayed connection as the core reports it."""
+    cfd: int
+    sfd: int
+    client: tuple[str, int]
+    server: tuple[str, int]
+    client_mptcp: bool
+    server_mptcp: bool
+    connecting: bool
+    bytes_up: int
+    bytes_down: int
+    t_accept: float
+
+
+class Core:
+    """One worker's core (see the module's docstring). close() aborts what is still relayed."""
+
+    def __init__(self, cfg: CoreConfig):
+        self.lib = lib()
+        self.cfg = cfg
+        self.ptr = self.lib.core_new(ctypes.byref(cfg))
+        if not self.ptr:
+            raise OSError(errno.ENOMEM, "core_new failed")
+        self.events = (Event * MAX_EVENTS)()
+
+    def watch(self, fd: int, events: int) -> None:
+        """Report `fd`'s events to Python (EV_FD)."""
+        r = self.lib.core_watch(self.ptr, fd, events, 0)
+        if r < 0:
+            raise OSError(-r, f"epoll_ctl: {errno.errorcode.get(-r, r)}")
+
+    def listen(self, fd: int) -> None:
+        """Accept on the listener `fd` in the core."""
+        r = self.lib.core_watch(self.ptr, fd, 1, 1)   # EPOLLIN, level-triggered
+        if r < 0:
+            raise OSError(-r, "epoll_ctl")
+
+    def unwatch(self, fd: int) -> None:
+        self.lib.core_unwatch(self.ptr, fd)
+
+    def run(self, timeout_ms: int):
+        """Serve the core's fds for up to `timeout_ms`; the events that are Python's (may be none).
+        Raises InterruptedError when a signal came (Python's handler has run)."""
+        n = self.lib.core_run(self.ptr, timeout_ms, self.events, MAX_EVENTS)
+        if n < 0:
+            if -n == errno.EINTR:
+                raise InterruptedError
+            raise OSError(-n, "epoll_wait")
+        return self.events[:n]
+
+    def sweep(self):
+        """Connect and idle timeouts, convert answers waiting alone: the resulting events."""
+        n = self.lib.core_sweep(self.ptr, self.events, MAX_EVENTS)
+        return self.events[:n]
+
+    def add(self, cfd: int, sfd: int, client: tuple[str, int], dst: tuple[str, int], t_syn: float,
+            connecting: bool, tried_mptcp: bool = False, server_mptcp: bool = False,
+            prefix: bytes = b"", early: bytes = b"") -> None:
+        """Relay from now on: the core owns both fds (closes them)."""
+        r = self.lib.core_add(self.ptr, cfd, sfd, int(connecting), int(tried_mptcp), int(server_mptcp),
+                              ip_n(client[0]), port_n(client[1]), ip_n(dst[0]), port_n(dst[1]), t_syn,
+                              prefix, len(prefix), early, len(early))
+        if r < 0:
+            raise OSError(-r, "core_add")
+
+    def allow(self, client: str, dst: tuple[str, int]) -> None:
+        """The policy allows client -> dst: the core opens such connections itself from now on."""
+        self.lib.core_allow(self.ptr, ip_n(client), ip_n(dst[0]), port_n(dst[1]))
+
+    def claim(self, client: tuple[str, int], on: bool = True) -> None:
+        """The connection of `client` is Python's (its SYN is held here): the core hands it over."""
+        self.lib.core_claim(self.ptr, ip_n(client[0]), port_n(client[1]), int(on))
+
+    def tcp_only(self, dst: tuple[str, int]) -> bool:
+        """The server answered MPTCP without it recently (--server-mptcp-retry)."""
+        return bool(self.lib.core_tcp_only(self.ptr, ip_n(dst[0]), port_n(dst[1])))
+
+    def learn(self, dst: tuple[str, int], mptcp_works: bool) -> None:
+        self.lib.core_learn(self.ptr, ip_n(dst[0]), port_n(dst[1]), int(mptcp_works))
+
+    def stats(self) -> CoreStats:
+        return self.lib.core_stats(self.ptr).contents
+
+    def connections(self) -> list[Listed]:
+        n = self.active() + 16
+        buf = (ConnInfo * n)()
+        got = self.lib.core_list(self.ptr, buf, n)
+        return [Listed(i.cfd, i.sfd, addr_of(i.caddr, i.cport), addr_of(i.daddr, i.dport), bool(i.client_mptcp),
+                       bool(i.server_mptcp), bool(i.connecting), i.bytes_up, i.bytes_down, i.t_accept)
+                for i in buf[:got]]
+
+    def active(self) -> int:
+        return self.lib.core_active(self.ptr)
+
+    def abort_all(self) -> int:
+        return self.lib.core_abort_all(self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.lib.core_free(self.ptr)
+            self.ptr = None
