@@ -24,7 +24,8 @@ def build(c, force=False):
             c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
     c.run("gcc -O2 -shared -fPIC -Wall -o build/libmptcpize.so native/mptcpize.c -ldl")
     c.run("gcc -O2 -shared -fPIC -Wall -o build/libconvertize.so native/convertize.c -ldl")
-    c.run("gcc -O2 -shared -fPIC -Wall -I build/bpf -o build/librelaycore.so native/relaycore.c")
+    c.run(f"{PY} -m mimbox.core --header > build/relaycore.h")
+    c.run("gcc -O2 -shared -fPIC -Wall -I build/bpf -I build -o build/librelaycore.so native/relaycore.c -lnetfilter_queue")
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 
 

@@ -5,6 +5,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static", "convert")
+SYN_PATHS = ("auto", "hold", "accept")
 ENGINES = ("auto", "splice", "copy")
 
 
@@ -42,7 +43,7 @@ class ListenerConfig:
     client_mptcp: bool = True                    # listen with IPPROTO_MPTCP (TCP clients fall back)
     server_mptcp: bool = True                    # connect with IPPROTO_MPTCP (TCP servers fall back)
     queue_num: int = 4200                        # NFQUEUE that holds SYNs until the server answers
-    syn_path: str = "auto"                       # hold | accept | auto (see mimbox.synpath.SynGate)
+    syn_path: str = "auto"                       # hold | accept | auto (see README "SYN path"; native/relaycore.c core_gate)
     pending_limit: int = 256                     # SYNs held at once (per worker) ...
     pending_per_prefix: int = 64                 # ... and from one client /24
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
@@ -94,6 +95,8 @@ class Config:
             raise ValueError("transparent mode needs --intercept PORT[,PORT...]")
         if self.buffers.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}")
+        if lc.syn_path not in SYN_PATHS:
+            raise ValueError(f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}")
         for net in (*self.safety.allow_clients, *self.safety.deny_dst, *lc.intercept_from):
             ipaddress.IPv4Network(net, strict=False)
         return self

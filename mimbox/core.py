@@ -1,16 +1,19 @@
-"""The per-connection path in C (native/relaycore.c, built into build/librelaycore.so): its layouts,
-declared once here, and a thin command API for the relay.
+"""The per-connection path in C (native/relaycore.c, built into build/librelaycore.so): its layouts
+and codes, declared once here (the C side gets them from `python -m mimbox.core --header`), and a
+thin command API for the relay.
 
     core = Core(CoreConfig(...))           # one per worker; owns the worker's epoll set
+    core.policy(policy)                     # who may go where (mimbox.safety.Policy's lists)
+    core.queue(num)                         # hold client SYNs from NFQUEUE `num`
+    core.listen(fd)                         # accept on this listener
     core.watch(fd, events)                  # a Python fd: reported back as Event(kind=EV_FD)
-    core.listen(fd)                         # a listener: the core accepts on it
-    for ev in core.run(timeout_ms): ...     # what Python must decide (EV_ACCEPTED, EV_OPEN, ...)
-    core.add(cfd, sfd, ...)                 # a connection Python set up, relayed by the core
+    for ev in core.run(timeout_ms): ...     # what is Python's (EV_FD, hand-over, refusals to log)
+    core.add(cfd, sfd, ...)                 # a connection Python set up (convert mode), relayed
 
-Why C: under Fig. 5's 1 KB load the interpreter cost ~40 µs per connection (perf, results/
-percost_converter) where HAProxy's own code costs ~10 µs; the kernel's part is the same for both.
-The relay keeps every decision that is not per-byte or per-connection routine: held SYNs,
-hand-over, convert mode's messages, policy decisions not yet made, refusals' log lines, stats.
+Why C: under Fig. 5's 1 KB load the interpreter cost ~40 µs per connection and ~70 µs per held
+SYN (perf, results/percost_converter) where HAProxy's own code costs ~10 µs; the kernel's part is
+the same for both. The relay keeps what is not per-SYN or per-connection routine: set-up, workers'
+hand-over, convert mode's messages, log lines, stats, timers of its own.
 """
 from __future__ import annotations
 
@@ -22,9 +25,22 @@ from dataclasses import dataclass
 
 from mimbox.paths import RELAYCORE
 
+from mimbox.netfilter import REFUSE_MARK
+from mimbox.synpath import Cause
+
 ENGINES = {"copy": 0, "splice": 1, "auto": 2}
-DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_RECORDER = range(4)
-EV_FD, EV_ACCEPTED, EV_OPEN, EV_REFUSED, EV_GIVEBACK, EV_ABORTED = range(1, 7)
+SYN_PATHS = {"hold": 0, "accept": 1, "auto": 2}
+DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_EXPLICIT = range(4)
+EV_FD, EV_ACCEPTED, EV_REFUSED, EV_GIVEBACK, EV_ABORTED = range(1, 6)
+SYN_HOLD, SYN_DEFER, SYN_REFUSE = range(3)
+CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
+# why a SYN's DST_OPT was refused (mimbox.dstopt.parse_options's messages; {arg} from the event)
+SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: truncated option list",
+              "BAD_LENGTH": "bad DST_OPT: bad option length {arg}", "UNKNOWN_EXID": "bad DST_OPT: unknown ExID 0x{arg:04x}",
+              "MORE_THAN_ONE": "bad DST_OPT: more than one DST_OPT",
+              "DSTOPT_LENGTH": "bad DST_OPT: DST_OPT length {arg} (expected 10)",
+              "PORT0": "bad DST_OPT: DST_OPT port 0", "ADDR0": "bad DST_OPT: DST_OPT address 0.0.0.0"}
+SYN_ERROR_TEXT = ["", *SYN_ERRORS.values()]    # SYN_<NAME> in C is the index here
 ERRNO_SLOTS = 160
 MAX_EVENTS = 512
 PIPE_POOL = 1024               # empty pipes a core keeps for splice (POOL_MAX)
@@ -41,14 +57,17 @@ class CoreConfig(ctypes.Structure):
                 ("_pad2", ctypes.c_int32), ("server_mptcp_retry", ctypes.c_double),
                 ("connect_timeout", ctypes.c_double), ("idle_timeout", ctypes.c_double),
                 ("prefix_wait", ctypes.c_double), ("admission", ctypes.c_void_p),
-                ("admission_limit", ctypes.c_int64), ("held_slots", ctypes.c_void_p), ("held_mask", ctypes.c_uint64)]
+                ("admission_limit", ctypes.c_int64), ("held_slots", ctypes.c_void_p), ("held_mask", ctypes.c_uint64),
+                ("syn_path", ctypes.c_int32), ("pending_limit", ctypes.c_int32), ("pending_per_prefix", ctypes.c_int32),
+                ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double)]
 
 
 class Event(ctypes.Structure):
     """struct core_event: what the core hands to Python. Addresses and ports in network order."""
     _fields_ = [("kind", ctypes.c_int32), ("fd", ctypes.c_int32), ("events", ctypes.c_uint32),
                 ("err", ctypes.c_int32), ("caddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
-                ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("sfd", ctypes.c_int32)]
+                ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("cause", ctypes.c_int32),
+                ("detail", ctypes.c_int32), ("arg", ctypes.c_int32), ("after_accept", ctypes.c_int32)]
 
 
 class CoreStats(ctypes.Structure):
@@ -57,9 +76,11 @@ class CoreStats(ctypes.Structure):
                                                "server_tcp", "closed", "bytes_up", "bytes_down",
                                                "server_connects", "server_tcp_remembered")] + [
         ("server_connect_us_sum", ctypes.c_double), ("server_connect_us_max", ctypes.c_double)] + [
-        (n, ctypes.c_uint64) for n in ("active", "pipes_pooled", "idle_timeouts", "connect_timeouts",
-                                       "refused_after_accept")] + [
-        ("errors", ctypes.c_uint64 * ERRNO_SLOTS), ("accept_errors", ctypes.c_uint64 * ERRNO_SLOTS)]
+        (n, ctypes.c_uint64) for n in ("active", "pipes_pooled", "idle_timeouts", "connect_timeouts")] + [
+        ("errors", ctypes.c_uint64 * ERRNO_SLOTS), ("accept_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
+        (n, ctypes.c_uint64) for n in ("syns", "deferred", "held", "handshake_timeouts", "held_connect_timeouts",
+                                       "accept_while_held")] + [
+        ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)]
 
 
 class ConnInfo(ctypes.Structure):
@@ -71,7 +92,31 @@ class ConnInfo(ctypes.Structure):
                 ("t_accept", ctypes.c_double)]
 
 
-LAYOUTS = (CoreConfig, Event, CoreStats, ConnInfo)     # core_abi(i) is sizeof the i-th
+class SynInfo(ctypes.Structure):
+    """struct syn_info: core_parse_syn()'s answer (tests compare it with mimbox.dstopt)."""
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("dst_addr", ctypes.c_uint32), ("dst_port", ctypes.c_uint16),
+                ("has_dst", ctypes.c_int32), ("error", ctypes.c_int32), ("arg", ctypes.c_int32),
+                ("mp_join", ctypes.c_int32), ("mp_capable", ctypes.c_int32)]
+
+
+LAYOUTS = (CoreConfig, Event, CoreStats, ConnInfo, SynInfo)     # core_abi(i) is sizeof the i-th
+
+
+def c_header() -> str:
+    """The codes the C side shares with this module (build/relaycore.h)."""
+    lines = ["/* Generated by `python -m mimbox.core --header`: do not edit. */", "#pragma once"]
+    lines += [f"#define CAUSE_{c.name} {i}" for i, c in enumerate(CAUSES)] + [f"#define CAUSE_COUNT {len(CAUSES)}"]
+    lines += [f"#define SYN_{name} {i + 1}" for i, name in enumerate(SYN_ERRORS)]
+    lines += [f"#define SYN_{n} {v}" for n, v in (("HOLD", SYN_HOLD), ("DEFER", SYN_DEFER), ("REFUSE", SYN_REFUSE))]
+    lines += [f"#define SYN_PATH_{n.upper()} {v}" for n, v in SYN_PATHS.items()]
+    lines += [f"#define ENGINE_{n.upper()} {v}" for n, v in ENGINES.items()]
+    lines += [f"#define DST_{n} {v}" for n, v in (("PYTHON", DST_PYTHON), ("STATIC", DST_STATIC),
+                                                   ("TRANSPARENT", DST_TRANSPARENT), ("EXPLICIT", DST_EXPLICIT))]
+    lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
+                                                  ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED))]
+    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u"]
+    return "\n".join(lines) + "\n"
 
 
 def load() -> ctypes.CDLL:
@@ -85,7 +130,9 @@ def load() -> ctypes.CDLL:
            "core_run": (I, [P, I, ctypes.POINTER(Event), I]), "core_sweep": (I, [P, ctypes.POINTER(Event), I]),
            "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
-           "core_allow": (None, [P, U32, U32, U16]), "core_claim": (None, [P, U32, U16, I]),
+           "core_policy": (None, [P, I, U32, U32]), "core_refusal": (I, [P, U32, U32, U16]),
+           "core_gate": (I, [P, U32]), "core_queue": (I, [P, I]), "core_serve": (None, [P, I, U32, U16]),
+           "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
            "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
@@ -190,13 +237,33 @@ class Core:
         if r < 0:
             raise OSError(-r, "core_add")
 
-    def allow(self, client: str, dst: tuple[str, int]) -> None:
-        """The policy allows client -> dst: the core opens such connections itself from now on."""
-        self.lib.core_allow(self.ptr, ip_n(client), ip_n(dst[0]), port_n(dst[1]))
+    def policy(self, policy) -> None:
+        """Who may go where: a mimbox.safety.Policy's allowed clients, denied destinations, own addresses."""
+        for n in policy.allow_clients:
+            self.lib.core_policy(self.ptr, 0, int(n.network_address), int(n.netmask))
+        for n in policy.deny:
+            self.lib.core_policy(self.ptr, 1, int(n.network_address), int(n.netmask))
+        for a in policy.own:
+            self.lib.core_policy(self.ptr, 2, int(a), 0xFFFFFFFF)
 
-    def claim(self, client: tuple[str, int], on: bool = True) -> None:
-        """The connection of `client` is Python's (its SYN is held here): the core hands it over."""
-        self.lib.core_claim(self.ptr, ip_n(client[0]), port_n(client[1]), int(on))
+    def refusal(self, client: str, dst: tuple[str, int]) -> Cause | None:
+        """The core's policy verdict for client -> dst (None: allowed)."""
+        r = self.lib.core_refusal(self.ptr, ip_n(client), ip_n(dst[0]), port_n(dst[1]))
+        return None if r < 0 else CAUSES[r]
+
+    def queue(self, num: int) -> None:
+        """Hold client SYNs from NFQUEUE `num` (mimbox.netfilter installs the rules)."""
+        r = self.lib.core_queue(self.ptr, num)
+        if r < 0:
+            raise OSError(-r, f"NFQUEUE {num}: {errno.errorcode.get(-r, r)}")
+
+    def serve(self, fd: int, client: tuple[str, int]) -> None:
+        """A client socket handed over by another worker: the core pairs or connects it (owns fd)."""
+        self.lib.core_serve(self.ptr, fd, ip_n(client[0]), port_n(client[1]))
+
+    def pending(self) -> int:
+        """SYNs held, or released and waiting for accept()."""
+        return self.lib.core_pending(self.ptr)
 
     def tcp_only(self, dst: tuple[str, int]) -> bool:
         """The server answered MPTCP without it recently (--server-mptcp-retry)."""
@@ -226,3 +293,17 @@ class Core:
         if self.ptr:
             self.lib.core_free(self.ptr)
             self.ptr = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description="the C core's shared codes")
+    ap.add_argument("--header", action="store_true", help="print build/relaycore.h")
+    if ap.parse_args(argv).header:
+        sys.stdout.write(c_header())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,24 +1,23 @@
-"""The converter's event loop: take a client's connection, connect to its server, relay both ways.
+"""The converter's listener: set-up, rules, and the Python side of its event loop. Every SYN and
+every connection is served by the core (mimbox.core, native/relaycore.c):
 
-A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (mimbox.synpath.SynGate):
-  1. the client's SYN reaches NFQUEUE (rules in mimbox.netfilter) and is held here;
-  2. its destination comes from the redirector (DST_OPT, TPROXY'd address, or static);
+A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (README "SYN path"):
+  1. the client's SYN reaches NFQUEUE (rules in mimbox.netfilter) and is held by the core;
+  2. its destination: DST_OPT (explicit), the address TPROXY kept (transparent), or static;
      the policy may refuse it -> the SYN is released marked, and the kernel answers RST;
-  3. the converter connects to the server at once (MPTCP socket, plain TCP on fallback);
+  3. the core connects to the server at once (MPTCP socket, plain TCP on fallback);
      refused/unreachable -> the client gets RST, never an accepted connection that then closes;
   4. established -> the SYN is released to the listener, the kernel completes the client handshake;
   5. accept() pairs the client socket with its server socket.
 A SYN not held (past --hold-rate or the pending caps, or --syn-path accept) is answered by the
-kernel; at accept() the destination comes from the BPF recorder (explicit: mimbox.synrecord),
-TPROXY or the configuration, the policy is checked and the server connected; a failure resets the
-client before any byte is relayed.
+kernel; at accept() the destination comes from the SYN's DST_OPT if the core saw it, the BPF
+recorder (explicit: mimbox.synrecord), TPROXY or the configuration; the policy is checked and the
+server connected; a failure resets the client before any byte is relayed.
 
-From accept() on, a connection is the core's (mimbox.core, in C): it accepts, and where the
-destination, the policy's verdict and the admission are known without Python (static,
-transparent, explicit with the BPF recorder; a pair already allowed) it connects to the server
-itself; then it moves bytes both ways (copy, then splice for bulk), turns each direction's EOF into
+Then the core moves bytes both ways (copy, then splice for bulk), turns each direction's EOF into
 a shutdown(SHUT_WR) on the other side and a reset on one side into a reset on the other, and closes
-both when both are done. What it cannot decide comes back here as an event.
+both when both are done. Python keeps convert mode's messages (mimbox.redirect.convert), the
+hand-over between workers, log lines, stats and health probes.
 """
 from __future__ import annotations
 
@@ -33,13 +32,12 @@ import struct
 import time
 from dataclasses import dataclass
 
-from netfilterqueue import COPY_PACKET, NetfilterQueue
-
 from mimbox import convert, handover, mptcp
 from mimbox.config import Config
 from mimbox.core import (
+    CAUSES,
+    DST_EXPLICIT,
     DST_PYTHON,
-    DST_RECORDER,
     DST_STATIC,
     DST_TRANSPARENT,
     ENGINES,
@@ -48,33 +46,21 @@ from mimbox.core import (
     EV_ACCEPTED,
     EV_FD,
     EV_GIVEBACK,
-    EV_OPEN,
     EV_REFUSED,
     PIPE_POOL,
+    SYN_ERROR_TEXT,
+    SYN_PATHS,
     Core,
     CoreConfig,
     addr_of,
     ip_n,
     port_n,
 )
-from mimbox.dstopt import OptionError, parse_syn
-from mimbox.netfilter import REFUSE_MARK, ListenerRules
+from mimbox.netfilter import ListenerRules
 from mimbox.redirect import convert as converting
-from mimbox.redirect import for_listener
 from mimbox.safety import Policy
 from mimbox.stats import Stats, answer, open_endpoint
-from mimbox.synpath import (
-    DEFER,
-    REFUSE,
-    Admission,
-    Cause,
-    Destinations,
-    HeldSet,
-    Pending,
-    PendingState,
-    RefusalLog,
-    SynGate,
-)
+from mimbox.synpath import Admission, Cause, HeldSet, RefusalLog
 from mimbox.synrecord import SynRecorder
 from mimbox.timers import PREFIX_WAIT, Timeouts, due
 
@@ -151,7 +137,10 @@ def raise_fd_limit(connections: int) -> int:
 
 
 class Relay:
-    """One listener and its event loop. `serve()` runs until SIGTERM/SIGINT, then drains.
+    """One listener: its set-up, and the Python side of its event loop. `serve()` runs until
+    SIGTERM/SIGINT, then drains. The core (mimbox.core) holds SYNs, accepts, connects and relays;
+    this class sets it up and answers what it hands back: convert mode's messages, a connection
+    another worker must serve, refusals to log, stats and health probes.
 
     Alone (workers=1) it owns its netfilter rules. As one of several workers (mimbox.workers) it
     holds the SYNs of its share of source ports (queue_num + worker), listens with SO_REUSEPORT, and
@@ -166,17 +155,13 @@ class Relay:
         held: the workers' shared set of held SYNs (None: hand over every connection another worker
         owns by its source port)."""
         self.cfg = cfg.validate()
-        lc, bc = cfg.listener, cfg.buffers
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
-        self.redirect = for_listener(lc)
         self.policy = Policy.from_config(cfg.safety)
         self.admission = admission or Admission(cfg.connection_limit())
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
         self.fd_capacity = raise_fd_limit(self.admission.limit)
         self.stats = Stats()
-        self.gate = SynGate(lc.syn_path, lc.pending_limit, lc.pending_per_prefix)
-        self.destinations = Destinations(ttl=2 * cfg.safety.handshake_timeout)
         self.timeouts = Timeouts.of(cfg.safety)
         self.refusals = RefusalLog(log)
         self.plan = plan              # made in open() when this relay owns it
@@ -184,30 +169,24 @@ class Relay:
         self.queue_syns = True
         self.recorder: SynRecorder | None = None
         self.held = held
-        self.pending: dict[tuple[str, int], Pending] = {}
-        self.pending_fds: dict[int, tuple[tuple[str, int], Pending]] = {}
         self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
         self.core: Core | None = None    # made in open(): it needs the plan's recorder
         self.stopping = False
         self.rules = None
         self.listeners: list[socket.socket] = []
-        self.nfq = None
         self.stats_sock = None
         self.health_sock: socket.socket | None = None
-        self.debug = log.isEnabledFor(logging.DEBUG)
 
     def _core_config(self) -> CoreConfig:
         """What the core decides by itself, from the configuration (mimbox.core)."""
         lc, bc, sc = self.cfg.listener, self.cfg.buffers, self.cfg.safety
-        source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT}.get(lc.mode, DST_PYTHON)
-        if lc.mode == "explicit" and self.recorder is not None:
-            source = DST_RECORDER
+        source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
         held = self.held.slots if self.held is not None else None
         return CoreConfig(
             engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
             static_addr=ip_n(lc.upstream[0]) if lc.mode == "static" else 0,
             static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
-            recorder_fd=self.recorder.map.fd if source == DST_RECORDER else -1,
+            recorder_fd=self.recorder.map.fd if self.recorder is not None else -1,
             server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,
             server_sndbuf=bc.server_sndbuf or 0, fd_capacity=self.fd_capacity, worker=self.worker,
             workers=self.workers, syns_queued=int(self.queue_syns),
@@ -215,7 +194,10 @@ class Relay:
             idle_timeout=sc.idle_timeout, prefix_wait=PREFIX_WAIT,
             admission=self.admission.address(), admission_limit=self.admission.limit,
             held_slots=ctypes.addressof(held) if held is not None else None,
-            held_mask=self.held.mask if self.held is not None else 0)
+            held_mask=self.held.mask if self.held is not None else 0,
+            syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
+            pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
+            handshake_timeout=sc.handshake_timeout)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -228,6 +210,7 @@ class Relay:
             self.queue_syns = self.plan.queue
             self.recorder = self.plan.recorder
             self.core = Core(self._core_config())
+            self.core.policy(self.policy)
             ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
             for port in ports:
                 ls = mptcp.stream_socket(lc.client_mptcp)
@@ -247,9 +230,7 @@ class Relay:
                 ls.listen(lc.backlog)
                 self.core.listen(ls.fileno())
             if self.queue_syns:
-                self.nfq = NetfilterQueue()
-                self.nfq.bind(lc.queue_num + self.worker, self._on_syn, max_len=65536, mode=COPY_PACKET, range=120)
-                self.core.watch(self.nfq.get_fd(), select.EPOLLIN)
+                self.core.queue(lc.queue_num + self.worker)
             for link in self.links.values():
                 link.setblocking(False)
                 self.core.watch(link.fileno(), select.EPOLLIN)
@@ -280,19 +261,16 @@ class Relay:
             self.rules.remove()
         if self.owns_plan and self.plan is not None:
             self.plan.close()
-        for key, p in list(self.pending.items()):
-            self._refuse_pending(key, p, Cause.SHUTTING_DOWN, "")
         if self.core is not None:
-            n = self.core.abort_all()
+            n = self.core.abort_all()     # held SYNs refused, connections reset
+            for ev in self.core.sweep():  # (their refusal lines)
+                self._on_core_event(ev)
             if n:
                 self.stats.errors[Cause.SHUTTING_DOWN.value] += n
                 log.info("reset %d connections: %s", n, Cause.SHUTTING_DOWN.value)
         for g in list(self.greetings.values()):
             self._drop_greeting(g)
         self.refusals.flush()
-        if self.nfq is not None:
-            self.nfq.unbind()
-            self.nfq = None
         self._close_health()
         for s in (*self.listeners, self.stats_sock, *self.links.values()):
             if s is not None:
@@ -339,7 +317,6 @@ class Relay:
 
     def _loop(self, done) -> None:
         run = self.core.run
-        qfd = self.nfq.get_fd() if self.nfq is not None else -3
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         link_fds = {s.fileno(): s for s in self.links.values()}
         hfd = self.health_sock.fileno() if self.health_sock else -4
@@ -351,17 +328,12 @@ class Relay:
                 continue
             for ev in events:
                 try:
-                    kind = ev.kind
-                    if kind == EV_FD:
+                    if ev.kind == EV_FD:
                         fd = ev.fd
-                        if fd == qfd:
-                            self.nfq.run(block=False)
-                        elif fd in self.pending_fds:
-                            self._server_connected(fd, ev.events)
+                        if fd in self.greetings:
+                            self._on_greeting(self.greetings[fd])
                         elif fd in link_fds:
                             self._receive_handed(link_fds[fd])
-                        elif fd in self.greetings:
-                            self._on_greeting(self.greetings[fd])
                         elif fd == sfd:
                             self._serve_stats()
                         elif fd == hfd:
@@ -376,33 +348,45 @@ class Relay:
                 next_sweep = now + 1.0
 
     def _on_core_event(self, ev) -> None:
-        """A connection the core hands over: to set up here, or a failure to count and log."""
+        """What the core hands over: a client to serve here, or a refusal or reset to log."""
         kind = ev.kind
         addr = addr_of(ev.caddr, ev.cport)
-        dst = addr_of(ev.daddr, ev.dport)
-        if kind == EV_ACCEPTED:            # held SYN, hand-over, convert mode, destination not known
+        if kind == EV_ACCEPTED:            # another worker's (its SYN is held there), or convert mode
             cs = socket.socket(fileno=ev.fd)
             if ev.caddr == 0:
-                self._reset(cs)
+                self._reset(cs)           # not IPv4
                 return
             self._accepted(cs, addr)
-        elif kind == EV_OPEN:              # destination known, policy or admission to decide here
+            return
+        dst = addr_of(ev.daddr, ev.dport)
+        if kind == EV_REFUSED:             # counted by the core; the log line is written here
+            cause = CAUSES[ev.cause]
+            self.refusals.refused(cause, "%s:%d -> %s (%s)" % (*addr, "%s:%d" % dst if ev.daddr else "?",
+                                                              self._refusal_detail(ev, cause, dst)))
+        elif kind == EV_GIVEBACK:          # convert mode: the client learns why from an Error TLV
             cs = socket.socket(fileno=ev.fd)
-            if dst[1] == 0 or dst[0] == "0.0.0.0":
-                self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
-                return
-            self._open_for_accepted(cs, addr, dst, time.monotonic())
-        elif kind in (EV_REFUSED, EV_GIVEBACK):   # the server connection failed (the core reset the client)
-            cause = Cause.of_errno(ev.err)
-            self.stats.refused[cause.value] += 1
-            self.refusals.refused(cause, "%s:%d -> %s:%d (after accept: %s)" % (*addr, *dst, os.strerror(ev.err)))
-            if kind == EV_GIVEBACK:        # convert mode: the client learns why from an Error TLV
-                cs = socket.socket(fileno=ev.fd)
-                converting.answer_and_end(cs, converting.error_for(cause))
-                cs.close()
+            converting.answer_and_end(cs, converting.error_for(CAUSES[ev.cause]))
+            cs.close()
         elif kind == EV_ABORTED:
             why = "idle timeout" if ev.err == ETIME else errno.errorcode.get(ev.err, str(ev.err))
             log.info("reset %s:%d -> %s:%d: %s", *addr, *dst, why)
+
+    def _refusal_detail(self, ev, cause: Cause, dst) -> str:
+        """The log line's reason for a refusal the core made (it sends codes, not sentences)."""
+        after = "after accept: " if ev.after_accept else ""
+        if cause is Cause.BAD_OPTION:
+            text = SYN_ERROR_TEXT[ev.detail].format(arg=ev.arg)
+        elif cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
+            text = (self.policy.refusal(addr_of(ev.caddr, 0)[0], dst[0], dst[1]) or (cause, ""))[1]
+        elif cause in (Cause.FD_LIMIT, Cause.CONNECTION_LIMIT):
+            text = f"{ev.arg} connections" + (" per worker" if cause is Cause.FD_LIMIT else "")
+        elif cause is Cause.PENDING_LIMIT:
+            text = f"{ev.arg} SYNs held"
+        elif ev.err:
+            text = f"server {dst[0]}:{dst[1]}: {os.strerror(ev.err)}"
+        else:
+            text = cause.value
+        return after + text
 
     def _contain(self, ev) -> None:
         """An unexpected error while serving an event: log it, count it, end what it belonged to."""
@@ -411,79 +395,32 @@ class Relay:
         if ev.fd in self.greetings:
             self._drop_greeting(self.greetings[ev.fd])
 
-    # -- SYN hold ----------------------------------------------------------------------------------------
-    def _on_syn(self, pkt) -> None:
-        now = time.monotonic()
-        try:
-            syn = parse_syn(pkt.get_payload())
-        except OptionError:
-            pkt.accept()          # not an IPv4 TCP SYN: not ours to judge
+    # -- accept: what the core hands here ---------------------------------------------------------------
+    def _accepted(self, cs: socket.socket, addr) -> None:
+        """A client the core accepted: another worker's (hand it over), or convert mode's."""
+        owner = handover.owner_elsewhere(addr, self.worker, self.workers, self.queue_syns, self.held)
+        if owner is not None:         # its SYN is held there, with its server connection
+            err = handover.send(self.links[owner], cs)
+            if err is None:
+                self.stats.handed_over += 1
+            else:
+                self.stats.errors["hand-over " + err] += 1
+                self._reset(cs)
             return
-        if syn.options.mp_join:
-            pkt.accept()          # a new subflow of an existing MPTCP connection: the kernel's business
-            return
-        self.stats.syns += 1
-        key = (syn.src, syn.sport)
-        p = self.pending.get(key)
-        if p is not None:
-            # A retransmitted SYN: drop it while the first is held; once released, let the kernel answer.
-            pkt.drop() if p.state is PendingState.HELD else pkt.accept()
-            return
-        try:
-            dst = self.redirect.destination(syn)
-        except OptionError as e:
-            return self._refuse(pkt, key, None, Cause.BAD_OPTION, str(e))
-        refusal = self.policy.refusal(syn.src, dst[0], dst[1])
-        if refusal is not None:
-            return self._refuse(pkt, key, dst, *refusal)
-        client_ip = int.from_bytes(socket.inet_aton(syn.src), "big")
-        decision = self.gate.decide(client_ip)
-        if decision == DEFER:
-            # The kernel answers this SYN (SYN cookies if its backlog is full); the server is
-            # connected only if the client completes its handshake (_connect_after_accept).
-            self.stats.deferred += 1
-            if self.cfg.listener.mode == "explicit" and self.recorder is None:
-                self.destinations.remember(key, dst, now)   # else the core pops it from the recorder
-            pkt.accept()
-            return
-        if decision == REFUSE:
-            return self._refuse(pkt, key, dst, Cause.PENDING_LIMIT, f"{self.gate.held} SYNs held")
-        opened = self._admit_and_open(dst, now, lambda cause, detail: self._refuse(pkt, key, dst, cause, detail))
-        if opened is None:
-            return
-        s, try_mptcp = opened
-        p = Pending(pkt, s, dst, now, try_mptcp, client_ip)
-        self.pending[key] = p
-        self.gate.hold(client_ip)
-        if self.held is not None:
-            self.held.add(key)
-        self.core.claim(key)         # its accept() comes back here, to be paired
-        self.pending_fds[s.fileno()] = (key, p)
-        self.core.watch(s.fileno(), WATCH)
+        cs.setblocking(False)
+        if self.cfg.listener.mode == "convert":
+            self._greet(cs, addr, time.monotonic())
+        else:
+            self.core.serve(cs.detach(), addr)
 
-    def _admit_and_open(self, dst: tuple[str, int], now: float, refuse) -> tuple[socket.socket, bool] | None:
-        """Admit one more connection and start its server connection; or call refuse(cause, detail)
-        (an RST to a held SYN, or to an accepted client) and return None."""
-        full = self._capacity_refusal()
-        if full is not None:
-            refuse(*full)
-            return None
-        try:
-            return self._open_server(dst, now)
-        except OSError as e:
-            self.admission.give()
-            refuse(Cause.of_errno(e.errno), f"server {dst[0]}:{dst[1]}: {e.strerror}")
-            return None
+    def _receive_handed(self, link: socket.socket) -> None:
+        for cs, addr in handover.receive(link):
+            if addr is None:
+                self._reset(cs)       # the client went away on the way here
+            else:
+                self.core.serve(cs.detach(), addr)   # paired with its held SYN's server socket
 
-    def _capacity_refusal(self) -> tuple[Cause, str] | None:
-        """None after admitting one connection, or why there is no room for it."""
-        if self.core.active() + len(self.pending) >= self.fd_capacity:
-            return Cause.FD_LIMIT, f"{self.fd_capacity} connections per worker"
-        if not self.admission.take():
-            return Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections"
-        return None
-
-    def _open_server(self, dst: tuple[str, int], now: float) -> tuple[socket.socket, bool]:
+    def _open_server(self, dst: tuple[str, int]) -> tuple[socket.socket, bool]:
         """A non-blocking socket connecting to `dst` (MPTCP unless the server was seen without it)."""
         bc = self.cfg.buffers
         try_mptcp = self.cfg.listener.server_mptcp and not self.core.tcp_only(dst)
@@ -505,127 +442,30 @@ class Relay:
             raise OSError(err, os.strerror(err))
         return s, try_mptcp
 
-    def _server_connected(self, fd: int, ev: int) -> None:
-        key, p = self.pending_fds[fd]
-        if p.state is PendingState.RELEASED:
-            return                # waiting for accept()
-        err = 0
-        if ev & (select.EPOLLERR | select.EPOLLHUP) or not ev & select.EPOLLOUT:
-            err = p.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)   # writable alone: connected
-        if err:
-            self.stats.errors["server " + errno.errorcode.get(err, str(err))] += 1
-            return self._refuse_pending(key, p, Cause.of_errno(err), f"server {p.dst[0]}:{p.dst[1]}: {os.strerror(err)}")
-        now = time.monotonic()
-        self.stats.server_connected(now - p.t_syn)
-        if p.tried_mptcp:
-            p.server_mptcp = mptcp.is_mptcp(p.server)
-            self.core.learn(p.dst, p.server_mptcp)
-        p.ready_at = now
-        p.release().accept()              # the kernel now answers the client's SYN
-
-    def _refuse(self, pkt, key, dst, cause: Cause, detail: str) -> None:
-        self.stats.refused[cause.value] += 1
-        self.refusals.refused(cause, f"{key[0]}:{key[1]} -> {'%s:%d' % dst if dst else '?'}"
-                                     + (f" ({detail})" if detail else ""))
-        pkt.set_mark(REFUSE_MARK)
-        pkt.accept()              # filter/INPUT answers a marked SYN with a TCP RST
-
-    def _refuse_pending(self, key, p: Pending, cause: Cause, detail: str) -> None:
-        if self.pending.pop(key, None) is not None:
+    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes, early: bytes) -> None:
+        """Convert mode, message read: policy, admission, the server connection, then the core's."""
+        cause = self.core.refusal(addr[0], dst)
+        if cause is not None:
+            detail = (self.policy.refusal(addr[0], dst[0], dst[1]) or (cause, ""))[1]
+            return self._refuse_accepted(cs, addr, dst, cause, detail)
+        if self.core.active() + self.core.pending() >= self.fd_capacity:
+            return self._refuse_accepted(cs, addr, dst, Cause.FD_LIMIT, f"{self.fd_capacity} connections per worker")
+        if not self.admission.take():
+            return self._refuse_accepted(cs, addr, dst, Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections")
+        try:
+            s, try_mptcp = self._open_server(dst)
+        except OSError as e:
             self.admission.give()
-            self.gate.release(p.client_ip)
-            if self.held is not None:
-                self.held.discard(key)
-            self.core.claim(key, False)
-        self.pending_fds.pop(p.server.fileno(), None)
-        self.core.unwatch(p.server.fileno())
-        p.server.close()
-        if p.state is PendingState.HELD:
-            self._refuse(p.release(), key, p.dst, cause, detail)
-
-    # -- accept / pair -------------------------------------------------------------------------------
-    def _accepted(self, cs: socket.socket, addr) -> None:
-        """A client the core accepted and handed here: another worker's, or one to pair or set up."""
-        owner = handover.owner_elsewhere(addr, self.worker, self.workers, self.queue_syns, self.held)
-        if owner is not None:         # its SYN is held there, with its server connection
-            err = handover.send(self.links[owner], cs)
-            if err is None:
-                self.stats.handed_over += 1
-            else:
-                self.stats.errors["hand-over " + err] += 1
-                self._reset(cs)
-            return
-        cs.setblocking(False)
-        self._pair(cs, addr)
-
-    def _receive_handed(self, link: socket.socket) -> None:
-        for cs, addr in handover.receive(link):
-            if addr is None:
-                self._reset(cs)       # the client went away on the way here
-            else:
-                self._pair(cs, addr)
-
-    def _pair(self, cs: socket.socket, addr) -> None:
-        """Pair an accepted client socket with the server socket started at its SYN; start relaying."""
-        p = self.pending.get(addr)
-        if p is None:
-            return self._connect_after_accept(cs, addr)
-        if p.state is PendingState.HELD:
-            # Its SYN is still held (a retransmission the kernel answered before ours was): reset.
-            self.stats.errors["accept while SYN held"] += 1
-            self._reset(cs)
-            return
-        del self.pending[addr]
-        self.gate.release(p.client_ip)
-        if self.held is not None:
-            self.held.discard(addr)
-        self.core.claim(addr, False)
-        del self.pending_fds[p.server.fileno()]
-        # the server socket is connected: the core relays from now on (and moves what is there)
-        self._hand_to_core(cs, p.server, addr, p.dst, p.t_syn, connecting=False, server_mptcp=p.server_mptcp)
-
-    def _hand_to_core(self, cs: socket.socket, s: socket.socket, addr, dst, t_syn: float, **kw) -> None:
+            return self._refuse_accepted(cs, addr, dst, Cause.of_errno(e.errno),
+                                         f"server {dst[0]}:{dst[1]}: {e.strerror}")
         cfd, sfd = cs.detach(), s.detach()
         try:
-            self.core.add(cfd, sfd, addr, dst, t_syn, **kw)
+            self.core.add(cfd, sfd, addr, dst, now, connecting=True, tried_mptcp=try_mptcp, prefix=reply, early=early)
         except OSError as e:
+            self.admission.give()
             self.stats.errors["core " + errno.errorcode.get(e.errno, str(e.errno))] += 1
             self._reset(socket.socket(fileno=cfd))
             os.close(sfd)
-
-    def _connect_after_accept(self, cs: socket.socket, addr) -> None:
-        """A client whose SYN was not held (accept or auto past the caps): find its destination,
-        check it, connect; the client is reset if that fails (it has no byte relayed yet)."""
-        now = time.monotonic()
-        lc = self.cfg.listener
-        if lc.mode == "convert":
-            return self._greet(cs, addr, now)
-        if lc.mode == "static":
-            dst = lc.upstream
-        elif lc.mode == "transparent":
-            dst = cs.getsockname()     # TPROXY kept the address the client asked for
-        else:
-            dst = self.destinations.take(addr, now) or (self.recorder.pop(addr) if self.recorder else None)
-            if dst is None:
-                return self._refuse_accepted(cs, addr, None, Cause.NO_DESTINATION, "no DST_OPT seen in its SYN")
-            if dst[1] == 0 or dst[0] == "0.0.0.0":
-                return self._refuse_accepted(cs, addr, dst, Cause.BAD_OPTION, "DST_OPT port 0 or address 0.0.0.0")
-        self._open_for_accepted(cs, addr, dst, now)
-
-    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes = b"",
-                           early: bytes = b"") -> None:
-        """Policy, admission and the server connection for an accepted client, then the core's;
-        refused here otherwise. An allowed pair is told to the core, which opens the next itself."""
-        refusal = self.policy.refusal(addr[0], dst[0], dst[1])   # its SYN may not have been judged
-        if refusal is not None:
-            return self._refuse_accepted(cs, addr, dst, *refusal)
-        self.core.allow(addr[0], dst)
-        opened = self._admit_and_open(dst, now,
-                                      lambda cause, detail: self._refuse_accepted(cs, addr, dst, cause, detail))
-        if opened is None:
-            return
-        s, try_mptcp = opened
-        self._hand_to_core(cs, s, addr, dst, now, connecting=True, tried_mptcp=try_mptcp, prefix=reply, early=early)
 
     # -- convert mode (RFC 8803): the destination is the first bytes of the stream ----------------------
     def _greet(self, cs: socket.socket, addr, now: float) -> None:
@@ -712,29 +552,20 @@ class Relay:
 
     # -- timers and stats --------------------------------------------------------------------------------
     def _sweep(self, now: float) -> None:
-        """Once a second: act on what waited too long (mimbox.timers decides it for held SYNs and
-        convert messages; the core for its connections: connect and idle timeouts, lone answers)."""
-        t = self.timeouts
-        d = due(t, now, self.pending, self.greetings.values())
-        for key, p in d.server_silent:
-            self.stats.errors["server connect timeout"] += 1
-            self._refuse_pending(key, p, Cause.SERVER_TIMEOUT, f"server {p.dst[0]}:{p.dst[1]}: no answer in {t.connect:g}s")
-        for key, p in d.client_silent:
-            self.stats.errors["client handshake timeout"] += 1
-            self._refuse_pending(key, p, Cause.HANDSHAKE_TIMEOUT, "")
-        for g in d.greetings:
+        """Once a second: act on what waited too long (mimbox.timers decides it for convert messages;
+        the core for held SYNs and connections)."""
+        for g in due(self.timeouts, now, self.greetings.values()).greetings:
             self.stats.errors["convert message timeout"] += 1
             self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
         for ev in self.core.sweep():
             self._on_core_event(ev)
-        self.destinations.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
 
     def snapshot(self, connections: bool = True) -> dict:
         """The relay's counters and the core's, as one (`mimbox stats`)."""
         cs = self.core.stats()
-        extra = {"active": cs.active, "pending": len(self.pending), "limit": self.admission.limit,
+        extra = {"active": cs.active, "pending": self.core.pending(), "limit": self.admission.limit,
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
@@ -748,19 +579,25 @@ class Relay:
                  "server_subflows": mptcp.subflows(c.sfd), "age_s": round(now - c.t_accept, 3)}
                 for c in self.core.connections()]
         d = self.stats.snapshot(**extra)
-        for k in ("accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed", "bytes_up",
-                  "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum"):
+        for k in ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
+                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum"):
             d[k] += getattr(cs, k)
         d["server_connect_us_max"] = max(d["server_connect_us_max"], cs.server_connect_us_max)
         n = d["server_connects"]
         d["server_connect_us_mean"] = d["server_connect_us_sum"] / n if n else 0
         errors = d["errors"]
-        for prefix, counts in (("", cs.errors), ("accept ", cs.accept_errors)):
+        for i, count in enumerate(cs.refused):
+            if count:
+                d["refused"][CAUSES[i].value] = d["refused"].get(CAUSES[i].value, 0) + count
+        for prefix, counts in (("", cs.errors), ("accept ", cs.accept_errors), ("server ", cs.server_errors)):
             for e, count in enumerate(counts):
                 if count:
                     key = prefix + errno.errorcode.get(e, str(e))
                     errors[key] = errors.get(key, 0) + count
-        for key, count in (("idle timeout", cs.idle_timeouts), (Cause.SERVER_TIMEOUT.value, cs.connect_timeouts)):
+        for key, count in (("idle timeout", cs.idle_timeouts), (Cause.SERVER_TIMEOUT.value, cs.connect_timeouts),
+                           ("server connect timeout", cs.held_connect_timeouts),
+                           ("client handshake timeout", cs.handshake_timeouts),
+                           ("accept while SYN held", cs.accept_while_held)):
             if count:
                 errors[key] = errors.get(key, 0) + count
         return d

@@ -1,18 +1,17 @@
-"""What the converter decides about a new connection, without touching a socket: unit-testable.
+"""The SYN path's shared pieces on the Python side (the decisions per SYN are the core's:
+native/relaycore.c, on_syn and core_gate; tests/test_core.py).
 
     Cause              why a connection was refused or reset: the stats key and the log's cause
     RefusalLog         a WARNING per refusal, at most `burst` a second, then one "N more" line
-    SynGate            hold a SYN (paper: connect to the server first) or let the kernel answer it
-                       (connect after accept), by how many SYNs are held, in total and per prefix
-    Destinations       where deferred clients wanted to go (explicit mode), bounded, oldest out
     Admission          the connection limit, shared by workers (and the core)
-    Pending            a held SYN and its server connection; PendingState: held, then released
+    HeldSet            which clients' SYNs some worker holds (shared by workers and their cores)
 
-Why a gate: holding a SYN makes the converter open a server connection before the client has
-proved its address. A spoofed SYN flood then fills the pending table and the server's backlog, and
-real clients are locked out. Past the caps the converter releases SYNs unheld instead: the kernel
-answers them (with SYN cookies when its backlog is full), and only clients that complete their
-handshake reach accept() and get a server connection.
+Why the core gates SYNs: holding a SYN makes the converter open a server connection before the
+client has proved its address. A spoofed SYN flood then fills the pending table and the server's
+backlog, and real clients are locked out. Past the caps (--pending-limit, --pending-per-prefix)
+the converter releases SYNs unheld instead: the kernel answers them (with SYN cookies when its
+backlog is full), and only clients that complete their handshake reach accept() and get a server
+connection.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import enum
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 
 class Cause(str, enum.Enum):
@@ -86,80 +85,6 @@ class RefusalLog:
             self.lines += 1
             self.log.warning("%d more refusals suppressed in %gs (%s)", total, self.interval, causes)
             self.suppressed.clear()
-
-
-HOLD, DEFER, REFUSE = "hold", "defer", "refuse"
-
-
-class SynGate:
-    """Decides per SYN that reached the converter: hold it (connect first), defer it (the kernel
-    answers, the server is connected after accept), or refuse it. `mode` is --syn-path:
-
-      hold    every SYN is held (the paper); past a cap the SYN is refused (RST)
-      accept  no SYN is held
-      auto    held while under both caps, deferred past either (the default; the netfilter
-              rules also send only --hold-rate SYNs/s per client /24 to the converter at all)
-
-    Caps: `limit` SYNs held in all, `per_prefix` held from one client /`prefix_len` (spoofed
-    floods pick addresses in one allowed prefix)."""
-
-    def __init__(self, mode: str = "auto", limit: int = 256, per_prefix: int = 64, prefix_len: int = 24):
-        if mode not in ("auto", "hold", "accept"):
-            raise ValueError(f"unknown SYN path {mode!r}")
-        self.mode, self.limit, self.per_prefix = mode, limit, per_prefix
-        self.mask = (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
-        self.held = 0
-        self.by_prefix: Counter = Counter()
-
-    def decide(self, client: int) -> str:
-        """HOLD, DEFER or REFUSE for a SYN from `client` (an IPv4 address as int)."""
-        if self.mode == "accept":
-            return DEFER
-        if self.held < self.limit and self.by_prefix[client & self.mask] < self.per_prefix:
-            return HOLD
-        return REFUSE if self.mode == "hold" else DEFER
-
-    def hold(self, client: int) -> None:
-        """A SYN from `client` is now held."""
-        self.held += 1
-        self.by_prefix[client & self.mask] += 1
-
-    def release(self, client: int) -> None:
-        """A held SYN from `client` was released (to the kernel or refused)."""
-        self.held -= 1
-        p = client & self.mask
-        self.by_prefix[p] -= 1
-        if self.by_prefix[p] <= 0:
-            del self.by_prefix[p]
-
-
-class Destinations:
-    """Where deferred clients asked to go (DST_OPT of their SYN), by (address, port): looked up at
-    accept(). Bounded: a flood of SYNs that never complete pushes out only the oldest entries."""
-
-    def __init__(self, size: int = 65536, ttl: float = 30.0):
-        self.size, self.ttl = size, ttl
-        self.entries: OrderedDict = OrderedDict()
-
-    def remember(self, client: tuple[str, int], dst: tuple[str, int], now: float) -> None:
-        self.entries.pop(client, None)
-        self.entries[client] = (dst, now)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-    def take(self, client: tuple[str, int], now: float) -> tuple[str, int] | None:
-        """The destination of `client`'s SYN (once), or None if unknown or older than ttl."""
-        e = self.entries.pop(client, None)
-        if e is None or now - e[1] > self.ttl:
-            return None
-        return e[0]
-
-    def expire(self, now: float) -> None:
-        while self.entries:
-            _, (_, t) = next(iter(self.entries.items()))
-            if now - t <= self.ttl:
-                return
-            self.entries.popitem(last=False)
 
 
 class Admission:
@@ -247,27 +172,3 @@ class HeldSet:
     def __contains__(self, client: tuple[str, int]) -> bool:
         k = self.key(client)
         return self.slots[self._slot(k)] == k
-
-
-class PendingState(enum.Enum):
-    """Where a held SYN's connection is, before accept()."""
-    HELD = "SYN held, connecting to the server"
-    RELEASED = "server answered, SYN released, waiting for the client's handshake and accept()"
-
-
-class Pending:
-    """A held SYN and the server connection started for it."""
-    __slots__ = ("pkt", "state", "server", "dst", "t_syn", "ready_at", "tried_mptcp", "server_mptcp", "client_ip")
-
-    def __init__(self, pkt, server: socket.socket, dst, t_syn: float, tried_mptcp: bool, client_ip: int):
-        self.pkt, self.server, self.dst, self.t_syn = pkt, server, dst, t_syn
-        self.state = PendingState.HELD
-        self.client_ip = client_ip
-        self.ready_at = 0.0
-        self.tried_mptcp = tried_mptcp
-        self.server_mptcp = False
-
-    def release(self):
-        """The verdict is about to be given: returns the packet, now no longer held."""
-        pkt, self.pkt, self.state = self.pkt, None, PendingState.RELEASED
-        return pkt

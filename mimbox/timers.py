@@ -1,12 +1,13 @@
 """The converter's timers. Once a second the relay asks `due()` what of its own has waited too
 long (decided without a socket, unit-tested in tests/unit) and acts on the answer:
 
-    held SYN, server silent         > connect timeout     -> refused (RST to the SYN)
-    released SYN, client silent     > handshake timeout   -> its server connection closed
     convert message incomplete      > handshake timeout   -> Error TLV "Malformed Message"
 
-and the core (native/relaycore.c, core_sweep) those of the connections it relays:
+and the core (native/relaycore.c, core_sweep; tests/test_core.py) those of the SYNs it holds and
+the connections it relays:
 
+    held SYN, server silent         > connect timeout     -> refused (RST to the SYN)
+    released SYN, client silent     > handshake timeout   -> its server connection closed
     accepted, server still silent   > connect timeout     -> RST (convert mode: Error TLV)
     convert answer, both silent     > PREFIX_WAIT         -> the answer is sent alone (a client that
                                                              sent bytes gets it with the server's)
@@ -15,8 +16,6 @@ and the core (native/relaycore.c, core_sweep) those of the connections it relays
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from mimbox.synpath import PendingState
 
 PREFIX_WAIT = 0.2     # convert mode: how long the answer waits for the server's first bytes
 
@@ -37,18 +36,9 @@ class Timeouts:
 @dataclass
 class Due:
     """What has waited too long, by what the relay does about it."""
-    server_silent: list = field(default_factory=list)        # (key, Pending) still HELD
-    client_silent: list = field(default_factory=list)        # (key, Pending) RELEASED, never accepted
     greetings: list = field(default_factory=list)            # convert mode: Greeting never complete
 
 
-def due(t: Timeouts, now: float, pending: dict, greetings=()) -> Due:
-    """`pending`: key -> Pending; `greetings`: Greeting objects."""
-    d = Due()
-    for key, p in pending.items():
-        if p.state is PendingState.HELD and now - p.t_syn > t.connect:
-            d.server_silent.append((key, p))
-        elif p.state is PendingState.RELEASED and now - p.ready_at > t.handshake:
-            d.client_silent.append((key, p))
-    d.greetings = [g for g in greetings if now - g.t > t.handshake]
-    return d
+def due(t: Timeouts, now: float, greetings=()) -> Due:
+    """`greetings`: Greeting objects (convert mode's messages not yet complete)."""
+    return Due(greetings=[g for g in greetings if now - g.t > t.handshake])

@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
-/* MiMBox's per-connection path in C: accept, connect, relay, close — without the interpreter.
+/* MiMBox's per-connection path in C: SYN, accept, connect, relay, close — without the interpreter.
  *
- * The relay (mimbox/relay.py) decides; this core does what every connection does. One core per
+ * The relay (mimbox/relay.py) configures; this core does what every connection does. One core per
  * worker owns the worker's epoll set. core_run() waits on it and, for each event:
- *   - a listener: accept4() every waiting client; where the destination, the policy verdict and
- *     the admission are known here (static, transparent, explicit with the BPF recorder's map; a
- *     remembered "allowed"), open the server connection at once; anything else goes to Python as
- *     an event (held SYNs, hand-over, convert mode, policy not yet decided, a refusal to log);
+ *   - its NFQUEUE: hold each client SYN while the server is connected (the paper's order), or let
+ *     the kernel answer it (past the gate's caps), or refuse it (a marked verdict: RST);
+ *   - a listener: accept4() every waiting client; pair it with its held SYN's server socket, or
+ *     find its destination (static, transparent, DST_OPT seen in its SYN, the BPF recorder's map),
+ *     check the policy and the admission, and open the server connection; hand-over and convert
+ *     mode go to Python as events, refusals too (for the log; the core counts them);
  *   - a connection: finish its server connect, move bytes (copy through one buffer, splice once a
  *     direction passed splice_after), pass EOFs on as shutdown(SHUT_WR), resets as resets;
  *   - a Python fd (NFQUEUE, stats socket, links, greetings, held SYNs' server sockets): returned.
@@ -28,24 +30,28 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/types.h>
-#include "dstopt.h"		/* generated from mimbox/dstopt.py: the recorder's map layout */
+#include <linux/netfilter.h>
+#include <libnetfilter_queue/libnetfilter_queue.h>
+#include "dstopt.h"		/* generated from mimbox/dstopt.py: DST_OPT and the recorder's map */
+#include "relaycore.h"		/* generated from mimbox/core.py: causes, events, sources, engines */
 
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
 #endif
 #define TCP_IS_MPTCP 43
 
-enum { ENGINE_COPY, ENGINE_SPLICE, ENGINE_AUTO };
-enum { DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_RECORDER };
-enum { EV_FD = 1, EV_ACCEPTED, EV_OPEN, EV_REFUSED, EV_GIVEBACK, EV_ABORTED };
-enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2 };
-#define KIND_SHIFT 62
+enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING = 4 };
+#define KIND_SHIFT 60
+#define PENDING_HELD 1
+#define PENDING_RELEASED 2
+#define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
+#define MAX_PREFIXES 64
 #define ERRNO_SLOTS 160
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 #define DRAIN (EPOLLRDHUP | EPOLLERR | EPOLLHUP)
 #define MAX_EVENTS 256
 #define POOL_MAX 1024
-#define MEMO_SLOTS 4096		/* policy verdicts "allowed", and servers without MPTCP */
+#define MEMO_SLOTS 4096		/* servers without MPTCP */
 
 struct core_config {
 	int32_t engine, pipe_size, splice_after, dst_source;
@@ -59,6 +65,8 @@ struct core_config {
 	int64_t admission_limit;
 	uint64_t *held_slots;		/* the workers' shared set of held SYNs (NULL: none) */
 	uint64_t held_mask;
+	int32_t syn_path, pending_limit, pending_per_prefix, explicit_opt;	/* explicit_opt: DST_OPT decides */
+	double handshake_timeout;
 };
 
 struct core_event {
@@ -67,16 +75,20 @@ struct core_event {
 	int32_t err;
 	uint32_t caddr, daddr;		/* network order */
 	uint16_t cport, dport;		/* network order */
-	int32_t sfd;
+	int32_t cause, detail;		/* EV_REFUSED: CAUSE_*, and SYN_* for a bad option */
+	int32_t arg, after_accept;
 };
 
 struct core_stats {
 	uint64_t accepted, client_mptcp, client_tcp, server_mptcp, server_tcp, closed;
 	uint64_t bytes_up, bytes_down, server_connects, server_tcp_remembered;
 	double server_connect_us_sum, server_connect_us_max;
-	uint64_t active, pipes_pooled, idle_timeouts, connect_timeouts, refused_after_accept;
+	uint64_t active, pipes_pooled, idle_timeouts, connect_timeouts;
 	uint64_t errors[ERRNO_SLOTS];	/* resets by errno */
 	uint64_t accept_errors[ERRNO_SLOTS];
+	uint64_t syns, deferred, held, handshake_timeouts, held_connect_timeouts, accept_while_held;
+	uint64_t refused[CAUSE_COUNT];
+	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
 };
 
 struct core_conn_info {
@@ -112,6 +124,27 @@ struct conn {
 
 struct memo { uint64_t key; double until; };
 
+struct syn_info {
+	uint32_t saddr, daddr;		/* network order */
+	uint16_t sport, dport;
+	uint32_t dst_addr;		/* DST_OPT, network order */
+	uint16_t dst_port;
+	int32_t has_dst, error, arg, mp_join, mp_capable;
+};
+
+struct pending {			/* a held SYN and its server connection */
+	uint8_t state, tried_mptcp, server_mptcp;
+	uint32_t id, caddr, daddr;
+	uint16_t cport, dport;
+	uint64_t key;
+	int sfd, next_free;
+	double t_syn, ready_at;
+};
+
+struct destination { uint64_t key; uint32_t daddr; uint16_t dport; double t; };
+struct prefix { uint32_t net, mask; };	/* host order */
+struct gate_count { uint32_t prefix; int32_t n; };
+
 struct core {
 	struct core_config cfg;
 	struct core_stats st;
@@ -126,9 +159,20 @@ struct core {
 	double now;
 	struct core_event *out;
 	int nout, maxout;
-	struct memo allowed[MEMO_SLOTS];	/* policy: (client, destination) known to be allowed */
 	struct memo tcp_only[MEMO_SLOTS];	/* servers that answered without MPTCP, until */
-	uint64_t claimed[1 << 16];		/* clients whose connection Python serves (held SYNs) */
+	uint64_t claimed[1 << 16];		/* clients with a pending entry (a fast filter) */
+	struct pending *pending;
+	int npending_slots, pending_free, npending, held_now;
+	struct gate_count *gate;		/* held SYNs per client /24 (open addressing) */
+	int gate_slots;
+	struct destination *dests;
+	struct prefix allow[MAX_PREFIXES], deny[MAX_PREFIXES];
+	uint32_t own[MAX_PREFIXES];
+	int nallow, ndeny, nown;
+	struct nfq_handle *nfq;
+	struct nfq_q_handle *qh;
+	int qfd;
+	char *qbuf;
 };
 
 static double monotonic(void)
@@ -156,9 +200,25 @@ static struct core_event *emit(struct core *c, int kind)
 	e = &c->out[c->nout++];
 	memset(e, 0, sizeof(*e));
 	e->kind = kind;
-	e->fd = e->sfd = -1;
+	e->fd = -1;
 	return e;
 }
+
+static int cause_of_errno(int err)	/* mimbox.synpath.Cause.of_errno */
+{
+	switch (err) {
+	case ECONNREFUSED:
+		return CAUSE_SERVER_REFUSED;
+	case ENETUNREACH: case EHOSTUNREACH: case EHOSTDOWN: case ENETDOWN:
+		return CAUSE_SERVER_UNREACHABLE;
+	case ETIMEDOUT:
+		return CAUSE_SERVER_TIMEOUT;
+	}
+	return CAUSE_SERVER_ERROR;
+}
+
+static void refused(struct core *c, int cause, int detail, int arg, int err, int after_accept,
+		    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport);
 
 static void count_errno(struct core *c, int err)
 {
@@ -185,22 +245,6 @@ void core_unadmit(int64_t *counter)
 static struct memo *memo_slot(struct memo *m, uint64_t key)
 {
 	return &m[hash64(key) & (MEMO_SLOTS - 1)];
-}
-
-static uint64_t policy_key(uint32_t caddr, uint32_t daddr, uint16_t dport)
-{
-	return ((uint64_t)caddr << 32 | daddr) ^ ((uint64_t)dport << 17) ^ 1;
-}
-
-void core_allow(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport)
-{
-	struct memo *m = memo_slot(c->allowed, policy_key(caddr, daddr, dport));
-	m->key = policy_key(caddr, daddr, dport);
-}
-
-static int allowed(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport)
-{
-	return memo_slot(c->allowed, policy_key(caddr, daddr, dport))->key == policy_key(caddr, daddr, dport);
 }
 
 static uint64_t server_key(uint32_t daddr, uint16_t dport)
@@ -231,15 +275,6 @@ void core_learn(struct core *c, uint32_t daddr, uint16_t dport, int mptcp_works)
 	m->until = monotonic() + c->cfg.server_mptcp_retry;
 }
 
-void core_claim(struct core *c, uint32_t addr, uint16_t port, int on)
-{
-	uint64_t k = client_key(addr, port), *s = &c->claimed[hash64(k) & 0xFFFF];
-	if (on)
-		*s = k;
-	else if (*s == k)
-		*s = 0;
-}
-
 /* -- set-up --------------------------------------------------------------------------------------------- */
 struct core *core_new(const struct core_config *cfg)
 {
@@ -248,14 +283,29 @@ struct core *core_new(const struct core_config *cfg)
 		return NULL;
 	c->cfg = *cfg;
 	c->free_head = -1;
+	c->pending_free = -1;
+	c->qfd = -1;
 	c->epfd = epoll_create1(EPOLL_CLOEXEC);
 	c->copy_buf = malloc(cfg->pipe_size);
-	if (c->epfd < 0 || !c->copy_buf) {
+	c->npending_slots = cfg->pending_limit > 0 ? cfg->pending_limit : 1;
+	c->pending = calloc(c->npending_slots, sizeof(*c->pending));
+	for (c->gate_slots = 64; c->gate_slots < 4 * c->npending_slots; c->gate_slots *= 2)
+		;
+	c->gate = calloc(c->gate_slots, sizeof(*c->gate));
+	c->dests = calloc(DESTINATIONS, sizeof(*c->dests));
+	if (c->epfd < 0 || !c->copy_buf || !c->pending || !c->gate || !c->dests) {
 		if (c->epfd >= 0)
 			close(c->epfd);
 		free(c->copy_buf);
+		free(c->pending);
+		free(c->gate);
+		free(c->dests);
 		free(c);
 		return NULL;
+	}
+	for (int i = 0; i < c->npending_slots; i++) {
+		c->pending[i].next_free = c->pending_free;
+		c->pending_free = i;
 	}
 	return c;
 }
@@ -282,6 +332,7 @@ int core_abi(int which)
 	case 1: return sizeof(struct core_event);
 	case 2: return sizeof(struct core_stats);
 	case 3: return sizeof(struct core_conn_info);
+	case 4: return sizeof(struct syn_info);
 	}
 	return -1;
 }
@@ -735,23 +786,15 @@ static void connect_failed(struct core *c, int i, int err, int timeout)
 {
 	struct conn *k = c->conns[i];
 	struct core_event *e;
-	c->st.refused_after_accept++;
 	if (timeout)
 		c->st.connect_timeouts++;
-	if (k->down.prefix) {
-		e = emit(c, EV_GIVEBACK);
-		if (e) {
-			e->fd = k->cfd;
-			e->err = err;
-			e->caddr = k->caddr;
-			e->cport = k->cport;
-			e->daddr = k->daddr;
-			e->dport = k->dport;
-			conn_close(c, i, 0, 1);
-			return;
-		}
+	refused(c, cause_of_errno(err), 0, 0, err, 1, k->caddr, k->cport, k->daddr, k->dport);
+	if (k->down.prefix && (e = emit(c, EV_GIVEBACK))) {
+		e->fd = k->cfd;
+		e->cause = cause_of_errno(err);
+		conn_close(c, i, 0, 1);
+		return;
 	}
-	conn_event(c, k, EV_REFUSED, err);
 	conn_close(c, i, 1, 0);
 }
 
@@ -786,7 +829,7 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 
 static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 {
-	int i = (data & 0xFFFFFFFFull) >> 1, is_client = data & 1;
+	int i = (uint32_t)data >> 1, is_client = data & 1;
 	struct conn *k = c->conns[i];
 	struct dir *in, *out;
 
@@ -803,6 +846,433 @@ static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 		pump(c, i, in, ev & DRAIN);
 	if ((ev & EPOLLOUT) && out->buffered && !k->closed)
 		pump(c, i, out, 1);	/* its destination has room again */
+}
+
+/* -- policy (mimbox.safety.Policy decides the same; tests/test_core.py checks they agree) ------------ */
+void core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)	/* host order */
+{
+	if (kind == 0 && c->nallow < MAX_PREFIXES)
+		c->allow[c->nallow++] = (struct prefix){net & mask, mask};
+	else if (kind == 1 && c->ndeny < MAX_PREFIXES)
+		c->deny[c->ndeny++] = (struct prefix){net & mask, mask};
+	else if (kind == 2 && c->nown < MAX_PREFIXES)
+		c->own[c->nown++] = net;
+}
+
+/* -1: allowed; else the CAUSE_* that refuses client -> daddr:dport (network order) */
+int core_refusal(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport)
+{
+	uint32_t cl = ntohl(caddr), d = ntohl(daddr);
+	int ok = 0;
+	for (int i = 0; i < c->nallow && !ok; i++)
+		ok = (cl & c->allow[i].mask) == c->allow[i].net;
+	if (!ok)
+		return CAUSE_CLIENT_NOT_ALLOWED;
+	for (int i = 0; i < c->nown; i++)
+		if (d == c->own[i])
+			return CAUSE_DESTINATION_DENIED;
+	for (int i = 0; i < c->ndeny; i++)
+		if ((d & c->deny[i].mask) == c->deny[i].net)
+			return CAUSE_DESTINATION_DENIED;
+	if (!dport)
+		return CAUSE_DESTINATION_DENIED;
+	return -1;
+}
+
+/* -- the SYN gate (README "SYN path"): hold while under both caps ------------------------------------ */
+/* open addressing; key = prefix + 1 (0: never used); a count back at 0 is a reusable tombstone */
+static struct gate_count *gate_slot(struct core *c, uint32_t prefix, int create)
+{
+	uint32_t mask = c->gate_slots - 1, i = hash64(prefix + 1) & mask;
+	struct gate_count *reuse = NULL;
+	for (int n = 0; n < c->gate_slots; n++, i = (i + 1) & mask) {
+		struct gate_count *g = &c->gate[i];
+		if (g->prefix == prefix + 1 && g->n > 0)
+			return g;
+		if (g->n <= 0 && !reuse)
+			reuse = g;
+		if (!g->prefix)
+			break;		/* never used: the prefix is not further on */
+	}
+	if (!create || !reuse)
+		return NULL;
+	reuse->prefix = prefix + 1;
+	reuse->n = 0;
+	return reuse;
+}
+
+/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (network order) */
+int core_gate(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g;
+	if (c->cfg.syn_path == SYN_PATH_ACCEPT)
+		return SYN_DEFER;
+	g = gate_slot(c, ntohl(caddr) & 0xFFFFFF00, 0);
+	if (c->held_now < c->cfg.pending_limit && (!g || g->n < c->cfg.pending_per_prefix))
+		return SYN_HOLD;
+	return c->cfg.syn_path == SYN_PATH_HOLD ? SYN_REFUSE : SYN_DEFER;
+}
+
+static void gate_hold(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g = gate_slot(c, ntohl(caddr) & 0xFFFFFF00, 1);
+	c->held_now++;
+	if (g)
+		g->n++;
+}
+
+static void gate_release(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g = gate_slot(c, ntohl(caddr) & 0xFFFFFF00, 0);
+	c->held_now--;
+	if (g)
+		g->n--;
+}
+
+/* -- where deferred explicit-mode clients asked to go (their SYN's DST_OPT), looked up at accept() --- */
+static void dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
+{
+	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
+	*d = (struct destination){key, daddr, dport, c->now};
+}
+
+static int dest_take(struct core *c, uint64_t key, uint32_t *daddr, uint16_t *dport)
+{
+	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
+	if (d->key != key)
+		return 0;
+	d->key = 0;
+	if (c->now - d->t > 2 * c->cfg.handshake_timeout)
+		return 0;
+	*daddr = d->daddr;
+	*dport = d->dport;
+	return 1;
+}
+
+/* -- refusals: counted here, logged by Python (EV_REFUSED) ---------------------------------------------- */
+static void refused(struct core *c, int cause, int detail, int arg, int err, int after_accept,
+		    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport)
+{
+	struct core_event *e;
+	c->st.refused[cause]++;
+	e = emit(c, EV_REFUSED);
+	if (!e)
+		return;
+	e->cause = cause;
+	e->detail = detail;
+	e->arg = arg;
+	e->err = err;
+	e->after_accept = after_accept;
+	e->caddr = caddr;
+	e->cport = cport;
+	e->daddr = daddr;
+	e->dport = dport;
+}
+
+/* -- SYNs: mimbox/dstopt.py parse_options, the same decisions (tests/test_core.py compares) ---------- */
+
+/* 0: an IPv4 TCP SYN (options parsed, never fails on them), -1: not one */
+int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
+{
+	int ihl, doff, i, n;
+	const uint8_t *t, *o;
+	memset(s, 0, sizeof(*s));
+	if (len < 20 || p[0] >> 4 != 4)
+		return -1;
+	ihl = (p[0] & 0x0F) * 4;
+	if (p[9] != IPPROTO_TCP || len < ihl + 20)
+		return -1;
+	t = p + ihl;
+	doff = (t[12] >> 4) * 4;
+	if (doff < 20 || len - ihl < doff)
+		return -1;
+	memcpy(&s->saddr, p + 12, 4);
+	memcpy(&s->daddr, p + 16, 4);
+	memcpy(&s->sport, t, 2);
+	memcpy(&s->dport, t + 2, 2);
+	o = t + 20;
+	n = doff - 20;
+	for (i = 0; i < n;) {
+		int kind = o[i], olen;
+		if (kind == 0)
+			break;
+		if (kind == 1) {
+			i++;
+			continue;
+		}
+		if (i + 1 >= n) {
+			if (!s->error)
+				s->error = SYN_TRUNCATED;
+			break;
+		}
+		olen = o[i + 1];
+		if (olen < 2 || i + olen > n) {
+			if (!s->error) {
+				s->error = SYN_BAD_LENGTH;
+				s->arg = olen;
+			}
+			break;
+		}
+		if (kind == DSTOPT_KIND) {
+			int exid = olen >= 4 ? (o[i + 2] << 8 | o[i + 3]) : -1;
+			if (exid >= 0 && exid != DSTOPT_EXID) {
+				if (!s->error) {
+					s->error = SYN_UNKNOWN_EXID;
+					s->arg = exid;
+				}
+			} else if (s->has_dst) {
+				s->error = SYN_MORE_THAN_ONE;
+			} else if (olen != DSTOPT_LEN) {
+				s->error = SYN_DSTOPT_LENGTH;
+				s->arg = olen;
+			} else if (exid != DSTOPT_EXID) {
+				s->error = SYN_UNKNOWN_EXID;
+				s->arg = exid;
+			} else {
+				uint16_t port;
+				uint32_t addr;
+				memcpy(&addr, o + i + DSTOPT_OFF_ADDR, 4);
+				memcpy(&port, o + i + DSTOPT_OFF_PORT, 2);
+				if (!port)
+					s->error = SYN_PORT0;
+				else if (!addr)
+					s->error = SYN_ADDR0;
+				else {
+					s->has_dst = 1;
+					s->dst_addr = addr;
+					s->dst_port = port;
+				}
+			}
+		} else if (kind == 30 && olen >= 3) {	/* MPTCP */
+			int sub = o[i + 2] >> 4;
+			s->mp_capable |= sub == 0;
+			s->mp_join |= sub == 1;
+		}
+		i += olen;
+	}
+	if (s->error)
+		s->has_dst = 0;
+	else if (!s->has_dst)
+		s->error = SYN_NO_DSTOPT;
+	return 0;
+}
+
+/* -- held SYNs ------------------------------------------------------------------------------------------ */
+static int pending_find(struct core *c, uint64_t key)
+{
+	if (c->claimed[hash64(key) & 0xFFFF] != key)
+		return -1;
+	for (int i = 0; i < c->npending_slots; i++)
+		if (c->pending[i].state && c->pending[i].key == key)
+			return i;
+	return -1;
+}
+
+static void held_mark(struct core *c, uint64_t key, int on)
+{
+	uint64_t *slot = &c->claimed[hash64(key) & 0xFFFF];
+	if (on)
+		*slot = key;
+	else if (*slot == key)
+		*slot = 0;
+	if (c->cfg.held_slots) {	/* the workers' shared set: a one-slot store, no lock */
+		uint64_t *sh = &c->cfg.held_slots[hash64(key) & c->cfg.held_mask];
+		if (on)
+			__atomic_store_n(sh, key, __ATOMIC_RELAXED);
+		else if (__atomic_load_n(sh, __ATOMIC_RELAXED) == key)
+			__atomic_store_n(sh, 0, __ATOMIC_RELAXED);
+	}
+}
+
+static void verdict(struct core *c, uint32_t id, int refuse)
+{
+	if (refuse)
+		nfq_set_verdict2(c->qh, id, NF_ACCEPT, REFUSE_MARK, 0, NULL);	/* filter/INPUT answers RST */
+	else
+		nfq_set_verdict(c->qh, id, NF_ACCEPT, 0, NULL);
+}
+
+/* end a pending entry; a SYN still held is refused with `cause`; paired: its server socket and
+ * its admission now belong to a connection */
+static void pending_end(struct core *c, int i, int cause, int err, int paired)
+{
+	struct pending *p = &c->pending[i];
+	if (p->state == PENDING_HELD) {
+		verdict(c, p->id, 1);
+		refused(c, cause, 0, 0, err, 0, p->caddr, p->cport, p->daddr, p->dport);
+	}
+	gate_release(c, p->caddr);
+	held_mark(c, p->key, 0);
+	if (c->cfg.admission && !paired)
+		core_unadmit(c->cfg.admission);
+	if (p->sfd >= 0 && !paired)
+		close(p->sfd);
+	p->state = 0;
+	p->sfd = -1;
+	p->next_free = c->pending_free;
+	c->pending_free = i;
+	c->npending--;
+}
+
+static int open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp);
+
+static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
+{
+	struct syn_info s;
+	uint32_t daddr;
+	uint16_t dport;
+	uint64_t key;
+	int i, cause, sfd, tried;
+
+	if (core_parse_syn(pkt, len, &s) || s.mp_join) {
+		verdict(c, id, 0);	/* not an IPv4 TCP SYN, or a new subflow: the kernel's business */
+		return;
+	}
+	c->st.syns++;
+	key = client_key(s.saddr, s.sport);
+	i = pending_find(c, key);
+	if (i >= 0) {		/* a retransmission: dropped while the first is held, else the kernel's */
+		if (c->pending[i].state == PENDING_HELD)
+			nfq_set_verdict(c->qh, id, NF_DROP, 0, NULL);
+		else
+			verdict(c, id, 0);
+		return;
+	}
+	if (c->cfg.explicit_opt) {
+		if (!s.has_dst) {
+			verdict(c, id, 1);
+			return refused(c, CAUSE_BAD_OPTION, s.error, s.arg, 0, 0, s.saddr, s.sport, 0, 0);
+		}
+		daddr = s.dst_addr;
+		dport = s.dst_port;
+	} else if (c->cfg.dst_source == DST_STATIC) {
+		daddr = c->cfg.static_addr;
+		dport = c->cfg.static_port;
+	} else {
+		daddr = s.daddr;
+		dport = s.dport;
+	}
+	cause = core_refusal(c, s.saddr, daddr, dport);
+	if (cause >= 0) {
+		verdict(c, id, 1);
+		return refused(c, cause, 0, 0, 0, 0, s.saddr, s.sport, daddr, dport);
+	}
+	switch (core_gate(c, s.saddr)) {
+	case SYN_DEFER:		/* the kernel answers (SYN cookies past its backlog); connect after accept */
+		c->st.deferred++;
+		if (c->cfg.explicit_opt)
+			dest_remember(c, key, daddr, dport);
+		verdict(c, id, 0);
+		return;
+	case SYN_REFUSE:
+		verdict(c, id, 1);
+		return refused(c, CAUSE_PENDING_LIMIT, 0, c->held_now, 0, 0, s.saddr, s.sport, daddr, dport);
+	}
+	if (c->pending_free < 0 || c->active + c->npending >= c->cfg.fd_capacity) {
+		verdict(c, id, 1);
+		return refused(c, CAUSE_FD_LIMIT, 0, c->cfg.fd_capacity, 0, 0, s.saddr, s.sport, daddr, dport);
+	}
+	if (c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit)) {
+		verdict(c, id, 1);
+		return refused(c, CAUSE_CONNECTION_LIMIT, 0, c->cfg.admission_limit, 0, 0, s.saddr, s.sport, daddr, dport);
+	}
+	sfd = open_server(c, daddr, dport, &tried);
+	if (sfd < 0) {
+		if (c->cfg.admission)
+			core_unadmit(c->cfg.admission);
+		verdict(c, id, 1);
+		return refused(c, cause_of_errno(-sfd), 0, 0, -sfd, 0, s.saddr, s.sport, daddr, dport);
+	}
+	i = c->pending_free;
+	c->pending_free = c->pending[i].next_free;
+	c->npending++;
+	c->pending[i] = (struct pending){.state = PENDING_HELD, .tried_mptcp = tried, .id = id, .caddr = s.saddr,
+					 .daddr = daddr, .cport = s.sport, .dport = dport, .key = key, .sfd = sfd,
+					 .t_syn = c->now};
+	gate_hold(c, s.saddr);
+	held_mark(c, key, 1);
+	c->st.held++;
+	struct epoll_event ev = {.events = WATCH, .data.u64 = (uint64_t)KIND_PENDING << KIND_SHIFT | i};
+	epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev);
+}
+
+/* a held SYN's server connection answered (or failed) */
+static void pending_ready(struct core *c, int i, uint32_t ev)
+{
+	struct pending *p = &c->pending[i];
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if (p->state != PENDING_HELD)
+		return;			/* released: waiting for accept() */
+	if ((ev & (EPOLLERR | EPOLLHUP)) || !(ev & EPOLLOUT)) {
+		getsockopt(p->sfd, SOL_SOCKET, SO_ERROR, &err, &len);
+		if (!err && !(ev & EPOLLOUT))
+			return;
+	}
+	if (err) {
+		c->st.server_errors[err < ERRNO_SLOTS ? err : 0]++;
+		return pending_end(c, i, cause_of_errno(err), err, 0);
+	}
+	double us = (c->now - p->t_syn) * 1e6;
+	c->st.server_connects++;
+	c->st.server_connect_us_sum += us;
+	if (us > c->st.server_connect_us_max)
+		c->st.server_connect_us_max = us;
+	if (p->tried_mptcp) {
+		p->server_mptcp = sock_is_mptcp(p->sfd);
+		core_learn(c, p->daddr, p->dport, p->server_mptcp);
+	}
+	p->state = PENDING_RELEASED;
+	p->ready_at = c->now;
+	verdict(c, p->id, 0);		/* the kernel now answers the client's SYN */
+}
+
+static int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data)
+{
+	struct core *c = data;
+	struct nfqnl_msg_packet_hdr *h = nfq_get_msg_packet_hdr(nfa);
+	unsigned char *pkt;
+	int len;
+	if (!h)
+		return 0;
+	len = nfq_get_payload(nfa, &pkt);
+	on_syn(c, ntohl(h->packet_id), pkt, len < 0 ? 0 : len);
+	return 0;
+}
+
+/* Hold this worker's share of client SYNs (queue `num`); 0 or -errno. */
+int core_queue(struct core *c, int num)
+{
+	c->nfq = nfq_open();
+	if (!c->nfq)
+		return -errno ? -errno : -EIO;
+	c->qh = nfq_create_queue(c->nfq, num, queue_packet, c);
+	if (!c->qh || nfq_set_mode(c->qh, NFQNL_COPY_PACKET, 120) < 0) {
+		int err = errno ? errno : EIO;
+		if (c->qh)
+			nfq_destroy_queue(c->qh);
+		nfq_close(c->nfq);
+		c->nfq = NULL;
+		c->qh = NULL;
+		return -err;
+	}
+	nfq_set_queue_maxlen(c->qh, 65536);
+	c->qfd = nfq_fd(c->nfq);
+	fcntl(c->qfd, F_SETFL, fcntl(c->qfd, F_GETFL) | O_NONBLOCK);
+	c->qbuf = malloc(65536);
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)KIND_QUEUE << KIND_SHIFT};
+	epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->qfd, &ev);
+	return 0;
+}
+
+static void queue_ready(struct core *c)
+{
+	for (int n = 0; n < 256; n++) {
+		ssize_t r = recv(c->qfd, c->qbuf, 65536, MSG_DONTWAIT);
+		if (r <= 0)
+			return;		/* EAGAIN; ENOBUFS: the kernel dropped some (they are retransmitted) */
+		nfq_handle_packet(c->nfq, c->qbuf, r);
+	}
 }
 
 /* -- accept --------------------------------------------------------------------------------------------- */
@@ -868,9 +1338,9 @@ static int open_server(struct core *c, uint32_t daddr, uint16_t dport, int *trie
 	return fd;
 }
 
-static void to_python(struct core *c, int kind, int fd, uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport)
+static void to_python(struct core *c, int fd, uint32_t caddr, uint16_t cport)
 {
-	struct core_event *e = emit(c, kind);
+	struct core_event *e = emit(c, EV_ACCEPTED);
 	if (!e) {			/* no room to tell Python: the client is reset, never lost silently */
 		reset_close(fd);
 		return;
@@ -878,19 +1348,42 @@ static void to_python(struct core *c, int kind, int fd, uint32_t caddr, uint16_t
 	e->fd = fd;
 	e->caddr = caddr;
 	e->cport = cport;
-	e->daddr = daddr;
-	e->dport = dport;
 }
 
-static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
+static void refuse_accepted(struct core *c, int cfd, int cause, int detail, int arg, int err,
+			    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport)
 {
-	uint32_t caddr = peer->sin_addr.s_addr, daddr = 0;
-	uint16_t cport = peer->sin_port, dport = 0;
-	uint64_t key = client_key(caddr, cport);
-	int sfd, tried;
+	reset_close(cfd);
+	refused(c, cause, detail, arg, err, 1, caddr, cport, daddr, dport);
+}
 
-	if (c->claimed[hash64(key) & 0xFFFF] == key || held_elsewhere(c, caddr, cport))
-		return to_python(c, EV_ACCEPTED, cfd, caddr, cport, 0, 0);
+/* A client socket: its held SYN's server socket, or its destination, policy, admission, server. */
+static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
+{
+	uint32_t daddr = 0;
+	uint16_t dport = 0;
+	uint64_t key = client_key(caddr, cport);
+	int i, sfd, tried, cause;
+
+	i = pending_find(c, key);
+	if (i >= 0) {
+		struct pending p = c->pending[i];
+		if (p.state == PENDING_HELD) {	/* a retransmission the kernel answered before ours was */
+			c->st.accept_while_held++;
+			reset_close(cfd);
+			return;
+		}
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, p.sfd, NULL);
+		pending_end(c, i, 0, 0, 1);	/* the connection takes its socket and admission */
+		if (core_add(c, cfd, p.sfd, 0, 0, p.server_mptcp, caddr, cport, p.daddr, p.dport, p.t_syn,
+			     NULL, 0, NULL, 0) < 0) {
+			reset_close(cfd);
+			close(p.sfd);
+			if (c->cfg.admission)
+				core_unadmit(c->cfg.admission);
+		}
+		return;
+	}
 	switch (c->cfg.dst_source) {
 	case DST_STATIC:
 		daddr = c->cfg.static_addr;
@@ -900,38 +1393,35 @@ static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
 		struct sockaddr_in me;
 		socklen_t len = sizeof(me);
 		if (getsockname(cfd, (struct sockaddr *)&me, &len))
-			return to_python(c, EV_ACCEPTED, cfd, caddr, cport, 0, 0);
+			return refuse_accepted(c, cfd, CAUSE_NO_DESTINATION, 0, 0, errno, caddr, cport, 0, 0);
 		daddr = me.sin_addr.s_addr;
 		dport = me.sin_port;
 		break;
 	}
-	case DST_RECORDER:
-		if (!recorder_pop(c, caddr, cport, &daddr, &dport))
-			return to_python(c, EV_ACCEPTED, cfd, caddr, cport, 0, 0);
+	case DST_EXPLICIT:
+		if (!dest_take(c, key, &daddr, &dport) &&
+		    (c->cfg.recorder_fd < 0 || !recorder_pop(c, caddr, cport, &daddr, &dport)))
+			return refuse_accepted(c, cfd, CAUSE_NO_DESTINATION, 0, 0, 0, caddr, cport, 0, 0);
+		if (!daddr || !dport)
+			return refuse_accepted(c, cfd, CAUSE_BAD_OPTION, !dport ? SYN_PORT0 : SYN_ADDR0, 0, 0,
+					       caddr, cport, daddr, dport);
 		break;
 	default:
-		return to_python(c, EV_ACCEPTED, cfd, caddr, cport, 0, 0);
+		return to_python(c, cfd, caddr, cport);		/* convert mode: the message says where */
 	}
-	if (!daddr || !dport || !allowed(c, caddr, daddr, dport) || c->active >= c->cfg.fd_capacity)
-		return to_python(c, EV_OPEN, cfd, caddr, cport, daddr, dport);
+	cause = core_refusal(c, caddr, daddr, dport);	/* its SYN may not have been judged */
+	if (cause >= 0)
+		return refuse_accepted(c, cfd, cause, 0, 0, 0, caddr, cport, daddr, dport);
+	if (c->active + c->npending >= c->cfg.fd_capacity)
+		return refuse_accepted(c, cfd, CAUSE_FD_LIMIT, 0, c->cfg.fd_capacity, 0, caddr, cport, daddr, dport);
 	if (c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit))
-		return to_python(c, EV_OPEN, cfd, caddr, cport, daddr, dport);	/* Python refuses, and says so */
+		return refuse_accepted(c, cfd, CAUSE_CONNECTION_LIMIT, 0, c->cfg.admission_limit, 0, caddr, cport,
+				       daddr, dport);
 	sfd = open_server(c, daddr, dport, &tried);
 	if (sfd < 0) {
-		struct core_event *e;
 		if (c->cfg.admission)
 			core_unadmit(c->cfg.admission);
-		e = emit(c, EV_REFUSED);
-		if (e) {
-			e->err = -sfd;
-			e->caddr = caddr;
-			e->cport = cport;
-			e->daddr = daddr;
-			e->dport = dport;
-		}
-		c->st.refused_after_accept++;
-		reset_close(cfd);
-		return;
+		return refuse_accepted(c, cfd, cause_of_errno(-sfd), 0, 0, -sfd, caddr, cport, daddr, dport);
 	}
 	if (core_add(c, cfd, sfd, 1, tried, 0, caddr, cport, daddr, dport, c->now, NULL, 0, NULL, 0) < 0) {
 		if (c->cfg.admission)
@@ -939,6 +1429,20 @@ static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
 		reset_close(cfd);
 		close(sfd);
 	}
+}
+
+/* A client socket another worker accepted and handed here (or Python's to give back). */
+void core_serve(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
+{
+	c->now = monotonic();
+	serve_accepted(c, cfd, caddr, cport);
+}
+
+static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
+{
+	if (held_elsewhere(c, peer->sin_addr.s_addr, peer->sin_port))
+		return to_python(c, cfd, peer->sin_addr.s_addr, peer->sin_port);	/* hand-over */
+	serve_accepted(c, cfd, peer->sin_addr.s_addr, peer->sin_port);
 }
 
 static void accept_all(struct core *c, int lfd)
@@ -956,7 +1460,7 @@ static void accept_all(struct core *c, int lfd)
 			return;
 		}
 		if (peer.sin_family != AF_INET) {
-			to_python(c, EV_ACCEPTED, fd, 0, 0, 0, 0);
+			to_python(c, fd, 0, 0);
 			continue;
 		}
 		accepted(c, fd, &peer);
@@ -1001,6 +1505,12 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 			case KIND_LISTEN:
 				accept_all(c, (int)(uint32_t)data);
 				break;
+			case KIND_QUEUE:
+				queue_ready(c);
+				break;
+			case KIND_PENDING:
+				pending_ready(c, (int)(uint32_t)data, evs[j].events);
+				break;
 			default: {
 				struct core_event *e = emit(c, EV_FD);
 				if (e) {
@@ -1024,6 +1534,16 @@ int core_sweep(struct core *c, struct core_event *out, int maxout)
 	c->maxout = maxout;
 	c->nout = 0;
 	c->now = monotonic();
+	for (int i = 0; i < c->npending_slots && c->nout < maxout; i++) {
+		struct pending *p = &c->pending[i];
+		if (p->state == PENDING_HELD && c->now - p->t_syn > c->cfg.connect_timeout) {
+			c->st.held_connect_timeouts++;
+			pending_end(c, i, CAUSE_SERVER_TIMEOUT, ETIMEDOUT, 0);
+		} else if (p->state == PENDING_RELEASED && c->now - p->ready_at > c->cfg.handshake_timeout) {
+			c->st.handshake_timeouts++;	/* the client never completed its handshake */
+			pending_end(c, i, CAUSE_HANDSHAKE_TIMEOUT, 0, 0);
+		}
+	}
 	for (int i = 0; i < c->nconns && c->nout < maxout; i++) {
 		struct conn *k = c->conns[i];
 		if (!k->used || k->closed)
@@ -1048,6 +1568,9 @@ int core_sweep(struct core *c, struct core_event *out, int maxout)
 int core_abort_all(struct core *c)
 {
 	int n = 0;
+	for (int i = 0; i < c->npending_slots; i++)
+		if (c->pending[i].state)
+			pending_end(c, i, CAUSE_SHUTTING_DOWN, 0, 0);
 	for (int i = 0; i < c->nconns; i++) {
 		struct conn *k = c->conns[i];
 		if (k->used && !k->closed) {
@@ -1080,6 +1603,11 @@ int core_active(struct core *c)
 	return c->active;
 }
 
+int core_pending(struct core *c)
+{
+	return c->npending;
+}
+
 void core_free(struct core *c)
 {
 	if (!c)
@@ -1093,7 +1621,15 @@ void core_free(struct core *c)
 		close(c->pool[j][0]);
 		close(c->pool[j][1]);
 	}
+	if (c->qh)
+		nfq_destroy_queue(c->qh);
+	if (c->nfq)
+		nfq_close(c->nfq);
+	free(c->qbuf);
 	close(c->epfd);
 	free(c->copy_buf);
+	free(c->pending);
+	free(c->gate);
+	free(c->dests);
 	free(c);
 }

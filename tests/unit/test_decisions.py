@@ -8,53 +8,14 @@ import pytest
 from mimbox.netfilter import ListenerRules, worker_of_port, worker_port_ranges
 from mimbox.safety import Policy
 from mimbox.synpath import (
-    DEFER,
-    HOLD,
-    REFUSE,
     Admission,
     Cause,
-    Destinations,
     RefusalLog,
-    SynGate,
 )
 
 
 def ip(a: str) -> int:
     return int(ipaddress.IPv4Address(a))
-
-
-class TestSynGate:
-    def test_auto_holds_under_the_caps_and_defers_past_them(self):
-        g = SynGate("auto", limit=3, per_prefix=2)
-        for _ in range(2):
-            assert g.decide(ip("10.0.1.7")) == HOLD
-            g.hold(ip("10.0.1.7"))
-        assert g.decide(ip("10.0.1.200")) == DEFER      # same /24: its prefix cap is reached
-        assert g.decide(ip("10.0.2.1")) == HOLD         # another prefix still fits in the total
-        g.hold(ip("10.0.2.1"))
-        assert g.decide(ip("10.0.3.1")) == DEFER        # total cap
-        g.release(ip("10.0.1.7"))
-        assert g.decide(ip("10.0.1.9")) == HOLD         # 2 of 3 held, 1 of 2 from its prefix
-        g.release(ip("10.0.2.1"))
-        assert g.held == 1 and dict(g.by_prefix) == {ip("10.0.1.0"): 1}
-
-    def test_hold_refuses_past_the_caps_and_accept_never_holds(self):
-        g = SynGate("hold", limit=1, per_prefix=1)
-        g.hold(ip("10.0.1.1"))
-        assert g.decide(ip("10.0.1.2")) == REFUSE
-        assert SynGate("accept").decide(ip("10.0.1.2")) == DEFER
-
-    def test_release_forgets_empty_prefixes(self):
-        g = SynGate("auto")
-        for a in ("10.0.1.1", "10.0.1.2"):
-            g.hold(ip(a))
-        for a in ("10.0.1.1", "10.0.1.2"):
-            g.release(ip(a))
-        assert g.held == 0 and not g.by_prefix
-
-    def test_unknown_mode(self):
-        with pytest.raises(ValueError, match="unknown SYN path"):
-            SynGate("sometimes")
 
 
 class FakeClock:
@@ -89,20 +50,6 @@ class TestRefusalLog:
                 rl.refused(Cause.SERVER_REFUSED, "x")
                 clock.t += 2
         assert rl.lines == 5 and not rl.suppressed
-
-
-def test_destinations_are_taken_once_bounded_and_expire():
-    d = Destinations(size=2, ttl=5.0)
-    d.remember(("10.0.1.1", 1), ("10.0.101.1", 80), now=0)
-    d.remember(("10.0.1.1", 2), ("10.0.101.1", 81), now=1)
-    d.remember(("10.0.1.1", 3), ("10.0.101.1", 82), now=2)     # pushes out port 1
-    assert d.take(("10.0.1.1", 1), now=2) is None
-    assert d.take(("10.0.1.1", 2), now=2) == ("10.0.101.1", 81)
-    assert d.take(("10.0.1.1", 2), now=2) is None               # once
-    assert d.take(("10.0.1.1", 3), now=8) is None               # older than ttl
-    d.remember(("10.0.1.1", 4), ("10.0.101.1", 83), now=10)
-    d.expire(now=16)
-    assert not d.entries
 
 
 def test_admission_limit():

@@ -1,43 +1,20 @@
 """The relay's timers and worker hand-over decisions (mimbox/timers.py, mimbox/handover.py), without
-root or sockets. The core's timers (connections: connect, idle, lone answers) are in tests/test_core.py."""
+root or sockets. The core's timers (held SYNs, connections) are in tests/test_core.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
 from mimbox.handover import owner_elsewhere
 from mimbox.netfilter import worker_of_port
-from mimbox.synpath import Pending, PendingState
 from mimbox.timers import Timeouts, due
 
 T = Timeouts(connect=10, handshake=15, idle=300, prefix_wait=0.2)
 
 
-def pending(t_syn: float, released_at: float | None = None) -> Pending:
-    p = Pending(pkt=object(), server=None, dst=("10.0.0.1", 80), t_syn=t_syn, tried_mptcp=True, client_ip=1)
-    if released_at is not None:
-        p.release()
-        p.ready_at = released_at
-    return p
-
-
-def test_held_syn_times_out_after_connect_timeout_only():
-    p = pending(t_syn=100.0)
-    assert due(T, 109.9, {"a": p}).server_silent == []
-    assert due(T, 110.1, {"a": p}).server_silent == [("a", p)]
-    assert p.state is PendingState.HELD
-
-
-def test_released_syn_waits_for_the_handshake_timeout_from_its_release():
-    p = pending(t_syn=100.0, released_at=101.0)
-    d = due(T, 115.5, {"a": p})
-    assert d.client_silent == [] and d.server_silent == []       # 14.5 s since release
-    assert due(T, 116.5, {"a": p}).client_silent == [("a", p)]
-
-
 def test_greetings_time_out_after_the_handshake_timeout():
     g = NS(t=10.0)
-    assert due(T, 24.0, {}, [g]).greetings == []
-    assert due(T, 26.0, {}, [g]).greetings == [g]
+    assert due(T, 24.0, [g]).greetings == []
+    assert due(T, 26.0, [g]).greetings == [g]
 
 
 def test_hand_over_only_what_another_worker_held():
