@@ -36,11 +36,16 @@ SYN_HOLD, SYN_DEFER, SYN_REFUSE = range(3)
 CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
 # why a SYN's DST_OPT was refused (mimbox.dstopt.parse_options's messages; {arg} from the event)
 SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: truncated option list",
-              "BAD_LENGTH": "bad DST_OPT: bad option length {arg}", "UNKNOWN_EXID": "bad DST_OPT: unknown ExID 0x{arg:04x}",
+              "BAD_LENGTH": "bad DST_OPT: bad option length {low} for kind {high}", "UNKNOWN_EXID": "bad DST_OPT: unknown ExID 0x{arg:04x}",
               "MORE_THAN_ONE": "bad DST_OPT: more than one DST_OPT",
               "DSTOPT_LENGTH": "bad DST_OPT: DST_OPT length {arg} (expected 10)",
               "PORT0": "bad DST_OPT: DST_OPT port 0", "ADDR0": "bad DST_OPT: DST_OPT address 0.0.0.0"}
 SYN_ERROR_TEXT = ["", *SYN_ERRORS.values()]    # SYN_<NAME> in C is the index here
+
+
+def syn_error(code: int, arg: int) -> str:
+    """The log line's reason for a SYN_* code and its argument."""
+    return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8)
 ERRNO_SLOTS = 160
 MAX_EVENTS = 512
 PIPE_POOL = 1024               # empty pipes a core keeps for splice (POOL_MAX)
@@ -131,7 +136,7 @@ def load() -> ctypes.CDLL:
            "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
            "core_policy": (None, [P, I, U32, U32]), "core_refusal": (I, [P, U32, U32, U16]),
-           "core_gate": (I, [P, U32]), "core_queue": (I, [P, I]), "core_serve": (None, [P, I, U32, U16]),
+           "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_serve": (None, [P, I, U32, U16]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
            "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
@@ -250,6 +255,10 @@ class Core:
         """The core's policy verdict for client -> dst (None: allowed)."""
         r = self.lib.core_refusal(self.ptr, ip_n(client), ip_n(dst[0]), port_n(dst[1]))
         return None if r < 0 else CAUSES[r]
+
+    def gate(self, client: str) -> int:
+        """SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from `client` now (README "SYN path")."""
+        return self.lib.core_gate(self.ptr, ip_n(client))
 
     def queue(self, num: int) -> None:
         """Hold client SYNs from NFQUEUE `num` (mimbox.netfilter installs the rules)."""

@@ -48,13 +48,13 @@ from mimbox.core import (
     EV_GIVEBACK,
     EV_REFUSED,
     PIPE_POOL,
-    SYN_ERROR_TEXT,
     SYN_PATHS,
     Core,
     CoreConfig,
     addr_of,
     ip_n,
     port_n,
+    syn_error,
 )
 from mimbox.netfilter import ListenerRules
 from mimbox.redirect import convert as converting
@@ -375,7 +375,7 @@ class Relay:
         """The log line's reason for a refusal the core made (it sends codes, not sentences)."""
         after = "after accept: " if ev.after_accept else ""
         if cause is Cause.BAD_OPTION:
-            text = SYN_ERROR_TEXT[ev.detail].format(arg=ev.arg)
+            text = syn_error(ev.detail, ev.arg)
         elif cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
             text = (self.policy.refusal(addr_of(ev.caddr, 0)[0], dst[0], dst[1]) or (cause, ""))[1]
         elif cause in (Cause.FD_LIMIT, Cause.CONNECTION_LIMIT):

@@ -929,6 +929,15 @@ static void gate_release(struct core *c, uint32_t caddr)
 		g->n--;
 }
 
+/* for tests: a SYN from caddr held (on) or released */
+void core_gate_hold(struct core *c, uint32_t caddr, int on)
+{
+	if (on)
+		gate_hold(c, caddr);
+	else
+		gate_release(c, caddr);
+}
+
 /* -- where deferred explicit-mode clients asked to go (their SYN's DST_OPT), looked up at accept() --- */
 static void dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
 {
@@ -1009,7 +1018,7 @@ int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 		if (olen < 2 || i + olen > n) {
 			if (!s->error) {
 				s->error = SYN_BAD_LENGTH;
-				s->arg = olen;
+				s->arg = kind << 8 | olen;
 			}
 			break;
 		}

@@ -1,0 +1,307 @@
+"""The C core (native/relaycore.c) through its Python API (mimbox/core.py), on loopback: its layouts,
+the decisions it shares with a Python spec (DST_OPT parsing, policy) checked to agree, the SYN gate,
+and what a relayed connection does (bytes, half-close, refusal, limit, idle timeout). No root."""
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from mimbox import core, dstopt
+from mimbox.core import (
+    CAUSES,
+    DST_STATIC,
+    ENGINES,
+    EV_REFUSED,
+    SYN_DEFER,
+    SYN_HOLD,
+    SYN_PATHS,
+    SYN_REFUSE,
+    Core,
+    CoreConfig,
+    Event,
+    SynInfo,
+)
+from mimbox.paths import BUILD
+from mimbox.safety import BUILTIN_DENY, Policy
+from mimbox.synpath import Admission, Cause
+
+try:
+    core.lib()
+except RuntimeError as e:          # a clear skip: the suite's build step makes it
+    pytest.skip(f"the core is not built: {e}", allow_module_level=True)
+
+
+def make(**kw) -> Core:
+    cfg = CoreConfig(engine=ENGINES["auto"], pipe_size=64 << 10, splice_after=256 << 10, dst_source=DST_STATIC,
+                     recorder_fd=-1, fd_capacity=1000, workers=1, connect_timeout=10.0, idle_timeout=0.0,
+                     prefix_wait=0.2, admission_limit=1 << 30, syn_path=SYN_PATHS["auto"], pending_limit=3,
+                     pending_per_prefix=2, handshake_timeout=15.0, server_mptcp_retry=300.0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return Core(cfg)
+
+
+def test_generated_header_is_current():
+    assert (BUILD / "relaycore.h").read_text() == core.c_header(), "stale build/relaycore.h: ./mimbox.sh build"
+
+
+# -- the SYN gate ----------------------------------------------------------------------------------------
+def test_gate_holds_under_both_caps_and_defers_past_them():
+    c = make()
+    hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, core.ip_n(a), int(on))   # noqa: E731
+    try:
+        for _ in range(2):
+            assert c.gate("10.0.1.7") == SYN_HOLD
+            hold("10.0.1.7")
+        assert c.gate("10.0.1.200") == SYN_DEFER       # same /24: its prefix cap (2) is reached
+        assert c.gate("10.0.2.1") == SYN_HOLD          # another prefix still fits in the total (3)
+        hold("10.0.2.1")
+        assert c.gate("10.0.3.1") == SYN_DEFER         # total cap
+        hold("10.0.1.7", False)
+        assert c.gate("10.0.1.9") == SYN_HOLD          # 2 of 3 held, 1 of 2 from its prefix
+        hold("10.0.2.1", False)
+        hold("10.0.1.7", False)
+        for i in range(200):                            # emptied prefixes leave room for others
+            hold(f"10.{i}.0.1")
+            hold(f"10.{i}.0.1", False)
+        assert c.gate("10.0.1.7") == SYN_HOLD
+    finally:
+        c.close()
+
+
+def test_gate_hold_refuses_past_the_caps_and_accept_never_holds():
+    h, a = make(syn_path=SYN_PATHS["hold"], pending_limit=1), make(syn_path=SYN_PATHS["accept"])
+    try:
+        h.lib.core_gate_hold(h.ptr, core.ip_n("10.0.1.1"), 1)
+        assert h.gate("10.0.1.2") == SYN_REFUSE
+        assert a.gate("10.0.1.2") == SYN_DEFER
+    finally:
+        h.close()
+        a.close()
+
+
+# -- decisions shared with the Python spec ---------------------------------------------------------------
+def syn_packet(opts: bytes, src="10.0.1.1", dst="10.0.1.2", sport=40000, dport=7000) -> bytes:
+    opts += b"\x00" * (-len(opts) % 4)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, (5 + len(opts) // 4) << 4, 0x02, 65535, 0, 0) + opts
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + tcp
+
+
+def option_lists(rng: random.Random, n: int):
+    good = dstopt.DstOpt("10.0.101.1", 80).encode()
+    parts = [good, good[:9], good + b"\x00", dstopt.DstOpt("192.0.2.9", 443).encode(), b"\x01", b"\x02\x04\x05\xb4",
+             bytes([30, 12, 0x10]) + bytes(9), bytes([30, 4, 0x00, 0x81]), b"\xfd\x04\x12\x34", b"\xfd\x02",
+             struct.pack("!BBH4sH", 253, 10, 0x4D42, bytes(4), 80), struct.pack("!BBH4sH", 253, 10, 0x4D42, b"\x0a\0\0\1", 0)]
+    for _ in range(n):
+        opts = b"".join(rng.choice(parts) for _ in range(rng.randint(0, 4)))
+        if rng.random() < 0.3:
+            opts = bytearray(opts + rng.randbytes(rng.randint(0, 6)))
+        yield bytes(opts)[:40]
+
+
+def test_syn_parser_agrees_with_the_python_spec():
+    """core_parse_syn and mimbox.dstopt.parse_options on the same SYNs: the same destination, the same
+    verdict (refused or not, and the same reason), the same MP_JOIN."""
+    rng = random.Random(8)
+    checked = 0
+    for opts in option_lists(rng, 3000):
+        pkt = syn_packet(opts)
+        info = SynInfo()
+        assert core.lib().core_parse_syn(pkt, len(pkt), info) == 0
+        spec = dstopt.parse_options(pkt[40:40 + ((pkt[32] >> 4) * 4 - 20)])
+        if spec.dst is not None:
+            assert info.has_dst and core.addr_of(info.dst_addr, info.dst_port) == (spec.dst.addr, spec.dst.port), opts
+        else:
+            assert not info.has_dst, opts
+            reason = core.syn_error(info.error, info.arg)
+            assert reason.endswith(spec.dst_error or "no DST_OPT in SYN"), (opts, reason, spec.dst_error)
+        assert bool(info.mp_join) == spec.mp_join, opts
+        checked += 1
+    assert checked == 3000
+    assert core.lib().core_parse_syn(b"\x60" + bytes(59), 60, SynInfo()) == -1    # IPv6: not ours
+
+
+def test_policy_agrees_with_the_python_spec():
+    allow = [ipaddress.IPv4Network(n) for n in ("10.0.1.0/24", "192.168.0.0/16")]
+    deny = [ipaddress.IPv4Network(n) for n in (*BUILTIN_DENY, "10.0.200.0/24")]
+    own = {ipaddress.IPv4Address(a) for a in ("10.0.1.2", "10.0.101.2")}
+    spec = Policy(allow_clients=allow, deny=deny, own=own)
+    c = make()
+    try:
+        c.policy(spec)
+        rng = random.Random(3)
+        pool = ["10.0.1.%d", "10.0.2.%d", "192.168.7.%d", "127.0.0.%d", "10.0.200.%d", "224.0.0.%d",
+                "169.254.1.%d", "0.0.0.%d", "10.0.101.%d"]
+        for _ in range(5000):
+            client = rng.choice(pool) % rng.randint(0, 255)
+            dst = rng.choice(pool) % rng.randint(0, 255)
+            port = rng.choice((0, 80, 443))
+            want = spec.refusal(client, dst, port)
+            assert c.refusal(client, (dst, port)) == (want[0] if want else None), (client, dst, port)
+    finally:
+        c.close()
+
+
+# -- a relayed connection on loopback ----------------------------------------------------------------------
+class Running:
+    """A core serving a listener on 127.0.0.1, its loop in a thread; events copied out."""
+
+    def __init__(self, upstream_port: int, **kw):
+        self.core = make(static_addr=core.ip_n("127.0.0.1"), static_port=core.port_n(upstream_port), **kw)
+        self.core.policy(Policy(allow_clients=[ipaddress.IPv4Network("127.0.0.0/8")], deny=[], own=set()))
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(64)
+        self.ls.setblocking(False)
+        self.port = self.ls.getsockname()[1]
+        self.core.listen(self.ls.fileno())
+        self.events: list[Event] = []
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        last = 0.0
+        while not self.stop:
+            self.events += [Event.from_buffer_copy(e) for e in self.core.run(20)]
+            if time.monotonic() - last > 0.2:
+                self.events += [Event.from_buffer_copy(e) for e in self.core.sweep()]
+                last = time.monotonic()
+
+    def close(self):
+        self.stop = True
+        self.thread.join(5)
+        self.core.close()
+        self.ls.close()
+
+
+def server(handler):
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+
+    def serve():
+        s, _ = ls.accept()
+        with s:
+            handler(s)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return ls, t
+
+
+def recv_all(s: socket.socket) -> bytes:
+    out = bytearray()
+    while chunk := s.recv(1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("engine", ["auto", "copy", "splice"])
+def test_bytes_exact_both_ways_with_half_close(engine):
+    """3 MB up, then the client's FIN; the server answers 3 MB after that EOF: half-close must pass."""
+    up, down = random.randbytes(3 << 20), random.randbytes(3 << 20)
+    got = {}
+
+    def handler(s):
+        got["up"] = recv_all(s)                 # until the client's FIN, passed on as shutdown()
+        s.sendall(down)
+    ls, t = server(handler)
+    r = Running(ls.getsockname()[1], engine=ENGINES[engine])
+    try:
+        c = socket.create_connection(("127.0.0.1", r.port), timeout=20)
+        c.sendall(up)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == down
+        c.close()
+        t.join(10)
+        assert got["up"] == up
+        deadline = time.monotonic() + 5
+        while r.core.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = r.core.stats()
+        assert (st.accepted, st.closed, st.bytes_up, st.bytes_down) == (1, 1, len(up), len(down))
+    finally:
+        r.close()
+        ls.close()
+
+
+def test_server_refusal_resets_the_client_and_is_counted():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()                                # nothing listens there now
+    r = Running(closed_port)
+    try:
+        c = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        with pytest.raises(ConnectionResetError):
+            c.send(b"x")
+            c.recv(10)
+        deadline = time.monotonic() + 3
+        while not any(e.kind == EV_REFUSED for e in r.events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ev = next(e for e in r.events if e.kind == EV_REFUSED)
+        assert CAUSES[ev.cause] is Cause.SERVER_REFUSED and ev.after_accept
+        assert r.core.stats().refused[CAUSES.index(Cause.SERVER_REFUSED)] == 1
+    finally:
+        r.close()
+
+
+def test_connection_limit_is_shared_through_the_admission_counter():
+    held = []
+
+    def handler(s):
+        held.append(s.recv(1))
+    ls, t = server(handler)
+    adm = Admission(1)
+    r = Running(ls.getsockname()[1], admission=adm.address(), admission_limit=1)
+    try:
+        first = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        first.send(b"a")
+        t.join(5)
+        second = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        with pytest.raises(ConnectionResetError):
+            second.send(b"b")
+            second.recv(1)
+        assert adm.used == 1
+        assert r.core.stats().refused[CAUSES.index(Cause.CONNECTION_LIMIT)] == 1
+        first.close()
+        deadline = time.monotonic() + 3
+        while adm.used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert adm.used == 0, "the ended connection's admission was not given back"
+    finally:
+        r.close()
+        ls.close()
+
+
+def test_idle_connection_is_reset_on_both_sides():
+    ends = {}
+
+    def handler(s):
+        try:
+            ends["server"] = s.recv(1)
+        except ConnectionResetError:
+            ends["server"] = "reset"
+    ls, t = server(handler)
+    r = Running(ls.getsockname()[1], idle_timeout=0.5)
+    try:
+        c = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            c.recv(1)
+        assert 0.4 < time.monotonic() - t0 < 3
+        t.join(5)
+        assert ends["server"] == "reset"
+        assert r.core.stats().idle_timeouts == 1
+    finally:
+        r.close()
+        ls.close()
