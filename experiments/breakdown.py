@@ -7,14 +7,15 @@ it, on the converter's process, gives the phases:
 
   MiMBox, held SYN   wire in -> epoll_wait returns (netfilter, NFQUEUE, wake-up; this kernel lets
                      bpftrace attach neither a kprobe nor a kfunc to nfqnl_enqueue_packet)
-                     -> the queue's recv() returns -> socket() entered (Python: parse DST_OPT, policy)
-                     -> connect() entered (socket, setsockopt) -> SYN on the server-side wire
+                     -> the queue's recv() returns -> socket() entered (the core, in C: parse
+                     DST_OPT, policy, gate) -> connect() entered (socket, setsockopt) -> SYN on the
+                     server-side wire
   read()/write() SYN wire in -> the client's ACK in (the kernel's handshake with the client: SYN+ACK
                      out, the client's ACK back) -> epoll_wait returns -> accept() returns
                      -> socket() entered (Python: create_connection resolves the address)
                      -> connect() entered -> SYN on the wire
-  data (both)        wire in -> epoll_wait returns -> write() entered (Python: read, relay)
-                     -> segment on the wire
+  data (both)        wire in -> epoll_wait returns -> write() entered (read, relay: MiMBox's
+                     core in C, the read()/write() converter in Python) -> segment on the wire
 
 bpftrace timestamps are CLOCK_MONOTONIC, the captures' CLOCK_REALTIME: the offset is read once
 before the run. Both idle regimes (halt, poll) as in Table 1.
@@ -53,11 +54,11 @@ tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %llu\\n", ns
 tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %llu\\n", nsecs); }
 """
 PHASES = {
-    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "Python (parse, policy)", "socket, setsockopt",
+    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "core (parse, policy)", "socket, setsockopt",
                         "kernel send"],
     ("read/write", "SYN"): ["handshake with the client", "wake-up", "accept", "Python (resolve, socket)",
                             "socket, setsockopt", "kernel send"],
-    ("mimbox", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
+    ("mimbox", "data"): ["wake-up", "core (read, relay)", "kernel send"],
     ("read/write", "data"): ["wake-up", "Python (read, relay)", "kernel send"],
 }
 

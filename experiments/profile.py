@@ -1,20 +1,21 @@
-"""Where a converted request's time goes: py-spy on MiMBox under Fig. 5's 1 KB load.
+"""Where a converted request's CPU goes: perf on MiMBox and on HAProxy-1t under Fig. 5's converter-bound
+1 KB load, by area (the converter's own code, each part of the kernel).
 
-The issue's risk was per-connection work in Python. The converter (one worker, pinned to its core)
-serves wrk's 40 concurrent `Connection: close` clients while py-spy samples it; each sample is
-charged to the source line it was on, and a line is a *system call* when it calls into the kernel
-(splice, connect, the NFQUEUE verdict, shutdown, close, accept, ...). Time blocked in epoll_wait
-is idle and not sampled. The converter's CPU time per request is recorded beside it.
+Each converter, pinned to its core and held to the converter-bound quota, serves wrk's 40
+concurrent `Connection: close` clients while `perf record` samples its processes (software clock);
+a sample is charged to the function it was in, and functions are grouped into areas (AREAS).
+µs per request = the area's share of the converter's CPU time over the requests served. The run
+alternates the systems, so both see the same machine state.
 """
 from __future__ import annotations
 
-import linecache
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections import Counter
+import time
 
 import matplotlib
 import pandas as pd
@@ -23,94 +24,140 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
-from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, progress, run_experiment  # noqa: E402
-from experiments.measure import cpu_seconds  # noqa: E402
+from experiments.common import (  # noqa: E402
+    CONVERTER_CPUS,
+    CONVERTER_QUOTA_CORES,
+    END_HOST_CPUS,
+    interleave,
+    progress,
+    run_experiment,
+    running,
+)
 from experiments.measure.tools import wrk  # noqa: E402
-from experiments.systems import MiMBox  # noqa: E402
+from experiments.systems import HAProxy, MiMBox  # noqa: E402
+from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "profile_converter"
-FULL = dict(size=1024, seconds=20, reps=3, rate=250, connections=40)
-QUICK = dict(size=1024, seconds=6, reps=2, rate=200, connections=40)
+FULL = dict(size=1024, seconds=10, reps=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+QUICK = dict(size=1024, seconds=5, reps=2, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
 HTTP_PORT = 80
-FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
-# a source line that calls one of these enters the kernel
-SYSCALLS = re.compile(r"\b(splice|connect_ex|_?accept|shutdown|close|setsockopt|getsockopt|pipe2|poll|"
-                      r"register|unregister|send_fds|recv_fds|readv|write|read|run|fcntl|_real_close)\b\(")
+FREQ = 4999
+# (area, pattern on the kernel function's name), first match wins; user space goes by its binary
+AREAS = [
+    ("MPTCP", r"^(__)?(mptcp|subflow)"),
+    ("scheduler, wake-ups", r"(schedule|task_switch|wake_up|try_to_wake|enqueue_|dequeue_|pick_|update_curr|"
+                            r"idle|psi_|cpuacct|throttle)"),
+    ("epoll", r"(^ep_|epoll)"),
+    ("TCP", r"^(__)?(tcp|inet_csk|inet_hash|__inet_lookup|inet_ehash|reqsk|syn_|secure_tcp)"),
+    ("IP, veth, netfilter", r"^(__)?(ip_|ipv4|fib|veth|netif|net_rx|dev_|__dev|nf_|nft_|ipt_|nfqnl|skb|sk_filter|"
+                            r"eth_|neigh|dst_|rt_|raw_|napi|process_backlog|sch_|qdisc|pfifo|bpf_prog)"),
+    ("memory", r"(kmem_|kmalloc|kfree|slab|memcg|__alloc|alloc_pages|free_pages|page_|folio|refill_obj)"),
+    ("sockets, files, syscalls", r"(sock|sys_|syscall|fd|file|vfs|__fput|iov|copy_|entry_|splice|pipe|"
+                                  r"security_|apparmor|fsnotify|rcu|locks?_|_raw_spin|mutex|percpu)"),
+]
+USER = {"librelaycore.so": "MiMBox core (C)", "haproxy": "HAProxy"}
 
 
-def py_spy() -> str:
-    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return exe if os.path.exists(exe) else "py-spy"
+def area(dso: str, sym: str) -> str:
+    """The area a sample belongs to."""
+    if dso != "[kernel.kallsyms]":
+        if dso.startswith("python"):
+            return "Python"
+        return USER.get(dso, "libraries (libc, ...)")
+    for name, pattern in AREAS:
+        if re.search(pattern, sym):
+            return name
+    return "kernel, other"
 
 
-def classify(func: str, path: str, line: int) -> tuple[str, str]:
-    """(source text, 'system call' | 'Python') of one sampled line."""
-    text = linecache.getline(path, line).strip()
-    if os.path.basename(path) == "socket.py" or SYSCALLS.search(text) or "pkt.accept()" in text:
-        return text, "system call"
-    return text, "Python"
+def perf_areas(data: str) -> dict[str, int]:
+    """Samples per area in a perf.data file."""
+    out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym", "--stdio", "-q",
+                          "-F", "sample,dso,sym"], capture_output=True, text=True, timeout=300).stdout
+    counts: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].isdigit():
+            dso, sym = parts[1], parts[3]
+            a = area(dso, sym)
+            counts[a] = counts.get(a, 0) + int(parts[0])
+    return counts
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    samples: Counter = Counter()
-    cpu_per_req, rps = [], []
+    if not shutil.which("perf"):
+        raise RuntimeError("perf is missing (Debian: linux-perf)")
+    rows = []
+    c = CONVERTER_CPUS
+    syss = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c)]
     with Testbed(PaperTopo()) as tb:
         web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
-        m = MiMBox(mode="explicit", cpus=CONVERTER_CPUS)
-        m.start(tb, HTTP_PORT)
         try:
-            wrk(tb, m, HTTP_PORT, f"/{params['size']}.bin", 1, params["connections"], cpus=END_HOST_CPUS)
-            for rep in range(params["reps"]):
-                pids = m.pids()
-                with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-                    spy = subprocess.Popen([py_spy(), "record", "-p", str(pids[0]), "-d", str(params["seconds"]),
-                                            "-r", str(params["rate"]), "-f", "raw", "-o", out.name, "--nonblocking"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    c0 = cpu_seconds(pids)
-                    r = wrk(tb, m, HTTP_PORT, f"/{params['size']}.bin", params["seconds"] - 1,
-                            params["connections"], cpus=END_HOST_CPUS)
-                    cpu = cpu_seconds(pids) - c0
-                    spy.wait(timeout=params["seconds"] + 30)
-                    for raw in open(out.name):
-                        stack, _, n = raw.rstrip().rpartition(" ")
-                        leaf = FRAME.match(stack.split(";")[-1])
-                        if leaf:
-                            samples[(leaf["func"], leaf["file"], int(leaf["line"]))] += int(n)
-                cpu_per_req.append(1e6 * cpu / max(1, r["requests"]))
-                rps.append(r["req_per_s"])
-                progress(f"profile rep {rep}: {r['req_per_s']:.0f} req/s, {cpu_per_req[-1]:.0f} µs CPU/request")
+            with running(tb, syss, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as box:
+                for rep in range(params["reps"]):
+                    for s in interleave(syss, rep):
+                        rows += _profile_one(tb, s, rep, params)
         finally:
-            m.stop()
             web.stop()
-    total = sum(samples.values()) or 1
-    rows = []
-    for (func, path, line), n in samples.most_common():
-        text, kind = classify(func, path, line)
-        rows.append(dict(function=func, file=os.path.relpath(path) if path.startswith("/") else path, line=line,
-                         code=text, kind=kind, samples=n, share=n / total))
-    return pd.DataFrame(rows), {"req_per_s": rps, "cpu_us_per_request": cpu_per_req, "samples": total}
+    return pd.DataFrame(rows), {"regime": box}
+
+
+def _profile_one(tb, system, rep: int, params: dict) -> list[dict]:
+    pids = ",".join(str(p) for p in (system.box.pids() if system.box else system.pids()))
+    fd, data = tempfile.mkstemp(prefix="mimbox-perf-", suffix=".data")
+    os.close(fd)
+    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-p", pids, "-o", data],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        c0 = system.cpu_s()
+        r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                cpus=END_HOST_CPUS)
+        cpu = system.cpu_s() - c0
+    finally:
+        rec.send_signal(2)
+        rec.wait(timeout=120)
+    try:
+        counts = perf_areas(data)
+    finally:
+        os.unlink(data)
+    total = sum(counts.values()) or 1
+    us = 1e6 * cpu / max(1, r["requests"])
+    progress(f"profile rep {rep} {system.name}: {r['req_per_s']:.0f} req/s, {us:.0f} µs CPU/request")
+    return [dict(system=system.name, rep=rep, area=a, samples=n, share=n / total, us_per_req=us * n / total,
+                 req_per_s=r["req_per_s"], cpu_us_per_req=us) for a, n in counts.items()]
+
+
+def table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean µs of converter CPU per request, area by system (rows sorted by MiMBox's cost)."""
+    reps = df.groupby("system").rep.nunique()
+    t = df.groupby(["area", "system"]).us_per_req.sum().unstack("system").fillna(0)
+    t = t / reps.reindex(t.columns).values
+    first = "mimbox" if "mimbox" in t.columns else t.columns[0]
+    t = t.sort_values(first, ascending=False).round(1)
+    t.loc["total"] = t.sum().round(1)
+    return t
 
 
 def findings(df: pd.DataFrame) -> dict:
-    by_kind = df.groupby("kind").share.sum()
-    return {"system_call_share": round(float(by_kind.get("system call", 0)), 3),
-            "python_share": round(float(by_kind.get("Python", 0)), 3)}
+    t = table(df)
+    return {"us_per_request_by_area": {s: t[s].to_dict() for s in t.columns}}
 
 
 def plot(df: pd.DataFrame):
-    top = df.head(12).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
-    colors = ["tab:blue" if k == "system call" else "tab:orange" for k in top.kind]
-    ax.barh([f"{c[:48]}  ({f}:{ln})" for c, f, ln in zip(top.code, top.function, top.line)], 100 * top.share,
-            color=colors)
-    ax.barh([], [], color="tab:blue", label="system call (kernel)")
-    ax.barh([], [], color="tab:orange", label="Python")
-    ax.set_xlabel("share of the converter's busy samples [%]")
-    ax.set_title("Where a converted 1 KB request's time goes (py-spy)", fontsize=9)
-    ax.tick_params(axis="y", labelsize=7)
-    ax.legend(fontsize=8)
+    t = table(df).drop(index="total")
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    left = pd.Series(0.0, index=t.columns)
+    cmap = plt.get_cmap("tab20")
+    for i, (name, row) in enumerate(t.iterrows()):
+        ax.barh(list(t.columns), row.values, left=left.values, color=cmap(i % 20), label=name)
+        left += row
+    ax.set_xlabel("converter CPU µs per 1 KB request (perf, by area)")
+    ax.invert_yaxis()
     ax.grid(alpha=.3, axis="x")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
     return fig
 
 

@@ -48,6 +48,7 @@ def syn_error(code: int, arg: int) -> str:
     return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8)
 ERRNO_SLOTS = 160
 MAX_EVENTS = 512
+KEEPER_NAME = "mimbox-keeper"  # the process that resets a crashed converter's connections (core_keeper)
 PIPE_POOL = 1024               # empty pipes a core keeps for splice (POOL_MAX)
 ETIME = errno.ETIME            # an idle timeout, in EV_ABORTED
 
@@ -141,7 +142,8 @@ def load() -> ctypes.CDLL:
            "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
-           "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P])}
+           "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
+           "core_keeper": (I, [P]), "core_keeper_release": (None, [P])}
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
         f.restype, f.argtypes = res, args
@@ -169,6 +171,15 @@ def ip_n(addr: str) -> int:
 
 def port_n(port: int) -> int:
     return socket.htons(port)
+
+
+def is_keeper(pid: int) -> bool:
+    """Whether `pid` is a converter's keeper (it shares its converter's fds: count them once)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == KEEPER_NAME
+    except OSError:
+        return False
 
 
 def addr_of(a: int, p: int) -> tuple[str, int]:
@@ -291,6 +302,13 @@ class Core:
         return [Listed(i.cfd, i.sfd, addr_of(i.caddr, i.cport), addr_of(i.daddr, i.dport), bool(i.client_mptcp),
                        bool(i.server_mptcp), bool(i.connecting), i.bytes_up, i.bytes_down, i.t_accept)
                 for i in buf[:got]]
+
+    def keep(self) -> None:
+        """Start the keeper: if this process dies without close(), its connections are reset (RST)
+        rather than ended as if complete. It shares this process's file table (see relaycore.c)."""
+        r = self.lib.core_keeper(self.ptr)
+        if r < 0:
+            raise OSError(-r, "clone(CLONE_FILES) for the keeper")
 
     def active(self) -> int:
         return self.lib.core_active(self.ptr)

@@ -252,4 +252,15 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
                        f"apt-get install {'nginx-light' if tool == 'nginx' else 'iputils-ping' if tool == 'ping' else tool}"))
     shim = os.path.join(build_dir or "build", "libmptcpize.so")
     add(Capability("mptcpize.shim", os.path.exists(shim), shim, "invoke build"))
+    try:
+        from mimbox.core import Core, CoreConfig, lib
+        lib()
+        probe = Core(CoreConfig(pipe_size=4096, pending_limit=1, recorder_fd=-1))
+        r = probe.lib.core_queue(probe.ptr, 65002)      # the core binds its own NFQUEUE (libnetfilter_queue)
+        probe.close()
+        add(Capability("core", r == 0, "build/librelaycore.so loaded, layouts match, NFQUEUE 65002 bound and "
+                       f"released" if r == 0 else f"NFQUEUE bind from the core: errno {-r}", "invoke build (gcc, "
+                       "libnetfilter-queue-dev)"))
+    except (RuntimeError, OSError) as e:
+        add(Capability("core", False, str(e), "invoke build (gcc, libnetfilter-queue-dev)"))
     return caps

@@ -246,6 +246,7 @@ class Relay:
                 self.core.watch(self.stats_sock.fileno(), select.EPOLLIN)
             if self.rules is not None:
                 self.rules.install()
+            self.core.keep()
         except BaseException:
             self.close()
             raise

@@ -28,9 +28,13 @@ ECHO_PORT, CONVERTER_PORT = 9700, 7700
 
 
 def descendants(pid: int) -> list[int]:
+    """pid and the processes below it, without keepers (they share their converter's fds)."""
+    from mimbox.core import is_keeper
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        if is_keeper(p):
+            continue
         out.append(p)
         try:
             with open(f"/proc/{p}/task/{p}/children") as f:

@@ -412,10 +412,12 @@ def wait_active(m, n: int, timeout: float = 5.0) -> bool:
 
 
 def converter_pids(m) -> list[int]:
-    """The converter's processes: `mimbox run` and, with several workers, its workers."""
+    """The converter's processes: `mimbox run` and, with several workers, its workers (not their
+    keepers: they share their worker's fds, which would be counted twice)."""
+    from mimbox.core import is_keeper
     main = m.pids()[0]
     with open(f"/proc/{main}/task/{main}/children") as f:
-        return [main, *map(int, f.read().split())]
+        return [main, *(p for p in map(int, f.read().split()) if not is_keeper(p))]
 
 
 def converter_fds(m) -> int:

@@ -149,9 +149,9 @@ def test_without_c_flag_joins_hash_to_the_wrong_converter(mptcp_ok):
 
 
 def test_a_dead_converter_takes_only_its_own_connections(mptcp_ok):
-    """Kill converter 2 in the middle of 24 transfers: its connections end, the others complete
-    byte-exact (the resilient group moves no other flow), and once the front router has dropped
-    it, new connections go to the survivors only."""
+    """Converter 2 crashes (SIGKILL) in the middle of 24 transfers: its unfinished connections are
+    reset (its keeper outlives the crash), the others complete byte-exact (the resilient group moves
+    no other flow), and once the front router has dropped it, new connections go to the survivors."""
     with ClusterTestbed(ClusterTopo(n=N, client_bw=20)) as tb:
         # small buffers towards the phone: what a killed converter had accepted from the server but
         # not yet sent stays small, so its connections are cut in their middle
@@ -177,7 +177,7 @@ def test_a_dead_converter_takes_only_its_own_connections(mptcp_ok):
     # handed to its kernel whole, may complete: never with other bytes than the server's)
     cut = [r for r in rows if r["seed"] in on_victim and not byte_exact(r, up, down)]
     assert cut, "no connection ended with the converter"
-    assert all("error" in r or r["received"] < down for r in cut), cut
+    assert all("error" in r for r in cut), f"a cut connection ended without a reset: {cut}"
     assert all(byte_exact(r, 1000, 1000) for r in after)
     assert not any(s["peer"].startswith(dead_ip + ":") for s in served_after.values())
     assert withdrawn_s < 1.0, withdrawn_s

@@ -23,6 +23,8 @@ towards announced addresses too).
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,15 +216,20 @@ class ClusterTestbed(Testbed):
         if "watching" not in first:
             raise RuntimeError(f"health check did not start: {first}{self.checker.stdout.read()}")
 
-    def fail(self, k: int, power_off: bool = False) -> float:
-        """Converter k fails: its processes are killed (a crash: the box's kernel resets their
-        connections), and with power_off its link goes dark too. Returns the seconds until the
-        front router no longer hashes the VIP's flows to it (power-off: the kernel drops a
-        nexthop whose link is down; crash: the health check of watch() drops it)."""
+    def fail(self, k: int, power_off: bool = False, whole_host: bool = False) -> float:
+        """Converter k fails. By default its converter crashes: SIGKILL to every `mimbox run` process
+        (supervisor and workers; not their keepers, which exist to outlive such a crash and reset its
+        connections). whole_host: every process of the host at once, keepers included (the kernel
+        then ends the connections with FIN); power_off: that, and its link goes dark. Returns the
+        seconds until the front router no longer hashes the VIP's flows to it (power-off: the kernel
+        drops a nexthop whose link is down; crash: the health check of watch() drops it)."""
         from topologies.testbed import kill_namespace_processes
         t0 = time.monotonic()
         conv = self.converter(k)
-        kill_namespace_processes(conv)
+        if whole_host or power_off:
+            kill_namespace_processes(conv)
+        else:
+            crash_converter(conv)
         if power_off:
             conv.cmd(f"ip link set {self.topo.instance_addrs[k].intf_outer} down")
         nh = self.nexthop_ids[k]
@@ -240,7 +247,22 @@ class ClusterTestbed(Testbed):
     @staticmethod
     def mib(host, name: str) -> int:
         """An MPTCP MIB counter of a host's namespace (`name` on the MPTcpExt lines of /proc/net/netstat)."""
-        lines = [line.split() for line in host.cmd("cat /proc/net/netstat").splitlines() if line.startswith("MPTcpExt:")]
-        if len(lines) < 2:
+        from topologies.testbed import counters
+        c = counters(host)
+        if not any(k.startswith("MPTcpExt") for k in c):
             raise RuntimeError("this kernel exposes no MPTcpExt counters")
-        return int(dict(zip(lines[0][1:], lines[1][1:]))[name])
+        return c["MPTcpExt" + name]
+
+
+def crash_converter(host) -> None:
+    """SIGKILL every converter process in a host's namespace at once (a crash of the service)."""
+    from mimbox.core import is_keeper
+    from topologies.testbed import namespace_pids
+    for pid in namespace_pids(host):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"mimbox.cli" in argv and b"run" in argv and not is_keeper(pid):
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

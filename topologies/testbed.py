@@ -137,6 +137,21 @@ HOST_SYSCTLS = {
 }
 
 
+def counters(host) -> dict[str, int]:
+    """Every SNMP/MIB counter of a host's namespace (/proc/net/snmp and /proc/net/netstat), by
+    nstat's names (`TcpRetransSegs`, `TcpExtTCPTimeouts`, `MPTcpExtMPJoinSynRx`, ...)."""
+    out: dict[str, int] = {}
+    lines = host.cmd("cat /proc/net/snmp /proc/net/netstat").splitlines()
+    for head, vals in zip(lines[::2], lines[1::2]):
+        names, values = head.split(), vals.split()
+        if names and values and names[0] == values[0]:
+            prefix = names[0].rstrip(":")
+            for n, v in zip(names[1:], values[1:]):
+                if v.lstrip("-").isdigit():
+                    out[prefix + n] = int(v)
+    return out
+
+
 class Testbed:
     """A started, configured network of a ConverterTopo; a context manager that always cleans up."""
     __test__ = False  # not a pytest class, despite the name
@@ -268,19 +283,30 @@ def _release_shell(host, timeout_s: float = 5.0) -> None:
     host.waiting = False
 
 
-def kill_namespace_processes(host) -> None:
-    """Kill every process left in a host's network namespace (servers, peers, clients a run started),
-    except the host's own shell, which Mininet stops."""
+def namespace_pids(host) -> list[int]:
+    """The processes in a host's network namespace, but the host's own shell and this process."""
     try:
         ns = os.readlink(f"/proc/{host.pid}/ns/net")
     except OSError:
-        return
+        return []
+    out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) in (host.pid, os.getpid()):
             continue
         try:
             if os.readlink(f"/proc/{pid}/ns/net") == ns:
-                os.kill(int(pid), signal.SIGKILL)
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def kill_namespace_processes(host) -> None:
+    """Kill every process left in a host's network namespace (servers, peers, clients a run started),
+    except the host's own shell, which Mininet stops."""
+    for pid in namespace_pids(host):
+        try:
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 

@@ -60,7 +60,8 @@ def client(host: str, port: int, mptcp: bool) -> dict:
     s.close()
     delays.sort()
     return {"messages": len(delays), "mean_ms": sum(delays) / len(delays), "max_ms": delays[-1],
-            "p99_ms": delays[int(0.99 * (len(delays) - 1))], "median_ms": delays[len(delays) // 2]}
+            "p99_ms": delays[int(0.99 * (len(delays) - 1))], "median_ms": delays[len(delays) // 2],
+            "over_100ms": sum(d > 100 for d in delays), "over_200ms": sum(d > 200 for d in delays)}
 
 
 def main(argv=None) -> int:

@@ -296,5 +296,17 @@ class Squid(System):
                 "cache_mem 0 MB", "memory_pools off", "workers 1", f"pid_filename {d}/squid.pid",
                 f"cache_log {d}/cache.log", "access_log none", f"coredump_dir {d}",
                 "shutdown_lifetime 1 second", "max_filedescriptors 65536", ""]))
-        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "squid", "-N", "-f", cfg])
+        # a service name of its own: Squid names its shared-memory segments after it, and a killed
+        # Squid's segments (/dev/shm) would make the next one with the same name refuse to start
+        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "squid", "-N", "-n", self.service, "-f", cfg])
         wait_port(tb.mbox, self.port, timeout=30)
+
+    @property
+    def service(self) -> str:
+        return f"mimbox{self.port}"
+
+    def stop(self) -> None:
+        super().stop()
+        import glob
+        for seg in glob.glob(f"/dev/shm/{self.service}-*"):
+            os.unlink(seg)
