@@ -6,14 +6,15 @@ thin command API for the relay.
     core.policy(policy)                     # who may go where (mimbox.safety.Policy's lists)
     core.queue(num)                         # hold client SYNs from NFQUEUE `num`
     core.listen(fd)                         # accept on this listener
+    core.link(worker, fd)                   # a unix socket to another worker (hand-over of accepted clients)
     core.watch(fd, events)                  # a Python fd: reported back as Event(kind=EV_FD)
-    for ev in core.run(timeout_ms): ...     # what is Python's (EV_FD, hand-over, refusals to log)
+    for ev in core.run(timeout_ms): ...     # what is Python's (EV_FD, convert mode's clients, refusals to log)
     core.add(cfd, sfd, ...)                 # a connection Python set up (convert mode), relayed
 
 Why C: under Fig. 5's 1 KB load the interpreter cost ~40 µs per connection and ~70 µs per held
 SYN (perf, results/percost_converter) where HAProxy's own code costs ~10 µs; the kernel's part is
-the same for both. The relay keeps what is not per-SYN or per-connection routine: set-up, workers'
-hand-over, convert mode's messages, log lines, stats, timers of its own.
+the same for both. The relay keeps what is not per-SYN or per-connection routine: set-up, convert
+mode's messages, log lines, stats, timers of its own.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ class CoreStats(ctypes.Structure):
         (n, ctypes.c_uint64) for n in ("active", "pipes_pooled", "idle_timeouts", "connect_timeouts")] + [
         ("errors", ctypes.c_uint64 * ERRNO_SLOTS), ("accept_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         (n, ctypes.c_uint64) for n in ("syns", "deferred", "held", "handshake_timeouts", "held_connect_timeouts",
-                                       "accept_while_held")] + [
+                                       "accept_while_held", "handed_over")] + [
+        ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)]
 
 
@@ -137,7 +139,7 @@ def load() -> ctypes.CDLL:
            "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
            "core_policy": (None, [P, I, U32, U32]), "core_refusal": (I, [P, U32, U32, U16]),
-           "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_serve": (None, [P, I, U32, U16]),
+           "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
            "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
@@ -277,9 +279,12 @@ class Core:
         if r < 0:
             raise OSError(-r, f"NFQUEUE {num}: {errno.errorcode.get(-r, r)}")
 
-    def serve(self, fd: int, client: tuple[str, int]) -> None:
-        """A client socket handed over by another worker: the core pairs or connects it (owns fd)."""
-        self.lib.core_serve(self.ptr, fd, ip_n(client[0]), port_n(client[1]))
+    def link(self, worker: int, fd: int) -> None:
+        """A unix datagram socket to another worker: clients whose SYN it holds go there (SCM_RIGHTS),
+        and what it sends here is paired with the SYNs held here."""
+        r = self.lib.core_link(self.ptr, worker, fd)
+        if r < 0:
+            raise OSError(-r, "core_link")
 
     def pending(self) -> int:
         """SYNs held, or released and waiting for accept()."""

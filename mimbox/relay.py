@@ -32,7 +32,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from mimbox import convert, handover, mptcp
+from mimbox import convert, mptcp
 from mimbox.config import Config
 from mimbox.core import (
     CAUSES,
@@ -139,13 +139,13 @@ def raise_fd_limit(connections: int) -> int:
 class Relay:
     """One listener: its set-up, and the Python side of its event loop. `serve()` runs until
     SIGTERM/SIGINT, then drains. The core (mimbox.core) holds SYNs, accepts, connects and relays;
-    this class sets it up and answers what it hands back: convert mode's messages, a connection
-    another worker must serve, refusals to log, stats and health probes.
+    this class sets it up and answers what it hands back: convert mode's messages, refusals to
+    log, stats and health probes.
 
     Alone (workers=1) it owns its netfilter rules. As one of several workers (mimbox.workers) it
     holds the SYNs of its share of source ports (queue_num + worker), listens with SO_REUSEPORT, and
-    passes a connection the kernel gave it but whose SYN another worker held to that worker over
-    `links` (SCM_RIGHTS); the supervisor owns the rules.
+    its core passes a connection the kernel gave it but whose SYN another worker held to that
+    worker over `links` (SCM_RIGHTS); the supervisor owns the rules.
     """
 
     def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
@@ -231,9 +231,8 @@ class Relay:
                 self.core.listen(ls.fileno())
             if self.queue_syns:
                 self.core.queue(lc.queue_num + self.worker)
-            for link in self.links.values():
-                link.setblocking(False)
-                self.core.watch(link.fileno(), select.EPOLLIN)
+            for other, link in self.links.items():
+                self.core.link(other, link.fileno())
             if lc.health_port:
                 hs = self.health_sock = socket.socket(socket.AF_INET, mptcp.NONBLOCKING_STREAM)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -319,7 +318,6 @@ class Relay:
     def _loop(self, done) -> None:
         run = self.core.run
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
-        link_fds = {s.fileno(): s for s in self.links.values()}
         hfd = self.health_sock.fileno() if self.health_sock else -4
         next_sweep = time.monotonic() + 1.0
         while not done():
@@ -333,8 +331,6 @@ class Relay:
                         fd = ev.fd
                         if fd in self.greetings:
                             self._on_greeting(self.greetings[fd])
-                        elif fd in link_fds:
-                            self._receive_handed(link_fds[fd])
                         elif fd == sfd:
                             self._serve_stats()
                         elif fd == hfd:
@@ -352,12 +348,13 @@ class Relay:
         """What the core hands over: a client to serve here, or a refusal or reset to log."""
         kind = ev.kind
         addr = addr_of(ev.caddr, ev.cport)
-        if kind == EV_ACCEPTED:            # another worker's (its SYN is held there), or convert mode
+        if kind == EV_ACCEPTED:            # convert mode: its message says where it goes
             cs = socket.socket(fileno=ev.fd)
-            if ev.caddr == 0:
+            if ev.caddr == 0 or self.cfg.listener.mode != "convert":
                 self._reset(cs)           # not IPv4
                 return
-            self._accepted(cs, addr)
+            cs.setblocking(False)
+            self._greet(cs, addr, time.monotonic())
             return
         dst = addr_of(ev.daddr, ev.dport)
         if kind == EV_REFUSED:             # counted by the core; the log line is written here
@@ -396,31 +393,7 @@ class Relay:
         if ev.fd in self.greetings:
             self._drop_greeting(self.greetings[ev.fd])
 
-    # -- accept: what the core hands here ---------------------------------------------------------------
-    def _accepted(self, cs: socket.socket, addr) -> None:
-        """A client the core accepted: another worker's (hand it over), or convert mode's."""
-        owner = handover.owner_elsewhere(addr, self.worker, self.workers, self.queue_syns, self.held)
-        if owner is not None:         # its SYN is held there, with its server connection
-            err = handover.send(self.links[owner], cs)
-            if err is None:
-                self.stats.handed_over += 1
-            else:
-                self.stats.errors["hand-over " + err] += 1
-                self._reset(cs)
-            return
-        cs.setblocking(False)
-        if self.cfg.listener.mode == "convert":
-            self._greet(cs, addr, time.monotonic())
-        else:
-            self.core.serve(cs.detach(), addr)
-
-    def _receive_handed(self, link: socket.socket) -> None:
-        for cs, addr in handover.receive(link):
-            if addr is None:
-                self._reset(cs)       # the client went away on the way here
-            else:
-                self.core.serve(cs.detach(), addr)   # paired with its held SYN's server socket
-
+    # -- convert mode's clients: what the core hands here -------------------------------------------------
     def _open_server(self, dst: tuple[str, int]) -> tuple[socket.socket, bool]:
         """A non-blocking socket connecting to `dst` (MPTCP unless the server was seen without it)."""
         bc = self.cfg.buffers
@@ -595,6 +568,11 @@ class Relay:
                 if count:
                     key = prefix + errno.errorcode.get(e, str(e))
                     errors[key] = errors.get(key, 0) + count
+        d["handed_over"] += cs.handed_over
+        for e, count in enumerate(cs.handover_errors):
+            if count:
+                key = "hand-over " + errno.errorcode.get(e, str(e))
+                errors[key] = errors.get(key, 0) + count
         for key, count in (("idle timeout", cs.idle_timeouts), (Cause.SERVER_TIMEOUT.value, cs.connect_timeouts),
                            ("server connect timeout", cs.held_connect_timeouts),
                            ("client handshake timeout", cs.handshake_timeouts),

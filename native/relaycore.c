@@ -44,7 +44,8 @@
 #endif
 #define TCP_IS_MPTCP 43
 
-enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING = 4 };
+enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING = 4, KIND_LINK = 5 };
+#define MAX_WORKERS 256
 #define KIND_SHIFT 60
 #define PENDING_HELD 1
 #define PENDING_RELEASED 2
@@ -91,6 +92,7 @@ struct core_stats {
 	uint64_t errors[ERRNO_SLOTS];	/* resets by errno */
 	uint64_t accept_errors[ERRNO_SLOTS];
 	uint64_t syns, deferred, held, handshake_timeouts, held_connect_timeouts, accept_while_held;
+	uint64_t handed_over, handover_errors[ERRNO_SLOTS];
 	uint64_t refused[CAUSE_COUNT];
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
 };
@@ -178,6 +180,7 @@ struct core {
 	int qfd;
 	char *qbuf;
 	pid_t keeper;
+	int links[MAX_WORKERS];			/* worker -> a unix datagram socket to it, -1: none */
 };
 
 static double monotonic(void)
@@ -290,6 +293,8 @@ struct core *core_new(const struct core_config *cfg)
 	c->free_head = -1;
 	c->pending_free = -1;
 	c->qfd = -1;
+	for (int w = 0; w < MAX_WORKERS; w++)
+		c->links[w] = -1;
 	c->epfd = epoll_create1(EPOLL_CLOEXEC);
 	c->copy_buf = malloc(cfg->pipe_size);
 	c->npending_slots = cfg->pending_limit > 0 ? cfg->pending_limit : 1;
@@ -1290,6 +1295,12 @@ static void queue_ready(struct core *c)
 }
 
 /* -- accept --------------------------------------------------------------------------------------------- */
+/* mimbox.netfilter.worker_of_port: the worker whose queue gets a SYN from source port sport (host order) */
+int core_worker_of_port(int sport, int workers)
+{
+	return ((sport & 0xFF) * workers) >> 8;
+}
+
 static int held_elsewhere(struct core *c, uint32_t addr, uint16_t port)
 {
 	const struct core_config *g = &c->cfg;
@@ -1297,7 +1308,7 @@ static int held_elsewhere(struct core *c, uint32_t addr, uint16_t port)
 	int owner;
 	if (g->workers <= 1 || !g->syns_queued)
 		return 0;
-	owner = ((ntohs(port) & 0xFF) * g->workers) >> 8;	/* mimbox.netfilter.worker_of_port */
+	owner = core_worker_of_port(ntohs(port), g->workers);
 	if (owner == g->worker)
 		return 0;
 	if (!g->held_slots)
@@ -1445,17 +1456,70 @@ static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cpo
 	}
 }
 
-/* A client socket another worker accepted and handed here (or Python's to give back). */
-void core_serve(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
+/* -- hand-over between workers ----------------------------------------------------------------------------
+ * With N workers the SYN of a client is held by the worker its source port picks (the queue rules split
+ * by mimbox.netfilter.worker_of_port), and that worker opened the server connection. The kernel's
+ * reuseport hash, which user space cannot steer on MPTCP listeners, picks the worker that accept()s;
+ * if it is another one and the SYN really is held (the workers' shared set), the client socket goes
+ * to the owner over a unix datagram socket (SCM_RIGHTS), which pairs it. */
+int core_link(struct core *c, int worker, int fd)
 {
-	c->now = monotonic();
-	serve_accepted(c, cfd, caddr, cport);
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)KIND_LINK << KIND_SHIFT | (uint32_t)fd};
+	if (worker < 0 || worker >= MAX_WORKERS)
+		return -EINVAL;
+	c->links[worker] = fd;
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	return epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) ? -errno : 0;
+}
+
+static void hand_over(struct core *c, int cfd, int owner)
+{
+	char byte = 'c', cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = {&byte, 1};
+	struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &cfd, sizeof(int));
+	if (owner >= MAX_WORKERS || c->links[owner] < 0 || sendmsg(c->links[owner], &m, MSG_DONTWAIT) < 0) {
+		c->st.handover_errors[owner < MAX_WORKERS && c->links[owner] >= 0 && errno < ERRNO_SLOTS ? errno : 0]++;
+		reset_close(cfd);
+		return;
+	}
+	c->st.handed_over++;
+	close(cfd);		/* the owner has its own reference now */
+}
+
+static void link_ready(struct core *c, int fd)
+{
+	for (int n = 0; n < 64; n++) {
+		char byte, cbuf[CMSG_SPACE(16 * sizeof(int))];
+		struct iovec iov = {&byte, 1};
+		struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+		if (recvmsg(fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0)
+			return;
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+				continue;
+			for (unsigned k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+				int cfd;
+				struct sockaddr_in peer;
+				socklen_t len = sizeof(peer);
+				memcpy(&cfd, CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+				if (getpeername(cfd, (struct sockaddr *)&peer, &len) || peer.sin_family != AF_INET)
+					reset_close(cfd);	/* the client went away on the way here */
+				else
+					serve_accepted(c, cfd, peer.sin_addr.s_addr, peer.sin_port);
+			}
+		}
+	}
 }
 
 static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
 {
 	if (held_elsewhere(c, peer->sin_addr.s_addr, peer->sin_port))
-		return to_python(c, cfd, peer->sin_addr.s_addr, peer->sin_port);	/* hand-over */
+		return hand_over(c, cfd, core_worker_of_port(ntohs(peer->sin_port), c->cfg.workers));
 	serve_accepted(c, cfd, peer->sin_addr.s_addr, peer->sin_port);
 }
 
@@ -1524,6 +1588,9 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 				break;
 			case KIND_PENDING:
 				pending_ready(c, (int)(uint32_t)data, evs[j].events);
+				break;
+			case KIND_LINK:
+				link_ready(c, (int)(uint32_t)data);
 				break;
 			default: {
 				struct core_event *e = emit(c, EV_FD);

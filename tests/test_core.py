@@ -87,6 +87,14 @@ def test_gate_hold_refuses_past_the_caps_and_accept_never_holds():
 
 
 # -- decisions shared with the Python spec ---------------------------------------------------------------
+def test_worker_of_port_is_the_rules_split():
+    """The core hands a client to the worker whose queue rule (mimbox.netfilter) got its SYN."""
+    from mimbox.netfilter import worker_of_port
+    for workers in range(1, 9):
+        for sport in range(0, 65536, 97):
+            assert core.lib().core_worker_of_port(sport, workers) == worker_of_port(sport, workers)
+
+
 def syn_packet(opts: bytes, src="10.0.1.1", dst="10.0.1.2", sport=40000, dport=7000) -> bytes:
     opts += b"\x00" * (-len(opts) % 4)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, (5 + len(opts) // 4) << 4, 0x02, 65535, 0, 0) + opts
