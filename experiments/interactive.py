@@ -6,7 +6,8 @@ socket buffers; application-level delay average and maximum, with and without Mi
 Why the delays are what they are: each run also records how the sender towards the phone (the
 server without a converter, the converter with one) and the server recovered its losses —
 retransmission timeouts, tail loss probes, fast retransmits, MPTCP reinjections (RECOVERY) — so a
-maximum can be matched to the recovery that caused it.
+maximum can be matched to the recovery that caused it; and, with client-side loss, VARIANTS take
+one thing away at a time (MPTCP, the second subflow) to see what the maximum depends on.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ FULL = dict(seconds=60, reps=3, buffer=200 * 1024, loss=1.0)
 QUICK = dict(seconds=15, reps=3, buffer=200 * 1024, loss=1.0)   # max delay is one loss event: repeat
 PAPER_MAX_MS = {"mimbox": 150, "direct (no converter)": 250}
 PORT = 9600
+# client-side loss only: (system, MPTCP end to end, the phone's extra subflows; None: the testbed's)
+CLIENT_SUBFLOWS = 2       # what the testbed sets (topologies.testbed: max(2, paths))
+VARIANTS = {"direct, TCP (no MPTCP)": ("router", False, None),
+            "direct, MPTCP, WiFi subflow only": ("router", True, 0),
+            "mimbox, WiFi subflow only": ("mimbox", True, 0)}
 # how losses were recovered: nstat names, and the column each becomes (per run, per role)
 RECOVERY = {"TcpExtTCPTimeouts": "rto", "TcpExtTCPLossProbes": "tlp", "TcpExtTCPFastRetrans": "fast_retrans",
             "TcpRetransSegs": "retrans_segs", "TcpExtTCPSpuriousRTOs": "spurious_rto",
@@ -51,8 +57,8 @@ def recovery(tb, system, before: dict, after: dict) -> dict:
     return out
 
 
-def one_run(tb, system, seconds: float) -> dict:
-    server_mptcp = isinstance(system, Router)
+def one_run(tb, system, seconds: float, mptcp: bool = True) -> dict:
+    server_mptcp = isinstance(system, Router) and mptcp
     srv = tb.server.popen([PY, "-m", "experiments.measure.stream", "server", "--port", str(PORT), "--seconds",
                            str(seconds), *(["--mptcp"] if server_mptcp else [])], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -60,7 +66,7 @@ def one_run(tb, system, seconds: float) -> dict:
         ready_line(srv)
         host, port = system.endpoint(tb, PORT)
         argv = system.client_argv(tb, [PY, "-m", "experiments.measure.stream", "client", host, str(port),
-                                       "--mptcp"], mptcp=False)
+                                       *(["--mptcp"] if mptcp else [])], mptcp=False)
         out = tb.client.cmd(" ".join(shlex.quote(a) for a in argv))
         line = [x for x in out.splitlines() if x.startswith("{")]
         if not line:
@@ -84,13 +90,23 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             mb = MiMBox(mode="explicit")
             mb.start(tb, PORT)
             try:
+                runs = [("direct (no converter)", "router", True, None), ("mimbox", "mimbox", True, None)]
+                if where == "client" and params.get("variants", True):
+                    runs += [(name, *v) for name, v in VARIANTS.items()]
                 for rep in range(params["reps"]):
-                    for system in interleave([Router(), mb], rep):
+                    for name, kind, mptcp, subflows in interleave(runs, rep):
+                        system = mb if kind == "mimbox" else Router()
                         hosts = (tb.client, tb.mbox, tb.server)
                         before = {h.name: counters(h) for h in hosts}
-                        r = one_run(tb, system, params["seconds"])
+                        if subflows is not None:
+                            tb.client.cmd(f"ip mptcp limits set subflow {subflows} add_addr_accepted {subflows}")
+                        try:
+                            r = one_run(tb, system, params["seconds"], mptcp)
+                        finally:
+                            if subflows is not None:
+                                tb.client.cmd(f"ip mptcp limits set subflow {CLIENT_SUBFLOWS} "
+                                              f"add_addr_accepted {CLIENT_SUBFLOWS}")
                         after = {h.name: counters(h) for h in hosts}
-                        name = "mimbox" if isinstance(system, MiMBox) else "direct (no converter)"
                         rows.append(dict(system=name, loss_side=where, rep=rep, **r,
                                          **recovery(tb, system, before, after)))
                         progress(f"interactive {where}-side loss, {name}: mean {r['mean_ms']:.1f} ms, "

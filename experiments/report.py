@@ -223,8 +223,19 @@ def interactive() -> str:
         return "_Interactive delay not run yet._"
     g = df.groupby(["loss_side", "system"])[["mean_ms", "p99_ms", "max_ms"]].mean().round(1).reset_index()
     g.columns = ["1 % loss on", "system", "mean ms", "p99 ms", "max ms"]
-    return ("![Interactive](results/interactive_delay/figure.png)\n\n" + _md(g) +
-            "\n\nPaper (client-side loss, 200 KB buffers): max ~150 ms with MiMBox, ~250 ms without.\n\n"
+    out = "![Interactive](results/interactive_delay/figure.png)\n\n" + _md(g)
+    rec = [c for c in ("over_200ms", "phone_sender_rto", "phone_sender_tlp", "phone_sender_fast_retrans",
+                       "phone_sender_mptcp_reinjected", "server_rto", "phone_rto") if c in df]
+    if rec:
+        r = df.groupby(["loss_side", "system"])[rec].mean().round(1).reset_index()
+        r.columns = ["1 % loss on", "system"] + [{
+            "over_200ms": "messages > 200 ms", "phone_sender_rto": "RTOs (sender to phone)",
+            "phone_sender_tlp": "loss probes (sender to phone)", "phone_sender_fast_retrans": "fast retransmits",
+            "phone_sender_mptcp_reinjected": "MPTCP reinjections", "server_rto": "RTOs (server)",
+            "phone_rto": "RTOs (phone)"}[c] for c in rec]
+        out += ("\n\nHow the losses were recovered, per run (the sender to the phone is the converter with "
+                "MiMBox, the server without):\n\n" + _md(r))
+    return (out + "\n\nPaper (client-side loss, 200 KB buffers): max ~150 ms with MiMBox, ~250 ms without.\n\n"
             + _env_line(man))
 
 
@@ -259,13 +270,18 @@ def scaleout() -> str:
                       "joins without token": g.lost.astype(int), "joins refused by the kernel": g.rejected.astype(int),
                       "busiest converter's share": g.busiest.round(2)})
     q = man.get("regime", {})
+    cores = man.get("params", {}).get("quota_cores")
+    if cores:     # a converter below its quota is not what bounds the rate
+        t["quota used"] = (g.req_s * g.cpu / (g.index * cores * 1e6)).round(2).values
     router = f.get("router_req_per_s", 0)
     top = g.req_s.iloc[-1]
     return ("![Scale-out](results/scaleout/figure.png)\n\n" + _md(t) + "\n\n"
             f"No converter (the phone speaking MPTCP to the server through the front router): {router:.0f} req/s. "
             f"That is the end hosts' ceiling here — wrk, nginx and the front router's forwarding share one core — "
-            f"and {len(g)} converters reach {100 * top / router:.0f} % of it, so on this 2-core machine the end hosts, "
-            "not the converters, bound any further N. Joins without token: MP_JOINs that met a converter that "
+            f"and {len(g)} converters reach {100 * top / router:.0f} % of it; where the converters use less than "
+            "their quota (\"quota used\" < 1) they are not what bounds the rate: through converters each request "
+            "also costs the end hosts more (an MPTCP connection to the converter, a TCP one from it), so on this "
+            "2-core machine the end hosts, not the converters, bound any further N. Joins without token: MP_JOINs that met a converter that "
             "does not own their connection (0 with the C flag and the announced address); joins refused by the "
             "kernel: joins that met their own converter but a connection not yet fully established or already "
             "closing (1 KB requests close within a round trip). "

@@ -13,7 +13,7 @@ import pytest
 from conftest import PY, readline
 
 from experiments.systems import MiMBox
-from topologies.cluster import ClusterTestbed, ClusterTopo
+from topologies.cluster import GROUP, ClusterTestbed, ClusterTopo
 
 N = 3
 CONNECTIONS = 200
@@ -98,6 +98,20 @@ def byte_exact(row: dict, up: int, down: int) -> bool:
 def cluster(mptcp_ok):
     with ClusterTestbed(ClusterTopo(n=N)) as tb:
         yield tb
+
+
+def test_a_grown_group_spreads_over_every_member_at_once(cluster):
+    """N = 1, then 3 (as the scale-out experiment does): the resilient group gives the new members
+    their buckets at once (idle_timer 0), not after 120 s without traffic."""
+    tb = cluster
+    try:
+        tb.route_vip(members=1)
+        tb.route_vip()
+        out = tb.front.cmd(f"ip nexthop bucket show id {GROUP}")
+        owners = {line.split("nhid")[1].split()[0] for line in out.splitlines() if "nhid" in line}
+        assert owners == {str(n) for n in tb.nexthop_ids}, out[:500]
+    finally:
+        tb.route_vip()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -34,7 +34,8 @@ from topologies.testbed import HOST_SYSCTLS, Addr, Testbed
 
 VIP = "10.255.0.1"
 GROUP = 1000                                     # the VIP's nexthop group
-RESILIENT = "type resilient buckets 128"         # kept on every rewrite of the group (health check too)
+RESILIENT = "type resilient buckets 128 idle_timer 0"   # kept on every rewrite of the group (health check too);
+# idle_timer 0: a member added to the group gets its share of buckets at once, not after 120 s idle
 
 
 class ClusterTopo(Topo):
