@@ -100,11 +100,17 @@ def cpu_split(tb, system, params: dict) -> list[dict]:
         parts = line.split()
         if len(parts) >= 2 and parts[0].isdigit():
             dso = parts[1].strip("[]")
-            where = "kernel" if dso == "kernel.kallsyms" else ("program" if dso.startswith(("python", "haproxy"))
-                                                               else "libraries")
+            where = where_of(dso)
             rows.append(dict(system=system.name, where=where, dso=dso,
                              us_per_req=int(parts[0]) * 1e6 / 4999 / max(1, r["requests"])))
     return rows
+
+
+def where_of(dso: str) -> str:
+    """kernel, program (the converter's own code: Python, HAProxy, MiMBox's C core) or libraries."""
+    if dso == "kernel.kallsyms":
+        return "kernel"
+    return "program" if dso.startswith(("python", "haproxy", "librelaycore")) else "libraries"
 
 
 def tables(df: pd.DataFrame) -> dict:
@@ -121,6 +127,7 @@ def cpu_split_table(man: dict) -> pd.DataFrame:
     d = pd.DataFrame(man.get("cpu_split", []))
     if d.empty:
         return d
+    d["where"] = d.dso.map(where_of)
     return d.groupby(["system", "where"], sort=False).us_per_req.sum().round(1).unstack("where").reset_index()
 
 

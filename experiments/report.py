@@ -343,9 +343,10 @@ def reliability() -> str:
                  f"unheld.")
     x = r.get("measurements", {}).get("converter failure behind ECMP")
     if x:
-        text += (f"\n\nA converter of 3 behind the ECMP address killed in the middle of {x['connections']} transfers: "
-                 f"{x['on the dead converter']} of them were on it; {x['cut']} ended with it ({x['reset']} by a reset, "
-                 f"the others by an early end of stream: the kernel closes a killed process's sockets gracefully) "
+        how = ("every one by a reset: its keeper outlived the crash (\"Crashes\" above)" if x["reset"] == x["cut"]
+               else f"{x['reset']} by a reset, the others by an early end of stream")
+        text += (f"\n\nA converter of 3 behind the ECMP address crashed (SIGKILL) in the middle of {x['connections']} "
+                 f"transfers: {x['on the dead converter']} of them were on it; {x['cut']} ended with it ({how}) "
                  f"and {x['on the dead converter'] - x['cut']} had been handed to its kernel whole and completed; all {x['survivors complete']} others completed "
                  f"byte-exact; the front router's health check dropped it {x['route withdrawn (ms)']} ms after the "
                  f"kill, and {x['new connections to survivors']} new connections all went to the survivors.")
