@@ -125,6 +125,7 @@ struct conn {
 	double t_syn, t_accept, last;
 	char *early;			/* convert mode: client bytes after its message, for the server */
 	uint32_t early_len;
+	uint32_t client_ev;		/* the client's epoll events while the server connection was made */
 	int next_free;
 };
 
@@ -558,7 +559,10 @@ static int flush_buffered(struct dir *d)
 	return 1;
 }
 
-static void pump_copy(struct core *c, int i, struct dir *d, int drain)
+/* drain: read until src is empty (else a short read ends the call: with edge-triggered epoll the
+ * source's next bytes raise a new edge); rdhup: the source has shut down its sending side, so a short
+ * read emptied it for good and is its EOF — no read is spent to see the 0 */
+static void pump_copy(struct core *c, int i, struct dir *d, int drain, int rdhup)
 {
 	struct conn *k = c->conns[i];
 	uint32_t size = c->cfg.pipe_size;
@@ -610,8 +614,12 @@ static void pump_copy(struct core *c, int i, struct dir *d, int drain)
 				return;	/* EPOLLOUT on dst resumes us */
 			}
 		}
-		if ((uint32_t)n < size && !drain)
-			return;		/* a short read emptied src: its next bytes raise a new edge */
+		if ((uint32_t)n < size) {
+			if (rdhup)
+				d->eof = 1;	/* everything before the FIN is read */
+			else if (!drain)
+				return;	/* a short read emptied src: its next bytes raise a new edge */
+		}
 	}
 }
 
@@ -620,7 +628,7 @@ static int flush_prefix(struct dir *d)
 	return d->prefix ? write_prefixed(d, "", 0) : 0;
 }
 
-static void pump_splice(struct core *c, int i, struct dir *d, int drain)
+static void pump_splice(struct core *c, int i, struct dir *d, int drain, int rdhup)
 {
 	struct conn *k = c->conns[i];
 	unsigned flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
@@ -673,22 +681,30 @@ static void pump_splice(struct core *c, int i, struct dir *d, int drain)
 		} else {
 			d->buffered = n;
 			short_read = n < c->cfg.pipe_size;
+			if (short_read && rdhup)
+				d->eof = 1;	/* everything before the FIN is in the pipe */
 			k->last = c->now;
 		}
 	}
 }
 
-static void pump(struct core *c, int i, struct dir *d, int drain)
+static void pump(struct core *c, int i, struct dir *d, int drain, int rdhup)
 {
 	switch (c->cfg.engine) {
 	case ENGINE_COPY:
-		return pump_copy(c, i, d, drain);
+		return pump_copy(c, i, d, drain, rdhup);
 	case ENGINE_SPLICE:
-		return pump_splice(c, i, d, drain);
+		return pump_splice(c, i, d, drain, rdhup);
 	}
 	if (d->pipe_r >= 0 || (d->bytes >= (uint64_t)c->cfg.splice_after && !d->buf))
-		return pump_splice(c, i, d, drain);
-	pump_copy(c, i, d, drain);
+		return pump_splice(c, i, d, drain, rdhup);
+	pump_copy(c, i, d, drain, rdhup);
+}
+
+/* move what an epoll event on d's source says is there */
+static void pump_event(struct core *c, int i, struct dir *d, uint32_t ev)
+{
+	pump(c, i, d, !!(ev & DRAIN), !!(ev & EPOLLRDHUP));
 }
 
 static void finish(struct core *c, int i, struct dir *d)
@@ -765,10 +781,7 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 			c->st.server_mptcp++;
 		else
 			c->st.server_tcp++;
-		/* registered late (edge-triggered): move what is there already */
-		pump(c, i, &k->down, 1);
-		if (!k->closed)
-			pump(c, i, &k->up, 1);
+		/* what is there already: EPOLL_CTL_ADD reported it as an event (edge-triggered too) */
 	}
 	return i;
 }
@@ -832,9 +845,11 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 		k->early = NULL;
 		k->early_len = 0;
 	}
-	pump(c, i, &k->up, 1);		/* what the client sent meanwhile */
-	if ((ev & EPOLLIN) && !k->closed)
-		pump(c, i, &k->down, 1);
+	if (k->client_ev & ~EPOLLOUT)		/* what the client sent meanwhile: its events were kept */
+		pump_event(c, i, &k->up, k->client_ev);
+	k->client_ev = 0;
+	if ((ev & ~EPOLLOUT) && !k->closed)
+		pump_event(c, i, &k->down, ev);
 }
 
 static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
@@ -846,16 +861,18 @@ static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 	if (k->closed)
 		return;
 	if (k->connecting) {
-		if (!is_client)
+		if (is_client)
+			k->client_ev |= ev;	/* its bytes wait in its socket until the server is there */
+		else
 			server_ready(c, i, ev);
-		return;			/* client bytes wait in its socket until the server is there */
+		return;
 	}
 	in = is_client ? &k->up : &k->down;
 	out = is_client ? &k->down : &k->up;
 	if (ev & ~EPOLLOUT)
-		pump(c, i, in, ev & DRAIN);
+		pump_event(c, i, in, ev);
 	if ((ev & EPOLLOUT) && out->buffered && !k->closed)
-		pump(c, i, out, 1);	/* its destination has room again */
+		pump(c, i, out, 1, 0);	/* its destination has room again */
 }
 
 /* -- policy (mimbox.safety.Policy decides the same; tests/test_core.py checks they agree) ------------ */
