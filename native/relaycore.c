@@ -561,7 +561,8 @@ static int flush_buffered(struct dir *d)
 
 /* drain: read until src is empty (else a short read ends the call: with edge-triggered epoll the
  * source's next bytes raise a new edge); rdhup: the source has shut down its sending side, so a short
- * read emptied it for good and is its EOF — no read is spent to see the 0 */
+ * read() — which takes everything queued, up to the buffer — emptied it for good and is its EOF: no
+ * read is spent to see the 0 (copy engine only: see pump_splice) */
 static void pump_copy(struct core *c, int i, struct dir *d, int drain, int rdhup)
 {
 	struct conn *k = c->conns[i];
@@ -628,7 +629,7 @@ static int flush_prefix(struct dir *d)
 	return d->prefix ? write_prefixed(d, "", 0) : 0;
 }
 
-static void pump_splice(struct core *c, int i, struct dir *d, int drain, int rdhup)
+static void pump_splice(struct core *c, int i, struct dir *d, int drain, int rdhup __attribute__((unused)))
 {
 	struct conn *k = c->conns[i];
 	unsigned flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
@@ -680,9 +681,10 @@ static void pump_splice(struct core *c, int i, struct dir *d, int drain, int rdh
 			d->eof = 1;
 		} else {
 			d->buffered = n;
+			/* short here does not mean drained: the pipe's slots (one per skb fragment)
+			 * may fill before its bytes do, so no EOF is inferred from rdhup (Fig. 5's 1 MB
+			 * downloads lost their tails when it was) */
 			short_read = n < c->cfg.pipe_size;
-			if (short_read && rdhup)
-				d->eof = 1;	/* everything before the FIN is in the pipe */
 			k->last = c->now;
 		}
 	}
