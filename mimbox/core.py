@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def load() -> ctypes.CDLL:
            "core_policy": (None, [P, I, U32, U32]), "core_refusal": (I, [P, U32, U32, U16]),
            "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
-           "core_tcp_only": (I, [P, U32, U16]), "core_learn": (None, [P, U32, U16, I]),
+           "core_open_server": (I, [P, U32, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
@@ -290,12 +291,15 @@ class Core:
         """SYNs held, or released and waiting for accept()."""
         return self.lib.core_pending(self.ptr)
 
-    def tcp_only(self, dst: tuple[str, int]) -> bool:
-        """The server answered MPTCP without it recently (--server-mptcp-retry)."""
-        return bool(self.lib.core_tcp_only(self.ptr, ip_n(dst[0]), port_n(dst[1])))
-
-    def learn(self, dst: tuple[str, int], mptcp_works: bool) -> None:
-        self.lib.core_learn(self.ptr, ip_n(dst[0]), port_n(dst[1]), int(mptcp_works))
+    def open_server(self, dst: tuple[str, int]) -> tuple[int, bool]:
+        """A non-blocking socket connecting to dst, as the core opens its own (MPTCP unless the
+        server was seen without it, the configured buffers): (fd, whether MPTCP was tried).
+        Raises OSError with the connect's errno."""
+        tried = ctypes.c_int(0)
+        fd = self.lib.core_open_server(self.ptr, ip_n(dst[0]), port_n(dst[1]), ctypes.byref(tried))
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd))
+        return fd, bool(tried.value)
 
     def stats(self) -> CoreStats:
         return self.lib.core_stats(self.ptr).contents

@@ -394,28 +394,6 @@ class Relay:
             self._drop_greeting(self.greetings[ev.fd])
 
     # -- convert mode's clients: what the core hands here -------------------------------------------------
-    def _open_server(self, dst: tuple[str, int]) -> tuple[socket.socket, bool]:
-        """A non-blocking socket connecting to `dst` (MPTCP unless the server was seen without it)."""
-        bc = self.cfg.buffers
-        try_mptcp = self.cfg.listener.server_mptcp and not self.core.tcp_only(dst)
-        if self.cfg.listener.server_mptcp and not try_mptcp:
-            self.stats.server_tcp_remembered += 1
-        s = mptcp.stream_socket(try_mptcp)
-        try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if bc.server_rcvbuf:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bc.server_rcvbuf)
-            if bc.server_sndbuf:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bc.server_sndbuf)
-            err = s.connect_ex(dst)
-        except OSError:
-            s.close()
-            raise
-        if err not in (0, errno.EINPROGRESS):
-            s.close()
-            raise OSError(err, os.strerror(err))
-        return s, try_mptcp
-
     def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes, early: bytes) -> None:
         """Convert mode, message read: policy, admission, the server connection, then the core's."""
         cause = self.core.refusal(addr[0], dst)
@@ -427,12 +405,12 @@ class Relay:
         if not self.admission.take():
             return self._refuse_accepted(cs, addr, dst, Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections")
         try:
-            s, try_mptcp = self._open_server(dst)
+            sfd, try_mptcp = self.core.open_server(dst)
         except OSError as e:
             self.admission.give()
             return self._refuse_accepted(cs, addr, dst, Cause.of_errno(e.errno),
                                          f"server {dst[0]}:{dst[1]}: {e.strerror}")
-        cfd, sfd = cs.detach(), s.detach()
+        cfd = cs.detach()
         try:
             self.core.add(cfd, sfd, addr, dst, now, connecting=True, tried_mptcp=try_mptcp, prefix=reply, early=early)
         except OSError as e:

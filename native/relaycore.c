@@ -788,17 +788,39 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	return i;
 }
 
-static void server_counted(struct core *c, struct conn *k)
+/* a connect() in progress on fd, after epoll event ev: -1 not yet, 0 connected, else its errno */
+static int connect_result(int fd, uint32_t ev)
 {
-	double us = (c->now - k->t_syn) * 1e6;
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if ((ev & (EPOLLERR | EPOLLHUP)) || !(ev & EPOLLOUT)) {
+		getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+		if (!err && !(ev & EPOLLOUT))
+			return -1;
+	}
+	return err;
+}
+
+/* a server answered the connection started at t_syn: time it; remember one that answered an MPTCP
+ * SYN without MPTCP (core_learn); returns whether the connection runs MPTCP */
+static int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int server_mptcp,
+			   uint32_t daddr, uint16_t dport)
+{
+	double us = (c->now - t_syn) * 1e6;
 	c->st.server_connects++;
 	c->st.server_connect_us_sum += us;
 	if (us > c->st.server_connect_us_max)
 		c->st.server_connect_us_max = us;
-	if (k->tried_mptcp) {
-		k->server_mptcp = sock_is_mptcp(k->sfd);
-		core_learn(c, k->daddr, k->dport, k->server_mptcp);
+	if (tried_mptcp) {
+		server_mptcp = sock_is_mptcp(sfd);
+		core_learn(c, daddr, dport, server_mptcp);
 	}
+	return server_mptcp;
+}
+
+static void server_counted(struct core *c, struct conn *k)
+{
+	k->server_mptcp = server_answered(c, k->sfd, k->t_syn, k->tried_mptcp, k->server_mptcp, k->daddr, k->dport);
 	if (k->server_mptcp)
 		c->st.server_mptcp++;
 	else
@@ -826,13 +848,9 @@ static void connect_failed(struct core *c, int i, int err, int timeout)
 static void server_ready(struct core *c, int i, uint32_t ev)
 {
 	struct conn *k = c->conns[i];
-	int err = 0;
-	socklen_t len = sizeof(err);
-	if ((ev & (EPOLLERR | EPOLLHUP)) || !(ev & EPOLLOUT)) {
-		getsockopt(k->sfd, SOL_SOCKET, SO_ERROR, &err, &len);
-		if (!err && !(ev & EPOLLOUT))
-			return;		/* not yet */
-	}
+	int err = connect_result(k->sfd, ev);
+	if (err < 0)
+		return;			/* not yet */
 	if (err)
 		return connect_failed(c, i, err, 0);
 	k->connecting = 0;
@@ -1152,7 +1170,7 @@ static void pending_end(struct core *c, int i, int cause, int err, int paired)
 	c->npending--;
 }
 
-static int open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp);
+int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp);
 
 static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 {
@@ -1214,7 +1232,7 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 		verdict(c, id, 1);
 		return refused(c, CAUSE_CONNECTION_LIMIT, 0, c->cfg.admission_limit, 0, 0, s.saddr, s.sport, daddr, dport);
 	}
-	sfd = open_server(c, daddr, dport, &tried);
+	sfd = core_open_server(c, daddr, dport, &tried);
 	if (sfd < 0) {
 		if (c->cfg.admission)
 			core_unadmit(c->cfg.admission);
@@ -1238,28 +1256,17 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 static void pending_ready(struct core *c, int i, uint32_t ev)
 {
 	struct pending *p = &c->pending[i];
-	int err = 0;
-	socklen_t len = sizeof(err);
+	int err;
 	if (p->state != PENDING_HELD)
 		return;			/* released: waiting for accept() */
-	if ((ev & (EPOLLERR | EPOLLHUP)) || !(ev & EPOLLOUT)) {
-		getsockopt(p->sfd, SOL_SOCKET, SO_ERROR, &err, &len);
-		if (!err && !(ev & EPOLLOUT))
-			return;
-	}
+	err = connect_result(p->sfd, ev);
+	if (err < 0)
+		return;
 	if (err) {
 		c->st.server_errors[err < ERRNO_SLOTS ? err : 0]++;
 		return pending_end(c, i, cause_of_errno(err), err, 0);
 	}
-	double us = (c->now - p->t_syn) * 1e6;
-	c->st.server_connects++;
-	c->st.server_connect_us_sum += us;
-	if (us > c->st.server_connect_us_max)
-		c->st.server_connect_us_max = us;
-	if (p->tried_mptcp) {
-		p->server_mptcp = sock_is_mptcp(p->sfd);
-		core_learn(c, p->daddr, p->dport, p->server_mptcp);
-	}
+	p->server_mptcp = server_answered(c, p->sfd, p->t_syn, p->tried_mptcp, 0, p->daddr, p->dport);
 	p->state = PENDING_RELEASED;
 	p->ready_at = c->now;
 	verdict(c, p->id, 0);		/* the kernel now answers the client's SYN */
@@ -1352,7 +1359,9 @@ static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *
 	return 1;
 }
 
-static int open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp)
+/* A non-blocking socket connecting to daddr:dport (MPTCP unless the server was seen without it):
+ * its fd, or -errno. Python's convert mode opens its server connections through it too. */
+int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp)
 {
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = daddr, .sin_port = dport};
 	int one = 1, fd = -1, err;
@@ -1461,7 +1470,7 @@ static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cpo
 	if (c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit))
 		return refuse_accepted(c, cfd, CAUSE_CONNECTION_LIMIT, 0, c->cfg.admission_limit, 0, caddr, cport,
 				       daddr, dport);
-	sfd = open_server(c, daddr, dport, &tried);
+	sfd = core_open_server(c, daddr, dport, &tried);
 	if (sfd < 0) {
 		if (c->cfg.admission)
 			core_unadmit(c->cfg.admission);
