@@ -14,7 +14,8 @@ waking it is a VM exit that costs more than a user-space converter's work) and p
 haltpoll polls for twice the packet interval before halting, so an idle core never halts between
 packets; for this measurement only: topologies.regimes.IdlePolling sets it and always restores it). MiMBox is measured on both SYN paths: held (its default at this rate:
 connect to the server first, as the paper) and --syn-path accept (the kernel answers the client,
-the converter connects after accept(), like the read()/write() converter).
+the converter connects after accept(), like the read()/write() converter), and with --busy-poll (its
+worker polls instead of sleeping between packets: no wake-up, a busy core; HAProxy's `busy-polling`).
 """
 from __future__ import annotations
 
@@ -134,9 +135,16 @@ def poll_ns(params: dict) -> int:
     return params.get("poll_ns") or int(2e9 * params["interval"])
 
 
-def cases() -> list:
+def busy_poll_us(params: dict) -> int:
+    """MiMBox's --busy-poll must outlast the gap between packets (half the interval), like idle polling."""
+    return int(2e6 * params["interval"])
+
+
+def cases(params: dict) -> list:
     return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
+            ("mimbox busy-poll (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
+                                                     extra=["--busy-poll", str(busy_poll_us(params))]), False),
             ("mimbox (MPTCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), True),
             ("mimbox accept-first (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
                                                         syn_path="accept"), False)]
@@ -157,7 +165,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                 if idle == POLL and not regime.active:
                     progress(f"table1: no idle polling here ({regime.reason}); poll rows skipped")
                     continue
-                for name, system, server_mptcp in cases():
+                for name, system, server_mptcp in cases(params):
                     rows += _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params)
         idle_settings["after"] = haltpoll_now()
     return pd.DataFrame(rows), {"idle": idle_settings}

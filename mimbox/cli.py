@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SYNs held at once, per worker (default {ListenerConfig.pending_limit})")
     g.add_argument("--pending-per-prefix", type=int, default=ListenerConfig.pending_per_prefix, metavar="N",
                    help=f"SYNs held at once from one client /24 (default {ListenerConfig.pending_per_prefix})")
+    g.add_argument("--spare-sockets", type=int, default=ListenerConfig.spare_sockets, metavar="N",
+                   help="server sockets made ahead while the converter is idle, per kind (TCP, MPTCP), so that a "
+                        f"held SYN costs one connect() (default {ListenerConfig.spare_sockets}; 0: none)")
+    g.add_argument("--busy-poll", type=int, default=ListenerConfig.busy_poll_us, metavar="USEC",
+                   help="after its last event a worker polls instead of sleeping for USEC microseconds: no "
+                        "wake-up on the next packet (costly on VMs), at the price of a busy core (default 0)")
     g.add_argument("--health-port", type=int, metavar="PORT",
                    help="also accept (and at once close) plain TCP connections on PORT while serving: a load "
                         "balancer's health check; closed first on SIGTERM, so the balancer drops this converter "
@@ -150,6 +156,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
                                 queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
                                 pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
+                                spare_sockets=a.spare_sockets, busy_poll_us=a.busy_poll,
                                 health_port=a.health_port,
                                 convert_cookie=a.convert_cookie.encode() if a.convert_cookie else None),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),

@@ -47,6 +47,8 @@ class ListenerConfig:
     pending_limit: int = 256                     # SYNs held at once (per worker) ...
     pending_per_prefix: int = 64                 # ... and from one client /24
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
+    spare_sockets: int = 4                       # server sockets made ahead while idle, per kind (TCP, MPTCP)
+    busy_poll_us: int = 0                        # poll, not sleep, this long after the last event (0: sleep)
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
     convert_cookie: bytes | None = None          # convert mode: clients must send this Cookie TLV
@@ -97,6 +99,10 @@ class Config:
             raise ValueError(f"engine must be one of {ENGINES}")
         if lc.syn_path not in SYN_PATHS:
             raise ValueError(f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}")
+        if not 0 <= lc.spare_sockets <= 64:
+            raise ValueError("--spare-sockets must be 0..64")
+        if not 0 <= lc.busy_poll_us <= 10_000_000:
+            raise ValueError("--busy-poll must be 0..10000000 microseconds")
         for net in (*self.safety.allow_clients, *self.safety.deny_dst, *lc.intercept_from):
             ipaddress.IPv4Network(net, strict=False)
         return self

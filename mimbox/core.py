@@ -67,7 +67,8 @@ class CoreConfig(ctypes.Structure):
                 ("prefix_wait", ctypes.c_double), ("admission", ctypes.c_void_p),
                 ("admission_limit", ctypes.c_int64), ("held_slots", ctypes.c_void_p), ("held_mask", ctypes.c_uint64),
                 ("syn_path", ctypes.c_int32), ("pending_limit", ctypes.c_int32), ("pending_per_prefix", ctypes.c_int32),
-                ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double)]
+                ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double),
+                ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32)]
 
 
 class Event(ctypes.Structure):
@@ -89,7 +90,8 @@ class CoreStats(ctypes.Structure):
         (n, ctypes.c_uint64) for n in ("syns", "deferred", "held", "handshake_timeouts", "held_connect_timeouts",
                                        "accept_while_held", "handed_over")] + [
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
-        ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)]
+        ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
+        (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls")]
 
 
 class ConnInfo(ctypes.Structure):

@@ -197,7 +197,7 @@ class Relay:
             held_mask=self.held.mask if self.held is not None else 0,
             syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
             pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
-            handshake_timeout=sc.handshake_timeout)
+            handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -532,7 +532,8 @@ class Relay:
                 for c in self.core.connections()]
         d = self.stats.snapshot(**extra)
         for k in ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
-                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum"):
+                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum",
+                  "spare_used", "spare_made", "busy_polls"):
             d[k] += getattr(cs, k)
         d["server_connect_us_max"] = max(d["server_connect_us_max"], cs.server_connect_us_max)
         n = d["server_connects"]

@@ -28,6 +28,9 @@ class Stats:
     server_tcp_remembered: int = 0   # plain TCP chosen: the server answered MPTCP without it recently
     handed_over: int = 0       # accepted here, relayed by the worker that held the SYN
     deferred: int = 0          # SYNs not held (--syn-path accept, or auto past the pending caps)
+    spare_used: int = 0        # server connections opened on a socket made ahead (--spare-sockets)
+    spare_made: int = 0
+    busy_polls: int = 0        # event batches found by polling instead of a wake-up (--busy-poll)
 
     def server_connected(self, seconds: float) -> None:
         us = seconds * 1e6

@@ -57,6 +57,7 @@ enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING
 #define MAX_EVENTS 256
 #define POOL_MAX 1024
 #define MEMO_SLOTS 4096		/* servers without MPTCP */
+#define SPARE_MAX 64		/* made-ahead server sockets per kind */
 
 struct core_config {
 	int32_t engine, pipe_size, splice_after, dst_source;
@@ -72,6 +73,8 @@ struct core_config {
 	uint64_t held_mask;
 	int32_t syn_path, pending_limit, pending_per_prefix, explicit_opt;	/* explicit_opt: DST_OPT decides */
 	double handshake_timeout;
+	int32_t spare_sockets;		/* server sockets made ahead, per kind (TCP, MPTCP); 0: none */
+	int32_t busy_poll_us;		/* poll without sleeping this long after the last event; 0: never */
 };
 
 struct core_event {
@@ -95,6 +98,7 @@ struct core_stats {
 	uint64_t handed_over, handover_errors[ERRNO_SLOTS];
 	uint64_t refused[CAUSE_COUNT];
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
+	uint64_t spare_used, spare_made, busy_polls;
 };
 
 struct core_conn_info {
@@ -181,6 +185,10 @@ struct core {
 	int qfd;
 	char *qbuf;
 	pid_t keeper;
+	int spare[2][SPARE_MAX];		/* made-ahead server sockets: [0] TCP, [1] MPTCP */
+	int nspare[2], spare_wanted[2];		/* a kind is made ahead once it was needed */
+	double last_event;			/* busy polling: when the loop last had work */
+	double spare_retry_at;			/* making spares failed: not before then */
 	int links[MAX_WORKERS];			/* worker -> a unix datagram socket to it, -1: none */
 };
 
@@ -1359,23 +1367,10 @@ static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *
 	return 1;
 }
 
-/* A non-blocking socket connecting to daddr:dport (MPTCP unless the server was seen without it):
- * its fd, or -errno. Python's convert mode opens its server connections through it too. */
-int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp)
+/* A non-blocking server socket of one kind (1: MPTCP, 0: TCP) with the server side's options: fd or -errno */
+static int server_socket(struct core *c, int mptcp)
 {
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = daddr, .sin_port = dport};
-	int one = 1, fd = -1, err;
-	*tried_mptcp = 0;
-	if (c->cfg.server_mptcp) {
-		if (core_tcp_only(c, daddr, dport)) {
-			c->st.server_tcp_remembered++;
-		} else {
-			fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_MPTCP);
-			*tried_mptcp = fd >= 0;
-		}
-	}
-	if (fd < 0)
-		fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, mptcp ? IPPROTO_MPTCP : 0);
 	if (fd < 0)
 		return -errno;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -1383,6 +1378,68 @@ int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_
 		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &c->cfg.server_rcvbuf, sizeof(int));
 	if (c->cfg.server_sndbuf)
 		setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &c->cfg.server_sndbuf, sizeof(int));
+	return fd;
+}
+
+/* Spare server sockets, made while the loop has nothing to do, so that a held SYN's connect() is the
+ * only system call between its arrival and its server SYN (socket() and the setsockopts cost about a
+ * fifth of Table 1's SYN delay here). Under load the loop is never idle, the spares run out and
+ * sockets are made on demand as before: the same calls, moved out of the SYN's way, never added. */
+static int spare_target(struct core *c)
+{
+	return c->cfg.spare_sockets < SPARE_MAX ? c->cfg.spare_sockets : SPARE_MAX;
+}
+
+static int spare_missing(struct core *c)
+{
+	int t = spare_target(c);
+	return t > 0 && c->now >= c->spare_retry_at &&
+	       ((c->spare_wanted[0] && c->nspare[0] < t) || (c->spare_wanted[1] && c->nspare[1] < t));
+}
+
+static void spare_refill(struct core *c)
+{
+	for (int kind = 0; kind < 2; kind++)
+		while (c->spare_wanted[kind] && c->nspare[kind] < spare_target(c)) {
+			int fd = server_socket(c, kind);
+			if (fd < 0) {			/* out of fds or memory: try again in a second */
+				c->spare_retry_at = c->now + 1.0;
+				return;
+			}
+			c->spare[kind][c->nspare[kind]++] = fd;
+			c->st.spare_made++;
+		}
+}
+
+static int spare_take(struct core *c, int mptcp)
+{
+	c->spare_wanted[mptcp] = 1;
+	if (c->nspare[mptcp] > 0) {
+		c->st.spare_used++;
+		return c->spare[mptcp][--c->nspare[mptcp]];
+	}
+	return server_socket(c, mptcp);
+}
+
+/* A non-blocking socket connecting to daddr:dport (MPTCP unless the server was seen without it):
+ * its fd, or -errno. Python's convert mode opens its server connections through it too. */
+int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = daddr, .sin_port = dport};
+	int fd = -1, err;
+	*tried_mptcp = 0;
+	if (c->cfg.server_mptcp) {
+		if (core_tcp_only(c, daddr, dport)) {
+			c->st.server_tcp_remembered++;
+		} else {
+			fd = spare_take(c, 1);
+			*tried_mptcp = fd >= 0;
+		}
+	}
+	if (fd < 0)
+		fd = spare_take(c, 0);
+	if (fd < 0)
+		return fd;
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) && errno != EINPROGRESS) {
 		err = errno;
 		close(fd);
@@ -1585,23 +1642,47 @@ static void free_dead(struct core *c)
 	c->ndead = 0;
 }
 
+static int busy_polling(struct core *c)
+{
+	return c->cfg.busy_poll_us > 0 && (c->now - c->last_event) * 1e6 < c->cfg.busy_poll_us;
+}
+
 /* Wait up to timeout_ms, handle what is the core's, return how many events are Python's (in out),
- * or -errno (EINTR: a signal, Python's handler runs now). Returns early once Python has events. */
+ * or -errno (EINTR: a signal, Python's handler runs now). Returns early once Python has events.
+ * Before sleeping it makes the spare server sockets that are missing (only when nothing waits), and
+ * with busy_poll_us it polls instead of sleeping for that long after the last event: on a VM a
+ * sleeping core's wake-up costs more than the converter's work (README, Table 1). */
 int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 {
 	struct epoll_event evs[MAX_EVENTS];
-	double deadline = monotonic() + timeout_ms / 1000.0;
-	int n;
+	double deadline;
+	int n, wait, room;
 
+	c->now = monotonic();
+	deadline = c->now + timeout_ms / 1000.0;
 	c->out = out;
 	c->maxout = maxout;
 	c->nout = 0;
 	for (;;) {
-		n = epoll_wait(c->epfd, evs, c->maxout - c->nout < MAX_EVENTS ? c->maxout - c->nout : MAX_EVENTS,
-			       timeout_ms);
+		int polling = timeout_ms && busy_polling(c);
+		wait = timeout_ms && (polling || spare_missing(c)) ? 0 : timeout_ms;
+		room = c->maxout - c->nout < MAX_EVENTS ? c->maxout - c->nout : MAX_EVENTS;
+		n = epoll_wait(c->epfd, evs, room, wait);
 		if (n < 0)
 			return c->nout ? c->nout : -errno;
 		c->now = monotonic();
+		if (n == 0 && wait != timeout_ms) {	/* nothing waits: make spares, poll on or sleep */
+			if (c->now >= deadline)
+				return c->nout;
+			if (spare_missing(c))
+				spare_refill(c);
+			timeout_ms = (int)((deadline - c->now) * 1000) + 1;
+			continue;
+		}
+		if (n) {
+			c->last_event = c->now;
+			c->st.busy_polls += polling;
+		}
 		for (int j = 0; j < n; j++) {
 			uint64_t data = evs[j].data.u64;
 			switch (data >> KIND_SHIFT) {
@@ -1733,6 +1814,9 @@ void core_free(struct core *c)
 		close(c->pool[j][0]);
 		close(c->pool[j][1]);
 	}
+	for (int kind = 0; kind < 2; kind++)
+		while (c->nspare[kind] > 0)
+			close(c->spare[kind][--c->nspare[kind]]);
 	if (c->qh)
 		nfq_destroy_queue(c->qh);
 	if (c->nfq)

@@ -313,3 +313,124 @@ def test_idle_connection_is_reset_on_both_sides():
     finally:
         r.close()
         ls.close()
+
+
+# -- spare server sockets and busy polling -----------------------------------------------------------------
+def open_fds() -> int:
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+def echo_server(n: int):
+    """Serves n connections one after another: echoes until EOF."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+
+    def serve():
+        for _ in range(n):
+            s, _ = ls.accept()
+            with s:
+                while chunk := s.recv(1 << 16):
+                    s.sendall(chunk)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return ls, t
+
+
+def one_exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        return recv_all(c)
+
+
+def test_spare_server_sockets_are_made_while_idle_used_and_closed():
+    """After the first connection needed a TCP server socket, the idle loop makes `spare_sockets` of
+    them; the next connections connect on those (same options as made on demand), and closing the core
+    closes the spares: no fd is left behind."""
+    before = open_fds()
+    ls, t = echo_server(6)
+    r = Running(ls.getsockname()[1], spare_sockets=3, server_rcvbuf=96 << 10)
+    try:
+        for i in range(5):
+            payload = random.randbytes(1000 + i)
+            assert one_exchange(r.port, payload) == payload
+            time.sleep(0.05)                   # the loop goes idle: spares are made
+        st = r.core.stats()
+        assert st.spare_made >= 3 and st.spare_used >= 3, (st.spare_made, st.spare_used)
+        # a connection on a spare socket carries the server side's options
+        hold = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        hold.sendall(b"x")
+        assert hold.recv(1) == b"x"
+        conn = r.core.connections()[0]
+        s = socket.socket(fileno=__import__("os").dup(conn.sfd))
+        try:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * (96 << 10)
+        finally:
+            s.close()
+        hold.close()
+    finally:
+        r.close()
+        ls.close()
+    t.join(5)
+    deadline = time.monotonic() + 2
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() == before, "spare sockets (or connections) left open after close()"
+
+
+def test_no_spares_when_turned_off():
+    ls, t = echo_server(2)
+    r = Running(ls.getsockname()[1], spare_sockets=0)
+    try:
+        for _ in range(2):
+            assert one_exchange(r.port, b"abc") == b"abc"
+            time.sleep(0.05)
+        st = r.core.stats()
+        assert (st.spare_made, st.spare_used, st.busy_polls) == (0, 0, 0)
+    finally:
+        r.close()
+        ls.close()
+
+
+def test_busy_poll_finds_events_without_sleeping_then_sleeps():
+    """With busy_poll_us the loop polls after an event (the next events are found by polling, counted),
+    and once that long has passed without events it sleeps: an idle core costs no CPU."""
+    import resource
+    ls, t = echo_server(3)
+    r = Running(ls.getsockname()[1], busy_poll_us=300_000)
+    try:
+        for _ in range(3):
+            assert one_exchange(r.port, b"ping") == b"ping"
+            time.sleep(0.02)
+        assert r.core.stats().busy_polls > 0
+        time.sleep(0.4)                        # past busy_poll_us: the loop sleeps from now on
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(0.5)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        used = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        assert used < 0.15, f"an idle busy-polling core kept spinning: {used:.2f} s of CPU in 0.5 s"
+    finally:
+        r.close()
+        ls.close()
+
+
+def test_busy_poll_keeps_the_callers_timeout():
+    """Polling for 5 s after an event must still return when the caller's 100 ms are over."""
+    c = make(busy_poll_us=5_000_000)
+    a, b = socket.socketpair()
+    try:
+        c.watch(a.fileno(), 1)                 # EPOLLIN: one event, read, then nothing more
+        b.send(b"x")
+        assert [e.fd for e in c.run(100)] == [a.fileno()]
+        a.recv(1)
+        t0 = time.monotonic()
+        assert list(c.run(100)) == []
+        assert 0.09 < time.monotonic() - t0 < 1.0, "core_run polled past its timeout"
+        assert c.stats().busy_polls == 0
+    finally:
+        c.close()
+        a.close()
+        b.close()
