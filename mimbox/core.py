@@ -91,7 +91,7 @@ class CoreStats(ctypes.Structure):
                                        "accept_while_held", "handed_over")] + [
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
-        (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls")]
+        (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares")]
 
 
 class ConnInfo(ctypes.Structure):

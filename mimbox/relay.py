@@ -521,7 +521,7 @@ class Relay:
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": cs.pipes_pooled, "workers": self.workers}
+                 "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers}
         if connections:
             now = time.monotonic()
             extra["connections"] = [

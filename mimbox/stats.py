@@ -47,7 +47,7 @@ class Stats:
         return d
 
 
-SUMMED = ("active", "pending", "pipes_pooled", "fd_capacity", "log_lines_refused")
+SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused")
 
 
 def merge(snapshots: list[dict], **extra) -> dict:

@@ -98,7 +98,7 @@ struct core_stats {
 	uint64_t handed_over, handover_errors[ERRNO_SLOTS];
 	uint64_t refused[CAUSE_COUNT];
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
-	uint64_t spare_used, spare_made, busy_polls;
+	uint64_t spare_used, spare_made, busy_polls, spares;
 };
 
 struct core_conn_info {
@@ -360,6 +360,7 @@ const struct core_stats *core_stats(struct core *c)
 {
 	c->st.active = c->active;
 	c->st.pipes_pooled = c->npool;
+	c->st.spares = c->nspare[0] + c->nspare[1];
 	return &c->st;
 }
 

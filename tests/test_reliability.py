@@ -17,6 +17,7 @@ import pytest
 from conftest import PY, Server, readline, run_client, transfer
 
 from experiments.systems import MiMBox
+from mimbox.config import ListenerConfig
 from mimbox.dstopt import DstOpt
 from topologies.testbed import ConverterTopo, PathSpec, Testbed
 
@@ -453,7 +454,7 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     m.start(paper_tb, 9600)
     srv = hold_server(paper_tb, 9600, n)
     try:
-        fds0, rss0 = converter_fds(m), converter_rss_kb(m)
+        fds0, rss0 = converter_fds(m) - m.stats()["spares"], converter_rss_kb(m)
         cl = hold_clients(paper_tb, 7513, n)
         line = readline(cl)
         assert wait_active(m, n, timeout=30)
@@ -476,7 +477,8 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     assert held["active"] == n and held["limit"] == n, held
     assert fds_held <= fds0 + 2 * n + 16         # two sockets per connection, no pipes while idle
     assert after["active"] == 0 and after["pending"] == 0
-    assert fds1 <= fds0 + 2 * after["pipes_pooled"]  # only pooled pipes remain
+    assert fds1 <= fds0 + 2 * after["pipes_pooled"] + after["spares"]  # only pooled pipes and spare sockets remain
+    assert after["spares"] <= 2 * 2 * ListenerConfig.spare_sockets   # per worker and kind
     ledger.add(cases=1)
 
 
@@ -491,7 +493,8 @@ def test_many_short_connections_no_growth(paper_tb, n):
     m.start(paper_tb, 9700)
     try:
         wrk(paper_tb, m, 9700, "/1024.bin", 1, 20)        # warm-up: pools fill
-        fds0 = converter_fds(m) - 2 * m.stats()["pipes_pooled"]   # pooled pipes may grow, up to a cap
+        st = m.stats()
+        fds0 = converter_fds(m) - 2 * st["pipes_pooled"] - st["spares"]   # pools may grow, up to a cap
         rss0 = converter_rss_kb(m)
         done = 0
         while done < n:
@@ -506,7 +509,7 @@ def test_many_short_connections_no_growth(paper_tb, n):
         st = m.stats()
         assert st["pending"] == 0 and st["active"] == 0, st
         pooled = st["pipes_pooled"]
-        fds1 = converter_fds(m) - 2 * pooled
+        fds1 = converter_fds(m) - 2 * pooled - st["spares"]
         rss1 = converter_rss_kb(m)
     finally:
         m.stop()
