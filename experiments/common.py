@@ -192,13 +192,27 @@ def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
     return out
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks since boot, all cores (/proc/stat): the host's share of a VM's time."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (v[7] if len(v) > 7 else 0), sum(v[:8])
+
+
 def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
     """The same path for every figure: params -> module.run (topology, runs) -> CSV, figure, manifest.
 
     Optional hooks of the module: `findings(df) -> dict` (into the manifest) and
     `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv)."""
     params = dict(module.QUICK if quick else module.FULL, **overrides)
+    steal0, all0 = cpu_ticks()
     df, extra = module.run(params)
+    steal1, all1 = cpu_ticks()
+    # a VM's host may take CPU time from it mid-run: absolute rates then shift, same-run ratios less
+    extra["cpu_steal_share"] = round((steal1 - steal0) / (all1 - all0), 3) if all1 > all0 else None
     out = Run(module.NAME, params, extra)
     findings = module.findings(df) if hasattr(module, "findings") else None
     out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}))

@@ -1,11 +1,16 @@
-"""Where a converted request's CPU goes: perf on MiMBox and on HAProxy-1t under Fig. 5's converter-bound
-1 KB load, by area (the converter's own code, each part of the kernel).
+"""Where a converter's CPU goes, by area (the converter's own code, each part of the kernel), measured
+with perf in the converter-bound regime, two workloads:
 
-Each converter, pinned to its core and held to the converter-bound quota, serves wrk's 40
-concurrent `Connection: close` clients while `perf record` samples its processes (software clock);
-a sample is charged to the function it was in, and functions are grouped into areas (AREAS).
-µs per request = the area's share of the converter's CPU time over the requests served. The run
-alternates the systems, so both see the same machine state.
+- `1KB`: Fig. 5's 1 KB load (MiMBox, HAProxy-1t): wrk's 40 concurrent `Connection: close` clients;
+  cost in µs of converter CPU per request;
+- `bulk`: Fig. 4's MSS 1460 point with TSO/GSO on (MiMBox, HAProxy-1t in tcp mode, the paper's
+  read()/write() converter): one iperf3 upload; cost in ms of converter CPU per GB.
+
+Each converter, pinned to its core and held to the converter-bound quota, carries the load while
+`perf record` samples its processes (software clock); a sample is charged to the function it was
+in, and functions are grouped into areas (AREAS). Cost per area = the area's share of the
+converter's CPU time over the requests (bytes) served. Each run alternates the systems, so they see
+the same machine state.
 """
 from __future__ import annotations
 
@@ -33,19 +38,25 @@ from experiments.common import (  # noqa: E402
     run_experiment,
     running,
 )
-from experiments.measure.tools import wrk  # noqa: E402
-from experiments.systems import HAProxy, MiMBox  # noqa: E402
+from experiments.measure.tools import iperf3, wrk  # noqa: E402
+from experiments.systems import HAProxy, MiMBox, Naive  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "profile_converter"
-FULL = dict(size=1024, seconds=10, reps=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
-QUICK = dict(size=1024, seconds=5, reps=2, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+FULL = dict(size=1024, seconds=10, reps=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=10)
+QUICK = dict(size=1024, seconds=5, reps=2, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=4)
 HTTP_PORT = 80
+IPERF_PORT = 5201
+SMALL, BULK = "1KB", "bulk"
+UNIT = {SMALL: "µs/request", BULK: "ms/GB"}
 FREQ = 4999
 # (area, pattern on the kernel function's name), first match wins; user space goes by its binary
 AREAS = [
     ("MPTCP", r"^(__)?(mptcp|subflow)"),
+    ("copies (user <-> kernel)", r"(rep_movs|copy_user|_copy_(to|from)_iter|copy_page_(to|from)_iter|"
+                                 r"skb_copy_datagram|csum_and_copy|^memcpy|^memmove)"),
+    ("splice, pipes", r"(splice|pipe|spd_)"),
     ("scheduler, wake-ups", r"(schedule|task_switch|wake_up|try_to_wake|enqueue_|dequeue_|pick_|update_curr|"
                             r"idle|psi_|cpuacct|throttle)"),
     ("epoll", r"(^ep_|epoll)"),
@@ -88,22 +99,34 @@ def perf_areas(data: str) -> dict[str, int]:
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     if not shutil.which("perf"):
         raise RuntimeError("perf is missing (Debian: linux-perf)")
-    rows = []
+    from experiments.goodput import set_offloads
+    rows, boxes = [], {}
     c = CONVERTER_CPUS
-    syss = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c)]
+    small = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c)]
+    bulk = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, mode="tcp", cpus=c), Naive("readwrite", cpus=c)]
     with Testbed(PaperTopo()) as tb:
         web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
         try:
-            with running(tb, syss, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as box:
+            with running(tb, small, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as boxes[SMALL]:
                 for rep in range(params["reps"]):
-                    for s in interleave(syss, rep):
-                        rows += _profile_one(tb, s, rep, params)
+                    for s in interleave(small, rep):
+                        rows += _profile_one(tb, s, rep, params, SMALL)
         finally:
             web.stop()
-    return pd.DataFrame(rows), {"regime": box}
+        if params.get("bulk_seconds"):
+            sink = servers.iperf3(tb, IPERF_PORT, mptcp=False, cpus=END_HOST_CPUS)
+            set_offloads(tb, True)          # Fig. 4's TSO/GSO point: segments batched as on real NICs
+            try:
+                with running(tb, bulk, CONVERTER_BOUND, params["quota_cores"], IPERF_PORT) as boxes[BULK]:
+                    for rep in range(params["reps"]):
+                        for s in interleave(bulk, rep):
+                            rows += _profile_one(tb, s, rep, params, BULK)
+            finally:
+                sink.stop()
+    return pd.DataFrame(rows), {"regime": boxes}
 
 
-def _profile_one(tb, system, rep: int, params: dict) -> list[dict]:
+def _profile_one(tb, system, rep: int, params: dict, workload: str) -> list[dict]:
     pids = ",".join(str(p) for p in (system.box.pids() if system.box else system.pids()))
     fd, data = tempfile.mkstemp(prefix="mimbox-perf-", suffix=".data")
     os.close(fd)
@@ -112,8 +135,15 @@ def _profile_one(tb, system, rep: int, params: dict) -> list[dict]:
     try:
         time.sleep(0.5)
         c0 = system.cpu_s()
-        r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
-                cpus=END_HOST_CPUS)
+        if workload == SMALL:
+            r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                    cpus=END_HOST_CPUS)
+            units, rate = max(1, r["requests"]), f"{r['req_per_s']:.0f} req/s"
+            per_unit = 1e6       # µs per request
+        else:
+            r = iperf3(tb, system, IPERF_PORT, params["bulk_seconds"], cpus=END_HOST_CPUS)
+            units, rate = max(1.0, r["bytes"] / 1e9), f"{r['goodput_bps'] / 1e9:.2f} Gbit/s"
+            per_unit = 1e3       # ms per GB
         cpu = system.cpu_s() - c0
     finally:
         rec.send_signal(2)
@@ -123,16 +153,21 @@ def _profile_one(tb, system, rep: int, params: dict) -> list[dict]:
     finally:
         os.unlink(data)
     total = sum(counts.values()) or 1
-    us = 1e6 * cpu / max(1, r["requests"])
-    progress(f"profile rep {rep} {system.name}: {r['req_per_s']:.0f} req/s, {us:.0f} µs CPU/request")
-    return [dict(system=system.name, rep=rep, area=a, samples=n, share=n / total, us_per_req=us * n / total,
-                 req_per_s=r["req_per_s"], cpu_us_per_req=us) for a, n in counts.items()]
+    cost = per_unit * cpu / units
+    progress(f"profile {workload} rep {rep} {system.name}: {rate}, {cost:.1f} {UNIT[workload]} of CPU")
+    return [dict(workload=workload, system=system.name, rep=rep, area=a, samples=n, share=n / total,
+                 cost=cost * n / total, unit=UNIT[workload], total_cost=cost, rate=rate)
+            for a, n in counts.items()]
 
 
-def table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean µs of converter CPU per request, area by system (rows sorted by MiMBox's cost)."""
+def table(df: pd.DataFrame, workload: str = SMALL) -> pd.DataFrame:
+    """Mean converter CPU per request (1KB, µs) or per GB (bulk, ms), area by system (rows sorted by
+    MiMBox's cost)."""
+    if "workload" not in df:                     # a run from before the bulk workload
+        df = df.assign(workload=SMALL, cost=df["us_per_req"])
+    df = df[df.workload == workload]
     reps = df.groupby("system").rep.nunique()
-    t = df.groupby(["area", "system"]).us_per_req.sum().unstack("system").fillna(0)
+    t = df.groupby(["area", "system"]).cost.sum().unstack("system").fillna(0)
     t = t / reps.reindex(t.columns).values
     first = "mimbox" if "mimbox" in t.columns else t.columns[0]
     t = t.sort_values(first, ascending=False).round(1)
@@ -140,24 +175,36 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def workloads(df: pd.DataFrame) -> list[str]:
+    return [w for w in (SMALL, BULK) if w in set(df.get("workload", pd.Series([SMALL])))]
+
+
 def findings(df: pd.DataFrame) -> dict:
-    t = table(df)
-    return {"us_per_request_by_area": {s: t[s].to_dict() for s in t.columns}}
+    out = {}
+    for w in workloads(df):
+        t = table(df, w)
+        out[f"{UNIT[w]}_by_area".replace("/", "_per_").replace("µs", "us")] = {s: t[s].to_dict() for s in t.columns}
+    return out
 
 
 def plot(df: pd.DataFrame):
-    t = table(df).drop(index="total")
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    left = pd.Series(0.0, index=t.columns)
+    ws = workloads(df)
+    fig, axes = plt.subplots(len(ws), 1, figsize=(8, 2.2 + 1.6 * len(ws)), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for i, (name, row) in enumerate(t.iterrows()):
-        ax.barh(list(t.columns), row.values, left=left.values, color=cmap(i % 20), label=name)
-        left += row
-    ax.set_xlabel("converter CPU µs per 1 KB request (perf, by area)")
-    ax.invert_yaxis()
-    ax.grid(alpha=.3, axis="x")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    fig.tight_layout()
+    areas = sorted(set(df.area))
+    for ax, w in zip(axes[:, 0], ws):
+        t = table(df, w).drop(index="total")
+        left = pd.Series(0.0, index=t.columns)
+        for name, row in t.iterrows():
+            ax.barh(list(t.columns), row.values, left=left.values, color=cmap(areas.index(name) % 20), label=name)
+            left += row
+        ax.set_xlabel(f"converter CPU {UNIT[w]} ({'1 KB requests' if w == SMALL else 'bulk upload, TSO/GSO on'}"
+                      ", perf, by area)")
+        ax.invert_yaxis()
+        ax.grid(alpha=.3, axis="x")
+    handles = {h.get_label(): h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, ncol=4, loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
 
 

@@ -30,11 +30,29 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+MODULES = {"fig5_workload": "workload", "percost_converter": "percost", "fig4_goodput": "goodput",
+           "table1_delay": "delay", "table1_breakdown": "breakdown", "fig6_buffers": "buffers",
+           "interactive_delay": "interactive", "profile_converter": "profile", "scaleout": "scaleout",
+           "tfo_stall": "tfostall"}
+
+
+def _mode(man: dict) -> str:
+    """'full mode', 'quick mode' or 'custom parameters': the run's parameters against its module's."""
+    import importlib
+    name = MODULES.get(man.get("experiment", ""))
+    if name is None:
+        return "custom parameters"
+    mod = importlib.import_module(f"experiments.{name}")
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
+    return "full mode" if same(man["params"], mod.FULL) else "quick mode" if same(man["params"], mod.QUICK) \
+        else "custom parameters"
+
+
 def _env_line(man: dict) -> str:
     e = man["environment"]
     p = man["params"]
     return (f"_Run {e['date']} on Linux {e['kernel']}, {e['cores']} cores ({e['cpu']}), commit {e['mimbox_commit']}; "
-            f"parameters: {json.dumps(p)}._")
+            f"{_mode(man)}: {json.dumps(p)}._")
 
 
 REGIME_MEANING = {
@@ -243,14 +261,18 @@ def profile() -> str:
     df, man = _load("profile_converter")
     if df is None or "area" not in df:
         return "_Profile not run yet._"
-    from experiments.profile import table
-    t = table(df).reset_index().rename(columns={"area": "where (perf)"})
-    cols = [c for c in t.columns if c != "where (perf)"]
-    t.columns = ["where (perf)"] + [f"{c} µs/request" for c in cols]
-    return ("![Profile](results/profile_converter/figure.png)\n\n"
-            "Converter CPU per 1 KB request under Fig. 5's converter-bound load, by where perf found it "
-            "(the converter's own code; the kernel by area). Same run, alternating systems.\n\n"
-            + _md(t) + "\n\n" + _env_line(man))
+    from experiments.profile import BULK, SMALL, UNIT, table, workloads
+    text = {SMALL: "Converter CPU per 1 KB request under Fig. 5's converter-bound load, by where perf found it "
+                   "(the converter's own code; the kernel by area). Same run, alternating systems.",
+            BULK: "Converter CPU per GB of a bulk upload (Fig. 4's MSS 1460 point, TSO/GSO on, converter-bound), "
+                  "by area: what a converter does per byte."}
+    out = ["![Profile](results/profile_converter/figure.png)"]
+    for w in workloads(df):
+        t = table(df, w).reset_index().rename(columns={"area": "where (perf)"})
+        cols = [c for c in t.columns if c != "where (perf)"]
+        t.columns = ["where (perf)"] + [f"{c} {UNIT[w]}" for c in cols]
+        out += [text[w], _md(t)]
+    return "\n\n".join(out) + "\n\n" + _env_line(man)
 
 
 def scaleout() -> str:

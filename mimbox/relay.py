@@ -172,6 +172,7 @@ class Relay:
         self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
         self.core: Core | None = None    # made in open(): it needs the plan's recorder
         self.stopping = False
+        self.signal_fd = -3          # busy polling: the pipe a signal wakes the loop with
         self.rules = None
         self.listeners: list[socket.socket] = []
         self.stats_sock = None
@@ -299,6 +300,7 @@ class Relay:
         def stop(*_):
             self.stopping = True
         old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        wake = self._signal_wakeup()
         try:
             self._loop(lambda: self.stopping)
             self._close_health()         # a balancer stops sending new clients here
@@ -314,6 +316,23 @@ class Relay:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if wake is not None:
+                signal.set_wakeup_fd(-1)
+                self.core.unwatch(wake[0])
+                for fd in wake:
+                    os.close(fd)
+                self.signal_fd = -3
+
+    def _signal_wakeup(self) -> tuple[int, int] | None:
+        """A busy-polling core never sleeps in epoll_wait, so a signal does not interrupt it (EINTR):
+        the signal writes to a pipe the core watches instead, and the loop wakes at once."""
+        if not self.cfg.listener.busy_poll_us:
+            return None
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self.core.watch(r, select.EPOLLIN)
+        self.signal_fd = r
+        return r, w
 
     def _loop(self, done) -> None:
         run = self.core.run
@@ -335,6 +354,8 @@ class Relay:
                             self._serve_stats()
                         elif fd == hfd:
                             self._answer_health()
+                        elif fd == self.signal_fd:
+                            os.read(fd, 512)      # the signal's handler has run: the loop checks done()
                     else:
                         self._on_core_event(ev)
                 except Exception:      # one connection's bug must not stop every other one

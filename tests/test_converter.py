@@ -111,6 +111,24 @@ def test_copy_engine_is_byte_exact(paper_tb):
         m.stop()
 
 
+def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
+    """--busy-poll: byte-exact, its polling counted, and SIGTERM still stops it at once (a polling core
+    is not in epoll_wait to be interrupted: the signal wakes it through a pipe it watches)."""
+    import time
+    m = MiMBox(mode="static", port=7310, extra=["--queue-num", "4310", "--workers", "2", "--busy-poll", "10000000"])
+    m.start(paper_tb, 9000)
+    try:
+        for _ in range(3):
+            transfer(paper_tb, m, up=200_000, down=300_000)
+        assert m.stats()["busy_polls"] > 0
+        t0 = time.monotonic()
+        m.stop()
+        took = time.monotonic() - t0
+    finally:
+        m.stop()
+    assert took < 0.9, f"a busy-polling converter took {took:.2f} s to stop (its sweep is every second)"
+
+
 def test_rules_removed_after_stop(paper_tb):
     """The converter leaves no netfilter rule behind after SIGTERM."""
     m = MiMBox(mode="transparent", port=7400, extra=["--queue-num", "4304"])

@@ -4,6 +4,7 @@ and what a relayed connection does (bytes, half-close, refusal, limit, idle time
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import socket
 import struct
@@ -317,7 +318,6 @@ def test_idle_connection_is_reset_on_both_sides():
 
 # -- spare server sockets and busy polling -----------------------------------------------------------------
 def open_fds() -> int:
-    import os
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -345,6 +345,14 @@ def one_exchange(port: int, payload: bytes) -> bytes:
         return recv_all(c)
 
 
+def exchanges(port: int, n: int, gap: float) -> None:
+    """n connections one after another, each echoed byte-exact, `gap` seconds apart (the loop idles)."""
+    for i in range(n):
+        payload = random.randbytes(1000 + i)
+        assert one_exchange(port, payload) == payload
+        time.sleep(gap)
+
+
 def test_spare_server_sockets_are_made_while_idle_used_and_closed():
     """After the first connection needed a TCP server socket, the idle loop makes `spare_sockets` of
     them; the next connections connect on those (same options as made on demand), and closing the core
@@ -353,10 +361,7 @@ def test_spare_server_sockets_are_made_while_idle_used_and_closed():
     ls, t = echo_server(6)
     r = Running(ls.getsockname()[1], spare_sockets=3, server_rcvbuf=96 << 10)
     try:
-        for i in range(5):
-            payload = random.randbytes(1000 + i)
-            assert one_exchange(r.port, payload) == payload
-            time.sleep(0.05)                   # the loop goes idle: spares are made
+        exchanges(r.port, 5, 0.05)             # between them the loop goes idle: spares are made
         st = r.core.stats()
         assert st.spare_made >= 3 and st.spare_used >= 3, (st.spare_made, st.spare_used)
         # a connection on a spare socket carries the server side's options
@@ -364,7 +369,7 @@ def test_spare_server_sockets_are_made_while_idle_used_and_closed():
         hold.sendall(b"x")
         assert hold.recv(1) == b"x"
         conn = r.core.connections()[0]
-        s = socket.socket(fileno=__import__("os").dup(conn.sfd))
+        s = socket.socket(fileno=os.dup(conn.sfd))
         try:
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * (96 << 10)
@@ -385,9 +390,7 @@ def test_no_spares_when_turned_off():
     ls, t = echo_server(2)
     r = Running(ls.getsockname()[1], spare_sockets=0)
     try:
-        for _ in range(2):
-            assert one_exchange(r.port, b"abc") == b"abc"
-            time.sleep(0.05)
+        exchanges(r.port, 2, 0.05)
         st = r.core.stats()
         assert (st.spare_made, st.spare_used, st.busy_polls) == (0, 0, 0)
     finally:
@@ -402,9 +405,7 @@ def test_busy_poll_finds_events_without_sleeping_then_sleeps():
     ls, t = echo_server(3)
     r = Running(ls.getsockname()[1], busy_poll_us=300_000)
     try:
-        for _ in range(3):
-            assert one_exchange(r.port, b"ping") == b"ping"
-            time.sleep(0.02)
+        exchanges(r.port, 3, 0.02)
         assert r.core.stats().busy_polls > 0
         time.sleep(0.4)                        # past busy_poll_us: the loop sleeps from now on
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)

@@ -62,14 +62,21 @@ def test_fig5_workload_tiny(mptcp_ok, tmp_results):
 
 
 def test_profile_tiny(mptcp_ok, tmp_results):
-    """perf samples both converters under load; the samples land in the expected areas."""
-    df = profile.main(quick=True, seconds=3, reps=1)
-    assert set(df.system) == {"mimbox", "haproxy-1t"}
+    """perf samples the converters under both loads; the samples land in the expected areas: each
+    program's own code, and per byte splicing for MiMBox where read()/write() copies."""
+    df = profile.main(quick=True, seconds=3, reps=1, bulk_seconds=2)
+    assert set(df[df.workload == profile.SMALL].system) == {"mimbox", "haproxy-1t"}
+    assert set(df[df.workload == profile.BULK].system) == {"mimbox", "haproxy-1t-tcp", "read/write"}
     areas = set(df.area)
     assert {"MiMBox core (C)", "HAProxy", "TCP"} <= areas, areas
     t = profile.table(df)
     assert (t.loc["total"] > 20).all(), t         # µs of CPU per request, for each converter
     assert t.loc["MiMBox core (C)", "mimbox"] > 0 and t.loc["HAProxy", "haproxy-1t"] > 0
+    b = profile.table(df, profile.BULK)
+    assert (b.loc["total"] > 50).all(), b         # ms of CPU per GB
+    copies = b.loc["copies (user <-> kernel)"] if "copies (user <-> kernel)" in b.index else 0 * b.loc["total"]
+    assert b.loc["splice, pipes", "mimbox"] > copies["mimbox"], b
+    assert copies["read/write"] > 0, b
 
 
 def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
