@@ -215,10 +215,11 @@ def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
     extra["cpu_steal_share"] = round((steal1 - steal0) / (all1 - all0), 3) if all1 > all0 else None
     out = Run(module.NAME, params, extra)
     findings = module.findings(df) if hasattr(module, "findings") else None
-    out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}))
+    problems = module.problems(df) if hasattr(module, "problems") else []
+    out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}),
+             **({"problems": problems} if problems else {}))      # README says so beside the data
     for name, table in (module.tables(df) if hasattr(module, "tables") else {}).items():
         table.to_csv(out.dir / f"{name}.csv", index=False)
-    problems = module.problems(df) if hasattr(module, "problems") else []
     if problems:
         raise RunFailed(f"{module.NAME}: the data is saved in {out.dir}, but the run is not valid:\n  "
                         + "\n  ".join(problems))

@@ -51,8 +51,12 @@ def _mode(man: dict) -> str:
 def _env_line(man: dict) -> str:
     e = man["environment"]
     p = man["params"]
+    steal = man.get("cpu_steal_share")
+    flagged = ("\n\n**This run is flagged** (its rows are in data.csv, the failing ones included): "
+               + "; ".join(man["problems"]) + "." if man.get("problems") else "")
     return (f"_Run {e['date']} on Linux {e['kernel']}, {e['cores']} cores ({e['cpu']}), commit {e['mimbox_commit']}; "
-            f"{_mode(man)}: {json.dumps(p)}._")
+            + (f"host's CPU steal {steal:.0%}; " if steal is not None else "")
+            + f"{_mode(man)}: {json.dumps(p)}._" + flagged)
 
 
 REGIME_MEANING = {
@@ -182,12 +186,26 @@ def fig5() -> str:
                    + "; ".join(ratios) + ".")
         if regime == "converter-bound":
             out.append(" ".join(x for x in (_quota_line(man), _bound_line(man, "size", " KB")) if x))
+            out.append(_per_rep_line(sub))
     from experiments.workload import PAPER_1KB as P
     out.append(f"Paper at 1 KB (8-core testbed, converter box saturated): MiMBox {P['mimbox'] / 1000:g}k, HAProxy 8 "
                f"threads {P['haproxy-8t'] / 1000:g}k, 1 thread {P['haproxy-1t'] / 1000:g}k, Squid {P['squid'] / 1000:g}k "
                f"req/s (MiMBox/HAProxy-1t {P['mimbox'] / P['haproxy-1t']:.1f}, MiMBox/Squid {P['mimbox'] / P['squid']:.1f}).")
     out.append(_env_line(man))
     return "\n\n".join(out)
+
+
+def _per_rep_line(sub: pd.DataFrame) -> str:
+    """The headline ratios repetition by repetition at the smallest size (same rep = same machine state):
+    a mean above 1 says little if one repetition is below it."""
+    size = sub["size"].min()
+    d = sub[sub["size"] == size].pivot_table(index="rep", columns="system", values="req_per_s")
+    parts = []
+    for mine, peer in (("mimbox", "haproxy-1t"), ("mimbox", "haproxy-1t-tcp"), ("mimbox-2w", "haproxy-2t")):
+        if mine in d and peer in d:
+            r = (d[mine] / d[peer]).dropna()
+            parts.append(f"{mine}/{peer} " + ", ".join(f"{v:.2f}" for v in r) + f" (lowest {r.min():.2f})")
+    return f"Per repetition at {size // 1024} KB: " + "; ".join(parts) + "." if parts else ""
 
 
 def percost() -> str:
