@@ -107,23 +107,27 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     with Testbed(PaperTopo()) as tb:
         web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
         try:
-            with running(tb, small, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as boxes[SMALL]:
-                for rep in range(params["reps"]):
-                    for s in interleave(small, rep):
-                        rows += _profile_one(tb, s, rep, params, SMALL)
+            rows += _profile_all(tb, small, HTTP_PORT, params, SMALL, boxes)
         finally:
             web.stop()
         if params.get("bulk_seconds"):
             sink = servers.iperf3(tb, IPERF_PORT, mptcp=False, cpus=END_HOST_CPUS)
             set_offloads(tb, True)          # Fig. 4's TSO/GSO point: segments batched as on real NICs
             try:
-                with running(tb, bulk, CONVERTER_BOUND, params["quota_cores"], IPERF_PORT) as boxes[BULK]:
-                    for rep in range(params["reps"]):
-                        for s in interleave(bulk, rep):
-                            rows += _profile_one(tb, s, rep, params, BULK)
+                rows += _profile_all(tb, bulk, IPERF_PORT, params, BULK, boxes)
             finally:
                 sink.stop()
     return pd.DataFrame(rows), {"regime": boxes}
+
+
+def _profile_all(tb, systems: list, port: int, params: dict, workload: str, boxes: dict) -> list[dict]:
+    """The systems started in their CPU boxes, each profiled once per repetition, alternating."""
+    rows = []
+    with running(tb, systems, CONVERTER_BOUND, params["quota_cores"], port) as boxes[workload]:
+        for rep in range(params["reps"]):
+            for s in interleave(systems, rep):
+                rows += _profile_one(tb, s, rep, params, workload)
+    return rows
 
 
 def _profile_one(tb, system, rep: int, params: dict, workload: str) -> list[dict]:
