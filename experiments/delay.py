@@ -131,20 +131,16 @@ def delays_from(client_side: list[dict], server_side: list[dict]) -> dict[str, l
 
 
 def poll_ns(params: dict) -> int:
-    """Idle polling must outlast the gap between packets (half the interval), or the core halts anyway."""
+    """Idle polling (and MiMBox's --busy-poll) must outlast the gap between packets (half the interval),
+    or the core halts anyway."""
     return params.get("poll_ns") or int(2e9 * params["interval"])
-
-
-def busy_poll_us(params: dict) -> int:
-    """MiMBox's --busy-poll must outlast the gap between packets (half the interval), like idle polling."""
-    return int(2e6 * params["interval"])
 
 
 def cases(params: dict) -> list:
     return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
             ("mimbox busy-poll (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
-                                                     extra=["--busy-poll", str(busy_poll_us(params))]), False),
+                                                     extra=["--busy-poll", str(poll_ns(params) // 1000)]), False),
             ("mimbox (MPTCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), True),
             ("mimbox accept-first (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
                                                         syn_path="accept"), False)]

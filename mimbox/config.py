@@ -99,8 +99,9 @@ class Config:
             raise ValueError(f"engine must be one of {ENGINES}")
         if lc.syn_path not in SYN_PATHS:
             raise ValueError(f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}")
-        if not 0 <= lc.spare_sockets <= 64:
-            raise ValueError("--spare-sockets must be 0..64")
+        from mimbox.core import SPARE_MAX
+        if not 0 <= lc.spare_sockets <= SPARE_MAX:
+            raise ValueError(f"--spare-sockets must be 0..{SPARE_MAX}")
         if not 0 <= lc.busy_poll_us <= 10_000_000:
             raise ValueError("--busy-poll must be 0..10000000 microseconds")
         for net in (*self.safety.allow_clients, *self.safety.deny_dst, *lc.intercept_from):

@@ -57,7 +57,6 @@ enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING
 #define MAX_EVENTS 256
 #define POOL_MAX 1024
 #define MEMO_SLOTS 4096		/* servers without MPTCP */
-#define SPARE_MAX 64		/* made-ahead server sockets per kind */
 
 struct core_config {
 	int32_t engine, pipe_size, splice_after, dst_source;
