@@ -171,15 +171,19 @@ def test_fuzzed_messages_over_the_wire_never_stop_the_converter(paper_tb, conv):
             incomplete = False
         messages.append(bytes(m).hex())
         waits.append(incomplete)
-    script = ["import socket,json",
+    # a complete message waits 10 s for its answer: a SYN the kernel retransmits 3 times arrives after 7;
+    # one still unanswered is reported with its TCP state and retransmissions, to tell who was waiting
+    script = ["import socket,json,struct",
               f"msgs={messages!r};waits={waits!r};out=[]",
               "for m,w in zip(msgs,waits):",
-              "    s=socket.socket(2,1,262);s.setsockopt(6,34,1);s.settimeout(0.5 if w else 5)",
+              "    s=socket.socket(2,1,262);s.setsockopt(6,34,1);s.settimeout(0.5 if w else 10)",
               f"    s.sendto(bytes.fromhex(m),0x20000000,('{paper_tb.mbox_client_ip}',{conv.port}))",
               "    try:",
               "        out.append(len(s.recv(1024)))",
               "    except OSError as e:",
-              "        out.append(repr(e))",
+              "        i=s.getsockopt(6,11,104)",
+              "        out.append(repr(e) if w else '%r state=%d retransmits=%d total_retrans=%d unacked=%d'",
+              "                   % (e,i[0],i[2],struct.unpack_from('I',i,100)[0],struct.unpack_from('I',i,24)[0]))",
               "    s.close()",
               "print(json.dumps(out))"]
     path = f"/tmp/mimbox-fuzz-{os.getpid()}.py"
