@@ -7,9 +7,10 @@ it, on the converter's process, gives the phases:
 
   MiMBox, held SYN   wire in -> epoll_wait returns (netfilter, NFQUEUE, wake-up; this kernel lets
                      bpftrace attach neither a kprobe nor a kfunc to nfqnl_enqueue_packet)
-                     -> the queue's recv() returns -> socket() entered (the core, in C: parse
-                     DST_OPT, policy, gate) -> connect() entered (socket, setsockopt) -> SYN on the
-                     server-side wire
+                     -> the queue's recv() returns -> connect() entered (the core, in C: parse
+                     DST_OPT, policy, gate; the server socket is a spare made while the loop was
+                     idle, so socket() and setsockopt are off this path -- a SYN that found no
+                     spare is counted apart, `socket_on_path`) -> SYN on the server-side wire
   read()/write() SYN wire in -> the client's ACK in (the kernel's handshake with the client: SYN+ACK
                      out, the client's ACK back) -> epoll_wait returns -> accept() returns
                      -> socket() entered (Python: create_connection resolves the address)
@@ -54,7 +55,7 @@ tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %llu\\n", ns
 tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %llu\\n", nsecs); }
 """
 PHASES = {
-    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "core (parse, policy)", "socket, setsockopt",
+    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "core (parse, policy, a spare socket)",
                         "kernel send"],
     ("read/write", "SYN"): ["handshake with the client", "wake-up", "accept", "Python (resolve, socket)",
                             "socket, setsockopt", "kernel send"],
@@ -73,16 +74,28 @@ def phases(system: str, segment: str, t0: int, ev: dict[str, list[int]], wire: d
     if segment == "SYN":
         out = _after(wire["syn_out"], t0)
         marks = [t0] if system == "mimbox" else [t0, _after(wire["ack_in"], t0)]
-        for kind in ("wake", "recv" if system == "mimbox" else "accept", "socket", "connect"):
-            marks.append(_after(ev[kind], marks[-1]) if marks[-1] else None)
+        kinds = ("wake", "recv", "connect") if system == "mimbox" else ("wake", "accept", "socket", "connect")
+        for kind in kinds:
+            marks.append(_after(ev[kind], marks[-1]) if marks[-1] is not None else None)
     else:
         out = _after(wire["data_out"], t0)
         marks = [t0, _after(ev["wake"], t0)]
-        marks.append(_after(ev["write"], marks[-1]) if marks[-1] else None)
+        marks.append(_after(ev["write"], marks[-1]) if marks[-1] is not None else None)
     marks.append(out)
     if any(m is None for m in marks) or any(b < a for a, b in zip(marks, marks[1:])):
         return []
     return [(b - a) / 1e3 for a, b in zip(marks, marks[1:])]
+
+
+def socket_on_path(t0: int, ev: dict[str, list[int]]) -> bool:
+    """Whether MiMBox made this held SYN's server socket between reading the queue and connect()
+    (no spare was left), rather than taking one made while idle."""
+    wake = _after(ev["wake"], t0)
+    recv = _after(ev["recv"], wake) if wake is not None else None
+    if recv is None:
+        return False
+    connect, sock = _after(ev["connect"], recv), _after(ev["socket"], recv)
+    return connect is not None and sock is not None and sock < connect
 
 
 @contextlib.contextmanager
@@ -164,12 +177,11 @@ def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> l
                      ("data", [mono(p["time"]) for p in cside if p["payload"] == 1300])):
         for i, t0 in enumerate(t0s):
             ph = phases(name, seg, t0, ev, wire)
-            for phase, us in zip(PHASES[(name, seg)], ph):
-                rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase=phase, us=us))
-            if ph:
-                rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase="total", us=sum(ph)))
+            made = name == "mimbox" and seg == "SYN" and socket_on_path(t0, ev)
+            for phase, us in zip([*PHASES[(name, seg)], "total"], [*ph, sum(ph)] if ph else []):
+                rows.append(dict(idle=idle, system=name, segment=seg, i=i, phase=phase, us=us, socket_on_path=made))
     if not rows:
-        progress("breakdown: bpftrace said: " + open(trace).read()[:600] + bt.stderr.read()[-600:])
+        progress("breakdown: bpftrace said: " + open(trace).read()[:600])
     progress(f"breakdown {idle} {name}: {len(rows)} phase rows (events: "
              + ", ".join(f"{k} {len(v)}" for k, v in {**ev, **wire}.items()) + ")")
     return rows
@@ -184,7 +196,9 @@ def problems(df: pd.DataFrame) -> list[str]:
 def tables(df: pd.DataFrame) -> dict:
     """Median µs per phase (medians: one late wake-up should not move a phase's typical cost)."""
     t = df.groupby(["idle", "system", "segment", "phase"], sort=False)["us"].median().round(1).reset_index()
-    return {"phases": t}
+    syns = df[(df.system == "mimbox") & (df.segment == "SYN") & (df.phase == "total")]
+    spares = syns.groupby("idle", sort=False)["socket_on_path"].agg(syns="size", socket_on_path="sum").reset_index()
+    return {"phases": t, "spares": spares}
 
 
 def plot(df: pd.DataFrame):

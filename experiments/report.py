@@ -145,7 +145,12 @@ def breakdown() -> str:
         total = g[g.phase == "total"].us
         rows.append({"idle": idle, "system": system, "segment": seg, "phases (median µs)": " → ".join(parts),
                      "total": f"{total.iloc[0]:.0f}" if len(total) else "—"})
-    return ("![Breakdown](results/table1_breakdown/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n"
+    spares = RESULTS / "table1_breakdown" / "spares.csv"
+    made = ""
+    if spares.exists():
+        made = "MiMBox's held SYNs that found no spare server socket (socket() on their path): " + ", ".join(
+            f"{r.idle} {r.socket_on_path} of {r.syns}" for r in pd.read_csv(spares).itertuples()) + ". "
+    return ("![Breakdown](results/table1_breakdown/figure.png)\n\n" + _md(pd.DataFrame(rows)) + "\n\n" + made +
             "Measured with bpftrace on the converter's system calls and tcpdump on its two interfaces "
             "(`experiments/breakdown.py`); tracing every system call of the process slows it, so the phases "
             "add up to more than Table 1's untraced totals.\n\n" + _env_line(man))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from experiments import buffers, common, delay, goodput, interactive, profile, report, workload
+from experiments import breakdown, buffers, common, delay, goodput, interactive, profile, report, workload
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +98,20 @@ def test_interactive_tiny(mptcp_ok, tmp_results):
     client = df[df.loss_side == "client"]
     assert client.phone_sender_retrans_segs.sum() + client.phone_retrans_segs.sum() > 0
     assert {"phone_sender_rto", "server_fast_retrans", "phone_sender_mptcp_reinjected"} <= set(df.columns)
+
+
+def test_breakdown_cuts_a_held_syn_at_the_spare_socket_path():
+    """The phase parser on events as bpftrace and tcpdump give them (ns): MiMBox's held SYN goes from
+    the queue's recv() straight to connect() (a spare socket); a socket() between the two is a SYN
+    that found none, counted apart; events out of order or missing give no phases."""
+    ev = {"wake": [1_000, 9_000], "recv": [2_000], "socket": [50_000], "connect": [3_500], "write": []}
+    wire = {"syn_out": [5_000], "ack_in": [], "data_out": []}
+    assert breakdown.phases("mimbox", "SYN", 0, ev, wire) == [1.0, 1.0, 1.5, 1.5]
+    assert len(breakdown.PHASES[("mimbox", "SYN")]) == 4
+    assert not breakdown.socket_on_path(0, ev)
+    assert breakdown.socket_on_path(0, {**ev, "socket": [2_500]})
+    assert breakdown.phases("mimbox", "SYN", 0, {**ev, "connect": []}, wire) == []
+    assert breakdown.phases("mimbox", "SYN", 0, ev, {**wire, "syn_out": [3_000]}) == []   # before connect()
 
 
 def test_report_renders_from_results(tmp_results):
