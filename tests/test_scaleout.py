@@ -86,7 +86,7 @@ def mibs(tb: ClusterTestbed) -> dict:
     """The join counters of every host, for a failure message."""
     names = ("MPJoinSynRx", "MPJoinAckRx", "MPJoinNoTokenFound", "AddAddr", "EchoAdd", "MPJoinSynAckRx",
              "MPJoinSynTx", "AddAddrTx", "EchoAddTx", "AddAddrTxDrop", "AddAddrDrop", "MPJoinRejected",
-             "MPJoinSynTxCreatSkErr", "MPJoinSynTxBindErr", "MPJoinSynTxConnectErr", "MPJoinSynAckRx",
+             "MPJoinSynTxCreatSkErr", "MPJoinSynTxBindErr", "MPJoinSynTxConnectErr",
              "MPJoinSynAckHMacFailure", "MPJoinAckHMacFailure", "MPJoinSynBackupRx", "MPCurrEstab")
     return {h.name: {n: tb.mib(h, n) for n in names} for h in (tb.client, *tb.converters)}
 
