@@ -51,7 +51,7 @@ def syn_error(code: int, arg: int) -> str:
 ERRNO_SLOTS = 160
 MAX_EVENTS = 512
 KEEPER_NAME = "mimbox-keeper"  # the process that resets a crashed converter's connections (core_keeper)
-PIPE_POOL = 1024               # empty pipes a core keeps for splice (POOL_MAX)
+PIPE_POOL = 1024               # empty pipes a core keeps for splice (emitted into the C header)
 SPARE_MAX = 64                 # server sockets a core makes ahead, per kind, at most (--spare-sockets)
 ETIME = errno.ETIME            # an idle timeout, in EV_ABORTED
 
@@ -127,7 +127,7 @@ def c_header() -> str:
                                                    ("TRANSPARENT", DST_TRANSPARENT), ("EXPLICIT", DST_EXPLICIT))]
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
                                                   ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED))]
-    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define SPARE_MAX {SPARE_MAX}"]
+    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,6 @@ enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 #define DRAIN (EPOLLRDHUP | EPOLLERR | EPOLLHUP)
 #define MAX_EVENTS 256
-#define POOL_MAX 1024
 #define MEMO_SLOTS 4096		/* servers without MPTCP */
 
 struct core_config {
@@ -164,7 +163,7 @@ struct core {
 	int *dead;			/* closed during this batch: freed when it ends */
 	int ndead, dead_cap;
 	char *copy_buf;
-	int pool[POOL_MAX][2];
+	int pool[PIPE_POOL][2];
 	int npool;
 	double now;
 	struct core_event *out;
@@ -403,7 +402,7 @@ static void reset_close(int fd)
 
 static void pipe_give(struct core *c, struct dir *d)
 {
-	if (c->npool < POOL_MAX) {
+	if (c->npool < PIPE_POOL) {
 		c->pool[c->npool][0] = d->pipe_r;
 		c->pool[c->npool][1] = d->pipe_w;
 		c->npool++;
