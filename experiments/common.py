@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from topologies.regimes import cpu_ticks
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MIMBOX_RESULTS", ROOT / "results"))
 END_HOST_CPUS = "0"    # client and server processes: one core ...
@@ -190,16 +192,6 @@ def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
                     "best_rate": float(conv.max()), "router_over_best": round(ratio, 2),
                     "converter_bound": ratio >= 2.0})
     return out
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(steal, all) CPU ticks since boot, all cores (/proc/stat): the host's share of a VM's time."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (v[7] if len(v) > 7 else 0), sum(v[:8])
 
 
 def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:

@@ -6,7 +6,7 @@ import pytest
 from conftest import Server, run_client
 
 from experiments.systems import Router
-from topologies.linkcheck import check_testbed, format_table, measure_loss
+from topologies.linkcheck import Fidelity, check_testbed, format_table, measure_loss
 from topologies.testbed import MobileTopo, PaperTopo, Testbed
 
 PY = sys.executable
@@ -17,8 +17,26 @@ def delay_lines() -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+def shaped(rate: float, steal_pct: float) -> Fidelity:
+    return Fidelity(link="a->b", sender="a", receiver="b", rate_mbps_set=100, rate_mbps=rate,
+                    rate_steal_pct=steal_pct, rtt_ms_set=10, rtt_ms=10.2, loss_pct_set=0, loss_pct=None,
+                    loss_packets=0)
+
+
+def test_a_link_may_fall_short_of_its_rate_by_the_hosts_steal_only():
+    """The host's CPU steal excuses a shortfall as large as itself, never an excess."""
+    assert shaped(96, 0).problems() == []
+    assert shaped(104, 0).problems() == []
+    assert shaped(80, 20).problems() == []               # measured: 79-92 Mbit/s at 10-21 % steal
+    assert shaped(93, 0).problems() != []
+    assert shaped(70, 20).problems() != []
+    assert "steal 20 %" in shaped(70, 20).problems()[0]
+    assert shaped(110, 20).problems() != []              # steal never excuses a link too fast
+
+
 def test_mobile_links_are_faithful(mptcp_ok):
-    """Every direction of the §4.4 links: rate within 5 %, RTT within 1 ms of what was asked."""
+    """Every direction of the §4.4 links: rate within 5 % (less the host's CPU steal meanwhile),
+    RTT within 1 ms of what was asked."""
     with Testbed(MobileTopo()) as tb:
         rows = check_testbed(tb, seconds=2.5)
     print(format_table(rows))

@@ -247,6 +247,19 @@ def haltpoll_now() -> dict:
     return out
 
 
+def cpu_ticks(proc_stat: str | None = None) -> tuple[int, int]:
+    """(steal, all) CPU ticks since boot, all cores, from /proc/stat (or its text): the share of a
+    VM's time its host took. Stolen time is time no process, softirq or shaper of ours ran."""
+    try:
+        if proc_stat is None:
+            with open("/proc/stat") as f:
+                proc_stat = f.readline()
+        v = [int(x) for x in proc_stat.split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (v[7] if len(v) > 7 else 0), sum(v[:8])
+
+
 def cleanup_leftovers() -> list[str]:
     """Remove quota groups of processes that are gone and restore idle settings a killed run left;
     returns what was done."""
