@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from topologies.regimes import cpu_ticks
+from topologies.regimes import cpu_ticks, steal_share
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("MIMBOX_RESULTS", ROOT / "results"))
@@ -200,11 +200,11 @@ def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
     Optional hooks of the module: `findings(df) -> dict` (into the manifest) and
     `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv)."""
     params = dict(module.QUICK if quick else module.FULL, **overrides)
-    steal0, all0 = cpu_ticks()
+    ticks0 = cpu_ticks()
     df, extra = module.run(params)
-    steal1, all1 = cpu_ticks()
     # a VM's host may take CPU time from it mid-run: absolute rates then shift, same-run ratios less
-    extra["cpu_steal_share"] = round((steal1 - steal0) / (all1 - all0), 3) if all1 > all0 else None
+    steal = steal_share(ticks0, cpu_ticks())
+    extra["cpu_steal_share"] = round(steal, 3) if steal is not None else None
     out = Run(module.NAME, params, extra)
     findings = module.findings(df) if hasattr(module, "findings") else None
     problems = module.problems(df) if hasattr(module, "problems") else []

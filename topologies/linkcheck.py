@@ -6,8 +6,8 @@ For each direction of each link of a started Testbed:
         shaper's rate, not how well one TCP flow fills it), TCP on an unshaped one. The host's CPU
         steal over the window (/proc/stat) is time in which nothing of ours ran, the shaper
         included: a link may fall short of its rate by that share, never exceed it. Measured
-        here, a 100 Mbit/s link carried 81-92 Mbit/s in windows with 10-21 % steal, i.e.
-        101-103 Mbit/s of the VM's own time;
+        here, a 100 Mbit/s link carried 79-93 Mbit/s in windows with 8-21 % steal, i.e.
+        99-103 Mbit/s of the VM's own time;
   rtt   `ping -U` (user-to-user time: the delay line acts after the kernel's receive timestamp);
   loss  iperf3 UDP with >= 5000 datagrams below the link rate (only where loss is configured).
 
@@ -20,7 +20,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass
 
-from topologies.regimes import cpu_ticks
+from topologies.regimes import cpu_ticks, steal_share
 
 RATE_TOL = 0.05
 RTT_TOL_MS = 1.0
@@ -107,13 +107,12 @@ def measure_rate(a, a_intf, b, b_ip: str, a_ip: str, seconds: float = 3.0, port:
             parts = re.split(r"^(\d+\.\d+)\s*$", out, flags=re.M)
             t0, t1 = float(parts[1]), float(parts[3])
             tx0, tx1 = _tx_bytes(parts[0], str(a_intf)), _tx_bytes(parts[2], str(a_intf))
-            (steal0, all0), (steal1, all1) = cpu_ticks(parts[0].strip()), cpu_ticks(parts[2].strip())
+            steal = steal_share(cpu_ticks(parts[0].strip()), cpu_ticks(parts[2].strip()))
         finally:
             client.wait(timeout=seconds + 30)
     finally:
         server.wait(timeout=10)
-    return RateSample(mbps=(tx1 - tx0) * 8 / (t1 - t0) / 1e6,
-                      steal=(steal1 - steal0) / (all1 - all0) if all1 > all0 else 0.0)
+    return RateSample(mbps=(tx1 - tx0) * 8 / (t1 - t0) / 1e6, steal=steal or 0.0)
 
 
 def measure_rtt(a, b_ip: str, a_ip: str, count: int = 20) -> float:
@@ -186,7 +185,8 @@ def format_table(rows: list[Fidelity]) -> str:
     for f in rows:
         bad = f.problems()
         lines.append(f"{f.link:<28} {f.rate_mbps_set if f.rate_mbps_set is not None else '-':>9} "
-                     f"{f.rate_mbps:>9.3f} {f.rate_steal_pct:>6.1f} {f.rtt_ms_set:>8.2f} {f.rtt_ms:>8.2f} {f.loss_pct_set:>8.2f} "
+                     f"{f.rate_mbps:>9.3f} {f.rate_steal_pct:>6.1f} {f.rtt_ms_set:>8.2f} {f.rtt_ms:>8.2f} "
+                     f"{f.loss_pct_set:>8.2f} "
                      f"{'-' if f.loss_pct is None else format(f.loss_pct, '.2f'):>6}  "
                      f"{'OK' if not bad else 'OFF: ' + '; '.join(bad)}")
     return "\n".join(lines)

@@ -260,6 +260,12 @@ def cpu_ticks(proc_stat: str | None = None) -> tuple[int, int]:
     return (v[7] if len(v) > 7 else 0), sum(v[:8])
 
 
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The host's share of the CPU between two cpu_ticks() readings (None: no tick in between)."""
+    (steal0, all0), (steal1, all1) = before, after
+    return (steal1 - steal0) / (all1 - all0) if all1 > all0 else None
+
+
 def cleanup_leftovers() -> list[str]:
     """Remove quota groups of processes that are gone and restore idle settings a killed run left;
     returns what was done."""
