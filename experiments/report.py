@@ -130,7 +130,7 @@ def table1() -> str:
             + _env_line(man))
 
 
-FIG5_PEERS = ("haproxy-1t", "haproxy-1t-tcp", "squid", "splice", "read/write", "router")
+FIG5_PEERS = ("haproxy-1t", "haproxy-1t-tcp", "haproxy-1t-mptcp-server", "squid", "splice", "read/write", "router")
 
 
 def breakdown() -> str:

@@ -9,8 +9,9 @@ Two regimes, in one run (`regime` column):
   (experiments.common.CONVERTER_QUOTA_CORES), so req/s follows the converter's CPU per request;
   the router path, unlimited, must deliver >= 2x the best converter (checked: findings.bound_check).
   Systems: MiMBox (explicit with DST_OPT, RFC 8803 convert, static), HAProxy 1 thread (http as in
-  the paper, and tcp),
-  Squid, the paper's splice() and read()/write() converters, MiMBox N workers vs HAProxy N threads.
+  the paper, and tcp; and http with every socket MPTCP, its server side fallen back to TCP, as the
+  earlier runs had it -- every other converter speaks TCP to the server), Squid, the paper's
+  splice() and read()/write() converters, MiMBox N workers vs HAProxy N threads.
 - end-host-bound: no quota; the end hosts' core caps every system, so equal rates mean
   "not the bottleneck", not "equally fast".
 """
@@ -74,7 +75,7 @@ def systems(regime: str) -> list:
     one_loop = [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c)]
     if regime == CONVERTER_BOUND:
         one_loop += [MiMBox(mode="static", cpus=c), convert_mode(c),
-                     HAProxy(threads=1, mode="tcp", cpus=c),
+                     HAProxy(threads=1, mode="tcp", cpus=c), HAProxy(threads=1, server_side="mptcp", cpus=c),
                      Naive("splice", cpus=c), Naive("readwrite", cpus=c)]
     return one_loop + [MiMBox(mode="explicit", cpus=all_cpus, workers=n),
                        HAProxy(threads=n, cpus=all_cpus)]

@@ -24,6 +24,20 @@ from topologies.regimes import CpuQuota
 PY = sys.executable
 
 
+def mptcp_listeners(argv: list[str]) -> list[str]:
+    """An unchanged TCP proxy as an MPTCP <-> TCP converter: its listening sockets (so the connections
+    it accepts) become MPTCP through the shim, the connections it opens to the server stay TCP -- as
+    MiMBox's and the paper's converters do, and as HAProxy's native `bind mptcp4@` would."""
+    return ["env", f"LD_PRELOAD={MPTCPIZE}", "MPTCPIZE_LISTEN_ONLY=1", *argv]
+
+
+def mptcp_everywhere(argv: list[str]) -> list[str]:
+    """Every TCP socket of the program MPTCP (what `mptcpize run` does): towards a TCP server its
+    connections are MPTCP sockets fallen back to TCP, which receive through a copy (no splice_read)
+    and, on this kernel, ended a response early about once in tens of GB (README, Fig. 5)."""
+    return ["env", f"LD_PRELOAD={MPTCPIZE}", *argv]
+
+
 class Allocator:
     """Listening ports and NFQUEUE numbers for systems created without them: every system of a run
     gets its own, and a MiMBox a block of queues (one per worker it may start), so no two overlap
@@ -142,7 +156,7 @@ class System:
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
         """The client command, wrapped as this system needs (with the MPTCP shim if `mptcp`)."""
-        return ["env", f"LD_PRELOAD={MPTCPIZE}", *argv] if mptcp else list(argv)
+        return mptcp_everywhere(argv) if mptcp else list(argv)
 
     def __repr__(self) -> str:
         return self.name
@@ -246,13 +260,19 @@ def run_dir(tag: str) -> str:
 
 
 class HAProxy(System):
-    """HAProxy 2.6 (Debian), cache-less, splicing; its sockets made MPTCP by the LD_PRELOAD shim."""
+    """HAProxy 2.6 (Debian), cache-less, splicing; its listener made MPTCP by the LD_PRELOAD shim."""
 
-    def __init__(self, threads: int = 1, mode: str = "http", port: int | None = None, cpus: str | None = None):
+    def __init__(self, threads: int = 1, mode: str = "http", port: int | None = None, cpus: str | None = None,
+                 server_side: str = "tcp"):
+        """server_side: "tcp" (MPTCP listener only, as every converter here) or "mptcp" (every socket
+        through the shim, the server side an MPTCP socket fallen back to TCP)."""
         super().__init__(cpus)
-        self.threads, self.mode, self.port = threads, mode, port or ALLOCATE.port()
+        if server_side not in ("tcp", "mptcp"):
+            raise ValueError(f"server_side must be tcp or mptcp, not {server_side!r}")
+        self.threads, self.mode, self.port, self.server_side = threads, mode, port or ALLOCATE.port(), server_side
         self.loops = threads
-        self.name = f"haproxy-{threads}t" + ("" if mode == "http" else f"-{mode}")
+        self.name = (f"haproxy-{threads}t" + ("" if mode == "http" else f"-{mode}")
+                     + ("" if server_side == "tcp" else "-mptcp-server"))
 
     def config(self, tb, server_port: int) -> str:
         http = self.mode == "http"
@@ -271,12 +291,13 @@ class HAProxy(System):
         cfg = os.path.join(d, "haproxy.cfg")
         with open(cfg, "w") as f:
             f.write(self.config(tb, server_port))
-        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "haproxy", "-db", "-f", cfg])
+        wrap = mptcp_listeners if self.server_side == "tcp" else mptcp_everywhere
+        self._popen(tb.mbox, wrap(["haproxy", "-db", "-f", cfg]))
         wait_port(tb.mbox, self.port)
 
 
 class Squid(System):
-    """Squid 5.7 (Debian) as a reverse proxy with caching off; MPTCP through the shim."""
+    """Squid 5.7 (Debian) as a reverse proxy with caching off; its listener MPTCP through the shim."""
     name = "squid"
 
     def __init__(self, port: int | None = None, cpus: str | None = None):
@@ -298,7 +319,7 @@ class Squid(System):
                 "shutdown_lifetime 1 second", "max_filedescriptors 65536", ""]))
         # a service name of its own: Squid names its shared-memory segments after it, and a killed
         # Squid's segments (/dev/shm) would make the next one with the same name refuse to start
-        self._popen(tb.mbox, ["env", f"LD_PRELOAD={MPTCPIZE}", "squid", "-N", "-n", self.service, "-f", cfg])
+        self._popen(tb.mbox, mptcp_listeners(["squid", "-N", "-n", self.service, "-f", cfg]))
         wait_port(tb.mbox, self.port, timeout=30)
 
     @property
