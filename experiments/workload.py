@@ -110,10 +110,12 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 if size > getattr(s, "max_size", size):
                     continue
                 port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
-                c0 = s.cpu_s()
+                c0, ends0 = s.cpu_s(), s.session_ends()
                 r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
                 cpu = s.cpu_s() - c0
+                ends = {k: n - ends0.get(k, 0) for k, n in s.session_ends().items() if n > ends0.get(k, 0)}
                 rows.append(dict(regime=regime, system=s.name, loops=s.loops, size=size, rep=rep, **r,
+                                 peer_ends=" ".join(f"{k}:{n}" for k, n in sorted(ends.items())),
                                  converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]
                                  else float("nan")))
@@ -131,6 +133,8 @@ def problems(df: pd.DataFrame) -> list[str]:
     """A peer that drops connections under the figure's load makes the figure invalid."""
     bad = df[(df["socket_errors"] > 0) | (df["non_2xx"] > 0)]
     return [f"{r.regime} {r.system} {r.size} B rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx"
+            + (f" (its own account of abnormal session ends: {r.peer_ends})"
+               if isinstance(getattr(r, "peer_ends", None), str) and r.peer_ends else "")
             for r in bad.itertuples()]
 
 

@@ -56,9 +56,20 @@ def test_fig5_workload_tiny(mptcp_ok, tmp_results):
         "mimbox-static", "mimbox-convert", "haproxy-1t-tcp", "haproxy-1t-mptcp-server", "splice", "read/write"}
     assert (df.req_per_s > 0).all() and (df.non_2xx == 0).all()
     assert df[df.system != "router"].cpu_us_per_req.gt(0).all()
+    assert "peer_ends" in df        # HAProxy's own account of sessions that ended badly, per run
     man = json.loads((tmp_results / workload.NAME / "manifest.json").read_text())
     assert man["regimes"]["converter-bound"]["quota_us_per_loop"] == 25_000
     assert man["findings"]["bound_check"][0]["size"] == 1024
+
+
+def test_fig5_problems_carry_the_peers_own_account():
+    import pandas as pd
+    df = pd.DataFrame([dict(regime="converter-bound", system="haproxy-2t", size=1 << 20, rep=0, socket_errors=1,
+                            non_2xx=0, peer_ends="CD:40 SD:1"),
+                       dict(regime="converter-bound", system="mimbox", size=1 << 20, rep=0, socket_errors=0,
+                            non_2xx=0, peer_ends=float("nan"))])
+    assert workload.problems(df) == ["converter-bound haproxy-2t 1048576 B rep 0: 1 socket errors, 0 non-2xx "
+                                     "(its own account of abnormal session ends: CD:40 SD:1)"]
 
 
 def test_profile_tiny(mptcp_ok, tmp_results):
@@ -179,9 +190,15 @@ def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
             time.sleep(0.3)
         curl.kill()
         curl.wait()
+        ends = {}
+        while proxy == "haproxy" and time.time() < deadline + 5 and not ends:
+            ends = system.session_ends()            # the killed download, in HAProxy's own words
+            time.sleep(0.2)
     finally:
         system.stop()
         web.stop()
+    if proxy == "haproxy":
+        assert set(ends) & {"CD", "cD"}, (ends, system.log()[-2000:])   # client side ended, data phase
     subflows = [line for line in table.splitlines() if line.startswith("tcp")]
     assert "tcp-ulp-mptcp" in table, table          # its subflows are MPTCP subflows
     assert len(subflows) >= 2, table                # one per client path, both established

@@ -123,6 +123,11 @@ class System:
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
+    def session_ends(self) -> dict[str, int]:
+        """How its abnormally ended sessions ended so far, by the system's own reason (empty for a
+        system that does not say)."""
+        return {}
+
     def cpu_s(self) -> float:
         """CPU seconds the system used so far (its box's counter: children and exited ones included)."""
         if self.box is not None:
@@ -261,6 +266,7 @@ def run_dir(tag: str) -> str:
 
 class HAProxy(System):
     """HAProxy 2.6 (Debian), cache-less, splicing; its listener made MPTCP by the LD_PRELOAD shim."""
+    SESSION_TAG = "mimbox-session"
 
     def __init__(self, threads: int = 1, mode: str = "http", port: int | None = None, cpus: str | None = None,
                  server_side: str = "tcp"):
@@ -278,12 +284,25 @@ class HAProxy(System):
         http = self.mode == "http"
         return "\n".join([
             "global", f"    nbthread {self.threads}", "    maxconn 4096",
-            "    tune.maxaccept 64",
+            "    tune.maxaccept 64", "    log stderr format raw local0 info",
             "defaults", f"    mode {self.mode}", "    timeout connect 5s", "    timeout client 60s",
+            # sessions that end abnormally only (a line each, nothing for the others): their
+            # termination state says which side ended them and when (session_ends)
+            "    log global", "    option dontlog-normal", f'    log-format "{self.SESSION_TAG} %ts %ci:%cp %B"',
             "    timeout server 60s", "    option splice-auto",
             *(["    option http-server-close"] if http else []),
             "frontend fe", f"    bind 0.0.0.0:{self.port}", "    default_backend be",
             "backend be", f"    server s1 {tb.server_ip}:{server_port}", ""])
+
+    def session_ends(self) -> dict[str, int]:
+        """HAProxy's abnormal sessions so far by termination state, e.g. {"SD": 1}: the server's side
+        died in the data phase; "CD"/"CR": the client closed (wrk does at the end of its run)."""
+        counts: dict[str, int] = {}
+        for line in self.log().splitlines():
+            if line.startswith(self.SESSION_TAG + " "):
+                state = line.split()[1]
+                counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
