@@ -189,6 +189,10 @@ def fig5() -> str:
                        for mine, peer in pairs if mine in d.index and peer in d.index]
         out.append(f"**{regime}** — {REGIME_MEANING[regime]}.\n\n" + _md(pd.DataFrame(rows)) + "\n\nreq/s ratios: "
                    + "; ".join(ratios) + ".")
+        if "haproxy-1t-mptcp-server" in systems:
+            out.append("haproxy-1t-mptcp-server: HAProxy-1t with *every* socket MPTCP (the shim's default, "
+                       "`mptcpize`'s way), so its connections to the server are MPTCP sockets fallen back to "
+                       "TCP; every other converter, HAProxy-1t included, speaks TCP to the server.")
         if regime == "converter-bound":
             out.append(" ".join(x for x in (_quota_line(man), _bound_line(man, "size", " KB")) if x))
             out.append(_per_rep_line(sub))
