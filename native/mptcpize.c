@@ -128,15 +128,11 @@ int listen(int fd, int backlog)
 {
 	resolve();
 	if (listen_only()) {
-		int protocol;
-		socklen_t len = sizeof(protocol);
-		if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &len) == 0 && protocol == IPPROTO_TCP) {
-			int r = swap_for_mptcp(fd);
-			if (r == -2)
-				return -1;
-			if (r == 0 && getenv("MPTCPIZE_DEBUG"))
-				fprintf(stderr, "mptcpize: listening fd %d is MPTCP\n", fd);
-		}
+		int r = swap_for_mptcp(fd);	/* -1: not a TCP socket (or no MPTCP): listen as it is */
+		if (r == -2)
+			return -1;
+		if (r == 0 && getenv("MPTCPIZE_DEBUG"))
+			fprintf(stderr, "mptcpize: listening fd %d is MPTCP\n", fd);
 	}
 	return real_listen(fd, backlog);
 }

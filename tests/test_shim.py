@@ -37,6 +37,10 @@ U = socket.socket()          # never bound: listen() picks its port
 U.listen(1)
 out["unbound_listener"] = U.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
 out["unbound_port"] = U.getsockname()[1]
+X = socket.socket(socket.AF_UNIX)      # not TCP: listens as it is
+X.bind("\0mimbox-shim-test-%d" % os.getpid())
+X.listen(1)
+out["unix_listens"] = X.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 print(json.dumps(out))
 """
 
@@ -55,6 +59,7 @@ def test_listen_only_makes_listeners_mptcp_and_keeps_their_options(mptcp_ok):
     assert out["same_port"] and out["unbound_port"] > 0, out
     assert out["reuseaddr"] and out["nodelay"] and out["nonblocking"] and out["cloexec"], out
     assert out["echo"] == "ping", out
+    assert out["unix_listens"] == 1, out
 
 
 def test_default_makes_every_socket_mptcp(mptcp_ok):
