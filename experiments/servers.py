@@ -5,8 +5,7 @@ import os
 import signal
 import subprocess
 
-from experiments.systems import run_dir, wait_port
-from mimbox.paths import MPTCPIZE
+from experiments.systems import mptcp_everywhere, run_dir, wait_port
 
 
 class Server:
@@ -14,7 +13,7 @@ class Server:
 
     def __init__(self, tb, argv: list[str], port: int, mptcp: bool, cpus: str | None = None):
         if mptcp:
-            argv = ["env", f"LD_PRELOAD={MPTCPIZE}", *argv]
+            argv = mptcp_everywhere(argv)
         if cpus is not None:
             argv = ["taskset", "-c", cpus, *argv]
         self.port = port
