@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
                         "path, intercept with TPROXY; static: one fixed --upstream; convert: RFC 8803, the server "
                         "in a Convert message in the SYN's data (use `mimbox client --convert`)")
+    g.add_argument("--convert-cookie-file", metavar="PATH",
+                   help="convert mode: serve only clients whose Convert message carries the Cookie TLV read "
+                        "from this file (its first line; others get Error 'Missing Cookie' or 'Not Authorized')")
     g.add_argument("--convert-cookie", metavar="TEXT",
-                   help="convert mode: serve only clients whose Convert message carries this Cookie TLV "
-                        "(others get Error 'Missing Cookie' or 'Not Authorized')")
+                   help="as --convert-cookie-file, the cookie on the command line (visible to every local user "
+                        "in ps: prefer the file)")
     g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server")
     g.add_argument("--intercept", metavar="PORTS", default="", help="transparent mode: destination ports, e.g. 80,443")
     g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
@@ -93,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("safety")
     g.add_argument("--allow-client", action="append", default=[], metavar="PREFIX",
                    help="clients allowed (repeatable); default: this host's connected subnets")
-    g.add_argument("--deny", action="append", default=[], metavar="PREFIX",
-                   help="destinations refused, on top of loopback, link-local, multicast and this host")
+    g.add_argument("--allow-destination", action="append", default=[], metavar="PREFIX[:PORTS]",
+                   help="destinations allowed beyond public unicast (repeatable), e.g. 10.0.0.0/8 or "
+                        "192.168.1.0/24:80,443,8000-8080; default: public unicast only, not port 25 "
+                        "(private, CGNAT, benchmarking and documentation blocks are refused)")
+    g.add_argument("--deny-destination", "--deny", dest="deny", action="append", default=[], metavar="PREFIX[:PORTS]",
+                   help="destinations refused (repeatable; checked before --allow-destination); loopback, "
+                        "link-local, multicast, 0/8 and this host's addresses are always refused")
     g.add_argument("--connect-timeout", type=float, default=SafetyConfig.connect_timeout,
                    help=f"seconds to reach a server (default {SafetyConfig.connect_timeout:g})")
     g.add_argument("--handshake-timeout", type=float, default=SafetyConfig.handshake_timeout,
@@ -158,17 +166,34 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
                                 spare_sockets=a.spare_sockets, busy_poll_us=a.busy_poll,
                                 health_port=a.health_port,
-                                convert_cookie=a.convert_cookie.encode() if a.convert_cookie else None),
+                                convert_cookie=_cookie(a)),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
                              server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
                              pipe_size=size(a.pipe_size), engine=a.engine),
         safety=SafetyConfig(allow_clients=tuple(a.allow_client), deny_dst=tuple(a.deny),
+                            allow_dst=tuple(a.allow_destination),
                             memory_budget=size(a.memory_budget), max_connections=a.max_connections,
                             connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout,
                             handshake_timeout=a.handshake_timeout,
                             server_mptcp_retry=a.server_mptcp_retry),
         stats_path=a.stats or default_stats_path(port), log_level=a.log_level,
     ).validate()
+
+
+def _cookie(a) -> bytes | None:
+    """The Convert cookie: from --convert-cookie-file (first line), or --convert-cookie."""
+    if a.convert_cookie_file and a.convert_cookie:
+        raise ValueError("give --convert-cookie-file or --convert-cookie, not both")
+    if a.convert_cookie_file:
+        try:
+            with open(a.convert_cookie_file, "rb") as f:
+                text = f.read().splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise ValueError(f"--convert-cookie-file {a.convert_cookie_file}: cannot read a cookie ({e})") from None
+        if not text:
+            raise ValueError(f"--convert-cookie-file {a.convert_cookie_file}: empty")
+        return text
+    return a.convert_cookie.encode() if a.convert_cookie else None
 
 
 def cmd_run(a) -> int:

@@ -69,7 +69,8 @@ class BufferConfig:
 class SafetyConfig:
     """Who may use the converter and where it may go (explicit mode must not be an open relay)."""
     allow_clients: tuple[str, ...] = ()   # empty: the converter's own connected subnets
-    deny_dst: tuple[str, ...] = ()        # added to the built-in deny list
+    deny_dst: tuple[str, ...] = ()        # PREFIX[:PORTS] refused (mimbox.safety's rule order)
+    allow_dst: tuple[str, ...] = ()       # PREFIX[:PORTS] allowed beyond public unicast
     memory_budget: int = 1 << 30
     max_connections: int | None = None    # None: derived from memory_budget
     connect_timeout: float = 10.0
@@ -104,8 +105,13 @@ class Config:
             raise ValueError(f"--spare-sockets must be 0..{SPARE_MAX}")
         if not 0 <= lc.busy_poll_us <= 10_000_000:
             raise ValueError("--busy-poll must be 0..10000000 microseconds")
-        for net in (*self.safety.allow_clients, *self.safety.deny_dst, *lc.intercept_from):
+        for net in (*self.safety.allow_clients, *lc.intercept_from):
             ipaddress.IPv4Network(net, strict=False)
+        from mimbox.safety import parse_destination
+        for text in self.safety.deny_dst:
+            parse_destination(text, False)
+        for text in self.safety.allow_dst:
+            parse_destination(text, True)
         return self
 
     def per_connection_memory(self) -> int:

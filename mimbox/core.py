@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from mimbox.paths import RELAYCORE
 
-from mimbox.netfilter import REFUSE_MARK
+from mimbox.netfilter import REFUSE_MARK, REFUSE_MASK
 from mimbox.synpath import Cause
 
 ENGINES = {"copy": 0, "splice": 1, "auto": 2}
@@ -92,7 +92,8 @@ class CoreStats(ctypes.Structure):
                                        "accept_while_held", "handed_over")] + [
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
-        (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares")]
+        (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares", "accept_pauses",
+                                       "refused_after_accept")]
 
 
 class ConnInfo(ctypes.Structure):
@@ -127,7 +128,7 @@ def c_header() -> str:
                                                    ("TRANSPARENT", DST_TRANSPARENT), ("EXPLICIT", DST_EXPLICIT))]
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
                                                   ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED))]
-    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
+    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +143,8 @@ def load() -> ctypes.CDLL:
            "core_run": (I, [P, I, ctypes.POINTER(Event), I]), "core_sweep": (I, [P, ctypes.POINTER(Event), I]),
            "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
-           "core_policy": (None, [P, I, U32, U32]), "core_refusal": (I, [P, U32, U32, U16]),
+           "core_policy": (I, [P, I, U32, U32]), "core_rule": (I, [P, I, U32, U32, I, I]),
+           "core_greeting_end": (None, [P, U32, I]), "core_greetings": (I, [P]), "core_refusal": (I, [P, U32, U32, U16]),
            "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
            "core_open_server": (I, [P, U32, U16, ctypes.POINTER(ctypes.c_int)]),
@@ -260,13 +262,29 @@ class Core:
             raise OSError(-r, "core_add")
 
     def policy(self, policy) -> None:
-        """Who may go where: a mimbox.safety.Policy's allowed clients, denied destinations, own addresses."""
+        """Who may go where: a mimbox.safety.Policy's allowed clients, destination rules (in order)
+        and this host's addresses. Raises ValueError past the core's table sizes."""
         for n in policy.allow_clients:
-            self.lib.core_policy(self.ptr, 0, int(n.network_address), int(n.netmask))
-        for n in policy.deny:
-            self.lib.core_policy(self.ptr, 1, int(n.network_address), int(n.netmask))
-        for a in policy.own:
+            if self.lib.core_policy(self.ptr, 0, int(n.network_address), int(n.netmask)) < 0:
+                raise ValueError("too many allowed client prefixes (at most 256)")
+        for r in policy.rules:
+            if self.lib.core_rule(self.ptr, int(r.allow), int(r.net.network_address), int(r.net.netmask),
+                                  r.ports[0], r.ports[1]) < 0:
+                raise ValueError("too many destination rules (at most 256)")
+        self.own_addresses(policy.own)
+
+    def own_addresses(self, addrs) -> None:
+        """This host's addresses, anew (they are never a destination)."""
+        self.lib.core_policy(self.ptr, 3, 0, 0)
+        for a in sorted(addrs)[:256]:
             self.lib.core_policy(self.ptr, 2, int(a), 0xFFFFFFFF)
+
+    def greeting_end(self, client: str, keep_admission: bool) -> None:
+        """Convert mode: Python is done with a greeting (see relaycore.c greet())."""
+        self.lib.core_greeting_end(self.ptr, ip_n(client), int(keep_admission))
+
+    def greetings(self) -> int:
+        return self.lib.core_greetings(self.ptr)
 
     def refusal(self, client: str, dst: tuple[str, int]) -> Cause | None:
         """The core's policy verdict for client -> dst (None: allowed)."""

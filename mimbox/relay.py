@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from mimbox import convert, mptcp
-from mimbox.config import Config
+from mimbox.config import Config, local_addresses
 from mimbox.core import (
     CAUSES,
     DST_EXPLICIT,
@@ -58,8 +58,8 @@ from mimbox.core import (
 )
 from mimbox.netfilter import ListenerRules
 from mimbox.redirect import convert as converting
-from mimbox.safety import Policy
-from mimbox.stats import Stats, answer, open_endpoint
+from mimbox.safety import AddressWatch, Policy
+from mimbox.stats import Answers, Stats, open_endpoint
 from mimbox.synpath import Admission, Cause, HeldSet, RefusalLog
 from mimbox.synrecord import SynRecorder
 from mimbox.timers import PREFIX_WAIT, Timeouts, due
@@ -118,8 +118,13 @@ def listener_rules(cfg: Config, plan: SynPlan, workers: int = 1) -> ListenerRule
                          hold_rate=plan.hold_rate)
 
 
+MIN_FD_CAPACITY = 16
+
+
 def raise_fd_limit(connections: int) -> int:
-    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit."""
+    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit.
+    Raises RuntimeError if fewer than MIN_FD_CAPACITY fit (e.g. a hard limit of 1024 that this
+    process may not raise): a converter that would refuse nearly everyone must not start."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 2 * connections + 2 * PIPE_POOL + 256
@@ -131,9 +136,15 @@ def raise_fd_limit(connections: int) -> int:
     target = min(max(want, soft), ceiling)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
-    except (ValueError, OSError):
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-file limit to %d (%s): it stays %d", target, e, soft)
         target = soft
-    return max(1, (target - 2 * PIPE_POOL - 256) // 2)
+    fit = (target - 2 * PIPE_POOL - 256) // 2
+    if fit < min(MIN_FD_CAPACITY, connections):
+        raise RuntimeError(f"the open-file limit ({target}) leaves room for {max(fit, 0)} connections "
+                           f"(2 fds each, {2 * PIPE_POOL + 256} reserved): raise it (ulimit -n, LimitNOFILE=) "
+                           f"to at least {2 * MIN_FD_CAPACITY + 2 * PIPE_POOL + 256}")
+    return max(1, fit)
 
 
 class Relay:
@@ -177,6 +188,8 @@ class Relay:
         self.listeners: list[socket.socket] = []
         self.stats_sock = None
         self.health_sock: socket.socket | None = None
+        self.address_watch: AddressWatch | None = None
+        self.answers = Answers()          # `mimbox stats` answers on their way
 
     def _core_config(self) -> CoreConfig:
         """What the core decides by itself, from the configuration (mimbox.core)."""
@@ -238,12 +251,15 @@ class Relay:
                 hs = self.health_sock = socket.socket(socket.AF_INET, mptcp.NONBLOCKING_STREAM)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # every worker answers
-                hs.bind(("0.0.0.0", lc.health_port))
+                hs.bind((lc.addr, lc.health_port))      # where clients reach it, not every address
                 hs.listen(64)
                 self.core.watch(hs.fileno(), select.EPOLLIN)
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
                 self.core.watch(self.stats_sock.fileno(), select.EPOLLIN)
+            self.address_watch = AddressWatch()
+            self.core.watch(self.address_watch.fileno(), select.EPOLLIN)
+            self._refresh_own()          # an address added since the policy was made
             if self.rules is not None:
                 self.rules.install()
             self.core.keep()
@@ -273,6 +289,10 @@ class Relay:
             self._drop_greeting(g)
         self.refusals.flush()
         self._close_health()
+        self.answers.close()
+        if self.address_watch is not None:
+            self.address_watch.close()
+            self.address_watch = None
         for s in (*self.listeners, self.stats_sock, *self.links.values()):
             if s is not None:
                 s.close()
@@ -338,6 +358,7 @@ class Relay:
         run = self.core.run
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         hfd = self.health_sock.fileno() if self.health_sock else -4
+        afd = self.address_watch.fileno() if self.address_watch else -5
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
@@ -354,6 +375,12 @@ class Relay:
                             self._serve_stats()
                         elif fd == hfd:
                             self._answer_health()
+                        elif fd in self.answers.out:
+                            if not self.answers.writable(fd):
+                                pass          # sent and closed (epoll forgets a closed fd)
+                        elif fd == afd:
+                            if self.address_watch.changed():
+                                self._refresh_own()
                         elif fd == self.signal_fd:
                             os.read(fd, 512)      # the signal's handler has run: the loop checks done()
                     else:
@@ -369,11 +396,8 @@ class Relay:
         """What the core hands over: a client to serve here, or a refusal or reset to log."""
         kind = ev.kind
         addr = addr_of(ev.caddr, ev.cport)
-        if kind == EV_ACCEPTED:            # convert mode: its message says where it goes
+        if kind == EV_ACCEPTED:            # convert mode: its message says where it goes (counted by the core)
             cs = socket.socket(fileno=ev.fd)
-            if ev.caddr == 0 or self.cfg.listener.mode != "convert":
-                self._reset(cs)           # not IPv4
-                return
             cs.setblocking(False)
             self._greet(cs, addr, time.monotonic())
             return
@@ -416,15 +440,14 @@ class Relay:
 
     # -- convert mode's clients: what the core hands here -------------------------------------------------
     def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes, early: bytes) -> None:
-        """Convert mode, message read: policy, admission, the server connection, then the core's."""
+        """Convert mode, message read: policy, then the server connection, then the core's. The
+        client was counted against the fd capacity and admitted when it was accepted (the core's
+        greet()); its admission is this connection's, given back if it is refused here."""
         cause = self.core.refusal(addr[0], dst)
         if cause is not None:
+            self.admission.give()
             detail = (self.policy.refusal(addr[0], dst[0], dst[1]) or (cause, ""))[1]
             return self._refuse_accepted(cs, addr, dst, cause, detail)
-        if self.core.active() + self.core.pending() >= self.fd_capacity:
-            return self._refuse_accepted(cs, addr, dst, Cause.FD_LIMIT, f"{self.fd_capacity} connections per worker")
-        if not self.admission.take():
-            return self._refuse_accepted(cs, addr, dst, Cause.CONNECTION_LIMIT, f"{self.admission.limit} connections")
         try:
             sfd, try_mptcp = self.core.open_server(dst)
         except OSError as e:
@@ -461,7 +484,7 @@ class Relay:
             msg = g.feed(data)
             if msg is None:
                 return
-            converting.check_cookie(msg, self.cfg.listener.convert_cookie)
+            converting.check_cookie(msg, self.cfg.listener.convert_cookie)    # constant time
             converting.check_options(msg)
         except convert.ConvertError as e:
             self._answer_greeting(g, convert.error_reply(e.code))
@@ -473,7 +496,9 @@ class Relay:
             return
         del self.greetings[g.sock.fileno()]
         self.core.unwatch(g.sock.fileno())
+        self.core.greeting_end(g.addr[0], keep_admission=True)
         if ":" in msg.connect[0]:        # the server side of this converter is IPv4
+            self.admission.give()
             return self._refuse_accepted(g.sock, g.addr, msg.connect, Cause.SERVER_UNREACHABLE,
                                          "IPv6 destinations are not served")
         self._open_for_accepted(g.sock, g.addr, msg.connect, g.t, convert.success_reply(), g.early_data)
@@ -486,6 +511,7 @@ class Relay:
     def _drop_greeting(self, g: converting.Greeting) -> None:
         if self.greetings.pop(g.sock.fileno(), None) is not None:
             self.core.unwatch(g.sock.fileno())
+            self.core.greeting_end(g.addr[0], keep_admission=False)
         g.sock.close()
 
     def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
@@ -497,6 +523,12 @@ class Relay:
             cs.close()
             return
         self._reset(cs)
+
+    def _refresh_own(self) -> None:
+        """This host's addresses, read again: never a destination (the policy and the core)."""
+        if self.policy.set_own(local_addresses()):
+            self.core.own_addresses(self.policy.own)
+            log.info("this host's addresses: %s (never a destination)", ", ".join(sorted(map(str, self.policy.own))))
 
     def _answer_health(self) -> None:
         """A health probe: the handshake completed, which is the answer; close at once."""
@@ -532,6 +564,7 @@ class Relay:
             self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
         for ev in self.core.sweep():
             self._on_core_event(ev)
+        self.answers.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
 
@@ -542,7 +575,8 @@ class Relay:
                  "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers}
+                 "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers,
+                 "greetings": self.core.greetings(), "accept_pauses": cs.accept_pauses}
         if connections:
             now = time.monotonic()
             extra["connections"] = [
@@ -563,6 +597,9 @@ class Relay:
         for i, count in enumerate(cs.refused):
             if count:
                 d["refused"][CAUSES[i].value] = d["refused"].get(CAUSES[i].value, 0) + count
+        if self.recorder is not None and self.worker == 0 and self.recorder.conflicts():   # one map for all workers
+            key = Cause.CONFLICTING_DESTINATION.value
+            d["refused"][key] = d["refused"].get(key, 0) + self.recorder.conflicts()
         for prefix, counts in (("", cs.errors), ("accept ", cs.accept_errors), ("server ", cs.server_errors)):
             for e, count in enumerate(counts):
                 if count:
@@ -582,4 +619,7 @@ class Relay:
         return d
 
     def _serve_stats(self) -> None:
-        answer(self.stats_sock, self.snapshot)
+        """Answer `mimbox stats` without blocking the loop (mimbox.stats.Answers)."""
+        fd = self.answers.accept(self.stats_sock, self.snapshot, time.monotonic())
+        if fd is not None:
+            self.core.watch(fd, select.EPOLLOUT | select.EPOLLET)

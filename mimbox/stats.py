@@ -47,7 +47,8 @@ class Stats:
         return d
 
 
-SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused")
+SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused", "greetings",
+          "accept_pauses")
 
 
 def merge(snapshots: list[dict], **extra) -> dict:
@@ -84,14 +85,19 @@ def default_stats_path(port: int) -> str:
 
 
 def open_endpoint(path: str) -> socket.socket:
-    """A listening unix socket at `path` (replacing a stale one)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """A listening unix socket at `path` (replacing a stale one), mode 0600 whatever the umask: its
+    counters and connection list (client addresses) are the converter's owner's."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    finally:
+        os.umask(old)
     s.listen(16)
     s.setblocking(False)
     return s
@@ -110,6 +116,55 @@ def answer(endpoint: socket.socket, snapshot, timeout: float = 1.0) -> None:
             c.sendall(json.dumps(snapshot()).encode())
         except OSError:
             pass
+
+
+class Answers:
+    """`mimbox stats` answers served from an event loop without ever blocking it: each is sent as
+    far as the socket takes it; the rest goes out when the loop reports the socket writable (the
+    caller watches `pending()` fds for EPOLLOUT), and one that is not read within `timeout` is dropped."""
+
+    def __init__(self, timeout: float = 2.0):
+        self.timeout = timeout
+        self.out: dict[int, tuple[socket.socket, bytes, float]] = {}
+
+    def accept(self, endpoint: socket.socket, snapshot, now: float) -> int | None:
+        """Take one waiting client of `endpoint`; the fd to watch for EPOLLOUT if its answer did not fit."""
+        try:
+            c, _ = endpoint.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        c.setblocking(False)
+        self.out[c.fileno()] = (c, json.dumps(snapshot()).encode(), now + self.timeout)
+        return c.fileno() if self.writable(c.fileno()) else None
+
+    def writable(self, fd: int) -> bool:
+        """Send more; True while something is left."""
+        c, data, deadline = self.out[fd]
+        try:
+            n = c.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            n, data = 0, b""
+        data = data[n:]
+        if not data:
+            del self.out[fd]
+            c.close()
+            return False
+        self.out[fd] = (c, data, deadline)
+        return True
+
+    def expire(self, now: float) -> list[int]:
+        """Drop answers not read in time; their fds (to unwatch)."""
+        gone = [fd for fd, (_, _, deadline) in self.out.items() if now > deadline]
+        for fd in gone:
+            self.out.pop(fd)[0].close()
+        return gone
+
+    def close(self) -> None:
+        for c, _, _ in self.out.values():
+            c.close()
+        self.out.clear()
 
 
 def query(path: str, timeout: float = 5.0) -> dict:

@@ -37,6 +37,7 @@ class Cause(str, enum.Enum):
     SERVER_ERROR = "server error"
     HANDSHAKE_TIMEOUT = "client handshake timeout"
     SHUTTING_DOWN = "converter shutting down"
+    CONFLICTING_DESTINATION = "conflicting destination"   # explicit: a 2nd SYN of a (client, port) asked elsewhere
 
     @classmethod
     def of_errno(cls, err: int) -> "Cause":

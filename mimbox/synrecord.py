@@ -19,13 +19,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mimbox import dstopt
 from mimbox.paths import BPF_SERVER_OBJ
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET, BPF_MAP_LOOKUP_AND_DELETE_ELEM = 2, 7, 21
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET, BPF_MAP_LOOKUP_AND_DELETE_ELEM = 1, 2, 7, 21
 PROG_NAME = "mimbox_record_dstopt"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -63,6 +64,15 @@ class BpfMap:
     def update(self, key: bytes, value: bytes) -> None:
         k, v = ctypes.create_string_buffer(key, self.key_size), ctypes.create_string_buffer(value, self.value_size)
         _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(self.fd, 0, ctypes.addressof(k), ctypes.addressof(v), 0))
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value under `key`; None if there is none."""
+        k, v = ctypes.create_string_buffer(key, self.key_size), ctypes.create_string_buffer(self.value_size)
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(self.fd, 0, ctypes.addressof(k), ctypes.addressof(v), 0))
+        except OSError:
+            return None
+        return v.raw
 
     def pop(self, key: bytes) -> bytes | None:
         """The value under `key`, removed from the map; None if there is none."""
@@ -102,6 +112,7 @@ class SynRecorder:
         self.attached: list[str] = []
         self.added_clsact: list[str] = []
         self.map: BpfMap | None = None
+        self.conflict_map: BpfMap | None = None
 
     @property
     def pref(self) -> int:
@@ -125,7 +136,8 @@ class SynRecorder:
                 port_map.update(bytes(4), socket.htons(self.port).to_bytes(4, sys.byteorder))
             finally:
                 port_map.close()
-            self.map = BpfMap(self.pins / "maps" / "mimbox_syn_dst", dstopt.RECORD_KEY.size, dstopt.RECORD_VALUE.size)
+            self.map = BpfMap(self.pins / "maps" / "mimbox_syn_dst", dstopt.RECORD_KEY.size, dstopt.RECORD_VALUE_SIZE)
+            self.conflict_map = BpfMap(self.pins / "maps" / "mimbox_conflicts", 4, 8)
             for dev in devices:
                 if "clsact" not in _run("tc", "qdisc", "show", "dev", dev).stdout:
                     _run("tc", "qdisc", "add", "dev", dev, "clsact")
@@ -143,8 +155,17 @@ class SynRecorder:
         raw = self.map.pop(dstopt.RECORD_KEY.pack(socket.inet_aton(client[0]), client[1]))
         if raw is None:
             return None
-        addr, port = dstopt.RECORD_VALUE.unpack(raw)
+        addr, port = dstopt.RECORD_VALUE.unpack(raw[:dstopt.RECORD_VALUE.size])
+        if time.monotonic_ns() - int.from_bytes(raw[8:16], sys.byteorder) > dstopt.RECORD_TTL_NS:
+            return None         # stale: its SYN never became a connection
         return socket.inet_ntoa(addr), port
+
+    def conflicts(self) -> int:
+        """SYNs refused so far for naming another destination than their (address, port)'s first."""
+        if self.conflict_map is None:
+            return 0
+        raw = self.conflict_map.lookup(bytes(4))
+        return int.from_bytes(raw, sys.byteorder) if raw else 0
 
     def remove(self) -> None:
         """Detach and unpin everything install() made (idempotent)."""
@@ -154,9 +175,10 @@ class SynRecorder:
             if not _run("tc", "filter", "show", "dev", dev, "ingress", check=False).stdout.strip():
                 _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)
         self.attached, self.added_clsact = [], []
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        for m in (self.map, self.conflict_map):
+            if m is not None:
+                m.close()
+        self.map = self.conflict_map = None
         shutil.rmtree(self.pins, ignore_errors=True)
 
 

@@ -3,7 +3,9 @@
  *
  * connect(fd, dst) to an IPv4 destination becomes a TCP Fast Open sendto() to the converter
  * (MIMBOX_CONVERT_VIA=a.b.c.d:port) whose SYN carries a Convert message with a Connect TLV for dst
- * (no TFO cookie needed: TCP_FASTOPEN_NO_COOKIE on the socket). If the SYN could not carry it, the
+ * once the kernel holds the converter's TFO cookie; the first connection to a converter asks for the
+ * cookie and the kernel sends the message right after the handshake (the converter takes SYN data
+ * only with a valid cookie: a spoofed SYN's data is never read). If the SYN could not carry it, the
  * message goes out before the program's first bytes. The converter's own Convert message starts
  * its byte stream: the first read()/recv()/recvfrom() of such a socket consume it; an Error TLV
  * fails that read with ECONNREFUSED (errno) and MIMBOX_CONVERT_DEBUG=1 prints its code.
@@ -25,9 +27,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#ifndef TCP_FASTOPEN_NO_COOKIE
-#define TCP_FASTOPEN_NO_COOKIE 34
-#endif
 #ifndef MSG_FASTOPEN
 #define MSG_FASTOPEN 0x20000000
 #endif
@@ -147,7 +146,6 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 	memcpy(m + 6, &dst->sin_port, 2);
 	m[18] = m[19] = 0xff;
 	memcpy(m + 20, &dst->sin_addr, 4);
-	int one = 1;
 	int nonblocking = fcntl(fd, F_GETFL) & O_NONBLOCK;
 	if (!fastopen) {
 		int r = real_connect(fd, (const struct sockaddr *)&via, sizeof(via));
@@ -157,7 +155,6 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 		}
 		return r;
 	}
-	setsockopt(fd, IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, &one, sizeof(one));
 	ssize_t n = real_sendto(fd, m, CONNECT_LEN, MSG_FASTOPEN | MSG_NOSIGNAL,
 				(const struct sockaddr *)&via, sizeof(via));
 	int err = errno;

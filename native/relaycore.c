@@ -50,7 +50,11 @@ enum { KIND_PY = 0, KIND_LISTEN = 1, KIND_CONN = 2, KIND_QUEUE = 3, KIND_PENDING
 #define PENDING_HELD 1
 #define PENDING_RELEASED 2
 #define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
-#define MAX_PREFIXES 64
+#define MAX_PREFIXES 256
+#define MAX_RULES 256
+#define MAX_LISTENERS 64
+#define ACCEPT_PAUSE 0.1	/* seconds a listener rests after accept() ran out of fds (EMFILE/ENFILE) */
+#define GEN_SHIFT 32		/* a held SYN's epoll data: kind | generation << 32 | slot */
 #define ERRNO_SLOTS 160
 #define WATCH (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 #define DRAIN (EPOLLRDHUP | EPOLLERR | EPOLLHUP)
@@ -97,6 +101,7 @@ struct core_stats {
 	uint64_t refused[CAUSE_COUNT];
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
 	uint64_t spare_used, spare_made, busy_polls, spares;
+	uint64_t accept_pauses, refused_after_accept;
 };
 
 struct core_conn_info {
@@ -143,6 +148,7 @@ struct syn_info {
 
 struct pending {			/* a held SYN and its server connection */
 	uint8_t state, tried_mptcp, server_mptcp;
+	uint32_t gen;			/* bumped at each use of the slot: a stale event does not match */
 	uint32_t id, caddr, daddr;
 	uint16_t cport, dport;
 	uint64_t key;
@@ -152,6 +158,7 @@ struct pending {			/* a held SYN and its server connection */
 
 struct destination { uint64_t key; uint32_t daddr; uint16_t dport; double t; };
 struct prefix { uint32_t net, mask; };	/* host order */
+struct rule { uint32_t net, mask; uint16_t lo, hi; int32_t allow; };	/* host order; first match decides */
 struct gate_count { uint32_t prefix; int32_t n; };
 
 struct core {
@@ -175,9 +182,14 @@ struct core {
 	struct gate_count *gate;		/* held SYNs per client /24 (open addressing) */
 	int gate_slots;
 	struct destination *dests;
-	struct prefix allow[MAX_PREFIXES], deny[MAX_PREFIXES];
-	uint32_t own[MAX_PREFIXES];
-	int nallow, ndeny, nown;
+	struct prefix allow[MAX_PREFIXES];
+	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
+	uint32_t own[MAX_PREFIXES];		/* this host's addresses (refreshed by Python on netlink news) */
+	int nallow, nrules, nown;
+	int greetings;				/* convert mode: accepted clients whose message Python awaits */
+	uint32_t pending_gen;
+	int listeners[MAX_LISTENERS], nlisteners;
+	double accept_paused_until;		/* EMFILE/ENFILE: listeners out of the epoll set until then */
 	struct nfq_handle *nfq;
 	struct nfq_q_handle *qh;
 	int qfd;
@@ -330,6 +342,11 @@ struct core *core_new(const struct core_config *cfg)
 int core_watch(struct core *c, int fd, uint32_t events, int listener)
 {
 	struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)(listener ? KIND_LISTEN : KIND_PY) << KIND_SHIFT | (uint32_t)fd};
+	if (listener) {
+		if (c->nlisteners == MAX_LISTENERS)
+			return -ENOSPC;
+		c->listeners[c->nlisteners++] = fd;
+	}
 	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) == 0)
 		return 0;
 	if (errno == EEXIST && epoll_ctl(c->epfd, EPOLL_CTL_MOD, fd, &ev) == 0)
@@ -339,6 +356,9 @@ int core_watch(struct core *c, int fd, uint32_t events, int listener)
 
 int core_unwatch(struct core *c, int fd)
 {
+	for (int j = 0; j < c->nlisteners; j++)
+		if (c->listeners[j] == fd)
+			c->listeners[j] = c->listeners[--c->nlisteners];
 	return epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
 
@@ -903,33 +923,58 @@ static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 }
 
 /* -- policy (mimbox.safety.Policy decides the same; tests/test_core.py checks they agree) ------------ */
-void core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)	/* host order */
+/* kind 0: an allowed client prefix; 2: one of this host's addresses; 3: forget this host's addresses
+ * (before Python lists them anew); 0 or -ENOSPC */
+int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)	/* host order */
 {
+	if (kind == 3) {
+		c->nown = 0;
+		return 0;
+	}
 	if (kind == 0 && c->nallow < MAX_PREFIXES)
 		c->allow[c->nallow++] = (struct prefix){net & mask, mask};
-	else if (kind == 1 && c->ndeny < MAX_PREFIXES)
-		c->deny[c->ndeny++] = (struct prefix){net & mask, mask};
 	else if (kind == 2 && c->nown < MAX_PREFIXES)
 		c->own[c->nown++] = net;
+	else
+		return -ENOSPC;
+	return 0;
+}
+
+/* the next destination rule (after those before it): ports lo..hi of net/mask allowed or denied */
+int core_rule(struct core *c, int allow, uint32_t net, uint32_t mask, int lo, int hi)	/* host order */
+{
+	if (c->nrules == MAX_RULES)
+		return -ENOSPC;
+	c->rules[c->nrules++] = (struct rule){net & mask, mask, (uint16_t)lo, (uint16_t)hi, allow};
+	return 0;
+}
+
+static int client_refusal(struct core *c, uint32_t caddr)
+{
+	uint32_t cl = ntohl(caddr);
+	for (int i = 0; i < c->nallow; i++)
+		if ((cl & c->allow[i].mask) == c->allow[i].net)
+			return -1;
+	return CAUSE_CLIENT_NOT_ALLOWED;
 }
 
 /* -1: allowed; else the CAUSE_* that refuses client -> daddr:dport (network order) */
 int core_refusal(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport)
 {
-	uint32_t cl = ntohl(caddr), d = ntohl(daddr);
-	int ok = 0;
-	for (int i = 0; i < c->nallow && !ok; i++)
-		ok = (cl & c->allow[i].mask) == c->allow[i].net;
-	if (!ok)
+	uint32_t d = ntohl(daddr);
+	uint16_t p = ntohs(dport);
+	if (client_refusal(c, caddr) >= 0)
 		return CAUSE_CLIENT_NOT_ALLOWED;
+	if (!p)
+		return CAUSE_DESTINATION_DENIED;
 	for (int i = 0; i < c->nown; i++)
 		if (d == c->own[i])
 			return CAUSE_DESTINATION_DENIED;
-	for (int i = 0; i < c->ndeny; i++)
-		if ((d & c->deny[i].mask) == c->deny[i].net)
-			return CAUSE_DESTINATION_DENIED;
-	if (!dport)
-		return CAUSE_DESTINATION_DENIED;
+	for (int i = 0; i < c->nrules; i++) {
+		const struct rule *r = &c->rules[i];
+		if ((d & r->mask) == r->net && p >= r->lo && p <= r->hi)
+			return r->allow ? -1 : CAUSE_DESTINATION_DENIED;
+	}
 	return -1;
 }
 
@@ -993,10 +1038,18 @@ void core_gate_hold(struct core *c, uint32_t caddr, int on)
 }
 
 /* -- where deferred explicit-mode clients asked to go (their SYN's DST_OPT), looked up at accept() --- */
-static void dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
+/* 0: remembered (or the same one again); -1: a recent SYN from this (address, port) asked for another
+ * destination: the first wins, this SYN is refused (a forged SYN must not redirect its victim) */
+static int dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
 {
 	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
+	if (d->key == key && c->now - d->t <= 2 * c->cfg.handshake_timeout) {
+		if (d->daddr != daddr || d->dport != dport)
+			return -1;
+		return 0;		/* a retransmission: the first SYN's time stays */
+	}
 	*d = (struct destination){key, daddr, dport, c->now};
+	return 0;
 }
 
 static int dest_take(struct core *c, uint64_t key, uint32_t *daddr, uint16_t *dport)
@@ -1222,9 +1275,11 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 	}
 	switch (core_gate(c, s.saddr)) {
 	case SYN_DEFER:		/* the kernel answers (SYN cookies past its backlog); connect after accept */
+		if (c->cfg.explicit_opt && dest_remember(c, key, daddr, dport)) {
+			verdict(c, id, 1);
+			return refused(c, CAUSE_CONFLICTING_DESTINATION, 0, 0, 0, 0, s.saddr, s.sport, daddr, dport);
+		}
 		c->st.deferred++;
-		if (c->cfg.explicit_opt)
-			dest_remember(c, key, daddr, dport);
 		verdict(c, id, 0);
 		return;
 	case SYN_REFUSE:
@@ -1247,25 +1302,35 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 		return refused(c, cause_of_errno(-sfd), 0, 0, -sfd, 0, s.saddr, s.sport, daddr, dport);
 	}
 	i = c->pending_free;
+	c->pending_gen = (c->pending_gen + 1) & 0xFFFFFFF;
+	struct epoll_event ev = {.events = WATCH, .data.u64 = (uint64_t)KIND_PENDING << KIND_SHIFT |
+				 (uint64_t)c->pending_gen << GEN_SHIFT | (uint32_t)i};
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev)) {
+		int err = errno;
+		close(sfd);
+		if (c->cfg.admission)
+			core_unadmit(c->cfg.admission);
+		verdict(c, id, 1);
+		return refused(c, CAUSE_SERVER_ERROR, 0, 0, err, 0, s.saddr, s.sport, daddr, dport);
+	}
 	c->pending_free = c->pending[i].next_free;
 	c->npending++;
-	c->pending[i] = (struct pending){.state = PENDING_HELD, .tried_mptcp = tried, .id = id, .caddr = s.saddr,
-					 .daddr = daddr, .cport = s.sport, .dport = dport, .key = key, .sfd = sfd,
-					 .t_syn = c->now};
+	c->pending[i] = (struct pending){.state = PENDING_HELD, .tried_mptcp = tried, .gen = c->pending_gen, .id = id,
+					 .caddr = s.saddr, .daddr = daddr, .cport = s.sport, .dport = dport, .key = key,
+					 .sfd = sfd, .t_syn = c->now};
 	gate_hold(c, s.saddr);
 	held_mark(c, key, 1);
 	c->st.held++;
-	struct epoll_event ev = {.events = WATCH, .data.u64 = (uint64_t)KIND_PENDING << KIND_SHIFT | i};
-	epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev);
 }
 
 /* a held SYN's server connection answered (or failed) */
-static void pending_ready(struct core *c, int i, uint32_t ev)
+static void pending_ready(struct core *c, uint64_t data, uint32_t ev)
 {
+	int i = (int)(uint32_t)data;
 	struct pending *p = &c->pending[i];
 	int err;
-	if (p->state != PENDING_HELD)
-		return;			/* released: waiting for accept() */
+	if (p->state != PENDING_HELD || p->gen != ((data >> GEN_SHIFT) & 0xFFFFFFF))
+		return;			/* released (waiting for accept()), or a stale event of an ended entry */
 	err = connect_result(p->sfd, ev);
 	if (err < 0)
 		return;
@@ -1287,6 +1352,10 @@ static int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nf
 	int len;
 	if (!h)
 		return 0;
+	if ((nfq_get_nfmark(nfa) & REFUSE_MASK) == REFUSE_MARK) {	/* the BPF recorder refused it */
+		nfq_set_verdict(c->qh, ntohl(h->packet_id), NF_ACCEPT, 0, NULL);	/* mark kept: RST */
+		return 0;
+	}
 	len = nfq_get_payload(nfa, &pkt);
 	on_syn(c, ntohl(h->packet_id), pkt, len < 0 ? 0 : len);
 	return 0;
@@ -1361,6 +1430,8 @@ static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *
 	attr.value = (uintptr_t)&val;
 	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr, sizeof(attr)))
 		return 0;
+	if ((uint64_t)(c->now * 1e9) - val.t_ns > DSTOPT_RECORD_TTL_NS)
+		return 0;		/* stale: that SYN never became a connection */
 	*daddr = val.addr;
 	*dport = val.port;
 	return 1;
@@ -1447,21 +1518,73 @@ int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_
 	return fd;
 }
 
-static void to_python(struct core *c, int fd, uint32_t caddr, uint16_t cport)
+static void refuse_accepted(struct core *c, int cfd, int cause, int detail, int arg, int err,
+			    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport);
+
+/* Convert mode: an accepted client whose Convert message Python reads (a greeting). It costs an fd
+ * before its client said anything, so it is counted and capped like a held SYN: an allowed client,
+ * at most pending_per_prefix from one /24 and pending_limit in all per worker, inside the fd
+ * capacity and the connection limit (its admission passes to the connection it becomes). Python
+ * ends it with core_greeting_end(). */
+static void greet(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
 {
-	struct core_event *e = emit(c, EV_ACCEPTED);
-	if (!e) {			/* no room to tell Python: the client is reset, never lost silently */
-		reset_close(fd);
+	struct gate_count *g = gate_slot(c, ntohl(caddr) & 0xFFFFFF00, 0);
+	struct core_event *e;
+	int cause = client_refusal(c, caddr), arg = 0;
+	if (cause < 0 && (c->held_now >= c->cfg.pending_limit || (g && g->n >= c->cfg.pending_per_prefix))) {
+		cause = CAUSE_PENDING_LIMIT;
+		arg = c->held_now;
+	} else if (cause < 0 && c->active + c->npending + c->greetings >= c->cfg.fd_capacity) {
+		cause = CAUSE_FD_LIMIT;
+		arg = c->cfg.fd_capacity;
+	} else if (cause < 0 && c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit)) {
+		cause = CAUSE_CONNECTION_LIMIT;
+		arg = c->cfg.admission_limit;
+	}
+	if (cause >= 0) {	/* RFC 8803: an Error TLV says why (Python writes it), then the stream ends */
+		c->st.refused_after_accept++;
+		refused(c, cause, 0, arg, 0, 1, caddr, cport, 0, 0);
+		if (cause != CAUSE_CLIENT_NOT_ALLOWED && (e = emit(c, EV_GIVEBACK))) {
+			e->fd = cfd;
+			e->cause = cause;
+			return;
+		}
+		reset_close(cfd);	/* a client not allowed learns nothing */
 		return;
 	}
-	e->fd = fd;
+	e = emit(c, EV_ACCEPTED);
+	if (!e) {			/* no room to tell Python: the client is reset, never lost silently */
+		if (c->cfg.admission)
+			core_unadmit(c->cfg.admission);
+		reset_close(cfd);
+		return;
+	}
+	gate_hold(c, caddr);
+	c->greetings++;
+	e->fd = cfd;
 	e->caddr = caddr;
 	e->cport = cport;
+}
+
+/* Python is done with a greeting from caddr: it became a connection (keep_admission: core_add()
+ * follows, or Python refused it and gives the admission back itself) or it ended. */
+void core_greeting_end(struct core *c, uint32_t caddr, int keep_admission)
+{
+	gate_release(c, caddr);
+	c->greetings--;
+	if (!keep_admission && c->cfg.admission)
+		core_unadmit(c->cfg.admission);
+}
+
+int core_greetings(struct core *c)
+{
+	return c->greetings;
 }
 
 static void refuse_accepted(struct core *c, int cfd, int cause, int detail, int arg, int err,
 			    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport)
 {
+	c->st.refused_after_accept++;
 	reset_close(cfd);
 	refused(c, cause, detail, arg, err, 1, caddr, cport, daddr, dport);
 }
@@ -1516,7 +1639,7 @@ static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cpo
 					       caddr, cport, daddr, dport);
 		break;
 	default:
-		return to_python(c, cfd, caddr, cport);		/* convert mode: the message says where */
+		return greet(c, cfd, caddr, cport);		/* convert mode: the message says where */
 	}
 	cause = core_refusal(c, caddr, daddr, dport);	/* its SYN may not have been judged */
 	if (cause >= 0)
@@ -1607,6 +1730,30 @@ static void accepted(struct core *c, int cfd, struct sockaddr_in *peer)
 	serve_accepted(c, cfd, peer->sin_addr.s_addr, peer->sin_port);
 }
 
+/* Out of fds (EMFILE/ENFILE): a level-triggered listener would report the same waiting client at
+ * once, forever (a spin at a full core). Every listener leaves the epoll set for ACCEPT_PAUSE (as
+ * nginx disables accept events); its clients wait in the kernel's backlog meanwhile. */
+static void accept_pause(struct core *c)
+{
+	if (c->accept_paused_until > 0)
+		return;
+	for (int j = 0; j < c->nlisteners; j++)
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listeners[j], NULL);
+	c->accept_paused_until = c->now + ACCEPT_PAUSE;
+	c->st.accept_pauses++;
+}
+
+static void accept_resume(struct core *c)
+{
+	for (int j = 0; j < c->nlisteners; j++) {
+		struct epoll_event ev = {.events = EPOLLIN,
+					 .data.u64 = (uint64_t)KIND_LISTEN << KIND_SHIFT | (uint32_t)c->listeners[j]};
+		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->listeners[j], &ev) && errno != EEXIST)
+			c->st.errors[errno < ERRNO_SLOTS ? errno : 0]++;
+	}
+	c->accept_paused_until = 0;
+}
+
 static void accept_all(struct core *c, int lfd)
 {
 	struct sockaddr_in peer;
@@ -1619,10 +1766,12 @@ static void accept_all(struct core *c, int lfd)
 		if (fd < 0) {
 			if (errno != EAGAIN && errno != EINTR)
 				c->st.accept_errors[errno < ERRNO_SLOTS ? errno : 0]++;
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+				accept_pause(c);
 			return;
 		}
-		if (peer.sin_family != AF_INET) {
-			to_python(c, fd, 0, 0);
+		if (peer.sin_family != AF_INET) {	/* this converter serves IPv4 clients */
+			reset_close(fd);
 			continue;
 		}
 		accepted(c, fd, &peer);
@@ -1664,7 +1813,11 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 	c->nout = 0;
 	for (;;) {
 		int polling = timeout_ms && busy_polling(c);
+		if (c->accept_paused_until > 0 && c->now >= c->accept_paused_until)
+			accept_resume(c);
 		wait = timeout_ms && (polling || spare_missing(c)) ? 0 : timeout_ms;
+		if (c->accept_paused_until > 0 && wait > (int)((c->accept_paused_until - c->now) * 1000) + 1)
+			wait = (int)((c->accept_paused_until - c->now) * 1000) + 1;
 		room = c->maxout - c->nout < MAX_EVENTS ? c->maxout - c->nout : MAX_EVENTS;
 		n = epoll_wait(c->epfd, evs, room, wait);
 		if (n < 0)
@@ -1695,7 +1848,7 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 				queue_ready(c);
 				break;
 			case KIND_PENDING:
-				pending_ready(c, (int)(uint32_t)data, evs[j].events);
+				pending_ready(c, data, evs[j].events);
 				break;
 			case KIND_LINK:
 				link_ready(c, (int)(uint32_t)data);

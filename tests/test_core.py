@@ -29,7 +29,8 @@ from mimbox.core import (
     SynInfo,
 )
 from mimbox.paths import BUILD
-from mimbox.safety import BUILTIN_DENY, Policy
+from mimbox.config import SafetyConfig
+from mimbox.safety import Policy, destination_rules
 from mimbox.synpath import Admission, Cause
 
 try:
@@ -140,21 +141,27 @@ def test_syn_parser_agrees_with_the_python_spec():
 
 def test_policy_agrees_with_the_python_spec():
     allow = [ipaddress.IPv4Network(n) for n in ("10.0.1.0/24", "192.168.0.0/16")]
-    deny = [ipaddress.IPv4Network(n) for n in (*BUILTIN_DENY, "10.0.200.0/24")]
+    cfg = SafetyConfig(allow_dst=("10.0.0.0/9", "192.168.7.0/24:80,8000-8080", "8.8.8.8:25"),
+                       deny_dst=("10.0.200.0/24", "10.0.101.0/24:443"))
     own = {ipaddress.IPv4Address(a) for a in ("10.0.1.2", "10.0.101.2")}
-    spec = Policy(allow_clients=allow, deny=deny, own=own)
+    spec = Policy(allow_clients=allow, rules=destination_rules(cfg), own=own)
     c = make()
     try:
         c.policy(spec)
         rng = random.Random(3)
         pool = ["10.0.1.%d", "10.0.2.%d", "192.168.7.%d", "127.0.0.%d", "10.0.200.%d", "224.0.0.%d",
-                "169.254.1.%d", "0.0.0.%d", "10.0.101.%d"]
-        for _ in range(5000):
+                "169.254.1.%d", "0.0.0.%d", "10.0.101.%d", "8.8.8.%d", "100.64.3.%d", "10.200.0.%d"]
+        for _ in range(8000):
             client = rng.choice(pool) % rng.randint(0, 255)
             dst = rng.choice(pool) % rng.randint(0, 255)
-            port = rng.choice((0, 80, 443))
+            port = rng.choice((0, 22, 25, 80, 443, 7999, 8000, 8080, 8081))
             want = spec.refusal(client, dst, port)
             assert c.refusal(client, (dst, port)) == (want[0] if want else None), (client, dst, port)
+        # this host's addresses, anew (netlink news): the old ones are destinations again
+        spec.set_own(["10.0.1.3"])
+        c.own_addresses(spec.own)
+        assert c.refusal("10.0.1.5", ("10.0.1.2", 80)) is None is spec.refusal("10.0.1.5", "10.0.1.2", 80)
+        assert c.refusal("10.0.1.5", ("10.0.1.3", 80)) is Cause.DESTINATION_DENIED
     finally:
         c.close()
 
@@ -165,7 +172,7 @@ class Running:
 
     def __init__(self, upstream_port: int, **kw):
         self.core = make(static_addr=core.ip_n("127.0.0.1"), static_port=core.port_n(upstream_port), **kw)
-        self.core.policy(Policy(allow_clients=[ipaddress.IPv4Network("127.0.0.0/8")], deny=[], own=set()))
+        self.core.policy(Policy(allow_clients=[ipaddress.IPv4Network("127.0.0.0/8")], rules=[], own=set()))
         self.ls = socket.socket()
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.ls.bind(("127.0.0.1", 0))

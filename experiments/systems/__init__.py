@@ -176,6 +176,9 @@ class Router(System):
         return tb.server_ip, server_port
 
 
+TESTBED_SERVERS = "10.0.0.0/8"   # the testbeds' server networks, which the converter must be told it may reach
+
+
 class MiMBox(System):
     """Our converter, started with `mimbox run` on the converter host."""
 
@@ -203,6 +206,8 @@ class MiMBox(System):
         argv = [PY, "-m", "mimbox.cli", "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
                 "--stats", self.stats_path,
                 *self.extra]
+        if "--allow-destination" not in self.extra:
+            argv += ["--allow-destination", TESTBED_SERVERS]     # private: refused by default
         if self.mode == "static":
             argv += ["--upstream", f"{tb.server_ip}:{server_port}"]
         if self.mode == "transparent":

@@ -1,12 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /* MiMBox converter side of explicit redirection: record each client SYN's DST_OPT.
  *
- * tc ingress on the converter's interfaces (direct action, always TC_ACT_UNSPEC: it only looks, and
- * the next filter, e.g. another listener's recorder, still sees the packet).
+ * tc ingress on the converter's interfaces (direct action, always TC_ACT_UNSPEC: the next filter,
+ * e.g. another listener's recorder, still sees the packet).
  * For a TCP SYN to the listener's port that carries a DST_OPT, it stores (client address, client
- * port) -> (server address, server port) in an LRU map. The converter reads (and deletes) the entry
- * when it accept()s the connection, so a SYN it did not hold still tells it where to go, and the
- * SYN never visits user space. Layout and constants: mimbox/dstopt.py (generated dstopt.h).
+ * port) -> (server address, server port, time) in an LRU map. The converter reads (and deletes) the
+ * entry when it accept()s the connection, so a SYN it did not hold still tells it where to go, and
+ * the SYN never visits user space. The first DST_OPT wins: a SYN from a (client address, port)
+ * recorded less than DSTOPT_RECORD_TTL_NS ago that names another destination (a forged SYN trying to
+ * send its victim elsewhere) keeps the record as it is, is marked DSTOPT_REFUSE_MARK (the listener's
+ * filter/INPUT rule answers it with RST) and counted in mimbox_conflicts.
+ * Layout and constants: mimbox/dstopt.py (generated dstopt.h).
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -28,6 +32,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } mimbox_port SEC(".maps");
+
+/* [0]: SYNs refused for a conflicting DST_OPT */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} mimbox_conflicts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -83,6 +95,7 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	struct iphdr *ip;
 	struct tcphdr *tcp;
 	__u32 zero = 0, *port, off;
+	struct dstopt_record_value *old;
 	__s32 f;
 	__u8 *o;
 
@@ -114,7 +127,20 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	k.sport = tcp->source;
 	__builtin_memcpy(&v.addr, o + DSTOPT_OFF_ADDR, 4);
 	__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT, 2);
-	bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_ANY);
+	v.t_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_NOEXIST) == 0)
+		return TC_ACT_UNSPEC;
+	old = bpf_map_lookup_elem(&mimbox_syn_dst, &k);
+	if (!old)			/* taken since: record this one */
+		bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_NOEXIST);
+	else if (v.t_ns - old->t_ns > DSTOPT_RECORD_TTL_NS)
+		bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_EXIST);	/* a stale record */
+	else if (old->addr != v.addr || old->port != v.port) {
+		__u64 *n = bpf_map_lookup_elem(&mimbox_conflicts, &zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+		skb->mark = DSTOPT_REFUSE_MARK;
+	}			/* else a retransmission: the first SYN's time stays */
 	return TC_ACT_UNSPEC;
 }
 

@@ -1,14 +1,20 @@
 """RFC 8803 mode: the client names its server in a Convert message at the start of its stream.
 
-The message rides in the SYN's data (TCP Fast Open, no cookie needed on the converter's port), so
-the kernel makes the connection accept()able as the SYN arrives and its first bytes are the
-message: the converter connects to the server at the SYN, as in the paper's modes. Refusals are
+The message rides in the SYN's data (TCP Fast Open) once the client holds the kernel's TFO cookie
+for the converter: the kernel then makes the connection accept()able as the SYN arrives and its
+first bytes are the message, so the converter connects to the server at the SYN, as in the paper's
+modes. The cookie is what makes that safe: it is a MAC of the client's address that only a host
+which received one of the converter's SYN-ACKs at that address holds, so SYN data from a spoofed
+address is never accepted (the kernel acknowledges only the SYN; the data must come again after
+a handshake that a spoofer cannot complete). A client without a cookie asks for one in its first
+SYN and sends its message after the handshake: one round trip more, once per client address. Refusals are
 not RSTs here but Error TLVs at the start of the converter's stream (then the connection closes),
 so a client learns why. Wire format: mimbox.convert.
 """
 from __future__ import annotations
 
 import contextlib
+import hmac
 import socket
 
 from mimbox import convert
@@ -34,6 +40,7 @@ ERROR_OF_CAUSE = {
     Cause.SERVER_ERROR: Error.NETWORK_FAILURE,
     Cause.HANDSHAKE_TIMEOUT: Error.MALFORMED_MESSAGE,
     Cause.SHUTTING_DOWN: Error.RESOURCE_EXCEEDED,
+    Cause.CONFLICTING_DESTINATION: Error.NOT_AUTHORIZED,   # (explicit mode only)
 }
 
 
@@ -86,15 +93,18 @@ def check_cookie(msg: Message, required: bytes | None) -> None:
         return
     if msg.cookie is None:
         raise ConvertError(Error.MISSING_COOKIE, "no Cookie TLV")
-    if msg.cookie.rstrip(b"\0") != required.rstrip(b"\0"):
+    if not hmac.compare_digest(msg.cookie.rstrip(b"\0"), required.rstrip(b"\0")):    # constant time
         raise ConvertError(Error.NOT_AUTHORIZED, "wrong cookie")
 
 
-def prepare_listener(ls: socket.socket, backlog: int) -> None:
-    """Accept SYN data without a TFO cookie on this listener only (the server side of TFO must
-    also be on in the namespace: see fastopen_server())."""
+def prepare_listener(ls: socket.socket, backlog: int, require_cookie: bool = True) -> None:
+    """Accept SYN data on this listener from clients holding the kernel's TFO cookie (the server
+    side of TFO must also be on in the namespace: see fastopen_server()). require_cookie=False takes
+    SYN data from anyone (experiments on the kernel alone, never the converter: a spoofed SYN's
+    data would be read before its sender proved its address)."""
     ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, backlog)
-    ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+    if not require_cookie:
+        ls.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
 
 
 @contextlib.contextmanager
@@ -118,8 +128,9 @@ def fastopen_server():
 
 def probe() -> str:
     """Try convert mode's transport here (run inside a throwaway namespace by `mimbox doctor`): an
-    MPTCP listener taking SYN data without a cookie, a client sending its first bytes in the SYN.
-    Returns what happened; raises RuntimeError if the data did not ride in the SYN."""
+    MPTCP listener taking SYN data from a client holding its TFO cookie (got on a first connection),
+    a client sending its first bytes in the SYN. Returns what happened; raises RuntimeError if the
+    data did not ride in the SYN."""
     import subprocess
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
@@ -131,12 +142,14 @@ def probe() -> str:
         prepare_listener(ls, 8)
         ls.bind(("127.0.0.1", 0))
         ls.listen(8)
-        before = passive()
-        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-        c.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
-        c.sendto(b"probe", 0x20000000, ls.getsockname())       # MSG_FASTOPEN
-        s, _ = ls.accept()
-        got = s.recv(16)
+        for attempt in ("cookie", "probe"):      # the first connection gets the cookie
+            before = passive()
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+            c.sendto(attempt.encode(), 0x20000000, ls.getsockname())       # MSG_FASTOPEN
+            s, _ = ls.accept()
+            got = s.recv(16)
+            s.close()
+            c.close()
         if got != b"probe" or passive() - before != 1:
             raise RuntimeError(f"SYN data not accepted as such (got {got!r})")
-    return "MPTCP listener took SYN data without a TFO cookie"
+    return "MPTCP listener took SYN data from a client with its TFO cookie"

@@ -1,6 +1,9 @@
 """Send raw bytes as a TCP Fast Open SYN's data to a converter and report what comes back.
 
-    python convert_probe.py HOST PORT HEX [--mptcp] [--read-after-reply N]
+    python convert_probe.py HOST PORT HEX [--mptcp] [--read-after-reply N] [--no-cookie]
+
+The SYN carries the bytes only once this namespace holds the converter's TFO cookie (the first
+connection to an address asks for it and sends its bytes after the handshake).
 
 Prints one JSON line: the reply's bytes (hex, the first Convert message as the converter sent it),
 its parsed error code (or null), what followed it (hex, up to N bytes) and how the stream ended."""
@@ -18,11 +21,19 @@ ap.add_argument("port", type=int)
 ap.add_argument("hex")
 ap.add_argument("--mptcp", action="store_true")
 ap.add_argument("--read-after-reply", type=int, default=0)
+ap.add_argument("--no-cookie", action="store_true", help="put the data in the SYN without the converter's TFO cookie")
 a = ap.parse_args()
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262 if a.mptcp else 0)
-s.setsockopt(socket.IPPROTO_TCP, 34, 1)        # TCP_FASTOPEN_NO_COOKIE
+if a.no_cookie:
+    s.setsockopt(socket.IPPROTO_TCP, 34, 1)    # TCP_FASTOPEN_NO_COOKIE: data in the SYN without a cookie
+# blocking: without the cookie the kernel completes the handshake, then sends the bytes
+try:
+    out = {"sent_in_syn": s.sendto(bytes.fromhex(a.hex), 0x20000000, (a.host, a.port))}
+except OSError as e:
+    print(json.dumps({"sent_in_syn": 0, "reply": "", "error": None, "supported": None, "after": "",
+                      "end": f"connect: {e.strerror}"}), flush=True)
+    sys.exit(0)
 s.settimeout(5)
-out = {"sent_in_syn": s.sendto(bytes.fromhex(a.hex), 0x20000000, (a.host, a.port))}
 buf, end = b"", "open"
 try:
     while True:

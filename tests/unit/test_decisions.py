@@ -5,8 +5,9 @@ import logging
 
 import pytest
 
+from mimbox.config import Config, SafetyConfig
 from mimbox.netfilter import ListenerRules, worker_of_port, worker_port_ranges
-from mimbox.safety import Policy
+from mimbox.safety import Policy, destination_rules, parse_destination
 from mimbox.synpath import (
     Admission,
     Cause,
@@ -82,9 +83,10 @@ def test_causes_are_keys_without_addresses():
         assert not any(ch.isdigit() for ch in c.value), c
 
 
-def policy(allow=("10.0.1.0/24",), deny=("0.0.0.0/8", "127.0.0.0/8"), own=("10.0.1.2",)) -> Policy:
-    return Policy(allow_clients=[ipaddress.IPv4Network(n) for n in allow],
-                  deny=[ipaddress.IPv4Network(n) for n in deny], own={ipaddress.IPv4Address(a) for a in own})
+def policy(allow=("10.0.1.0/24",), allow_dst=("10.0.101.0/24",), deny_dst=(), own=("10.0.1.2",)) -> Policy:
+    cfg = SafetyConfig(allow_clients=allow, allow_dst=allow_dst, deny_dst=deny_dst)
+    return Policy(allow_clients=[ipaddress.IPv4Network(n) for n in allow], rules=destination_rules(cfg),
+                  own={ipaddress.IPv4Address(a) for a in own})
 
 
 @pytest.mark.parametrize("client,dst,port,cause", [
@@ -93,12 +95,44 @@ def policy(allow=("10.0.1.0/24",), deny=("0.0.0.0/8", "127.0.0.0/8"), own=("10.0
     ("10.0.1.5", "10.0.1.2", 80, Cause.DESTINATION_DENIED),
     ("10.0.1.5", "127.0.0.1", 22, Cause.DESTINATION_DENIED),
     ("10.0.1.5", "10.0.101.1", 0, Cause.DESTINATION_DENIED),
+    ("10.0.1.5", "10.0.102.1", 80, Cause.DESTINATION_DENIED),       # private, not allowed
+    ("10.0.1.5", "192.168.1.1", 443, Cause.DESTINATION_DENIED),
+    ("10.0.1.5", "100.64.0.1", 443, Cause.DESTINATION_DENIED),       # CGNAT
+    ("10.0.1.5", "198.18.0.1", 443, Cause.DESTINATION_DENIED),       # benchmarking
+    ("10.0.1.5", "8.8.8.8", 443, None),                              # public unicast
+    ("10.0.1.5", "8.8.8.8", 25, Cause.DESTINATION_DENIED),           # SMTP
 ])
-def test_policy(client, dst, port, cause):
+def test_default_policy(client, dst, port, cause):
     r = policy().refusal(client, dst, port)
     assert (r[0] if r else None) is cause
     if r:
         assert client in r[1] or dst in r[1] or "port 0" in r[1]     # the addresses go to the detail
+
+
+def test_destination_rules_with_ports_first_match_wins():
+    p = policy(allow_dst=("192.168.1.0/24:80,443,8000-8080", "0.0.0.0/0:25"), deny_dst=("192.168.1.7:443",))
+    allowed = lambda d, port: p.refusal("10.0.1.5", d, port) is None   # noqa: E731
+    assert allowed("192.168.1.1", 80) and allowed("192.168.1.1", 8080) and allowed("192.168.1.1", 8000)
+    assert not allowed("192.168.1.1", 22) and not allowed("192.168.1.1", 8081)
+    assert not allowed("192.168.1.7", 443) and allowed("192.168.1.7", 80)   # a deny comes before an allow
+    assert allowed("8.8.8.8", 25)                                           # opened explicitly
+    assert not allowed("127.0.0.1", 80) and not allowed("224.0.0.1", 80)    # never, whatever is allowed
+    assert not policy(allow_dst=("0.0.0.0/0",)).refusal("10.0.1.5", "169.254.1.1", 80) is None
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:80-70", "10.0.0.0/8:http", "::1"])
+def test_bad_destination_rules_are_clear_errors(text):
+    with pytest.raises(ValueError, match="10.0.0.0|::1"):
+        parse_destination(text, True)
+    with pytest.raises(ValueError):
+        Config(safety=SafetyConfig(allow_dst=(text,))).validate()
+
+
+def test_own_addresses_are_refreshed():
+    p = policy()
+    assert p.refusal("10.0.1.5", "10.0.101.9", 80) is None
+    assert p.set_own(["10.0.1.2", "10.0.101.9"]) and not p.set_own(["10.0.101.9", "10.0.1.2"])
+    assert p.refusal("10.0.1.5", "10.0.101.9", 80)[0] is Cause.DESTINATION_DENIED
 
 
 def test_worker_of_port_splits_evenly_and_matches_the_rules():
