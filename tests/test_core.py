@@ -3,6 +3,7 @@ the decisions it shares with a Python spec (DST_OPT parsing, policy) checked to 
 and what a relayed connection does (bytes, half-close, refusal, limit, idle timeout). No root."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import random
@@ -442,3 +443,42 @@ def test_busy_poll_keeps_the_callers_timeout():
         c.close()
         a.close()
         b.close()
+
+
+def test_out_of_fds_pauses_accepting_instead_of_spinning():
+    """accept() fails with EMFILE (the process's fd limit): the listener, level-triggered, would report
+    the same waiting client at once forever (a full core). The core takes its listeners out of the
+    epoll set for a moment instead: the process stays near idle, and once fds are free again the
+    waiting client is served."""
+    import resource
+    up = socket.socket()
+    up.bind(("127.0.0.1", 0))
+    up.listen(8)                                  # the server: its backlog completes connections
+    r = Running(up.getsockname()[1])
+    c = socket.socket()                           # made before the limit: connect() needs no new fd
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        spare = os.dup(0)
+        os.close(spare)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spare, hard))    # no fd left to accept() into
+        c.connect(("127.0.0.1", r.port))
+        deadline = time.monotonic() + 5
+        while not r.core.stats().accept_pauses and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        time.sleep(1.0)                           # a window: what the loop does while fds are out
+        busy = (time.process_time() - cpu0) / (time.monotonic() - t0)
+        st = r.core.stats()
+        assert st.accept_pauses >= 1 and st.accept_errors[errno.EMFILE] >= 1
+        assert busy < 0.2, f"the loop used {busy:.0%} of a core while out of fds"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        deadline = time.monotonic() + 5
+        while r.core.active() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.core.active() == 1, "the waiting client was not served once fds were free"
+    finally:
+        c.close()
+        r.close()
+        up.close()

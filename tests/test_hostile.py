@@ -128,3 +128,191 @@ def test_spoofed_syn_data_reaches_no_server(paper_tb, conv):
     assert first["error"] is None and bytes.fromhex(first["after"]) == b"OK", first
     assert second["error"] is None and bytes.fromhex(second["after"]) == b"OK", second
     assert real["connections"] == 2 and real["data"].count("GET /admin") == 2, real
+
+
+CROWD = r"""
+import resource, socket, sys, time
+n, src, dst, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 256), hard))
+socks = []
+for _ in range(n):                       # as fast as it can: non-blocking connects, no byte ever sent
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.bind((src, 0))
+    try:
+        s.connect((dst, port))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+print("opened", len(socks), flush=True)
+sys.stdin.readline()
+for s in socks:
+    s.close()
+print("closed", flush=True)
+"""
+
+REQUESTS = r"""
+import json, socket, sys, time
+via, port, msg, seconds = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4])
+want = int(sys.argv[5])
+done = failed = 0
+t0 = time.monotonic()
+while time.monotonic() - t0 < seconds:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    try:
+        s.sendto(msg, 0x20000000, (via, port))     # TFO: the Convert message and the request in the SYN
+        s.settimeout(5)
+        buf = b""
+        while len(buf) < want:
+            d = s.recv(4096)
+            if not d:
+                break
+            buf += d
+        ok = buf.endswith(b"OK") and len(buf) == want
+    except OSError:
+        ok = False
+    s.close()
+    done += ok
+    failed += not ok
+print(json.dumps({"rate": done / (time.monotonic() - t0), "done": done, "failed": failed}), flush=True)
+"""
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
+    """5,000 connections that never send their Convert message, opened as fast as the client can from
+    the client's second address: at most --pending-per-prefix (64) of them hold an fd (the others
+    are told Resource Exceeded), a real client on the first path is served at >= 0.8x its rate
+    without them, every request complete; the converter's CPU is back under 5 % of a core within
+    2 s of the crowd going idle; when the crowd closes the converter's fds return to where they were."""
+    from test_reliability import converter_fds, converter_pids
+    msg = convert.connect_message(paper_tb.server_ip, SINK_PORT) + b"ping"
+    want = len(convert.success_reply()) + 2
+    crowd_src, crowd_dst = paper_tb.client_ips[1], paper_tb.topo.client_addrs[1].mbox_ip
+    sink = Sink(paper_tb)
+
+    def requests(seconds: float) -> dict:
+        p = paper_tb.client.popen([PY, "-c", REQUESTS, paper_tb.mbox_client_ip, str(conv.port), msg.hex(),
+                                   str(seconds), str(want)], stdout=subprocess.PIPE, text=True)
+        out, _ = p.communicate(timeout=seconds + 30)
+        return json.loads(out.strip().splitlines()[-1])
+    crowd = None
+    try:
+        requests(0.5)                           # the TFO cookie, and a warm converter
+        pids = converter_pids(conv)
+        fds0 = converter_fds(conv) - conv.stats()["spares"]
+        alone = requests(2.0)
+        crowd = paper_tb.client.popen([PY, "-c", CROWD, "5000", crowd_src, crowd_dst, str(conv.port)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        during = requests(2.0)                  # while the crowd opens
+        assert readline(crowd, timeout=60).split() == ["opened", "5000"]
+        wait_for(lambda: conv.stats()["refused"].get("pending limit", 0) >= 5000 - 64 - 16, 30,
+                 "the crowd's connections beyond the cap refused")
+        held = conv.stats()
+        fds_held = converter_fds(conv) - held["spares"]
+        with_crowd = requests(2.0)
+        # idle again: CPU over successive 0.5 s windows falls under 5 % of a core within 2 s
+        hz, t0, idle = os.sysconf("SC_CLK_TCK"), time.monotonic(), None
+        while time.monotonic() - t0 < 2.5 and idle is None:
+            a = cpu_ticks(pids)
+            time.sleep(0.5)
+            share = (cpu_ticks(pids) - a) / hz / 0.5
+            if share < 0.05:
+                idle = time.monotonic() - t0
+        crowd.stdin.write("close\n")
+        crowd.stdin.flush()
+        assert readline(crowd).strip() == "closed"
+        wait_for(lambda: converter_fds(conv) - conv.stats()["spares"] <= fds0, 20, "fds back to the baseline")
+        after = conv.stats()
+    finally:
+        if crowd is not None and crowd.poll() is None:
+            crowd.kill()
+            crowd.communicate()
+        sink.kill()
+    assert held["greetings"] <= 64, held["greetings"]
+    assert fds_held - fds0 <= 64 + 4, (fds0, fds_held)
+    assert alone["failed"] == during["failed"] == with_crowd["failed"] == 0, (alone, during, with_crowd)
+    assert with_crowd["rate"] >= 0.8 * alone["rate"], (alone, with_crowd)
+    assert idle is not None and idle <= 2.0, "converter still busy 2 s after the crowd went idle"
+    assert after["greetings"] == 0 and after["admitted"] == 0, after
+
+
+def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
+    """Nothing but the defaults: a private destination (the testbed's server network) is Not
+    Authorized and counted; --allow-destination for its /24 and port opens exactly that."""
+    from mimbox.convert import Error
+    closed = MiMBox(mode="convert", workers=1, extra=["--allow-destination", "192.0.2.0/24"])
+    opened = MiMBox(mode="convert", workers=1, extra=["--allow-destination", f"10.0.101.0/24:{SINK_PORT}"])
+    sink = Sink(paper_tb)
+    try:
+        closed.start(paper_tb, SINK_PORT)
+        opened.start(paper_tb, SINK_PORT)
+        msg = convert.connect_message(paper_tb.server_ip, SINK_PORT) + b"hello"
+        refused = probe(paper_tb, closed.port, msg)
+        other_port = probe(paper_tb, opened.port, convert.connect_message(paper_tb.server_ip, SINK_PORT + 1))
+        served = probe(paper_tb, opened.port, msg, "--read-after-reply 2")
+        counted = closed.stats()["refused"]
+    finally:
+        sink.kill()
+        closed.stop()
+        opened.stop()
+    assert refused["error"] == Error.NOT_AUTHORIZED, refused
+    assert counted.get("destination denied") == 1, counted
+    assert other_port["error"] == Error.NOT_AUTHORIZED, other_port
+    assert served["error"] is None and bytes.fromhex(served["after"]) == b"OK", served
+
+
+def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, conv):
+    """The converter never relays to itself, also to an address it got after it started (netlink)."""
+    from mimbox.convert import Error
+    msg = convert.connect_message("10.9.9.9", SINK_PORT)
+    before = probe(paper_tb, conv.port, msg)
+    assert before["error"] == Error.DESTINATION_UNREACHABLE, before     # no route: not a policy refusal
+    paper_tb.mbox.cmd("ip addr add 10.9.9.9/32 dev lo")
+    try:
+        t0 = time.monotonic()
+        r = before
+        while r["error"] != Error.NOT_AUTHORIZED and time.monotonic() - t0 < 3:
+            r = probe(paper_tb, conv.port, msg)
+        took = time.monotonic() - t0
+    finally:
+        paper_tb.mbox.cmd("ip addr del 10.9.9.9/32 dev lo")
+    assert r["error"] == Error.NOT_AUTHORIZED and took < 1.0, (r, took)
+
+
+def test_first_dstopt_wins(paper_tb):
+    """Explicit mode, SYNs answered by the kernel (the BPF recorder reads their DST_OPT): a forged SYN
+    from the victim's (address, port) naming another server, sent between the victim's SYN and its
+    handshake's end, gets an RST and is counted; the victim still reaches the server it asked for."""
+    m = MiMBox(mode="explicit", workers=1, syn_path="accept")
+    first, forged = Sink(paper_tb, SINK_PORT), Sink(paper_tb, SINK_PORT + 1)
+    sport = 45678
+    drop_rst = f"OUTPUT -p tcp --sport {sport} --tcp-flags RST RST -j DROP"
+    paper_tb.client.cmd(f"iptables -I {drop_rst}")
+    try:
+        m.start(paper_tb, SINK_PORT)
+        out = paper_tb.client.cmd(f"{PY} {TOOLS}/forge_dstopt.py {paper_tb.client_ips[0]} {paper_tb.mbox_client_ip} "
+                                  f"{m.port} {paper_tb.server_ip}:{SINK_PORT} {paper_tb.server_ip}:{SINK_PORT + 1} "
+                                  f"{sport}")
+        r = json.loads(out.strip().splitlines()[-1])
+        wait_for(lambda: m.stats()["accepted"] == 1, 5, "the victim's connection accepted")
+        refused = m.stats()["refused"]
+        to_first, to_forged = first.report(), forged.report()
+    finally:
+        paper_tb.client.cmd(f"iptables -D {drop_rst}")
+        first.kill()
+        forged.kill()
+        m.stop()
+    assert r["victim"] == "SA" and r["forged"] is not None and "R" in r["forged"], r
+    assert refused.get("conflicting destination") == 1, refused
+    assert to_first["connections"] == 1 and to_forged["connections"] == 0, (to_first, to_forged)

@@ -132,6 +132,10 @@ HOST_SYSCTLS = {
     "net.mptcp.enabled": "1",
     "net.ipv4.tcp_tw_reuse": "1",                 # connection-per-request load (wrk, Connection: close)
     "net.ipv4.ip_local_port_range": "1024 65000",
+    # never an ephemeral port: what listeners in tests and experiments use (ports named in tests are
+    # 5000-9999; experiments.systems.ALLOCATE hands out 17000 on), else a busy run's outgoing
+    # connections can take a port a converter is about to listen on (EADDRINUSE)
+    "net.ipv4.ip_local_reserved_ports": "5000-9999,17000-17999",
     "net.ipv4.conf.all.rp_filter": "0",           # multipath: replies may come back on another interface
     "net.ipv4.conf.default.rp_filter": "0",
 }
