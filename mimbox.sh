@@ -27,6 +27,12 @@ if ((${#missing[@]})); then
   pkill -x nginx 2>/dev/null || true; pkill -x squid 2>/dev/null || true; pkill -x haproxy 2>/dev/null || true
 fi
 
+# The converter's workers drop to this system user after set-up (mimbox run --user, mimbox.privileges).
+if ! id -u mimbox >/dev/null 2>&1; then
+  echo "mimbox.sh: creating the system user mimbox (the converter's workers run as it)" >&2
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mimbox
+fi
+
 # The venv uses Debian's python3 with --system-site-packages so that Debian's mininet is importable.
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then

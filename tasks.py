@@ -26,6 +26,11 @@ def build(c, force=False):
     c.run("gcc -O2 -shared -fPIC -Wall -o build/libconvertize.so native/convertize.c -ldl")
     c.run(f"{PY} -m mimbox.core --header > build/relaycore.h")
     c.run("gcc -O2 -shared -fPIC -Wall -I build/bpf -I build -o build/librelaycore.so native/relaycore.c -lnetfilter_queue")
+    # libFuzzer + ASan/UBSan harnesses of the SYN parser and handler (tests/test_fuzz.py runs them)
+    c.run("mkdir -p build/fuzz")
+    for target in ("parser", "handler"):
+        c.run(f"clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I build -I build/bpf "
+              f"-D FUZZ_{target.upper()} tests/fuzz/fuzz_core.c -o build/fuzz/{target}")
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 
 

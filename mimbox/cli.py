@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "core this process may use (taskset/cpuset respected)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let connections finish")
     g.add_argument("--log-level", default=Config.log_level, choices=("debug", "info", "warning", "error"))
+    g.add_argument("--access-log", default="off", metavar="off|on|N", type=_access_log,
+                   help="one log line (logger mimbox.access) per finished connection: client, server, bytes each "
+                        "way, duration, how it ended; N: one connection in N; at most 100 lines a second "
+                        "(default off)")
+    g.add_argument("--user", default=Config.user, metavar="NAME",
+                   help=f"after set-up every worker runs as this user with only the capabilities it still needs, "
+                        f"no new privileges and a seccomp filter (default {Config.user}, a system user "
+                        "./mimbox.sh creates); root: keep every privilege")
 
     c = sub.add_parser("client", help="run a program with its connections redirected through a converter",
                        description="Run COMMAND unchanged; its TCP connections go to the converter with the real "
@@ -176,8 +184,25 @@ def config_from_args(a: argparse.Namespace) -> Config:
                             connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout,
                             handshake_timeout=a.handshake_timeout,
                             server_mptcp_retry=a.server_mptcp_retry),
-        stats_path=a.stats or default_stats_path(port), log_level=a.log_level,
+        stats_path=a.stats or default_stats_path(port), log_level=a.log_level, user=a.user,
+        access_log_every=a.access_log,
     ).validate()
+
+
+def _access_log(text: str) -> int:
+    """--access-log off|on|N -> one line per N connections (0: off)."""
+    t = text.strip().lower()
+    if t in ("off", "0", "no"):
+        return 0
+    if t in ("on", "1", "yes", "all"):
+        return 1
+    try:
+        n = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: off, on, or N (one connection in N)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: N must be >= 1")
+    return n
 
 
 def _cookie(a) -> bytes | None:
@@ -199,6 +224,9 @@ def _cookie(a) -> bytes | None:
 def cmd_run(a) -> int:
     from mimbox.workers import default_workers
     cfg = config_from_args(a)
+    if cfg.user != "root":
+        from mimbox.privileges import user_ids
+        user_ids(cfg.user)            # a clear error now, not a worker failing later
     workers = a.workers or default_workers()
     if not 1 <= workers <= 256:
         raise ValueError(f"--workers must be between 1 and 256, not {workers}")
@@ -222,7 +250,7 @@ def _serve(cfg: Config, workers: int, a) -> int:
     def ready():
         print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port} ({workers} worker{'s' * (workers > 1)})",
               flush=True)
-    if workers > 1:
+    if workers > 1 or cfg.user != "root":     # workers that drop privileges: a supervisor keeps the rules
         return Supervisor(cfg, workers, drain_timeout=a.drain_timeout).run(on_ready=ready)
     with Relay(cfg) as relay:
         ready()

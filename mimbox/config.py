@@ -86,6 +86,8 @@ class Config:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     stats_path: str | None = None         # unix socket for `mimbox stats`
     log_level: str = "info"
+    access_log_every: int = 0             # one access-log line per N finished connections (0: off, 1: every one)
+    user: str = "mimbox"                  # workers run as this user after set-up (mimbox.privileges); root: stay
 
     def validate(self) -> "Config":
         """Raise ValueError with a clear message for an inconsistent configuration."""
@@ -100,6 +102,8 @@ class Config:
             raise ValueError(f"engine must be one of {ENGINES}")
         if lc.syn_path not in SYN_PATHS:
             raise ValueError(f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}")
+        if self.access_log_every < 0:
+            raise ValueError("--access-log: off, on, or N (one connection in N) with N >= 1")
         from mimbox.core import SPARE_MAX
         if not 0 <= lc.spare_sockets <= SPARE_MAX:
             raise ValueError(f"--spare-sockets must be 0..{SPARE_MAX}")

@@ -33,7 +33,7 @@ from mimbox.synpath import Cause
 ENGINES = {"copy": 0, "splice": 1, "auto": 2}
 SYN_PATHS = {"hold": 0, "accept": 1, "auto": 2}
 DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_EXPLICIT = range(4)
-EV_FD, EV_ACCEPTED, EV_REFUSED, EV_GIVEBACK, EV_ABORTED = range(1, 6)
+EV_FD, EV_ACCEPTED, EV_REFUSED, EV_GIVEBACK, EV_ABORTED, EV_CLOSED = range(1, 7)
 SYN_HOLD, SYN_DEFER, SYN_REFUSE = range(3)
 CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
 # why a SYN's DST_OPT was refused (mimbox.dstopt.parse_options's messages; {arg} from the event)
@@ -69,7 +69,8 @@ class CoreConfig(ctypes.Structure):
                 ("admission_limit", ctypes.c_int64), ("held_slots", ctypes.c_void_p), ("held_mask", ctypes.c_uint64),
                 ("syn_path", ctypes.c_int32), ("pending_limit", ctypes.c_int32), ("pending_per_prefix", ctypes.c_int32),
                 ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double),
-                ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32)]
+                ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32),
+                ("access_log_every", ctypes.c_int32), ("_pad3", ctypes.c_int32)]
 
 
 class Event(ctypes.Structure):
@@ -77,7 +78,8 @@ class Event(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("fd", ctypes.c_int32), ("events", ctypes.c_uint32),
                 ("err", ctypes.c_int32), ("caddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
                 ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("cause", ctypes.c_int32),
-                ("detail", ctypes.c_int32), ("arg", ctypes.c_int32), ("after_accept", ctypes.c_int32)]
+                ("detail", ctypes.c_int32), ("arg", ctypes.c_int32), ("after_accept", ctypes.c_int32),
+                ("bytes_up", ctypes.c_uint64), ("bytes_down", ctypes.c_uint64), ("duration", ctypes.c_double)]
 
 
 class CoreStats(ctypes.Structure):
@@ -93,7 +95,7 @@ class CoreStats(ctypes.Structure):
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares", "accept_pauses",
-                                       "refused_after_accept")]
+                                       "refused_after_accept", "access_log_dropped")]
 
 
 class ConnInfo(ctypes.Structure):
@@ -127,7 +129,8 @@ def c_header() -> str:
     lines += [f"#define DST_{n} {v}" for n, v in (("PYTHON", DST_PYTHON), ("STATIC", DST_STATIC),
                                                    ("TRANSPARENT", DST_TRANSPARENT), ("EXPLICIT", DST_EXPLICIT))]
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
-                                                  ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED))]
+                                                  ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED),
+                                                  ("CLOSED", EV_CLOSED))]
     lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 

@@ -46,6 +46,7 @@ from mimbox.core import (
     EV_ACCEPTED,
     EV_FD,
     EV_GIVEBACK,
+    EV_CLOSED,
     EV_REFUSED,
     PIPE_POOL,
     SYN_PATHS,
@@ -60,7 +61,7 @@ from mimbox.netfilter import ListenerRules
 from mimbox.redirect import convert as converting
 from mimbox.safety import AddressWatch, Policy
 from mimbox.stats import Answers, Stats, open_endpoint
-from mimbox.synpath import Admission, Cause, HeldSet, RefusalLog
+from mimbox.synpath import AccessLog, Admission, Cause, HeldSet, RefusalLog
 from mimbox.synrecord import SynRecorder
 from mimbox.timers import PREFIX_WAIT, Timeouts, due
 
@@ -161,7 +162,7 @@ class Relay:
 
     def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
                  links: dict[int, socket.socket] | None = None, admission: Admission | None = None,
-                 plan: SynPlan | None = None, held: HeldSet | None = None):
+                 plan: SynPlan | None = None, held: HeldSet | None = None, keeper_later: bool = False):
         """plan: the supervisor's (it owns rules and recorder); None: this relay plans and owns them.
         held: the workers' shared set of held SYNs (None: hand over every connection another worker
         owns by its source port)."""
@@ -175,11 +176,13 @@ class Relay:
         self.stats = Stats()
         self.timeouts = Timeouts.of(cfg.safety)
         self.refusals = RefusalLog(log)
+        self.access = AccessLog(logging.getLogger("mimbox.access"))
         self.plan = plan              # made in open() when this relay owns it
         self.owns_plan = plan is None
         self.queue_syns = True
         self.recorder: SynRecorder | None = None
         self.held = held
+        self.keeper_later = keeper_later  # True: the caller starts the keeper (after dropping privileges)
         self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
         self.core: Core | None = None    # made in open(): it needs the plan's recorder
         self.stopping = False
@@ -211,7 +214,8 @@ class Relay:
             held_mask=self.held.mask if self.held is not None else 0,
             syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
             pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
-            handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us)
+            handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
+            access_log_every=self.cfg.access_log_every)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -262,7 +266,8 @@ class Relay:
             self._refresh_own()          # an address added since the policy was made
             if self.rules is not None:
                 self.rules.install()
-            self.core.keep()
+            if not self.keeper_later:
+                self.keep()
         except BaseException:
             self.close()
             raise
@@ -271,6 +276,10 @@ class Relay:
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         return self
+
+    def keep(self) -> None:
+        """Start the keeper (a crash resets this worker's connections: mimbox.core.Core.keep)."""
+        self.core.keep()
 
     def close(self) -> None:
         """Remove the rules, reset what is still open, release every fd (idempotent)."""
@@ -288,6 +297,7 @@ class Relay:
         for g in list(self.greetings.values()):
             self._drop_greeting(g)
         self.refusals.flush()
+        self.access.flush()
         self._close_health()
         self.answers.close()
         if self.address_watch is not None:
@@ -402,6 +412,9 @@ class Relay:
             self._greet(cs, addr, time.monotonic())
             return
         dst = addr_of(ev.daddr, ev.dport)
+        if kind == EV_CLOSED:              # --access-log
+            self.access.ended(addr, dst, ev.bytes_up, ev.bytes_down, ev.duration, ev.err)
+            return
         if kind == EV_REFUSED:             # counted by the core; the log line is written here
             cause = CAUSES[ev.cause]
             self.refusals.refused(cause, "%s:%d -> %s (%s)" % (*addr, "%s:%d" % dst if ev.daddr else "?",
@@ -567,6 +580,8 @@ class Relay:
         self.answers.expire(now)
         if self.refusals.suppressed and now - self.refusals.window_start >= self.refusals.interval:
             self.refusals.flush()
+        if self.access.suppressed and now - self.access.window_start >= self.access.interval:
+            self.access.flush()
 
     def snapshot(self, connections: bool = True) -> dict:
         """The relay's counters and the core's, as one (`mimbox stats`)."""
@@ -576,7 +591,8 @@ class Relay:
                  "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
                  "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers,
-                 "greetings": self.core.greetings(), "accept_pauses": cs.accept_pauses}
+                 "greetings": self.core.greetings(), "accept_pauses": cs.accept_pauses,
+                 "log_lines_access": self.access.lines, "access_log_dropped": cs.access_log_dropped}
         if connections:
             now = time.monotonic()
             extra["connections"] = [

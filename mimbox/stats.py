@@ -48,7 +48,7 @@ class Stats:
 
 
 SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused", "greetings",
-          "accept_pauses")
+          "accept_pauses", "log_lines_access", "access_log_dropped")
 
 
 def merge(snapshots: list[dict], **extra) -> dict:

@@ -88,6 +88,52 @@ class RefusalLog:
             self.suppressed.clear()
 
 
+class AccessLog:
+    """One line per finished connection (`--access-log`): client, server, bytes each way, duration
+    and how it ended, at most `burst` lines per `interval` seconds; past that one line per interval
+    says how many were not written (the counters in `mimbox stats` stay exact)."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 100, interval: float = 1.0, clock=time.monotonic):
+        self.log, self.burst, self.interval, self.clock = logger, burst, interval, clock
+        self.window_start = -float("inf")
+        self.in_window = 0
+        self.suppressed = 0
+        self.lines = 0
+
+    def ended(self, client: tuple[str, int], server: tuple[str, int], up: int, down: int, seconds: float,
+              err: int) -> None:
+        now = self.clock()
+        if now - self.window_start >= self.interval:
+            self.flush()
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.suppressed += 1
+            return
+        self.in_window += 1
+        self.lines += 1
+        self.log.info("%s:%d -> %s:%d up %d down %d duration %.3fs end %s", *client, *server, up, down, seconds,
+                      end_cause(err))
+
+    def flush(self) -> None:
+        if self.suppressed:
+            self.lines += 1
+            self.log.info("%d more connections ended in %gs (not logged)", self.suppressed, self.interval)
+            self.suppressed = 0
+
+
+def end_cause(err: int) -> str:
+    """How a connection ended, for the access log (0: both sides finished their streams)."""
+    import errno
+    import os
+    if not err:
+        return "complete"
+    if err == errno.ETIME:
+        return "idle-timeout"
+    if err == errno.ESHUTDOWN:
+        return "converter-stopped"
+    return "reset (" + errno.errorcode.get(err, str(err)) + ": " + os.strerror(err) + ")"
+
+
 class Admission:
     """The connection limit. Workers share one counter in shared memory, updated by the core's atomic
     operations (mimbox.core: core_admit/core_unadmit), so the limit holds for the converter as a

@@ -51,6 +51,17 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     return r
 
 
+class _TestRunAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("data_size_in", ctypes.c_uint32),
+                ("data_size_out", ctypes.c_uint32), ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+BPF_PROG_TEST_RUN = 10
+
+
 class BpfMap:
     """A pinned BPF map, opened by path; keys and values are bytes of the map's sizes."""
 
@@ -149,6 +160,20 @@ class SynRecorder:
             self.remove()
             raise
         return self
+
+    def run_on(self, frame: bytes) -> int:
+        """Run the loaded program on one Ethernet frame (BPF_PROG_TEST_RUN: nothing is attached or
+        sent); its return code. For tests that compare it with the converter's own parser."""
+        fd = _bpf(BPF_OBJ_GET, _ObjAttr(ctypes.addressof(p := ctypes.create_string_buffer(
+            str(self.pins / "prog").encode())), 0, 0))
+        try:
+            data = ctypes.create_string_buffer(frame, len(frame))
+            attr = _TestRunAttr(prog_fd=fd, data_size_in=len(frame), data_in=ctypes.addressof(data), repeat=1)
+            _bpf(BPF_PROG_TEST_RUN, attr)
+            return attr.retval
+        finally:
+            del p
+            os.close(fd)
 
     def pop(self, client: tuple[str, int]) -> tuple[str, int] | None:
         """The destination client's SYN asked for (once), or None if none was recorded."""

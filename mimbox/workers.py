@@ -46,6 +46,16 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def describe_exit(status: int) -> str:
+    """A worker's exit status in words (os.waitstatus_to_exitcode: negative = killed by that signal)."""
+    if status >= 0:
+        return f"status {status}"
+    sig = signal.Signals(-status)
+    if sig == signal.SIGSYS:
+        return "killed by SIGSYS: a system call its seccomp filter forbids (mimbox.privileges.KILL)"
+    return f"killed by {sig.name}"
+
+
 class Supervisor:
     """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
 
@@ -103,8 +113,13 @@ class Supervisor:
         try:
             cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
                                       if self.cfg.stats_path else None)
+            drop = self.cfg.user != "root"
             with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission,
-                       plan=self.plan, held=self.held) as relay:
+                       plan=self.plan, held=self.held, keeper_later=drop) as relay:
+                if drop:          # set-up done: the service user, the capabilities left, seccomp
+                    from mimbox import privileges
+                    privileges.drop(self.cfg.user, privileges.needed_capabilities(self.plan.queue))
+                    relay.keep()  # the keeper inherits all of it
                 os.write(ready_w, b"r")
                 os.close(ready_w)
                 relay.serve(drain_timeout=self.drain_timeout)
@@ -195,7 +210,7 @@ class Supervisor:
                 if select.select(socks, [], [], 0.5)[0]:
                     self._serve_stats()
                 for w, status in self._reap():
-                    log.error("worker %d exited (status %d): stopping the converter", w, status)
+                    log.error("worker %d exited (%s): stopping the converter", w, describe_exit(status))
                     code = 1
                     self.stopping = True
             log.info("stopping: no new connections, %d workers draining", len(self.children))
@@ -209,8 +224,11 @@ class Supervisor:
                 self.plan.close()
             if self.stats_sock is not None:
                 self.stats_sock.close()
-                try:
-                    os.unlink(self.cfg.stats_path)
-                except OSError:
-                    pass
+            if self.cfg.stats_path:       # the workers' endpoints too: they may no longer remove them
+                for path in [self.cfg.stats_path, *(worker_stats_path(self.cfg.stats_path, w)
+                                                    for w in range(self.workers))]:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
         return code

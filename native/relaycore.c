@@ -77,6 +77,8 @@ struct core_config {
 	double handshake_timeout;
 	int32_t spare_sockets;		/* server sockets made ahead, per kind (TCP, MPTCP); 0: none */
 	int32_t busy_poll_us;		/* poll without sleeping this long after the last event; 0: never */
+	int32_t access_log_every;	/* EV_CLOSED for one connection in this many (0: none) */
+	int32_t _pad3;
 };
 
 struct core_event {
@@ -87,6 +89,8 @@ struct core_event {
 	uint16_t cport, dport;		/* network order */
 	int32_t cause, detail;		/* EV_REFUSED: CAUSE_*, and SYN_* for a bad option */
 	int32_t arg, after_accept;
+	uint64_t bytes_up, bytes_down;	/* EV_CLOSED: what the connection carried, */
+	double duration;		/* for how long (s); err: why it ended (0: both sides finished) */
 };
 
 struct core_stats {
@@ -101,7 +105,7 @@ struct core_stats {
 	uint64_t refused[CAUSE_COUNT];
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
 	uint64_t spare_used, spare_made, busy_polls, spares;
-	uint64_t accept_pauses, refused_after_accept;
+	uint64_t accept_pauses, refused_after_accept, access_log_dropped;
 };
 
 struct core_conn_info {
@@ -133,6 +137,7 @@ struct conn {
 	char *early;			/* convert mode: client bytes after its message, for the server */
 	uint32_t early_len;
 	uint32_t client_ev;		/* the client's epoll events while the server connection was made */
+	int32_t end_err;		/* why it ends: 0 both sides finished, else an errno (ETIME: idle) */
 	int next_free;
 };
 
@@ -479,6 +484,21 @@ static void conn_close(struct core *c, int i, int reset, int keep_client)
 	if (c->cfg.admission)
 		core_unadmit(c->cfg.admission);
 	c->st.closed++;
+	if (c->cfg.access_log_every > 0 && c->st.closed % c->cfg.access_log_every == 0) {
+		struct core_event *e = emit(c, EV_CLOSED);	/* the access log's line (Python writes it) */
+		if (e) {
+			e->err = k->end_err ? k->end_err : (reset ? ECONNABORTED : 0);
+			e->caddr = k->caddr;
+			e->cport = k->cport;
+			e->daddr = k->daddr;
+			e->dport = k->dport;
+			e->bytes_up = k->up.bytes;
+			e->bytes_down = k->down.bytes;
+			e->duration = c->now - k->t_accept;
+		} else {
+			c->st.access_log_dropped++;
+		}
+	}
 	c->st.bytes_up += k->up.bytes;
 	c->st.bytes_down += k->down.bytes;
 	if (keep_client)
@@ -526,6 +546,7 @@ static void conn_abort(struct core *c, int i, int err)
 		return;
 	count_errno(c, err);
 	conn_event(c, k, EV_ABORTED, err);
+	k->end_err = err;
 	conn_close(c, i, 1, 0);
 }
 
@@ -863,6 +884,7 @@ static void connect_failed(struct core *c, int i, int err, int timeout)
 	if (timeout)
 		c->st.connect_timeouts++;
 	refused(c, cause_of_errno(err), 0, 0, err, 1, k->caddr, k->cport, k->daddr, k->dport);
+	k->end_err = err;
 	if (k->down.prefix && (e = emit(c, EV_GIVEBACK))) {
 		e->fd = k->cfd;
 		e->cause = cause_of_errno(err);
@@ -1896,6 +1918,7 @@ int core_sweep(struct core *c, struct core_event *out, int maxout)
 		} else if (c->cfg.idle_timeout > 0 && c->now - k->last > c->cfg.idle_timeout) {
 			c->st.idle_timeouts++;
 			conn_event(c, k, EV_ABORTED, ETIME);
+			k->end_err = ETIME;
 			conn_close(c, i, 1, 0);
 		} else if (k->down.prefix && !k->up.bytes && c->now - k->last > c->cfg.prefix_wait) {
 			if (flush_prefix(&k->down) < 0)
@@ -1916,6 +1939,7 @@ int core_abort_all(struct core *c)
 	for (int i = 0; i < c->nconns; i++) {
 		struct conn *k = c->conns[i];
 		if (k->used && !k->closed) {
+			k->end_err = ESHUTDOWN;
 			conn_close(c, i, 1, 0);
 			n++;
 		}

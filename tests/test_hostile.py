@@ -316,3 +316,100 @@ def test_first_dstopt_wins(paper_tb):
     assert r["victim"] == "SA" and r["forged"] is not None and "R" in r["forged"], r
     assert refused.get("conflicting destination") == 1, refused
     assert to_first["connections"] == 1 and to_forged["connections"] == 0, (to_first, to_forged)
+
+
+def converter_tree(m) -> dict[str, list[int]]:
+    """The supervisor, its workers and their keepers (by /proc)."""
+    from mimbox.core import is_keeper
+    sup = m.pids()[0]
+
+    def children(pid: int) -> list[int]:
+        out = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+    workers = [p for p in children(sup) if not is_keeper(p)]
+    keepers = [k for w in workers for k in children(w) if is_keeper(k)]
+    return {"supervisor": [sup], "workers": workers, "keepers": keepers}
+
+
+@pytest.mark.parametrize("mode,syn_path,caps", [("explicit", "auto", {"CAP_NET_ADMIN"}),
+                                                ("static", "accept", set()),
+                                                ("convert", "auto", set())])
+def test_workers_and_keepers_run_unprivileged(paper_tb, mode, syn_path, caps):
+    """From /proc: no worker or keeper has uid 0; each has exactly the capabilities its mode needs
+    (NFQUEUE verdicts: CAP_NET_ADMIN), a bounding set no larger, NoNewPrivs and a seccomp filter;
+    and the converter still converts (a byte-exact transfer)."""
+    from mimbox import privileges
+    m = MiMBox(mode=mode, workers=2, syn_path=syn_path)
+    m.start(paper_tb, 9000)
+    try:
+        tree = converter_tree(m)
+        seen = {role: [privileges.status(p) for p in pids] for role, pids in tree.items()}
+        if mode != "convert":
+            transfer(paper_tb, m, up=200_000, down=300_000)
+    finally:
+        m.stop()
+    assert len(tree["workers"]) == 2 and len(tree["keepers"]) == 2, tree
+    for st in seen["workers"] + seen["keepers"]:
+        assert 0 not in st["uids"] and 0 not in st["gids"], st
+        assert st["effective"] == st["permitted"] == caps and st["bounding"] <= caps and not st["ambient"], st
+        assert st["no_new_privs"] and st["seccomp"] == 2, st
+
+
+def test_a_forbidden_call_kills_and_an_unlisted_one_fails():
+    """The workers' filter, applied to a child as to a worker: execve kills it (SIGSYS), a call that is
+    not on the allow list (mknod) fails with EPERM, and what a worker does still works."""
+    script = ("import os,socket,sys;from mimbox import privileges;privileges.drop('mimbox',(),die_with_parent=False)\n"
+              "s=socket.socket();s.bind(('127.0.0.1',0));s.listen();print('socket ok',os.getuid(),flush=True)\n"
+              "try:\n os.mknod('/tmp/mimbox-mknod-%d'%os.getpid())\nexcept PermissionError:\n print('mknod EPERM',flush=True)\n"
+              "os.execv('/bin/true',['true'])\nprint('survived execve',flush=True)\n")
+    p = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=30,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == -31, (p.returncode, p.stdout, p.stderr)          # SIGSYS
+    lines = p.stdout.split("\n")
+    assert lines[0].startswith("socket ok") and lines[0].split()[2] != "0" and lines[1] == "mknod EPERM", p.stdout
+
+
+def test_supervisor_reports_a_worker_killed_by_its_filter(paper_tb):
+    """A worker that dies of SIGSYS (what a forbidden call does) stops the converter with status 1 and
+    a log line saying why; the rules are removed."""
+    m = MiMBox(mode="static", workers=1)
+    m.start(paper_tb, 9000)
+    try:
+        os.kill(converter_tree(m)["workers"][0], 31)
+        code = m.procs[0].wait(timeout=30)
+        log = m.log()
+        rules = paper_tb.mbox.cmd("iptables-save")
+    finally:
+        m.stop()
+    assert code == 1, (code, log[-1500:])
+    assert "killed by SIGSYS: a system call its seccomp filter forbids" in log, log[-1500:]
+    assert f"MIMBOX-{m.port}" not in rules
+
+
+def test_access_log_line_per_finished_connection(paper_tb):
+    """--access-log on: one line per finished connection with client, server, bytes each way, duration
+    and how it ended; --access-log 2 samples one in two."""
+    import re
+    every = MiMBox(mode="static", workers=1, extra=["--access-log", "on"])
+    sampled = MiMBox(mode="static", workers=1, extra=["--access-log", "2"])
+    try:
+        every.start(paper_tb, 9000)
+        sampled.start(paper_tb, 9000)
+        c, _ = transfer(paper_tb, every, up=123_456, down=654_321)
+        for _ in range(4):
+            transfer(paper_tb, sampled, up=1000, down=1000)
+        wait_for(lambda: "up 123456 down 654321" in every.log(), 5, "the access-log line")
+        wait_for(lambda: sampled.stats()["closed"] == 4, 5, "4 connections closed")
+        lines = [x for x in every.log().splitlines() if "up 123456" in x]
+        sampled_lines = [x for x in sampled.log().splitlines() if re.search(r" up \d+ down \d+ duration", x)]
+    finally:
+        every.stop()
+        sampled.stop()
+    assert len(lines) == 1, lines
+    m = re.search(r"(\S+):(\d+) -> (\S+):(\d+) up 123456 down 654321 duration ([\d.]+)s end complete", lines[0])
+    assert m and m.group(1) == paper_tb.client_ips[0] and m.group(3) == paper_tb.server_ip, lines[0]
+    assert m.group(4) == "9000" and 0 < float(m.group(5)) < 30, lines[0]
+    assert len(sampled_lines) == 2, sampled_lines

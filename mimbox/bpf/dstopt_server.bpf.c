@@ -53,17 +53,23 @@ struct scan {
 	__u8 opts[MAX_OPTS];
 	__u32 len;
 	__u32 i;
-	__s32 found;		/* offset of a DST_OPT in opts, or -1 */
+	__s32 found;		/* offset of the DST_OPT in opts, or -1 */
+	__u32 error;		/* the list is not one the converter's parser accepts */
 };
 
-/* One step of the option walk (bpf_loop: the verifier checks this once, not 40 unrolled paths). */
+/* One step of the option walk (bpf_loop: the verifier checks this once, not 40 unrolled paths).
+ * The same decisions as the converter's parser (native/relaycore.c core_parse_syn, mimbox/dstopt.py
+ * parse_options; tests/test_dstopt.py runs this program on their corpus): the whole list is walked,
+ * and a SYN yields a destination only if its list is well formed and holds exactly one valid
+ * DST_OPT and no other option of kind DSTOPT_KIND with another ExID. */
 static long scan_step(__u32 n, void *ctx)
 {
 	struct scan *s = ctx;
 	__u32 i = s->i;
 	__u8 kind, len;
+	__s32 exid;
 
-	if (i >= s->len || i >= MAX_OPTS - 1)
+	if (i >= s->len || i >= MAX_OPTS)
 		return 1;
 	kind = s->opts[i];
 	if (kind == 0)
@@ -72,13 +78,23 @@ static long scan_step(__u32 n, void *ctx)
 		s->i = i + 1;
 		return 0;
 	}
+	if (i + 1 >= s->len || i + 1 >= MAX_OPTS) {
+		s->error = 1;		/* truncated */
+		return 1;
+	}
 	len = s->opts[i + 1];
-	if (len < 2)
+	if (len < 2 || i + len > s->len) {
+		s->error = 1;		/* bad length */
 		return 1;
-	if (kind == DSTOPT_KIND && len == DSTOPT_LEN) {
-		if (i + DSTOPT_LEN <= s->len)
+	}
+	if (kind == DSTOPT_KIND) {
+		exid = -1;
+		if (len >= 4 && i + 3 < MAX_OPTS)
+			exid = (s->opts[i + 2] << 8) | s->opts[i + 3];
+		if ((exid >= 0 && exid != DSTOPT_EXID) || s->found >= 0 || len != DSTOPT_LEN || exid != DSTOPT_EXID)
+			s->error = 1;	/* another experiment, a second DST_OPT, a bad length */
+		else
 			s->found = i;
-		return 1;
 	}
 	s->i = i + len;
 	return 0;
@@ -118,7 +134,7 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	bpf_loop(MAX_OPTS, scan_step, &s, 0);
 	f = s.found;
-	if (f < 0 || f > MAX_OPTS - DSTOPT_LEN)
+	if (s.error || f < 0 || f > MAX_OPTS - DSTOPT_LEN)
 		return TC_ACT_UNSPEC;
 	o = s.opts + f;
 	if (((o[DSTOPT_OFF_EXID] << 8) | o[DSTOPT_OFF_EXID + 1]) != DSTOPT_EXID)
@@ -127,6 +143,8 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	k.sport = tcp->source;
 	__builtin_memcpy(&v.addr, o + DSTOPT_OFF_ADDR, 4);
 	__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT, 2);
+	if (!v.addr || !v.port)
+		return TC_ACT_UNSPEC;	/* the parser refuses these too */
 	v.t_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_NOEXIST) == 0)
 		return TC_ACT_UNSPEC;
