@@ -72,5 +72,5 @@ def reliability(c, slow=False):
     marker = "-m ''" if slow else ""
     c.run(f"MIMBOX_RELIABILITY_SUMMARY=results/reliability/summary.json {PY} -m pytest {marker} "
           "tests/test_reliability.py tests/test_dstopt.py tests/test_flood.py tests/test_scaleout.py "
-          "tests/test_convert_mode.py tests/unit/test_convert.py", pty=False, warn=True)
+          "tests/test_convert_mode.py tests/unit/test_convert.py tests/test_hostile.py tests/test_fuzz.py", pty=False, warn=True)
     c.run(f"{PY} -m experiments.report", pty=False)

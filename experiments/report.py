@@ -390,6 +390,10 @@ def reliability() -> str:
                  f"{f['converter_rss_kb']['baseline'] // 1024} → {f['converter_rss_kb']['peak'] // 1024} MB; "
                  f"{f['log_lines']} log lines; {f['syns_seen']} SYNs visited it, {f['deferred']} of them released "
                  f"unheld.")
+    h = r.get("measurements", {}).get("hostile")
+    if h:
+        text += ("\n\nHostile clients (tests/test_hostile.py; each case failed before its fix):\n\n"
+                 + _md(pd.DataFrame(h)))
     x = r.get("measurements", {}).get("converter failure behind ECMP")
     if x:
         how = ("every one by a reset: its keeper outlived the crash (\"Crashes\" above)" if x["reset"] == x["cut"]

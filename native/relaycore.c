@@ -784,13 +784,12 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 {
 	struct epoll_event ev = {.events = WATCH};
 	struct conn *k;
-	int i = conn_slot(c);
+	int i = conn_slot(c), err = -ENOMEM;
 
 	if (i < 0)
 		return -ENOMEM;
 	k = c->conns[i];
 	memset(k, 0, sizeof(*k));
-	k->used = 1;
 	k->cfd = cfd;
 	k->sfd = sfd;
 	dir_init(&k->up, cfd, sfd);
@@ -806,14 +805,31 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	k->server_mptcp = server_mptcp;
 	if (prefix_len) {
 		k->down.prefix = malloc(prefix_len);
+		if (!k->down.prefix)
+			goto failed;
 		memcpy(k->down.prefix, prefix, prefix_len);
 		k->down.prefix_len = prefix_len;
 	}
 	if (early_len) {
 		k->early = malloc(early_len);
+		if (!k->early)
+			goto failed;
 		memcpy(k->early, early, early_len);
 		k->early_len = early_len;
 	}
+	ev.data.u64 = (uint64_t)KIND_CONN << KIND_SHIFT | (uint64_t)i << 1 | 1;
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, cfd, &ev)) {
+		err = -errno;
+		goto failed;
+	}
+	ev.data.u64 = (uint64_t)KIND_CONN << KIND_SHIFT | (uint64_t)i << 1;
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev) &&
+	    (errno != EEXIST || epoll_ctl(c->epfd, EPOLL_CTL_MOD, sfd, &ev))) {	/* a held SYN's socket Python watched */
+		err = -errno;
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, cfd, NULL);
+		goto failed;
+	}
+	k->used = 1;
 	c->active++;
 	c->st.accepted++;
 	k->client_mptcp = sock_is_mptcp(cfd);
@@ -821,11 +837,6 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		c->st.client_mptcp++;
 	else
 		c->st.client_tcp++;
-	ev.data.u64 = (uint64_t)KIND_CONN << KIND_SHIFT | (uint64_t)i << 1 | 1;
-	epoll_ctl(c->epfd, EPOLL_CTL_ADD, cfd, &ev);
-	ev.data.u64 = (uint64_t)KIND_CONN << KIND_SHIFT | (uint64_t)i << 1;
-	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev) && errno == EEXIST)
-		epoll_ctl(c->epfd, EPOLL_CTL_MOD, sfd, &ev);	/* a held SYN's socket Python watched */
 	if (!connecting) {
 		if (server_mptcp)
 			c->st.server_mptcp++;
@@ -834,6 +845,13 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		/* what is there already: EPOLL_CTL_ADD reported it as an event (edge-triggered too) */
 	}
 	return i;
+failed:				/* the caller still owns both fds (it resets the client) */
+	free(k->down.prefix);
+	free(k->early);
+	k->down.prefix = k->early = NULL;
+	k->next_free = c->free_head;
+	c->free_head = i;
+	return err;
 }
 
 /* a connect() in progress on fd, after epoll event ev: -1 not yet, 0 connected, else its errno */
@@ -1403,8 +1421,11 @@ int core_queue(struct core *c, int num)
 	c->qfd = nfq_fd(c->nfq);
 	fcntl(c->qfd, F_SETFL, fcntl(c->qfd, F_GETFL) | O_NONBLOCK);
 	c->qbuf = malloc(65536);
+	if (!c->qbuf)
+		return -ENOMEM;		/* core_free() closes the queue */
 	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)KIND_QUEUE << KIND_SHIFT};
-	epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->qfd, &ev);
+	if (c->qfd >= 0 && epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->qfd, &ev))
+		return -errno;
 	return 0;
 }
 
@@ -1452,7 +1473,8 @@ static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *
 	attr.value = (uintptr_t)&val;
 	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr, sizeof(attr)))
 		return 0;
-	if ((uint64_t)(c->now * 1e9) - val.t_ns > DSTOPT_RECORD_TTL_NS)
+	/* c->now was read when this batch began: a SYN recorded since is younger than that (signed) */
+	if ((int64_t)((uint64_t)(c->now * 1e9) - val.t_ns) > (int64_t)DSTOPT_RECORD_TTL_NS)
 		return 0;		/* stale: that SYN never became a connection */
 	*daddr = val.addr;
 	*dport = val.port;
@@ -2076,11 +2098,12 @@ int core_keeper(struct core *c)
 		prctl(PR_SET_NAME, KEEPER_NAME);
 		prctl(PR_SET_PDEATHSIG, SIGUSR1);
 		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, NULL);
 		if (getppid() != parent)
 			keeper_signal = SIGUSR1;	/* died before PDEATHSIG was set */
+		/* every signal is still blocked here: sigsuspend() unblocks and waits in one step, so a
+		 * signal that came since the check above is not missed (pause() could wait forever) */
 		while (!keeper_signal)
-			pause();
+			sigsuspend(&none);
 		if (keeper_signal == SIGUSR1)
 			keeper_reset_all();
 		syscall(SYS_exit_group, 0);

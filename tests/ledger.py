@@ -23,3 +23,9 @@ def fault(kind: str, n: int = 1) -> None:
 def measured(name: str, values: dict) -> None:
     """Record what a test measured under `name` (numbers it asserted on)."""
     measurements[name] = values
+
+
+def hostile(case: str, tried: str, got_through: str) -> None:
+    """A hostile client's case (tests/test_hostile.py): what was tried, how much, and what got
+    through (measured by the test that asserted it was nothing)."""
+    measurements.setdefault("hostile", []).append({"case": case, "tried": tried, "got through": got_through})

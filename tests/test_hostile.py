@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import ledger
 from conftest import PY, readline, transfer
 
 from experiments.systems import MiMBox
@@ -117,6 +118,10 @@ def test_spoofed_syn_data_reaches_no_server(paper_tb, conv):
     assert spoof["connections"] == 0 and spoof["bytes"] == 0, spoof
     assert after["server_connects"] == before["server_connects"], after
     assert after.get("greetings", 0) == 0
+    ledger.hostile("spoofed SYN with data (convert mode)",
+                   "9 SYNs from a silent on-link address, each a Convert message and a request (made-up TFO "
+                   "cookie, cookie request, no TFO option)",
+                   f"{spoof['connections']} server connections, {spoof['bytes']} bytes")
     # the real client: a first connection gets the cookie, the second carries the message in its SYN
     sink = Sink(paper_tb)
     try:
@@ -245,6 +250,11 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
     assert with_crowd["rate"] >= 0.8 * alone["rate"], (alone, with_crowd)
     assert idle is not None and idle <= 2.0, "converter still busy 2 s after the crowd went idle"
     assert after["greetings"] == 0 and after["admitted"] == 0, after
+    ledger.hostile("idle crowd (convert mode)",
+                   "5,000 connections that never send their Convert message, opened as fast as the client can",
+                   f"{max(0, fds_held - fds0 - 64)} fds beyond the cap of 64 per /24, {with_crowd['failed']} of "
+                   f"{with_crowd['done'] + with_crowd['failed']} real requests failed (rate {with_crowd['rate'] / alone['rate']:.2f}x "
+                   f"of alone), busy {0 if idle is not None else 1} s after 2 s")
 
 
 def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
@@ -270,6 +280,8 @@ def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
     assert counted.get("destination denied") == 1, counted
     assert other_port["error"] == Error.NOT_AUTHORIZED, other_port
     assert served["error"] is None and bytes.fromhex(served["after"]) == b"OK", served
+    ledger.hostile("private destination, default policy", "a Connect to the testbed's (RFC 1918) server, and to "
+                   "a port not allowed", "0 connections (Not Authorized, counted)")
 
 
 def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, conv):
@@ -288,6 +300,8 @@ def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, con
     finally:
         paper_tb.mbox.cmd("ip addr del 10.9.9.9/32 dev lo")
     assert r["error"] == Error.NOT_AUTHORIZED and took < 1.0, (r, took)
+    ledger.hostile("the converter's own new address", "a Connect to an address added while it runs",
+                   f"0 connections (refused {took * 1000:.0f} ms after the address appeared)")
 
 
 def test_first_dstopt_wins(paper_tb):
@@ -316,6 +330,9 @@ def test_first_dstopt_wins(paper_tb):
     assert r["victim"] == "SA" and r["forged"] is not None and "R" in r["forged"], r
     assert refused.get("conflicting destination") == 1, refused
     assert to_first["connections"] == 1 and to_forged["connections"] == 0, (to_first, to_forged)
+    ledger.hostile("forged DST_OPT (explicit mode)", "a SYN from the victim's address and port naming another "
+                   "server, between the victim's SYN and its handshake's end",
+                   f"{to_forged['connections']} connections to the forged server (RST, counted); the victim reached its own")
 
 
 def converter_tree(m) -> dict[str, list[int]]:
@@ -370,6 +387,9 @@ def test_a_forbidden_call_kills_and_an_unlisted_one_fails():
     assert p.returncode == -31, (p.returncode, p.stdout, p.stderr)          # SIGSYS
     lines = p.stdout.split("\n")
     assert lines[0].startswith("socket ok") and lines[0].split()[2] != "0" and lines[1] == "mknod EPERM", p.stdout
+    ledger.hostile("a taken-over worker", "execve (killed), an unlisted call (EPERM) under the workers' filter, as "
+                   "uid mimbox without capabilities", "killed by SIGSYS; a worker so killed stops the converter "
+                   "(its supervisor says why and removes the rules)")
 
 
 def test_supervisor_reports_a_worker_killed_by_its_filter(paper_tb):
@@ -398,18 +418,21 @@ def test_access_log_line_per_finished_connection(paper_tb):
     try:
         every.start(paper_tb, 9000)
         sampled.start(paper_tb, 9000)
-        c, _ = transfer(paper_tb, every, up=123_456, down=654_321)
+        transfer(paper_tb, every, up=123_456, down=654_321)
         for _ in range(4):
             transfer(paper_tb, sampled, up=1000, down=1000)
-        wait_for(lambda: "up 123456 down 654321" in every.log(), 5, "the access-log line")
+        wait_for(lambda: every.stats()["log_lines_access"] == 1, 5, "the access-log line")
         wait_for(lambda: sampled.stats()["closed"] == 4, 5, "4 connections closed")
-        lines = [x for x in every.log().splitlines() if "up 123456" in x]
+        st = every.stats()            # what the converter relayed (the transfer's framing included)
+        lines = [x for x in every.log().splitlines() if " duration " in x]
         sampled_lines = [x for x in sampled.log().splitlines() if re.search(r" up \d+ down \d+ duration", x)]
     finally:
         every.stop()
         sampled.stop()
     assert len(lines) == 1, lines
-    m = re.search(r"(\S+):(\d+) -> (\S+):(\d+) up 123456 down 654321 duration ([\d.]+)s end complete", lines[0])
+    m = re.search(r"(\S+):(\d+) -> (\S+):(\d+) up (\d+) down (\d+) duration ([\d.]+)s end complete", lines[0])
     assert m and m.group(1) == paper_tb.client_ips[0] and m.group(3) == paper_tb.server_ip, lines[0]
-    assert m.group(4) == "9000" and 0 < float(m.group(5)) < 30, lines[0]
+    assert (int(m.group(5)), int(m.group(6))) == (st["bytes_up"], st["bytes_down"]), (lines[0], st)
+    assert st["bytes_up"] >= 123_456 and st["bytes_down"] >= 654_321, st
+    assert m.group(4) == "9000" and 0 < float(m.group(7)) < 30, lines[0]
     assert len(sampled_lines) == 2, sampled_lines
