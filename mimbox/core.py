@@ -131,6 +131,10 @@ def c_header() -> str:
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
                                                   ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED),
                                                   ("CLOSED", EV_CLOSED))]
+    from mimbox.convert import Error, error_reply
+    busy = error_reply(Error.RESOURCE_EXCEEDED)
+    lines += ["/* RFC 8803: the answer to a client refused for a cap (mimbox.convert.error_reply) */",
+              f"#define CONVERT_RESOURCE_EXCEEDED {{{', '.join(f'0x{b:02x}' for b in busy)}}}"]
     lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 

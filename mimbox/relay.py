@@ -421,8 +421,9 @@ class Relay:
                                                               self._refusal_detail(ev, cause, dst)))
         elif kind == EV_GIVEBACK:          # convert mode: the client learns why from an Error TLV
             cs = socket.socket(fileno=ev.fd)
-            converting.answer_and_end(cs, converting.error_for(CAUSES[ev.cause]))
-            cs.close()
+            cs.setblocking(False)
+            self._answer(converting.Greeting(cs, addr, time.monotonic(), counted=False),
+                         converting.error_for(CAUSES[ev.cause]))
         elif kind == EV_ABORTED:
             why = "idle timeout" if ev.err == ETIME else errno.errorcode.get(ev.err, str(ev.err))
             log.info("reset %s:%d -> %s:%d: %s", *addr, *dst, why)
@@ -484,6 +485,11 @@ class Relay:
         self._on_greeting(g)          # with TFO the message came in the SYN: it is there already
 
     def _on_greeting(self, g: converting.Greeting) -> None:
+        if g.reply is not None:          # an answer waiting for the client's handshake
+            if not converting.handshake_pending(g.sock):
+                converting.answer_and_end(g.sock, g.reply)
+                self._drop_greeting(g)
+            return
         try:
             data = g.sock.recv(convert.MAX_MESSAGE - len(g.buf))
         except (BlockingIOError, InterruptedError):
@@ -518,13 +524,25 @@ class Relay:
 
     def _answer_greeting(self, g: converting.Greeting, reply: bytes) -> None:
         """Answer a client that gets no connection (Error, or Supported TCP Extensions), then close."""
+        self._answer(g, reply)
+
+    def _answer(self, g: converting.Greeting, reply: bytes) -> None:
+        """Send `reply` and end the stream, once the client's handshake is complete (an answer written
+        to an MPTCP socket before then is never sent: converting.handshake_pending)."""
+        if converting.handshake_pending(g.sock):
+            g.reply = reply
+            self.greetings[g.sock.fileno()] = g
+            self.core.watch(g.sock.fileno(), select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            return
         converting.answer_and_end(g.sock, reply)
         self._drop_greeting(g)
 
     def _drop_greeting(self, g: converting.Greeting) -> None:
         if self.greetings.pop(g.sock.fileno(), None) is not None:
             self.core.unwatch(g.sock.fileno())
-            self.core.greeting_end(g.addr[0], keep_admission=False)
+            if g.counted:
+                self.core.greeting_end(g.addr[0], keep_admission=False)
+                g.counted = False
         g.sock.close()
 
     def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
@@ -573,8 +591,14 @@ class Relay:
         """Once a second: act on what waited too long (mimbox.timers decides it for convert messages;
         the core for held SYNs and connections)."""
         for g in due(self.timeouts, now, self.greetings.values()).greetings:
+            if g.reply is not None:      # its handshake never completed: nobody to answer
+                self.stats.errors["client handshake timeout"] += 1
+                self._drop_greeting(g)
+                continue
             self.stats.errors["convert message timeout"] += 1
             self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
+        for g in [g for g in self.greetings.values() if g.reply is not None]:
+            self._on_greeting(g)         # (its EPOLLOUT edge should have come already)
         for ev in self.core.sweep():
             self._on_core_event(ev)
         self.answers.expire(now)

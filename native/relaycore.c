@@ -138,6 +138,9 @@ struct conn {
 	uint32_t early_len;
 	uint32_t client_ev;		/* the client's epoll events while the server connection was made */
 	int32_t end_err;		/* why it ends: 0 both sides finished, else an errno (ETIME: idle) */
+	uint8_t client_synrecv;		/* an MPTCP client accepted at its TFO SYN, its handshake not yet
+					 * complete: nothing is written to it until it is (see client_ready) */
+	uint32_t down_ev;		/* the server's events meanwhile */
 	int next_free;
 };
 
@@ -751,10 +754,46 @@ static void pump(struct core *c, int i, struct dir *d, int drain, int rdhup)
 	pump_copy(c, i, d, drain, rdhup);
 }
 
+/* Linux 6.18: bytes written to an MPTCP socket accepted at its TFO SYN while its first subflow is still
+ * in SYN_RECV are never sent, not even once the client's ACK completes the handshake (the MPTCP level
+ * has no established subflow to push them on then, and nothing pushes them later: tested, > 6 s).
+ * So nothing is written to such a client until the handshake is complete; its socket reports the
+ * moment with an EPOLLOUT edge (conn_ready), and the sweep checks once a second as well. */
+static int tcp_state(int fd)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 ? ti.tcpi_state : -1;
+}
+
+static int client_ready(struct conn *k)
+{
+	if (!k->client_synrecv)
+		return 1;
+	if (tcp_state(k->cfd) == TCP_SYN_RECV)
+		return 0;
+	k->client_synrecv = 0;
+	return 1;
+}
+
 /* move what an epoll event on d's source says is there */
 static void pump_event(struct core *c, int i, struct dir *d, uint32_t ev)
 {
+	struct conn *k = c->conns[i];
+	if (d == &k->down && !client_ready(k)) {
+		k->down_ev |= ev;	/* the server's bytes wait in its socket */
+		return;
+	}
 	pump(c, i, d, !!(ev & DRAIN), !!(ev & EPOLLRDHUP));
+}
+
+/* the client's handshake is complete: what the server sent meanwhile goes now */
+static void client_established(struct core *c, int i)
+{
+	struct conn *k = c->conns[i];
+	uint32_t ev = k->down_ev | EPOLLIN;
+	k->down_ev = 0;
+	pump_event(c, i, &k->down, ev);
 }
 
 static void finish(struct core *c, int i, struct dir *d)
@@ -833,6 +872,10 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	c->active++;
 	c->st.accepted++;
 	k->client_mptcp = sock_is_mptcp(cfd);
+	if (k->client_mptcp && c->cfg.dst_source == DST_PYTHON) {	/* convert mode: accepted at a TFO SYN? */
+		k->client_synrecv = 1;
+		client_ready(k);
+	}
 	if (k->client_mptcp)
 		c->st.client_mptcp++;
 	else
@@ -956,6 +999,10 @@ static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 	}
 	in = is_client ? &k->up : &k->down;
 	out = is_client ? &k->down : &k->up;
+	if (is_client && k->client_synrecv && (ev & EPOLLOUT) && client_ready(k))
+		client_established(c, i);
+	if (k->closed)
+		return;
 	if (ev & ~EPOLLOUT)
 		pump_event(c, i, in, ev);
 	if ((ev & EPOLLOUT) && out->buffered && !k->closed)
@@ -1585,15 +1632,28 @@ static void greet(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
 		cause = CAUSE_CONNECTION_LIMIT;
 		arg = c->cfg.admission_limit;
 	}
-	if (cause >= 0) {	/* RFC 8803: an Error TLV says why (Python writes it), then the stream ends */
+	if (cause >= 0) {
+		static const unsigned char busy[] = CONVERT_RESOURCE_EXCEEDED;
 		c->st.refused_after_accept++;
 		refused(c, cause, 0, arg, 0, 1, caddr, cport, 0, 0);
-		if (cause != CAUSE_CLIENT_NOT_ALLOWED && (e = emit(c, EV_GIVEBACK))) {
-			e->fd = cfd;
-			e->cause = cause;
+		if (cause == CAUSE_CLIENT_NOT_ALLOWED) {
+			reset_close(cfd);	/* a client not allowed learns nothing */
 			return;
 		}
-		reset_close(cfd);	/* a client not allowed learns nothing */
+		/* RFC 8803: an Error TLV (Resource Exceeded) says why, then the stream ends. Written here, not
+		 * by Python: a crowd beyond the caps is refused at the kernel's pace, so the listener's queue,
+		 * which real clients share with it, drains as fast as the crowd fills it. A client accepted at
+		 * its TFO SYN (its handshake not complete) is Python's: the answer must wait (client_ready) */
+		if (sock_is_mptcp(cfd) && tcp_state(cfd) == TCP_SYN_RECV && (e = emit(c, EV_GIVEBACK))) {
+			e->fd = cfd;
+			e->cause = cause;
+			e->caddr = caddr;
+			e->cport = cport;
+			return;
+		}
+		send(cfd, busy, sizeof(busy), MSG_DONTWAIT | MSG_NOSIGNAL);
+		shutdown(cfd, SHUT_WR);
+		close(cfd);
 		return;
 	}
 	e = emit(c, EV_ACCEPTED);
@@ -1942,6 +2002,9 @@ int core_sweep(struct core *c, struct core_event *out, int maxout)
 			conn_event(c, k, EV_ABORTED, ETIME);
 			k->end_err = ETIME;
 			conn_close(c, i, 1, 0);
+		} else if (k->client_synrecv) {
+			if (client_ready(k))	/* (its EPOLLOUT edge should have said so already) */
+				client_established(c, i);
 		} else if (k->down.prefix && !k->up.bytes && c->now - k->last > c->cfg.prefix_wait) {
 			if (flush_prefix(&k->down) < 0)
 				conn_abort(c, i, EPIPE);

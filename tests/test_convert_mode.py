@@ -260,3 +260,39 @@ def test_message_after_the_handshake_without_fastopen(paper_tb, conv_open):
         srv.stop()
     assert out.strip().endswith("200 262144"), out
     assert after == before, "the SYN carried data"
+
+
+def test_answer_waits_for_the_clients_handshake(paper_tb, conv):
+    """Linux 6.18 never sends bytes written to an MPTCP socket accepted at its TFO SYN before the
+    client's ACK completed the handshake. The client's ACK is held back (dropped on the client) until
+    the converter has the server's answer: the answer must still reach the client once the handshake
+    completes (the kernel retransmits its SYN-ACK after 1 s, the client ACKs). Before the converter
+    waited for the handshake, this client waited forever (about 1 request in 5,000 at 800/s here)."""
+    import time
+    srv = Server(paper_tb, SERVER_PORT, mptcp=False)
+    hold = f"OUTPUT -p tcp --dport {conv.port} ! --syn -j DROP"
+    paper_tb.client.cmd(f"iptables -I {hold}")
+    held = True
+    try:
+        p = paper_tb.client.popen([PY, PROBE, paper_tb.mbox_client_ip, str(conv.port),
+                                   (convert.connect_message(paper_tb.server_ip, SERVER_PORT)
+                                    + bytes.fromhex("4d42583100000000000000000000000000000001")).hex(),
+                                   "--mptcp", "--read-after-reply", "1"], stdout=subprocess.PIPE, text=True)
+        def queued() -> bool:        # the server has answered (its byte and FIN are at the converter)
+            rows = paper_tb.mbox.cmd(f"ss -Htna '( sport = :{conv.port} or dport = :{SERVER_PORT} )'")
+            return any(r.split()[0] == "CLOSE-WAIT" or int(r.split()[1]) or int(r.split()[2])
+                       for r in rows.splitlines() if r.strip() and r.split()[0] != "LISTEN")
+        deadline = time.monotonic() + 3
+        while not queued() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        state = paper_tb.mbox.cmd(f"ss -Htn state syn-recv '( sport = :{conv.port} )'")
+        paper_tb.client.cmd(f"iptables -D {hold}")
+        held = False
+        out, _ = p.communicate(timeout=15)
+    finally:
+        if held:
+            paper_tb.client.cmd(f"iptables -D {hold}")
+        srv.kill()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert state.strip(), "the client's handshake was not held back (test set-up)"
+    assert r["error"] is None and bytes.fromhex(r["after"]) == b"K", (r, state, conv.log()[-1500:])

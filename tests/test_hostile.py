@@ -144,12 +144,14 @@ socks = []
 for _ in range(n):                       # as fast as it can: non-blocking connects, no byte ever sent
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setblocking(False)
-    s.bind((src, 0))
+    # no bind(): the route to dst picks src; ports bound by bind() would be skipped by every later
+    # connect()'s port search on this host, which would slow the real client here, not the converter
     try:
         s.connect((dst, port))
     except BlockingIOError:
         pass
     socks.append(s)
+assert all(s.getsockname()[0] == src for s in socks[:10]), socks[0].getsockname()
 print("opened", len(socks), flush=True)
 sys.stdin.readline()
 for s in socks:
@@ -157,31 +159,52 @@ for s in socks:
 print("closed", flush=True)
 """
 
+# A real client: one request per connection, paced at `rate` a second (a fixed offered load: every
+# connection leaves a TIME_WAIT on the converter's server side, and an unpaced client here would
+# exhaust the ephemeral ports within a minute, which would measure the port search, not the crowd).
 REQUESTS = r"""
 import json, socket, sys, time
 via, port, msg, seconds = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4])
-want = int(sys.argv[5])
+want, rate = int(sys.argv[5]), float(sys.argv[6])
 done = failed = 0
+why, slowest = [], 0.0
 t0 = time.monotonic()
 while time.monotonic() - t0 < seconds:
+    pause = t0 + (done + failed) / rate - time.monotonic()
+    if pause > 0:
+        time.sleep(pause)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    t = time.monotonic()
+    buf = b""
     try:
         s.sendto(msg, 0x20000000, (via, port))     # TFO: the Convert message and the request in the SYN
         s.settimeout(5)
-        buf = b""
         while len(buf) < want:
             d = s.recv(4096)
             if not d:
                 break
             buf += d
         ok = buf.endswith(b"OK") and len(buf) == want
-    except OSError:
+        if not ok:
+            why.append(f"got {buf.hex()}")
+    except OSError as e:
         ok = False
+        try:
+            i = s.getsockopt(6, 11, 104)          # TCP_INFO: state, retransmits, total retransmissions
+            tcp = f"state {i[0]} retransmits {i[2]} total {int.from_bytes(i[100:104], 'little')}"
+        except OSError:
+            tcp = "no TCP_INFO"
+        why.append(f"{e!r} after {time.monotonic() - t:.3f}s, got {buf.hex()}, {tcp}")
+    slowest = max(slowest, time.monotonic() - t)
     s.close()
     done += ok
     failed += not ok
-print(json.dumps({"rate": done / (time.monotonic() - t0), "done": done, "failed": failed}), flush=True)
+print(json.dumps({"rate": done / (time.monotonic() - t0), "done": done, "failed": failed, "why": why[:5],
+                  "slowest_s": round(slowest, 3)}), flush=True)
 """
+
+
+RATE = 800          # requests/s the real client offers (alone it gets them all here, ~30 % of a core)
 
 
 def cpu_ticks(pids: list[int]) -> int:
@@ -208,24 +231,27 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
 
     def requests(seconds: float) -> dict:
         p = paper_tb.client.popen([PY, "-c", REQUESTS, paper_tb.mbox_client_ip, str(conv.port), msg.hex(),
-                                   str(seconds), str(want)], stdout=subprocess.PIPE, text=True)
+                                   str(seconds), str(want), str(RATE)], stdout=subprocess.PIPE, text=True)
         out, _ = p.communicate(timeout=seconds + 30)
         return json.loads(out.strip().splitlines()[-1])
     crowd = None
     try:
         requests(0.5)                           # the TFO cookie, and a warm converter
+        paper_tb.mbox.cmd("nstat -n")            # counters from here
         pids = converter_pids(conv)
         fds0 = converter_fds(conv) - conv.stats()["spares"]
-        alone = requests(2.0)
+        alone = requests(3.0)
         crowd = paper_tb.client.popen([PY, "-c", CROWD, "5000", crowd_src, crowd_dst, str(conv.port)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         during = requests(2.0)                  # while the crowd opens
         assert readline(crowd, timeout=60).split() == ["opened", "5000"]
+        drops = paper_tb.mbox.cmd("nstat -z TcpExtListenOverflows TcpExtListenDrops TcpExtTCPReqQFullDrop "
+                                  "TcpExtSyncookiesSent TcpExtTCPFastOpenListenOverflow")
         wait_for(lambda: conv.stats()["refused"].get("pending limit", 0) >= 5000 - 64 - 16, 30,
                  "the crowd's connections beyond the cap refused")
         held = conv.stats()
         fds_held = converter_fds(conv) - held["spares"]
-        with_crowd = requests(2.0)
+        with_crowd = requests(3.0)
         # idle again: CPU over successive 0.5 s windows falls under 5 % of a core within 2 s
         hz, t0, idle = os.sysconf("SC_CLK_TCK"), time.monotonic(), None
         while time.monotonic() - t0 < 2.5 and idle is None:
@@ -239,6 +265,7 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
         assert readline(crowd).strip() == "closed"
         wait_for(lambda: converter_fds(conv) - conv.stats()["spares"] <= fds0, 20, "fds back to the baseline")
         after = conv.stats()
+        alone_after = requests(3.0)             # without them again: this VM's rate drifts by 10-20 %
     finally:
         if crowd is not None and crowd.poll() is None:
             crowd.kill()
@@ -246,14 +273,16 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
         sink.kill()
     assert held["greetings"] <= 64, held["greetings"]
     assert fds_held - fds0 <= 64 + 4, (fds0, fds_held)
-    assert alone["failed"] == during["failed"] == with_crowd["failed"] == 0, (alone, during, with_crowd)
-    assert with_crowd["rate"] >= 0.8 * alone["rate"], (alone, with_crowd)
+    runs = json.dumps(dict(alone=alone, during=during, with_crowd=with_crowd, alone_after=alone_after, drops=drops))
+    assert alone["failed"] == during["failed"] == with_crowd["failed"] == alone_after["failed"] == 0, runs
+    assert with_crowd["rate"] >= 0.8 * (alone["rate"] + alone_after["rate"]) / 2, runs
     assert idle is not None and idle <= 2.0, "converter still busy 2 s after the crowd went idle"
     assert after["greetings"] == 0 and after["admitted"] == 0, after
     ledger.hostile("idle crowd (convert mode)",
                    "5,000 connections that never send their Convert message, opened as fast as the client can",
                    f"{max(0, fds_held - fds0 - 64)} fds beyond the cap of 64 per /24, {with_crowd['failed']} of "
-                   f"{with_crowd['done'] + with_crowd['failed']} real requests failed (rate {with_crowd['rate'] / alone['rate']:.2f}x "
+                   f"{with_crowd['done'] + with_crowd['failed']} real requests failed (rate "
+                   f"{2 * with_crowd['rate'] / (alone['rate'] + alone_after['rate']):.2f}x "
                    f"of alone), busy {0 if idle is not None else 1} s after 2 s")
 
 

@@ -51,10 +51,12 @@ def error_for(cause: Cause) -> bytes:
 
 class Greeting:
     """An accepted client whose Convert message is (partly) still on its way."""
-    __slots__ = ("sock", "addr", "buf", "t", "msg")
+    __slots__ = ("sock", "addr", "buf", "t", "msg", "reply", "counted")
 
-    def __init__(self, sock: socket.socket, addr, now: float):
+    def __init__(self, sock: socket.socket, addr, now: float, counted: bool = True):
         self.sock, self.addr, self.buf, self.t, self.msg = sock, addr, b"", now, None
+        self.reply: bytes | None = None     # an answer waiting for the client's handshake to complete
+        self.counted = counted              # the core counts it (a greeting), else an answer only
 
     def feed(self, data: bytes) -> Message | None:
         """Add bytes; the message once complete (None before); ConvertError for a bad one."""
@@ -68,6 +70,19 @@ class Greeting:
     def early_data(self) -> bytes:
         """The application's bytes that came after the message (for the server, first)."""
         return self.buf[self.msg.length:] if self.msg else b""
+
+
+TCP_SYN_RECV = 3
+
+
+def handshake_pending(sock: socket.socket) -> bool:
+    """Whether `sock`, accepted at its TFO SYN, still waits for the client's ACK. Linux 6.18 never
+    sends what is written to such an MPTCP socket before its handshake is complete (native/
+    relaycore.c, client_ready): an answer waits for the EPOLLOUT that says it is."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == TCP_SYN_RECV
+    except OSError:
+        return False
 
 
 def answer_and_end(sock: socket.socket, reply: bytes) -> None:
