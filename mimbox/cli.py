@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
                    help="transparent mode: intercept only these client prefixes (repeatable)")
     g.add_argument("--no-client-mptcp", action="store_true", help="listen with plain TCP")
+    g.add_argument("--no-syn-recorder", action="store_true",
+                   help="explicit mode: no tc BPF recorder; every SYN visits the converter to be read (NFQUEUE)")
     g.add_argument("--no-server-mptcp", action="store_true", help="connect to servers with plain TCP")
     g.add_argument("--server-mptcp-retry", type=float, default=SafetyConfig.server_mptcp_retry, metavar="SECONDS",
                    help="a server that answered without MPTCP gets plain TCP sockets (cheaper than an MPTCP "
@@ -173,7 +175,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
                                 pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
                                 spare_sockets=a.spare_sockets, busy_poll_us=a.busy_poll,
-                                health_port=a.health_port,
+                                health_port=a.health_port, syn_recorder=not a.no_syn_recorder,
                                 convert_cookie=_cookie(a)),
         buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
                              server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),

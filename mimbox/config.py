@@ -52,6 +52,7 @@ class ListenerConfig:
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
     convert_cookie: bytes | None = None          # convert mode: clients must send this Cookie TLV
+    syn_recorder: bool = True                    # explicit: the tc BPF recorder reads SYNs not queued
 
 
 @dataclass(frozen=True)

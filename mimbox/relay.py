@@ -99,7 +99,7 @@ def plan_syns(cfg: Config) -> SynPlan:
     if lc.syn_path == "hold":
         return SynPlan(queue=True)
     recorder = None
-    if lc.mode == "explicit":
+    if lc.mode == "explicit" and lc.syn_recorder:
         try:
             recorder = SynRecorder(lc.port).install()
         except (RuntimeError, OSError) as e:

@@ -333,11 +333,14 @@ def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, con
                    f"0 connections (refused {took * 1000:.0f} ms after the address appeared)")
 
 
-def test_first_dstopt_wins(paper_tb):
-    """Explicit mode, SYNs answered by the kernel (the BPF recorder reads their DST_OPT): a forged SYN
-    from the victim's (address, port) naming another server, sent between the victim's SYN and its
-    handshake's end, gets an RST and is counted; the victim still reaches the server it asked for."""
-    m = MiMBox(mode="explicit", workers=1, syn_path="accept")
+@pytest.mark.parametrize("reader", ["bpf", "core"])
+def test_first_dstopt_wins(paper_tb, reader):
+    """Explicit mode, SYNs answered by the kernel (their DST_OPT read by the BPF recorder, or by the
+    core from NFQUEUE without it): a forged SYN from the victim's (address, port) naming another
+    server, sent between the victim's SYN and its handshake's end, gets an RST and is counted; the
+    victim still reaches the server it asked for."""
+    m = MiMBox(mode="explicit", workers=1, syn_path="accept",
+               extra=["--no-syn-recorder"] if reader == "core" else [])
     first, forged = Sink(paper_tb, SINK_PORT), Sink(paper_tb, SINK_PORT + 1)
     sport = 45678
     drop_rst = f"OUTPUT -p tcp --sport {sport} --tcp-flags RST RST -j DROP"
@@ -359,7 +362,7 @@ def test_first_dstopt_wins(paper_tb):
     assert r["victim"] == "SA" and r["forged"] is not None and "R" in r["forged"], r
     assert refused.get("conflicting destination") == 1, refused
     assert to_first["connections"] == 1 and to_forged["connections"] == 0, (to_first, to_forged)
-    ledger.hostile("forged DST_OPT (explicit mode)", "a SYN from the victim's address and port naming another "
+    ledger.hostile(f"forged DST_OPT (explicit mode, read by the {reader})", "a SYN from the victim's address and port naming another "
                    "server, between the victim's SYN and its handshake's end",
                    f"{to_forged['connections']} connections to the forged server (RST, counted); the victim reached its own")
 
