@@ -54,6 +54,15 @@ def build_before(commit: str) -> str:
     return d
 
 
+# `mimbox run` from another tree: this venv's editable install maps `mimbox` to this checkout with a
+# meta-path finder that PYTHONPATH does not override, so the launcher drops it first
+LAUNCH = ("import runpy, sys; tree = sys.argv.pop(1); "
+          "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+          "sys.path.insert(0, tree); sys.modules.pop('mimbox', None); import mimbox; "
+          "assert mimbox.__file__.startswith(tree), mimbox.__file__; "
+          "sys.argv[0] = 'mimbox'; runpy.run_module('mimbox.cli', run_name='__main__')")
+
+
 class MiMBoxBefore(MiMBox):
     """MiMBox as built from an earlier tree (its own command line: that build knows none of today's
     policy or privilege flags)."""
@@ -65,7 +74,7 @@ class MiMBoxBefore(MiMBox):
 
     def start(self, tb, server_port: int) -> None:
         self.host = tb.mbox
-        argv = ["env", f"PYTHONPATH={self.tree}", PY, "-m", "mimbox.cli", "run", "--listen", f"0.0.0.0:{self.port}",
+        argv = [PY, "-c", LAUNCH, self.tree, "run", "--listen", f"0.0.0.0:{self.port}",
                 "--mode", self.mode, "--stats", self.stats_path, *self.extra]
         self.proc = self._popen(tb.mbox, argv)
         line = ready_line(self.proc)

@@ -217,13 +217,20 @@ def _per_rep_line(sub: pd.DataFrame) -> str:
     return f"Per repetition at {size // 1024} KB: " + "; ".join(parts) + "." if parts else ""
 
 
-def percost() -> str:
-    path = RESULTS / "percost_converter" / "summary.csv"
+def _rates(name: str):
+    """An experiment's summary.csv of req/s and µs CPU per request (rounded) and its manifest; None if not run."""
+    path = RESULTS / name / "summary.csv"
     if not path.exists():
-        return "_Per-connection cost not run yet._"
-    _, man = _load("percost_converter")
+        return None, None
+    _, man = _load(name)
     t = pd.read_csv(path)
-    t = t.assign(req_per_s=t.req_per_s.round(0).astype(int), cpu_us_per_req=t.cpu_us_per_req.round(0))
+    return t.assign(req_per_s=t.req_per_s.round(0).astype(int), cpu_us_per_req=t.cpu_us_per_req.round(0)), man
+
+
+def percost() -> str:
+    t, man = _rates("percost_converter")
+    if t is None:
+        return "_Per-connection cost not run yet._"
     t.columns = ["system", "req/s", "µs CPU/req", "req/s vs haproxy-1t", "CPU vs haproxy-1t"]
     paths = man.get("syn_paths", {})
     held = "; ".join(f"{k} {v['syns']} for {v['accepted']} connections" for k, v in paths.items())
@@ -362,6 +369,24 @@ def tfostall() -> str:
             + "\n\n" + _md(t) + "\n\n" + _env_line(man))
 
 
+def hardening() -> str:
+    t, man = _rates("hardening")
+    if t is None:
+        return "_Run `python -m experiments.hardening` to fill this table._"
+    t = t[["system", "req_per_s", "cpu_us_per_req", "socket_errors", "req_per_s_vs_haproxy_1t"]]
+    t.columns = ["system", "req/s", "µs CPU/req", "socket errors", "req/s vs haproxy-1t"]
+    r = pd.read_csv(RESULTS / "hardening" / "ratios.csv")
+    g = r.groupby("pair", sort=False).agg(mean=("req_per_s", "mean"), lo=("req_per_s", "min"), hi=("req_per_s", "max"),
+                                          cpu=("cpu_us_per_req", "mean"))
+    pairs = "; ".join(f"{p}: req/s {x['mean']:.2f}x (reps {x.lo:.2f}-{x.hi:.2f}), CPU/req {x.cpu:.2f}x"
+                      for p, x in g.iterrows())
+    return ("What the hardening costs at Fig. 5's converter-bound point (1 KB, 40 clients, a new connection per "
+            "request; the earlier build exported from git and run beside this one, interleaved): RFC 8803 mode "
+            "requiring the TFO cookie and capping clients that wait for their message, and explicit mode as the "
+            "unprivileged `mimbox` user under seccomp, against `--user root` and the earlier build.\n\n"
+            + _md(t) + f"\n\nSame-run ratios: {pairs}.\n\n" + _env_line(man))
+
+
 def reliability() -> str:
     path = RESULTS / "reliability" / "summary.json"
     if not path.exists():
@@ -415,6 +440,7 @@ def section() -> str:
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
              ("Scale-out: N converters behind one ECMP address", scaleout()),
              ("RFC 8803 on this kernel: MPTCP with SYN data", tfostall()),
+             ("What the hardening costs", hardening()),
              ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 
