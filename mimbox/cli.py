@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import sys
@@ -24,6 +25,7 @@ def _ports(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mimbox", description="MiMBox: a Multipath TCP <-> TCP protocol converter.")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors (mimbox --debug run ...)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run the converter", description=(
@@ -224,6 +226,7 @@ def _cookie(a) -> bytes | None:
 
 
 def cmd_run(a) -> int:
+    from mimbox.startup import preflight
     from mimbox.workers import default_workers
     cfg = config_from_args(a)
     if cfg.user != "root":
@@ -232,6 +235,7 @@ def cmd_run(a) -> int:
     workers = a.workers or default_workers()
     if not 1 <= workers <= 256:
         raise ValueError(f"--workers must be between 1 and 256, not {workers}")
+    preflight(cfg, workers)           # root, MPTCP, the port: one line each (mimbox.startup)
     if workers > 1:
         from mimbox.kernel import mptcp_reuseport_works
         ok, why = mptcp_reuseport_works() if cfg.listener.client_mptcp else (True, "")
@@ -254,9 +258,19 @@ def _serve(cfg: Config, workers: int, a) -> int:
               flush=True)
     if workers > 1 or cfg.user != "root":     # workers that drop privileges: a supervisor keeps the rules
         return Supervisor(cfg, workers, drain_timeout=a.drain_timeout).run(on_ready=ready)
-    with Relay(cfg) as relay:
+    from mimbox.startup import StartupError, debug_enabled, explain
+    try:
+        relay = Relay(cfg).open()
+    except (OSError, ValueError, RuntimeError) as e:
+        why = explain(e, cfg, 0)
+        if why is None or debug_enabled():
+            raise
+        raise StartupError(why) from None
+    try:
         ready()
         relay.serve(drain_timeout=a.drain_timeout)
+    finally:
+        relay.close()
     return 0
 
 
@@ -312,10 +326,14 @@ def cmd_pm(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.debug:
+        os.environ["MIMBOX_DEBUG"] = "1"      # (the workers too)
     try:
         return {"run": cmd_run, "client": cmd_client, "doctor": cmd_doctor, "stats": cmd_stats,
                 "pm": cmd_pm}[a.cmd](a)
     except (ValueError, RuntimeError, OSError) as e:
+        if a.debug:
+            raise
         print(f"mimbox {a.cmd}: {e}", file=sys.stderr)
         return 2
 

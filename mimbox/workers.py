@@ -122,23 +122,36 @@ class Supervisor:
                     relay.keep()  # the keeper inherits all of it
                 os.write(ready_w, b"r")
                 os.close(ready_w)
+                ready_w = -1
                 relay.serve(drain_timeout=self.drain_timeout)
             return 0
-        except BaseException:
-            log.exception("worker %d failed", w)
+        except BaseException as e:
+            from mimbox.startup import debug_enabled, explain
+            why = explain(e, self.cfg, w) if ready_w >= 0 else None
+            if why is None or debug_enabled():
+                log.exception("worker %d failed", w)
+            if ready_w >= 0:              # still starting: the supervisor says why, in one line
+                os.write(ready_w, b"E" + (why or f"worker {w} failed: {e!r}").encode()[:400].replace(b"\n", b" ")
+                         + b"\n")
             return 1
 
     def _wait_ready(self, ready_r: int) -> None:
-        got, deadline = 0, time.monotonic() + READY_TIMEOUT
+        """Each worker writes b"r" once it serves, or b"E<one line>\n" if it could not start."""
+        got, deadline, buf = 0, time.monotonic() + READY_TIMEOUT, b""
         try:
             while got < self.workers:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([ready_r], [], [], left)[0]:
                     raise RuntimeError(f"only {got} of {self.workers} workers started in {READY_TIMEOUT:g}s")
-                data = os.read(ready_r, 64)
+                data = os.read(ready_r, 1024)
                 if not data:
                     raise RuntimeError(f"a worker exited while starting ({got} of {self.workers} ready)")
-                got += len(data)
+                buf += data
+                while buf[:1] == b"r":
+                    got, buf = got + 1, buf[1:]
+                if buf[:1] == b"E" and b"\n" in buf:
+                    from mimbox.startup import StartupError
+                    raise StartupError(buf[1:buf.index(b"\n")].decode(errors="replace"))
         finally:
             os.close(ready_r)
 
