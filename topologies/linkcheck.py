@@ -47,8 +47,7 @@ class Fidelity:
         out = []
         if self.rate_mbps_set is not None:
             # never above the set rate; below it by at most the time the host took from the VM
-            low = self.rate_mbps_set * (1 - self.rate_steal_pct / 100) * (1 - RATE_TOL)
-            if not low <= self.rate_mbps <= self.rate_mbps_set * (1 + RATE_TOL):
+            if not rate_ok(self.rate_mbps_set, RateSample(self.rate_mbps, self.rate_steal_pct / 100)):
                 out.append(f"{self.link} rate {self.rate_mbps:.3f} vs {self.rate_mbps_set:g} Mbit/s"
                            + (f" (host's CPU steal {self.rate_steal_pct:.0f} %)" if self.rate_steal_pct >= 1 else ""))
         if abs(self.rtt_ms - self.rtt_ms_set) > RTT_TOL_MS:
@@ -157,6 +156,19 @@ def _measure_loss_once(a, b, b_ip: str, a_ip: str, rate_mbps: float | None, pack
     return 100.0 * summary["lost_packets"] / max(1, summary["packets"])
 
 
+STEAL_RESAMPLE = 0.05   # a rate window in which the host took >= 5 % of the CPU is measured again,
+STEAL_RETRIES = 2       # up to twice, and the window with the least steal is judged (steal's effect on
+                        # the shaper is not linear: 31 % steal cost a 100 Mbit/s link 39 % once)
+
+
+def rate_ok(rate_set: float | None, sample: RateSample) -> bool:
+    """Whether a rate sample is within tolerance (Fidelity.problems' rule)."""
+    if rate_set is None:
+        return True
+    low = rate_set * (1 - sample.steal) * (1 - RATE_TOL)
+    return low <= sample.mbps <= rate_set * (1 + RATE_TOL)
+
+
 def check_testbed(tb, seconds: float = 3.0, loss_packets: int = 5000) -> list[Fidelity]:
     """Measure every direction of every link of a started Testbed."""
     rows = []
@@ -165,6 +177,11 @@ def check_testbed(tb, seconds: float = 3.0, loss_packets: int = 5000) -> list[Fi
             s, r = snd.shape, rcv.shape
             a_ip, b_ip = snd.IP(), rcv.IP()
             rate = measure_rate(snd.node, snd, rcv.node, b_ip, a_ip, seconds, rate_mbps_set=s.bw)
+            for _ in range(STEAL_RETRIES):   # the host took the CPU meanwhile: a sample of the host, not
+                if rate.steal < STEAL_RESAMPLE or rate_ok(s.bw, rate):    # of the link; sample again
+                    break
+                again = measure_rate(snd.node, snd, rcv.node, b_ip, a_ip, seconds, rate_mbps_set=s.bw)
+                rate = min(rate, again, key=lambda x: x.steal)
             rtt = measure_rtt(snd.node, b_ip, a_ip)
             loss = None
             if s.loss:
