@@ -1689,8 +1689,8 @@ static void refuse_accepted(struct core *c, int cfd, int cause, int detail, int 
 			    uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport)
 {
 	c->st.refused_after_accept++;
+	refused(c, cause, detail, arg, err, 1, caddr, cport, daddr, dport);	/* counted before the client can see it */
 	reset_close(cfd);
-	refused(c, cause, detail, arg, err, 1, caddr, cport, daddr, dport);
 }
 
 /* A client socket: its held SYN's server socket, or its destination, policy, admission, server. */
