@@ -530,12 +530,19 @@ class Relay:
         """Send `reply` and end the stream, once the client's handshake is complete (an answer written
         to an MPTCP socket before then is never sent: converting.handshake_pending)."""
         if converting.handshake_pending(g.sock):
+            if not g.counted and self.waiting_answers() >= self.cfg.listener.pending_limit:
+                self._reset(g.sock)      # not counted as a greeting: capped here, or an fd each
+                return
             g.reply = reply
             self.greetings[g.sock.fileno()] = g
             self.core.watch(g.sock.fileno(), select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
             return
         converting.answer_and_end(g.sock, reply)
         self._drop_greeting(g)
+
+    def waiting_answers(self) -> int:
+        """Refused clients (no longer counted as greetings) whose answer waits for their handshake."""
+        return sum(1 for g in self.greetings.values() if not g.counted)
 
     def _drop_greeting(self, g: converting.Greeting) -> None:
         if self.greetings.pop(g.sock.fileno(), None) is not None:

@@ -33,8 +33,8 @@ def test_not_root():
 
 
 def test_port_in_use():
-    p = in_netns(f"{PY} -c 'import socket,time;s=socket.socket();s.bind((\"127.0.0.1\",7302));s.listen();"
-                 "time.sleep(60)' & A=$!\n"
+    p = in_netns(f"{PY} -c 'import socket;s=socket.socket();s.bind((\"127.0.0.1\",7302));s.listen();"
+                 "import signal;signal.pause()' & A=$!\n"
                  "for i in $(seq 100); do ss -Hltn 'sport = :7302' | grep -q . && break; sleep 0.1; done\n"
                  f"{RUN} --listen 127.0.0.1:7302; rc=$?\nkill $A; wait; exit $rc")
     one_line(p, "port 7302", "in use", "--listen")
