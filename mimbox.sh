@@ -38,6 +38,8 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  # the testbed (topologies/, experiments/) is not in the wheel: importable here from the checkout
+  .venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/mimbox-testbed.pth", "w").write(sys.argv[1] + "\n")' "$PWD"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 

@@ -12,32 +12,16 @@ PY = sys.executable
 
 @task(help={"force": "rebuild even if up to date"})
 def build(c, force=False):
-    """Build the BPF programs (client redirect, converter SYN recorder) and the LD_PRELOAD shims (MPTCP,
-    RFC 8803 client) into build/."""
-    c.run("mkdir -p build/bpf")
-    c.run(f"{PY} -m mimbox.dstopt --header > build/bpf/dstopt.h")
-    arch_inc = "/usr/include/" + os.uname().machine + "-linux-gnu"
-    for name in ("dstopt_client", "dstopt_server"):
-        obj, src = f"build/bpf/{name}.bpf.o", f"mimbox/bpf/{name}.bpf.c"
-        if force or not os.path.exists(obj) or os.path.getmtime(obj) < max(
-                os.path.getmtime(src), os.path.getmtime("mimbox/dstopt.py")):
-            c.run(f"clang -O2 -g -target bpf -Wall -I build/bpf -I {arch_inc} -c {src} -o {obj}")
-    c.run("gcc -O2 -shared -fPIC -Wall -o build/libmptcpize.so native/mptcpize.c -ldl")
-    c.run("gcc -O2 -shared -fPIC -Wall -o build/libconvertize.so native/convertize.c -ldl")
-    c.run(f"{PY} -m mimbox.core --header > build/relaycore.h")
-    c.run("gcc -O2 -shared -fPIC -Wall -I build/bpf -I build -o build/librelaycore.so native/relaycore.c -lnetfilter_queue")
-    # libFuzzer + ASan/UBSan harnesses of the SYN parser and handler (tests/test_fuzz.py runs them)
-    c.run("mkdir -p build/fuzz")
-    for target in ("parser", "handler"):
-        c.run(f"clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I build -I build/bpf "
-              f"-D FUZZ_{target.upper()} tests/fuzz/fuzz_core.c -o build/fuzz/{target}")
+    """Build the core, the LD_PRELOAD shims (MPTCP, RFC 8803 client), the BPF programs and the fuzz
+    harnesses into build/ (native/build.py: the same recipe the wheel uses)."""
+    c.run(f"{PY} native/build.py build --fuzz {'--force' if force else ''}")
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 
 
 @task(pre=[build])
 def doctor(c):
     """Probe the kernel and tools (one line per capability; non-zero exit if something needed is missing)."""
-    c.run(f"{PY} -m mimbox.cli doctor", pty=False)
+    c.run(f"{PY} -m mimbox.cli doctor --testbed", pty=False)
 
 
 @task(pre=[build], help={"slow": "also run the slow fidelity/soak tests", "k": "pytest -k expression"})

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import json
 import logging
+import signal
 import sys
 
 from mimbox.config import (
     ENGINES,
+    LOG_LEVELS,
     MODES,
     BufferConfig,
     Config,
@@ -23,7 +26,9 @@ def _ports(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(",") if p)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The command line. only_given: `run`'s options keep no defaults, so that the parsed namespace
+    holds only the flags given (they override the config file)."""
     ap = argparse.ArgumentParser(prog="mimbox", description="MiMBox: a Multipath TCP <-> TCP protocol converter.")
     ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors (mimbox --debug run ...)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -32,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Terminate client connections and convert them to server connections, MPTCP <-> TCP. "
         "Client SYNs are held (NFQUEUE) until the server answers, so a refused server gives the "
         "client a RST; bytes are moved with splice(). Run as root on the converter host."))
+    r.add_argument("--config", metavar="FILE",
+                   help="a TOML config file (mimbox.configfile; check it with `mimbox check-config FILE`); "
+                        "flags given here override it; SIGHUP re-reads it")
     g = r.add_argument_group("listener and redirection")
     g.add_argument("--listen", default=f"{ListenerConfig.addr}:{ListenerConfig.port}", metavar="ADDR:PORT",
                    help="where clients connect (explicit/static); in transparent mode its port only names the "
@@ -119,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, metavar="N",
                    help="event loops (processes), each on the shared port with SO_REUSEPORT; default 0: one per "
                         "core this process may use (taskset/cpuset respected)")
-    g.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let connections finish")
-    g.add_argument("--log-level", default=Config.log_level, choices=("debug", "info", "warning", "error"))
+    g.add_argument("--drain-timeout", type=float, default=Config.drain_timeout,
+                   help="on SIGTERM, seconds to let connections finish")
+    g.add_argument("--log-level", default=Config.log_level, choices=LOG_LEVELS)
+    g.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve the counters at http://HOST:PORT/metrics in the Prometheus format (HOST default "
+                        "127.0.0.1); off by default")
     g.add_argument("--access-log", default="off", metavar="off|on|N", type=_access_log,
                    help="one log line (logger mimbox.access) per finished connection: client, server, bytes each "
                         "way, duration, how it ended; N: one connection in N; at most 100 lines a second "
@@ -129,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"after set-up every worker runs as this user with only the capabilities it still needs, "
                         f"no new privileges and a seccomp filter (default {Config.user}, a system user "
                         "./mimbox.sh creates); root: keep every privilege")
+
+    if only_given:
+        for act in r._actions:
+            if act.dest not in ("help", "config"):
+                act.default = argparse.SUPPRESS
+
+    k = sub.add_parser("check-config", help="check a config file: every error with its key and line",
+                       description="Read FILE as `mimbox run --config FILE` would; print every error (its key "
+                                   "and line) and exit 1, or print the resulting configuration and exit 0.")
+    k.add_argument("file", metavar="FILE")
+
+    u = sub.add_parser("unit", help="print a systemd unit for this installation of mimbox",
+                       description="The shipped unit (Type=notify, watchdog, reload, capability bounding set) "
+                                   "with the path of this mimbox and of the config file: "
+                                   "mimbox unit > /etc/systemd/system/mimbox.service")
+    u.add_argument("--config", default="/etc/mimbox/mimbox.toml", metavar="FILE")
 
     c = sub.add_parser("client", help="run a program with its connections redirected through a converter",
                        description="Run COMMAND unchanged; its TCP connections go to the converter with the real "
@@ -145,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="probe the kernel and tools this project needs")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--testbed", action="store_true",
+                   help="also what the testbed and experiments need (Mininet, link emulation, peers, tools)")
 
     s = sub.add_parser("stats", help="print a running converter's counters")
     s.add_argument("--port", type=int, default=7000)
@@ -164,33 +194,65 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def config_from_args(a: argparse.Namespace) -> Config:
-    """The one place command-line options become a Config."""
-    host, port = parse_hostport(a.listen)
-    size = parse_size
+# flag (argparse dest) -> the config key it sets, and how its text becomes the value
+def _not(v):
+    return not v
+
+
+FLAGS = {
+    "mode": ("listener.mode", None), "upstream": ("listener.upstream", parse_hostport),
+    "intercept": ("listener.intercept_ports", lambda t: _ports(t)),
+    "intercept_from": ("listener.intercept_from", tuple),
+    "no_client_mptcp": ("listener.client_mptcp", _not), "no_server_mptcp": ("listener.server_mptcp", _not),
+    "no_syn_recorder": ("listener.syn_recorder", _not), "queue_num": ("listener.queue_num", None),
+    "syn_path": ("listener.syn_path", None), "pending_limit": ("listener.pending_limit", None),
+    "pending_per_prefix": ("listener.pending_per_prefix", None), "hold_rate": ("listener.hold_rate", None),
+    "spare_sockets": ("listener.spare_sockets", None), "busy_poll": ("listener.busy_poll_us", None),
+    "health_port": ("listener.health_port", None),
+    "engine": ("buffers.engine", None), "pipe_size": ("buffers.pipe_size", parse_size),
+    "client_rcvbuf": ("buffers.client_rcvbuf", parse_size), "client_sndbuf": ("buffers.client_sndbuf", parse_size),
+    "server_rcvbuf": ("buffers.server_rcvbuf", parse_size), "server_sndbuf": ("buffers.server_sndbuf", parse_size),
+    "allow_client": ("safety.allow_clients", tuple), "deny": ("safety.deny_dst", tuple),
+    "allow_destination": ("safety.allow_dst", tuple), "memory_budget": ("safety.memory_budget", parse_size),
+    "max_connections": ("safety.max_connections", None), "connect_timeout": ("safety.connect_timeout", None),
+    "idle_timeout": ("safety.idle_timeout", None), "handshake_timeout": ("safety.handshake_timeout", None),
+    "server_mptcp_retry": ("safety.server_mptcp_retry", None),
+    "stats": ("stats_path", None), "log_level": ("log_level", None), "access_log": ("access_log_every", None),
+    "user": ("user", None), "workers": ("workers", None), "drain_timeout": ("drain_timeout", None),
+    "metrics": ("metrics", None),
+}
+
+
+def flag_values(given: dict) -> dict[str, object]:
+    """The config keys the given flags set ({'table.key' or 'key': value}); None values are unset."""
+    out: dict[str, object] = {}
+    if given.get("listen") is not None:
+        out["listener.addr"], out["listener.port"] = parse_hostport(given["listen"])
+    for dest, (key, conv) in FLAGS.items():
+        if dest in given and given[dest] is not None:
+            out[key] = conv(given[dest]) if conv else given[dest]
+    if given.get("convert_cookie_file") or given.get("convert_cookie"):
+        out["listener.convert_cookie"] = _cookie(given)
+    return out
+
+
+def config_from_args(a: argparse.Namespace, given: dict | None = None) -> Config:
+    """The one place the command line (and its --config file) becomes a Config. `given`: only the
+    flags the user gave (they override the file); None: every option of `a` (no file)."""
+    from mimbox import configfile
     from mimbox.stats import default_stats_path
-    return Config(
-        listener=ListenerConfig(addr=host, port=port, mode=a.mode,
-                                upstream=parse_hostport(a.upstream) if a.upstream else None,
-                                intercept_ports=_ports(a.intercept), intercept_from=tuple(a.intercept_from),
-                                client_mptcp=not a.no_client_mptcp, server_mptcp=not a.no_server_mptcp,
-                                queue_num=a.queue_num, syn_path=a.syn_path, pending_limit=a.pending_limit,
-                                pending_per_prefix=a.pending_per_prefix, hold_rate=a.hold_rate,
-                                spare_sockets=a.spare_sockets, busy_poll_us=a.busy_poll,
-                                health_port=a.health_port, syn_recorder=not a.no_syn_recorder,
-                                convert_cookie=_cookie(a)),
-        buffers=BufferConfig(client_rcvbuf=size(a.client_rcvbuf), client_sndbuf=size(a.client_sndbuf),
-                             server_rcvbuf=size(a.server_rcvbuf), server_sndbuf=size(a.server_sndbuf),
-                             pipe_size=size(a.pipe_size), engine=a.engine),
-        safety=SafetyConfig(allow_clients=tuple(a.allow_client), deny_dst=tuple(a.deny),
-                            allow_dst=tuple(a.allow_destination),
-                            memory_budget=size(a.memory_budget), max_connections=a.max_connections,
-                            connect_timeout=a.connect_timeout, idle_timeout=a.idle_timeout,
-                            handshake_timeout=a.handshake_timeout,
-                            server_mptcp_retry=a.server_mptcp_retry),
-        stats_path=a.stats or default_stats_path(port), log_level=a.log_level, user=a.user,
-        access_log_every=a.access_log,
-    ).validate()
+    flags = flag_values(vars(a) if given is None else given)
+    path = getattr(a, "config", None)
+    if path:
+        try:
+            cfg = configfile.check(path, flags)
+        except configfile.ConfigError as e:
+            raise ValueError("the config file has errors:\n  " + "\n  ".join(e.lines())) from None
+    else:
+        cfg = configfile.build(flags)
+    if cfg.stats_path is None:
+        cfg = dataclasses.replace(cfg, stats_path=default_stats_path(cfg.listener.port))
+    return cfg.validate()
 
 
 def _access_log(text: str) -> int:
@@ -209,30 +271,25 @@ def _access_log(text: str) -> int:
     return n
 
 
-def _cookie(a) -> bytes | None:
+def _cookie(given: dict) -> bytes | None:
     """The Convert cookie: from --convert-cookie-file (first line), or --convert-cookie."""
-    if a.convert_cookie_file and a.convert_cookie:
+    from mimbox.configfile import read_cookie
+    if given.get("convert_cookie_file") and given.get("convert_cookie"):
         raise ValueError("give --convert-cookie-file or --convert-cookie, not both")
-    if a.convert_cookie_file:
-        try:
-            with open(a.convert_cookie_file, "rb") as f:
-                text = f.read().splitlines()[0].strip()
-        except (OSError, IndexError) as e:
-            raise ValueError(f"--convert-cookie-file {a.convert_cookie_file}: cannot read a cookie ({e})") from None
-        if not text:
-            raise ValueError(f"--convert-cookie-file {a.convert_cookie_file}: empty")
-        return text
-    return a.convert_cookie.encode() if a.convert_cookie else None
+    if given.get("convert_cookie_file"):
+        return read_cookie(given["convert_cookie_file"])
+    return given["convert_cookie"].encode() if given.get("convert_cookie") else None
 
 
 def cmd_run(a) -> int:
     from mimbox.startup import preflight
     from mimbox.workers import default_workers
-    cfg = config_from_args(a)
+    given = getattr(a, "given", None)
+    cfg = config_from_args(a, given)
     if cfg.user != "root":
         from mimbox.privileges import user_ids
         user_ids(cfg.user)            # a clear error now, not a worker failing later
-    workers = a.workers or default_workers()
+    workers = cfg.workers or default_workers()
     if not 1 <= workers <= 256:
         raise ValueError(f"--workers must be between 1 and 256, not {workers}")
     preflight(cfg, workers)           # root, MPTCP, the port: one line each (mimbox.startup)
@@ -242,22 +299,25 @@ def cmd_run(a) -> int:
         if not ok:
             raise RuntimeError(f"--workers {workers} needs SO_REUSEPORT on MPTCP listeners ({why}); use --workers 1")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s mimbox %(levelname)s %(message)s")
+    reload = (lambda: config_from_args(a, given)) if a.config else None     # SIGHUP: the file read again
     if cfg.listener.mode == "convert":
         from mimbox.redirect.convert import fastopen_server
         with fastopen_server():       # SYN data is ignored unless the namespace's TFO server side is on
-            return _serve(cfg, workers, a)
-    return _serve(cfg, workers, a)
+            return _serve(cfg, workers, reload)
+    return _serve(cfg, workers, reload)
 
 
-def _serve(cfg: Config, workers: int, a) -> int:
+def _serve(cfg: Config, workers: int, reload) -> int:
     from mimbox.relay import Relay
     from mimbox.workers import Supervisor
 
     def ready():
         print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port} ({workers} worker{'s' * (workers > 1)})",
               flush=True)
-    if workers > 1 or cfg.user != "root":     # workers that drop privileges: a supervisor keeps the rules
-        return Supervisor(cfg, workers, drain_timeout=a.drain_timeout).run(on_ready=ready)
+    # a supervisor keeps the rules for workers that drop privileges, and does what a service needs
+    # (reload, metrics, systemd's notifications); one process is the lightest way to run as root
+    if workers > 1 or cfg.user != "root" or reload or cfg.metrics or os.environ.get("NOTIFY_SOCKET"):
+        return Supervisor(cfg, workers, reload=reload).run(on_ready=ready)
     from mimbox.startup import StartupError, debug_enabled, explain
     try:
         relay = Relay(cfg).open()
@@ -266,11 +326,43 @@ def _serve(cfg: Config, workers: int, a) -> int:
         if why is None or debug_enabled():
             raise
         raise StartupError(why) from None
+    signal.signal(signal.SIGHUP, lambda *_: logging.getLogger("mimbox").warning(
+        "SIGHUP: nothing to reload (started without --config)"))
     try:
         ready()
-        relay.serve(drain_timeout=a.drain_timeout)
+        relay.serve(drain_timeout=cfg.drain_timeout)
     finally:
         relay.close()
+    return 0
+
+
+def cmd_check_config(a) -> int:
+    """Every error of the file with its key and line (exit 1), or the configuration it gives (exit 0)."""
+    from mimbox import configfile
+    try:
+        cfg = configfile.check(a.file)
+    except configfile.ConfigError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        print(f"mimbox check-config: {len(e.errors)} error{'s' * (len(e.errors) > 1)} in {a.file}", file=sys.stderr)
+        return 1
+    flat = configfile.flatten(cfg)
+    flat.pop("listener.convert_cookie", None)
+    if cfg.listener.convert_cookie:
+        flat["listener.convert_cookie"] = "(set, from the cookie file)"
+    print(f"{a.file}: OK")
+    for key in sorted(flat):
+        print(f"  {key} = {flat[key]!r}")
+    return 0
+
+
+def cmd_unit(a) -> int:
+    from mimbox.paths import PACKAGE
+    exe = os.path.join(os.path.dirname(sys.executable), "mimbox")
+    if not os.access(exe, os.X_OK):
+        raise RuntimeError(f"no mimbox script beside {sys.executable}: install the package (pip install) first")
+    text = (PACKAGE / "systemd" / "mimbox.service").read_text()
+    print(text.replace("/opt/mimbox/bin/mimbox", exe).replace("/etc/mimbox/mimbox.toml", os.path.abspath(a.config)), end="")
     return 0
 
 
@@ -290,7 +382,7 @@ def cmd_client(a) -> int:
 def cmd_doctor(a) -> int:
     from mimbox.kernel import probe_all
     from mimbox.paths import BUILD
-    caps = probe_all(str(BUILD))
+    caps = probe_all(str(BUILD), testbed=a.testbed)
     if a.json:
         print(json.dumps([c.__dict__ for c in caps], indent=2))
     else:
@@ -326,10 +418,12 @@ def cmd_pm(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.cmd == "run":                        # the flags given, apart from defaults: they override --config
+        a.given = vars(build_parser(only_given=True).parse_args(argv))
     if a.debug:
         os.environ["MIMBOX_DEBUG"] = "1"      # (the workers too)
     try:
-        return {"run": cmd_run, "client": cmd_client, "doctor": cmd_doctor, "stats": cmd_stats,
+        return {"run": cmd_run, "check-config": cmd_check_config, "unit": cmd_unit, "client": cmd_client, "doctor": cmd_doctor, "stats": cmd_stats,
                 "pm": cmd_pm}[a.cmd](a)
     except (ValueError, RuntimeError, OSError) as e:
         if a.debug:

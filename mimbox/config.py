@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 MODES = ("explicit", "transparent", "static", "convert")
 SYN_PATHS = ("auto", "hold", "accept")
 ENGINES = ("auto", "splice", "copy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -82,6 +83,8 @@ class SafetyConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Everything `mimbox run` is told, from flags and a config file (mimbox.configfile: a TOML file
+    has a table per concern, [listener], [buffers], [safety], and these fields at its top level)."""
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     buffers: BufferConfig = field(default_factory=BufferConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
@@ -89,34 +92,72 @@ class Config:
     log_level: str = "info"
     access_log_every: int = 0             # one access-log line per N finished connections (0: off, 1: every one)
     user: str = "mimbox"                  # workers run as this user after set-up (mimbox.privileges); root: stay
+    workers: int = 0                      # event loops; 0: one per core this process may use
+    drain_timeout: float = 30.0           # on SIGTERM, seconds connections may take to finish
+    metrics: str | None = None            # HOST:PORT serving /metrics (Prometheus), None: off
 
-    def validate(self) -> "Config":
-        """Raise ValueError with a clear message for an inconsistent configuration."""
+    def problems(self) -> list[tuple[str, str]]:
+        """Every inconsistency, as (key, message); the key names the config file's entry."""
+        out: list[tuple[str, str]] = []
         lc = self.listener
         if lc.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+            out.append(("listener.mode", f"mode must be one of {MODES}, not {lc.mode!r}"))
         if lc.mode == "static" and not lc.upstream:
-            raise ValueError("static mode needs --upstream HOST:PORT")
+            out.append(("listener.upstream", "static mode needs an upstream (--upstream HOST:PORT)"))
         if lc.mode == "transparent" and not lc.intercept_ports:
-            raise ValueError("transparent mode needs --intercept PORT[,PORT...]")
+            out.append(("listener.intercept_ports", "transparent mode needs ports to intercept (--intercept PORT[,PORT...])"))
         if self.buffers.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}")
+            out.append(("buffers.engine", f"engine must be one of {ENGINES}, not {self.buffers.engine!r}"))
         if lc.syn_path not in SYN_PATHS:
-            raise ValueError(f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}")
+            out.append(("listener.syn_path", f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}"))
+        if self.log_level not in LOG_LEVELS:
+            out.append(("log_level", f"log level must be one of {LOG_LEVELS}, not {self.log_level!r}"))
         if self.access_log_every < 0:
-            raise ValueError("--access-log: off, on, or N (one connection in N) with N >= 1")
+            out.append(("access_log_every", "access log: off, on, or N (one connection in N) with N >= 1"))
+        if not 0 <= self.workers <= 256:
+            out.append(("workers", f"workers must be 0 (one per core) .. 256, not {self.workers}"))
         from mimbox.core import SPARE_MAX
         if not 0 <= lc.spare_sockets <= SPARE_MAX:
-            raise ValueError(f"--spare-sockets must be 0..{SPARE_MAX}")
+            out.append(("listener.spare_sockets", f"spare sockets must be 0..{SPARE_MAX}"))
         if not 0 <= lc.busy_poll_us <= 10_000_000:
-            raise ValueError("--busy-poll must be 0..10000000 microseconds")
-        for net in (*self.safety.allow_clients, *lc.intercept_from):
-            ipaddress.IPv4Network(net, strict=False)
+            out.append(("listener.busy_poll_us", "busy poll must be 0..10000000 microseconds"))
+        for key in ("pending_limit", "pending_per_prefix", "hold_rate", "backlog"):
+            if getattr(lc, key) < 1:
+                out.append((f"listener.{key}", f"{key} must be >= 1"))
+        for key in ("connect_timeout", "handshake_timeout"):
+            if getattr(self.safety, key) <= 0:
+                out.append((f"safety.{key}", f"{key} must be > 0 seconds"))
+        for key in ("idle_timeout", "server_mptcp_retry"):
+            if getattr(self.safety, key) < 0:
+                out.append((f"safety.{key}", f"{key} must be >= 0 seconds (0: never)"))
+        if self.safety.max_connections is not None and self.safety.max_connections < 1:
+            out.append(("safety.max_connections", "max_connections must be >= 1"))
+        for key, nets in (("safety.allow_clients", self.safety.allow_clients), ("listener.intercept_from", lc.intercept_from)):
+            for net in nets:
+                try:
+                    ipaddress.IPv4Network(net, strict=False)
+                except ValueError as e:
+                    out.append((key, f"{net!r}: {e}"))
         from mimbox.safety import parse_destination
-        for text in self.safety.deny_dst:
-            parse_destination(text, False)
-        for text in self.safety.allow_dst:
-            parse_destination(text, True)
+        for key, texts, allow in (("safety.deny_dst", self.safety.deny_dst, False),
+                                  ("safety.allow_dst", self.safety.allow_dst, True)):
+            for text in texts:
+                try:
+                    parse_destination(text, allow)
+                except ValueError as e:
+                    out.append((key, str(e)))
+        if self.metrics is not None:
+            try:
+                parse_hostport(self.metrics, "127.0.0.1")
+            except ValueError as e:
+                out.append(("metrics", f"{self.metrics!r}: HOST:PORT or PORT ({e})"))
+        return out
+
+    def validate(self) -> "Config":
+        """Raise ValueError naming every inconsistency (see problems())."""
+        found = self.problems()
+        if found:
+            raise ValueError("; ".join(msg for _, msg in found))
         return self
 
     def per_connection_memory(self) -> int:

@@ -53,6 +53,9 @@ MAX_EVENTS = 512
 KEEPER_NAME = "mimbox-keeper"  # the process that resets a crashed converter's connections (core_keeper)
 PIPE_POOL = 1024               # empty pipes a core keeps for splice (emitted into the C header)
 SPARE_MAX = 64                 # server sockets a core makes ahead, per kind, at most (--spare-sockets)
+# histogram upper bounds (the last bucket is above all): server connect time, connection duration
+CONNECT_BUCKETS_US = (100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000, 2500000, 10000000)
+DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 ETIME = errno.ETIME            # an idle timeout, in EV_ABORTED
 
 
@@ -95,7 +98,9 @@ class CoreStats(ctypes.Structure):
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares", "accept_pauses",
-                                       "refused_after_accept", "access_log_dropped")]
+                                       "refused_after_accept", "access_log_dropped")] + [
+        ("connect_hist", ctypes.c_uint64 * (len(CONNECT_BUCKETS_US) + 1)),
+        ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double)]
 
 
 class ConnInfo(ctypes.Structure):
@@ -135,6 +140,9 @@ def c_header() -> str:
     busy = error_reply(Error.RESOURCE_EXCEEDED)
     lines += ["/* RFC 8803: the answer to a client refused for a cap (mimbox.convert.error_reply) */",
               f"#define CONVERT_RESOURCE_EXCEEDED {{{', '.join(f'0x{b:02x}' for b in busy)}}}"]
+    for count, name, bounds in (("CONNECT_BUCKET_COUNT", "CONNECT_BUCKETS_US", CONNECT_BUCKETS_US),
+                                ("DURATION_BUCKET_COUNT", "DURATION_BUCKETS_S", DURATION_BUCKETS_S)):
+        lines += [f"#define {count} {len(bounds)}", f"#define {name}_INIT {{{', '.join(map(str, map(float, bounds)))}}}"]
     lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 
@@ -158,7 +166,8 @@ def load() -> ctypes.CDLL:
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
-           "core_keeper": (I, [P]), "core_keeper_release": (None, [P])}
+           "core_keeper": (I, [P]), "core_keeper_release": (None, [P]),
+           "core_reconfigure": (None, [P, ctypes.POINTER(CoreConfig)])}
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
         f.restype, f.argtypes = res, args
@@ -268,9 +277,17 @@ class Core:
         if r < 0:
             raise OSError(-r, "core_add")
 
-    def policy(self, policy) -> None:
+    def reconfigure(self, cfg: CoreConfig) -> None:
+        """A reload: the fields of `cfg` that may change while serving (native/relaycore.c core_reconfigure)."""
+        self.cfg = cfg
+        self.lib.core_reconfigure(self.ptr, ctypes.byref(cfg))
+
+    def policy(self, policy, reset: bool = False) -> None:
         """Who may go where: a mimbox.safety.Policy's allowed clients, destination rules (in order)
-        and this host's addresses. Raises ValueError past the core's table sizes."""
+        and this host's addresses (reset: instead of the ones given before). Raises ValueError past
+        the core's table sizes."""
+        if reset:
+            self.lib.core_policy(self.ptr, 4, 0, 0)
         for n in policy.allow_clients:
             if self.lib.core_policy(self.ptr, 0, int(n.network_address), int(n.netmask)) < 0:
                 raise ValueError("too many allowed client prefixes (at most 256)")

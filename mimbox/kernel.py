@@ -31,6 +31,15 @@ class Capability:
     detail: str
     fix: str = ""
     required: bool = True  # experiments cannot run without it
+    testbed: bool = False  # the testbed's (Mininet, link emulation, peers, tools), not the converter's
+
+TESTBED = ("qdisc.", "link-emulation", "cgroup2", "cgroup.cpu-quota", "cpuidle.haltpoll", "mininet", "tool.",
+           "nfqueue.bind")
+
+
+def for_testbed(name: str) -> bool:
+    """A capability only the testbed and experiments need (`mimbox doctor --testbed` shows them)."""
+    return any(name == t or (t.endswith(".") and name.startswith(t)) for t in TESTBED)
 
 
 def run(cmd: list[str], netns: str | None = None, check: bool = False, timeout: float = 20,
@@ -151,8 +160,15 @@ def _read(path: str) -> str:
         return ""
 
 
-def probe_all(build_dir: str | None = None) -> list[Capability]:
-    """Probe everything the converter and the experiments use."""
+def probe_all(build_dir: str | None = None, testbed: bool = True) -> list[Capability]:
+    """Probe what the converter uses, and (testbed) what the experiments use."""
+    import dataclasses
+    caps = _probe_all(build_dir)
+    caps = [dataclasses.replace(c, testbed=for_testbed(c.name)) for c in caps]
+    return [c for c in caps if testbed or not c.testbed]
+
+
+def _probe_all(build_dir: str | None = None) -> list[Capability]:
     caps: list[Capability] = []
     add = caps.append
 
@@ -258,7 +274,8 @@ def probe_all(build_dir: str | None = None) -> list[Capability]:
         probe = Core(CoreConfig(pipe_size=4096, pending_limit=1, recorder_fd=-1))
         r = probe.lib.core_queue(probe.ptr, 65002)      # the core binds its own NFQUEUE (libnetfilter_queue)
         probe.close()
-        add(Capability("core", r == 0, "build/librelaycore.so loaded, layouts match, NFQUEUE 65002 bound and "
+        from mimbox.paths import RELAYCORE
+        add(Capability("core", r == 0, f"{RELAYCORE} loaded, layouts match, NFQUEUE 65002 bound and "
                        f"released" if r == 0 else f"NFQUEUE bind from the core: errno {-r}", "invoke build (gcc, "
                        "libnetfilter-queue-dev)"))
     except (RuntimeError, OSError) as e:

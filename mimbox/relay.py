@@ -22,6 +22,7 @@ hand-over between workers, log lines, stats and health probes.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -162,10 +163,12 @@ class Relay:
 
     def __init__(self, cfg: Config, worker: int = 0, workers: int = 1,
                  links: dict[int, socket.socket] | None = None, admission: Admission | None = None,
-                 plan: SynPlan | None = None, held: HeldSet | None = None, keeper_later: bool = False):
+                 plan: SynPlan | None = None, held: HeldSet | None = None, keeper_later: bool = False,
+                 control: socket.socket | None = None):
         """plan: the supervisor's (it owns rules and recorder); None: this relay plans and owns them.
         held: the workers' shared set of held SYNs (None: hand over every connection another worker
-        owns by its source port)."""
+        owns by its source port). control: the supervisor's channel (mimbox.workers: liveness pings
+        and reloads)."""
         self.cfg = cfg.validate()
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
@@ -193,6 +196,7 @@ class Relay:
         self.health_sock: socket.socket | None = None
         self.address_watch: AddressWatch | None = None
         self.answers = Answers()          # `mimbox stats` answers on their way
+        self.control = control
 
     def _core_config(self) -> CoreConfig:
         """What the core decides by itself, from the configuration (mimbox.core)."""
@@ -263,6 +267,8 @@ class Relay:
                 self.core.watch(self.stats_sock.fileno(), select.EPOLLIN)
             self.address_watch = AddressWatch()
             self.core.watch(self.address_watch.fileno(), select.EPOLLIN)
+            if self.control is not None:
+                self.core.watch(self.control.fileno(), select.EPOLLIN)
             self._refresh_own()          # an address added since the policy was made
             if self.rules is not None:
                 self.rules.install()
@@ -276,6 +282,54 @@ class Relay:
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         return self
+
+    def reconfigure(self, new: Config) -> None:
+        """A reload (SIGHUP): what mimbox.configfile.RELOADABLE names changes for new connections and
+        SYNs; established connections carry on. The caller has checked that nothing else changed."""
+        new = dataclasses.replace(new.validate(), stats_path=self.cfg.stats_path)   # this worker's own
+        policy = Policy.from_config(new.safety)
+        policy.set_own(local_addresses())
+        old_cfg, self.cfg = self.cfg, new
+        try:
+            self.admission.limit = new.connection_limit()
+            self.core.reconfigure(self._core_config())
+            self.core.policy(policy, reset=True)
+        except Exception:
+            self.cfg = old_cfg
+            self.admission.limit = old_cfg.connection_limit()
+            self.core.reconfigure(self._core_config())
+            self.core.policy(self.policy, reset=True)
+            raise
+        self.policy = policy
+        self.timeouts = Timeouts.of(new.safety)
+        logging.getLogger().setLevel(new.log_level.upper())
+        log.info("reloaded: policy: %s", self.policy.describe())
+
+    def _on_control(self) -> None:
+        """The supervisor asks: b"P" (are you serving? answered from this loop, so a hung loop does
+        not answer) or b"C" + a pickled Config (reload; answered b"K" or b"E" + why)."""
+        import pickle
+        try:
+            msg = self.control.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not msg:                       # the supervisor is gone (die_with_parent kills us too)
+            self.core.unwatch(self.control.fileno())
+            return
+        if msg[:1] == b"P":
+            reply = msg
+        elif msg[:1] == b"C":
+            try:
+                self.reconfigure(pickle.loads(msg[1:]))
+                reply = b"K"
+            except Exception as e:        # noqa: BLE001 - the old configuration stays; the supervisor says why
+                reply = b"E" + str(e).encode()[:1000]
+        else:
+            return
+        try:
+            self.control.send(reply)
+        except OSError:
+            pass
 
     def keep(self) -> None:
         """Start the keeper (a crash resets this worker's connections: mimbox.core.Core.keep)."""
@@ -303,7 +357,7 @@ class Relay:
         if self.address_watch is not None:
             self.address_watch.close()
             self.address_watch = None
-        for s in (*self.listeners, self.stats_sock, *self.links.values()):
+        for s in (*self.listeners, self.stats_sock, *self.links.values(), self.control):
             if s is not None:
                 s.close()
         if self.stats_sock is not None and self.cfg.stats_path:
@@ -314,6 +368,7 @@ class Relay:
         self.listeners = []
         self.links = {}
         self.stats_sock = None
+        self.control = None
         if self.core is not None:
             self.core.close()
             self.core = None
@@ -369,6 +424,7 @@ class Relay:
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
         hfd = self.health_sock.fileno() if self.health_sock else -4
         afd = self.address_watch.fileno() if self.address_watch else -5
+        kfd = self.control.fileno() if self.control is not None else -6
         next_sweep = time.monotonic() + 1.0
         while not done():
             try:
@@ -393,6 +449,8 @@ class Relay:
                                 self._refresh_own()
                         elif fd == self.signal_fd:
                             os.read(fd, 512)      # the signal's handler has run: the loop checks done()
+                        elif fd == kfd:
+                            self._on_control()
                     else:
                         self._on_core_event(ev)
                 except Exception:      # one connection's bug must not stop every other one
@@ -623,7 +681,9 @@ class Relay:
                  "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
                  "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers,
                  "greetings": self.core.greetings(), "accept_pauses": cs.accept_pauses,
-                 "log_lines_access": self.access.lines, "access_log_dropped": cs.access_log_dropped}
+                 "log_lines_access": self.access.lines, "access_log_dropped": cs.access_log_dropped,
+                 "connect_hist": list(cs.connect_hist), "duration_hist": list(cs.duration_hist),
+                 "duration_sum": cs.duration_sum}
         if connections:
             now = time.monotonic()
             extra["connections"] = [

@@ -48,7 +48,8 @@ class Stats:
 
 
 SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused", "greetings",
-          "accept_pauses", "log_lines_access", "access_log_dropped")
+          "accept_pauses", "log_lines_access", "access_log_dropped", "duration_sum")
+HISTOGRAMS = ("connect_hist", "duration_hist")     # per-bucket counts: added bucket by bucket
 
 
 def merge(snapshots: list[dict], **extra) -> dict:
@@ -63,6 +64,8 @@ def merge(snapshots: list[dict], **extra) -> dict:
                 c.update(v)
             elif k == "connections":
                 out.setdefault(k, []).extend(v)
+            elif k in HISTOGRAMS:
+                out[k] = [a + b for a, b in zip(out[k], v)] if k in out else list(v)
             elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k in SUMMED or k in Stats.__annotations__):
                 out[k] = out.get(k, 0) + v
             else:

@@ -9,9 +9,18 @@ to another worker; that worker passes it over a unix socket (SCM_RIGHTS) to the 
 it with its server socket.
 
 The supervisor forks the workers, installs the rules once all of them listen, serves the summed
-counters at the stats socket (each worker serves its own at PATH.wN), and on SIGTERM/SIGINT removes
-the rules and lets every worker drain. If a worker dies, the others are stopped and the
-supervisor exits non-zero, so a service manager restarts the whole converter.
+counters at the stats socket (each worker serves its own at PATH.wN) and at /metrics
+(mimbox.metrics), and on SIGTERM/SIGINT removes the rules and lets every worker drain. If a worker
+dies, the others are stopped and the supervisor exits non-zero, so a service manager restarts the
+whole converter.
+
+Each worker has a control channel to the supervisor (a SOCK_SEQPACKET pair): liveness pings,
+answered from the worker's event loop, and reloads. Under systemd (Type=notify) the supervisor
+says READY=1 once rules, BPF and listeners are up, RELOADING=1/READY=1 around a reload, STOPPING=1
+at drain, and pings the watchdog (WatchdogSec=) only while every worker answers its pings.
+SIGHUP re-reads the config file: what may change in place (mimbox.configfile.RELOADABLE) is sent
+to every worker; a change that needs a restart is refused, naming the key, and the old
+configuration stays.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import pickle
 import select
 import signal
 import socket
@@ -30,6 +40,32 @@ from mimbox.stats import answer, merge, open_endpoint, query, worker_stats_path
 log = logging.getLogger("mimbox")
 
 READY_TIMEOUT = 30.0
+RELOAD_TIMEOUT = 10.0       # every worker applies a reload within this, or it is undone
+
+
+class Notifier:
+    """systemd's notification socket (sd_notify(3), through the sdnotify library); silent when
+    NOTIFY_SOCKET is not set. The variable is taken out of the environment: workers never notify."""
+
+    def __init__(self):
+        self.notifier = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+            self.notifier = sdnotify.SystemdNotifier()
+            os.environ.pop("NOTIFY_SOCKET")
+
+    def __call__(self, *lines: str) -> None:
+        if self.notifier is not None:
+            self.notifier.notify("\n".join(lines))
+
+
+def watchdog_period() -> float | None:
+    """Seconds between watchdog pings: a third of WatchdogSec= (WATCHDOG_USEC), None if the service
+    manager asks for none or asks another process (WATCHDOG_PID)."""
+    usec, pid = os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None)
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return max(int(usec) / 3e6, 0.05)
 
 
 def default_workers() -> int:
@@ -59,9 +95,18 @@ def describe_exit(status: int) -> str:
 class Supervisor:
     """Fork `workers` relays for `cfg`, own their rules and stats endpoint; `run()` until stopped."""
 
-    def __init__(self, cfg: Config, workers: int, drain_timeout: float = 30.0):
+    def __init__(self, cfg: Config, workers: int, drain_timeout: float | None = None, reload=None):
+        """reload: () -> Config, the configuration read again (SIGHUP); None: nothing to re-read."""
         from mimbox.synpath import Admission, HeldSet
-        self.cfg, self.workers, self.drain_timeout = cfg.validate(), workers, drain_timeout
+        self.cfg, self.workers = cfg.validate(), workers
+        self.drain_timeout = cfg.drain_timeout if drain_timeout is None else drain_timeout
+        self.reload_source = reload
+        self.reload_wanted = False
+        self.controls: dict[int, socket.socket] = {}     # worker -> the supervisor's end of its channel
+        self.notify = Notifier()
+        self.watchdog = watchdog_period()
+        self.ping_round, self.answered, self.next_ping = 0, set(), 0.0
+        self.metrics = None
         self.held = HeldSet()       # shared: which worker holds which SYN
         self.plan = None     # made in run(): the BPF recorder's map fd is inherited by the workers
         self.rules = None
@@ -75,6 +120,7 @@ class Supervisor:
         """Fork the workers; return the read end of the pipe on which each says it is listening."""
         pairs = {(i, j): socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
                  for i, j in itertools.combinations(range(self.workers), 2)}
+        controls = {w: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for w in range(self.workers)}
         ready_r, ready_w = os.pipe()
         supervisor = os.getpid()
         try:
@@ -83,6 +129,10 @@ class Supervisor:
                 if pid == 0:                                   # the worker
                     die_with_parent(supervisor)
                     os.close(ready_r)
+                    for v, (a, b) in controls.items():
+                        a.close()
+                        if v != w:
+                            b.close()
                     links = {}
                     for (i, j), (a, b) in pairs.items():
                         if w == i:
@@ -94,28 +144,34 @@ class Supervisor:
                         else:
                             a.close()
                             b.close()
-                    os._exit(self._worker(w, links, ready_w))
+                    os._exit(self._worker(w, links, ready_w, controls[w][1]))
                 self.children[pid] = w
         finally:
             for a, b in pairs.values():
                 a.close()
                 b.close()
+            for w, (a, b) in controls.items():
+                b.close()
+                a.setblocking(False)
+                self.controls[w] = a
             os.close(ready_w)
         return ready_r
 
-    def _worker(self, w: int, links: dict[int, socket.socket], ready_w: int) -> int:
+    def _worker(self, w: int, links: dict[int, socket.socket], ready_w: int, control: socket.socket) -> int:
         from mimbox.relay import Relay
         for h in logging.getLogger().handlers:
             h.setFormatter(logging.Formatter(f"%(asctime)s mimbox[w{w}] %(levelname)s %(message)s"))
         # while starting, Ctrl-C (sent to the whole process group) is the supervisor's to handle;
-        # once serving, SIGINT and SIGTERM both make the worker drain
+        # once serving, SIGINT and SIGTERM both make the worker drain; a reload comes over `control`
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        control.setblocking(False)
         try:
             cfg = dataclasses.replace(self.cfg, stats_path=worker_stats_path(self.cfg.stats_path, w)
                                       if self.cfg.stats_path else None)
             drop = self.cfg.user != "root"
             with Relay(cfg, worker=w, workers=self.workers, links=links, admission=self.admission,
-                       plan=self.plan, held=self.held, keeper_later=drop) as relay:
+                       plan=self.plan, held=self.held, keeper_later=drop, control=control) as relay:
                 if drop:          # set-up done: the service user, the capabilities left, seccomp
                     from mimbox import privileges
                     privileges.drop(self.cfg.user, privileges.needed_capabilities(self.plan.queue))
@@ -187,26 +243,144 @@ class Supervisor:
                 gone.append((self.children.pop(pid), os.waitstatus_to_exitcode(status)))
 
     # -- stats ---------------------------------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """The workers' counters, summed (a worker that does not answer is named in `unanswered`)."""
-        snaps, missing = [], []
+    def worker_snapshots(self, timeout: float = 2.0) -> list[tuple[int, dict | None]]:
+        """Each worker's counters (None: it did not answer within `timeout`)."""
+        out = []
         for w in range(self.workers):
             try:
-                snaps.append(query(worker_stats_path(self.cfg.stats_path, w), timeout=2.0))
+                out.append((w, query(worker_stats_path(self.cfg.stats_path, w), timeout=timeout)))
             except (OSError, ValueError):
-                missing.append(w)
-        return merge(snaps, workers=self.workers, unanswered=missing)
+                out.append((w, None))
+        return out
+
+    def snapshot(self) -> dict:
+        """The workers' counters, summed (a worker that does not answer is named in `unanswered`)."""
+        snaps = self.worker_snapshots()
+        return merge([s for _, s in snaps if s is not None], workers=self.workers,
+                     unanswered=[w for w, s in snaps if s is None])
 
     def _serve_stats(self) -> None:
         answer(self.stats_sock, self.snapshot, timeout=3.0)
+
+    # -- control channels: liveness and reloads ----------------------------------------------------------
+    def _on_control(self, w: int) -> None:
+        """A worker's answer to a ping (reload answers are read by _reload itself)."""
+        try:
+            msg = self.controls[w].recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            msg = b""
+        if msg == b"P%d" % self.ping_round:
+            self.answered.add(w)
+            if len(self.answered) == self.workers:
+                self.notify("WATCHDOG=1")     # every worker's loop turned since the last ping
+
+    def _ping(self, now: float) -> None:
+        """Ask every worker whether its loop turns; the watchdog is fed when all have answered."""
+        self.ping_round += 1
+        self.answered = set()
+        self.next_ping = now + self.watchdog
+        for sock in self.controls.values():
+            try:
+                sock.send(b"P%d" % self.ping_round)
+            except OSError:
+                pass
+
+    def _reload(self) -> bool:
+        """SIGHUP: read the configuration again; apply what may change in place to every worker (new
+        connections get it, established ones carry on); refuse the rest, naming each key. True if
+        the new configuration is in force."""
+        from mimbox.configfile import changes
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            if self.reload_source is None:
+                log.warning("SIGHUP: nothing to reload (started without --config)")
+                return False
+            try:
+                new = self.reload_source()
+            except ValueError as e:
+                log.error("reload refused, the configuration in force stays: %s", e)
+                return False
+            live, fixed = changes(self.cfg, new)
+            if fixed:
+                log.error("reload refused, the configuration in force stays: %s cannot change while running "
+                          "(restart to change %s)", ", ".join(fixed), "it" if len(fixed) == 1 else "them")
+                return False
+            if not live:
+                log.info("reload: nothing changed")
+                return True
+            failed = self._send_config(new)
+            if failed:
+                log.error("reload refused, the configuration in force stays: %s", "; ".join(failed))
+                self._send_config(self.cfg)       # undo it where it was applied
+                return False
+            old, self.cfg = self.cfg, new
+            self.drain_timeout = new.drain_timeout
+            logging.getLogger().setLevel(new.log_level.upper())
+            if new.metrics != old.metrics:
+                self._restart_metrics()
+            log.info("reloaded: %s", ", ".join(live))
+            return True
+        finally:
+            self.notify("READY=1")
+
+    def _send_config(self, cfg: Config) -> list[str]:
+        """Send `cfg` to every worker and wait for each answer; what went wrong, per worker."""
+        payload = b"C" + pickle.dumps(cfg)
+        waiting, failed = set(), []
+        for w, sock in self.controls.items():
+            try:
+                sock.setblocking(True)
+                sock.settimeout(RELOAD_TIMEOUT)
+                sock.send(payload)
+                waiting.add(w)
+            except OSError as e:
+                failed.append(f"worker {w}: {e}")
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        for w in sorted(waiting):
+            sock = self.controls[w]
+            while True:
+                try:
+                    sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    msg = sock.recv(4096)
+                except OSError:
+                    failed.append(f"worker {w} did not answer within {RELOAD_TIMEOUT:g}s")
+                    break
+                if msg[:1] == b"P":           # a ping's late answer
+                    continue
+                if msg[:1] != b"K":
+                    failed.append(f"worker {w}: {msg[1:].decode(errors='replace') or 'gone'}")
+                break
+        for sock in self.controls.values():
+            sock.setblocking(False)
+        return failed
+
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics:
+            from mimbox.metrics import MetricsServer
+            self.metrics = MetricsServer(self.cfg.metrics, self.worker_snapshots)
+
+    def _restart_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        try:
+            self._start_metrics()
+        except OSError as e:
+            log.error("metrics: cannot serve at %s (%s)", self.cfg.metrics, e)
 
     # -- the supervisor's life -----------------------------------------------------------------------
     def run(self, on_ready=None) -> int:
         """Start the workers, install the rules, serve stats until SIGTERM/SIGINT; 0 on a clean stop."""
         def stop(*_):
             self.stopping = True
+
+        def hup(*_):
+            self.reload_wanted = True
         from mimbox.relay import listener_rules, plan_syns
         code = 0
+        old_hup = signal.signal(signal.SIGHUP, hup)      # a reload while starting waits for the loop
         try:
             self.plan = plan_syns(self.cfg)
             self.rules = listener_rules(self.cfg, self.plan, self.workers)
@@ -216,23 +390,48 @@ class Supervisor:
             self.rules.install()
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
+            self._start_metrics()
             if on_ready:
                 on_ready()
+            self.notify("READY=1", f"STATUS=serving on {self.cfg.listener.addr}:{self.cfg.listener.port} "
+                                   f"with {self.workers} worker{'s' * (self.workers > 1)}", f"MAINPID={os.getpid()}")
+            tick = min(0.5, self.watchdog / 4) if self.watchdog else 0.5
             while not self.stopping:
+                now = time.monotonic()
+                if self.watchdog and now >= self.next_ping:
+                    self._ping(now)
+                if self.reload_wanted:
+                    self.reload_wanted = False
+                    self._reload()
                 socks = [self.stats_sock] if self.stats_sock else []
-                if select.select(socks, [], [], 0.5)[0]:
-                    self._serve_stats()
+                try:
+                    ready = select.select(socks + list(self.controls.values()), [], [], tick)[0]
+                except InterruptedError:
+                    continue
+                for sock in ready:
+                    if sock is self.stats_sock:
+                        self._serve_stats()
+                    else:
+                        self._on_control(next(w for w, c in self.controls.items() if c is sock))
                 for w, status in self._reap():
                     log.error("worker %d exited (%s): stopping the converter", w, describe_exit(status))
                     code = 1
                     self.stopping = True
+            self.notify("STOPPING=1", "STATUS=draining")
             log.info("stopping: no new connections, %d workers draining", len(self.children))
             for s, h in old.items():
                 signal.signal(s, h)
         finally:
+            signal.signal(signal.SIGHUP, old_hup)
             if self.rules is not None:
                 self.rules.remove()       # new SYNs meet a closed port from now on
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
             self._stop_workers()
+            for sock in self.controls.values():
+                sock.close()
+            self.controls = {}
             if self.plan is not None:
                 self.plan.close()
             if self.stats_sock is not None:

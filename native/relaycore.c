@@ -106,6 +106,9 @@ struct core_stats {
 	uint64_t server_errors[ERRNO_SLOTS];	/* a held SYN's server connection failed */
 	uint64_t spare_used, spare_made, busy_polls, spares;
 	uint64_t accept_pauses, refused_after_accept, access_log_dropped;
+	uint64_t connect_hist[CONNECT_BUCKET_COUNT + 1];	/* server connect times by bucket (last: above all) */
+	uint64_t duration_hist[DURATION_BUCKET_COUNT + 1];	/* connection durations by bucket */
+	double duration_sum;		/* seconds, all closed connections */
 };
 
 struct core_conn_info {
@@ -370,6 +373,20 @@ int core_unwatch(struct core *c, int fd)
 	return epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
 
+/* SIGHUP: what may change in a running core (mimbox.configfile.RELOADABLE); new connections and
+ * SYNs get it, established connections carry on */
+void core_reconfigure(struct core *c, const struct core_config *n)
+{
+	c->cfg.server_mptcp_retry = n->server_mptcp_retry;
+	c->cfg.connect_timeout = n->connect_timeout;
+	c->cfg.idle_timeout = n->idle_timeout;
+	c->cfg.handshake_timeout = n->handshake_timeout;
+	c->cfg.admission_limit = n->admission_limit;
+	c->cfg.pending_limit = n->pending_limit;
+	c->cfg.pending_per_prefix = n->pending_per_prefix;
+	c->cfg.access_log_every = n->access_log_every;
+}
+
 int core_abi(int which)
 {
 	switch (which) {
@@ -475,6 +492,18 @@ static void dir_release(struct core *c, struct dir *d)
 	d->prefix = NULL;
 }
 
+/* the histogram bucket of v: the first upper bound it does not exceed, or n (above all) */
+static int bucket(const double *bounds, int n, double v)
+{
+	int i = 0;
+	while (i < n && v > bounds[i])
+		i++;
+	return i;
+}
+
+static const double CONNECT_BUCKETS_US[] = CONNECT_BUCKETS_US_INIT;
+static const double DURATION_BUCKETS_S[] = DURATION_BUCKETS_S_INIT;
+
 /* close both sockets (reset: abortive), count, free the slot when this batch ends;
  * keep_client: convert mode hands the client back to Python for its Error TLV */
 static void conn_close(struct core *c, int i, int reset, int keep_client)
@@ -487,6 +516,8 @@ static void conn_close(struct core *c, int i, int reset, int keep_client)
 	if (c->cfg.admission)
 		core_unadmit(c->cfg.admission);
 	c->st.closed++;
+	c->st.duration_hist[bucket(DURATION_BUCKETS_S, DURATION_BUCKET_COUNT, c->now - k->t_accept)]++;
+	c->st.duration_sum += c->now - k->t_accept;
 	if (c->cfg.access_log_every > 0 && c->st.closed % c->cfg.access_log_every == 0) {
 		struct core_event *e = emit(c, EV_CLOSED);	/* the access log's line (Python writes it) */
 		if (e) {
@@ -916,6 +947,7 @@ static int server_answered(struct core *c, int sfd, double t_syn, int tried_mptc
 			   uint32_t daddr, uint16_t dport)
 {
 	double us = (c->now - t_syn) * 1e6;
+	c->st.connect_hist[bucket(CONNECT_BUCKETS_US, CONNECT_BUCKET_COUNT, us)]++;
 	c->st.server_connects++;
 	c->st.server_connect_us_sum += us;
 	if (us > c->st.server_connect_us_max)
@@ -1011,11 +1043,17 @@ static void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 
 /* -- policy (mimbox.safety.Policy decides the same; tests/test_core.py checks they agree) ------------ */
 /* kind 0: an allowed client prefix; 2: one of this host's addresses; 3: forget this host's addresses
- * (before Python lists them anew); 0 or -ENOSPC */
+ * (before Python lists them anew); 4: forget the allowed clients and destination rules (a reload
+ * lists them anew); 0 or -ENOSPC */
 int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)	/* host order */
 {
 	if (kind == 3) {
 		c->nown = 0;
+		return 0;
+	}
+	if (kind == 4) {
+		c->nallow = 0;
+		c->nrules = 0;
 		return 0;
 	}
 	if (kind == 0 && c->nallow < MAX_PREFIXES)

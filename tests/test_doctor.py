@@ -7,7 +7,7 @@ from mimbox import kernel
 
 
 def doctor() -> dict:
-    p = subprocess.run([sys.executable, "-m", "mimbox.cli", "doctor", "--json"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "mimbox.cli", "doctor", "--json", "--testbed"], capture_output=True, text=True)
     return {c["name"]: c for c in json.loads(p.stdout)}, p.returncode
 
 

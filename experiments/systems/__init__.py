@@ -183,10 +183,13 @@ class MiMBox(System):
     """Our converter, started with `mimbox run` on the converter host."""
 
     def __init__(self, mode: str = "static", engine: str | None = None, port: int | None = None, extra: list[str] = (),
-                 cpus: str | None = None, workers: int | None = None, syn_path: str | None = None):
+                 cpus: str | None = None, workers: int | None = None, syn_path: str | None = None,
+                 program: list[str] | None = None):
         """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core);
-        engine, syn_path: None is the converter's default."""
+        engine, syn_path: None is the converter's default. program: the `mimbox` command (default
+        this checkout's, through this interpreter; e.g. an installed one's script)."""
         super().__init__(cpus)
+        self.program = list(program or [PY, "-m", "mimbox.cli"])
         self.mode, self.engine, self.port, self.extra = mode, engine, port or ALLOCATE.port(), list(extra)
         if "--queue-num" not in self.extra:
             self.extra += ["--queue-num", str(ALLOCATE.queues(workers or os.cpu_count() or 1))]
@@ -203,7 +206,7 @@ class MiMBox(System):
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
-        argv = [PY, "-m", "mimbox.cli", "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
+        argv = [*self.program, "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
                 "--stats", self.stats_path,
                 *self.extra]
         if "--allow-destination" not in self.extra:
@@ -234,7 +237,7 @@ class MiMBox(System):
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
         if self.mode in ("explicit", "convert"):
-            return [PY, "-m", "mimbox.cli", "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
+            return [*self.program, "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
                     *(["--convert"] if self.mode == "convert" else []),
                     *(["--no-fastopen"] if self.mode == "convert" and not self.fastopen else []),
                     *(["--mptcp"] if mptcp else []), "--", *argv]
