@@ -127,6 +127,7 @@ def drop(user: str, keep: tuple[str, ...], die_with_parent: bool = True) -> None
     Irreversible. Raises OSError/ValueError (the worker then exits and the supervisor says why)."""
     libc = _libc()
     uid, gid = user_ids(user)
+    parent = os.getppid()
     wanted = {CAPABILITIES[c] for c in keep}
     for c in range(CAP_LAST + 1):
         if c not in wanted:
@@ -141,8 +142,10 @@ def drop(user: str, keep: tuple[str, ...], die_with_parent: bool = True) -> None
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     _check(libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "PR_SET_KEEPCAPS")
     _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-    if die_with_parent:
+    if die_with_parent:       # (changing credentials cleared it) ...
         _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+        if os.getppid() != parent:        # ... and the parent may have died since: nobody would kill us
+            os._exit(1)
     _seccomp()
 
 

@@ -217,12 +217,17 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+            except PermissionError:       # workers run as another user: signalling them takes CAP_KILL
+                log.error("cannot signal worker pid %d (run as %s): the supervisor needs CAP_KILL", pid, self.cfg.user)
         deadline = time.monotonic() + self.drain_timeout + 5
         while self.children and time.monotonic() < deadline:
             self._reap(block_for=0.1)
         for pid in self.children:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (PermissionError, ChildProcessError):
+                pass
         self.children.clear()
 
     def _reap(self, block_for: float = 0.0) -> list[tuple[int, int]]:
