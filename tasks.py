@@ -18,6 +18,12 @@ def build(c, force=False):
     c.run("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf", warn=True)
 
 
+@task
+def wheel(c):
+    """Build the converter's wheel into dist/ (its core, shims and BPF objects inside: docs/operating.md)."""
+    c.run(f"{PY} -m pip wheel --no-deps --no-build-isolation -w dist .", pty=False)
+
+
 @task(pre=[build])
 def doctor(c):
     """Probe the kernel and tools (one line per capability; non-zero exit if something needed is missing)."""

@@ -150,3 +150,18 @@ def test_the_shipped_example_is_valid():
     from mimbox.paths import PACKAGE
     cfg = configfile.check(str(PACKAGE / "examples" / "mimbox.toml"))
     assert cfg.listener.mode == "explicit" and cfg.metrics == "127.0.0.1:9100"
+
+
+def test_the_dashboard_asks_only_for_metrics_that_exist():
+    import json
+    import re
+
+    from mimbox import metrics
+    from mimbox.paths import PACKAGE
+    names = {f"mimbox_{k}_total" for k in metrics.COUNTERS} | {f"mimbox_{k}" for k in metrics.GAUGES}
+    names |= {"mimbox_refused_total", "mimbox_errors_total", "mimbox_worker_up"}
+    names |= {f"mimbox_{h}_{s}" for h in ("server_connect_seconds", "connection_duration_seconds")
+              for s in ("bucket", "sum", "count")}
+    board = json.loads((PACKAGE / "examples" / "grafana-dashboard.json").read_text())
+    asked = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"mimbox_[a-z_]+", t["expr"])}
+    assert asked and asked <= names, asked - names
