@@ -22,9 +22,20 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts these services on install; experiments start their own copies.
-  for svc in nginx squid haproxy; do service "$svc" stop >/dev/null 2>&1 || true; done
-  pkill -x nginx 2>/dev/null || true; pkill -x squid 2>/dev/null || true; pkill -x haproxy 2>/dev/null || true
+  # Debian starts a service when its package is installed; the experiments start their own copies.
+  # Only a service whose package was installed just now is stopped (by its unit, else its pid file):
+  # never a process by name, never a service this machine had before.
+  declare -A pidfile=([nginx-light]=/run/nginx.pid [squid]=/run/squid.pid [haproxy]=/run/haproxy.pid)
+  declare -A unit=([nginx-light]=nginx [squid]=squid [haproxy]=haproxy)
+  for p in "${missing[@]}"; do
+    [ -n "${unit[$p]:-}" ] || continue
+    svc=${unit[$p]} pf=${pidfile[$p]}
+    if { [ -f "$pf" ] && kill -0 "$(cat "$pf")" 2>/dev/null; } || systemctl is-active -q "$svc" 2>/dev/null; then
+      echo "mimbox.sh: stopping the $svc service that installing $p started (experiments run their own)" >&2
+      systemctl stop "$svc" 2>/dev/null || service "$svc" stop >/dev/null 2>&1 || true
+      if [ -f "$pf" ] && kill -0 "$(cat "$pf")" 2>/dev/null; then kill "$(cat "$pf")"; fi
+    fi
+  done
 fi
 
 # The converter's workers drop to this system user after set-up (mimbox run --user, mimbox.privileges).
