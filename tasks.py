@@ -56,6 +56,28 @@ def reproduce(c, quick=False):
     c.run(f"{PY} -m experiments.reproduce {'--quick' if quick else ''}", pty=False)
 
 
+@task(pre=[build], help={"figure": "fig5 | percost | fig4 | table1", "systems": "comma-separated names",
+                         "system": "NAME='COMMAND with {listen_port} {server} {server_port}' (repeatable)",
+                         "sizes": "e.g. 1K,16K (fig4: MSS values)", "reps": "repetitions", "seconds": "per measurement",
+                         "regime": "converter-bound | end-host-bound", "out": "results directory (never results/)",
+                         "baseline": "a system to divide every other one by", "list": "list the figure's systems"},
+      iterable=["system"])
+def compare(c, figure="fig5", systems="", system=None, sizes="", reps=0, seconds=0, regime="", out="", baseline="",
+            list=False):
+    """Compare converters (ours, the peers, your own command line) on one figure's set-up: experiments/compare.py."""
+    import shlex
+    args = ["--figure", figure]
+    for flag, value in (("--systems", systems), ("--sizes", sizes), ("--reps", reps), ("--seconds", seconds),
+                        ("--regime", regime), ("--out", out), ("--baseline", baseline)):
+        if value:
+            args += [flag, str(value)]
+    for s in system or []:
+        args += ["--system", s]
+    if list:
+        args.append("--list")
+    c.run(f"{PY} -m experiments.compare {' '.join(shlex.quote(x) for x in args)}", pty=False)
+
+
 @task(pre=[build], help={"slow": "the long variants too (full integrity matrix, 10k idle, 100k short)"})
 def reliability(c, slow=False):
     """Reliability and security suite; writes results/reliability/summary.json for README."""

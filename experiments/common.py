@@ -42,10 +42,12 @@ def environment() -> dict:
     except OSError:
         pass
     commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    describe = _first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
-        "python": platform.python_version(), "mimbox_commit": commit,
+        "python": platform.python_version(), "mimbox_commit": commit, "mimbox_describe": describe,
+        "mimbox_diff_sha1": _diff_hash() if describe.endswith("-dirty") else None,
         "versions": {
             "haproxy": _first_line(["haproxy", "-v"]), "squid": _first_line(["squid", "-v"]),
             "nginx": _first_line(["nginx", "-v"]), "wrk": _first_line(["wrk", "-v"]),
@@ -54,6 +56,16 @@ def environment() -> dict:
         "pinning": {"end_hosts": END_HOST_CPUS, "converter": CONVERTER_CPUS},
         "cpuidle": _cpuidle(),
     }
+
+
+def _diff_hash() -> str | None:
+    """sha1 of `git diff HEAD`: which uncommitted changes a run ran with (manifest)."""
+    import hashlib
+    try:
+        diff = subprocess.run(["git", "-C", str(ROOT), "diff", "HEAD"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return hashlib.sha1(diff).hexdigest()
 
 
 def _cpuidle() -> dict:
@@ -167,6 +179,34 @@ def running(tb, systems: list, regime: str, cores: float, server_port: int):
         finally:
             for s in systems:
                 s.stop()
+
+
+def pick(defaults: list, params: dict) -> list:
+    """The systems a run measures: the figure's own, or the selection `params["systems"]` makes of
+    them (experiments.compare: named ones, and command-line converters)."""
+    chooser = params.get("systems")
+    return chooser.choose(defaults) if chooser is not None else defaults
+
+
+MIB = ("MPTcpExtMPCapableSYNRX", "MPTcpExtMPCapableSYNTX")
+
+
+def mptcp_mib(host) -> dict[str, int]:
+    """The converter host's MPTCP counters that say whether a system converts: MP_CAPABLE SYNs
+    received (clients that got an MPTCP socket) and sent (MPTCP towards the server)."""
+    text = host.cmd("cat /proc/net/netstat")
+    lines = [x.split() for x in text.splitlines() if x.startswith("MPTcpExt:")]
+    out = {k: 0 for k in MIB}
+    if len(lines) >= 2:
+        values = dict(zip(lines[0][1:], lines[1][1:]))
+        out.update({k: int(values.get(k.removeprefix("MPTcpExt"), 0)) for k in MIB})
+    return out
+
+
+def conversion(before: dict, after: dict) -> dict:
+    """Row columns from two mptcp_mib() readings around a run."""
+    return {"mptcp_syns_from_clients": after["MPTcpExtMPCapableSYNRX"] - before["MPTcpExtMPCapableSYNRX"],
+            "mptcp_syns_to_servers": after["MPTcpExtMPCapableSYNTX"] - before["MPTcpExtMPCapableSYNTX"]}
 
 
 def syn_counts(systems: list, keys=("syns", "deferred", "accepted")) -> dict:

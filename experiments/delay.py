@@ -146,6 +146,17 @@ def cases(params: dict) -> list:
                                                         syn_path="accept"), False)]
 
 
+def pick_cases(params: dict) -> list:
+    """The figure's cases, or those a comparison chose (experiments.compare; its own systems: TCP server)."""
+    every = cases(params)
+    chooser = params.get("systems")
+    if chooser is None:
+        return every
+    chosen = chooser.choose([s for _, s, _ in every], names=[n for n, _, _ in every])
+    back = {id(s): case for case in every for s in (case[1],)}
+    return [back.get(id(s), (s.name, s, False)) for s in chosen]
+
+
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, idle_settings = [], {}
     with Testbed(PaperTopo()) as tb:
@@ -161,7 +172,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                 if idle == POLL and not regime.active:
                     progress(f"table1: no idle polling here ({regime.reason}); poll rows skipped")
                     continue
-                for name, system, server_mptcp in cases(params):
+                for name, system, server_mptcp in pick_cases(params):
                     rows += _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params)
         idle_settings["after"] = haltpoll_now()
     return pd.DataFrame(rows), {"idle": idle_settings}

@@ -27,9 +27,12 @@ from experiments.common import (  # noqa: E402
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
     bound_check,
+    conversion,
     fidelity_rows,
     interleave,
     mean_ci,
+    mptcp_mib,
+    pick,
     progress,
     run_experiment,
     running,
@@ -93,7 +96,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         wire_mss: dict = {}
         try:
             for regime, mss_list in params["mss"].items():
-                syss = systems()
+                syss = pick(systems(), params)
                 with running(tb, syss, regime, params["quota_cores"], SERVER_PORT) as regimes[regime]:
                     rows += _measure(tb, syss, regime, mss_list, params, wire_mss)
         finally:
@@ -118,12 +121,12 @@ def _measure(tb, syss: list, regime: str, mss_list: list[int], params: dict, wir
                 wire_mss[(mss, offload)] = syn_mss_on_wire(tb, syss[0])
             for s in interleave(syss, rep):
                 port = SERVER_PORT + 1 if isinstance(s, Router) else SERVER_PORT
-                c0 = s.cpu_s()
+                c0, mib0 = s.cpu_s(), mptcp_mib(tb.mbox)
                 r = iperf3(tb, s, port, params["seconds"], cpus=END_HOST_CPUS)
-                cpu = s.cpu_s() - c0
+                cpu, mib = s.cpu_s() - c0, conversion(mib0, mptcp_mib(tb.mbox))
                 gb = r["bytes"] / 1e9
                 rows.append(dict(regime=regime, system=s.name, loops=s.loops, mss=mss, offload=offload,
-                                 wire_mss=wire_mss[(mss, offload)], rep=rep, goodput_gbps=r["goodput_bps"] / 1e9,
+                                 wire_mss=wire_mss[(mss, offload)], rep=rep, goodput_gbps=r["goodput_bps"] / 1e9, **mib,
                                  bytes=r["bytes"], converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_s_per_gb=cpu / gb if s.converts and gb else float("nan")))
                 progress(f"fig4 {regime} rep {rep} mss {mss}{' TSO/GSO' if offload else ''} {s.name}: "

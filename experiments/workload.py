@@ -32,9 +32,12 @@ from experiments.common import (  # noqa: E402
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
     bound_check,
+    conversion,
     fidelity_rows,
     interleave,
     mean_ci,
+    mptcp_mib,
+    pick,
     progress,
     run_experiment,
     running,
@@ -91,7 +94,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                                   mptcp=True, cpus=END_HOST_CPUS)
         try:
             for regime, sizes in params["sizes"].items():
-                syss = systems(regime)
+                syss = pick(systems(regime), params)
                 with running(tb, syss, regime, params["quota_cores"], HTTP_PORT) as regimes[regime]:
                     rows += _measure(tb, syss, regime, sizes, params)
                     syn_paths[regime] = syn_counts(syss)
@@ -110,11 +113,11 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 if size > getattr(s, "max_size", size):
                     continue
                 port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
-                c0, ends0 = s.cpu_s(), s.session_ends()
+                c0, ends0, mib0 = s.cpu_s(), s.session_ends(), mptcp_mib(tb.mbox)
                 r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
-                cpu = s.cpu_s() - c0
+                cpu, mib = s.cpu_s() - c0, conversion(mib0, mptcp_mib(tb.mbox))
                 ends = {k: n - ends0.get(k, 0) for k, n in s.session_ends().items() if n > ends0.get(k, 0)}
-                rows.append(dict(regime=regime, system=s.name, loops=s.loops, size=size, rep=rep, **r,
+                rows.append(dict(regime=regime, system=s.name, loops=s.loops, size=size, rep=rep, **r, **mib,
                                  peer_ends=" ".join(f"{k}:{n}" for k, n in sorted(ends.items())),
                                  converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]
@@ -139,30 +142,47 @@ def problems(df: pd.DataFrame) -> list[str]:
 
 
 def plot(df: pd.DataFrame):
-    """req/s vs size, one panel per regime; the paper's 1 KB values as stars."""
+    """req/s vs size, one panel per regime (bars with their values when a panel has one size); one
+    style per system (experiments.style); the paper's 1 KB values as stars, inside the axis range
+    the data set (never stretching it)."""
+    from experiments.style import few_reps_warning, styles
     regimes = [r for r in (CONVERTER_BOUND, END_HOST_BOUND) if r in set(df["regime"])]
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.4 * len(regimes), 4.6), squeeze=False, sharey=True)
-    colors = {}
+    style = styles(df["system"])
     for ax, regime in zip(axes[0], regimes):
-        for name, g in df[df["regime"] == regime].groupby("system", sort=False):
-            st = g.groupby("size")["req_per_s"].apply(lambda v: mean_ci(v)).apply(pd.Series)
-            line = ax.errorbar(st.index / KB, st[0], yerr=st[1], marker="o", capsize=3, label=name,
-                               color=colors.get(name))
-            colors.setdefault(name, line[0].get_color())
-            paper_name = "haproxy-8t" if name.startswith("haproxy-") and name[8:9] != "1" and "-tcp" not in name \
-                else name
-            if paper_name in PAPER_1KB:
-                ax.plot([1], [PAPER_1KB[paper_name]], marker="*", ms=12, ls="none", color=colors[name], alpha=.6)
-        ax.plot([], [], marker="*", ls="none", color="gray", label="paper, 1 KB (8-core testbed)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("file size [KB]")
+        sub = df[df["regime"] == regime]
+        sizes = sorted(set(sub["size"]))
+        stats = {name: g.groupby("size")["req_per_s"].apply(lambda v: mean_ci(v)).apply(pd.Series)
+                 for name, g in sub.groupby("system", sort=False)}
+        if len(sizes) == 1:
+            for i, (name, st) in enumerate(stats.items()):
+                bar = ax.bar(i, st[0].iloc[0], yerr=st[1].iloc[0], capsize=3, color=style[name]["color"], label=name)
+                ax.bar_label(bar, fmt="%.0f", fontsize=7, padding=2)
+            ax.set_xticks(range(len(stats)), list(stats), rotation=30, ha="right", fontsize=7)
+            ax.set_xlabel(f"file size {sizes[0] / KB:g} KB")
+        else:
+            for name, st in stats.items():
+                ax.errorbar(st.index / KB, st[0], yerr=st[1], capsize=3, label=name, **style[name])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("file size [KB]")
+            lo, hi = ax.get_ylim()
+            for name in stats:
+                paper_name = "haproxy-8t" if name.startswith("haproxy-") and name[8:9] != "1" and "-tcp" not in name \
+                    else name
+                if paper_name in PAPER_1KB and lo <= PAPER_1KB[paper_name] <= hi:
+                    ax.plot([1], [PAPER_1KB[paper_name]], marker="*", ms=12, ls="none", color=style[name]["color"],
+                            alpha=.6)
+            ax.set_ylim(lo, hi)
+            ax.plot([], [], marker="*", ls="none", color="gray", label="paper, 1 KB (8-core testbed)")
         ax.set_title(f"{regime}" + (" (each converter: same CPU quota per loop)" if regime == CONVERTER_BOUND
                                     else " (no quota: the end hosts' core caps all)"), fontsize=9)
         ax.grid(alpha=.3, which="both")
-        ax.legend(fontsize=7)
+    from experiments.style import legend_outside
+    legend_outside(fig, axes[0])
     axes[0][0].set_ylabel("requests/s (new connection per request)")
     fig.suptitle("Fig. 5: 40 concurrent HTTP clients", fontsize=10)
+    few_reps_warning(fig, int(df.groupby(["regime", "system", "size"]).size().min()))
     return fig
 
 

@@ -244,6 +244,43 @@ class MiMBox(System):
         return super().client_argv(tb, argv, mptcp)
 
 
+class Command(System):
+    """Any converter given as a command line (`./mimbox.sh compare --system NAME='COMMAND'`), run on
+    the converter host as every system is: pinned, in its CPU box, its stderr in its log, stopped by
+    SIGTERM. Placeholders: {listen_port} (where it must listen; required), {server} and
+    {server_port} (where it must relay). The client connects to {listen_port} on the converter, with
+    MPTCP sockets, as to a static converter.
+
+        Command("socat", "socat TCP-LISTEN:{listen_port},fork,reuseaddr TCP:{server}:{server_port}")
+    """
+    PLACEHOLDERS = ("listen_port", "server", "server_port")
+
+    def __init__(self, name: str, command: str, cpus: str | None = None, port: int | None = None):
+        import string
+        super().__init__(cpus)
+        fields = {f for _, f, _, _ in string.Formatter().parse(command) if f is not None}
+        unknown = fields - set(self.PLACEHOLDERS)
+        if unknown:
+            raise ValueError(f"system {name!r}: unknown placeholder(s) {', '.join('{%s}' % f for f in sorted(unknown))}"
+                             f" (known: {', '.join('{%s}' % f for f in self.PLACEHOLDERS)})")
+        if "listen_port" not in fields:
+            raise ValueError(f"system {name!r}: the command must listen on {{listen_port}}")
+        self.name, self.command, self.port = name, command, port or ALLOCATE.port()
+
+    def argv(self, tb, server_port: int) -> list[str]:
+        import shlex
+        return shlex.split(self.command.format(listen_port=self.port, server=tb.server_ip, server_port=server_port))
+
+    def start(self, tb, server_port: int) -> None:
+        super().start(tb, server_port)
+        self._popen(tb.mbox, self.argv(tb, server_port), stdout=subprocess.DEVNULL)
+        try:
+            wait_port(tb.mbox, self.port, timeout=15)
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not listen on {self.port}: {self.log()[-2000:]}") from None
+
+
 class Naive(System):
     """The paper's read()/write() or splice() converter (experiments/systems/naive.py), static upstream."""
 
