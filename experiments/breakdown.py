@@ -33,7 +33,6 @@ from bisect import bisect_left
 import matplotlib
 import pandas as pd
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, progress, run_experiment  # noqa: E402

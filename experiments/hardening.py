@@ -27,7 +27,6 @@ import tempfile
 import matplotlib
 import pandas as pd
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402

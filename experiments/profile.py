@@ -25,7 +25,6 @@ import time
 import matplotlib
 import pandas as pd
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402

@@ -16,7 +16,6 @@ import sys
 import matplotlib
 import pandas as pd
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import run_experiment  # noqa: E402

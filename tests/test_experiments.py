@@ -77,8 +77,8 @@ def test_profile_tiny(mptcp_ok, tmp_results):
     """perf samples the converters under both loads; the samples land in the expected areas: each
     program's own code, and per byte splicing for MiMBox where read()/write() copies."""
     df = profile.main(quick=True, seconds=3, reps=1, bulk_seconds=2)
-    assert set(df[df.workload == profile.SMALL].system) == {"mimbox", "haproxy-1t"}
-    assert set(df[df.workload == profile.BULK].system) == {"mimbox", "haproxy-1t-tcp", "read/write"}
+    assert set(df[df.workload == profile.SMALL].system) >= {"mimbox", "haproxy-1t"}
+    assert set(df[df.workload == profile.BULK].system) >= {"mimbox", "haproxy-1t-tcp", "read/write"}
     areas = set(df.area)
     assert {"MiMBox core (C)", "HAProxy", "TCP"} <= areas, areas
     t = profile.table(df)
@@ -102,7 +102,7 @@ def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
 
 def test_interactive_tiny(mptcp_ok, tmp_results):
     df = interactive.main(quick=True, seconds=3, reps=1)
-    assert set(df.system) == {"mimbox", "direct (no converter)", *interactive.VARIANTS}
+    assert set(df.system) >= {"mimbox", "direct (no converter)", *interactive.VARIANTS}
     assert set(df[df.loss_side == "server"].system) == {"mimbox", "direct (no converter)"}
     assert (df.messages > 250).all()                      # 3 s of a message every 10 ms
     assert ((df.mean_ms > 5) & (df.max_ms >= df.mean_ms)).all()   # at least the one-way delay
@@ -152,16 +152,51 @@ def test_report_renders_from_results(tmp_results):
     assert "1 KB: 2.0×" in text and "not converter-bound" not in text
 
 
-def test_notebook_executes():
-    """The notebook loads the committed results/ and redraws every figure."""
+def execute_notebook(results: str | None = None):
     import nbformat
     from nbclient import NotebookClient
     path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "results.ipynb")
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    env = {"MIMBOX_RESULTS": results} if results else {}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=180, kernel_name="python3",
+                       resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
+    return nb
+
+
+def test_notebook_draws_every_experiment_inline():
+    """The notebook loads the committed results/ and draws every experiment there: each figure cell
+    shows an image (not a `<Figure size ...>` text), and no experiment directory goes without one."""
+    nb = execute_notebook()
+    figures = [c for c in nb.cells if c.cell_type == "code" and "figure" in c.metadata.get("tags", [])]
+    assert len(figures) >= 11
+    for c in figures:
+        images = [o for o in c.outputs if "image/png" in o.get("data", {})]
+        assert images, (c.source, [o.get("text", o.get("data")) for o in c.outputs])
+    shown = {c.source for c in figures}
+    results = os.path.join(os.path.dirname(__file__), "..", "results")      # what the notebook read
+    dirs = {d for d in os.listdir(results) if os.path.exists(os.path.join(results, d, "data.csv"))}
+    assert len(dirs) >= 11
+    import importlib
+    names = {importlib.import_module(f"experiments.{s[len('figure('):-1]}").NAME for s in shown}
+    assert dirs <= names, dirs - names
+
+
+def test_notebook_reads_the_results_it_is_given(tmp_path):
+    """MIMBOX_RESULTS points the notebook at another run's directory (e.g. a comparison's)."""
+    import shutil
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "results", "fig5_workload"), tmp_path / "fig5_workload")
+    nb = execute_notebook(str(tmp_path))
+    shown = [c for c in nb.cells if c.cell_type == "code" and "figure" in c.metadata.get("tags", [])
+             and any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert [c.source for c in shown] == ["figure(workload)"]
 
 
 @pytest.mark.parametrize("proxy", ["haproxy", "squid"])
