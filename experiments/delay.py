@@ -267,6 +267,8 @@ def plot(df: pd.DataFrame):
     idles = list(df["idle"].unique())
     fig, axes = plt.subplots(1, len(idles), figsize=(7 * len(idles), 4.2), squeeze=False, sharey=True)
     segs = ["SYN", "SYN+ACK", "data"]
+    from experiments.style import legend_outside, styles
+    style = styles(df["system"])
     for ax, idle in zip(axes[0], idles):
         sub = df[df.idle == idle]
         systems = list(sub["system"].unique())
@@ -281,15 +283,15 @@ def plot(df: pd.DataFrame):
                 p = PAPER.get(system, {}).get(seg)
                 paper.append(p[0] if p else float("nan"))
             xs = [i + k * w for i in range(len(segs))]
-            bars = ax.bar(xs, means, w, yerr=cis, capsize=3, label=system)
-            ax.plot(xs, paper, "*", color=bars.patches[0].get_facecolor(), ms=10, markeredgecolor="k")
+            ax.bar(xs, means, w, yerr=cis, capsize=3, label=system, color=style[system]["color"])
+            ax.plot(xs, paper, "*", color=style[system]["color"], ms=10, markeredgecolor="k")
         ax.plot([], [], "*", color="gray", markeredgecolor="k", label="paper (2013 hardware)")
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(segs))], segs)
         ax.set_yscale("log")
         ax.set_title(f"idle cores: {idle}" + (" (waking = a VM exit)" if idle == "halt" else
                                               " (haltpoll polls first)"), fontsize=9)
-        ax.legend(fontsize=7)
         ax.grid(alpha=.3, axis="y")
+    legend_outside(fig, axes[0])
     axes[0][0].set_ylabel("time inside the converter host [µs]")
     fig.suptitle("Table 1: per-segment forwarding delay (mean ± 95 % CI; missing bar = N/A)", fontsize=9)
     return fig

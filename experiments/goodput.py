@@ -147,34 +147,35 @@ def plot(df: pd.DataFrame):
     regimes = [r for r in (CONVERTER_BOUND, END_HOST_BOUND) if r in set(df.regime)]
     fig, axes = plt.subplots(2, len(regimes), figsize=(6.4 * len(regimes), 6.4), sharex=True, squeeze=False,
                              gridspec_kw=dict(height_ratios=[2, 1]))
-    colors: dict = {}
+    from experiments.style import few_reps_warning, legend_outside, styles
+    style = styles(df["system"])
     for col, regime in enumerate(regimes):
         ax, ax2 = axes[0][col], axes[1][col]
         for name, g in df[df.regime == regime].groupby("system", sort=False):
             sweep, tso = g[~g.offload], g[g.offload]
             stats = sweep.groupby("mss")["goodput_gbps"].apply(lambda v: mean_ci(v)).apply(pd.Series)
-            line = ax.errorbar(stats.index, stats[0], yerr=stats[1], marker="o", capsize=3, label=name,
-                               color=colors.get(name))
-            color = colors.setdefault(name, line[0].get_color())
+            ax.errorbar(stats.index, stats[0], yerr=stats[1], capsize=3, label=name, **style[name])
+            color = style[name]["color"]
             if len(tso):
                 m, ci = mean_ci(tso.goodput_gbps)
                 ax.errorbar([1560], [m], yerr=[ci], marker="s", capsize=3, color=color, ls="none")
             cpu = sweep.groupby("mss")["cpu_s_per_gb"].mean()
             if cpu.notna().any():
-                ax2.plot(cpu.index, cpu.values, marker="o", label=name, color=color)
+                ax2.plot(cpu.index, cpu.values, marker=style[name]["marker"], label=name, color=color)
                 if len(tso):
                     ax2.plot([1560], [tso.cpu_s_per_gb.mean()], marker="s", color=color, ls="none")
         ax.plot([], [], "ks", ls="none", label="MSS 1460, TSO/GSO on (right)")
         ax.set_ylabel("goodput [Gbit/s]")
         ax.set_title(regime + (" (each converter: same CPU quota)" if regime == CONVERTER_BOUND else
                                " (no quota)"), fontsize=9)
-        ax.legend(fontsize=7)
         ax.grid(alpha=.3)
         ax2.set_xlabel("MSS [bytes]")
         ax2.set_ylabel("converter CPU [s/GB]")
         ax2.grid(alpha=.3)
     fig.suptitle("Fig. 4: goodput vs MSS (paper: MiMBox close to the router, above user-space converters)",
                  fontsize=9)
+    legend_outside(fig, axes[0])
+    few_reps_warning(fig, int(df.groupby(["regime", "system", "mss", "offload"]).size().min()))
     return fig
 
 

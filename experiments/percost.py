@@ -139,18 +139,22 @@ def problems(df: pd.DataFrame) -> list[str]:
 
 
 def plot(df: pd.DataFrame):
+    from experiments.style import few_reps_warning, styles
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(dict.fromkeys(df.system))
+    colours = [styles(names)[n]["color"] for n in names]
     for axis, col, label in ((ax, "req_per_s", "requests/s"), (ax2, "cpu_us_per_req", "converter CPU µs/request")):
         st = [mean_ci(df[df.system == n][col].dropna()) if df[df.system == n][col].notna().any() else (0, 0)
               for n in names]
-        axis.barh(names, [m for m, _ in st], xerr=[c for _, c in st], color="tab:blue", alpha=.7)
+        bars = axis.barh(names, [m for m, _ in st], xerr=[c for _, c in st], color=colours)
+        axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=3)
         axis.set_xlabel(label)
         axis.grid(alpha=.3, axis="x")
         axis.invert_yaxis()
     ax2.set_yticklabels([])
     fig.suptitle(f"1 KB, 40 clients, new connection per request; each converter at "
                  f"{df.attrs.get('quota', CONVERTER_QUOTA_CORES):g} core", fontsize=9)
+    few_reps_warning(fig, int(df.groupby("system").size().min()))
     return fig
 
 
