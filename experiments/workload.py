@@ -112,6 +112,7 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 if size > getattr(s, "max_size", size):
                     continue
                 port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
+                settle(tb)
                 c0, ends0, mib0 = s.cpu_s(), s.session_ends(), mptcp_mib(tb.mbox)
                 r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
                 cpu, mib = s.cpu_s() - c0, conversion(mib0, mptcp_mib(tb.mbox))
@@ -124,6 +125,26 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 progress(f"fig5 {regime} rep {rep} {size} B {s.name}: {r['req_per_s']:.0f} req/s, "
                          f"{rows[-1]['cpu_us_per_req']:.0f} µs/req ({r['socket_errors']} socket errors)")
     return rows
+
+
+def settle(tb, timeout: float = 10.0) -> None:
+    """Before a measurement: the previous system's accept backlog is empty and its last connections
+    to the server are gone (a slow converter still works through its backlog after the load stops;
+    that work, and its MIB counts, must not land in the next system's measurement)."""
+    import time
+    deadline = time.monotonic() + timeout
+    ports = f"( dport = :{HTTP_PORT} or dport = :{HTTP_PORT + 1} )"
+    quiet = None            # empty for 0.2 s: a child accepted just now has had time to connect()
+    while time.monotonic() < deadline:
+        backlog = [line for line in tb.mbox.cmd("ss -Hltn").splitlines()       # State Recv-Q Send-Q ...
+                   if len(line.split()) > 1 and line.split()[1] != "0"]
+        busy = backlog or tb.mbox.cmd(f"ss -Htn state established state syn-sent '{ports}'").strip()
+        now = time.monotonic()
+        quiet = None if busy else (quiet or now)
+        if quiet is not None and now - quiet >= 0.2:
+            return
+        time.sleep(0.05)
+    progress(f"fig5: connections to the server still open after {timeout:g}s; measuring anyway")
 
 
 def findings(df: pd.DataFrame) -> dict:
