@@ -221,7 +221,9 @@ def conversion_flags(df: pd.DataFrame, converting: set[str]) -> list[str]:
     for name, g in df.groupby("system", sort=False):
         if name not in converting:
             continue
-        rx, tx = int(g.mptcp_syns_from_clients.sum()), int(g.mptcp_syns_to_servers.sum())
+        rx = int(g.mptcp_syns_from_clients.sum())
+        tcp_server = g[~g.server_mptcp.astype(bool)] if "server_mptcp" in g else g    # Table 1 has MPTCP-server cases
+        tx = int(tcp_server.mptcp_syns_to_servers.sum())
         if rx == 0:
             flags.append(f"{name}: took no MPTCP connection from the clients (0 MP_CAPABLE SYNs received): "
                          "its listener is plain TCP, so it does not convert")

@@ -34,7 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments.common import (  # noqa: E402
     CONVERTER_CPUS,
     END_HOST_CPUS,
+    conversion,
     mean_ci,
+    mptcp_mib,
     progress,
     run_experiment,
 )
@@ -227,9 +229,12 @@ def bursts(tb, d: str, client_py: str, sink_py: str, name: str, system, tag: str
 def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params) -> list[dict]:
     rows = []
     tag = f"{idle}-{name.replace(' ', '_').replace('/', '')}"
+    mib0 = mptcp_mib(tb.mbox)
     pc, ps = bursts(tb, d, client_py, sink_py, name, system, tag, server_mptcp, params)
+    mib = conversion(mib0, mptcp_mib(tb.mbox))      # (a TCP-server case the converter must not make MPTCP)
     for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
-        rows += [dict(idle=idle, system=name, segment=kind, i=i, delay_us=v) for i, v in enumerate(values)]
+        rows += [dict(idle=idle, system=name, segment=kind, i=i, delay_us=v, server_mptcp=server_mptcp, **mib)
+                 for i, v in enumerate(values)]
     progress(f"table1 {idle} {name}: " + ", ".join(
         f"{k} {mean_ci(g.delay_us)[0]:.1f} us" for k, g in pd.DataFrame(rows).groupby("segment")))
     return rows

@@ -121,6 +121,7 @@ class SynInfo(ctypes.Structure):
 
 
 LAYOUTS = (CoreConfig, Event, CoreStats, ConnInfo, SynInfo)     # core_abi(i) is sizeof the i-th
+C_STRUCTS = ("core_config", "core_event", "core_stats", "core_conn_info", "syn_info")   # their C names
 
 
 def c_header() -> str:
@@ -143,6 +144,11 @@ def c_header() -> str:
     for count, name, bounds in (("CONNECT_BUCKET_COUNT", "CONNECT_BUCKETS_US", CONNECT_BUCKETS_US),
                                 ("DURATION_BUCKET_COUNT", "DURATION_BUCKETS_S", DURATION_BUCKETS_S)):
         lines += [f"#define {count} {len(bounds)}", f"#define {name}_INIT {{{', '.join(map(str, map(float, bounds)))}}}"]
+    lines += ["/* each shared struct's field offsets, in this module's field order: core_abi_offset() returns them */"]
+    for i, (layout, cname) in enumerate(zip(LAYOUTS, C_STRUCTS)):
+        lines.append(f"#define ABI_OFFSETS_{i} {{" + ", ".join(f"offsetof(struct {cname}, {f[0]})"
+                                                              for f in layout._fields_) + "}")
+        lines.append(f"#define ABI_NAMES_{i} {{" + ", ".join(f'"{f[0]}"' for f in layout._fields_) + "}")
     lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
     return "\n".join(lines) + "\n"
 
@@ -167,7 +173,8 @@ def load() -> ctypes.CDLL:
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
            "core_keeper": (I, [P]), "core_keeper_release": (None, [P]),
-           "core_reconfigure": (None, [P, ctypes.POINTER(CoreConfig)])}
+           "core_reconfigure": (None, [P, ctypes.POINTER(CoreConfig)]), "core_abi_offset": (I, [I, I]),
+           "core_abi_field": (ctypes.c_char_p, [I, I])}
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
         f.restype, f.argtypes = res, args
@@ -175,6 +182,15 @@ def load() -> ctypes.CDLL:
         if lib.core_abi(i) != ctypes.sizeof(layout):
             raise RuntimeError(f"{RELAYCORE}: {layout.__name__} is {lib.core_abi(i)} bytes in C, "
                                f"{ctypes.sizeof(layout)} here (rebuild: `./mimbox.sh build --force`)")
+        for k, (name, *_) in enumerate(layout._fields_):      # every field, by name, where C has it
+            if (lib.core_abi_field(i, k) or b"").decode() != name:
+                raise RuntimeError(f"{RELAYCORE}: {layout.__name__} field {k} is {lib.core_abi_field(i, k)!r} in C, "
+                                   f"{name!r} here (rebuild: `./mimbox.sh build --force`)")
+            if lib.core_abi_offset(i, k) != getattr(layout, name).offset:
+                raise RuntimeError(f"{RELAYCORE}: {layout.__name__}.{name} is at offset {lib.core_abi_offset(i, k)} "
+                                   f"in C, {getattr(layout, name).offset} here (rebuild: `./mimbox.sh build --force`)")
+        if lib.core_abi_offset(i, len(layout._fields_)) != -1:
+            raise RuntimeError(f"{RELAYCORE}: {layout.__name__} has more fields in C than here")
     return lib
 
 

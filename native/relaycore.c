@@ -25,6 +25,7 @@
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <linux/bpf.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -397,6 +398,31 @@ int core_abi(int which)
 	case 4: return sizeof(struct syn_info);
 	}
 	return -1;
+}
+
+/* the offset of field k (mimbox.core's order) of shared struct `which`, -1 past the last: Python
+ * checks every field, not only the sizes (two same-sized fields swapped would pass a size check) */
+int core_abi_offset(int which, int k)
+{
+	static const size_t o0[] = ABI_OFFSETS_0, o1[] = ABI_OFFSETS_1, o2[] = ABI_OFFSETS_2, o3[] = ABI_OFFSETS_3,
+			    o4[] = ABI_OFFSETS_4;
+	static const size_t *all[] = {o0, o1, o2, o3, o4};
+	static const int n[] = {sizeof(o0) / sizeof(*o0), sizeof(o1) / sizeof(*o1), sizeof(o2) / sizeof(*o2),
+				sizeof(o3) / sizeof(*o3), sizeof(o4) / sizeof(*o4)};
+	if (which < 0 || which > 4 || k < 0 || k >= n[which])
+		return -1;
+	return (int)all[which][k];
+}
+
+/* the name of field k of shared struct `which` as this library was built with (NULL past the last) */
+const char *core_abi_field(int which, int k)
+{
+	static const char *n0[] = ABI_NAMES_0, *n1[] = ABI_NAMES_1, *n2[] = ABI_NAMES_2, *n3[] = ABI_NAMES_3,
+			  *n4[] = ABI_NAMES_4;
+	static const char **all[] = {n0, n1, n2, n3, n4};
+	if (core_abi_offset(which, k) < 0)
+		return NULL;
+	return all[which][k];
 }
 
 const struct core_stats *core_stats(struct core *c)

@@ -23,6 +23,18 @@ def pytest_configure(config):
         pytest.exit("the tests build network namespaces: run them as root", returncode=2)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """MIMBOX_EXPECT_ALL=1 (set by .ci/run): a skip for a missing build or kernel feature is a
+    failure. CI runs on the machine every feature is expected on; a skip there hides a regression."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("MIMBOX_EXPECT_ALL") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but MIMBOX_EXPECT_ALL=1 expects every feature here: {reason}"
+
+
 def pytest_sessionfinish(session, exitstatus):
     """`invoke reliability` asks for a summary file: counts from the ledger plus pytest's outcome."""
     path = os.environ.get("MIMBOX_RELIABILITY_SUMMARY")

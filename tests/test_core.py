@@ -482,3 +482,14 @@ def test_out_of_fds_pauses_accepting_instead_of_spinning():
         c.close()
         r.close()
         up.close()
+
+
+def test_every_shared_field_is_where_both_sides_say():
+    """The five structs the core shares with Python: each field by name and offset, C against ctypes
+    (a swap of two same-sized fields passes a size check, not this)."""
+    lib = core.lib()
+    for i, layout in enumerate(core.LAYOUTS):
+        names = [f[0] for f in layout._fields_]
+        assert [lib.core_abi_field(i, k).decode() for k in range(len(names))] == names, layout.__name__
+        assert [lib.core_abi_offset(i, k) for k in range(len(names))] == [getattr(layout, n).offset for n in names]
+        assert lib.core_abi_offset(i, len(names)) == -1 and lib.core_abi_field(i, len(names)) is None
