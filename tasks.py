@@ -83,7 +83,7 @@ def compare(c, figure="fig5", systems="", system=None, sizes="", reps=0, seconds
 
 @task(pre=[build], help={"slow": "the long variants too (full integrity matrix, 10k idle, 100k short)"})
 def reliability(c, slow=False):
-    """Reliability and security suite; writes results/reliability/summary.json for README."""
+    """Reliability and security suite; writes results/reliability/summary.json for docs/results.md."""
     marker = "-m ''" if slow else ""
     c.run(f"MIMBOX_RELIABILITY_SUMMARY=results/reliability/summary.json {PY} -m pytest {marker} "
           "tests/test_reliability.py tests/test_dstopt.py tests/test_flood.py tests/test_scaleout.py "

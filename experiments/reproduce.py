@@ -1,5 +1,5 @@
 """`invoke reproduce [--quick]`: every figure of the paper, one after the other, into results/,
-then README's results section regenerated from results/ (experiments.report)."""
+then docs/results.md and README's headline regenerated from results/ (experiments.report)."""
 from __future__ import annotations
 
 import argparse

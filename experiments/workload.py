@@ -63,7 +63,7 @@ def convert_mode(cpus):
     """MiMBox in RFC 8803 mode, the Convert message in TFO SYN data. Not above 64 KB: on this kernel
     an MPTCP connection to an MPTCP listener that took SYN data stalls for one retransmission
     timeout (~200 ms) on downloads past ~128 KB (plain TCP on either side does not), which would
-    measure the kernel, not the converter (README, "RFC 8803")."""
+    measure the kernel, not the converter (docs/findings.md, "RFC 8803")."""
     m = MiMBox(mode="convert", cpus=cpus)
     m.max_size = 64 * KB
     return m

@@ -332,7 +332,7 @@ class Core:
         return None if r < 0 else CAUSES[r]
 
     def gate(self, client: str) -> int:
-        """SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from `client` now (README "SYN path")."""
+        """SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from `client` now (docs/running.md "SYN path")."""
         return self.lib.core_gate(self.ptr, ip_n(client))
 
     def queue(self, num: int) -> None:

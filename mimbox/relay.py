@@ -1,7 +1,7 @@
 """The converter's listener: set-up, rules, and the Python side of its event loop. Every SYN and
 every connection is served by the core (mimbox.core, native/relaycore.c):
 
-A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (README "SYN path"):
+A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (docs/running.md "SYN path"):
   1. the client's SYN reaches NFQUEUE (rules in mimbox.netfilter) and is held by the core;
   2. its destination: DST_OPT (explicit), the address TPROXY kept (transparent), or static;
      the policy may refuse it -> the SYN is released marked, and the kernel answers RST;

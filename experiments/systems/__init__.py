@@ -34,7 +34,7 @@ def mptcp_listeners(argv: list[str]) -> list[str]:
 def mptcp_everywhere(argv: list[str]) -> list[str]:
     """Every TCP socket of the program MPTCP (what `mptcpize run` does): towards a TCP server its
     connections are MPTCP sockets fallen back to TCP, which receive through a copy (no splice_read)
-    and, on this kernel, rarely ended a response early (README, Findings)."""
+    and, on this kernel, rarely ended a response early (docs/findings.md)."""
     return ["env", f"LD_PRELOAD={MPTCPIZE}", *argv]
 
 
