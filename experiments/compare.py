@@ -161,18 +161,16 @@ def plan(a: argparse.Namespace) -> tuple[dict, Selection, Path]:
     m = module(a.figure)
     base = m.QUICK if a.quick else m.FULL
     over: dict = {"systems": Selection(names, commands)}
-    if a.reps is not None:
-        if a.reps < 1:
-            raise ValueError("--reps must be >= 1")
+    for flag, value, not_table1 in (
+            ("reps", a.reps, "--reps: table1 has one run of --measures bursts per system, not repetitions"),
+            ("seconds", a.seconds, "--seconds does not apply to table1 (it sends a fixed number of bursts)")):
+        if value is None:
+            continue
+        if value < 1:
+            raise ValueError(f"--{flag} must be a whole number >= 1")
         if a.figure == "table1":
-            raise ValueError("--reps: table1 has one run of --measures bursts per system, not repetitions")
-        over["reps"] = a.reps
-    if a.seconds is not None:
-        if a.seconds < 1:
-            raise ValueError("--seconds must be a whole number >= 1")
-        if a.figure == "table1":
-            raise ValueError("--seconds does not apply to table1 (it sends a fixed number of bursts)")
-        over["seconds"] = a.seconds
+            raise ValueError(not_table1)
+        over[flag] = value
     regime = a.regime or "converter-bound"
     if a.figure in ("percost", "table1") and a.regime:
         raise ValueError(f"--regime does not apply to {a.figure} ({'converter-bound only' if a.figure == 'percost' else 'no CPU quota'})")

@@ -154,7 +154,7 @@ def pick_cases(params: dict) -> list:
     if chooser is None:
         return every
     chosen = chooser.choose([s for _, s, _ in every], names=[n for n, _, _ in every])
-    back = {id(s): case for case in every for s in (case[1],)}
+    back = {id(case[1]): case for case in every}
     return [back.get(id(s), (s.name, s, False)) for s in chosen]
 
 

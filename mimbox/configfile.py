@@ -75,6 +75,12 @@ def _locate(text: str) -> dict[str, int]:
     return where
 
 
+def _keys(table: str) -> list[str]:
+    """The keys a file may set in [table] (a secret's path instead of the secret)."""
+    names = {f.name for f in dataclasses.fields(TABLES[table])}
+    return sorted({n + "_file" if f"{table}.{n}" in NOT_IN_FILE else n for n in names})
+
+
 def _convert(key: str, kind: str, v):
     """A TOML value -> the dataclass field's value; ValueError saying what was expected."""
     def need(ok: bool, what: str):
@@ -167,8 +173,7 @@ def _read(path: str) -> tuple[dict[str, object], list[tuple[str, int | None, str
                     except ValueError as e:
                         errors.append((full, where.get(full), str(e)))
                 elif sub not in fields:
-                    errors.append((full, where.get(full), f"unknown key (the keys of [{key}]: "
-                                                           f"{', '.join(sorted(set(fields) - {'convert_cookie'} | ({'convert_cookie_file'} if key == 'listener' else set())))})"))
+                    errors.append((full, where.get(full), f"unknown key (the keys of [{key}]: {', '.join(_keys(key))})"))
                 else:
                     try:
                         values[full] = _convert(full, fields[sub], sv)

@@ -287,23 +287,23 @@ class Relay:
         """A reload (SIGHUP): what mimbox.configfile.RELOADABLE names changes for new connections and
         SYNs; established connections carry on. The caller has checked that nothing else changed."""
         new = dataclasses.replace(new.validate(), stats_path=self.cfg.stats_path)   # this worker's own
-        policy = Policy.from_config(new.safety)
-        policy.set_own(local_addresses())
-        old_cfg, self.cfg = self.cfg, new
+        policy = Policy.from_config(new.safety)        # (this host's addresses read anew)
+        old = self.cfg, self.policy
         try:
-            self.admission.limit = new.connection_limit()
-            self.core.reconfigure(self._core_config())
-            self.core.policy(policy, reset=True)
+            self._apply(new, policy)
         except Exception:
-            self.cfg = old_cfg
-            self.admission.limit = old_cfg.connection_limit()
-            self.core.reconfigure(self._core_config())
-            self.core.policy(self.policy, reset=True)
+            self._apply(*old)             # the configuration in force stays
             raise
-        self.policy = policy
         self.timeouts = Timeouts.of(new.safety)
         logging.getLogger().setLevel(new.log_level.upper())
         log.info("reloaded: policy: %s", self.policy.describe())
+
+    def _apply(self, cfg: Config, policy: Policy) -> None:
+        """The connection limit, the core's reloadable fields and its policy, from `cfg`."""
+        self.cfg, self.policy = cfg, policy
+        self.admission.limit = cfg.connection_limit()
+        self.core.reconfigure(self._core_config())
+        self.core.policy(policy, reset=True)
 
     def _on_control(self) -> None:
         """The supervisor asks: b"P" (are you serving? answered from this loop, so a hung loop does
