@@ -12,6 +12,7 @@ import sys
 from mimbox.config import (
     ENGINES,
     LOG_LEVELS,
+    MAX_WORKERS,
     MODES,
     BufferConfig,
     Config,
@@ -290,8 +291,8 @@ def cmd_run(a) -> int:
         from mimbox.privileges import user_ids
         user_ids(cfg.user)            # a clear error now, not a worker failing later
     workers = cfg.workers or default_workers()
-    if not 1 <= workers <= 256:
-        raise ValueError(f"--workers must be between 1 and 256, not {workers}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers must be between 1 and {MAX_WORKERS}, not {workers}")
     preflight(cfg, workers)           # root, MPTCP, the port: one line each (mimbox.startup)
     if workers > 1:
         from mimbox.kernel import mptcp_reuseport_works

@@ -8,6 +8,7 @@ MODES = ("explicit", "transparent", "static", "convert")
 SYN_PATHS = ("auto", "hold", "accept")
 ENGINES = ("auto", "splice", "copy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 256           # workers of one converter, at most (the core's hand-over table)
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -114,8 +115,8 @@ class Config:
             out.append(("log_level", f"log level must be one of {LOG_LEVELS}, not {self.log_level!r}"))
         if self.access_log_every < 0:
             out.append(("access_log_every", "access log: off, on, or N (one connection in N) with N >= 1"))
-        if not 0 <= self.workers <= 256:
-            out.append(("workers", f"workers must be 0 (one per core) .. 256, not {self.workers}"))
+        if not 0 <= self.workers <= MAX_WORKERS:
+            out.append(("workers", f"workers must be 0 (one per core) .. {MAX_WORKERS}, not {self.workers}"))
         from mimbox.core import SPARE_MAX
         if not 0 <= lc.spare_sockets <= SPARE_MAX:
             out.append(("listener.spare_sockets", f"spare sockets must be 0..{SPARE_MAX}"))

@@ -492,7 +492,7 @@ class Relay:
         if cause is Cause.BAD_OPTION:
             text = syn_error(ev.detail, ev.arg)
         elif cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
-            text = (self.policy.refusal(addr_of(ev.caddr, 0)[0], dst[0], dst[1]) or (cause, ""))[1]
+            text = self.policy.wording(cause, ev.detail, addr_of(ev.caddr, 0)[0], dst[0], dst[1])
         elif cause in (Cause.FD_LIMIT, Cause.CONNECTION_LIMIT):
             text = f"{ev.arg} connections" + (" per worker" if cause is Cause.FD_LIMIT else "")
         elif cause is Cause.PENDING_LIMIT:
@@ -512,28 +512,19 @@ class Relay:
 
     # -- convert mode's clients: what the core hands here -------------------------------------------------
     def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes, early: bytes) -> None:
-        """Convert mode, message read: policy, then the server connection, then the core's. The
-        client was counted against the fd capacity and admitted when it was accepted (the core's
-        greet()); its admission is this connection's, given back if it is refused here."""
-        cause = self.core.refusal(addr[0], dst)
-        if cause is not None:
-            self.admission.give()
-            detail = (self.policy.refusal(addr[0], dst[0], dst[1]) or (cause, ""))[1]
-            return self._refuse_accepted(cs, addr, dst, cause, detail)
-        try:
-            sfd, try_mptcp = self.core.open_server(dst)
-        except OSError as e:
-            self.admission.give()
-            return self._refuse_accepted(cs, addr, dst, Cause.of_errno(e.errno),
-                                         f"server {dst[0]}:{dst[1]}: {e.strerror}")
-        cfd = cs.detach()
-        try:
-            self.core.add(cfd, sfd, addr, dst, now, connecting=True, tried_mptcp=try_mptcp, prefix=reply, early=early)
-        except OSError as e:
-            self.admission.give()
-            self.stats.errors["core " + errno.errorcode.get(e.errno, str(e.errno))] += 1
-            self._reset(socket.socket(fileno=cfd))
-            os.close(sfd)
+        """Convert mode, message read: the core checks the destination, connects and relays (its
+        convert_connect); the client was admitted when it was accepted (the core's greet()). A
+        refusal comes back with its cause (counted by the core) for the log line and the Error TLV."""
+        refused = self.core.convert_connect(cs.fileno(), addr, dst, now, reply, early)
+        if refused is None:
+            cs.detach()                  # the core's now
+            return
+        cause, detail, err = refused
+        if cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
+            text = self.policy.wording(cause, detail, addr[0], dst[0], dst[1])
+        else:
+            text = f"server {dst[0]}:{dst[1]}: {os.strerror(err)}" if err else cause.value
+        self._refuse_accepted(cs, addr, dst, cause, text, counted=True)
 
     # -- convert mode (RFC 8803): the destination is the first bytes of the stream ----------------------
     def _greet(self, cs: socket.socket, addr, now: float) -> None:
@@ -610,8 +601,10 @@ class Relay:
                 g.counted = False
         g.sock.close()
 
-    def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
-        self.stats.refused[cause.value] += 1
+    def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str, counted: bool = False) -> None:
+        """Log, count (unless the core did), and tell the client: an Error TLV in convert mode, else RST."""
+        if not counted:
+            self.stats.refused[cause.value] += 1
         self.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
                                      + (f": {detail})" if detail else ")"))
         if self.cfg.listener.mode == "convert":     # RFC 8803: an Error TLV says why, then the stream ends

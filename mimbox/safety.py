@@ -1,7 +1,7 @@
 """Who may use the converter and where it may connect: the converter is never an open relay.
 
-Destinations are decided by an ordered list of rules, first match wins (the core, native/relaycore.c
-core_refusal, applies the same list; tests/test_core.py checks they agree):
+Destinations are decided by an ordered list of rules, first match wins (the core, native/core/admit.c,
+applies the same list; tests/test_core.py checks they agree, rule by rule):
 
     1. this host's own addresses                       denied (refreshed from netlink while running)
     2. NEVER: 0/8, loopback, link-local, multicast,    denied, whatever the configuration says
@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from mimbox.config import SafetyConfig, local_addresses, local_subnets
 from mimbox.synpath import Cause
+
+DENIED_PORT0, DENIED_OWN = -2, -1   # a denied destination's detail (else the index of the rule); as in C
 
 # Never a destination, whatever the configuration says.
 NEVER = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
@@ -119,8 +121,14 @@ class Policy:
         return True
 
     def refusal(self, client: str, dst: str, dport: int) -> tuple[Cause, str] | None:
-        """None if `client` may reach dst:dport through the converter, else (cause, detail).
-        Decisions are remembered until this host's addresses change (bounded memory)."""
+        """None if `client` may reach dst:dport through the converter, else (cause, the log line's
+        detail). Decisions are remembered until this host's addresses change (bounded memory)."""
+        r = self.decide(client, dst, dport)
+        return None if r is None else (r[0], self.wording(r[0], r[1], client, dst, dport))
+
+    def decide(self, client: str, dst: str, dport: int) -> tuple[Cause, int] | None:
+        """None, or (cause, detail) as the core returns them (native/core/admit.c): for a denied
+        destination the detail is DENIED_PORT0, DENIED_OWN or the index of the rule that denies it."""
         key = (client, dst, dport)
         r = self._memo.get(key, _UNKNOWN)
         if r is _UNKNOWN:
@@ -129,23 +137,35 @@ class Policy:
             r = self._memo[key] = self._decide(client, dst, dport)
         return r
 
-    def _decide(self, client: str, dst: str, dport: int) -> tuple[Cause, str] | None:
+    def _decide(self, client: str, dst: str, dport: int) -> tuple[Cause, int] | None:
         c = int.from_bytes(socket.inet_aton(client), "big")
         d = int.from_bytes(socket.inet_aton(dst), "big")
         if not any(c & m == n for n, m in self._allow):
-            return Cause.CLIENT_NOT_ALLOWED, f"client {client} not in allowed prefixes"
+            return Cause.CLIENT_NOT_ALLOWED, 0
         if dport == 0:
-            return Cause.DESTINATION_DENIED, "destination port 0"
+            return Cause.DESTINATION_DENIED, DENIED_PORT0
         if d in self._own:
-            return Cause.DESTINATION_DENIED, f"destination {dst} is the converter itself"
-        for r in self.rules:
+            return Cause.DESTINATION_DENIED, DENIED_OWN
+        for i, r in enumerate(self.rules):
             if r.matches(d, dport):
-                if r.allow:
-                    return None
-                how = "always" if r.origin == "never" else (
-                    "by default; --allow-destination opens it" if r.origin == "default" else r.origin)
-                return Cause.DESTINATION_DENIED, f"destination {dst}:{dport} denied ({r}, {how})"
+                return None if r.allow else (Cause.DESTINATION_DENIED, i)
         return None
+
+    def wording(self, cause: Cause, detail: int, client: str, dst: str, dport: int) -> str:
+        """The log line's reason for a policy refusal, from its cause and detail (decided once, by
+        the core or by decide(): never decided again to be worded)."""
+        if cause is Cause.CLIENT_NOT_ALLOWED:
+            return f"client {client} not in allowed prefixes"
+        if detail == DENIED_PORT0:
+            return "destination port 0"
+        if detail == DENIED_OWN:
+            return f"destination {dst} is the converter itself"
+        if 0 <= detail < len(self.rules):
+            r = self.rules[detail]
+            how = "always" if r.origin == "never" else (
+                "by default; --allow-destination opens it" if r.origin == "default" else r.origin)
+            return f"destination {dst}:{dport} denied ({r}, {how})"
+        return f"destination {dst}:{dport} denied"
 
     def describe(self) -> str:
         def listed(allow: bool, origin: str) -> str:

@@ -4,7 +4,7 @@ build/ of a checkout) and for the wheel (setup.py, into the package's mimbox/_na
     python native/build.py OUT_DIR [--force] [--fuzz]
 
 What it makes (mimbox.paths finds them):
-    OUT/librelaycore.so          the per-connection core (native/relaycore.c), with OUT/relaycore.h
+    OUT/librelaycore.so          the per-connection core (native/core/*.c), with OUT/relaycore.h
     OUT/libmptcpize.so           LD_PRELOAD shim: a program's TCP sockets become MPTCP
     OUT/libconvertize.so         LD_PRELOAD shim: RFC 8803 client
     OUT/bpf/dstopt_*.bpf.o       the client's DST_OPT writer and the converter's SYN recorder
@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent          # the source tree (setup.py's directory)
+CORE = SRC / "native" / "core"                         # the core's rooms (core.h maps them)
+WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -63,17 +65,22 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
         if force or _stale(out / lib, SRC / "native" / src):
             _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-o", str(out / lib), str(SRC / "native" / src), *libs])
     core = out / "librelaycore.so"
-    if force or _stale(core, SRC / "native" / "relaycore.c", out / "relaycore.h", out / "bpf" / "dstopt.h"):
-        _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-I", str(out / "bpf"), "-I", str(out), "-o", str(core),
-              str(SRC / "native" / "relaycore.c"), "-lnetfilter_queue"])
+    rooms = sorted(CORE.glob("*.c"))
+    inputs = [*rooms, *CORE.glob("*.h"), out / "relaycore.h", out / "bpf" / "dstopt.h"]
+    if force or _stale(core, *inputs):
+        # one job per file, linked with -flto so calls between rooms inline as in one file; only the
+        # exports of core.h are visible
+        _run(["gcc", "-O2", "-flto", "-shared", "-fPIC", "-fvisibility=hidden", *WARNINGS, "-I", str(out / "bpf"),
+              "-I", str(out), "-o", str(core), *map(str, rooms), "-lnetfilter_queue"])
     if fuzz:
         (out / "fuzz").mkdir(exist_ok=True)
         harness = SRC / "tests" / "fuzz" / "fuzz_core.c"
         for target in ("parser", "handler"):
             exe = out / "fuzz" / target
-            if force or _stale(exe, harness, SRC / "native" / "relaycore.c", out / "relaycore.h"):
+            if force or _stale(exe, harness, *inputs):
                 _run(["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
-                      "-I", str(out), "-I", str(out / "bpf"), f"-DFUZZ_{target.upper()}", str(harness), "-o", str(exe)])
+                      "-I", str(out), "-I", str(out / "bpf"), "-I", str(CORE), f"-DFUZZ_{target.upper()}",
+                      str(harness), *map(str, rooms), "-o", str(exe)])
 
 
 def main(argv: list[str] | None = None) -> int:

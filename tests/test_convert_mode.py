@@ -39,7 +39,7 @@ def get_tfo_cookie(tb, port: int) -> None:
 
 @pytest.fixture(scope="module")
 def conv(paper_tb):
-    m = MiMBox(mode="convert", port=7800, workers=1, extra=["--connect-timeout", "1", "--max-connections", "4"])
+    m = MiMBox(mode="convert", workers=1, extra=["--connect-timeout", "1", "--max-connections", "4"])
     m.start(paper_tb, SERVER_PORT)
     get_tfo_cookie(paper_tb, m.port)
     yield m
@@ -49,7 +49,7 @@ def conv(paper_tb):
 @pytest.fixture(scope="module")
 def conv_open(paper_tb):
     """Without the connection limit of `conv` (wrk reconnects faster than closes complete)."""
-    m = MiMBox(mode="convert", port=7802)
+    m = MiMBox(mode="convert")
     m.start(paper_tb, SERVER_PORT)
     yield m
     m.stop()
@@ -144,7 +144,7 @@ def test_info_gets_supported_extensions(paper_tb, conv):
 
 def test_cookie_required(paper_tb):
     """--convert-cookie: no Cookie TLV is Missing Cookie, a wrong one Not Authorized, the right one served."""
-    m = MiMBox(mode="convert", port=7801, workers=1, extra=["--convert-cookie", "s3cret"])
+    m = MiMBox(mode="convert", workers=1, extra=["--convert-cookie", "s3cret"])
     m.start(paper_tb, SERVER_PORT)
     try:
         missing = probe(paper_tb, m.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT))

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 from conftest import PY, Server, run_client, transfer
+from helpers import wait_until
 
 from experiments.systems import MiMBox
 
@@ -66,7 +67,7 @@ def test_server_refusal_gives_rst(paper_tb, converter):
 
 def test_refused_destination_logged_and_reset(paper_tb):
     """Explicit mode: a destination in the deny list gets RST and a log line."""
-    m = MiMBox(mode="explicit", port=7100, extra=["--deny", f"{paper_tb.server_ip}/32", "--queue-num", "4301"])
+    m = MiMBox(mode="explicit", extra=["--deny", f"{paper_tb.server_ip}/32"])
     m.start(paper_tb, 9000)
     try:
         srv = Server(paper_tb, 9000, mptcp=False)
@@ -82,7 +83,7 @@ def test_refused_destination_logged_and_reset(paper_tb):
 
 def test_unchanged_curl_through_explicit_converter(paper_tb):
     """`mimbox client -- curl` reaches a web server through the converter, unchanged, over MPTCP."""
-    m = MiMBox(mode="explicit", port=7200, extra=["--queue-num", "4302"])
+    m = MiMBox(mode="explicit")
     m.start(paper_tb, 8080)
     web = paper_tb.server.popen([PY, "-m", "http.server", "8080", "--directory", "/usr/share/doc/iproute2"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,7 +104,7 @@ def test_unchanged_curl_through_explicit_converter(paper_tb):
 
 def test_copy_engine_is_byte_exact(paper_tb):
     """The read()/write() engine (for experiments) is as exact as splice."""
-    m = MiMBox(mode="static", engine="copy", port=7300, extra=["--queue-num", "4303"])
+    m = MiMBox(mode="static", engine="copy")
     m.start(paper_tb, 9000)
     try:
         transfer(paper_tb, m, up=3 << 20, down=5 << 20)
@@ -115,7 +116,7 @@ def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
     """--busy-poll: byte-exact, its polling counted, and SIGTERM still stops it at once (a polling core
     is not in epoll_wait to be interrupted: the signal wakes it through a pipe it watches)."""
     import time
-    m = MiMBox(mode="static", port=7310, extra=["--queue-num", "4310", "--workers", "2", "--busy-poll", "10000000"])
+    m = MiMBox(mode="static", extra=["--workers", "2", "--busy-poll", "10000000"])
     m.start(paper_tb, 9000)
     try:
         for _ in range(3):
@@ -131,12 +132,12 @@ def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
 
 def test_rules_removed_after_stop(paper_tb):
     """The converter leaves no netfilter rule behind after SIGTERM."""
-    m = MiMBox(mode="transparent", port=7400, extra=["--queue-num", "4304"])
+    m = MiMBox(mode="transparent")
     m.start(paper_tb, 9000)
-    assert "MIMBOX-7400" in paper_tb.mbox.cmd("iptables -t raw -S")
+    assert f"MIMBOX-{m.port}" in paper_tb.mbox.cmd("iptables -t raw -S")
     m.stop()
     for table in ("raw", "mangle", "filter"):
-        assert "MIMBOX-7400" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+        assert f"MIMBOX-{m.port}" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
 
 
 def test_workers_share_the_port_and_hand_over(paper_tb):
@@ -148,7 +149,7 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
     import time
 
     from mimbox.stats import query, worker_stats_path
-    m = MiMBox(mode="static", port=7500, extra=["--workers", "2", "--queue-num", "4310"])
+    m = MiMBox(mode="static", extra=["--workers", "2"])
     m.start(paper_tb, 9000)
     try:
         srv = Server(paper_tb, 9000, mptcp=False, count=24)
@@ -170,10 +171,9 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
         os.kill(worker_pid, signal.SIGKILL)
         m.proc.wait(timeout=15)
         assert m.proc.returncode == 1
-        time.sleep(0.2)
-        for table in ("raw", "filter"):
-            assert "MIMBOX-7500" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
-        assert not os.path.exists(m.stats_path)
+        wait_until(lambda: all(f"MIMBOX-{m.port}" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+                               for table in ("raw", "filter")), 5, "the supervisor removed its rules")
+        wait_until(lambda: not os.path.exists(m.stats_path), 5, "the stats socket removed")
     finally:
         m.stop()
     assert "exited" in m.log(), m.log()[-2000:]
@@ -183,8 +183,7 @@ def test_server_without_mptcp_is_remembered(paper_tb):
     """A server that answered without MPTCP gets plain TCP sockets for --server-mptcp-retry seconds
     (cheaper than an MPTCP socket falling back); after that MPTCP is tried again, and used."""
     import time
-    m = MiMBox(mode="static", port=7600, extra=["--workers", "1", "--queue-num", "4320",
-                                                "--server-mptcp-retry", "2"])
+    m = MiMBox(mode="static", extra=["--workers", "1", "--server-mptcp-retry", "2"])
     m.start(paper_tb, 9000)
     try:
         transfer(paper_tb, m, up=1000, down=1000, server_mptcp=False)     # learns: no MPTCP there
@@ -206,13 +205,13 @@ def test_server_without_mptcp_is_remembered(paper_tb):
 def test_explicit_without_holding_reads_dstopt_from_bpf(paper_tb):
     """--syn-path accept in explicit mode: no SYN visits the converter, the BPF recorder tells it the
     destination; two listeners' recorders coexist on the same interfaces; all of it goes at stop."""
-    ms = [MiMBox(mode="explicit", port=7110, syn_path="accept", extra=["--queue-num", "4310"]),
-          MiMBox(mode="explicit", port=7111, syn_path="accept", extra=["--queue-num", "4311"])]
+    ms = [MiMBox(mode="explicit", syn_path="accept"),
+          MiMBox(mode="explicit", syn_path="accept")]
     for m in ms:
         m.start(paper_tb, 9000)
     try:
         filters = paper_tb.mbox.cmd("tc filter show dev mbox-eth0 ingress")
-        assert "pref 7110" in filters and "pref 7111" in filters, filters
+        assert f"pref {ms[0].port}" in filters and f"pref {ms[1].port}" in filters, filters
         for m in ms:
             for size in (0, 1, 100_000):
                 transfer(paper_tb, m, up=size, down=2 * size + 1)
@@ -222,7 +221,7 @@ def test_explicit_without_holding_reads_dstopt_from_bpf(paper_tb):
         for m in ms:
             m.stop()
     assert "mimbox_record" not in paper_tb.mbox.cmd("tc filter show dev mbox-eth0 ingress")
-    assert "MIMBOX-7110" not in paper_tb.mbox.cmd("iptables -t raw -S")
+    assert f"MIMBOX-{ms[0].port}" not in paper_tb.mbox.cmd("iptables -t raw -S")
 
 
 def stats_after_transfers(tb, m: MiMBox, n: int) -> dict:
@@ -239,7 +238,7 @@ def stats_after_transfers(tb, m: MiMBox, n: int) -> dict:
 def test_auto_holds_at_a_low_rate_and_lets_the_kernel_answer_above_it(paper_tb):
     """--syn-path auto with --hold-rate 1: a few SYNs are held (and answered after the server), the
     rest skip the converter and are connected after accept(); every byte still arrives."""
-    st = stats_after_transfers(paper_tb, MiMBox(mode="static", port=7112, extra=["--queue-num", "4312",
+    st = stats_after_transfers(paper_tb, MiMBox(mode="static", extra=[
                                                                                "--hold-rate", "1"]), 20)
     assert st["accepted"] == 20 and st["refused"] == {}, st
     assert 1 <= st["syns"] < 20, st        # held: the hashlimit's burst of 1, then 1/s
@@ -248,8 +247,7 @@ def test_auto_holds_at_a_low_rate_and_lets_the_kernel_answer_above_it(paper_tb):
 def test_workers_hand_over_only_held_connections(paper_tb):
     """2 workers, --hold-rate 1: SYNs past the rate are answered by the kernel; the worker that
     accept()s such a connection serves it itself, so hand-overs happen only for held SYNs."""
-    st = stats_after_transfers(paper_tb, MiMBox(mode="static", port=7113, extra=["--workers", "2", "--queue-num", "4313",
-                                                                               "--hold-rate", "1"]), 24)
+    st = stats_after_transfers(paper_tb, MiMBox(mode="static", extra=["--workers", "2", "--hold-rate", "1"]), 24)
     held = st["syns"] - st["deferred"]
     assert st["accepted"] == st["closed"] == 24 and st["refused"] == {}, st
     assert held < 24 and st["handed_over"] <= held, st

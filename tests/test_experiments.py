@@ -207,7 +207,7 @@ def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
     from experiments import servers
     from experiments.systems import HAProxy, Squid, wait_port
     from mimbox.paths import MPTCPIZE
-    system = HAProxy(threads=1, port=7600) if proxy == "haproxy" else Squid(port=7601)
+    system = HAProxy(threads=1) if proxy == "haproxy" else Squid()
     web = servers.nginx(paper_tb, [32 << 20], 9800)
     system.start(paper_tb, 9800)
     try:
@@ -245,7 +245,7 @@ def test_haproxy_names_how_a_session_ended(paper_tb):
     from experiments import servers
     from experiments.systems import HAProxy, wait_port
     web = servers.nginx(paper_tb, [1024], 9801)
-    refused, served = HAProxy(threads=1, port=7602), HAProxy(threads=1, port=7603)
+    refused, served = HAProxy(threads=1), HAProxy(threads=1)
     refused.start(paper_tb, 9802)             # nothing listens there
     served.start(paper_tb, 9801)
     try:

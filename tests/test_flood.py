@@ -24,7 +24,7 @@ TOOLS = os.path.join(os.path.dirname(__file__), "tools", "flood.py")
 RATE, SECONDS = 20_000, 10
 HANDSHAKE_TIMEOUT = SafetyConfig.handshake_timeout
 CLIENT_RATE = 300          # requests/s the real client asks for (one at a time, like a busy app)
-ECHO_PORT, CONVERTER_PORT = 9700, 7700
+ECHO_PORT = 9700           # the server's (its own namespace); the converter's comes from the allocator
 
 
 def descendants(pid: int) -> list[int]:
@@ -92,13 +92,13 @@ def test_syn_flood_does_not_lock_out_real_clients(paper_tb):
     tb = paper_tb
     direct = flood_and_measure(tb, tb.server_ip, ECHO_PORT)
     time.sleep(2)
-    m = MiMBox(mode="static", port=CONVERTER_PORT, extra=["--queue-num", "4700"])     # its defaults
+    m = MiMBox(mode="static")     # its defaults
     m.start(tb, ECHO_PORT)
     try:
         time.sleep(0.5)
         base = usage(descendants(m.proc.pid))
         spares0 = m.stats()["spares"]
-        conv = flood_and_measure(tb, tb.mbox_client_ip, CONVERTER_PORT, watch_pid=m.proc.pid)
+        conv = flood_and_measure(tb, tb.mbox_client_ip, m.port, watch_pid=m.proc.pid)
         # held flood SYNs never complete: they are let go after the handshake timeout (15 s)
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT + 5
         # spare server sockets (made while idle, a few per worker and kind) are not left over

@@ -11,6 +11,7 @@ from conftest import readline
 
 from experiments.common import converter_boxes
 from experiments.systems import MiMBox, Squid
+from helpers import wait_until
 from topologies import regimes
 from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND, CpuQuota, IdlePolling
 
@@ -55,16 +56,16 @@ needs_quota = pytest.mark.skipif(not quota_available(), reason="no cgroup cpu co
 def test_quota_holds_every_process_of_a_system(paper_tb):
     """Workers of MiMBox and Squid's processes: all in their system's group (read from /proc),
     the quota as asked; the groups are gone afterwards."""
-    syss = [MiMBox(mode="static", port=7600, workers=2, extra=["--queue-num", "4600"]), Squid(port=7601)]
+    syss = [MiMBox(mode="static", workers=2), Squid()]
     with converter_boxes(syss, CONVERTER_BOUND, cores=0.3) as described:
         boxes = [s.box for s in syss]
         try:
             for s in syss:
                 s.start(paper_tb, 9000)
-            time.sleep(1.0)     # Squid forks its helpers after start
             for s, loops in zip(syss, (2, 1)):
-                pids = [q for p in s.procs for q in descendants(p.pid)]
-                assert len(pids) >= (3 if s is syss[0] else 1), pids     # supervisor + 2 workers
+                want = 3 if s is syss[0] else 1          # MiMBox: supervisor + 2 workers
+                pids = wait_until(lambda: (lambda ps: ps if len(ps) >= want else None)(
+                    [q for p in s.procs for q in descendants(p.pid)]), 10, f"{s.name}'s processes")
                 for pid in pids:
                     assert s.box.name in cgroups_of(pid), (s.name, pid, cgroups_of(pid))
                 assert set(pids) <= set(s.box.pids())

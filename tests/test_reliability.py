@@ -65,9 +65,9 @@ def lossy_tb(mptcp_ok):
         yield tb
 
 
-def running_converter(tb, mode: str, port: int, queue: int):
+def running_converter(tb, mode: str):
     """A module-scoped converter towards the server's port 9000 (a generator for fixtures)."""
-    m = MiMBox(mode=mode, port=port, extra=["--queue-num", str(queue)])
+    m = MiMBox(mode=mode)
     m.start(tb, 9000)
     yield m
     m.stop()
@@ -75,7 +75,7 @@ def running_converter(tb, mode: str, port: int, queue: int):
 
 @pytest.fixture(scope="module")
 def lossy_converter(lossy_tb):
-    yield from running_converter(lossy_tb, "explicit", 7500, 4500)
+    yield from running_converter(lossy_tb, "explicit")
 
 
 def _matrix(slow: bool):
@@ -111,7 +111,7 @@ DIRECTIONS = {"upload": (1, 0), "download": (0, 1), "both": (1, 1)}
 
 @pytest.fixture(scope="module")
 def clean_converter(paper_tb):
-    yield from running_converter(paper_tb, "static", 7520, 4520)
+    yield from running_converter(paper_tb, "static")
 
 
 @pytest.mark.parametrize("client_mptcp", [True, False], ids=["mptcp", "tcp"])
@@ -126,7 +126,7 @@ def test_integrity_clean(paper_tb, clean_converter, size, direction, client_mptc
 
 def test_integrity_with_offloads_off(paper_tb):
     """GSO/GRO/TSO and checksum offloads off on every interface: still byte-exact."""
-    m = MiMBox(mode="static", port=7501, extra=["--queue-num", "4501"])
+    m = MiMBox(mode="static")
     try:
         faults.offloads_off((paper_tb.client, paper_tb.mbox, paper_tb.server))
         m.start(paper_tb, 9000)
@@ -148,7 +148,7 @@ def test_aggregation_is_real(mptcp_ok):
     """Two 20 Mbit/s paths: a 20 MB download through the converter takes less time than one path
     alone allows (8 s), and both subflows carried data (like simult_flows.sh)."""
     with Testbed(AggregationTopo()) as tb:
-        m = MiMBox(mode="explicit", port=7502, extra=["--queue-num", "4502"])
+        m = MiMBox(mode="explicit")
         m.start(tb, 9000)
         try:
             size = 20_000_000
@@ -168,7 +168,7 @@ def test_aggregation_is_real(mptcp_ok):
 def test_handover_wifi_down_mid_transfer(mptcp_ok):
     """The WiFi link dies mid-download: the transfer completes over the other path, every byte."""
     with Testbed(AggregationTopo()) as tb:
-        m = MiMBox(mode="explicit", port=7503, extra=["--queue-num", "4503"])
+        m = MiMBox(mode="explicit")
         m.start(tb, 9000)
         srv = Server(tb, 9000, mptcp=False)
         try:
@@ -199,7 +199,7 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
 
 def test_server_reset_mid_transfer_resets_client(paper_tb):
     """The server resets mid-transfer: the client sees a reset promptly, not a hang or a clean EOF."""
-    m = MiMBox(mode="static", port=7504, extra=["--queue-num", "4504"])
+    m = MiMBox(mode="static")
     m.start(paper_tb, 9100)
     rst_server = ("import socket,struct,time;ls=socket.socket();ls.setsockopt(1,2,1);ls.bind(('0.0.0.0',9100));"
                   "ls.listen();c,_=ls.accept();c.sendall(b'x'*100000);time.sleep(0.3);"
@@ -208,9 +208,9 @@ def test_server_reset_mid_transfer_resets_client(paper_tb):
     try:
         from experiments.systems import wait_port
         wait_port(paper_tb.server, 9100)
-        client = ("import socket,time;from mimbox.mptcp import IPPROTO_MPTCP;s=socket.socket(2,1,IPPROTO_MPTCP);s.connect(('%s',7504));t=time.time();n=0\n"
+        client = ("import socket,time;from mimbox.mptcp import IPPROTO_MPTCP;s=socket.socket(2,1,IPPROTO_MPTCP);s.connect(('%s',%d));t=time.time();n=0\n"
                   "try:\n  while True:\n    b=s.recv(65536)\n    if not b: print('EOF',n); break\n    n+=len(b)\n"
-                  "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % paper_tb.mbox_client_ip)
+                  "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % (paper_tb.mbox_client_ip, m.port))
         out = paper_tb.client.cmd(f"{PY} -c \"{client}\"")
         srv.wait(timeout=10)
         if srv.returncode == 0:          # it reached its abortive close()
@@ -227,15 +227,15 @@ def test_server_reset_mid_transfer_resets_client(paper_tb):
 
 def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
     """A client that disappears without FIN: both sides are freed after the idle timeout."""
-    m = MiMBox(mode="static", port=7505, extra=["--queue-num", "4505", "--idle-timeout", "2"])
+    m = MiMBox(mode="static", extra=["--idle-timeout", "2"])
     m.start(paper_tb, 9200)
     srv = hold_server(paper_tb, 9200, 1)
-    cl = hold_clients(paper_tb, 7505, 1)
+    cl = hold_clients(paper_tb, m.port, 1)
     try:
         assert readline(cl).startswith("held 1")
         assert wait_active(m, 1)
         # the client vanishes: its packets stop (no FIN, no RST)
-        with faults.blackhole(paper_tb.client, "OUTPUT", "-p tcp --dport 7505"):
+        with faults.blackhole(paper_tb.client, "OUTPUT", f"-p tcp --dport {m.port}"):
             faults.kill([cl])
             deadline = time.time() + 6
             while time.time() < deadline and m.stats()["active"]:
@@ -250,7 +250,7 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
 
 def test_unreachable_server_gives_rst(paper_tb):
     """A destination that never answers: after --connect-timeout the client gets a RST."""
-    m = MiMBox(mode="explicit", port=7506, extra=["--queue-num", "4506", "--connect-timeout", "1"])
+    m = MiMBox(mode="explicit", extra=["--connect-timeout", "1"])
     m.start(paper_tb, 9000)
     try:
         with faults.blackhole(paper_tb.server, "INPUT", "-p tcp --dport 9300"):
@@ -266,7 +266,7 @@ def test_unreachable_server_gives_rst(paper_tb):
 def test_converter_restart_serves_at_once(paper_tb):
     """Killed (SIGKILL, rules left behind) and restarted: the old connection ends at once (nothing
     hangs), and new connections work at once."""
-    m = MiMBox(mode="explicit", port=7507, extra=["--queue-num", "4507"])
+    m = MiMBox(mode="explicit")
     m.start(paper_tb, 9000)
     srv = hold_server(paper_tb, 9000, 1)
     old = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
@@ -280,14 +280,14 @@ def test_converter_restart_serves_at_once(paper_tb):
     m.procs.clear()
     ended = readline(old).split()
     srv.kill()
-    m.start(paper_tb, 9000)        # finds and replaces the stale rules of port 7507
+    m.start(paper_tb, 9000)        # finds and replaces the stale rules of its port
     try:
         transfer(paper_tb, m, up=1000, down=1000)
     finally:
         m.stop()
     assert ended and ended[0] in ("EOF", "RESET") and float(ended[1]) < 2.0, ended
     for table in ("raw", "filter"):
-        assert "MIMBOX-7507" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
+        assert f"MIMBOX-{m.port}" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
     ledger.add(cases=1)
 
 
@@ -328,10 +328,10 @@ BAD_OPTIONS = [
 
 def test_bad_dstopt_gets_rst_and_log_and_service_continues(paper_tb):
     """Every malformed or forbidden DST_OPT: RST, a log line naming the reason; others still served."""
-    m = MiMBox(mode="explicit", port=7508, extra=["--queue-num", "4508"])
+    m = MiMBox(mode="explicit")
     m.start(paper_tb, 9000)
     try:
-        answers = {name: _syn_with(paper_tb, opt, 7508, 40000 + i) for i, (name, opt) in enumerate(BAD_OPTIONS)}
+        answers = {name: _syn_with(paper_tb, opt, m.port, 40000 + i) for i, (name, opt) in enumerate(BAD_OPTIONS)}
         transfer(paper_tb, m, up=10_000, down=10_000)      # a good client is still served
         st = m.stats()
     finally:
@@ -348,7 +348,7 @@ def test_bad_dstopt_gets_rst_and_log_and_service_continues(paper_tb):
 
 def test_slow_trickle_does_not_block_others(paper_tb):
     """A slowloris-style client trickling a byte at a time: the converter keeps serving others."""
-    m = MiMBox(mode="explicit", port=7509, extra=["--queue-num", "4509"])
+    m = MiMBox(mode="explicit")
     m.start(paper_tb, 9000)
     srv = hold_server(paper_tb, 9400, 1)
     trickle = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
@@ -372,7 +372,7 @@ def test_slow_trickle_does_not_block_others(paper_tb):
 
 def test_client_outside_allowed_prefixes_refused(paper_tb):
     """No open relay: a client outside --allow-client gets RST; one inside is served."""
-    m = MiMBox(mode="explicit", port=7511, extra=["--queue-num", "4511", "--allow-client", "10.0.2.0/24"])
+    m = MiMBox(mode="explicit", extra=["--allow-client", "10.0.2.0/24"])
     m.start(paper_tb, 9000)
     try:
         r = run_client(paper_tb, m, 9000, 1, 1)   # from 10.0.1.1: outside
@@ -386,10 +386,10 @@ def test_client_outside_allowed_prefixes_refused(paper_tb):
 
 def test_connection_limit_refuses_cleanly(paper_tb):
     """--max-connections 5: five idle connections are held, the rest get RST (no random failure)."""
-    m = MiMBox(mode="static", port=7512, extra=["--queue-num", "4512", "--max-connections", "5"])
+    m = MiMBox(mode="static", extra=["--max-connections", "5"])
     m.start(paper_tb, 9500)
     srv = hold_server(paper_tb, 9500, 5)
-    cl = hold_clients(paper_tb, 7512, 8)
+    cl = hold_clients(paper_tb, m.port, 8)
     try:
         line = readline(cl)
         st = m.stats()
@@ -449,13 +449,13 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     pipes back to start. Two workers: one process's RLIMIT_NOFILE (hard 20000 in this sandbox,
     two sockets a connection) could not hold 10,000."""
     budget = budget_for(n, IDLE_BUFFERS)     # 512 KB a connection: 2x each capped buffer + 2 pipes
-    m = MiMBox(mode="static", port=7513, extra=["--queue-num", "4513", "--workers", "2", *IDLE_BUFFERS,
+    m = MiMBox(mode="static", extra=["--workers", "2", *IDLE_BUFFERS,
                                                 "--memory-budget", str(budget), "--idle-timeout", "0"])
     m.start(paper_tb, 9600)
     srv = hold_server(paper_tb, 9600, n)
     try:
         fds0, rss0 = converter_fds(m) - m.stats()["spares"], converter_rss_kb(m)
-        cl = hold_clients(paper_tb, 7513, n)
+        cl = hold_clients(paper_tb, m.port, n)
         line = readline(cl)
         assert wait_active(m, n, timeout=30)
         held = m.stats()
@@ -488,7 +488,7 @@ def test_many_short_connections_no_growth(paper_tb, n):
     """n short connections in a row (wrk-like churn): no growth in fds or memory."""
     from experiments import servers
     from experiments.measure.tools import wrk
-    m = MiMBox(mode="static", port=7514, extra=["--queue-num", "4514", "--handshake-timeout", "2"])
+    m = MiMBox(mode="static", extra=["--handshake-timeout", "2"])
     web = servers.nginx(paper_tb, [1024], 9700)
     m.start(paper_tb, 9700)
     try:

@@ -10,8 +10,13 @@
  *                   counts of held SYNs stay within their caps. Run it in a network namespace of its
  *                   own (unshare -n) whose route to 10/8 leads nowhere: held SYNs stay held.
  *
- * The core is included whole (one translation unit), so its static functions are reachable. */
-#include "../../native/relaycore.c"
+ * Built with the core's rooms (every .c in native/core) and linked against these stubs instead of
+ * libnetfilter_queue; rooms.h declares what is reachable between rooms. */
+#include "rooms.h"
+#include <stdlib.h>
+#include <linux/types.h>
+#include <linux/netfilter.h>
+#include <libnetfilter_queue/libnetfilter_queue.h>
 
 #include <assert.h>
 #include <stdio.h>
@@ -127,18 +132,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fuzz_core->nout = 0;
 	fuzz_core->now = monotonic();
 	{
-		int held = fuzz_core->npending;
+		int held = fuzz_core->nheld;
 		queue_packet((struct nfq_q_handle *)&q, NULL, NULL, fuzz_core);
 		/* one verdict, or held (its verdict comes when its server answers), or dropped as a retransmission */
-		assert(q.verdicts - before == 1 || fuzz_core->npending == held + 1 || q.verdicts == before);
+		assert(q.verdicts - before == 1 || fuzz_core->nheld == held + 1 || q.verdicts == before);
 	}
-	assert(fuzz_core->npending <= fuzz_core->cfg.pending_limit);
-	assert(fuzz_core->held_now >= 0 && fuzz_core->held_now <= fuzz_core->cfg.pending_limit);
-	assert(fuzz_core->npending >= 0 && fuzz_core->greetings == 0);
+	assert(fuzz_core->nheld <= fuzz_core->cfg.pending_limit);
+	assert(fuzz_core->gated >= 0 && fuzz_core->gated <= fuzz_core->cfg.pending_limit);
+	assert(fuzz_core->nheld >= 0 && fuzz_core->greetings == 0);
 	core_run(fuzz_core, 0, out, 64);			/* server connects that already failed */
-	if (fuzz_core->npending == fuzz_core->cfg.pending_limit) {
+	if (fuzz_core->nheld == fuzz_core->cfg.pending_limit) {
 		core_abort_all(fuzz_core);			/* held SYNs refused: start again */
-		assert(fuzz_core->npending == 0 && fuzz_core->held_now == 0);
+		assert(fuzz_core->nheld == 0 && fuzz_core->gated == 0);
 		q.held_full++;
 	}
 	assert(admission >= 0 && admission <= 256);

@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Clients accepted: paired with their held SYN's server socket, or given a destination, admitted and
+ * connected; convert mode's clients become greetings (Python reads their message); a client whose
+ * SYN another worker holds is handed over to it.
+ *
+ * Hand-over between workers: with N workers the SYN of a client is held by the worker its source port
+ * picks (the queue rules split by mimbox.netfilter.worker_of_port), and that worker opened the server
+ * connection. The kernel's reuseport hash, which user space cannot steer on MPTCP listeners, picks the
+ * worker that accept()s; if it is another one and the SYN really is held (the workers' shared set), the
+ * client socket goes to the owner over a unix datagram socket (SCM_RIGHTS), which pairs it. */
+#include "rooms.h"
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* mimbox.netfilter.worker_of_port: the worker whose queue gets a SYN from source port sport (host order) */
+int core_worker_of_port(int sport, int workers)
+{
+	return ((sport & 0xFF) * workers) >> 8;
+}
+
+static void refuse_accepted(struct core *c, int cfd, const struct refusal *why, const struct flow *f)
+{
+	refused(c, why, 1, f);		/* counted before the client can see it */
+	reset_close(cfd);
+}
+
+/* -- convert mode: greetings ---------------------------------------------------------------------------
+ * An accepted client whose Convert message Python reads. It costs an fd before its client said
+ * anything, so it is admitted like a held SYN: an allowed client under the gate's caps, inside the fd
+ * capacity and the connection limit (its admission passes to the connection it becomes). Python ends
+ * it with core_greeting_end(), or core_convert_connect() once the message names a destination. */
+static void greet(struct core *c, int cfd, const struct flow *f)
+{
+	static const unsigned char busy[] = CONVERT_RESOURCE_EXCEEDED;
+	struct refusal why;
+	struct core_event *e;
+
+	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, f, &why) >= 0) {
+		refused(c, &why, 1, f);
+		if (why.cause == CAUSE_CLIENT_NOT_ALLOWED) {
+			reset_close(cfd);	/* a client not allowed learns nothing */
+			return;
+		}
+		/* RFC 8803: an Error TLV (Resource Exceeded) says why, then the stream ends. Written here, not
+		 * by Python: a crowd beyond the caps is refused at the kernel's pace, so the listener's queue,
+		 * which real clients share with it, drains as fast as the crowd fills it. A client accepted at
+		 * its TFO SYN (its handshake not complete) is Python's: the answer must wait (client_ready) */
+		if (sock_is_mptcp(cfd) && tcp_state(cfd) == TCP_SYN_RECV && (e = emit(c, EV_GIVEBACK))) {
+			e->fd = cfd;
+			e->cause = why.cause;
+			e->caddr = f->caddr;
+			e->cport = f->cport;
+			return;
+		}
+		send(cfd, busy, sizeof(busy), MSG_DONTWAIT | MSG_NOSIGNAL);
+		shutdown(cfd, SHUT_WR);
+		close(cfd);
+		return;
+	}
+	e = emit(c, EV_ACCEPTED);
+	if (!e) {			/* no room to tell Python: the client is reset, never lost silently */
+		admission_return(c);
+		reset_close(cfd);
+		return;
+	}
+	gate_hold(c, f->caddr);
+	c->greetings++;
+	e->fd = cfd;
+	e->caddr = f->caddr;
+	e->cport = f->cport;
+}
+
+/* Python is done with a greeting from caddr: it became a connection (keep_admission:
+ * core_convert_connect() follows) or it ended. */
+void core_greeting_end(struct core *c, uint32_t caddr, int keep_admission)
+{
+	gate_release(c, caddr);
+	c->greetings--;
+	if (!keep_admission)
+		admission_return(c);
+}
+
+int core_greetings(struct core *c)
+{
+	return c->greetings;
+}
+
+/* Convert mode, the message read: the destination checked, the server connection started, the
+ * connection relayed from now on (reply: written to the client in front of the first bytes down;
+ * early: the client's bytes after its message, for the server). -1: the core owns cfd now; else
+ * the CAUSE_* that refused it (counted, its admission given back, *detail and *err set): cfd is
+ * still Python's, to answer with an Error TLV. */
+int core_convert_connect(struct core *c, int cfd, uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport,
+			 double t, const char *reply, uint32_t reply_len, const char *early, uint32_t early_len,
+			 int *detail, int *err)
+{
+	struct flow f = {.caddr = caddr, .cport = cport, .daddr = daddr, .dport = dport};
+	struct refusal why;
+	int sfd, tried, r;
+
+	if (admit(c, ADMIT_DESTINATION, &f, &why) < 0) {
+		sfd = core_open_server(c, daddr, dport, &tried);
+		if (sfd < 0) {
+			why = (struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd};
+		} else {
+			r = core_add(c, cfd, sfd, 1, tried, 0, caddr, cport, daddr, dport, t, reply, reply_len, early,
+				     early_len);
+			if (r >= 0)
+				return -1;
+			close(sfd);
+			why = (struct refusal){.cause = CAUSE_SERVER_ERROR, .err = -r};
+		}
+	}
+	admission_return(c);
+	refused(c, &why, 1, &f);
+	*detail = why.detail;
+	*err = why.err;
+	return why.cause;
+}
+
+/* -- accepted clients ------------------------------------------------------------------------------------- */
+/* its held SYN's server socket, or its destination, admission and server connection */
+static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
+{
+	struct flow f = {.caddr = caddr, .cport = cport};
+	struct refusal why;
+	int i, sfd, tried;
+
+	i = held_find(c, client_key(caddr, cport));
+	if (i >= 0) {
+		struct held h = c->held[i];
+		if (h.state == HELD_WAITING) {	/* a retransmission the kernel answered before ours was */
+			c->st.accept_while_held++;
+			reset_close(cfd);
+			return;
+		}
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, h.sfd, NULL);
+		held_end(c, i, 0, 0, 1);	/* the connection takes its socket and admission */
+		if (core_add(c, cfd, h.sfd, 0, 0, h.server_mptcp, caddr, cport, h.f.daddr, h.f.dport, h.t_syn,
+			     NULL, 0, NULL, 0) < 0) {
+			reset_close(cfd);
+			close(h.sfd);
+			admission_return(c);
+		}
+		return;
+	}
+	switch (destination_of(c, cfd, &f, &why)) {
+	case -1:
+		return refuse_accepted(c, cfd, &why, &f);
+	case 1:
+		return greet(c, cfd, &f);		/* convert mode: the message says where */
+	}
+	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0)
+		return refuse_accepted(c, cfd, &why, &f);	/* (its SYN may not have been judged) */
+	sfd = core_open_server(c, f.daddr, f.dport, &tried);
+	if (sfd < 0) {
+		admission_return(c);
+		return refuse_accepted(c, cfd, &(struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd}, &f);
+	}
+	if (core_add(c, cfd, sfd, 1, tried, 0, caddr, cport, f.daddr, f.dport, c->now, NULL, 0, NULL, 0) < 0) {
+		admission_return(c);
+		reset_close(cfd);
+		close(sfd);
+	}
+}
+
+/* -- hand-over ---------------------------------------------------------------------------------------------- */
+int core_link(struct core *c, int worker, int fd)
+{
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)FD_LINK << FD_SHIFT | (uint32_t)fd};
+	if (worker < 0 || worker >= MAX_WORKERS)
+		return -EINVAL;
+	c->links[worker] = fd;
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	return epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) ? -errno : 0;
+}
+
+/* whether another worker holds this client's SYN (then it has its server socket) */
+static int held_elsewhere(struct core *c, uint32_t addr, uint16_t port)
+{
+	const struct core_config *g = &c->cfg;
+	uint64_t k;
+	int owner;
+	if (g->workers <= 1 || !g->syns_queued)
+		return 0;
+	owner = core_worker_of_port(ntohs(port), g->workers);
+	if (owner == g->worker)
+		return 0;
+	if (!g->held_slots)
+		return 1;
+	k = client_key(addr, port);
+	return __atomic_load_n(&g->held_slots[hash64(k) & g->held_mask], __ATOMIC_RELAXED) == k;
+}
+
+static void hand_over(struct core *c, int cfd, int owner)
+{
+	char byte = 'c', cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = {&byte, 1};
+	struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &cfd, sizeof(int));
+	if (owner >= MAX_WORKERS || c->links[owner] < 0 || sendmsg(c->links[owner], &m, MSG_DONTWAIT) < 0) {
+		c->st.handover_errors[owner < MAX_WORKERS && c->links[owner] >= 0 ? errno_slot(errno) : 0]++;
+		reset_close(cfd);
+		return;
+	}
+	c->st.handed_over++;
+	close(cfd);		/* the owner has its own reference now */
+}
+
+/* clients another worker handed over */
+void link_ready(struct core *c, int fd)
+{
+	for (int n = 0; n < 64; n++) {
+		char byte, cbuf[CMSG_SPACE(16 * sizeof(int))];
+		struct iovec iov = {&byte, 1};
+		struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+		if (recvmsg(fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC) <= 0)
+			return;
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+				continue;
+			for (unsigned k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
+				int cfd;
+				struct sockaddr_in peer;
+				socklen_t len = sizeof(peer);
+				memcpy(&cfd, CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+				if (getpeername(cfd, (struct sockaddr *)&peer, &len) || peer.sin_family != AF_INET)
+					reset_close(cfd);	/* the client went away on the way here */
+				else
+					serve_accepted(c, cfd, peer.sin_addr.s_addr, peer.sin_port);
+			}
+		}
+	}
+}
+
+/* -- the listeners ------------------------------------------------------------------------------------------ */
+/* Out of fds (EMFILE/ENFILE): a level-triggered listener would report the same waiting client at
+ * once, forever (a spin at a full core). Every listener leaves the epoll set for ACCEPT_PAUSE (as
+ * nginx disables accept events); its clients wait in the kernel's backlog meanwhile. */
+static void accept_pause(struct core *c)
+{
+	if (c->accept_paused_until > 0)
+		return;
+	for (int j = 0; j < c->nlisteners; j++)
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listeners[j], NULL);
+	c->accept_paused_until = c->now + ACCEPT_PAUSE;
+	c->st.accept_pauses++;
+}
+
+void accept_resume(struct core *c)
+{
+	for (int j = 0; j < c->nlisteners; j++) {
+		struct epoll_event ev = {.events = EPOLLIN,
+					 .data.u64 = (uint64_t)FD_LISTENER << FD_SHIFT | (uint32_t)c->listeners[j]};
+		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->listeners[j], &ev) && errno != EEXIST)
+			c->st.errors[errno_slot(errno)]++;
+	}
+	c->accept_paused_until = 0;
+}
+
+void accept_all(struct core *c, int lfd)
+{
+	struct sockaddr_in peer;
+	socklen_t len;
+	int fd, n;
+	/* bounded, so that one busy listener does not starve the connections; level-triggered */
+	for (n = 0; n < 64 && c->nout < c->maxout; n++) {
+		len = sizeof(peer);
+		fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				c->st.accept_errors[errno_slot(errno)]++;
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+				accept_pause(c);
+			return;
+		}
+		if (peer.sin_family != AF_INET) {	/* this converter serves IPv4 clients */
+			reset_close(fd);
+			continue;
+		}
+		if (held_elsewhere(c, peer.sin_addr.s_addr, peer.sin_port))
+			hand_over(c, fd, core_worker_of_port(ntohs(peer.sin_port), c->cfg.workers));
+		else
+			serve_accepted(c, fd, peer.sin_addr.s_addr, peer.sin_port);
+	}
+}

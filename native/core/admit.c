@@ -1,0 +1,228 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Who may go where, and how many: the one place a client is admitted or refused.
+ *
+ * admit() runs the checks a path asks for (enum admit_check), in one order, and returns the CAUSE_*
+ * that refuses the client (with its detail and argument) or -1. The paths:
+ *   SYN path (synq.c)        CLIENT | DESTINATION, then the gate (hold, defer, refuse), then FDS | LIMIT
+ *   accept path (accept.c)   CLIENT | DESTINATION | FDS | LIMIT (its SYN may not have been judged)
+ *   convert mode, accepted   CLIENT | GATE | FDS | LIMIT (a greeting: an fd before the client spoke)
+ *   convert mode, message    DESTINATION (the rest was admitted with the greeting)
+ * The destination rules are mimbox.safety.Policy's (tests/test_core.py checks they agree); a refusal's
+ * detail says which rule, so Python words the log line without deciding again. */
+#include "rooms.h"
+#include <stdlib.h>
+
+/* -- the workers' shared connection limit: one counter in shared memory ------------------------------- */
+int core_admit(int64_t *counter, int64_t limit)
+{
+	int64_t v = __atomic_load_n(counter, __ATOMIC_RELAXED);
+	do {
+		if (v >= limit)
+			return 0;
+	} while (!__atomic_compare_exchange_n(counter, &v, v + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED));
+	return 1;
+}
+
+void core_unadmit(int64_t *counter)
+{
+	__atomic_sub_fetch(counter, 1, __ATOMIC_ACQ_REL);
+}
+
+/* give back an admission taken by admit(ADMIT_LIMIT) */
+void admission_return(struct core *c)
+{
+	if (c->cfg.admission)
+		core_unadmit(c->cfg.admission);
+}
+
+/* -- policy ---------------------------------------------------------------------------------------------- */
+/* kind 0: an allowed client prefix; 2: one of this host's addresses; 3: forget this host's addresses
+ * (before Python lists them anew); 4: forget the allowed clients and destination rules (a reload
+ * lists them anew); 0 or -ENOSPC. Host order. */
+int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)
+{
+	if (kind == 3) {
+		c->nown = 0;
+		return 0;
+	}
+	if (kind == 4) {
+		c->nallow = 0;
+		c->nrules = 0;
+		return 0;
+	}
+	if (kind == 0 && c->nallow < MAX_PREFIXES)
+		c->allow[c->nallow++] = (struct prefix){net & mask, mask};
+	else if (kind == 2 && c->nown < MAX_PREFIXES)
+		c->own[c->nown++] = net;
+	else
+		return -ENOSPC;
+	return 0;
+}
+
+/* the next destination rule (after those before it): ports lo..hi of net/mask allowed or denied */
+int core_rule(struct core *c, int allow, uint32_t net, uint32_t mask, int lo, int hi)
+{
+	if (c->nrules == MAX_RULES)
+		return -ENOSPC;
+	c->rules[c->nrules++] = (struct rule){net & mask, mask, (uint16_t)lo, (uint16_t)hi, allow};
+	return 0;
+}
+
+static int client_allowed(struct core *c, uint32_t caddr)
+{
+	uint32_t cl = ntohl(caddr);
+	for (int i = 0; i < c->nallow; i++)
+		if ((cl & c->allow[i].mask) == c->allow[i].net)
+			return 1;
+	return 0;
+}
+
+/* -1: daddr:dport allowed; else CAUSE_DESTINATION_DENIED and *detail: DENIED_PORT0, DENIED_OWN or the
+ * index of the rule that denies it */
+static int destination_refusal(struct core *c, uint32_t daddr, uint16_t dport, int *detail)
+{
+	uint32_t d = ntohl(daddr);
+	uint16_t p = ntohs(dport);
+	if (!p) {
+		*detail = DENIED_PORT0;
+		return CAUSE_DESTINATION_DENIED;
+	}
+	for (int i = 0; i < c->nown; i++)
+		if (d == c->own[i]) {
+			*detail = DENIED_OWN;
+			return CAUSE_DESTINATION_DENIED;
+		}
+	for (int i = 0; i < c->nrules; i++) {
+		const struct rule *r = &c->rules[i];
+		if ((d & r->mask) == r->net && p >= r->lo && p <= r->hi) {
+			*detail = i;
+			return r->allow ? -1 : CAUSE_DESTINATION_DENIED;
+		}
+	}
+	return -1;
+}
+
+/* -1: client -> daddr:dport allowed; else the CAUSE_* that refuses it, its detail in *detail */
+int core_refusal(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport, int *detail)
+{
+	struct flow f = {.caddr = caddr, .daddr = daddr, .dport = dport};
+	struct refusal why;
+	int cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
+	*detail = cause >= 0 ? why.detail : 0;
+	return cause;
+}
+
+/* -- the gate: held SYNs and greetings per client /24 --------------------------------------------------- */
+/* open addressing; key = prefix + 1 (0: never used); a count back at 0 is a reusable tombstone */
+static struct gate_count *gate_slot(struct core *c, uint32_t prefix, int create)
+{
+	uint32_t mask = c->gate_slots - 1, i = hash64(prefix + 1) & mask;
+	struct gate_count *reuse = NULL;
+	for (int n = 0; n < c->gate_slots; n++, i = (i + 1) & mask) {
+		struct gate_count *g = &c->gate[i];
+		if (g->prefix == prefix + 1 && g->n > 0)
+			return g;
+		if (g->n <= 0 && !reuse)
+			reuse = g;
+		if (!g->prefix)
+			break;		/* never used: the prefix is not further on */
+	}
+	if (!create || !reuse)
+		return NULL;
+	reuse->prefix = prefix + 1;
+	reuse->n = 0;
+	return reuse;
+}
+
+static uint32_t prefix24(uint32_t caddr)
+{
+	return ntohl(caddr) & 0xFFFFFF00;
+}
+
+/* under both caps: pending_limit in all, pending_per_prefix from caddr's /24 */
+static int gate_open(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g = gate_slot(c, prefix24(caddr), 0);
+	return c->gated < c->cfg.pending_limit && (!g || g->n < c->cfg.pending_per_prefix);
+}
+
+void gate_hold(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g = gate_slot(c, prefix24(caddr), 1);
+	c->gated++;
+	if (g)
+		g->n++;
+}
+
+void gate_release(struct core *c, uint32_t caddr)
+{
+	struct gate_count *g = gate_slot(c, prefix24(caddr), 0);
+	c->gated--;
+	if (g)
+		g->n--;
+}
+
+/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
+int core_gate(struct core *c, uint32_t caddr)
+{
+	if (c->cfg.syn_path == SYN_PATH_ACCEPT)
+		return SYN_DEFER;
+	if (gate_open(c, caddr))
+		return SYN_HOLD;
+	return c->cfg.syn_path == SYN_PATH_HOLD ? SYN_REFUSE : SYN_DEFER;
+}
+
+/* for tests: a SYN from caddr held (on) or released */
+void core_gate_hold(struct core *c, uint32_t caddr, int on)
+{
+	if (on)
+		gate_hold(c, caddr);
+	else
+		gate_release(c, caddr);
+}
+
+/* -- admit ------------------------------------------------------------------------------------------------- */
+int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why)
+{
+	*why = (struct refusal){.cause = -1};
+	if ((checks & ADMIT_CLIENT) && !client_allowed(c, f->caddr))
+		return why->cause = CAUSE_CLIENT_NOT_ALLOWED;
+	if ((checks & ADMIT_DESTINATION) &&
+	    (why->cause = destination_refusal(c, f->daddr, f->dport, &why->detail)) >= 0)
+		return why->cause;
+	why->detail = 0;
+	if ((checks & ADMIT_GATE) && !gate_open(c, f->caddr)) {
+		why->arg = c->gated;
+		return why->cause = CAUSE_PENDING_LIMIT;
+	}
+	if ((checks & ADMIT_FDS) && c->active + c->nheld + c->greetings >= c->cfg.fd_capacity) {
+		why->arg = c->cfg.fd_capacity;
+		return why->cause = CAUSE_FD_LIMIT;
+	}
+	if ((checks & ADMIT_LIMIT) && c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit)) {
+		why->arg = (int)c->cfg.admission_limit;
+		return why->cause = CAUSE_CONNECTION_LIMIT;
+	}
+	return -1;
+}
+
+/* -- refusals: counted here, logged by Python (EV_REFUSED) --------------------------------------------- */
+void refused(struct core *c, const struct refusal *why, int after_accept, const struct flow *f)
+{
+	struct core_event *e;
+	c->st.refused[why->cause]++;
+	if (after_accept)
+		c->st.refused_after_accept++;
+	e = emit(c, EV_REFUSED);
+	if (!e)
+		return;
+	e->cause = why->cause;
+	e->detail = why->detail;
+	e->arg = why->arg;
+	e->err = why->err;
+	e->after_accept = after_accept;
+	e->caddr = f->caddr;
+	e->cport = f->cport;
+	e->daddr = f->daddr;
+	e->dport = f->dport;
+}

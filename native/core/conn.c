@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Relayed connections: a client socket and its server socket in one slot (struct conn), from
+ * core_add() to conn_end() — the one function where a connection ends, whatever ends it.
+ *
+ *   core_add()        CONN_CONNECTING (server connect() in progress) or CONN_RELAYING
+ *   server_ready()    the connect() finished: CONN_RELAYING, or conn_end(END_CONNECT_FAILED)
+ *   conn_ready()      an epoll event on either socket: bytes move (xfer.c)
+ *   conn_end()        CONN_ENDED: both sockets closed (reset unless both sides finished), counted,
+ *                     the access log's line; the slot is freed when the batch ends
+ *                     (conns_free_ended), so a stale event of this batch never meets a new tenant. */
+#include "rooms.h"
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static int conn_slot(struct core *c)
+{
+	int i;
+	if (c->free_head >= 0) {
+		i = c->free_head;
+		c->free_head = c->conns[i]->next_free;
+		return i;
+	}
+	if (c->nconns == c->cap) {
+		int cap = c->cap ? 2 * c->cap : 256;
+		struct conn **n = realloc(c->conns, cap * sizeof(*n));
+		if (!n)
+			return -1;
+		c->conns = n;
+		c->cap = cap;
+	}
+	c->conns[c->nconns] = malloc(sizeof(struct conn));
+	if (!c->conns[c->nconns])
+		return -1;
+	return c->nconns++;
+}
+
+static void dir_init(struct dir *d, int src, int dst)
+{
+	memset(d, 0, sizeof(*d));
+	d->src = src;
+	d->dst = dst;
+	d->pipe_r = d->pipe_w = -1;
+}
+
+/* Take over a client and its server socket (connecting: the server has not answered yet); the slot,
+ * or -errno (the caller still owns both fds). */
+int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
+	     uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport, double t_syn,
+	     const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len)
+{
+	struct epoll_event ev = {.events = WATCH_CONN};
+	struct conn *k;
+	int i = conn_slot(c), err = -ENOMEM;
+
+	if (i < 0)
+		return -ENOMEM;
+	k = c->conns[i];
+	memset(k, 0, sizeof(*k));
+	k->cfd = cfd;
+	k->sfd = sfd;
+	dir_init(&k->up, cfd, sfd);
+	dir_init(&k->down, sfd, cfd);
+	k->f = (struct flow){.caddr = caddr, .cport = cport, .daddr = daddr, .dport = dport};
+	k->t_syn = t_syn;
+	k->t_accept = k->last = c->now ? c->now : monotonic();
+	k->tried_mptcp = tried_mptcp;
+	k->server_mptcp = server_mptcp;
+	if (prefix_len) {
+		k->down.prefix = malloc(prefix_len);
+		if (!k->down.prefix)
+			goto failed;
+		memcpy(k->down.prefix, prefix, prefix_len);
+		k->down.prefix_len = prefix_len;
+	}
+	if (early_len) {
+		k->early = malloc(early_len);
+		if (!k->early)
+			goto failed;
+		memcpy(k->early, early, early_len);
+		k->early_len = early_len;
+	}
+	ev.data.u64 = (uint64_t)FD_CONN << FD_SHIFT | (uint64_t)i << 1 | 1;
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, cfd, &ev)) {
+		err = -errno;
+		goto failed;
+	}
+	ev.data.u64 = (uint64_t)FD_CONN << FD_SHIFT | (uint64_t)i << 1;
+	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev) &&
+	    (errno != EEXIST || epoll_ctl(c->epfd, EPOLL_CTL_MOD, sfd, &ev))) {	/* a socket Python watched */
+		err = -errno;
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, cfd, NULL);
+		goto failed;
+	}
+	k->state = connecting ? CONN_CONNECTING : CONN_RELAYING;
+	c->active++;
+	c->st.accepted++;
+	k->client_mptcp = sock_is_mptcp(cfd);
+	if (k->client_mptcp && c->cfg.dst_source == DST_PYTHON) {	/* convert mode: accepted at a TFO SYN? */
+		k->client_synrecv = 1;
+		client_ready(k);
+	}
+	if (k->client_mptcp)
+		c->st.client_mptcp++;
+	else
+		c->st.client_tcp++;
+	if (!connecting) {
+		if (server_mptcp)
+			c->st.server_mptcp++;
+		else
+			c->st.server_tcp++;
+		/* what is there already: EPOLL_CTL_ADD reported it as an event (edge-triggered too) */
+	}
+	return i;
+failed:
+	free(k->down.prefix);
+	free(k->early);
+	k->down.prefix = k->early = NULL;
+	k->next_free = c->free_head;
+	c->free_head = i;
+	return err;
+}
+
+/* the server connection of connection i finished its connect() (ev: the server socket's event) */
+static void server_ready(struct core *c, int i, uint32_t ev)
+{
+	struct conn *k = c->conns[i];
+	int err = connect_result(k->sfd, ev);
+	if (err < 0)
+		return;			/* not yet */
+	if (err)
+		return conn_end(c, i, END_CONNECT_FAILED, err);
+	k->state = CONN_RELAYING;
+	k->last = c->now;
+	k->server_mptcp = server_answered(c, k->sfd, k->t_syn, k->tried_mptcp, k->server_mptcp, k->f.daddr, k->f.dport);
+	if (k->server_mptcp)
+		c->st.server_mptcp++;
+	else
+		c->st.server_tcp++;
+	if (k->early_len) {
+		ssize_t w = write(k->sfd, k->early, k->early_len);
+		if (w != (ssize_t)k->early_len)	/* a fresh socket takes them: short is a failure */
+			return conn_end(c, i, END_RESET, w < 0 ? errno : EMSGSIZE);
+		k->up.bytes += w;
+		free(k->early);
+		k->early = NULL;
+		k->early_len = 0;
+	}
+	if (k->client_ev & ~EPOLLOUT)		/* what the client sent meanwhile: its events were kept */
+		xfer_event(c, i, &k->up, k->client_ev);
+	k->client_ev = 0;
+	if ((ev & ~EPOLLOUT) && k->state != CONN_ENDED)
+		xfer_event(c, i, &k->down, ev);
+}
+
+/* an epoll event on a connection's socket (data: slot << 1 | is_client) */
+void conn_ready(struct core *c, uint64_t data, uint32_t ev)
+{
+	int i = (uint32_t)data >> 1, is_client = data & 1;
+	struct conn *k = c->conns[i];
+	struct dir *in, *out;
+
+	switch (k->state) {
+	case CONN_FREE:
+	case CONN_ENDED:
+		return;
+	case CONN_CONNECTING:
+		if (is_client)
+			k->client_ev |= ev;	/* its bytes wait in its socket until the server is there */
+		else
+			server_ready(c, i, ev);
+		return;
+	case CONN_RELAYING:
+		break;
+	}
+	in = is_client ? &k->up : &k->down;
+	out = is_client ? &k->down : &k->up;
+	if (is_client && k->client_synrecv && (ev & EPOLLOUT) && client_ready(k))
+		client_established(c, i);
+	if ((ev & ~EPOLLOUT) && k->state != CONN_ENDED)
+		xfer_event(c, i, in, ev);
+	if ((ev & EPOLLOUT) && out->buffered && k->state != CONN_ENDED)
+		xfer(c, i, out, 1, 0);	/* its destination has room again */
+}
+
+static void conn_event(struct core *c, struct conn *k, int kind, int err)
+{
+	struct core_event *e = emit(c, kind);
+	if (!e)
+		return;
+	e->err = err;
+	e->caddr = k->f.caddr;
+	e->cport = k->f.cport;
+	e->daddr = k->f.daddr;
+	e->dport = k->f.dport;
+}
+
+/* the access log's line for connection k (Python writes it): one in access_log_every */
+static void access_log(struct core *c, struct conn *k, int reset)
+{
+	struct core_event *e;
+	if (c->cfg.access_log_every <= 0 || c->st.closed % c->cfg.access_log_every)
+		return;
+	e = emit(c, EV_CLOSED);
+	if (!e) {
+		c->st.access_log_dropped++;
+		return;
+	}
+	e->err = k->end_err ? k->end_err : (reset ? ECONNABORTED : 0);
+	e->caddr = k->f.caddr;
+	e->cport = k->f.cport;
+	e->daddr = k->f.daddr;
+	e->dport = k->f.dport;
+	e->bytes_up = k->up.bytes;
+	e->bytes_down = k->down.bytes;
+	e->duration = c->now - k->t_accept;
+}
+
+/* Where a connection ends: `how` says why (enum conn_end_how), err the errno behind it. */
+void conn_end(struct core *c, int i, enum conn_end_how how, int err)
+{
+	struct conn *k = c->conns[i];
+	int reset = how != END_FINISHED, keep_client = 0;
+	struct core_event *e;
+
+	if (k->state == CONN_ENDED || k->state == CONN_FREE)
+		return;
+	switch (how) {
+	case END_FINISHED:
+		break;
+	case END_RESET:
+		c->st.errors[errno_slot(err)]++;
+		conn_event(c, k, EV_ABORTED, err);
+		break;
+	case END_IDLE:
+		err = ETIME;
+		c->st.idle_timeouts++;
+		conn_event(c, k, EV_ABORTED, err);
+		break;
+	case END_CONNECT_FAILED: {
+		struct refusal why = {.cause = cause_of_errno(err), .err = err};
+		refused(c, &why, 1, &k->f);
+		if (k->down.prefix && (e = emit(c, EV_GIVEBACK))) {	/* convert mode: Python writes the Error TLV */
+			e->fd = k->cfd;
+			e->cause = why.cause;
+			keep_client = 1;
+			reset = 0;
+		}
+		break;
+	}
+	case END_SHUTDOWN:
+		err = ESHUTDOWN;
+		break;
+	}
+	k->state = CONN_ENDED;
+	k->end_err = err;
+	c->active--;
+	admission_return(c);
+	c->st.closed++;
+	count_duration(c, c->now - k->t_accept);
+	access_log(c, k, reset);
+	c->st.bytes_up += k->up.bytes;
+	c->st.bytes_down += k->down.bytes;
+	if (keep_client)
+		epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->cfd, NULL);
+	else if (reset)
+		reset_close(k->cfd);
+	else
+		close(k->cfd);
+	if (reset)
+		reset_close(k->sfd);
+	else
+		close(k->sfd);
+	dir_release(c, &k->up);
+	dir_release(c, &k->down);
+	free(k->early);
+	k->early = NULL;
+	if (c->ndead == c->dead_cap) {
+		int cap = c->dead_cap ? 2 * c->dead_cap : 64;
+		int *n = realloc(c->dead, cap * sizeof(*n));
+		if (!n)			/* the slot leaks rather than being reused too early */
+			return;
+		c->dead = n;
+		c->dead_cap = cap;
+	}
+	c->dead[c->ndead++] = i;
+}
+
+/* the batch is over: the slots of the connections that ended in it are free again */
+void conns_free_ended(struct core *c)
+{
+	for (int j = 0; j < c->ndead; j++) {
+		struct conn *k = c->conns[c->dead[j]];
+		k->state = CONN_FREE;
+		k->next_free = c->free_head;
+		c->free_head = c->dead[j];
+	}
+	c->ndead = 0;
+}
+
+/* Abort every connection and held SYN (the converter stops): returns how many connections. */
+int core_abort_all(struct core *c)
+{
+	int n = 0;
+	for (int i = 0; i < c->nheld_slots; i++)
+		if (c->held[i].state != HELD_FREE)
+			held_end(c, i, CAUSE_SHUTTING_DOWN, 0, 0);
+	for (int i = 0; i < c->nconns; i++) {
+		enum conn_state s = c->conns[i]->state;
+		if (s == CONN_CONNECTING || s == CONN_RELAYING) {
+			conn_end(c, i, END_SHUTDOWN, 0);
+			n++;
+		}
+	}
+	conns_free_ended(c);
+	return n;
+}
+
+int core_list(struct core *c, struct core_conn_info *out, int max)
+{
+	int n = 0;
+	for (int i = 0; i < c->nconns && n < max; i++) {
+		struct conn *k = c->conns[i];
+		if (k->state != CONN_CONNECTING && k->state != CONN_RELAYING)
+			continue;
+		out[n++] = (struct core_conn_info){.cfd = k->cfd, .sfd = k->sfd, .caddr = k->f.caddr, .daddr = k->f.daddr,
+						   .cport = k->f.cport, .dport = k->f.dport,
+						   .client_mptcp = k->client_mptcp, .server_mptcp = k->server_mptcp,
+						   .connecting = k->state == CONN_CONNECTING, .bytes_up = k->up.bytes,
+						   .bytes_down = k->down.bytes, .t_accept = k->t_accept};
+	}
+	return n;
+}
+
+int core_active(struct core *c)
+{
+	return c->active;
+}

@@ -1,0 +1,182 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The core's own types: a worker's core, its connections and the SYNs it holds, with their states.
+ * The layouts shared with Python (struct core_config, core_event, core_stats, core_conn_info,
+ * syn_info) and the codes (CAUSE_*, EV_*, SYN_*, ...) are generated from mimbox/core.py into
+ * relaycore.h; nothing here crosses to Python. */
+#pragma once
+#include <stdint.h>
+#include <sys/types.h>
+#include "relaycore.h"		/* generated: shared layouts and codes */
+
+#define MAX_PREFIXES 256
+#define MAX_RULES 256
+#define MAX_LISTENERS 64
+#define MAX_EVENTS 256		/* epoll events per wait */
+#define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
+#define MEMO_SLOTS 4096		/* servers seen without MPTCP */
+#define HELD_FILTER (1 << 16)	/* slots of the fast filter of clients with a held entry */
+#define ACCEPT_PAUSE 0.1	/* seconds a listener rests after accept() ran out of fds (EMFILE/ENFILE) */
+
+/* What an fd in the epoll set is: the top bits of its event's data (FD_SHIFT); the low bits say which. */
+enum fd_kind {
+	FD_PYTHON = 0,		/* Python's (stats socket, greetings, health probes): reported as EV_FD */
+	FD_LISTENER = 1,	/* a listener (low bits: the fd): accept_all() */
+	FD_CONN = 2,		/* a relayed connection's socket (slot << 1 | is_client): conn_ready() */
+	FD_QUEUE = 3,		/* the NFQUEUE socket: queue_ready() */
+	FD_HELD = 4,		/* a held SYN's server socket (generation << GEN_SHIFT | slot): held_ready() */
+	FD_LINK = 5,		/* a unix socket from another worker (the fd): clients handed over, link_ready() */
+};
+#define FD_SHIFT 60
+#define GEN_SHIFT 32
+#define GEN_MASK 0xFFFFFFF
+
+/* A relayed connection's life; it ends in conn_end() (conn.c), nowhere else. */
+enum conn_state {
+	CONN_FREE = 0,		/* the slot is on the free list */
+	CONN_CONNECTING,	/* client accepted, server connect() in progress: the client's events are kept */
+	CONN_RELAYING,		/* both sides connected: bytes move, each direction in its own dir_state */
+	CONN_ENDED,		/* both sockets closed by conn_end(); the slot is freed when the batch ends */
+};
+
+/* One direction of a connection (client -> server is "up"). */
+enum dir_state {
+	DIR_OPEN = 0,		/* bytes flow from src to dst */
+	DIR_EOF,		/* src sent its FIN and everything before it was read; buffered bytes still go */
+	DIR_DONE,		/* all out, and dst got shutdown(SHUT_WR): the FIN is passed on */
+};
+
+/* A client SYN the core holds (synq.c): the paper's order, server first. */
+enum held_state {
+	HELD_FREE = 0,		/* the slot is on the free list */
+	HELD_WAITING,		/* the SYN waits in NFQUEUE while the server connect() is in progress */
+	HELD_RELEASED,		/* the server answered; the SYN went on to the kernel, which completes the
+				 * client's handshake: the entry waits for accept() to pair the two sockets */
+};
+
+/* How a connection ends (conn_end). */
+enum conn_end_how {
+	END_FINISHED,		/* both directions done: close(), each side got the other's FIN */
+	END_RESET,		/* an error (errno) on either side: both reset, EV_ABORTED */
+	END_IDLE,		/* nothing moved for idle_timeout: both reset, EV_ABORTED (ETIME) */
+	END_CONNECT_FAILED,	/* the server connection failed (errno): a refusal; the client is reset, or in
+				 * convert mode handed back to Python for its Error TLV (EV_GIVEBACK) */
+	END_SHUTDOWN,		/* the converter stops (core_abort_all): both reset */
+};
+
+/* What admit() checks (admit.c), in this order; a set of them per path. */
+enum admit_check {
+	ADMIT_CLIENT = 1 << 0,		/* the client is in an allowed prefix */
+	ADMIT_DESTINATION = 1 << 1,	/* the destination rules allow client -> destination */
+	ADMIT_GATE = 1 << 2,		/* under the held caps: pending_limit in all, pending_per_prefix per /24 */
+	ADMIT_FDS = 1 << 3,		/* inside this worker's fd capacity */
+	ADMIT_LIMIT = 1 << 4,		/* a place under the workers' shared connection limit: taken if admitted */
+};
+
+/* A client and where it goes, network order (daddr 0: not known yet). */
+struct flow {
+	uint32_t caddr, daddr;
+	uint16_t cport, dport;
+};
+
+/* Why something was refused: a CAUSE_*, its detail (SYN_* for a bad option, DENIED_* or the rule for a
+ * denied destination) and argument (the cap that was reached), the errno of a failed server connect. */
+struct refusal {
+	int cause, detail, arg, err;
+};
+
+struct dir {
+	enum dir_state state;
+	int src, dst, pipe_r, pipe_w;	/* pipe: splice engine, -1: none held */
+	char *buf;			/* what a short write left (malloc'd), from off */
+	uint32_t off, buffered;		/* buffered: bytes in buf, or in the pipe (splice) */
+	uint64_t bytes;
+	char *prefix;			/* convert mode: the answer, written in front of the first bytes */
+	uint32_t prefix_len, prefix_in_buf;
+};
+
+struct conn {
+	enum conn_state state;
+	uint8_t tried_mptcp, client_mptcp, server_mptcp;
+	uint8_t client_synrecv;		/* an MPTCP client accepted at its TFO SYN, its handshake not yet
+					 * complete: nothing is written to it until it is (xfer.c client_ready) */
+	int cfd, sfd;
+	struct dir up, down;
+	struct flow f;
+	double t_syn, t_accept, last;
+	char *early;			/* convert mode: client bytes after its message, for the server */
+	uint32_t early_len;
+	uint32_t client_ev;		/* the client's epoll events while the server connection was made */
+	uint32_t down_ev;		/* the server's events while the client's handshake completes */
+	int32_t end_err;		/* why it ended: 0 both sides finished, else an errno (ETIME: idle) */
+	int next_free;
+};
+
+struct held {				/* a held SYN and its server connection */
+	enum held_state state;
+	uint8_t tried_mptcp, server_mptcp;
+	uint32_t gen;			/* bumped at each use of the slot: a stale event does not match */
+	uint32_t id;			/* its NFQUEUE packet id */
+	struct flow f;
+	uint64_t key;			/* client_key(caddr, cport) */
+	int sfd, next_free;
+	double t_syn, ready_at;
+};
+
+struct memo { uint64_t key; double until; };
+struct destination { uint64_t key; uint32_t daddr; uint16_t dport; double t; };
+struct prefix { uint32_t net, mask; };	/* host order */
+struct rule { uint32_t net, mask; uint16_t lo, hi; int32_t allow; };	/* host order; first match decides */
+struct gate_count { uint32_t prefix; int32_t n; };
+
+struct nfq_handle;
+struct nfq_q_handle;
+
+/* One worker's core: its epoll set and everything it serves. */
+struct core {
+	struct core_config cfg;
+	struct core_stats st;
+	int epfd;
+	double now;				/* read when the batch began */
+	double last_event;			/* busy polling: when the loop last had work */
+	struct core_event *out;			/* Python's events of this batch (emit) */
+	int nout, maxout;
+	/* connections (conn.c) */
+	struct conn **conns;
+	int nconns, cap, free_head, active;
+	int *dead;				/* ended during this batch: freed when it ends */
+	int ndead, dead_cap;
+	/* bytes (xfer.c) */
+	char *copy_buf;
+	int pool[PIPE_POOL][2];
+	int npool;
+	/* held SYNs (synq.c) */
+	struct nfq_handle *nfq;
+	struct nfq_q_handle *qh;
+	int qfd;
+	char *qbuf;
+	struct held *held;
+	int nheld_slots, held_free, nheld;
+	uint32_t held_gen;
+	uint64_t held_filter[HELD_FILTER];	/* clients with a held entry (a fast filter) */
+	/* admission (admit.c) */
+	struct gate_count *gate;		/* held SYNs and greetings per client /24 (open addressing) */
+	int gate_slots, gated;			/* gated: held SYNs and greetings in all */
+	struct prefix allow[MAX_PREFIXES];
+	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
+	uint32_t own[MAX_PREFIXES];		/* this host's addresses (refreshed by Python on netlink news) */
+	int nallow, nrules, nown;
+	/* destinations (dest.c) */
+	struct destination *dests;
+	/* accept (accept.c) */
+	int listeners[MAX_LISTENERS], nlisteners;
+	double accept_paused_until;		/* EMFILE/ENFILE: listeners out of the epoll set until then */
+	int greetings;				/* convert mode: accepted clients whose message Python awaits */
+	int links[MAX_WORKERS];			/* worker -> a unix datagram socket to it, -1: none */
+	/* server sockets (connect.c) */
+	struct memo tcp_only[MEMO_SLOTS];	/* servers that answered without MPTCP, until */
+	int spare[2][SPARE_MAX];		/* made-ahead server sockets: [0] TCP, [1] MPTCP */
+	int nspare[2], spare_wanted[2];		/* a kind is made ahead once it was needed */
+	double spare_retry_at;			/* making spares failed: not before then */
+	/* keeper.c */
+	pid_t keeper;
+};

@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Where an accepted client goes when no held SYN says it (its SYN was deferred to the kernel):
+ *   static        the configured server;
+ *   transparent   the address the client sent to, which TPROXY kept as the socket's own;
+ *   explicit      its SYN's DST_OPT, which on_syn() remembered here, or the BPF recorder's map
+ *                 (mimbox/synrecord.py) when the SYN never visited NFQUEUE;
+ *   convert       the client's first bytes say it: Python reads them (accept.c greet()). */
+#include "rooms.h"
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include "dstopt.h"		/* generated from mimbox/dstopt.py: the recorder's map */
+
+/* 0: remembered (or the same one again); -1: a recent SYN from this (address, port) asked for another
+ * destination: the first wins, this SYN is refused (a forged SYN must not redirect its victim) */
+int dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
+{
+	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
+	if (d->key == key && c->now - d->t <= 2 * c->cfg.handshake_timeout) {
+		if (d->daddr != daddr || d->dport != dport)
+			return -1;
+		return 0;		/* a retransmission: the first SYN's time stays */
+	}
+	*d = (struct destination){key, daddr, dport, c->now};
+	return 0;
+}
+
+static int dest_take(struct core *c, uint64_t key, uint32_t *daddr, uint16_t *dport)
+{
+	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
+	if (d->key != key)
+		return 0;
+	d->key = 0;
+	if (c->now - d->t > 2 * c->cfg.handshake_timeout)
+		return 0;
+	*daddr = d->daddr;
+	*dport = d->dport;
+	return 1;
+}
+
+static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *daddr, uint16_t *dport)
+{
+	struct dstopt_record_key key = {.saddr = addr, .sport = port};
+	struct dstopt_record_value val;
+	union bpf_attr attr;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = c->cfg.recorder_fd;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&val;
+	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr, sizeof(attr)))
+		return 0;
+	/* c->now was read when this batch began: a SYN recorded since is younger than that (signed) */
+	if ((int64_t)((uint64_t)(c->now * 1e9) - val.t_ns) > (int64_t)DSTOPT_RECORD_TTL_NS)
+		return 0;		/* stale: that SYN never became a connection */
+	*daddr = val.addr;
+	*dport = val.port;
+	return 1;
+}
+
+/* f's destination for the accepted client cfd: 0 found, 1 convert mode (Python reads it), -1 none
+ * (why says so) */
+int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why)
+{
+	*why = (struct refusal){.cause = CAUSE_NO_DESTINATION};
+	switch (c->cfg.dst_source) {
+	case DST_STATIC:
+		f->daddr = c->cfg.static_addr;
+		f->dport = c->cfg.static_port;
+		return 0;
+	case DST_TRANSPARENT: {
+		struct sockaddr_in me;
+		socklen_t len = sizeof(me);
+		if (getsockname(cfd, (struct sockaddr *)&me, &len)) {
+			why->err = errno;
+			return -1;
+		}
+		f->daddr = me.sin_addr.s_addr;
+		f->dport = me.sin_port;
+		return 0;
+	}
+	case DST_EXPLICIT:
+		if (!dest_take(c, client_key(f->caddr, f->cport), &f->daddr, &f->dport) &&
+		    (c->cfg.recorder_fd < 0 || !recorder_pop(c, f->caddr, f->cport, &f->daddr, &f->dport)))
+			return -1;
+		if (!f->daddr || !f->dport) {
+			*why = (struct refusal){.cause = CAUSE_BAD_OPTION, .detail = !f->dport ? SYN_PORT0 : SYN_ADDR0};
+			return -1;
+		}
+		return 0;
+	}
+	return 1;
+}

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: GPL-2.0
+/* What the rooms call of each other (hidden from the library's users; see core.h for the map). */
+#pragma once
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include "core.h"
+
+struct nfgenmsg;
+struct nfq_data;
+
+#ifndef IPPROTO_MPTCP
+#define IPPROTO_MPTCP 262
+#endif
+#define TCP_IS_MPTCP 43
+#define WATCH_CONN (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)	/* a connection's sockets, and a held SYN's */
+#define DRAINED (EPOLLRDHUP | EPOLLERR | EPOLLHUP)		/* read until EAGAIN: no new edge will come */
+
+static inline double monotonic(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline uint64_t hash64(uint64_t k)
+{
+	return (k * 0x9E3779B97F4A7C15ull) >> 32;
+}
+
+/* a client (address, port) as one key, never 0 (as mimbox.synpath.HeldSet.key) */
+static inline uint64_t client_key(uint32_t addr, uint16_t port)
+{
+	return ((uint64_t)ntohl(addr) << 16 | ntohs(port)) + 1;
+}
+
+static inline int errno_slot(int err)
+{
+	return err > 0 && err < ERRNO_SLOTS ? err : 0;
+}
+
+/* loop.c */
+struct core_event *emit(struct core *c, int kind);	/* NULL: no room (or not inside core_run/sweep) */
+
+/* admit.c */
+int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
+void admission_return(struct core *c);
+void gate_hold(struct core *c, uint32_t caddr);
+void gate_release(struct core *c, uint32_t caddr);
+void refused(struct core *c, const struct refusal *why, int after_accept, const struct flow *f);
+
+/* synq.c */
+int held_find(struct core *c, uint64_t key);
+void held_end(struct core *c, int i, int cause, int err, int paired);
+void held_ready(struct core *c, uint64_t data, uint32_t ev);
+void queue_ready(struct core *c);
+int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data);
+
+/* dest.c */
+int dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport);
+int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why);
+
+/* accept.c */
+void accept_all(struct core *c, int lfd);
+void accept_resume(struct core *c);
+void link_ready(struct core *c, int fd);
+
+/* connect.c */
+int connect_result(int fd, uint32_t ev);
+int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int server_mptcp,
+		    uint32_t daddr, uint16_t dport);
+int spare_missing(struct core *c);
+void spare_refill(struct core *c);
+int cause_of_errno(int err);
+int sock_is_mptcp(int fd);
+int tcp_state(int fd);
+void reset_close(int fd);
+
+/* conn.c */
+void conn_ready(struct core *c, uint64_t data, uint32_t ev);
+void conn_end(struct core *c, int i, enum conn_end_how how, int err);
+void conns_free_ended(struct core *c);
+
+/* xfer.c */
+void xfer_event(struct core *c, int i, struct dir *d, uint32_t ev);
+void xfer(struct core *c, int i, struct dir *d, int drain, int rdhup);
+int xfer_flush_prefix(struct dir *d);
+int client_ready(struct conn *k);
+void client_established(struct core *c, int i);
+void dir_release(struct core *c, struct dir *d);
+
+/* stats.c */
+void count_connect_time(struct core *c, double us);
+void count_duration(struct core *c, double s);

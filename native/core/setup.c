@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: GPL-2.0
+/* A worker's core made, reconfigured on a reload, and freed. */
+#include "rooms.h"
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+#include <libnetfilter_queue/libnetfilter_queue.h>
+
+struct core *core_new(const struct core_config *cfg)
+{
+	struct core *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	c->cfg = *cfg;
+	c->free_head = -1;
+	c->held_free = -1;
+	c->qfd = -1;
+	for (int w = 0; w < MAX_WORKERS; w++)
+		c->links[w] = -1;
+	c->epfd = epoll_create1(EPOLL_CLOEXEC);
+	c->copy_buf = malloc(cfg->pipe_size);
+	c->nheld_slots = cfg->pending_limit > 0 ? cfg->pending_limit : 1;
+	c->held = calloc(c->nheld_slots, sizeof(*c->held));
+	for (c->gate_slots = 64; c->gate_slots < 4 * c->nheld_slots; c->gate_slots *= 2)
+		;
+	c->gate = calloc(c->gate_slots, sizeof(*c->gate));
+	c->dests = calloc(DESTINATIONS, sizeof(*c->dests));
+	if (c->epfd < 0 || !c->copy_buf || !c->held || !c->gate || !c->dests) {
+		if (c->epfd >= 0)
+			close(c->epfd);
+		free(c->copy_buf);
+		free(c->held);
+		free(c->gate);
+		free(c->dests);
+		free(c);
+		return NULL;
+	}
+	for (int i = 0; i < c->nheld_slots; i++) {
+		c->held[i].sfd = -1;
+		c->held[i].next_free = c->held_free;
+		c->held_free = i;
+	}
+	return c;
+}
+
+/* SIGHUP: what may change in a running core (mimbox.configfile.RELOADABLE); new connections and
+ * SYNs get it, established connections carry on */
+void core_reconfigure(struct core *c, const struct core_config *n)
+{
+	c->cfg.server_mptcp_retry = n->server_mptcp_retry;
+	c->cfg.connect_timeout = n->connect_timeout;
+	c->cfg.idle_timeout = n->idle_timeout;
+	c->cfg.handshake_timeout = n->handshake_timeout;
+	c->cfg.admission_limit = n->admission_limit;
+	c->cfg.pending_limit = n->pending_limit;
+	c->cfg.pending_per_prefix = n->pending_per_prefix;
+	c->cfg.access_log_every = n->access_log_every;
+}
+
+void core_free(struct core *c)
+{
+	if (!c)
+		return;
+	core_abort_all(c);
+	core_keeper_release(c);
+	for (int i = 0; i < c->nconns; i++)
+		free(c->conns[i]);
+	free(c->conns);
+	free(c->dead);
+	for (int j = 0; j < c->npool; j++) {
+		close(c->pool[j][0]);
+		close(c->pool[j][1]);
+	}
+	for (int kind = 0; kind < 2; kind++)
+		while (c->nspare[kind] > 0)
+			close(c->spare[kind][--c->nspare[kind]]);
+	if (c->qh)
+		nfq_destroy_queue(c->qh);
+	if (c->nfq)
+		nfq_close(c->nfq);
+	free(c->qbuf);
+	close(c->epfd);
+	free(c->copy_buf);
+	free(c->held);
+	free(c->gate);
+	free(c->dests);
+	free(c);
+}

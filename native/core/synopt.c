@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: GPL-2.0
+/* A SYN's TCP options: the destination option (DST_OPT, mimbox/dstopt.py declares its layout) and
+ * MPTCP's subtypes. mimbox/dstopt.py parse_options makes the same decisions (tests/test_core.py
+ * compares them; tests/fuzz/fuzz_core.c fuzzes this parser). */
+#include "rooms.h"
+#include <netinet/in.h>
+#include <linux/types.h>
+#include "dstopt.h"		/* generated from mimbox/dstopt.py */
+
+/* 0: an IPv4 TCP SYN (options parsed, never fails on them), -1: not one */
+int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
+{
+	int ihl, doff, i, n;
+	const uint8_t *t, *o;
+	memset(s, 0, sizeof(*s));
+	if (len < 20 || p[0] >> 4 != 4)
+		return -1;
+	ihl = (p[0] & 0x0F) * 4;
+	if (p[9] != IPPROTO_TCP || len < ihl + 20)
+		return -1;
+	t = p + ihl;
+	doff = (t[12] >> 4) * 4;
+	if (doff < 20 || len - ihl < doff)
+		return -1;
+	memcpy(&s->saddr, p + 12, 4);
+	memcpy(&s->daddr, p + 16, 4);
+	memcpy(&s->sport, t, 2);
+	memcpy(&s->dport, t + 2, 2);
+	o = t + 20;
+	n = doff - 20;
+	for (i = 0; i < n;) {
+		int kind = o[i], olen;
+		if (kind == 0)
+			break;
+		if (kind == 1) {
+			i++;
+			continue;
+		}
+		if (i + 1 >= n) {
+			if (!s->error)
+				s->error = SYN_TRUNCATED;
+			break;
+		}
+		olen = o[i + 1];
+		if (olen < 2 || i + olen > n) {
+			if (!s->error) {
+				s->error = SYN_BAD_LENGTH;
+				s->arg = kind << 8 | olen;
+			}
+			break;
+		}
+		if (kind == DSTOPT_KIND) {
+			int exid = olen >= 4 ? (o[i + 2] << 8 | o[i + 3]) : -1;
+			if (exid >= 0 && exid != DSTOPT_EXID) {
+				if (!s->error) {
+					s->error = SYN_UNKNOWN_EXID;
+					s->arg = exid;
+				}
+			} else if (s->has_dst) {
+				s->error = SYN_MORE_THAN_ONE;
+			} else if (olen != DSTOPT_LEN) {
+				s->error = SYN_DSTOPT_LENGTH;
+				s->arg = olen;
+			} else if (exid != DSTOPT_EXID) {
+				s->error = SYN_UNKNOWN_EXID;
+				s->arg = exid;
+			} else {
+				uint16_t port;
+				uint32_t addr;
+				memcpy(&addr, o + i + DSTOPT_OFF_ADDR, 4);
+				memcpy(&port, o + i + DSTOPT_OFF_PORT, 2);
+				if (!port)
+					s->error = SYN_PORT0;
+				else if (!addr)
+					s->error = SYN_ADDR0;
+				else {
+					s->has_dst = 1;
+					s->dst_addr = addr;
+					s->dst_port = port;
+				}
+			}
+		} else if (kind == 30 && olen >= 3) {	/* MPTCP */
+			int sub = o[i + 2] >> 4;
+			s->mp_capable |= sub == 0;
+			s->mp_join |= sub == 1;
+		}
+		i += olen;
+	}
+	if (s->error)
+		s->has_dst = 0;
+	else if (!s->has_dst)
+		s->error = SYN_NO_DSTOPT;
+	return 0;
+}
