@@ -45,7 +45,7 @@ class ListenerConfig:
     client_mptcp: bool = True                    # listen with IPPROTO_MPTCP (TCP clients fall back)
     server_mptcp: bool = True                    # connect with IPPROTO_MPTCP (TCP servers fall back)
     queue_num: int = 4200                        # NFQUEUE that holds SYNs until the server answers
-    syn_path: str = "auto"                       # hold | accept | auto (see docs/running.md "SYN path"; native/relaycore.c core_gate)
+    syn_path: str = "auto"                       # hold | accept | auto (see docs/running.md "SYN path"; native/core/admit.c core_gate)
     pending_limit: int = 256                     # SYNs held at once (per worker) ...
     pending_per_prefix: int = 64                 # ... and from one client /24
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held

@@ -1,6 +1,5 @@
-"""The per-connection path in C (native/relaycore.c, built into build/librelaycore.so): its layouts
-and codes, declared once here (the C side gets them from `python -m mimbox.core --header`), and a
-thin command API for the relay.
+"""The per-connection path in C (native/core/, built into build/librelaycore.so): its layouts and
+codes, declared once here (C gets them from `python -m mimbox.core --header`), and a thin API.
 
     core = Core(CoreConfig(...))           # one per worker; owns the worker's epoll set
     core.policy(policy)                     # who may go where (mimbox.safety.Policy's lists)
@@ -9,7 +8,7 @@ thin command API for the relay.
     core.link(worker, fd)                   # a unix socket to another worker (hand-over of accepted clients)
     core.watch(fd, events)                  # a Python fd: reported back as Event(kind=EV_FD)
     for ev in core.run(timeout_ms): ...     # what is Python's (EV_FD, convert mode's clients, refusals to log)
-    core.add(cfd, sfd, ...)                 # a connection Python set up (convert mode), relayed
+    core.convert_connect(cfd, ...)          # convert mode: the message read, the core connects and relays
 
 Why C: under Fig. 5's 1 KB load the interpreter cost ~40 µs per connection and ~70 µs per held
 SYN (perf, results/percost_converter) where HAProxy's own code costs ~10 µs; the kernel's part is
@@ -26,9 +25,8 @@ import struct
 from dataclasses import dataclass
 
 from mimbox.config import MAX_WORKERS
-from mimbox.paths import RELAYCORE
-
 from mimbox.netfilter import REFUSE_MARK, REFUSE_MASK
+from mimbox.paths import RELAYCORE
 from mimbox.safety import DENIED_OWN, DENIED_PORT0
 from mimbox.synpath import Cause
 
@@ -44,12 +42,7 @@ SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: trunc
               "MORE_THAN_ONE": "bad DST_OPT: more than one DST_OPT",
               "DSTOPT_LENGTH": "bad DST_OPT: DST_OPT length {arg} (expected 10)",
               "PORT0": "bad DST_OPT: DST_OPT port 0", "ADDR0": "bad DST_OPT: DST_OPT address 0.0.0.0"}
-SYN_ERROR_TEXT = ["", *SYN_ERRORS.values()]    # SYN_<NAME> in C is the index here
-
-
-def syn_error(code: int, arg: int) -> str:
-    """The log line's reason for a SYN_* code and its argument."""
-    return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8)
+SYN_ERROR_TEXT = ["", *SYN_ERRORS.values()]    # SYN_<NAME> in C is the index here (mimbox.synpath.syn_error)
 ERRNO_SLOTS = 160              # errno-indexed counters (struct core_stats)
 MAX_EVENTS = 512
 KEEPER_NAME = "mimbox-keeper"  # the process that resets a crashed converter's connections (core_keeper)
@@ -169,9 +162,9 @@ def c_header() -> str:
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
                                                   ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED),
                                                   ("CLOSED", EV_CLOSED))]
-    from mimbox.convert import Error, error_reply
+    from mimbox.rfc8803 import Error, error_reply
     busy = error_reply(Error.RESOURCE_EXCEEDED)
-    lines += ["/* RFC 8803: the answer to a client refused for a cap (mimbox.convert.error_reply) */",
+    lines += ["/* RFC 8803: the answer to a client refused for a cap (mimbox.rfc8803.error_reply) */",
               f"#define CONVERT_RESOURCE_EXCEEDED {{{', '.join(f'0x{b:02x}' for b in busy)}}}"]
     for count, name, bounds in (("CONNECT_BUCKET_COUNT", "CONNECT_BUCKETS_US", CONNECT_BUCKETS_US),
                                 ("DURATION_BUCKET_COUNT", "DURATION_BUCKETS_S", DURATION_BUCKETS_S)):
@@ -329,7 +322,7 @@ class Core:
             raise OSError(-r, "core_add")
 
     def reconfigure(self, cfg: CoreConfig) -> None:
-        """A reload: the fields of `cfg` that may change while serving (native/relaycore.c core_reconfigure)."""
+        """A reload: the fields of `cfg` that may change while serving (native/core/setup.c)."""
         self.cfg = cfg
         self.lib.core_reconfigure(self.ptr, ctypes.byref(cfg))
 
@@ -355,7 +348,7 @@ class Core:
             self.lib.core_policy(self.ptr, 2, int(a), 0xFFFFFFFF)
 
     def greeting_end(self, client: str, keep_admission: bool) -> None:
-        """Convert mode: Python is done with a greeting (see relaycore.c greet())."""
+        """Convert mode: Python is done with a greeting (native/core/accept.c)."""
         self.lib.core_greeting_end(self.ptr, ip_n(client), int(keep_admission))
 
     def greetings(self) -> int:
@@ -423,7 +416,7 @@ class Core:
 
     def keep(self) -> None:
         """Start the keeper: if this process dies without close(), its connections are reset (RST)
-        rather than ended as if complete. It shares this process's file table (see relaycore.c)."""
+        rather than ended as if complete. It shares this process's file table (native/core/keeper.c)."""
         r = self.lib.core_keeper(self.ptr)
         if r < 0:
             raise OSError(-r, "clone(CLONE_FILES) for the keeper")

@@ -1,5 +1,5 @@
 """The converter's listener: set-up, rules, and the Python side of its event loop. Every SYN and
-every connection is served by the core (mimbox.core, native/relaycore.c):
+every connection is served by the core (mimbox.core, native/core/):
 
 A held SYN, as in the paper (§3, Table 1), while the SYN path lets it (docs/running.md "SYN path"):
   1. the client's SYN reaches NFQUEUE (rules in mimbox.netfilter) and is held by the core;
@@ -21,7 +21,6 @@ hand-over between workers, log lines, stats and health probes.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -29,19 +28,12 @@ import os
 import select
 import signal
 import socket
-import struct
 import time
-from dataclasses import dataclass
 
-from mimbox import convert, mptcp
+from mimbox import mptcp
 from mimbox.config import Config, local_addresses
 from mimbox.core import (
     CAUSES,
-    DST_EXPLICIT,
-    DST_PYTHON,
-    DST_STATIC,
-    DST_TRANSPARENT,
-    ENGINES,
     ETIME,
     EV_ABORTED,
     EV_ACCEPTED,
@@ -49,104 +41,22 @@ from mimbox.core import (
     EV_GIVEBACK,
     EV_CLOSED,
     EV_REFUSED,
-    PIPE_POOL,
-    SYN_PATHS,
     Core,
     CoreConfig,
     addr_of,
-    ip_n,
-    port_n,
-    syn_error,
 )
-from mimbox.netfilter import ListenerRules
+from mimbox.greetings import Greetings
 from mimbox.redirect import convert as converting
 from mimbox.safety import AddressWatch, Policy
-from mimbox.stats import Answers, Stats, open_endpoint
-from mimbox.synpath import AccessLog, Admission, Cause, HeldSet, RefusalLog
+from mimbox.stats import Answers, Stats, open_endpoint, worker_snapshot
+from mimbox.synpath import AccessLog, Admission, Cause, HeldSet, RefusalLog, refusal_reason
+from mimbox.synplan import SynPlan, core_config, listener_rules, plan_syns, raise_fd_limit
 from mimbox.synrecord import SynRecorder
-from mimbox.timers import PREFIX_WAIT, Timeouts, due
+from mimbox.timers import Timeouts
 
 log = logging.getLogger("mimbox")
 
 IP_TRANSPARENT = 19
-WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-LINGER_RST = struct.pack("ii", 1, 0)
-SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, then splices
-
-
-@dataclass
-class SynPlan:
-    """How a listener's client SYNs reach it, decided once (by the relay, or by the supervisor for
-    all its workers): whether any visits NFQUEUE, at what rate per client /24 (auto), and the BPF
-    recorder that tells explicit mode the destination of SYNs that did not."""
-    queue: bool
-    hold_rate: int | None = None          # None: every SYN that matches is queued
-    recorder: SynRecorder | None = None
-
-    def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
-            self.recorder = None
-
-
-def plan_syns(cfg: Config) -> SynPlan:
-    """hold: every SYN queued and held. accept: none queued, except in explicit mode without the
-    BPF recorder (queued only to read DST_OPT, released at once). auto: queued (and held under the
-    caps) up to --hold-rate per client /24, the rest straight to the kernel; again every SYN queued
-    in explicit mode without the recorder."""
-    lc = cfg.listener
-    if lc.mode == "convert":
-        return SynPlan(queue=False)     # the kernel accepts at the SYN (TFO): the message is the first bytes
-    if lc.syn_path == "hold":
-        return SynPlan(queue=True)
-    recorder = None
-    if lc.mode == "explicit" and lc.syn_recorder:
-        try:
-            recorder = SynRecorder(lc.port).install()
-        except (RuntimeError, OSError) as e:
-            log.warning("no BPF SYN recorder (%s): every SYN visits the converter to be read", e)
-    needs_queue = lc.mode == "explicit" and recorder is None
-    if lc.syn_path == "accept":
-        return SynPlan(queue=needs_queue, recorder=recorder)
-    return SynPlan(queue=True, hold_rate=None if needs_queue else lc.hold_rate, recorder=recorder)
-
-
-def listener_rules(cfg: Config, plan: SynPlan, workers: int = 1) -> ListenerRules:
-    """The netfilter rules a listener of `cfg` needs (installed by the relay, or by the supervisor)."""
-    lc = cfg.listener
-    return ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
-                         transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
-                         transparent_from=lc.intercept_from, workers=workers, queue_syns=plan.queue,
-                         hold_rate=plan.hold_rate)
-
-
-MIN_FD_CAPACITY = 16
-
-
-def raise_fd_limit(connections: int) -> int:
-    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit.
-    Raises RuntimeError if fewer than MIN_FD_CAPACITY fit (e.g. a hard limit of 1024 that this
-    process may not raise): a converter that would refuse nearly everyone must not start."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * connections + 2 * PIPE_POOL + 256
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
-    except OSError:
-        ceiling = hard
-    target = min(max(want, soft), ceiling)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
-    except (ValueError, OSError) as e:
-        log.warning("could not raise the open-file limit to %d (%s): it stays %d", target, e, soft)
-        target = soft
-    fit = (target - 2 * PIPE_POOL - 256) // 2
-    if fit < min(MIN_FD_CAPACITY, connections):
-        raise RuntimeError(f"the open-file limit ({target}) leaves room for {max(fit, 0)} connections "
-                           f"(2 fds each, {2 * PIPE_POOL + 256} reserved): raise it (ulimit -n, LimitNOFILE=) "
-                           f"to at least {2 * MIN_FD_CAPACITY + 2 * PIPE_POOL + 256}")
-    return max(1, fit)
 
 
 class Relay:
@@ -186,7 +96,7 @@ class Relay:
         self.recorder: SynRecorder | None = None
         self.held = held
         self.keeper_later = keeper_later  # True: the caller starts the keeper (after dropping privileges)
-        self.greetings: dict[int, converting.Greeting] = {}     # convert mode: messages on their way
+        self.greetings = Greetings(self)  # convert mode: accepted clients whose message is on its way
         self.core: Core | None = None    # made in open(): it needs the plan's recorder
         self.stopping = False
         self.signal_fd = -3          # busy polling: the pipe a signal wakes the loop with
@@ -200,26 +110,9 @@ class Relay:
 
     def _core_config(self) -> CoreConfig:
         """What the core decides by itself, from the configuration (mimbox.core)."""
-        lc, bc, sc = self.cfg.listener, self.cfg.buffers, self.cfg.safety
-        source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
-        held = self.held.slots if self.held is not None else None
-        return CoreConfig(
-            engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
-            static_addr=ip_n(lc.upstream[0]) if lc.mode == "static" else 0,
-            static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
-            recorder_fd=self.recorder.map.fd if self.recorder is not None else -1,
-            server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,
-            server_sndbuf=bc.server_sndbuf or 0, fd_capacity=self.fd_capacity, worker=self.worker,
-            workers=self.workers, syns_queued=int(self.queue_syns),
-            server_mptcp_retry=sc.server_mptcp_retry, connect_timeout=sc.connect_timeout,
-            idle_timeout=sc.idle_timeout, prefix_wait=PREFIX_WAIT,
-            admission=self.admission.address(), admission_limit=self.admission.limit,
-            held_slots=ctypes.addressof(held) if held is not None else None,
-            held_mask=self.held.mask if self.held is not None else 0,
-            syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
-            pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
-            handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
-            access_log_every=self.cfg.access_log_every)
+        return core_config(self.cfg, worker=self.worker, workers=self.workers, fd_capacity=self.fd_capacity,
+                           admission=self.admission, held=self.held, syns_queued=self.queue_syns,
+                           recorder_fd=self.recorder.map.fd if self.recorder is not None else -1)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":
@@ -348,8 +241,7 @@ class Relay:
             if n:
                 self.stats.errors[Cause.SHUTTING_DOWN.value] += n
                 log.info("reset %d connections: %s", n, Cause.SHUTTING_DOWN.value)
-        for g in list(self.greetings.values()):
-            self._drop_greeting(g)
+        self.greetings.close()
         self.refusals.flush()
         self.access.flush()
         self._close_health()
@@ -436,7 +328,7 @@ class Relay:
                     if ev.kind == EV_FD:
                         fd = ev.fd
                         if fd in self.greetings:
-                            self._on_greeting(self.greetings[fd])
+                            self.greetings.readable(fd)
                         elif fd == sfd:
                             self._serve_stats()
                         elif fd == hfd:
@@ -467,7 +359,7 @@ class Relay:
         if kind == EV_ACCEPTED:            # convert mode: its message says where it goes (counted by the core)
             cs = socket.socket(fileno=ev.fd)
             cs.setblocking(False)
-            self._greet(cs, addr, time.monotonic())
+            self.greetings.accepted(cs, addr)
             return
         dst = addr_of(ev.daddr, ev.dport)
         if kind == EV_CLOSED:              # --access-log
@@ -475,143 +367,22 @@ class Relay:
             return
         if kind == EV_REFUSED:             # counted by the core; the log line is written here
             cause = CAUSES[ev.cause]
-            self.refusals.refused(cause, "%s:%d -> %s (%s)" % (*addr, "%s:%d" % dst if ev.daddr else "?",
-                                                              self._refusal_detail(ev, cause, dst)))
+            reason = refusal_reason(cause, ev.detail, ev.arg, ev.err, addr[0], dst, self.policy)
+            self.refusals.refused(cause, "%s:%d -> %s (%s%s)" % (*addr, "%s:%d" % dst if ev.daddr else "?",
+                                                                "after accept: " if ev.after_accept else "", reason))
         elif kind == EV_GIVEBACK:          # convert mode: the client learns why from an Error TLV
             cs = socket.socket(fileno=ev.fd)
             cs.setblocking(False)
-            self._answer(converting.Greeting(cs, addr, time.monotonic(), counted=False),
-                         converting.error_for(CAUSES[ev.cause]))
+            self.greetings.give_back(cs, addr, CAUSES[ev.cause])
         elif kind == EV_ABORTED:
             why = "idle timeout" if ev.err == ETIME else errno.errorcode.get(ev.err, str(ev.err))
             log.info("reset %s:%d -> %s:%d: %s", *addr, *dst, why)
-
-    def _refusal_detail(self, ev, cause: Cause, dst) -> str:
-        """The log line's reason for a refusal the core made (it sends codes, not sentences)."""
-        after = "after accept: " if ev.after_accept else ""
-        if cause is Cause.BAD_OPTION:
-            text = syn_error(ev.detail, ev.arg)
-        elif cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
-            text = self.policy.wording(cause, ev.detail, addr_of(ev.caddr, 0)[0], dst[0], dst[1])
-        elif cause in (Cause.FD_LIMIT, Cause.CONNECTION_LIMIT):
-            text = f"{ev.arg} connections" + (" per worker" if cause is Cause.FD_LIMIT else "")
-        elif cause is Cause.PENDING_LIMIT:
-            text = f"{ev.arg} SYNs held"
-        elif ev.err:
-            text = f"server {dst[0]}:{dst[1]}: {os.strerror(ev.err)}"
-        else:
-            text = cause.value
-        return after + text
 
     def _contain(self, ev) -> None:
         """An unexpected error while serving an event: log it, count it, end what it belonged to."""
         log.exception("internal error on event %d fd %d", ev.kind, ev.fd)
         self.stats.errors["internal error"] += 1
-        if ev.fd in self.greetings:
-            self._drop_greeting(self.greetings[ev.fd])
-
-    # -- convert mode's clients: what the core hands here -------------------------------------------------
-    def _open_for_accepted(self, cs: socket.socket, addr, dst, now: float, reply: bytes, early: bytes) -> None:
-        """Convert mode, message read: the core checks the destination, connects and relays (its
-        convert_connect); the client was admitted when it was accepted (the core's greet()). A
-        refusal comes back with its cause (counted by the core) for the log line and the Error TLV."""
-        refused = self.core.convert_connect(cs.fileno(), addr, dst, now, reply, early)
-        if refused is None:
-            cs.detach()                  # the core's now
-            return
-        cause, detail, err = refused
-        if cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
-            text = self.policy.wording(cause, detail, addr[0], dst[0], dst[1])
-        else:
-            text = f"server {dst[0]}:{dst[1]}: {os.strerror(err)}" if err else cause.value
-        self._refuse_accepted(cs, addr, dst, cause, text, counted=True)
-
-    # -- convert mode (RFC 8803): the destination is the first bytes of the stream ----------------------
-    def _greet(self, cs: socket.socket, addr, now: float) -> None:
-        g = converting.Greeting(cs, addr, now)
-        self.greetings[cs.fileno()] = g
-        self.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-        self._on_greeting(g)          # with TFO the message came in the SYN: it is there already
-
-    def _on_greeting(self, g: converting.Greeting) -> None:
-        if g.reply is not None:          # an answer waiting for the client's handshake
-            if not converting.handshake_pending(g.sock):
-                converting.answer_and_end(g.sock, g.reply)
-                self._drop_greeting(g)
-            return
-        try:
-            data = g.sock.recv(convert.MAX_MESSAGE - len(g.buf))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop_greeting(g)       # gone before its message was complete
-            return
-        try:
-            msg = g.feed(data)
-            if msg is None:
-                return
-            converting.check_cookie(msg, self.cfg.listener.convert_cookie)    # constant time
-            converting.check_options(msg)
-        except convert.ConvertError as e:
-            self._answer_greeting(g, convert.error_reply(e.code))
-            self.stats.refused[Cause.BAD_OPTION.value] += 1
-            self.refusals.refused(Cause.BAD_OPTION, "%s:%d: Convert message: %s" % (*g.addr, e))
-            return
-        if msg.connect is None:          # an Info request: what this converter supports, then close
-            self._answer_greeting(g, convert.supported_reply(convert.SUPPORTED_KINDS))
-            return
-        del self.greetings[g.sock.fileno()]
-        self.core.unwatch(g.sock.fileno())
-        self.core.greeting_end(g.addr[0], keep_admission=True)
-        if ":" in msg.connect[0]:        # the server side of this converter is IPv4
-            self.admission.give()
-            return self._refuse_accepted(g.sock, g.addr, msg.connect, Cause.SERVER_UNREACHABLE,
-                                         "IPv6 destinations are not served")
-        self._open_for_accepted(g.sock, g.addr, msg.connect, g.t, convert.success_reply(), g.early_data)
-
-    def _answer_greeting(self, g: converting.Greeting, reply: bytes) -> None:
-        """Answer a client that gets no connection (Error, or Supported TCP Extensions), then close."""
-        self._answer(g, reply)
-
-    def _answer(self, g: converting.Greeting, reply: bytes) -> None:
-        """Send `reply` and end the stream, once the client's handshake is complete (an answer written
-        to an MPTCP socket before then is never sent: converting.handshake_pending)."""
-        if converting.handshake_pending(g.sock):
-            if not g.counted and self.waiting_answers() >= self.cfg.listener.pending_limit:
-                self._reset(g.sock)      # not counted as a greeting: capped here, or an fd each
-                return
-            g.reply = reply
-            self.greetings[g.sock.fileno()] = g
-            self.core.watch(g.sock.fileno(), select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
-            return
-        converting.answer_and_end(g.sock, reply)
-        self._drop_greeting(g)
-
-    def waiting_answers(self) -> int:
-        """Refused clients (no longer counted as greetings) whose answer waits for their handshake."""
-        return sum(1 for g in self.greetings.values() if not g.counted)
-
-    def _drop_greeting(self, g: converting.Greeting) -> None:
-        if self.greetings.pop(g.sock.fileno(), None) is not None:
-            self.core.unwatch(g.sock.fileno())
-            if g.counted:
-                self.core.greeting_end(g.addr[0], keep_admission=False)
-                g.counted = False
-        g.sock.close()
-
-    def _refuse_accepted(self, cs: socket.socket, addr, dst, cause: Cause, detail: str, counted: bool = False) -> None:
-        """Log, count (unless the core did), and tell the client: an Error TLV in convert mode, else RST."""
-        if not counted:
-            self.stats.refused[cause.value] += 1
-        self.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
-                                     + (f": {detail})" if detail else ")"))
-        if self.cfg.listener.mode == "convert":     # RFC 8803: an Error TLV says why, then the stream ends
-            converting.answer_and_end(cs, converting.error_for(cause))
-            cs.close()
-            return
-        self._reset(cs)
+        self.greetings.drop(ev.fd)
 
     def _refresh_own(self) -> None:
         """This host's addresses, read again: never a destination (the policy and the core)."""
@@ -636,27 +407,11 @@ class Relay:
             self.health_sock.close()
             self.health_sock = None
 
-    @staticmethod
-    def _reset(s: socket.socket) -> None:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-        except OSError:
-            pass
-        s.close()
-
     # -- timers and stats --------------------------------------------------------------------------------
     def _sweep(self, now: float) -> None:
         """Once a second: act on what waited too long (mimbox.timers decides it for convert messages;
         the core for held SYNs and connections)."""
-        for g in due(self.timeouts, now, self.greetings.values()).greetings:
-            if g.reply is not None:      # its handshake never completed: nobody to answer
-                self.stats.errors["client handshake timeout"] += 1
-                self._drop_greeting(g)
-                continue
-            self.stats.errors["convert message timeout"] += 1
-            self._answer_greeting(g, convert.error_reply(convert.Error.MALFORMED_MESSAGE))
-        for g in [g for g in self.greetings.values() if g.reply is not None]:
-            self._on_greeting(g)         # (its EPOLLOUT edge should have come already)
+        self.greetings.sweep(now)
         for ev in self.core.sweep():
             self._on_core_event(ev)
         self.answers.expire(now)
@@ -666,57 +421,8 @@ class Relay:
             self.access.flush()
 
     def snapshot(self, connections: bool = True) -> dict:
-        """The relay's counters and the core's, as one (`mimbox stats`)."""
-        cs = self.core.stats()
-        extra = {"active": cs.active, "pending": self.core.pending(), "limit": self.admission.limit,
-                 "syn_path": self.cfg.listener.syn_path, "log_lines_refused": self.refusals.lines,
-                 "admitted": self.admission.used, "fd_capacity": self.fd_capacity,
-                 "mode": self.cfg.listener.mode, "engine": self.cfg.buffers.engine,
-                 "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": self.workers,
-                 "greetings": self.core.greetings(), "accept_pauses": cs.accept_pauses,
-                 "log_lines_access": self.access.lines, "access_log_dropped": cs.access_log_dropped,
-                 "connect_hist": list(cs.connect_hist), "duration_hist": list(cs.duration_hist),
-                 "duration_sum": cs.duration_sum}
-        if connections:
-            now = time.monotonic()
-            extra["connections"] = [
-                {"client": "%s:%d" % c.client, "server": "%s:%d" % c.server, "bytes_up": c.bytes_up,
-                 "bytes_down": c.bytes_down, "client_mptcp": c.client_mptcp,
-                 "client_subflows": mptcp.subflows(c.cfd), "server_mptcp": c.server_mptcp,
-                 "server_subflows": mptcp.subflows(c.sfd), "age_s": round(now - c.t_accept, 3)}
-                for c in self.core.connections()]
-        d = self.stats.snapshot(**extra)
-        for k in ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
-                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum",
-                  "spare_used", "spare_made", "busy_polls"):
-            d[k] += getattr(cs, k)
-        d["server_connect_us_max"] = max(d["server_connect_us_max"], cs.server_connect_us_max)
-        n = d["server_connects"]
-        d["server_connect_us_mean"] = d["server_connect_us_sum"] / n if n else 0
-        errors = d["errors"]
-        for i, count in enumerate(cs.refused):
-            if count:
-                d["refused"][CAUSES[i].value] = d["refused"].get(CAUSES[i].value, 0) + count
-        if self.recorder is not None and self.worker == 0 and self.recorder.conflicts():   # one map for all workers
-            key = Cause.CONFLICTING_DESTINATION.value
-            d["refused"][key] = d["refused"].get(key, 0) + self.recorder.conflicts()
-        for prefix, counts in (("", cs.errors), ("accept ", cs.accept_errors), ("server ", cs.server_errors)):
-            for e, count in enumerate(counts):
-                if count:
-                    key = prefix + errno.errorcode.get(e, str(e))
-                    errors[key] = errors.get(key, 0) + count
-        d["handed_over"] += cs.handed_over
-        for e, count in enumerate(cs.handover_errors):
-            if count:
-                key = "hand-over " + errno.errorcode.get(e, str(e))
-                errors[key] = errors.get(key, 0) + count
-        for key, count in (("idle timeout", cs.idle_timeouts), (Cause.SERVER_TIMEOUT.value, cs.connect_timeouts),
-                           ("server connect timeout", cs.held_connect_timeouts),
-                           ("client handshake timeout", cs.handshake_timeouts),
-                           ("accept while SYN held", cs.accept_while_held)):
-            if count:
-                errors[key] = errors.get(key, 0) + count
-        return d
+        """The core's counters and this worker's, as one (`mimbox stats`: mimbox.stats.worker_snapshot)."""
+        return worker_snapshot(self, connections)
 
     def _serve_stats(self) -> None:
         """Answer `mimbox stats` without blocking the loop (mimbox.stats.Answers)."""

@@ -1,50 +1,76 @@
 """Counters of a running converter, and the unix-socket endpoint that `mimbox stats` reads."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Stats:
-    """Global counters; per-connection detail is added by the relay when asked."""
-    syns: int = 0
-    accepted: int = 0
-    closed: int = 0
-    refused: Counter = field(default_factory=Counter)    # reason -> count
+    """What Python counts itself (the core counts the rest: mimbox.core.CoreStats)."""
+    refused: Counter = field(default_factory=Counter)    # cause -> count
     errors: Counter = field(default_factory=Counter)     # cause -> count
-    bytes_up: int = 0          # client -> server
-    bytes_down: int = 0        # server -> client
-    client_mptcp: int = 0
-    client_tcp: int = 0        # plain TCP or MPTCP fallen back
-    server_mptcp: int = 0
-    server_tcp: int = 0
-    server_connect_us_sum: float = 0.0   # SYN seen -> server connection established
-    server_connect_us_max: float = 0.0
-    server_connects: int = 0
-    server_tcp_remembered: int = 0   # plain TCP chosen: the server answered MPTCP without it recently
-    handed_over: int = 0       # accepted here, relayed by the worker that held the SYN
-    deferred: int = 0          # SYNs not held (--syn-path accept, or auto past the pending caps)
-    spare_used: int = 0        # server connections opened on a socket made ahead (--spare-sockets)
-    spare_made: int = 0
-    busy_polls: int = 0        # event batches found by polling instead of a wake-up (--busy-poll)
 
-    def server_connected(self, seconds: float) -> None:
-        us = seconds * 1e6
-        self.server_connect_us_sum += us
-        self.server_connect_us_max = max(self.server_connect_us_max, us)
-        self.server_connects += 1
 
-    def snapshot(self, **extra) -> dict:
-        d = asdict(self)
-        for k in ("refused", "errors"):
-            d[k] = {str(a): b for a, b in getattr(self, k).items()}
-        d["server_connect_us_mean"] = self.server_connect_us_sum / self.server_connects if self.server_connects else 0
-        d.update(extra)
-        return d
+# the core's counters a snapshot carries as they are (and merge() adds across workers)
+CORE_COUNTERS = ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
+                 "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum",
+                 "spare_used", "spare_made", "busy_polls", "handed_over")
+# the core's errno-indexed counters, by the prefix of their keys in "errors"
+CORE_ERRNO_COUNTERS = (("", "errors"), ("accept ", "accept_errors"), ("server ", "server_errors"),
+                       ("hand-over ", "handover_errors"))
+# the core's other error counters, by their key in "errors"
+CORE_ERRORS = (("idle timeout", "idle_timeouts"), ("server timeout", "connect_timeouts"),
+               ("server connect timeout", "held_connect_timeouts"), ("client handshake timeout", "handshake_timeouts"),
+               ("accept while SYN held", "accept_while_held"))
+
+
+def worker_snapshot(relay, connections: bool = True) -> dict:
+    """One worker's counters (`relay`: a mimbox.relay.Relay): the core's, and what Python counted."""
+    from mimbox import mptcp
+    from mimbox.core import CAUSES
+    from mimbox.synpath import Cause
+    cs = relay.core.stats()
+    d = {k: getattr(cs, k) for k in CORE_COUNTERS}
+    d.update({"server_connect_us_max": cs.server_connect_us_max,
+              "server_connect_us_mean": cs.server_connect_us_sum / cs.server_connects if cs.server_connects else 0,
+              "active": cs.active, "pending": relay.core.pending(), "limit": relay.admission.limit,
+              "syn_path": relay.cfg.listener.syn_path, "log_lines_refused": relay.refusals.lines,
+              "admitted": relay.admission.used, "fd_capacity": relay.fd_capacity,
+              "mode": relay.cfg.listener.mode, "engine": relay.cfg.buffers.engine,
+              "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": relay.workers,
+              "greetings": relay.core.greetings(), "accept_pauses": cs.accept_pauses,
+              "log_lines_access": relay.access.lines, "access_log_dropped": cs.access_log_dropped,
+              "connect_hist": list(cs.connect_hist), "duration_hist": list(cs.duration_hist),
+              "duration_sum": cs.duration_sum})
+    refused, errors = Counter(relay.stats.refused), Counter(relay.stats.errors)
+    for i, count in enumerate(cs.refused):
+        if count:
+            refused[CAUSES[i].value] += count
+    if relay.recorder is not None and relay.worker == 0 and relay.recorder.conflicts():   # one map for all workers
+        refused[Cause.CONFLICTING_DESTINATION.value] += relay.recorder.conflicts()
+    for prefix, name in CORE_ERRNO_COUNTERS:
+        for e, count in enumerate(getattr(cs, name)):
+            if count:
+                errors[prefix + errno.errorcode.get(e, str(e))] += count
+    for key, name in CORE_ERRORS:
+        if getattr(cs, name):
+            errors[key] += getattr(cs, name)
+    d["refused"], d["errors"] = {str(k): v for k, v in refused.items()}, {str(k): v for k, v in errors.items()}
+    if connections:
+        now = time.monotonic()
+        d["connections"] = [
+            {"client": "%s:%d" % c.client, "server": "%s:%d" % c.server, "bytes_up": c.bytes_up,
+             "bytes_down": c.bytes_down, "client_mptcp": c.client_mptcp,
+             "client_subflows": mptcp.subflows(c.cfd), "server_mptcp": c.server_mptcp,
+             "server_subflows": mptcp.subflows(c.sfd), "age_s": round(now - c.t_accept, 3)}
+            for c in relay.core.connections()]
+    return d
 
 
 SUMMED = ("active", "pending", "pipes_pooled", "spares", "fd_capacity", "log_lines_refused", "greetings",
@@ -66,7 +92,7 @@ def merge(snapshots: list[dict], **extra) -> dict:
                 out.setdefault(k, []).extend(v)
             elif k in HISTOGRAMS:
                 out[k] = [a + b for a, b in zip(out[k], v)] if k in out else list(v)
-            elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k in SUMMED or k in Stats.__annotations__):
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and (k in SUMMED or k in CORE_COUNTERS):
                 out[k] = out.get(k, 0) + v
             else:
                 out.setdefault(k, v)

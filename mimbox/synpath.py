@@ -1,5 +1,5 @@
 """The SYN path's shared pieces on the Python side (the decisions per SYN are the core's:
-native/relaycore.c, on_syn and core_gate; tests/test_core.py).
+native/core/synq.c and admit.c; tests/test_core.py).
 
     Cause              why a connection was refused or reset: the stats key and the log's cause
     RefusalLog         a WARNING per refusal, at most `burst` a second, then one "N more" line
@@ -184,12 +184,13 @@ class Admission:
 
 
 class HeldSet:
-    """Which clients (address, port) have their SYN held by some worker, shared by all workers
-    (one slot per hash in shared memory, no lock: a slot is one 8-byte store). A worker that
-    accept()s a connection whose SYN another worker may hold hands it over only if the key is here;
-    the others — SYNs the kernel answered unheld — it serves itself. A collision can only make it
-    hand over a connection needlessly, or serve one whose SYN another worker held (that worker's
-    server connection then ends at the handshake timeout): never lose one."""
+    """Which clients (address, port) have their SYN held by some worker, shared by all workers: one
+    slot per hash in shared memory, written and read by the workers' cores (native/core/synq.c
+    held_mark, accept.c held_elsewhere; key: (address << 16 | port) + 1), no lock: a slot is one
+    8-byte store. A worker that accept()s a connection whose SYN another worker may hold hands it
+    over only if the key is there; the others — SYNs the kernel answered unheld — it serves itself.
+    A collision can only make it hand over a connection needlessly, or serve one whose SYN another
+    worker held (that worker's server connection then ends at the handshake timeout): never lose one."""
 
     def __init__(self, slots: int = 1 << 16):
         import multiprocessing
@@ -198,24 +199,25 @@ class HeldSet:
             raise ValueError("slots must be a power of two")
         self.slots = multiprocessing.RawArray("Q", slots)
 
-    def _slot(self, key: int) -> int:
-        return ((key * 0x9E3779B97F4A7C15) >> 32) & self.mask
+def refusal_reason(cause: Cause, detail: int, arg: int, err: int, client: str, dst: tuple[str, int], policy) -> str:
+    """The log line's reason for a refusal the core decided (it sends codes, not sentences): its
+    cause, detail (SYN_* for a bad option, the rule for a denied destination: `policy` words it),
+    argument (the cap that was reached) and errno (a failed server connect)."""
+    import os
+    if cause is Cause.BAD_OPTION:
+        return syn_error(detail, arg)
+    if cause in (Cause.CLIENT_NOT_ALLOWED, Cause.DESTINATION_DENIED):
+        return policy.wording(cause, detail, client, dst[0], dst[1])
+    if cause in (Cause.FD_LIMIT, Cause.CONNECTION_LIMIT):
+        return f"{arg} connections" + (" per worker" if cause is Cause.FD_LIMIT else "")
+    if cause is Cause.PENDING_LIMIT:
+        return f"{arg} SYNs held"
+    if err:
+        return f"server {dst[0]}:{dst[1]}: {os.strerror(err)}"
+    return cause.value
 
-    @staticmethod
-    def key(client: tuple[str, int]) -> int:
-        import socket
-        return (int.from_bytes(socket.inet_aton(client[0]), "big") << 16 | client[1]) + 1
 
-    def add(self, client: tuple[str, int]) -> None:
-        k = self.key(client)
-        self.slots[self._slot(k)] = k
-
-    def discard(self, client: tuple[str, int]) -> None:
-        k = self.key(client)
-        i = self._slot(k)
-        if self.slots[i] == k:
-            self.slots[i] = 0
-
-    def __contains__(self, client: tuple[str, int]) -> bool:
-        k = self.key(client)
-        return self.slots[self._slot(k)] == k
+def syn_error(code: int, arg: int) -> str:
+    """The log line's reason for a SYN_* code (the core's refusal detail of a bad DST_OPT) and its argument."""
+    from mimbox.core import SYN_ERROR_TEXT
+    return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8)

@@ -3,7 +3,7 @@ long (decided without a socket, unit-tested in tests/unit) and acts on the answe
 
     convert message incomplete      > handshake timeout   -> Error TLV "Malformed Message"
 
-and the core (native/relaycore.c, core_sweep; tests/test_core.py) those of the SYNs it holds and
+and the core (native/core/timers.c; tests/test_core.py) those of the SYNs it holds and
 the connections it relays:
 
     held SYN, server silent         > connect timeout     -> refused (RST to the SYN)

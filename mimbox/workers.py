@@ -4,9 +4,8 @@ Each worker is a full Relay with its own epoll loop, its own SO_REUSEPORT listen
 NFQUEUE. The SYN-holding rules split client SYNs over the workers' queues by the low byte of the
 client's source port (mimbox.netfilter.worker_of_port), so the worker that connects to the server
 is known from the client's address alone. The kernel's reuseport hash, which user space cannot
-predict (and SO_ATTACH_REUSEPORT_CBPF is refused on MPTCP listeners), may hand the accepted socket
-to another worker; that worker passes it over a unix socket (SCM_RIGHTS) to the owner, which pairs
-it with its server socket.
+predict (SO_ATTACH_REUSEPORT_CBPF is refused on MPTCP listeners), may hand the accepted socket to
+another worker: it passes it to the owner over a unix socket (SCM_RIGHTS, native/core/accept.c).
 
 The supervisor forks the workers, installs the rules once all of them listen, serves the summed
 counters at the stats socket (each worker serves its own at PATH.wN) and at /metrics
@@ -383,7 +382,7 @@ class Supervisor:
 
         def hup(*_):
             self.reload_wanted = True
-        from mimbox.relay import listener_rules, plan_syns
+        from mimbox.synplan import listener_rules, plan_syns
         code = 0
         old_hup = signal.signal(signal.SIGHUP, hup)      # a reload while starting waits for the loop
         try:

@@ -12,7 +12,7 @@
  * Destinations in MIMBOX_CONVERT_SKIP (comma-separated IPv4 addresses), loopback and the converter
  * itself are connected to directly. MIMBOX_CONVERT_FASTOPEN=0 sends the message right after the
  * handshake instead (one round trip later; see README on MPTCP with SYN data on Linux 6.18).
- * Wire format: mimbox/convert.py (RFC 8803 §4). */
+ * Wire format: mimbox/rfc8803.py (RFC 8803 §4). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>

@@ -14,8 +14,8 @@ import pytest
 from conftest import PY, Server, readline, transfer
 
 from experiments.systems import MiMBox
-from mimbox import convert
-from mimbox.convert import Error
+from mimbox import rfc8803
+from mimbox.rfc8803 import Error
 
 PROBE = os.path.join(os.path.dirname(__file__), "tools", "convert_probe.py")
 SERVER_PORT = 9000
@@ -33,7 +33,7 @@ def probe(tb, port: int, message: bytes, read_after: int = 0, mptcp: bool = True
 def get_tfo_cookie(tb, port: int) -> None:
     """The client's kernel asks the converter for its TFO cookie (an Info request, answered and
     closed): from then on the client's SYNs to it carry data (the converter takes none without)."""
-    r = probe(tb, port, convert.info_message())
+    r = probe(tb, port, rfc8803.info_message())
     assert r["error"] is None and r["supported"], r
 
 
@@ -70,27 +70,27 @@ def test_syn_data_carries_message_and_application_bytes(paper_tb, conv):
         from experiments.systems import wait_port
         wait_port(paper_tb.server, SERVER_PORT)
         before = tfo_passive(paper_tb)
-        r = probe(paper_tb, conv.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT) + b"hello",
+        r = probe(paper_tb, conv.port, rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT) + b"hello",
                   read_after=len(b"server:hello"))
     finally:
         srv.kill()
         srv.wait()
     assert r["sent_in_syn"] == 24 + 5, r
     assert r["error"] is None and bytes.fromhex(r["after"]) == b"server:hello", r
-    assert bytes.fromhex(r["reply"]) == convert.success_reply()
+    assert bytes.fromhex(r["reply"]) == rfc8803.success_reply()
     assert tfo_passive(paper_tb) - before == 1, "the SYN's data was not accepted as such"
 
 
 @pytest.mark.parametrize("name,message,code", [
-    ("version 2", bytes([2, 6, 0, 0]) + convert.connect_message("10.0.101.1", 9000)[4:], Error.UNSUPPORTED_VERSION),
+    ("version 2", bytes([2, 6, 0, 0]) + rfc8803.connect_message("10.0.101.1", 9000)[4:], Error.UNSUPPORTED_VERSION),
     ("zero length", bytes([1, 0, 0, 0]), Error.MALFORMED_MESSAGE),
     ("Connect cut", bytes([1, 2, 0, 0, 10, 1, 0x23, 0x28]), Error.MALFORMED_MESSAGE),
     ("unknown TLV", bytes([1, 2, 0, 0, 77, 1, 0, 0]), Error.UNSUPPORTED_MESSAGE),
-    ("loopback", convert.connect_message("127.0.0.1", 22), Error.NOT_AUTHORIZED),
-    ("the converter itself", convert.connect_message("10.0.1.2", 7800), Error.NOT_AUTHORIZED),
-    ("nobody listens", convert.connect_message("10.0.101.1", 9999), Error.CONNECTION_RESET),
-    ("no route", convert.connect_message("10.0.101.99", 9000), Error.DESTINATION_UNREACHABLE),
-    ("TCP option asked", convert.connect_message("10.0.101.1", 9000, tcp_options=bytes([2, 4, 5, 0xB4])),
+    ("loopback", rfc8803.connect_message("127.0.0.1", 22), Error.NOT_AUTHORIZED),
+    ("the converter itself", rfc8803.connect_message("10.0.1.2", 7800), Error.NOT_AUTHORIZED),
+    ("nobody listens", rfc8803.connect_message("10.0.101.1", 9999), Error.CONNECTION_RESET),
+    ("no route", rfc8803.connect_message("10.0.101.99", 9000), Error.DESTINATION_UNREACHABLE),
+    ("TCP option asked", rfc8803.connect_message("10.0.101.1", 9000, tcp_options=bytes([2, 4, 5, 0xB4])),
      Error.UNSUPPORTED_TCP_OPTION),
 ])
 def test_each_error_on_the_wire(paper_tb, conv, name, message, code):
@@ -113,7 +113,7 @@ def test_resource_exceeded_at_the_connection_limit(paper_tb, conv):
         stdout=subprocess.PIPE, text=True)
     try:
         assert readline(held).strip() == "held"
-        r = probe(paper_tb, conv.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT))
+        r = probe(paper_tb, conv.port, rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT))
     finally:
         held.kill()
         held.wait()
@@ -131,15 +131,15 @@ def test_destination_unreachable_after_connect_timeout(paper_tb, conv):
     Unreachable."""
     paper_tb.server.cmd("iptables -I INPUT -p tcp --dport 9301 -j DROP")
     try:
-        r = probe(paper_tb, conv.port, convert.connect_message(paper_tb.server_ip, 9301))
+        r = probe(paper_tb, conv.port, rfc8803.connect_message(paper_tb.server_ip, 9301))
     finally:
         paper_tb.server.cmd("iptables -D INPUT -p tcp --dport 9301 -j DROP")
     assert r["error"] == Error.DESTINATION_UNREACHABLE, r
 
 
 def test_info_gets_supported_extensions(paper_tb, conv):
-    r = probe(paper_tb, conv.port, convert.info_message())
-    assert r["error"] is None and bytes.fromhex(r["supported"]) == convert.SUPPORTED_KINDS, r
+    r = probe(paper_tb, conv.port, rfc8803.info_message())
+    assert r["error"] is None and bytes.fromhex(r["supported"]) == rfc8803.SUPPORTED_KINDS, r
 
 
 def test_cookie_required(paper_tb):
@@ -147,11 +147,11 @@ def test_cookie_required(paper_tb):
     m = MiMBox(mode="convert", workers=1, extra=["--convert-cookie", "s3cret"])
     m.start(paper_tb, SERVER_PORT)
     try:
-        missing = probe(paper_tb, m.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT))
-        wrong = probe(paper_tb, m.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT, cookie=b"guess"))
+        missing = probe(paper_tb, m.port, rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT))
+        wrong = probe(paper_tb, m.port, rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT, cookie=b"guess"))
         srv = Server(paper_tb, SERVER_PORT, mptcp=False)
         try:
-            good = probe(paper_tb, m.port, convert.connect_message(paper_tb.server_ip, SERVER_PORT, cookie=b"s3cret")
+            good = probe(paper_tb, m.port, rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT, cookie=b"s3cret")
                          + bytes.fromhex("4d42583100000000000000000000000000000001"), read_after=1)
         finally:
             srv.kill()
@@ -166,7 +166,7 @@ def test_fuzzed_messages_over_the_wire_never_stop_the_converter(paper_tb, conv):
     """300 mutated Convert messages through real SYNs: each complete one is answered (an Error, or a
     connection), one that claims more bytes than it has is waited for (RFC: the message is
     incomplete), the converter stays up and still serves a real client byte-exact afterwards."""
-    good = convert.connect_message(paper_tb.server_ip, 9998)      # nobody there: errors only
+    good = rfc8803.connect_message(paper_tb.server_ip, 9998)      # nobody there: errors only
     rng = random.Random(8803)
     messages, waits = [], []
     for _ in range(300):
@@ -174,8 +174,8 @@ def test_fuzzed_messages_over_the_wire_never_stop_the_converter(paper_tb, conv):
         for _ in range(rng.randrange(1, 4)):
             m[rng.randrange(len(m))] = rng.randrange(256)
         try:
-            incomplete = convert.parse(bytes(m)) is None     # claims more bytes than it has
-        except convert.ConvertError:
+            incomplete = rfc8803.parse(bytes(m)) is None     # claims more bytes than it has
+        except rfc8803.ConvertError:
             incomplete = False
         messages.append(bytes(m).hex())
         waits.append(incomplete)
@@ -275,7 +275,7 @@ def test_answer_waits_for_the_clients_handshake(paper_tb, conv):
     held = True
     try:
         p = paper_tb.client.popen([PY, PROBE, paper_tb.mbox_client_ip, str(conv.port),
-                                   (convert.connect_message(paper_tb.server_ip, SERVER_PORT)
+                                   (rfc8803.connect_message(paper_tb.server_ip, SERVER_PORT)
                                     + bytes.fromhex("4d42583100000000000000000000000000000001")).hex(),
                                    "--mptcp", "--read-after-reply", "1"], stdout=subprocess.PIPE, text=True)
         def queued() -> bool:        # the server has answered (its byte and FIN are at the converter)

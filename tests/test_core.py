@@ -1,4 +1,4 @@
-"""The C core (native/relaycore.c) through its Python API (mimbox/core.py), on loopback: its layouts,
+"""The C core (native/core/) through its Python API (mimbox/core.py), on loopback: its layouts,
 the decisions it shares with a Python spec (DST_OPT parsing, policy) checked to agree, the SYN gate,
 and what a relayed connection does (bytes, half-close, refusal, limit, idle timeout). No root."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mimbox.core import (
 from mimbox.paths import BUILD
 from mimbox.config import SafetyConfig
 from mimbox.safety import DENIED_OWN, Policy, destination_rules
-from mimbox.synpath import Admission, Cause
+from mimbox.synpath import Admission, Cause, syn_error
 from helpers import wait_until
 
 try:
@@ -133,7 +133,7 @@ def test_syn_parser_agrees_with_the_python_spec():
             assert info.has_dst and core.addr_of(info.dst_addr, info.dst_port) == (spec.dst.addr, spec.dst.port), opts
         else:
             assert not info.has_dst, opts
-            reason = core.syn_error(info.error, info.arg)
+            reason = syn_error(info.error, info.arg)
             assert reason.endswith(spec.dst_error or "no DST_OPT in SYN"), (opts, reason, spec.dst_error)
         assert bool(info.mp_join) == spec.mp_join, opts
         outcomes.add(("dst", bool(info.mp_join)) if info.has_dst else (info.error, bool(info.mp_join)))

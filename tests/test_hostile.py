@@ -14,7 +14,7 @@ from conftest import PY, readline, transfer
 
 from experiments.measure import cpu_seconds
 from experiments.systems import MiMBox
-from mimbox import convert
+from mimbox import rfc8803
 
 TOOLS = os.path.join(os.path.dirname(__file__), "tools")
 SINK_PORT = 9400
@@ -101,7 +101,7 @@ def test_spoofed_syn_data_reaches_no_server(paper_tb, conv):
     (with a made-up TFO cookie, a cookie request, or no TFO option): the server sees 0 connections
     and 0 bytes, the converter opens no server connection. The same request from the real client
     (it gets the TFO cookie on its first connection; its next SYN carries the message) goes through."""
-    request = convert.connect_message(paper_tb.server_ip, SINK_PORT) + b"GET /admin?delete=all HTTP/1.0\r\n\r\n"
+    request = rfc8803.connect_message(paper_tb.server_ip, SINK_PORT) + b"GET /admin?delete=all HTTP/1.0\r\n\r\n"
     spoofed = "10.0.1.77"       # on the client's link, nobody there
     sink = Sink(paper_tb)
     try:
@@ -215,8 +215,8 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
     without them, every request complete; the converter's CPU is back under 5 % of a core within
     2 s of the crowd going idle; when the crowd closes the converter's fds return to where they were."""
     from test_reliability import converter_fds, converter_pids
-    msg = convert.connect_message(paper_tb.server_ip, SINK_PORT) + b"ping"
-    want = len(convert.success_reply()) + 2
+    msg = rfc8803.connect_message(paper_tb.server_ip, SINK_PORT) + b"ping"
+    want = len(rfc8803.success_reply()) + 2
     crowd_src, crowd_dst = paper_tb.client_ips[1], paper_tb.topo.client_addrs[1].mbox_ip
     sink = Sink(paper_tb)
 
@@ -280,16 +280,16 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
 def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
     """Nothing but the defaults: a private destination (the testbed's server network) is Not
     Authorized and counted; --allow-destination for its /24 and port opens exactly that."""
-    from mimbox.convert import Error
+    from mimbox.rfc8803 import Error
     closed = MiMBox(mode="convert", workers=1, extra=["--allow-destination", "192.0.2.0/24"])
     opened = MiMBox(mode="convert", workers=1, extra=["--allow-destination", f"10.0.101.0/24:{SINK_PORT}"])
     sink = Sink(paper_tb)
     try:
         closed.start(paper_tb, SINK_PORT)
         opened.start(paper_tb, SINK_PORT)
-        msg = convert.connect_message(paper_tb.server_ip, SINK_PORT) + b"hello"
+        msg = rfc8803.connect_message(paper_tb.server_ip, SINK_PORT) + b"hello"
         refused = probe(paper_tb, closed.port, msg)
-        other_port = probe(paper_tb, opened.port, convert.connect_message(paper_tb.server_ip, SINK_PORT + 1))
+        other_port = probe(paper_tb, opened.port, rfc8803.connect_message(paper_tb.server_ip, SINK_PORT + 1))
         served = probe(paper_tb, opened.port, msg, "--read-after-reply 2")
         counted = closed.stats()["refused"]
     finally:
@@ -306,8 +306,8 @@ def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
 
 def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, conv):
     """The converter never relays to itself, also to an address it got after it started (netlink)."""
-    from mimbox.convert import Error
-    msg = convert.connect_message("10.9.9.9", SINK_PORT)
+    from mimbox.rfc8803 import Error
+    msg = rfc8803.connect_message("10.9.9.9", SINK_PORT)
     before = probe(paper_tb, conv.port, msg)
     assert before["error"] == Error.DESTINATION_UNREACHABLE, before     # no route: not a policy refusal
     paper_tb.mbox.cmd("ip addr add 10.9.9.9/32 dev lo")

@@ -21,7 +21,7 @@ from conftest import PY, transfer
 from test_hostile import REQUESTS, SINK_PORT, Sink, probe, wait_for
 
 from experiments.systems import ALLOCATE, MiMBox
-from mimbox import convert
+from mimbox import rfc8803
 from mimbox.paths import PACKAGE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,8 +264,8 @@ def test_reload_under_load_and_metrics_equal_stats(paper_tb, sinks, tmp_path):
     conv = MiMBox(mode="convert", workers=2, extra=["--config", path])
     conv.start(paper_tb, SINK_PORT)
     try:
-        msg = convert.connect_message(server, SINK_PORT) + b"ping"
-        want = len(convert.success_reply()) + 2
+        msg = rfc8803.connect_message(server, SINK_PORT) + b"ping"
+        want = len(rfc8803.success_reply()) + 2
 
         def requests_proc(seconds: float, rate: float) -> subprocess.Popen:
             return paper_tb.client.popen([PY, "-c", REQUESTS, paper_tb.mbox_client_ip, str(conv.port), msg.hex(),
@@ -276,8 +276,8 @@ def test_reload_under_load_and_metrics_equal_stats(paper_tb, sinks, tmp_path):
             return json.loads(out.strip().splitlines()[-1])
 
         def refused_b() -> bool:
-            r = probe(paper_tb, conv.port, convert.connect_message(server, denied) + b"x")
-            return r["error"] == int(convert.Error.NOT_AUTHORIZED)     # RFC 8803 for a denied destination
+            r = probe(paper_tb, conv.port, rfc8803.connect_message(server, denied) + b"x")
+            return r["error"] == int(rfc8803.Error.NOT_AUTHORIZED)     # RFC 8803 for a denied destination
 
         assert result(requests_proc(0.5, 100))["failed"] == 0       # the TFO cookie; a warm converter
         assert not refused_b(), "the second destination must be served before the reload"

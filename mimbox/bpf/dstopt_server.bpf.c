@@ -58,7 +58,7 @@ struct scan {
 };
 
 /* One step of the option walk (bpf_loop: the verifier checks this once, not 40 unrolled paths).
- * The same decisions as the converter's parser (native/relaycore.c core_parse_syn, mimbox/dstopt.py
+ * The same decisions as the converter's parser (native/core/synopt.c core_parse_syn, mimbox/dstopt.py
  * parse_options; tests/test_dstopt.py runs this program on their corpus): the whole list is walked,
  * and a SYN yields a destination only if its list is well formed and holds exactly one valid
  * DST_OPT and no other option of kind DSTOPT_KIND with another ExID. */

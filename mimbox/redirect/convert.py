@@ -9,7 +9,7 @@ address is never accepted (the kernel acknowledges only the SYN; the data must c
 a handshake that a spoofer cannot complete). A client without a cookie asks for one in its first
 SYN and sends its message after the handshake: one round trip more, once per client address. Refusals are
 not RSTs here but Error TLVs at the start of the converter's stream (then the connection closes),
-so a client learns why. Wire format: mimbox.convert.
+so a client learns why. Wire format: mimbox.rfc8803.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import contextlib
 import hmac
 import socket
 
-from mimbox import convert
-from mimbox.convert import ConvertError, Error, Message
+from mimbox import rfc8803
+from mimbox.rfc8803 import ConvertError, Error, Message
 from mimbox.synpath import Cause
 
 TCP_FASTOPEN_NO_COOKIE = 34
@@ -46,7 +46,7 @@ ERROR_OF_CAUSE = {
 
 def error_for(cause: Cause) -> bytes:
     """The Convert message that tells a client the converter refused it for `cause`."""
-    return convert.error_reply(ERROR_OF_CAUSE.get(cause, Error.NETWORK_FAILURE))
+    return rfc8803.error_reply(ERROR_OF_CAUSE.get(cause, Error.NETWORK_FAILURE))
 
 
 class Greeting:
@@ -61,8 +61,8 @@ class Greeting:
     def feed(self, data: bytes) -> Message | None:
         """Add bytes; the message once complete (None before); ConvertError for a bad one."""
         self.buf += data
-        self.msg = convert.parse(self.buf)
-        if self.msg is None and len(self.buf) >= convert.MAX_MESSAGE:
+        self.msg = rfc8803.parse(self.buf)
+        if self.msg is None and len(self.buf) >= rfc8803.MAX_MESSAGE:
             raise ConvertError(Error.MALFORMED_MESSAGE, f"no complete message in {len(self.buf)} bytes")
         return self.msg
 
@@ -77,8 +77,8 @@ TCP_SYN_RECV = 3
 
 def handshake_pending(sock: socket.socket) -> bool:
     """Whether `sock`, accepted at its TFO SYN, still waits for the client's ACK. Linux 6.18 never
-    sends what is written to such an MPTCP socket before its handshake is complete (native/
-    relaycore.c, client_ready): an answer waits for the EPOLLOUT that says it is."""
+    sends what is written to such an MPTCP socket before its handshake is complete (native/core/
+    xfer.c, client_ready): an answer waits for the EPOLLOUT that says it is."""
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == TCP_SYN_RECV
     except OSError:

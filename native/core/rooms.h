@@ -31,7 +31,7 @@ static inline uint64_t hash64(uint64_t k)
 	return (k * 0x9E3779B97F4A7C15ull) >> 32;
 }
 
-/* a client (address, port) as one key, never 0 (as mimbox.synpath.HeldSet.key) */
+/* a client (address, port) as one key, never 0 (the workers share them: mimbox.synpath.HeldSet) */
 static inline uint64_t client_key(uint32_t addr, uint16_t port)
 {
 	return ((uint64_t)ntohl(addr) << 16 | ntohs(port)) + 1;

@@ -13,7 +13,7 @@ import socket
 import sys
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from mimbox import convert  # noqa: E402
+from mimbox import rfc8803  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("host")
@@ -37,7 +37,7 @@ s.settimeout(5)
 buf, end = b"", "open"
 try:
     while True:
-        r = convert.parse_reply(buf) if len(buf) >= 4 else None
+        r = rfc8803.parse_reply(buf) if len(buf) >= 4 else None
         if r is not None and len(buf) >= r.length + a.read_after_reply:
             break
         chunk = s.recv(65536)
@@ -49,12 +49,12 @@ except ConnectionResetError:
     end = "reset"
 except socket.timeout:
     end = "timeout"
-except convert.ConvertError as e:
+except rfc8803.ConvertError as e:
     end = f"bad reply: {e}"
 r = None
 try:
-    r = convert.parse_reply(buf)
-except convert.ConvertError:
+    r = rfc8803.parse_reply(buf)
+except rfc8803.ConvertError:
     pass
 out.update(reply=buf[:r.length].hex() if r else buf.hex(), error=int(r.error) if r and r.error is not None else None,
            supported=r.supported.hex() if r and r.supported else None,

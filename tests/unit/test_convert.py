@@ -1,4 +1,4 @@
-"""RFC 8803 wire format (mimbox/convert.py), without root: field offsets as the RFC draws them,
+"""RFC 8803 wire format (mimbox/rfc8803.py), without root: field offsets as the RFC draws them,
 round trips, every error a client can cause, and 10^5 fuzzed messages."""
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import struct
 
 import pytest
 
-from mimbox import convert
-from mimbox.convert import ConvertError, Error
+from mimbox import rfc8803
+from mimbox.rfc8803 import ConvertError, Error
 
 
 def test_connect_tlv_layout_is_the_rfcs():
     """Connect TLV: type 10, length in words, port at bytes 2-3, the 128-bit address at 4-19, an
     IPv4 address as ::ffff:a.b.c.d; the fixed header before it: version 1, total length in words."""
-    m = convert.connect_message("10.0.101.1", 9000)
+    m = rfc8803.connect_message("10.0.101.1", 9000)
     assert len(m) == 24 and len(m) % 4 == 0
     assert m[0] == 1 and m[1] == 6 and m[2:4] == b"\0\0"           # header: 24 bytes = 6 words
     tlv = m[4:]
@@ -25,27 +25,27 @@ def test_connect_tlv_layout_is_the_rfcs():
 
 def test_connect_with_options_and_cookie_round_trip():
     opts = bytes([2, 4, 5, 0xB4])                                  # MSS 1460
-    m = convert.connect_message("2001:db8::7", 443, tcp_options=opts, cookie=b"secret!!")
-    msg = convert.parse(m + b"GET / HTTP/1.1\r\n")
+    m = rfc8803.connect_message("2001:db8::7", 443, tcp_options=opts, cookie=b"secret!!")
+    msg = rfc8803.parse(m + b"GET / HTTP/1.1\r\n")
     assert msg.connect == ("2001:db8::7", 443) and msg.tcp_options == opts
     assert msg.cookie == b"secret!!" and msg.length == len(m)
 
 
 def test_info_and_replies():
-    assert convert.parse(convert.info_message()).info
-    r = convert.parse_reply(convert.supported_reply(convert.SUPPORTED_KINDS) + b"tail")
-    assert r.supported == convert.SUPPORTED_KINDS and r.error is None
-    e = convert.error_reply(Error.NOT_AUTHORIZED)
+    assert rfc8803.parse(rfc8803.info_message()).info
+    r = rfc8803.parse_reply(rfc8803.supported_reply(rfc8803.SUPPORTED_KINDS) + b"tail")
+    assert r.supported == rfc8803.SUPPORTED_KINDS and r.error is None
+    e = rfc8803.error_reply(Error.NOT_AUTHORIZED)
     assert e[4] == 30 and e[5] == 1 and e[6] == 32                 # Error TLV: code right after type, length
-    assert convert.parse_reply(e).error is Error.NOT_AUTHORIZED
-    ok = convert.parse_reply(convert.success_reply())
+    assert rfc8803.parse_reply(e).error is Error.NOT_AUTHORIZED
+    ok = rfc8803.parse_reply(rfc8803.success_reply())
     assert ok.error is None and ok.server_options == b""
 
 
 def test_incomplete_is_none_not_an_error():
-    m = convert.connect_message("10.0.0.1", 80)
+    m = rfc8803.connect_message("10.0.0.1", 80)
     for n in range(len(m)):
-        assert convert.parse(m[:n]) is None
+        assert rfc8803.parse(m[:n]) is None
 
 
 @pytest.mark.parametrize("data,code", [
@@ -60,22 +60,22 @@ def test_incomplete_is_none_not_an_error():
 ])
 def test_bad_messages_name_their_error(data, code):
     with pytest.raises(ConvertError) as e:
-        convert.parse(data)
+        rfc8803.parse(data)
     assert e.value.code is code
 
 
 def test_two_connects_are_malformed():
-    one = convert.connect_message("10.0.0.1", 80)
+    one = rfc8803.connect_message("10.0.0.1", 80)
     two = bytes([1, one[1] + 5, 0, 0]) + one[4:] + one[4:]
     with pytest.raises(ConvertError):
-        convert.parse(two)
+        rfc8803.parse(two)
 
 
 def test_fuzz_parser_raises_only_its_own_error():
     """10^5 messages: valid ones mutated (bytes flipped, cut, lengthened) and random ones."""
     rng = random.Random(8803)
-    seeds = [convert.connect_message("10.0.101.1", 9000), convert.info_message(),
-             convert.connect_message("2001:db8::1", 1, tcp_options=bytes(range(12)), cookie=b"c" * 7)]
+    seeds = [rfc8803.connect_message("10.0.101.1", 9000), rfc8803.info_message(),
+             rfc8803.connect_message("2001:db8::1", 1, tcp_options=bytes(range(12)), cookie=b"c" * 7)]
     outcomes = {"message": 0, "incomplete": 0, "refused": 0}
     for i in range(100_000):
         if i % 4 == 0:
@@ -92,7 +92,7 @@ def test_fuzz_parser_raises_only_its_own_error():
                     data += rng.randbytes(rng.randrange(1, 16))
             data = bytes(data)
         try:
-            msg = convert.parse(data)
+            msg = rfc8803.parse(data)
         except ConvertError as e:
             assert isinstance(e.code, Error)
             outcomes["refused"] += 1
@@ -113,9 +113,9 @@ def test_every_refusal_cause_has_its_error():
     from mimbox.redirect.convert import ERROR_OF_CAUSE, check_options, error_for
     from mimbox.synpath import Cause
     assert set(ERROR_OF_CAUSE) == set(Cause)
-    assert convert.parse_reply(error_for(Cause.SERVER_ERROR)).error is Error.NETWORK_FAILURE
-    assert convert.parse_reply(error_for(Cause.CONNECTION_LIMIT)).error is Error.RESOURCE_EXCEEDED
-    check_options(convert.parse(convert.connect_message("10.0.0.1", 80, tcp_options=b"\1\1\0\0")))  # padding only
+    assert rfc8803.parse_reply(error_for(Cause.SERVER_ERROR)).error is Error.NETWORK_FAILURE
+    assert rfc8803.parse_reply(error_for(Cause.CONNECTION_LIMIT)).error is Error.RESOURCE_EXCEEDED
+    check_options(rfc8803.parse(rfc8803.connect_message("10.0.0.1", 80, tcp_options=b"\1\1\0\0")))  # padding only
     with pytest.raises(ConvertError) as e:
-        check_options(convert.parse(convert.connect_message("10.0.0.1", 80, tcp_options=bytes([8, 10, 0, 0]))))
+        check_options(rfc8803.parse(rfc8803.connect_message("10.0.0.1", 80, tcp_options=bytes([8, 10, 0, 0]))))
     assert e.value.code is Error.UNSUPPORTED_TCP_OPTION

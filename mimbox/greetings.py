@@ -1,0 +1,164 @@
+"""Convert mode's clients before they are connections (RFC 8803, mimbox.redirect.convert): the core
+accepts and admits them (native/core/accept.c greet()) and hands each here as a greeting; this reads
+its Convert message, answers what is not a connection (Info, errors), and gives the rest back to the
+core (core_convert_connect: the destination checked, the server connected, bytes relayed).
+
+    greetings = Greetings(relay)
+    greetings.accepted(cs, addr)       # EV_ACCEPTED
+    greetings.readable(fd)             # EV_FD on one of them (fd in greetings)
+    greetings.give_back(cs, addr, c)   # EV_GIVEBACK: refused by the core, told why by an Error TLV
+    greetings.sweep(now)               # once a second: messages that never came
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+import time
+
+from mimbox import rfc8803
+from mimbox.redirect import convert as converting
+from mimbox.synpath import Cause, refusal_reason
+from mimbox.timers import due
+
+log = logging.getLogger("mimbox")
+LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def reset(s: socket.socket) -> None:
+    """Close `s` with RST."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        pass
+    s.close()
+
+
+class Greetings:
+    """The greetings of one worker, by fd. `relay` gives the core, configuration, policy, counters and
+    log (read at each use: a reload replaces them)."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.by_fd: dict[int, converting.Greeting] = {}
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self.by_fd
+
+    def __len__(self) -> int:
+        return len(self.by_fd)
+
+    def accepted(self, cs: socket.socket, addr) -> None:
+        """A client the core accepted and admitted: its message is read from now on."""
+        g = converting.Greeting(cs, addr, time.monotonic())
+        self.by_fd[cs.fileno()] = g
+        self.relay.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        self._read(g)              # with TFO the message came in the SYN: it is there already
+
+    def readable(self, fd: int) -> None:
+        self._read(self.by_fd[fd])
+
+    def give_back(self, cs: socket.socket, addr, cause: Cause) -> None:
+        """A client the core refused after accepting it: an Error TLV says why."""
+        self._answer(converting.Greeting(cs, addr, time.monotonic(), counted=False), converting.error_for(cause))
+
+    def drop(self, fd: int) -> None:
+        """End the greeting on `fd` (an internal error while serving it)."""
+        if fd in self.by_fd:
+            self._drop(self.by_fd[fd])
+
+    def _read(self, g: converting.Greeting) -> None:
+        r = self.relay
+        if g.reply is not None:          # an answer waiting for the client's handshake
+            if not converting.handshake_pending(g.sock):
+                converting.answer_and_end(g.sock, g.reply)
+                self._drop(g)
+            return
+        try:
+            data = g.sock.recv(rfc8803.MAX_MESSAGE - len(g.buf))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(g)                # gone before its message was complete
+            return
+        try:
+            msg = g.feed(data)
+            if msg is None:
+                return
+            converting.check_cookie(msg, r.cfg.listener.convert_cookie)    # constant time
+            converting.check_options(msg)
+        except rfc8803.ConvertError as e:
+            self._answer(g, rfc8803.error_reply(e.code))
+            r.stats.refused[Cause.BAD_OPTION.value] += 1
+            r.refusals.refused(Cause.BAD_OPTION, "%s:%d: Convert message: %s" % (*g.addr, e))
+            return
+        if msg.connect is None:          # an Info request: what this converter supports, then close
+            self._answer(g, rfc8803.supported_reply(rfc8803.SUPPORTED_KINDS))
+            return
+        del self.by_fd[g.sock.fileno()]
+        r.core.unwatch(g.sock.fileno())
+        r.core.greeting_end(g.addr[0], keep_admission=True)
+        dst = msg.connect
+        if ":" in dst[0]:                # the server side of this converter is IPv4
+            r.admission.give()
+            r.stats.refused[Cause.SERVER_UNREACHABLE.value] += 1
+            return self._refuse(g.sock, g.addr, dst, Cause.SERVER_UNREACHABLE, "IPv6 destinations are not served")
+        refused = r.core.convert_connect(g.sock.fileno(), g.addr, dst, g.t, rfc8803.success_reply(), g.early_data)
+        if refused is None:
+            g.sock.detach()              # the core's now
+            return
+        cause, detail, err = refused     # counted by the core
+        self._refuse(g.sock, g.addr, dst, cause, refusal_reason(cause, detail, 0, err, g.addr[0], dst, r.policy))
+
+    def _refuse(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
+        self.relay.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
+                                           + (f": {detail})" if detail else ")"))
+        converting.answer_and_end(cs, converting.error_for(cause))    # RFC 8803: an Error TLV says why
+        cs.close()
+
+    def _answer(self, g: converting.Greeting, reply: bytes) -> None:
+        """Send `reply` and end the stream, once the client's handshake is complete (an answer written
+        to an MPTCP socket before then is never sent: converting.handshake_pending)."""
+        if converting.handshake_pending(g.sock):
+            if not g.counted and self.waiting_answers() >= self.relay.cfg.listener.pending_limit:
+                reset(g.sock)            # not counted as a greeting: capped here, or an fd each
+                return
+            g.reply = reply
+            self.by_fd[g.sock.fileno()] = g
+            self.relay.core.watch(g.sock.fileno(), select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET)
+            return
+        converting.answer_and_end(g.sock, reply)
+        self._drop(g)
+
+    def waiting_answers(self) -> int:
+        """Refused clients (no longer counted as greetings) whose answer waits for their handshake."""
+        return sum(1 for g in self.by_fd.values() if not g.counted)
+
+    def _drop(self, g: converting.Greeting) -> None:
+        if self.by_fd.pop(g.sock.fileno(), None) is not None:
+            self.relay.core.unwatch(g.sock.fileno())
+            if g.counted:
+                self.relay.core.greeting_end(g.addr[0], keep_admission=False)
+                g.counted = False
+        g.sock.close()
+
+    def sweep(self, now: float) -> None:
+        """Once a second (mimbox.timers decides): a message that never came is answered; an answer
+        whose client never completed its handshake is dropped."""
+        r = self.relay
+        for g in due(r.timeouts, now, self.by_fd.values()).greetings:
+            if g.reply is not None:      # its handshake never completed: nobody to answer
+                r.stats.errors["client handshake timeout"] += 1
+                self._drop(g)
+                continue
+            r.stats.errors["convert message timeout"] += 1
+            self._answer(g, rfc8803.error_reply(rfc8803.Error.MALFORMED_MESSAGE))
+        for g in [g for g in self.by_fd.values() if g.reply is not None]:
+            self._read(g)                # (its EPOLLOUT edge should have come already)
+
+    def close(self) -> None:
+        for g in list(self.by_fd.values()):
+            self._drop(g)

@@ -1,0 +1,121 @@
+"""Decided once at set-up (by the relay alone, or by the supervisor for all its workers,
+mimbox.workers): how a listener's client SYNs reach it, what the process may hold, and what its
+core is told (struct core_config)."""
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+from mimbox.config import Config
+from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, PIPE_POOL, SYN_PATHS,
+                         CoreConfig, ip_n, port_n)
+from mimbox.netfilter import ListenerRules
+from mimbox.synrecord import SynRecorder
+
+log = logging.getLogger("mimbox")
+
+
+@dataclass
+class SynPlan:
+    """How a listener's client SYNs reach it, decided once (by the relay, or by the supervisor for
+    all its workers): whether any visits NFQUEUE, at what rate per client /24 (auto), and the BPF
+    recorder that tells explicit mode the destination of SYNs that did not."""
+    queue: bool
+    hold_rate: int | None = None          # None: every SYN that matches is queued
+    recorder: SynRecorder | None = None
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+
+def plan_syns(cfg: Config) -> SynPlan:
+    """hold: every SYN queued and held. accept: none queued, except in explicit mode without the
+    BPF recorder (queued only to read DST_OPT, released at once). auto: queued (and held under the
+    caps) up to --hold-rate per client /24, the rest straight to the kernel; again every SYN queued
+    in explicit mode without the recorder."""
+    lc = cfg.listener
+    if lc.mode == "convert":
+        return SynPlan(queue=False)     # the kernel accepts at the SYN (TFO): the message is the first bytes
+    if lc.syn_path == "hold":
+        return SynPlan(queue=True)
+    recorder = None
+    if lc.mode == "explicit" and lc.syn_recorder:
+        try:
+            recorder = SynRecorder(lc.port).install()
+        except (RuntimeError, OSError) as e:
+            log.warning("no BPF SYN recorder (%s): every SYN visits the converter to be read", e)
+    needs_queue = lc.mode == "explicit" and recorder is None
+    if lc.syn_path == "accept":
+        return SynPlan(queue=needs_queue, recorder=recorder)
+    return SynPlan(queue=True, hold_rate=None if needs_queue else lc.hold_rate, recorder=recorder)
+
+
+def listener_rules(cfg: Config, plan: SynPlan, workers: int = 1) -> ListenerRules:
+    """The netfilter rules a listener of `cfg` needs (installed by the relay, or by the supervisor)."""
+    lc = cfg.listener
+    return ListenerRules(port=lc.port, queue_num=lc.queue_num, listen_addr=lc.addr,
+                         transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
+                         transparent_from=lc.intercept_from, workers=workers, queue_syns=plan.queue,
+                         hold_rate=plan.hold_rate)
+
+
+MIN_FD_CAPACITY = 16
+
+
+def raise_fd_limit(connections: int) -> int:
+    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit.
+    Raises RuntimeError if fewer than MIN_FD_CAPACITY fit (e.g. a hard limit of 1024 that this
+    process may not raise): a converter that would refuse nearly everyone must not start."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + 2 * PIPE_POOL + 256
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except OSError:
+        ceiling = hard
+    target = min(max(want, soft), ceiling)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-file limit to %d (%s): it stays %d", target, e, soft)
+        target = soft
+    fit = (target - 2 * PIPE_POOL - 256) // 2
+    if fit < min(MIN_FD_CAPACITY, connections):
+        raise RuntimeError(f"the open-file limit ({target}) leaves room for {max(fit, 0)} connections "
+                           f"(2 fds each, {2 * PIPE_POOL + 256} reserved): raise it (ulimit -n, LimitNOFILE=) "
+                           f"to at least {2 * MIN_FD_CAPACITY + 2 * PIPE_POOL + 256}")
+    return max(1, fit)
+
+
+SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, then splices
+
+
+def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, held, syns_queued: bool,
+                recorder_fd: int) -> CoreConfig:
+    """A worker's struct core_config from a mimbox.config.Config and what the worker set up: the
+    shared admission counter (mimbox.synpath.Admission), the workers' HeldSet (None: alone), the
+    BPF recorder's map fd (-1: none)."""
+    from mimbox.timers import PREFIX_WAIT
+    lc, bc, sc = cfg.listener, cfg.buffers, cfg.safety
+    source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
+    slots = held.slots if held is not None else None
+    return CoreConfig(
+        engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
+        static_addr=ip_n(lc.upstream[0]) if lc.mode == "static" else 0,
+        static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
+        recorder_fd=recorder_fd, server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,
+        server_sndbuf=bc.server_sndbuf or 0, fd_capacity=fd_capacity, worker=worker, workers=workers,
+        syns_queued=int(syns_queued), server_mptcp_retry=sc.server_mptcp_retry, connect_timeout=sc.connect_timeout,
+        idle_timeout=sc.idle_timeout, prefix_wait=PREFIX_WAIT,
+        admission=admission.address(), admission_limit=admission.limit,
+        held_slots=ctypes.addressof(slots) if slots is not None else None,
+        held_mask=held.mask if held is not None else 0,
+        syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
+        pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
+        handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
+        access_log_every=cfg.access_log_every)
+
