@@ -99,21 +99,24 @@ def findings(df: pd.DataFrame) -> dict:
 
 
 def plot(df: pd.DataFrame):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    from experiments.style import legend_outside, styles
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(wspace=0.25)
+    style = styles(df[df.system != "direct (no converter)"].system)
     for ax, direction in zip(axes, ("download", "upload")):
         d = df[df.direction == direction]
         base = d[d.system == "direct (no converter)"].goodput_mbps
         ax.axhline(base.mean(), color="k", ls="--", label="direct, no converter")
         for name, g in d[d.system != "direct (no converter)"].groupby("system", sort=False):
             st = g.groupby("buffer").goodput_mbps.apply(lambda v: mean_ci(v)).apply(pd.Series)
-            ax.errorbar(st.index / KB, st[0], yerr=st[1], marker="o", capsize=3, label=name)
+            ax.errorbar(st.index / KB, st[0], yerr=st[1], capsize=3, label=name, **style[name])
         ax.axvline(PAPER_KB, color="gray", ls=":", label=f"paper: {PAPER_KB} KB enough")
         ax.set_xscale("log")
         ax.set_xlabel("per-socket buffer on the converter [KB]")
         ax.set_ylabel("goodput [Mbit/s]")
         ax.set_title(f"Fig. 6: {direction} (WiFi + 3G)", fontsize=9)
         ax.grid(alpha=.3, which="both")
-        ax.legend(fontsize=7)
+    legend_outside(fig, axes)
     return fig
 
 

@@ -127,8 +127,10 @@ def plot(df: pd.DataFrame):
             ax.plot([], [], "k*", label="paper: max delay")
         ax.set_title(f"1 % loss on the {where} side, 100 kbit/s stream", fontsize=9)
         ax.set_ylabel("application delay [ms]")
-        ax.legend(fontsize=7)
+        ax.get_legend() and ax.get_legend().remove()
         ax.grid(alpha=.3, axis="y")
+    from experiments.style import legend_outside
+    legend_outside(fig, axes)
     return fig
 
 

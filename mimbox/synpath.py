@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import socket
 import time
 from collections import Counter
 

@@ -113,6 +113,31 @@ def test_styles_are_fixed_and_distinct():
     assert got["mimbox-4w"] == got["mimbox-2w"]
 
 
+@pytest.mark.parametrize("module,result", [("buffers", "fig6_buffers"), ("workload", "fig5_workload")])
+def test_figures_draw_each_system_in_its_shared_style_with_the_legend_off_the_data(module, result):
+    """Every series of a system has the colour and marker experiments.style gives it (the same in every
+    figure), and the legend is the figure's, right of the panels, not inside one."""
+    import importlib
+
+    import matplotlib.colors as mcolors
+
+    from experiments.style import styles
+    df = pd.read_csv(ROOT / "results" / result / "data.csv")
+    fig = importlib.import_module(f"experiments.{module}").plot(df)
+    from matplotlib.container import ErrorbarContainer
+    systems = set(df.system)
+    series = [(c.get_label(), c.lines[0]) for ax in fig.axes for c in ax.containers
+              if isinstance(c, ErrorbarContainer) and c.get_label() in systems]
+    series += [(ln.get_label(), ln) for ax in fig.axes for ln in ax.get_lines() if ln.get_label() in systems]
+    drawn = {name for name, _ in series}
+    want = styles(s for s in df.system if s in drawn)       # the systems drawn, in the data's order
+    assert series, "no series drawn per system"
+    for name, ln in series:
+        st = want[name]
+        assert mcolors.same_color(ln.get_color(), st["color"]) and ln.get_marker() == st["marker"], name
+    assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends
+
+
 def test_one_size_is_drawn_as_labelled_bars_and_paper_stars_do_not_stretch_the_axis():
     from experiments import workload
     df = pd.read_csv(ROOT / "results" / "fig5_workload" / "data.csv")

@@ -15,6 +15,7 @@ import faults
 import ledger
 import pytest
 from conftest import PY, Server, readline, run_client, transfer
+from helpers import wait_until
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig
@@ -237,9 +238,7 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
         # the client vanishes: its packets stop (no FIN, no RST)
         with faults.blackhole(paper_tb.client, "OUTPUT", f"-p tcp --dport {m.port}"):
             faults.kill([cl])
-            deadline = time.time() + 6
-            while time.time() < deadline and m.stats()["active"]:
-                time.sleep(0.2)
+            wait_until(lambda: not m.stats()["active"], 6, "the vanished client's connection freed", every=0.2)
             st = m.stats()
     finally:
         srv.kill()
@@ -406,10 +405,10 @@ def test_connection_limit_refuses_cleanly(paper_tb):
 def wait_active(m, n: int, timeout: float = 5.0) -> bool:
     """The client's connect() returns before the converter has accept()ed (and, with several
     workers, handed over): wait until the converter counts n active connections."""
-    deadline = time.time() + timeout
-    while m.stats()["active"] != n and time.time() < deadline:
-        time.sleep(0.05)
-    return m.stats()["active"] == n
+    try:
+        return bool(wait_until(lambda: m.stats()["active"] == n, timeout, f"{n} active"))
+    except AssertionError:
+        return False
 
 
 def converter_pids(m) -> list[int]:
@@ -464,9 +463,7 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
         cl.stdin.close()             # both ends close: the converter passes each FIN on
         srv.stdin.close()
         cl.wait(timeout=60)
-        deadline = time.time() + 30
-        while time.time() < deadline and m.stats()["active"]:
-            time.sleep(0.5)
+        wait_until(lambda: not m.stats()["active"], 30, "every connection closed", every=0.5)
         after = m.stats()
         fds1 = converter_fds(m)
     finally:
@@ -503,11 +500,8 @@ def test_many_short_connections_no_growth(paper_tb, n):
             done += r["requests"]
         # wrk stops mid-handshake on some connections: the server side opened for them is closed
         # after --handshake-timeout, so wait for it before counting
-        deadline = time.time() + 10
-        while time.time() < deadline and (m.stats()["pending"] or m.stats()["active"]):
-            time.sleep(0.25)
-        st = m.stats()
-        assert st["pending"] == 0 and st["active"] == 0, st
+        st = wait_until(lambda: (lambda st: st if not st["pending"] and not st["active"] else None)(m.stats()),
+                        10, "nothing pending or active", every=0.25)
         pooled = st["pipes_pooled"]
         fds1 = converter_fds(m) - 2 * pooled - st["spares"]
         rss1 = converter_rss_kb(m)
