@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import matplotlib
 import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 from experiments import servers  # noqa: E402
-from experiments.common import CONVERTER_CPUS, CONVERTER_QUOTA_CORES, END_HOST_CPUS, mean_ci, run_experiment, running  # noqa: E402
-from experiments.hardening import LAUNCH, build_before  # noqa: E402
+from experiments.common import CONVERTER_CPUS, CONVERTER_QUOTA_CORES, END_HOST_CPUS, run_experiment, running  # noqa: E402
+from experiments.hardening import LAUNCH, bars, build_before, problems  # noqa: E402, F401 (problems: run_experiment's)
 from experiments.systems import PY, HAProxy, MiMBox  # noqa: E402
 from experiments.workload import HTTP_PORT, _measure  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
@@ -72,23 +68,8 @@ def tables(df: pd.DataFrame) -> dict:
     return {"summary": g.reset_index(), "ratios": ratios}
 
 
-def problems(df: pd.DataFrame) -> list[str]:
-    bad = df[(df["socket_errors"] > 0) | (df["non_2xx"] > 0)]
-    return [f"{r.system} rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx" for r in bad.itertuples()]
-
-
 def plot(df: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    names = list(dict.fromkeys(df.system))
-    means = [mean_ci(df[df.system == n].req_per_s) for n in names]
-    ax.bar(range(len(names)), [m for m, _ in means], yerr=[c for _, c in means], color="0.6", capsize=3)
-    for i, (m, _) in enumerate(means):
-        ax.text(i, m, f"{m:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=10, fontsize=8)
-    ax.set_ylabel("requests/s (1 KB, converter-bound)")
-    ax.set_title("A/B: this build vs an earlier one", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return bars(df, "A/B: this build vs an earlier one", figsize=(5.2, 3.4))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import time
 import pytest
 import ledger
 from conftest import PY, readline, transfer
+from helpers import wait_until as wait_for, watch  # noqa: F401 (test_service imports wait_for from here)
 
 from experiments.measure import cpu_seconds
 from experiments.systems import MiMBox
@@ -52,27 +53,6 @@ class Sink:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
-
-
-def wait_for(cond, timeout: float, what: str, every: float = 0.05):
-    """Wait until cond() is true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(every)
-
-
-def watch(read, window: float, changed, every: float = 0.05):
-    """Read `read()` for `window` seconds (a negative needs a window: here, far longer than the
-    microseconds the converter takes to act) and return the first reading for which changed() holds,
-    else the last one."""
-    deadline = time.monotonic() + window
-    while True:
-        r = read()
-        if changed(r) or time.monotonic() > deadline:
-            return r
-        time.sleep(every)
 
 
 def syn_recv(host, port: int, src: str) -> int:
