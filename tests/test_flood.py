@@ -15,6 +15,7 @@ import time
 
 import ledger
 from conftest import PY, readline
+from helpers import wait_until, watch
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig, SafetyConfig
@@ -57,6 +58,11 @@ def usage(pids: list[int]) -> tuple[int, int]:
     return fds, rss
 
 
+def syn_recv(host, port: int) -> int:
+    """How many half-open (SYN-RECV) connections `host` has on its listening `port`."""
+    return len(host.cmd(f"ss -Htn state syn-recv '( sport = :{port} )'").splitlines())
+
+
 def flood_and_measure(tb, host: str, port: int, watch_pid: int | None = None) -> dict:
     """Flood host:port while the real client runs; returns the client's counts, the flood's, the
     server's accepted connections and (if watch_pid) the converter's peak fds/RSS."""
@@ -91,7 +97,8 @@ def flood_and_measure(tb, host: str, port: int, watch_pid: int | None = None) ->
 def test_syn_flood_does_not_lock_out_real_clients(paper_tb):
     tb = paper_tb
     direct = flood_and_measure(tb, tb.server_ip, ECHO_PORT)
-    time.sleep(2)
+    # the direct run's half-open flood connections are gone from the server before the next run
+    wait_until(lambda: syn_recv(tb.server, ECHO_PORT) == 0, 30, "server's SYN-RECV queue empty")
     m = MiMBox(mode="static")     # its defaults
     m.start(tb, ECHO_PORT)
     try:
@@ -100,12 +107,10 @@ def test_syn_flood_does_not_lock_out_real_clients(paper_tb):
         spares0 = m.stats()["spares"]
         conv = flood_and_measure(tb, tb.mbox_client_ip, m.port, watch_pid=m.proc.pid)
         # held flood SYNs never complete: they are let go after the handshake timeout (15 s)
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT + 5
         # spare server sockets (made while idle, a few per worker and kind) are not left over
         def fds_now():
             return usage(descendants(m.proc.pid))[0] - (m.stats()["spares"] - spares0)
-        while fds_now() > base[0] + 8 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        watch(fds_now, HANDSHAKE_TIMEOUT + 5, lambda n: n <= base[0] + 8, every=0.5)   # asserted below
         after = (fds_now(), usage(descendants(m.proc.pid))[1])
         st = m.stats()
     finally:
