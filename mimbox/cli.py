@@ -18,6 +18,7 @@ from mimbox.config import (
     Config,
     ListenerConfig,
     SafetyConfig,
+    hostport,
     parse_hostport,
     parse_size,
 )
@@ -43,8 +44,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
                         "flags given here override it; SIGHUP re-reads it")
     g = r.add_argument_group("listener and redirection")
     g.add_argument("--listen", default=f"{ListenerConfig.addr}:{ListenerConfig.port}", metavar="ADDR:PORT",
-                   help="where clients connect (explicit/static); in transparent mode its port only names the "
-                        "rules and stats socket: one listener per --intercept port takes the connections")
+                   help="where clients connect; [::]:PORT serves IPv6 and IPv4 clients, [ADDR]:PORT one IPv6 "
+                        "address; in transparent mode its port only names the rules and stats socket: one "
+                        "listener per --intercept port takes the connections")
     g.add_argument("--mode", choices=MODES, default=ListenerConfig.mode,
                    help="explicit: server from the SYN's DST_OPT (use `mimbox client`); transparent: on the "
                         "path, intercept with TPROXY; static: one fixed --upstream; convert: RFC 8803, the server "
@@ -55,7 +57,7 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--convert-cookie", metavar="TEXT",
                    help="as --convert-cookie-file, the cookie on the command line (visible to every local user "
                         "in ps: prefer the file)")
-    g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server")
+    g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server (IPv6: [ADDR]:PORT)")
     g.add_argument("--intercept", metavar="PORTS", default="", help="transparent mode: destination ports, e.g. 80,443")
     g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
                    help="transparent mode: intercept only these client prefixes (repeatable)")
@@ -313,7 +315,7 @@ def _serve(cfg: Config, workers: int, reload) -> int:
     from mimbox.workers import Supervisor
 
     def ready():
-        print(f"mimbox ready on {cfg.listener.addr}:{cfg.listener.port} ({workers} worker{'s' * (workers > 1)})",
+        print(f"mimbox ready on {hostport(cfg.listener.addr, cfg.listener.port)} ({workers} worker{'s' * (workers > 1)})",
               flush=True)
     # a supervisor keeps the rules for workers that drop privileges, and does what a service needs
     # (reload, metrics, systemd's notifications); one process is the lightest way to run as root

@@ -12,16 +12,28 @@ MAX_WORKERS = 256           # workers of one converter, at most (the core's hand
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """'10.0.0.1:80' / ':80' / '80' -> ('10.0.0.1', 80); raise ValueError on anything else."""
+    """'10.0.0.1:80' / '[2001:db8::1]:80' / ':80' / '80' -> (host, port), the host an IPv4 or IPv6
+    address ('[::]:7000' listens on both families); raise ValueError on anything else."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = default_host, text
-    host = host or default_host
-    ipaddress.IPv4Address(host)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [2001:db8::1]:80")
+    else:
+        host = host or default_host
+        ipaddress.ip_address(host)
     p = int(port)
     if not 0 < p < 65536:
         raise ValueError(f"port {p} out of range")
     return host, p
+
+
+def hostport(host: str, port: int) -> str:
+    """(host, port) as written for people and parse_hostport: 10.0.0.1:80, [2001:db8::1]:80."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -136,7 +148,7 @@ class Config:
         for key, nets in (("safety.allow_clients", self.safety.allow_clients), ("listener.intercept_from", lc.intercept_from)):
             for net in nets:
                 try:
-                    ipaddress.IPv4Network(net, strict=False)
+                    ipaddress.ip_network(net, strict=False)
                 except ValueError as e:
                     out.append((key, f"{net!r}: {e}"))
         from mimbox.safety import parse_destination
@@ -191,22 +203,24 @@ def kernel_buffer_defaults() -> tuple[int, int]:
     return read("tcp_rmem", 131072), read("tcp_wmem", 16384)
 
 
-def _ipv4_addresses() -> list[tuple[str, int]]:
-    """(address, prefix length) of every IPv4 address of this network namespace (netlink, pyroute2)."""
+def _addresses() -> list[tuple[str, int]]:
+    """(address, prefix length) of every IPv4 and IPv6 address of this network namespace (netlink,
+    pyroute2)."""
     import socket
 
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
         return [(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"])
-                for m in ipr.get_addr(family=socket.AF_INET)]
+                for family in (socket.AF_INET, socket.AF_INET6) for m in ipr.get_addr(family=family)]
 
 
 def local_subnets() -> list[str]:
-    """The IPv4 subnets this host is directly connected to (the default allowed clients)."""
-    return [str(ipaddress.IPv4Network(f"{a}/{n}", strict=False)) for a, n in _ipv4_addresses()
-            if not a.startswith("127.")]
+    """The subnets this host is directly connected to, both families (the default allowed clients):
+    not loopback, not IPv6 link-local."""
+    nets = [ipaddress.ip_network(f"{a.partition('%')[0]}/{n}", strict=False) for a, n in _addresses()]
+    return [str(n) for n in nets if not n.is_loopback and not n.is_link_local]
 
 
 def local_addresses() -> list[str]:
-    """Every IPv4 address of this host (the converter never relays to itself)."""
-    return [a for a, _ in _ipv4_addresses()]
+    """Every address of this host, both families (the converter never relays to itself)."""
+    return [a.partition("%")[0] for a, _ in _addresses()]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import socket
-import struct
 from dataclasses import dataclass
 
 from mimbox.config import MAX_WORKERS
@@ -54,10 +54,13 @@ DURATION_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300,
 ETIME = errno.ETIME            # an idle timeout, in EV_ABORTED
 
 
+ADDR = ctypes.c_uint8 * 16    # an address of either family: IPv6, IPv4 as ::ffff:a.b.c.d (native/core/addr.h)
+
+
 class CoreConfig(ctypes.Structure):
     """struct core_config."""
     _fields_ = [("engine", ctypes.c_int32), ("pipe_size", ctypes.c_int32), ("splice_after", ctypes.c_int32),
-                ("dst_source", ctypes.c_int32), ("static_addr", ctypes.c_uint32), ("static_port", ctypes.c_uint16),
+                ("dst_source", ctypes.c_int32), ("static_addr", ADDR), ("static_port", ctypes.c_uint16),
                 ("_pad", ctypes.c_uint16), ("recorder_fd", ctypes.c_int32), ("server_mptcp", ctypes.c_int32),
                 ("server_rcvbuf", ctypes.c_int32), ("server_sndbuf", ctypes.c_int32), ("fd_capacity", ctypes.c_int32),
                 ("worker", ctypes.c_int32), ("workers", ctypes.c_int32), ("syns_queued", ctypes.c_int32),
@@ -72,9 +75,9 @@ class CoreConfig(ctypes.Structure):
 
 
 class Event(ctypes.Structure):
-    """struct core_event: what the core hands to Python. Addresses and ports in network order."""
+    """struct core_event: what the core hands to Python. Addresses as 16 bytes, ports in network order."""
     _fields_ = [("kind", ctypes.c_int32), ("fd", ctypes.c_int32), ("events", ctypes.c_uint32),
-                ("err", ctypes.c_int32), ("caddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("err", ctypes.c_int32), ("caddr", ADDR), ("daddr", ADDR),
                 ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16), ("cause", ctypes.c_int32),
                 ("detail", ctypes.c_int32), ("arg", ctypes.c_int32), ("after_accept", ctypes.c_int32),
                 ("bytes_up", ctypes.c_uint64), ("bytes_down", ctypes.c_uint64), ("duration", ctypes.c_double)]
@@ -100,8 +103,8 @@ class CoreStats(ctypes.Structure):
 
 class ConnInfo(ctypes.Structure):
     """struct core_conn_info: one relayed connection, for `mimbox stats --connections`."""
-    _fields_ = [("cfd", ctypes.c_int32), ("sfd", ctypes.c_int32), ("caddr", ctypes.c_uint32),
-                ("daddr", ctypes.c_uint32), ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+    _fields_ = [("cfd", ctypes.c_int32), ("sfd", ctypes.c_int32), ("caddr", ADDR),
+                ("daddr", ADDR), ("cport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
                 ("client_mptcp", ctypes.c_uint8), ("server_mptcp", ctypes.c_uint8), ("connecting", ctypes.c_uint8),
                 ("_pad", ctypes.c_uint8), ("bytes_up", ctypes.c_uint64), ("bytes_down", ctypes.c_uint64),
                 ("t_accept", ctypes.c_double)]
@@ -109,8 +112,8 @@ class ConnInfo(ctypes.Structure):
 
 class SynInfo(ctypes.Structure):
     """struct syn_info: core_parse_syn()'s answer (tests compare it with mimbox.dstopt)."""
-    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
-                ("dport", ctypes.c_uint16), ("dst_addr", ctypes.c_uint32), ("dst_port", ctypes.c_uint16),
+    _fields_ = [("saddr", ADDR), ("daddr", ADDR), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("dst_addr", ADDR), ("dst_port", ctypes.c_uint16),
                 ("has_dst", ctypes.c_int32), ("error", ctypes.c_int32), ("arg", ctypes.c_int32),
                 ("mp_join", ctypes.c_int32), ("mp_capable", ctypes.c_int32)]
 
@@ -184,19 +187,19 @@ def load() -> ctypes.CDLL:
     if not RELAYCORE.exists():
         raise RuntimeError(f"{RELAYCORE} is missing (run `./mimbox.sh build`)")
     lib = ctypes.CDLL(str(RELAYCORE), use_errno=True)
-    P, I, U32, U16 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint16
+    P, I, U32, U16, A = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_char_p
     sig = {"core_new": (P, [ctypes.POINTER(CoreConfig)]), "core_free": (None, [P]),
            "core_watch": (I, [P, I, U32, I]), "core_unwatch": (I, [P, I]),
            "core_run": (I, [P, I, ctypes.POINTER(Event), I]), "core_sweep": (I, [P, ctypes.POINTER(Event), I]),
-           "core_add": (I, [P, I, I, I, I, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
+           "core_add": (I, [P, I, I, I, I, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
-           "core_policy": (I, [P, I, U32, U32]), "core_rule": (I, [P, I, U32, U32, I, I]),
-           "core_greeting_end": (None, [P, U32, I]), "core_greetings": (I, [P]), "core_refusal": (I, [P, U32, U32, U16, ctypes.POINTER(ctypes.c_int)]),
-           "core_convert_connect": (I, [P, I, U32, U16, U32, U16, ctypes.c_double, ctypes.c_char_p, U32,
+           "core_policy": (I, [P, I, A, I]), "core_rule": (I, [P, I, A, I, I, I]),
+           "core_greeting_end": (None, [P, A, I]), "core_greetings": (I, [P]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
+           "core_convert_connect": (I, [P, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                                         ctypes.c_char_p, U32, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
-           "core_gate": (I, [P, U32]), "core_gate_hold": (None, [P, U32, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
+           "core_gate": (I, [P, A]), "core_gate_hold": (None, [P, A, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
-           "core_open_server": (I, [P, U32, U16, ctypes.POINTER(ctypes.c_int)]),
+           "core_open_server": (I, [P, A, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
@@ -232,9 +235,26 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
-def ip_n(addr: str) -> int:
-    """An IPv4 address as the core holds it (network order in a host integer)."""
-    return struct.unpack("=I", socket.inet_aton(addr))[0]
+def ip_n(addr) -> bytes:
+    """An address of either family as the core holds it (native/core/addr.h): 16 bytes, IPv6 or an
+    IPv4 address as ::ffff:a.b.c.d. Takes a string or an ipaddress object."""
+    a = ipaddress.ip_address(addr)
+    return a.packed if a.version == 6 else V4_MAPPED + a.packed
+
+
+V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def ip_text(raw) -> str:
+    """The core's 16 bytes as an address string: dotted for an IPv4(-mapped) one, else IPv6."""
+    raw = bytes(raw)
+    return socket.inet_ntop(socket.AF_INET, raw[12:]) if raw[:12] == V4_MAPPED else socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def net_n(net) -> tuple[bytes, int]:
+    """A prefix as the core holds it: (16-byte network, length over 16 bytes: an IPv4 /24 is /120)."""
+    n = ipaddress.ip_network(net, strict=False)
+    return ip_n(n.network_address), n.prefixlen + (96 if n.version == 4 else 0)
 
 
 def port_n(port: int) -> int:
@@ -250,9 +270,15 @@ def is_keeper(pid: int) -> bool:
         return False
 
 
-def addr_of(a: int, p: int) -> tuple[str, int]:
-    """(address, port) from the core's network-order integers."""
-    return socket.inet_ntoa(struct.pack("=I", a)), socket.ntohs(p)
+def addr_of(a, p: int) -> tuple[str, int]:
+    """(address, port) from the core's 16 address bytes and network-order port."""
+    return ip_text(a), socket.ntohs(p)
+
+
+def known(a) -> bool:
+    """Whether the core's 16 address bytes hold an address (:: and 0.0.0.0: not known yet)."""
+    raw = bytes(a)
+    return any(raw) and raw != V4_MAPPED + bytes(4)
 
 
 @dataclass
@@ -331,21 +357,20 @@ class Core:
         and this host's addresses (reset: instead of the ones given before). Raises ValueError past
         the core's table sizes."""
         if reset:
-            self.lib.core_policy(self.ptr, 4, 0, 0)
+            self.lib.core_policy(self.ptr, 4, None, 0)
         for n in policy.allow_clients:
-            if self.lib.core_policy(self.ptr, 0, int(n.network_address), int(n.netmask)) < 0:
+            if self.lib.core_policy(self.ptr, 0, *net_n(n)) < 0:
                 raise ValueError("too many allowed client prefixes (at most 256)")
         for r in policy.rules:
-            if self.lib.core_rule(self.ptr, int(r.allow), int(r.net.network_address), int(r.net.netmask),
-                                  r.ports[0], r.ports[1]) < 0:
+            if self.lib.core_rule(self.ptr, int(r.allow), *net_n(r.net), r.ports[0], r.ports[1]) < 0:
                 raise ValueError("too many destination rules (at most 256)")
         self.own_addresses(policy.own)
 
     def own_addresses(self, addrs) -> None:
         """This host's addresses, anew (they are never a destination)."""
-        self.lib.core_policy(self.ptr, 3, 0, 0)
-        for a in sorted(addrs)[:256]:
-            self.lib.core_policy(self.ptr, 2, int(a), 0xFFFFFFFF)
+        self.lib.core_policy(self.ptr, 3, None, 0)
+        for a in sorted(addrs, key=lambda a: (a.version, a))[:256]:
+            self.lib.core_policy(self.ptr, 2, ip_n(a), 128)
 
     def greeting_end(self, client: str, keep_admission: bool) -> None:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""

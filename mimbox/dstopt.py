@@ -128,7 +128,7 @@ def parse_options(opts: bytes) -> SynOptions:
 
 @dataclass(frozen=True)
 class Syn:
-    """The fields of an IPv4 TCP SYN the converter decides on."""
+    """The fields of a TCP SYN (IPv4, or IPv6 without extension headers) the converter decides on."""
     src: str
     sport: int
     dst: str
@@ -138,19 +138,29 @@ class Syn:
 
 
 def parse_syn(packet: bytes) -> Syn:
-    """Parse an IPv4 packet holding a TCP segment; raise OptionError if it is not one."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        raise OptionError("not IPv4")
-    ihl = (packet[0] & 0x0F) * 4
-    if packet[9] != 6 or len(packet) < ihl + 20:
+    """Parse an IPv4 packet, or an IPv6 packet whose next header is TCP, holding a TCP segment (as
+    native/core/synopt.c does); raise OptionError if it is not one."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if ihl < 20 or packet[9] != 6:
+            raise OptionError("not TCP")
+        src, dst = socket.inet_ntop(socket.AF_INET, packet[12:16]), socket.inet_ntop(socket.AF_INET, packet[16:20])
+    elif len(packet) >= 40 and packet[0] >> 4 == 6:
+        ihl = 40
+        if packet[6] != 6:
+            raise OptionError("not TCP right after the IPv6 header")
+        src, dst = (ipaddress.IPv6Address(packet[8:24]), ipaddress.IPv6Address(packet[24:40]))
+        src, dst = (str(a.ipv4_mapped or a) for a in (src, dst))
+    else:
+        raise OptionError("not IPv4 or IPv6")
+    if len(packet) < ihl + 20:
         raise OptionError("not TCP")
     tcp = packet[ihl:]
     doff = (tcp[12] >> 4) * 4
     if doff < 20 or len(tcp) < doff:
         raise OptionError("bad TCP data offset")
     sport, dport = struct.unpack_from("!HH", tcp)
-    return Syn(src=socket.inet_ntoa(packet[12:16]), sport=sport, dst=socket.inet_ntoa(packet[16:20]),
-               dport=dport, flags=tcp[13], options=parse_options(bytes(tcp[20:doff])))
+    return Syn(src=src, sport=sport, dst=dst, dport=dport, flags=tcp[13], options=parse_options(bytes(tcp[20:doff])))
 
 
 def c_header() -> str:

@@ -18,6 +18,7 @@ import struct
 import time
 
 from mimbox import rfc8803
+from mimbox.config import hostport
 from mimbox.redirect import convert as converting
 from mimbox.synpath import Cause, refusal_reason
 from mimbox.timers import due
@@ -93,7 +94,7 @@ class Greetings:
         except rfc8803.ConvertError as e:
             self._answer(g, rfc8803.error_reply(e.code))
             r.stats.refused[Cause.BAD_OPTION.value] += 1
-            r.refusals.refused(Cause.BAD_OPTION, "%s:%d: Convert message: %s" % (*g.addr, e))
+            r.refusals.refused(Cause.BAD_OPTION, "%s: Convert message: %s" % (hostport(*g.addr), e))
             return
         if msg.connect is None:          # an Info request: what this converter supports, then close
             self._answer(g, rfc8803.supported_reply(rfc8803.SUPPORTED_KINDS))
@@ -101,11 +102,7 @@ class Greetings:
         del self.by_fd[g.sock.fileno()]
         r.core.unwatch(g.sock.fileno())
         r.core.greeting_end(g.addr[0], keep_admission=True)
-        dst = msg.connect
-        if ":" in dst[0]:                # the server side of this converter is IPv4
-            r.admission.give()
-            r.stats.refused[Cause.SERVER_UNREACHABLE.value] += 1
-            return self._refuse(g.sock, g.addr, dst, Cause.SERVER_UNREACHABLE, "IPv6 destinations are not served")
+        dst = msg.connect                # IPv4 or IPv6, whatever the client's family
         refused = r.core.convert_connect(g.sock.fileno(), g.addr, dst, g.t, rfc8803.success_reply(), g.early_data)
         if refused is None:
             g.sock.detach()              # the core's now
@@ -114,7 +111,7 @@ class Greetings:
         self._refuse(g.sock, g.addr, dst, cause, refusal_reason(cause, detail, 0, err, g.addr[0], dst, r.policy))
 
     def _refuse(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
-        self.relay.refusals.refused(cause, f"{addr[0]}:{addr[1]} -> {'%s:%d' % dst if dst else '?'} (after accept"
+        self.relay.refusals.refused(cause, f"{hostport(*addr)} -> {hostport(*dst) if dst else '?'} (after accept"
                                            + (f": {detail})" if detail else ")"))
         converting.answer_and_end(cs, converting.error_for(cause))    # RFC 8803: an Error TLV says why
         cs.close()

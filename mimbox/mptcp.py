@@ -15,14 +15,28 @@ TCP_IS_MPTCP = 43
 NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
-def stream_socket(mptcp: bool) -> socket.socket:
-    """A non-blocking TCP socket, MPTCP when asked and when the kernel has it (else plain TCP)."""
+def stream_socket(mptcp: bool, family: int = socket.AF_INET) -> socket.socket:
+    """A non-blocking TCP socket of `family`, MPTCP when asked and when the kernel has it (else plain TCP)."""
     if mptcp:
         try:
-            return socket.socket(socket.AF_INET, NONBLOCKING_STREAM, IPPROTO_MPTCP)
+            return socket.socket(family, NONBLOCKING_STREAM, IPPROTO_MPTCP)
         except OSError:
             pass
-    return socket.socket(socket.AF_INET, NONBLOCKING_STREAM)
+    return socket.socket(family, NONBLOCKING_STREAM)
+
+
+def family_of(addr: str) -> int:
+    """The socket family that listens on `addr`: AF_INET6 for an IPv6 address ('::': both families)."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def listening_socket(mptcp: bool, addr: str) -> socket.socket:
+    """A non-blocking stream socket to bind to `addr`: IPv6 for an IPv6 address, serving IPv4 too
+    (as ::ffff:a.b.c.d) when the address is [::]."""
+    s = stream_socket(mptcp, family_of(addr))
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if addr == "::" else 1)
+    return s
 
 
 def is_mptcp(sock: socket.socket) -> bool:

@@ -31,7 +31,7 @@ import socket
 import time
 
 from mimbox import mptcp
-from mimbox.config import Config, local_addresses
+from mimbox.config import Config, hostport, local_addresses
 from mimbox.core import (
     CAUSES,
     ETIME,
@@ -44,6 +44,7 @@ from mimbox.core import (
     Core,
     CoreConfig,
     addr_of,
+    known,
 )
 from mimbox.greetings import Greetings
 from mimbox.redirect import convert as converting
@@ -57,6 +58,7 @@ from mimbox.timers import Timeouts
 log = logging.getLogger("mimbox")
 
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 
 
 class Relay:
@@ -128,14 +130,15 @@ class Relay:
             self.core.policy(self.policy)
             ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
             for port in ports:
-                ls = mptcp.stream_socket(lc.client_mptcp)
+                ls = mptcp.listening_socket(lc.client_mptcp, lc.addr)
                 self.listeners.append(ls)
                 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # inherited by accepted sockets
                 if self.workers > 1:
                     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # one listener per worker
                 if lc.mode == "transparent":
-                    ls.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                    ls.setsockopt(*((socket.SOL_IP, IP_TRANSPARENT) if ls.family == socket.AF_INET
+                                    else (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)), 1)
                 if lc.mode == "convert":
                     converting.prepare_listener(ls, lc.backlog)
                 for opt, val in ((socket.SO_RCVBUF, bc.client_rcvbuf), (socket.SO_SNDBUF, bc.client_sndbuf)):
@@ -149,7 +152,7 @@ class Relay:
             for other, link in self.links.items():
                 self.core.link(other, link.fileno())
             if lc.health_port:
-                hs = self.health_sock = socket.socket(socket.AF_INET, mptcp.NONBLOCKING_STREAM)
+                hs = self.health_sock = mptcp.listening_socket(False, lc.addr)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 hs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # every worker answers
                 hs.bind((lc.addr, lc.health_port))      # where clients reach it, not every address
@@ -170,8 +173,8 @@ class Relay:
         except BaseException:
             self.close()
             raise
-        log.info("listening on %s:%d, mode %s, SYN path %s, engine %s, %s -> %s, limit %d connections",
-                 lc.addr, lc.port, lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
+        log.info("listening on %s, mode %s, SYN path %s, engine %s, %s -> %s, limit %d connections",
+                 hostport(lc.addr, lc.port), lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         return self
@@ -368,7 +371,7 @@ class Relay:
         if kind == EV_REFUSED:             # counted by the core; the log line is written here
             cause = CAUSES[ev.cause]
             reason = refusal_reason(cause, ev.detail, ev.arg, ev.err, addr[0], dst, self.policy)
-            self.refusals.refused(cause, "%s:%d -> %s (%s%s)" % (*addr, "%s:%d" % dst if ev.daddr else "?",
+            self.refusals.refused(cause, "%s -> %s (%s%s)" % (hostport(*addr), hostport(*dst) if known(ev.daddr) else "?",
                                                                 "after accept: " if ev.after_accept else "", reason))
         elif kind == EV_GIVEBACK:          # convert mode: the client learns why from an Error TLV
             cs = socket.socket(fileno=ev.fd)
@@ -376,7 +379,7 @@ class Relay:
             self.greetings.give_back(cs, addr, CAUSES[ev.cause])
         elif kind == EV_ABORTED:
             why = "idle timeout" if ev.err == ETIME else errno.errorcode.get(ev.err, str(ev.err))
-            log.info("reset %s:%d -> %s:%d: %s", *addr, *dst, why)
+            log.info("reset %s -> %s: %s", hostport(*addr), hostport(*dst), why)
 
     def _contain(self, ev) -> None:
         """An unexpected error while serving an event: log it, count it, end what it belonged to."""

@@ -5,17 +5,24 @@ applies the same list; tests/test_core.py checks they agree, rule by rule):
 
     1. this host's own addresses                       denied (refreshed from netlink while running)
     2. NEVER: 0/8, loopback, link-local, multicast,    denied, whatever the configuration says
-       240/4 and broadcast
+       240/4 and broadcast; ::1, ::/96, fe80::/10,
+       ff00::/8
     3. --deny-destination PREFIX[:PORTS]               denied
     4. --allow-destination PREFIX[:PORTS]              allowed
     5. DEFAULT_DENY: RFC 1918, CGNAT 100.64/10,        denied unless step 4 allowed them
        benchmarking 198.18/15, the documentation and
-       IETF blocks, and port 25 (SMTP) everywhere
+       IETF blocks; unique local fc00::/7, site-local,
+       documentation, benchmarking, discard, and the
+       prefixes that embed an IPv4 address (NAT64,
+       6to4, Teredo); port 25 (SMTP) everywhere
     6. anything else (public unicast)                  allowed
 
-So by default the converter relays only to public unicast destinations on any port but 25; a
-deployment opens what it needs, e.g. `--allow-destination 10.0.0.0/8` (any port) or
-`--allow-destination 192.0.2.0/24:80,443,8000-8080`.
+Both families are one address space here as in the core: an IPv4 address is its IPv4-mapped IPv6
+form ::ffff:a.b.c.d, so an IPv4 rule also judges the mapped form a client may name instead (an RFC 8803
+Connect carries every address as 128 bits). So by default the converter relays only to public unicast
+destinations on any port but 25; a deployment opens what it needs, e.g. `--allow-destination
+10.0.0.0/8` (any port), `--allow-destination 192.0.2.0/24:80,443,8000-8080` or
+`--allow-destination [fd00::/8]:443`.
 """
 from __future__ import annotations
 
@@ -23,17 +30,21 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
-from mimbox.config import SafetyConfig, local_addresses, local_subnets
+from mimbox.config import SafetyConfig, hostport, local_addresses, local_subnets
 from mimbox.synpath import Cause
 
 DENIED_PORT0, DENIED_OWN = -2, -1   # a denied destination's detail (else the index of the rule); as in C
 
 # Never a destination, whatever the configuration says.
-NEVER = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
+NEVER = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+         "::1/128", "::/96", "fe80::/10", "ff00::/8")      # (::/96: unspecified, IPv4-compatible)
 # Not a destination unless --allow-destination opens it (IANA special-purpose blocks, and SMTP).
 DEFAULT_DENY = ("10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24",
                 "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-                "0.0.0.0/0:25")
+                "fc00::/7", "fec0::/10", "2001:db8::/32", "2001:2::/48", "100::/64",
+                "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32",    # NAT64, 6to4, Teredo
+                "0.0.0.0/0:25", "[::/0]:25")
+MAPPED = 0xFFFF << 32          # ::ffff:0:0/96, where IPv4 lives in the 128-bit space
 BUILTIN_DENY = NEVER          # (the name tests and older callers use)
 
 MEMO_SIZE = 4096
@@ -41,31 +52,58 @@ _UNKNOWN = object()
 ALL_PORTS = (1, 65535)
 
 
+def addr_int(addr) -> int:
+    """An address of either family as one 128-bit integer (IPv4 as ::ffff:a.b.c.d, as the core holds it)."""
+    a = ipaddress.ip_address(addr)
+    return MAPPED | int(a) if a.version == 4 else int(a)
+
+
+def net_ints(net) -> tuple[int, int]:
+    """A prefix of either family as (network, mask) over the 128 bits of addr_int."""
+    n = ipaddress.ip_network(net, strict=False)
+    length = n.prefixlen + (96 if n.version == 4 else 0)
+    mask = ((1 << 128) - 1) ^ ((1 << (128 - length)) - 1)
+    return addr_int(n.network_address) & mask, mask
+
+
 @dataclass(frozen=True)
 class Rule:
-    """Destinations in `net` on ports ports[0]..ports[1] are allowed or denied."""
+    """Destinations in `net` (IPv4 or IPv6) on ports ports[0]..ports[1] are allowed or denied."""
     allow: bool
-    net: ipaddress.IPv4Network
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network
     ports: tuple[int, int] = ALL_PORTS
     origin: str = ""            # where it comes from, for log lines: "built-in", "--allow-destination", ...
 
     def matches(self, d: int, port: int) -> bool:
-        return d & int(self.net.netmask) == int(self.net.network_address) and self.ports[0] <= port <= self.ports[1]
+        """Whether destination d (addr_int) on `port` is in this rule."""
+        net, mask = net_ints(self.net)
+        return d & mask == net and self.ports[0] <= port <= self.ports[1]
 
     def __str__(self) -> str:
         ports = "" if self.ports == ALL_PORTS else (
             f":{self.ports[0]}" if self.ports[0] == self.ports[1] else f":{self.ports[0]}-{self.ports[1]}")
-        return f"{self.net}{ports}"
+        return f"[{self.net}]{ports}" if ports and self.net.version == 6 else f"{self.net}{ports}"
 
 
 def parse_destination(text: str, allow: bool, origin: str = "") -> list[Rule]:
-    """'10.0.0.0/8' / '192.0.2.1:80,443' / '0.0.0.0/0:8000-8080' -> rules (one per port range);
-    ValueError with the reason for anything else."""
-    net_text, sep, ports_text = text.strip().partition(":")
+    """'10.0.0.0/8' / '192.0.2.1:80,443' / '0.0.0.0/0:8000-8080' / '2001:db8::/32' /
+    '[2001:db8::/32]:443' -> rules (one per port range); ValueError with the reason for anything else."""
+    t = text.strip()
+    if t.startswith("["):
+        net_text, close, rest = t[1:].partition("]")
+        sep, ports_text = rest[:1], rest[1:]
+        if not close or rest and sep != ":":
+            raise ValueError(f"{text!r}: write an IPv6 prefix with ports as [PREFIX]:PORTS")
+    elif t.count(":") > 1:
+        net_text, sep, ports_text = t, "", ""          # an IPv6 prefix without ports
+    else:
+        net_text, sep, ports_text = t.partition(":")
     try:
-        net = ipaddress.IPv4Network(net_text, strict=False)
+        if "%" in net_text:
+            raise ValueError("a scoped (link-local) address is never a destination")
+        net = ipaddress.ip_network(net_text, strict=False)
     except ValueError as e:
-        raise ValueError(f"{text!r}: not an IPv4 prefix ({e})") from None
+        raise ValueError(f"{text!r}: not an IPv4 or IPv6 prefix ({e})") from None
     if not sep:
         return [Rule(allow, net, ALL_PORTS, origin)]
     rules = []
@@ -93,30 +131,31 @@ def destination_rules(cfg: SafetyConfig) -> list[Rule]:
 @dataclass
 class Policy:
     """Decides on (client, destination); `refusal()` returns None, or the cause and its detail."""
-    allow_clients: list[ipaddress.IPv4Network]
+    allow_clients: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     rules: list[Rule]
-    own: set[ipaddress.IPv4Address] = field(default_factory=set)
+    own: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=set)
 
     @classmethod
     def from_config(cls, cfg: SafetyConfig) -> "Policy":
         allow = cfg.allow_clients or tuple(local_subnets())
-        return cls(allow_clients=[ipaddress.IPv4Network(n, strict=False) for n in allow],
+        return cls(allow_clients=[ipaddress.ip_network(n, strict=False) for n in allow],
                    rules=destination_rules(cfg),
-                   own={ipaddress.IPv4Address(a) for a in local_addresses()})
+                   own={ipaddress.ip_address(a) for a in local_addresses()})
 
     def __post_init__(self):
-        # integer (network, mask) pairs: the check runs for every SYN
-        self._allow = [(int(n.network_address), int(n.netmask)) for n in self.allow_clients]
-        self._own = {int(a) for a in self.own}
+        # integer (network, mask) pairs over 128 bits: the check runs for every SYN
+        self._allow = [net_ints(n) for n in self.allow_clients]
+        self._rules = [(net_ints(r.net), r) for r in self.rules]
+        self._own = {addr_int(a) for a in self.own}
         self._memo: dict = {}
 
     def set_own(self, addrs) -> bool:
         """This host's addresses changed (netlink): True if they did."""
-        own = {ipaddress.IPv4Address(a) for a in addrs}
+        own = {ipaddress.ip_address(a) for a in addrs}
         if own == self.own:
             return False
         self.own = own
-        self._own = {int(a) for a in own}
+        self._own = {addr_int(a) for a in own}
         self._memo.clear()
         return True
 
@@ -138,16 +177,15 @@ class Policy:
         return r
 
     def _decide(self, client: str, dst: str, dport: int) -> tuple[Cause, int] | None:
-        c = int.from_bytes(socket.inet_aton(client), "big")
-        d = int.from_bytes(socket.inet_aton(dst), "big")
+        c, d = addr_int(client), addr_int(dst)
         if not any(c & m == n for n, m in self._allow):
             return Cause.CLIENT_NOT_ALLOWED, 0
         if dport == 0:
             return Cause.DESTINATION_DENIED, DENIED_PORT0
         if d in self._own:
             return Cause.DESTINATION_DENIED, DENIED_OWN
-        for i, r in enumerate(self.rules):
-            if r.matches(d, dport):
+        for i, ((n, m), r) in enumerate(self._rules):
+            if d & m == n and r.ports[0] <= dport <= r.ports[1]:
                 return None if r.allow else (Cause.DESTINATION_DENIED, i)
         return None
 
@@ -164,8 +202,8 @@ class Policy:
             r = self.rules[detail]
             how = "always" if r.origin == "never" else (
                 "by default; --allow-destination opens it" if r.origin == "default" else r.origin)
-            return f"destination {dst}:{dport} denied ({r}, {how})"
-        return f"destination {dst}:{dport} denied"
+            return f"destination {hostport(dst, dport)} denied ({r}, {how})"
+        return f"destination {hostport(dst, dport)} denied"
 
     def describe(self) -> str:
         def listed(allow: bool, origin: str) -> str:
@@ -177,15 +215,16 @@ class Policy:
 
 
 class AddressWatch:
-    """Netlink news of this namespace's IPv4 addresses (RTMGRP_IPV4_IFADDR): the converter never
-    relays to itself, including to an address added while it runs. `fileno()` for the event loop;
-    `changed()` drains the news and says whether to read the addresses again."""
+    """Netlink news of this namespace's addresses (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR): the
+    converter never relays to itself, including to an address added while it runs. `fileno()` for
+    the event loop; `changed()` drains the news and says whether to read the addresses again."""
     RTMGRP_IPV4_IFADDR = 0x10
+    RTMGRP_IPV6_IFADDR = 0x100
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                                   socket.NETLINK_ROUTE)
-        self.sock.bind((0, self.RTMGRP_IPV4_IFADDR))
+        self.sock.bind((0, self.RTMGRP_IPV4_IFADDR | self.RTMGRP_IPV6_IFADDR))
 
     def fileno(self) -> int:
         return self.sock.fileno()

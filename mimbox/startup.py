@@ -38,7 +38,7 @@ def preflight(cfg: Config, workers: int) -> None:
         raise StartupError(f"cannot drop to --user {cfg.user} without CAP_SETUID and CAP_SETGID: run it as root")
     if lc.client_mptcp or lc.server_mptcp:
         try:
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).close()
+            socket.socket(socket.AF_INET6 if ":" in lc.addr else socket.AF_INET, socket.SOCK_STREAM, 262).close()
         except OSError as e:
             raise StartupError(f"this kernel gives no MPTCP sockets ({e.strerror}): enable it "
                                "(sysctl -w net.mptcp.enabled=1; CONFIG_MPTCP), or run with --no-client-mptcp "
@@ -51,9 +51,13 @@ def preflight(cfg: Config, workers: int) -> None:
 
 
 def _listening(addr: str, port: int) -> bool:
-    """Whether something listens on addr:port already (a listener with SO_REUSEPORT would let this
-    converter's workers join it silently, so a bind() alone cannot tell)."""
-    want = socket.inet_aton(addr) if addr != "0.0.0.0" else None
+    """Whether something listens on addr:port already, either family (a listener with SO_REUSEPORT
+    would let this converter's workers join it silently, so a bind() alone cannot tell)."""
+    import ipaddress
+
+    from mimbox.netfilter import families_of
+    wildcard = addr in ("0.0.0.0", "::")
+    want, families = ipaddress.ip_address(addr), families_of(addr)
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
@@ -68,13 +72,16 @@ def _listening(addr: str, port: int) -> bool:
             a, p = local.split(":")
             if int(p, 16) != port:
                 continue
-            raw = bytes.fromhex(a)
-            if len(raw) == 16:           # IPv6: a wildcard listener takes IPv4 too (dual stack)
-                if raw == bytes(16):
+            raw = bytes.fromhex(a)       # /proc prints the address as host-order (little-endian) words
+            there = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            if there.version == 6 and there.ipv4_mapped:
+                there = there.ipv4_mapped
+            if there.is_unspecified and there.version == 6:
+                return True              # [::] may take IPv4 too (dual stack): it conflicts with anything
+            if there.is_unspecified or wildcard:
+                if there.version in families:
                     return True
-                continue
-            listen_addr = raw[::-1]      # /proc prints the address as a host-order (little-endian) word
-            if want is None or listen_addr in (want, bytes(4)):
+            elif there == want:
                 return True
     return False
 

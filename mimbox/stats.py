@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from mimbox.config import hostport
+
 
 @dataclass
 class Stats:
@@ -65,7 +67,7 @@ def worker_snapshot(relay, connections: bool = True) -> dict:
     if connections:
         now = time.monotonic()
         d["connections"] = [
-            {"client": "%s:%d" % c.client, "server": "%s:%d" % c.server, "bytes_up": c.bytes_up,
+            {"client": hostport(*c.client), "server": hostport(*c.server), "bytes_up": c.bytes_up,
              "bytes_down": c.bytes_down, "client_mptcp": c.client_mptcp,
              "client_subflows": mptcp.subflows(c.cfd), "server_mptcp": c.server_mptcp,
              "server_subflows": mptcp.subflows(c.sfd), "age_s": round(now - c.t_accept, 3)}

@@ -20,6 +20,8 @@ import logging
 import time
 from collections import Counter
 
+from mimbox.config import hostport
+
 
 class Cause(str, enum.Enum):
     """Why a connection was refused (before accept) or reset (after)."""
@@ -110,7 +112,7 @@ class AccessLog:
             return
         self.in_window += 1
         self.lines += 1
-        self.log.info("%s:%d -> %s:%d up %d down %d duration %.3fs end %s", *client, *server, up, down, seconds,
+        self.log.info("%s -> %s up %d down %d duration %.3fs end %s", hostport(*client), hostport(*server), up, down, seconds,
                       end_cause(err))
 
     def flush(self) -> None:

@@ -100,8 +100,12 @@ def test_worker_of_port_is_the_rules_split():
 
 
 def syn_packet(opts: bytes, src="10.0.1.1", dst="10.0.1.2", sport=40000, dport=7000) -> bytes:
+    """A TCP SYN with options `opts`, in IPv4 or (addresses with ':') IPv6."""
     opts += b"\x00" * (-len(opts) % 4)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, (5 + len(opts) // 4) << 4, 0x02, 65535, 0, 0) + opts
+    if ":" in src:
+        return struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, ipaddress.IPv6Address(src).packed,
+                           ipaddress.IPv6Address(dst).packed) + tcp
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0,
                      socket.inet_aton(src), socket.inet_aton(dst))
     return ip + tcp
@@ -124,11 +128,18 @@ def test_syn_parser_agrees_with_the_python_spec():
     verdict (refused or not, and the same reason), the same MP_JOIN."""
     rng = random.Random(8)
     outcomes = set()
+    ends = [("10.0.1.1", "10.0.1.2"), ("2001:db8:1::7", "2001:db8:2::1"), ("::ffff:10.0.1.1", "fd00::2")]
     for opts in option_lists(rng, 3000):
-        pkt = syn_packet(opts)
+        src, dst = rng.choice(ends)
+        sport = rng.randint(1, 65535)
+        pkt = syn_packet(opts, src, dst, sport)
         info = SynInfo()
         assert core.lib().core_parse_syn(pkt, len(pkt), info) == 0
-        spec = dstopt.parse_options(pkt[40:40 + ((pkt[32] >> 4) * 4 - 20)])
+        whole = dstopt.parse_syn(pkt)
+        assert (core.addr_of(info.saddr, info.sport), core.addr_of(info.daddr, info.dport)) == \
+            ((whole.src, whole.sport), (whole.dst, whole.dport)) == \
+            ((str(ipaddress.ip_address(src).ipv4_mapped or src) if ":" in src else src, sport), (dst, 7000)), (src, dst)
+        spec = whole.options
         if spec.dst is not None:
             assert info.has_dst and core.addr_of(info.dst_addr, info.dst_port) == (spec.dst.addr, spec.dst.port), opts
         else:
@@ -140,22 +151,29 @@ def test_syn_parser_agrees_with_the_python_spec():
     # the lists reached every verdict, so agreement was shown on each (not only on the common ones)
     every = {("dst", False), ("dst", True)} | {(i + 1, False) for i in range(len(core.SYN_ERRORS))}
     assert every <= outcomes, f"verdicts never produced: {sorted(every - outcomes, key=str)}"
-    assert core.lib().core_parse_syn(b"\x60" + bytes(59), 60, SynInfo()) == -1    # IPv6: not ours
+    # IPv6 with an extension header (hop-by-hop), or neither family: not parsed (the kernel's, then accept())
+    assert core.lib().core_parse_syn(b"\x60" + bytes(59), 60, SynInfo()) == -1
+    assert core.lib().core_parse_syn(b"\x50" + bytes(59), 60, SynInfo()) == -1
 
 
 def test_policy_agrees_with_the_python_spec():
-    allow = [ipaddress.IPv4Network(n) for n in ("10.0.1.0/24", "192.168.0.0/16")]
-    cfg = SafetyConfig(allow_dst=("10.0.0.0/9", "192.168.7.0/24:80,8000-8080", "8.8.8.8:25"),
-                       deny_dst=("10.0.200.0/24", "10.0.101.0/24:443"))
-    own = {ipaddress.IPv4Address(a) for a in ("10.0.1.2", "10.0.101.2")}
+    """Both families in one address space (IPv4 as ::ffff:a.b.c.d): every rule, the defaults of each
+    family, IPv4-mapped and NAT64 forms, this host's addresses of both families."""
+    allow = [ipaddress.ip_network(n) for n in ("10.0.1.0/24", "192.168.0.0/16", "2001:db8:1::/64", "fd00:1::/48")]
+    cfg = SafetyConfig(allow_dst=("10.0.0.0/9", "192.168.7.0/24:80,8000-8080", "8.8.8.8:25", "[fd00:2::/32]:443"),
+                       deny_dst=("10.0.200.0/24", "10.0.101.0/24:443", "2a00:1450:4001::/48"))
+    own = {ipaddress.ip_address(a) for a in ("10.0.1.2", "10.0.101.2", "2001:db8:1::2")}
     spec = Policy(allow_clients=allow, rules=destination_rules(cfg), own=own)
     c = make()
     try:
         c.policy(spec)
         rng = random.Random(3)
         pool = ["10.0.1.%d", "10.0.2.%d", "192.168.7.%d", "127.0.0.%d", "10.0.200.%d", "224.0.0.%d",
-                "169.254.1.%d", "0.0.0.%d", "10.0.101.%d", "8.8.8.%d", "100.64.3.%d", "10.200.0.%d"]
-        for _ in range(8000):
+                "169.254.1.%d", "0.0.0.%d", "10.0.101.%d", "8.8.8.%d", "100.64.3.%d", "10.200.0.%d",
+                "2001:db8:1::%x", "2001:db8:2::%x", "fd00:1::%x", "fd00:2::%x", "::ffff:10.0.101.%d",
+                "::ffff:127.0.0.%d", "::%x", "fe80::%x", "ff02::%x", "2a00:1450:4001::%x", "2a00:1450:4002::%x",
+                "64:ff9b::a00:%x", "2002:a00:%x::1"]
+        for _ in range(12000):
             client = rng.choice(pool) % rng.randint(0, 255)
             dst = rng.choice(pool) % rng.randint(0, 255)
             port = rng.choice((0, 22, 25, 80, 443, 7999, 8000, 8080, 8081))
@@ -171,14 +189,19 @@ def test_policy_agrees_with_the_python_spec():
 
 # -- a relayed connection on loopback ----------------------------------------------------------------------
 class Running:
-    """A core serving a listener on 127.0.0.1, its loop in a thread; events copied out."""
+    """A core serving a listener on 127.0.0.1 (or `listen`: '::' serves both families), relaying to
+    upstream:upstream_port, its loop in a thread; events copied out."""
 
-    def __init__(self, upstream_port: int, **kw):
-        self.core = make(static_addr=core.ip_n("127.0.0.1"), static_port=core.port_n(upstream_port), **kw)
-        self.core.policy(Policy(allow_clients=[ipaddress.IPv4Network("127.0.0.0/8")], rules=[], own=set()))
-        self.ls = socket.socket()
+    def __init__(self, upstream_port: int, listen: str = "127.0.0.1", upstream: str = "127.0.0.1", **kw):
+        self.core = make(static_addr=core.ADDR.from_buffer_copy(core.ip_n(upstream)),
+                         static_port=core.port_n(upstream_port), **kw)
+        self.core.policy(Policy(allow_clients=[ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")],
+                                rules=[], own=set()))
+        self.ls = socket.socket(socket.AF_INET6 if ":" in listen else socket.AF_INET)
+        if ":" in listen:
+            self.ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", 0))
+        self.ls.bind((listen, 0))
         self.ls.listen(64)
         self.ls.setblocking(False)
         self.port = self.ls.getsockname()[1]
@@ -203,9 +226,9 @@ class Running:
         self.ls.close()
 
 
-def server(handler):
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
+def server(handler, addr: str = "127.0.0.1"):
+    ls = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    ls.bind((addr, 0))
     ls.listen(8)
 
     def serve():
@@ -246,6 +269,68 @@ def test_bytes_exact_both_ways_with_half_close(engine):
         wait_until(lambda: not r.core.active(), 5, "the connection closed")
         st = r.core.stats()
         assert (st.accepted, st.closed, st.bytes_up, st.bytes_down) == (1, 1, len(up), len(down))
+    finally:
+        r.close()
+        ls.close()
+
+
+@pytest.mark.parametrize("client,server_addr", [("::1", "::1"), ("127.0.0.1", "::1"), ("::1", "127.0.0.1")],
+                         ids=["6-6", "4-6", "6-4"])
+def test_both_families_and_the_mixed_cases(client, server_addr):
+    """A dual-stack listener ([::]) takes IPv4 and IPv6 clients; the server side follows the server's
+    family (the converter translates between families): bytes exact with half-close, the client and
+    server reported in their own family (an IPv4 client as a.b.c.d, not ::ffff:a.b.c.d)."""
+    up, down = random.randbytes(1 << 20), random.randbytes(1 << 20)
+    got = {}
+
+    def handler(s):
+        got["peer"] = s.getpeername()[0]
+        got["up"] = recv_all(s)
+        s.sendall(down)
+    ls, t = server(handler, server_addr)
+    r = Running(ls.getsockname()[1], listen="::", upstream=server_addr, access_log_every=1)
+    try:
+        c = socket.create_connection((client, r.port), timeout=20)
+        c.sendall(up)
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c) == down
+        me = c.getsockname()
+        c.close()
+        t.join(10)
+        assert got["up"] == up and got["peer"] == server_addr      # the server side is of the server's family
+        listed = wait_until(lambda: next((e for e in r.events if e.kind == core.EV_CLOSED), None), 5, "EV_CLOSED")
+        assert core.addr_of(listed.caddr, listed.cport) == (client, me[1])
+        assert core.addr_of(listed.daddr, listed.dport) == (server_addr, ls.getsockname()[1])
+        assert (listed.bytes_up, listed.bytes_down) == (len(up), len(down))
+    finally:
+        r.close()
+        ls.close()
+
+
+def test_ipv6_policy_and_gate_in_the_core():
+    """An IPv6 client outside the allowed prefixes is reset and counted; the gate counts IPv6 clients
+    per /64 (two addresses of one /64 share its cap, another /64 has its own)."""
+    c = make()
+    try:
+        hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, core.ip_n(a), int(on))   # noqa: E731
+        gate = lambda a: c.lib.core_gate(c.ptr, core.ip_n(a))                           # noqa: E731
+        hold("2001:db8:1::1")
+        assert gate("2001:db8:1::2") == SYN_HOLD
+        hold("2001:db8:1::ffff")                     # pending_per_prefix = 2 in this /64
+        assert gate("2001:db8:1::3") == SYN_DEFER and gate("2001:db8:1:1::1") == SYN_HOLD
+        assert gate("10.0.1.1") == SYN_HOLD          # (an IPv4 /24 is counted apart from every /64)
+    finally:
+        c.close()
+    ls, _ = server(lambda s: s.recv(1), "::1")
+    r = Running(ls.getsockname()[1], listen="::", upstream="::1")
+    try:
+        r.core.policy(Policy(allow_clients=[ipaddress.ip_network("2001:db8::/32")], rules=[], own=set()), reset=True)
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):   # the RST may beat connect() or send()
+            s = socket.create_connection(("::1", r.port), timeout=5)
+            s.send(b"x")
+            s.recv(1)
+        ev = wait_until(lambda: next((e for e in r.events if e.kind == EV_REFUSED), None), 3, "EV_REFUSED")
+        assert CAUSES[ev.cause] is Cause.CLIENT_NOT_ALLOWED and core.addr_of(ev.caddr, ev.cport)[0] == "::1"
     finally:
         r.close()
         ls.close()

@@ -41,12 +41,14 @@ def mptcp_everywhere(argv: list[str]) -> list[str]:
 class Allocator:
     """Listening ports and NFQUEUE numbers for systems created without them: every system of a run
     gets its own, and a MiMBox a block of queues (one per worker it may start), so no two overlap
-    whatever the core count. Tests that name ports use the range below FIRST."""
+    whatever the core count. Tests that name ports use the range below FIRST. Two runs on one machine
+    (e.g. a suite beside a developer's tests) take apart ranges: MIMBOX_ALLOCATE_FROM=30000."""
     FIRST = 17000
 
     def __init__(self):
-        self.next_port = self.FIRST
-        self.next_queue = self.FIRST
+        first = int(os.environ.get("MIMBOX_ALLOCATE_FROM", self.FIRST))
+        self.next_port = first
+        self.next_queue = first
 
     def port(self) -> int:
         self.next_port += 1

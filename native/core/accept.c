@@ -52,8 +52,7 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 		if (sock_is_mptcp(cfd) && tcp_state(cfd) == TCP_SYN_RECV && (e = emit(c, EV_GIVEBACK))) {
 			e->fd = cfd;
 			e->cause = why.cause;
-			e->caddr = f->caddr;
-			e->cport = f->cport;
+			event_flow(e, f);
 			return;
 		}
 		send(cfd, busy, sizeof(busy), MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -67,18 +66,19 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 		reset_close(cfd);
 		return;
 	}
-	gate_hold(c, f->caddr);
+	gate_hold(c, &f->caddr);
 	c->greetings++;
 	e->fd = cfd;
-	e->caddr = f->caddr;
-	e->cport = f->cport;
+	event_flow(e, f);
 }
 
 /* Python is done with a greeting from caddr: it became a connection (keep_admission:
  * core_convert_connect() follows) or it ended. */
-void core_greeting_end(struct core *c, uint32_t caddr, int keep_admission)
+void core_greeting_end(struct core *c, const uint8_t *caddr, int keep_admission)
 {
-	gate_release(c, caddr);
+	struct in6_addr a;
+	memcpy(&a, caddr, 16);
+	gate_release(c, &a);
 	c->greetings--;
 	if (!keep_admission)
 		admission_return(c);
@@ -94,21 +94,22 @@ int core_greetings(struct core *c)
  * early: the client's bytes after its message, for the server). -1: the core owns cfd now; else
  * the CAUSE_* that refused it (counted, its admission given back, *detail and *err set): cfd is
  * still Python's, to answer with an Error TLV. */
-int core_convert_connect(struct core *c, int cfd, uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport,
-			 double t, const char *reply, uint32_t reply_len, const char *early, uint32_t early_len,
-			 int *detail, int *err)
+int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr, uint16_t cport, const uint8_t *daddr,
+			 uint16_t dport, double t, const char *reply, uint32_t reply_len, const char *early,
+			 uint32_t early_len, int *detail, int *err)
 {
-	struct flow f = {.caddr = caddr, .cport = cport, .daddr = daddr, .dport = dport};
+	struct flow f = {.cport = cport, .dport = dport};
 	struct refusal why;
 	int sfd, tried, r;
 
+	memcpy(&f.caddr, caddr, 16);
+	memcpy(&f.daddr, daddr, 16);
 	if (admit(c, ADMIT_DESTINATION, &f, &why) < 0) {
-		sfd = core_open_server(c, daddr, dport, &tried);
+		sfd = open_server(c, &f.daddr, dport, &tried);
 		if (sfd < 0) {
 			why = (struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd};
 		} else {
-			r = core_add(c, cfd, sfd, 1, tried, 0, caddr, cport, daddr, dport, t, reply, reply_len, early,
-				     early_len);
+			r = conn_add(c, cfd, sfd, 1, tried, 0, &f, t, reply, reply_len, early, early_len);
 			if (r >= 0)
 				return -1;
 			close(sfd);
@@ -124,13 +125,13 @@ int core_convert_connect(struct core *c, int cfd, uint32_t caddr, uint16_t cport
 
 /* -- accepted clients ------------------------------------------------------------------------------------- */
 /* its held SYN's server socket, or its destination, admission and server connection */
-static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cport)
+static void serve_accepted(struct core *c, int cfd, const struct in6_addr *caddr, uint16_t cport)
 {
-	struct flow f = {.caddr = caddr, .cport = cport};
+	struct flow f = {.caddr = *caddr, .cport = cport};
 	struct refusal why;
 	int i, sfd, tried;
 
-	i = held_find(c, client_key(caddr, cport));
+	i = held_find(c, client_key(caddr, cport), caddr, cport);
 	if (i >= 0) {
 		struct held h = c->held[i];
 		if (h.state == HELD_WAITING) {	/* a retransmission the kernel answered before ours was */
@@ -140,8 +141,7 @@ static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cpo
 		}
 		epoll_ctl(c->epfd, EPOLL_CTL_DEL, h.sfd, NULL);
 		held_end(c, i, 0, 0, 1);	/* the connection takes its socket and admission */
-		if (core_add(c, cfd, h.sfd, 0, 0, h.server_mptcp, caddr, cport, h.f.daddr, h.f.dport, h.t_syn,
-			     NULL, 0, NULL, 0) < 0) {
+		if (conn_add(c, cfd, h.sfd, 0, 0, h.server_mptcp, &h.f, h.t_syn, NULL, 0, NULL, 0) < 0) {
 			reset_close(cfd);
 			close(h.sfd);
 			admission_return(c);
@@ -156,12 +156,12 @@ static void serve_accepted(struct core *c, int cfd, uint32_t caddr, uint16_t cpo
 	}
 	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0)
 		return refuse_accepted(c, cfd, &why, &f);	/* (its SYN may not have been judged) */
-	sfd = core_open_server(c, f.daddr, f.dport, &tried);
+	sfd = open_server(c, &f.daddr, f.dport, &tried);
 	if (sfd < 0) {
 		admission_return(c);
 		return refuse_accepted(c, cfd, &(struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd}, &f);
 	}
-	if (core_add(c, cfd, sfd, 1, tried, 0, caddr, cport, f.daddr, f.dport, c->now, NULL, 0, NULL, 0) < 0) {
+	if (conn_add(c, cfd, sfd, 1, tried, 0, &f, c->now, NULL, 0, NULL, 0) < 0) {
 		admission_return(c);
 		reset_close(cfd);
 		close(sfd);
@@ -180,7 +180,7 @@ int core_link(struct core *c, int worker, int fd)
 }
 
 /* whether another worker holds this client's SYN (then it has its server socket) */
-static int held_elsewhere(struct core *c, uint32_t addr, uint16_t port)
+static int held_elsewhere(struct core *c, const struct in6_addr *addr, uint16_t port)
 {
 	const struct core_config *g = &c->cfg;
 	uint64_t k;
@@ -229,13 +229,15 @@ void link_ready(struct core *c, int fd)
 				continue;
 			for (unsigned k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
 				int cfd;
-				struct sockaddr_in peer;
+				struct sockaddr_storage peer;
 				socklen_t len = sizeof(peer);
+				struct in6_addr a;
+				uint16_t port;
 				memcpy(&cfd, CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
-				if (getpeername(cfd, (struct sockaddr *)&peer, &len) || peer.sin_family != AF_INET)
+				if (getpeername(cfd, (struct sockaddr *)&peer, &len) || addr_from_sockaddr(&peer, &a, &port))
 					reset_close(cfd);	/* the client went away on the way here */
 				else
-					serve_accepted(c, cfd, peer.sin_addr.s_addr, peer.sin_port);
+					serve_accepted(c, cfd, &a, port);
 			}
 		}
 	}
@@ -268,7 +270,9 @@ void accept_resume(struct core *c)
 
 void accept_all(struct core *c, int lfd)
 {
-	struct sockaddr_in peer;
+	struct sockaddr_storage peer;
+	struct in6_addr a;
+	uint16_t port;
 	socklen_t len;
 	int fd, n;
 	/* bounded, so that one busy listener does not starve the connections; level-triggered */
@@ -282,13 +286,13 @@ void accept_all(struct core *c, int lfd)
 				accept_pause(c);
 			return;
 		}
-		if (peer.sin_family != AF_INET) {	/* this converter serves IPv4 clients */
+		if (addr_from_sockaddr(&peer, &a, &port)) {	/* an IPv4 or IPv6 client, nothing else */
 			reset_close(fd);
 			continue;
 		}
-		if (held_elsewhere(c, peer.sin_addr.s_addr, peer.sin_port))
-			hand_over(c, fd, core_worker_of_port(ntohs(peer.sin_port), c->cfg.workers));
+		if (held_elsewhere(c, &a, port))
+			hand_over(c, fd, core_worker_of_port(ntohs(port), c->cfg.workers));
 		else
-			serve_accepted(c, fd, peer.sin_addr.s_addr, peer.sin_port);
+			serve_accepted(c, fd, &a, port);
 	}
 }

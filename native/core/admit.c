@@ -36,11 +36,13 @@ void admission_return(struct core *c)
 }
 
 /* -- policy ---------------------------------------------------------------------------------------------- */
-/* kind 0: an allowed client prefix; 2: one of this host's addresses; 3: forget this host's addresses
- * (before Python lists them anew); 4: forget the allowed clients and destination rules (a reload
- * lists them anew); 0 or -ENOSPC. Host order. */
-int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)
+/* Addresses are 16 bytes (addr.h: IPv4 as ::ffff:a.b.c.d), prefixes their length over those 16 bytes
+ * (an IPv4 /24 is /120). kind 0: an allowed client prefix; 2: one of this host's addresses; 3: forget
+ * this host's addresses (before Python lists them anew); 4: forget the allowed clients and destination
+ * rules (a reload lists them anew); 0 or -ENOSPC / -EINVAL. */
+int core_policy(struct core *c, int kind, const uint8_t *net, int len)
 {
+	struct in6_addr a;
 	if (kind == 3) {
 		c->nown = 0;
 		return 0;
@@ -50,51 +52,56 @@ int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask)
 		c->nrules = 0;
 		return 0;
 	}
+	if (!net || len < 0 || len > 128)
+		return -EINVAL;
+	memcpy(&a, net, 16);
 	if (kind == 0 && c->nallow < MAX_PREFIXES)
-		c->allow[c->nallow++] = (struct prefix){net & mask, mask};
+		c->allow[c->nallow++] = prefix_make(&a, len);
 	else if (kind == 2 && c->nown < MAX_PREFIXES)
-		c->own[c->nown++] = net;
+		c->own[c->nown++] = a;
 	else
 		return -ENOSPC;
 	return 0;
 }
 
-/* the next destination rule (after those before it): ports lo..hi of net/mask allowed or denied */
-int core_rule(struct core *c, int allow, uint32_t net, uint32_t mask, int lo, int hi)
+/* the next destination rule (after those before it): ports lo..hi of net/len allowed or denied */
+int core_rule(struct core *c, int allow, const uint8_t *net, int len, int lo, int hi)
 {
+	struct in6_addr a;
 	if (c->nrules == MAX_RULES)
 		return -ENOSPC;
-	c->rules[c->nrules++] = (struct rule){net & mask, mask, (uint16_t)lo, (uint16_t)hi, allow};
+	if (len < 0 || len > 128)
+		return -EINVAL;
+	memcpy(&a, net, 16);
+	c->rules[c->nrules++] = (struct rule){prefix_make(&a, len), (uint16_t)lo, (uint16_t)hi, allow};
 	return 0;
 }
 
-static int client_allowed(struct core *c, uint32_t caddr)
+static int client_allowed(struct core *c, const struct in6_addr *caddr)
 {
-	uint32_t cl = ntohl(caddr);
 	for (int i = 0; i < c->nallow; i++)
-		if ((cl & c->allow[i].mask) == c->allow[i].net)
+		if (prefix_has(&c->allow[i], caddr))
 			return 1;
 	return 0;
 }
 
 /* -1: daddr:dport allowed; else CAUSE_DESTINATION_DENIED and *detail: DENIED_PORT0, DENIED_OWN or the
  * index of the rule that denies it */
-static int destination_refusal(struct core *c, uint32_t daddr, uint16_t dport, int *detail)
+static int destination_refusal(struct core *c, const struct in6_addr *daddr, uint16_t dport, int *detail)
 {
-	uint32_t d = ntohl(daddr);
 	uint16_t p = ntohs(dport);
 	if (!p) {
 		*detail = DENIED_PORT0;
 		return CAUSE_DESTINATION_DENIED;
 	}
 	for (int i = 0; i < c->nown; i++)
-		if (d == c->own[i]) {
+		if (addr_eq(daddr, &c->own[i])) {
 			*detail = DENIED_OWN;
 			return CAUSE_DESTINATION_DENIED;
 		}
 	for (int i = 0; i < c->nrules; i++) {
 		const struct rule *r = &c->rules[i];
-		if ((d & r->mask) == r->net && p >= r->lo && p <= r->hi) {
+		if (prefix_has(&r->p, daddr) && p >= r->lo && p <= r->hi) {
 			*detail = i;
 			return r->allow ? -1 : CAUSE_DESTINATION_DENIED;
 		}
@@ -103,18 +110,21 @@ static int destination_refusal(struct core *c, uint32_t daddr, uint16_t dport, i
 }
 
 /* -1: client -> daddr:dport allowed; else the CAUSE_* that refuses it, its detail in *detail */
-int core_refusal(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport, int *detail)
+int core_refusal(struct core *c, const uint8_t *caddr, const uint8_t *daddr, uint16_t dport, int *detail)
 {
-	struct flow f = {.caddr = caddr, .daddr = daddr, .dport = dport};
+	struct flow f = {.dport = dport};
 	struct refusal why;
-	int cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
+	int cause;
+	memcpy(&f.caddr, caddr, 16);
+	memcpy(&f.daddr, daddr, 16);
+	cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
 	*detail = cause >= 0 ? why.detail : 0;
 	return cause;
 }
 
-/* -- the gate: held SYNs and greetings per client /24 --------------------------------------------------- */
+/* -- the gate: held SYNs and greetings per client /24 (IPv4) or /64 (IPv6) ------------------------------ */
 /* open addressing; key = prefix + 1 (0: never used); a count back at 0 is a reusable tombstone */
-static struct gate_count *gate_slot(struct core *c, uint32_t prefix, int create)
+static struct gate_count *gate_slot(struct core *c, uint64_t prefix, int create)
 {
 	uint32_t mask = c->gate_slots - 1, i = hash64(prefix + 1) & mask;
 	struct gate_count *reuse = NULL;
@@ -134,36 +144,30 @@ static struct gate_count *gate_slot(struct core *c, uint32_t prefix, int create)
 	return reuse;
 }
 
-static uint32_t prefix24(uint32_t caddr)
+/* under both caps: pending_limit in all, pending_per_prefix from caddr's /24 or /64 */
+static int gate_open(struct core *c, const struct in6_addr *caddr)
 {
-	return ntohl(caddr) & 0xFFFFFF00;
-}
-
-/* under both caps: pending_limit in all, pending_per_prefix from caddr's /24 */
-static int gate_open(struct core *c, uint32_t caddr)
-{
-	struct gate_count *g = gate_slot(c, prefix24(caddr), 0);
+	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 0);
 	return c->gated < c->cfg.pending_limit && (!g || g->n < c->cfg.pending_per_prefix);
 }
 
-void gate_hold(struct core *c, uint32_t caddr)
+void gate_hold(struct core *c, const struct in6_addr *caddr)
 {
-	struct gate_count *g = gate_slot(c, prefix24(caddr), 1);
+	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 1);
 	c->gated++;
 	if (g)
 		g->n++;
 }
 
-void gate_release(struct core *c, uint32_t caddr)
+void gate_release(struct core *c, const struct in6_addr *caddr)
 {
-	struct gate_count *g = gate_slot(c, prefix24(caddr), 0);
+	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 0);
 	c->gated--;
 	if (g)
 		g->n--;
 }
 
-/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
-int core_gate(struct core *c, uint32_t caddr)
+static int gate(struct core *c, const struct in6_addr *caddr)
 {
 	if (c->cfg.syn_path == SYN_PATH_ACCEPT)
 		return SYN_DEFER;
@@ -172,26 +176,41 @@ int core_gate(struct core *c, uint32_t caddr)
 	return c->cfg.syn_path == SYN_PATH_HOLD ? SYN_REFUSE : SYN_DEFER;
 }
 
-/* for tests: a SYN from caddr held (on) or released */
-void core_gate_hold(struct core *c, uint32_t caddr, int on)
+/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
+int core_gate(struct core *c, const uint8_t *caddr)
 {
+	struct in6_addr a;
+	memcpy(&a, caddr, 16);
+	return gate(c, &a);
+}
+
+/* for tests: a SYN from caddr held (on) or released */
+void core_gate_hold(struct core *c, const uint8_t *caddr, int on)
+{
+	struct in6_addr a;
+	memcpy(&a, caddr, 16);
 	if (on)
-		gate_hold(c, caddr);
+		gate_hold(c, &a);
 	else
-		gate_release(c, caddr);
+		gate_release(c, &a);
+}
+
+int syn_gate(struct core *c, const struct in6_addr *caddr)
+{
+	return gate(c, caddr);
 }
 
 /* -- admit ------------------------------------------------------------------------------------------------- */
 int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why)
 {
 	*why = (struct refusal){.cause = -1};
-	if ((checks & ADMIT_CLIENT) && !client_allowed(c, f->caddr))
+	if ((checks & ADMIT_CLIENT) && !client_allowed(c, &f->caddr))
 		return why->cause = CAUSE_CLIENT_NOT_ALLOWED;
 	if ((checks & ADMIT_DESTINATION) &&
-	    (why->cause = destination_refusal(c, f->daddr, f->dport, &why->detail)) >= 0)
+	    (why->cause = destination_refusal(c, &f->daddr, f->dport, &why->detail)) >= 0)
 		return why->cause;
 	why->detail = 0;
-	if ((checks & ADMIT_GATE) && !gate_open(c, f->caddr)) {
+	if ((checks & ADMIT_GATE) && !gate_open(c, &f->caddr)) {
 		why->arg = c->gated;
 		return why->cause = CAUSE_PENDING_LIMIT;
 	}
@@ -221,8 +240,5 @@ void refused(struct core *c, const struct refusal *why, int after_accept, const 
 	e->arg = why->arg;
 	e->err = why->err;
 	e->after_accept = after_accept;
-	e->caddr = f->caddr;
-	e->cport = f->cport;
-	e->daddr = f->daddr;
-	e->dport = f->dport;
+	event_flow(e, f);
 }

@@ -46,9 +46,9 @@ static void dir_init(struct dir *d, int src, int dst)
 
 /* Take over a client and its server socket (connecting: the server has not answered yet); the slot,
  * or -errno (the caller still owns both fds). */
-int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
-	     uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport, double t_syn,
-	     const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len)
+int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
+	     const struct flow *f, double t_syn, const char *prefix, uint32_t prefix_len, const char *early,
+	     uint32_t early_len)
 {
 	struct epoll_event ev = {.events = WATCH_CONN};
 	struct conn *k;
@@ -62,7 +62,7 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	k->sfd = sfd;
 	dir_init(&k->up, cfd, sfd);
 	dir_init(&k->down, sfd, cfd);
-	k->f = (struct flow){.caddr = caddr, .cport = cport, .daddr = daddr, .dport = dport};
+	k->f = *f;
 	k->t_syn = t_syn;
 	k->t_accept = k->last = c->now ? c->now : monotonic();
 	k->tried_mptcp = tried_mptcp;
@@ -122,6 +122,18 @@ failed:
 	return err;
 }
 
+/* core_add for Python (addresses as 16 bytes): conn_add */
+int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
+	     const uint8_t *caddr, uint16_t cport, const uint8_t *daddr, uint16_t dport, double t_syn,
+	     const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len)
+{
+	struct flow f = {.cport = cport, .dport = dport};
+	memcpy(&f.caddr, caddr, 16);
+	memcpy(&f.daddr, daddr, 16);
+	return conn_add(c, cfd, sfd, connecting, tried_mptcp, server_mptcp, &f, t_syn, prefix, prefix_len, early,
+			early_len);
+}
+
 /* the server connection of connection i finished its connect() (ev: the server socket's event) */
 static void server_ready(struct core *c, int i, uint32_t ev)
 {
@@ -133,7 +145,7 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 		return conn_end(c, i, END_CONNECT_FAILED, err);
 	k->state = CONN_RELAYING;
 	k->last = c->now;
-	k->server_mptcp = server_answered(c, k->sfd, k->t_syn, k->tried_mptcp, k->server_mptcp, k->f.daddr, k->f.dport);
+	k->server_mptcp = server_answered(c, k->sfd, k->t_syn, k->tried_mptcp, k->server_mptcp, &k->f.daddr, k->f.dport);
 	if (k->server_mptcp)
 		c->st.server_mptcp++;
 	else
@@ -190,10 +202,7 @@ static void conn_event(struct core *c, struct conn *k, int kind, int err)
 	if (!e)
 		return;
 	e->err = err;
-	e->caddr = k->f.caddr;
-	e->cport = k->f.cport;
-	e->daddr = k->f.daddr;
-	e->dport = k->f.dport;
+	event_flow(e, &k->f);
 }
 
 /* the access log's line for connection k (Python writes it): one in access_log_every */
@@ -208,10 +217,7 @@ static void access_log(struct core *c, struct conn *k, int reset)
 		return;
 	}
 	e->err = k->end_err ? k->end_err : (reset ? ECONNABORTED : 0);
-	e->caddr = k->f.caddr;
-	e->cport = k->f.cport;
-	e->daddr = k->f.daddr;
-	e->dport = k->f.dport;
+	event_flow(e, &k->f);
 	e->bytes_up = k->up.bytes;
 	e->bytes_down = k->down.bytes;
 	e->duration = c->now - k->t_accept;
@@ -324,11 +330,12 @@ int core_list(struct core *c, struct core_conn_info *out, int max)
 		struct conn *k = c->conns[i];
 		if (k->state != CONN_CONNECTING && k->state != CONN_RELAYING)
 			continue;
-		out[n++] = (struct core_conn_info){.cfd = k->cfd, .sfd = k->sfd, .caddr = k->f.caddr, .daddr = k->f.daddr,
-						   .cport = k->f.cport, .dport = k->f.dport,
-						   .client_mptcp = k->client_mptcp, .server_mptcp = k->server_mptcp,
-						   .connecting = k->state == CONN_CONNECTING, .bytes_up = k->up.bytes,
-						   .bytes_down = k->down.bytes, .t_accept = k->t_accept};
+		out[n] = (struct core_conn_info){.cfd = k->cfd, .sfd = k->sfd, .cport = k->f.cport, .dport = k->f.dport,
+						 .client_mptcp = k->client_mptcp, .server_mptcp = k->server_mptcp,
+						 .connecting = k->state == CONN_CONNECTING, .bytes_up = k->up.bytes,
+						 .bytes_down = k->down.bytes, .t_accept = k->t_accept};
+		memcpy(out[n].caddr, &k->f.caddr, 16);
+		memcpy(out[n++].daddr, &k->f.daddr, 16);
 	}
 	return n;
 }

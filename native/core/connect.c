@@ -45,43 +45,44 @@ int cause_of_errno(int err)
 }
 
 /* -- the memo: servers that answered an MPTCP SYN without MPTCP get TCP for server_mptcp_retry s ------ */
-static struct memo *memo_slot(struct core *c, uint64_t key)
+static struct memo *memo_slot(struct core *c, const struct in6_addr *daddr, uint16_t dport)
 {
-	return &c->tcp_only[hash64(key) & (MEMO_SLOTS - 1)];
+	return &c->tcp_only[server_hash(daddr, dport) & (MEMO_SLOTS - 1)];
 }
 
-static uint64_t server_key(uint32_t daddr, uint16_t dport)
+static int memo_is(const struct memo *m, const struct in6_addr *daddr, uint16_t dport)
 {
-	return ((uint64_t)daddr << 16 | dport) + 1;
+	return m->port == dport && addr_eq(&m->addr, daddr);
 }
 
-static int tcp_only(struct core *c, uint32_t daddr, uint16_t dport)
+static int tcp_only(struct core *c, const struct in6_addr *daddr, uint16_t dport)
 {
-	struct memo *m = memo_slot(c, server_key(daddr, dport));
-	if (m->key != server_key(daddr, dport))
+	struct memo *m = memo_slot(c, daddr, dport);
+	if (!memo_is(m, daddr, dport))
 		return 0;
 	if (monotonic() < m->until)
 		return 1;
-	m->key = 0;
+	m->port = 0;
 	return 0;
 }
 
-static void learn(struct core *c, uint32_t daddr, uint16_t dport, int mptcp_works)
+static void learn(struct core *c, const struct in6_addr *daddr, uint16_t dport, int mptcp_works)
 {
-	struct memo *m = memo_slot(c, server_key(daddr, dport));
+	struct memo *m = memo_slot(c, daddr, dport);
 	if (mptcp_works || c->cfg.server_mptcp_retry <= 0) {
-		if (m->key == server_key(daddr, dport))
-			m->key = 0;
+		if (memo_is(m, daddr, dport))
+			m->port = 0;
 		return;
 	}
-	m->key = server_key(daddr, dport);
-	m->until = monotonic() + c->cfg.server_mptcp_retry;
+	*m = (struct memo){*daddr, dport, monotonic() + c->cfg.server_mptcp_retry};
 }
 
-/* A non-blocking server socket of one kind (1: MPTCP, 0: TCP) with the server side's options: fd or -errno */
-static int server_socket(struct core *c, int mptcp)
+/* A non-blocking server socket of one family (0: IPv4, 1: IPv6) and kind (1: MPTCP, 0: TCP) with the
+ * server side's options: fd or -errno */
+static int server_socket(struct core *c, int v6, int mptcp)
 {
-	int one = 1, fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, mptcp ? IPPROTO_MPTCP : 0);
+	int one = 1, fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+				 mptcp ? IPPROTO_MPTCP : 0);
 	if (fd < 0)
 		return -errno;
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -96,7 +97,8 @@ static int server_socket(struct core *c, int mptcp)
  * Server sockets made while the loop has nothing to do, so that a held SYN's connect() is the only
  * system call between its arrival and its server SYN (socket() and the setsockopts cost about a fifth
  * of Table 1's SYN delay here). Under load the loop is never idle, the spares run out and sockets are
- * made on demand as before: the same calls, moved out of the SYN's way, never added. */
+ * made on demand as before: the same calls, moved out of the SYN's way, never added. A family and kind
+ * is made ahead once it was needed (a converter with only IPv4 servers makes no IPv6 spares). */
 static int spare_target(struct core *c)
 {
 	return c->cfg.spare_sockets < SPARE_MAX ? c->cfg.spare_sockets : SPARE_MAX;
@@ -105,59 +107,74 @@ static int spare_target(struct core *c)
 int spare_missing(struct core *c)
 {
 	int t = spare_target(c);
-	return t > 0 && c->now >= c->spare_retry_at &&
-	       ((c->spare_wanted[0] && c->nspare[0] < t) || (c->spare_wanted[1] && c->nspare[1] < t));
+	if (t <= 0 || c->now < c->spare_retry_at)
+		return 0;
+	for (int v6 = 0; v6 < 2; v6++)
+		for (int kind = 0; kind < 2; kind++)
+			if (c->spare_wanted[v6][kind] && c->nspare[v6][kind] < t)
+				return 1;
+	return 0;
 }
 
 void spare_refill(struct core *c)
 {
-	for (int kind = 0; kind < 2; kind++)
-		while (c->spare_wanted[kind] && c->nspare[kind] < spare_target(c)) {
-			int fd = server_socket(c, kind);
-			if (fd < 0) {			/* out of fds or memory: try again in a second */
-				c->spare_retry_at = c->now + 1.0;
-				return;
+	for (int v6 = 0; v6 < 2; v6++)
+		for (int kind = 0; kind < 2; kind++)
+			while (c->spare_wanted[v6][kind] && c->nspare[v6][kind] < spare_target(c)) {
+				int fd = server_socket(c, v6, kind);
+				if (fd < 0) {		/* out of fds or memory: try again in a second */
+					c->spare_retry_at = c->now + 1.0;
+					return;
+				}
+				c->spare[v6][kind][c->nspare[v6][kind]++] = fd;
+				c->st.spare_made++;
 			}
-			c->spare[kind][c->nspare[kind]++] = fd;
-			c->st.spare_made++;
-		}
 }
 
-static int spare_take(struct core *c, int mptcp)
+static int spare_take(struct core *c, int v6, int mptcp)
 {
-	c->spare_wanted[mptcp] = 1;
-	if (c->nspare[mptcp] > 0) {
+	c->spare_wanted[v6][mptcp] = 1;
+	if (c->nspare[v6][mptcp] > 0) {
 		c->st.spare_used++;
-		return c->spare[mptcp][--c->nspare[mptcp]];
+		return c->spare[v6][mptcp][--c->nspare[v6][mptcp]];
 	}
-	return server_socket(c, mptcp);
+	return server_socket(c, v6, mptcp);
 }
 
-/* A non-blocking socket connecting to daddr:dport (MPTCP unless the server was seen without it):
- * its fd, or -errno. Every server connection is opened here (held SYNs, accepted clients, convert mode). */
-int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp)
+/* A non-blocking socket of daddr's family connecting to daddr:dport (MPTCP unless the server was seen
+ * without it): its fd, or -errno. Every server connection is opened here (held SYNs, accepted clients,
+ * convert mode). */
+int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, int *tried_mptcp)
 {
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = daddr, .sin_port = dport};
-	int fd = -1, err;
+	struct sockaddr_storage sa;
+	socklen_t salen = addr_to_sockaddr(daddr, dport, &sa);
+	int fd = -1, err, v6 = !addr_is_v4(daddr);
 	*tried_mptcp = 0;
 	if (c->cfg.server_mptcp) {
 		if (tcp_only(c, daddr, dport)) {
 			c->st.server_tcp_remembered++;
 		} else {
-			fd = spare_take(c, 1);
+			fd = spare_take(c, v6, 1);
 			*tried_mptcp = fd >= 0;
 		}
 	}
 	if (fd < 0)
-		fd = spare_take(c, 0);
+		fd = spare_take(c, v6, 0);
 	if (fd < 0)
 		return fd;
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) && errno != EINPROGRESS) {
+	if (connect(fd, (struct sockaddr *)&sa, salen) && errno != EINPROGRESS) {
 		err = errno;
 		close(fd);
 		return -err;
 	}
 	return fd;
+}
+
+int core_open_server(struct core *c, const uint8_t *daddr, uint16_t dport, int *tried_mptcp)
+{
+	struct in6_addr a;
+	memcpy(&a, daddr, 16);
+	return open_server(c, &a, dport, tried_mptcp);
 }
 
 /* a connect() in progress on fd, after epoll event ev: -1 not yet, 0 connected, else its errno */
@@ -176,7 +193,7 @@ int connect_result(int fd, uint32_t ev)
 /* a server answered the connection started at t_syn: time it; remember one that answered an MPTCP
  * SYN without MPTCP; returns whether the connection runs MPTCP */
 int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int server_mptcp,
-		    uint32_t daddr, uint16_t dport)
+		    const struct in6_addr *daddr, uint16_t dport)
 {
 	count_connect_time(c, (c->now - t_syn) * 1e6);
 	if (tried_mptcp) {

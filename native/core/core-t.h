@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include "relaycore.h"		/* generated: shared layouts and codes */
+#include "addr.h"		/* addresses of both families */
 
 #define MAX_PREFIXES 256
 #define MAX_RULES 256
@@ -67,14 +68,15 @@ enum conn_end_how {
 enum admit_check {
 	ADMIT_CLIENT = 1 << 0,		/* the client is in an allowed prefix */
 	ADMIT_DESTINATION = 1 << 1,	/* the destination rules allow client -> destination */
-	ADMIT_GATE = 1 << 2,		/* under the held caps: pending_limit in all, pending_per_prefix per /24 */
+	ADMIT_GATE = 1 << 2,		/* under the held caps: pending_limit in all, pending_per_prefix per /24 or /64 */
 	ADMIT_FDS = 1 << 3,		/* inside this worker's fd capacity */
 	ADMIT_LIMIT = 1 << 4,		/* a place under the workers' shared connection limit: taken if admitted */
 };
 
-/* A client and where it goes, network order (daddr 0: not known yet). */
+/* A client and where it goes, network order (daddr :: or 0.0.0.0: not known yet); addr.h says how
+ * both families are held. */
 struct flow {
-	uint32_t caddr, daddr;
+	struct in6_addr caddr, daddr;
 	uint16_t cport, dport;
 };
 
@@ -122,11 +124,10 @@ struct held {				/* a held SYN and its server connection */
 	double t_syn, ready_at;
 };
 
-struct memo { uint64_t key; double until; };
-struct destination { uint64_t key; uint32_t daddr; uint16_t dport; double t; };
-struct prefix { uint32_t net, mask; };	/* host order */
-struct rule { uint32_t net, mask; uint16_t lo, hi; int32_t allow; };	/* host order; first match decides */
-struct gate_count { uint32_t prefix; int32_t n; };
+struct memo { struct in6_addr addr; uint16_t port; double until; };	/* port 0: empty */
+struct destination { uint64_t key; struct flow f; double t; };	/* key 0: empty; f: the client and where */
+struct rule { struct prefix p; uint16_t lo, hi; int32_t allow; };	/* ports host order; first match decides */
+struct gate_count { uint64_t prefix; int32_t n; };	/* gate_prefix() + 1 (0: never used) */
 
 struct nfq_handle;
 struct nfq_q_handle;
@@ -159,11 +160,11 @@ struct core {
 	uint32_t held_gen;
 	uint64_t held_filter[HELD_FILTER];	/* clients with a held entry (a fast filter) */
 	/* admission (admit.c) */
-	struct gate_count *gate;		/* held SYNs and greetings per client /24 (open addressing) */
+	struct gate_count *gate;		/* held SYNs and greetings per client /24 or /64 (open addressing) */
 	int gate_slots, gated;			/* gated: held SYNs and greetings in all */
 	struct prefix allow[MAX_PREFIXES];
 	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
-	uint32_t own[MAX_PREFIXES];		/* this host's addresses (refreshed by Python on netlink news) */
+	struct in6_addr own[MAX_PREFIXES];	/* this host's addresses (refreshed by Python on netlink news) */
 	int nallow, nrules, nown;
 	/* destinations (dest.c) */
 	struct destination *dests;
@@ -174,8 +175,8 @@ struct core {
 	int links[MAX_WORKERS];			/* worker -> a unix datagram socket to it, -1: none */
 	/* server sockets (connect.c) */
 	struct memo tcp_only[MEMO_SLOTS];	/* servers that answered without MPTCP, until */
-	int spare[2][SPARE_MAX];		/* made-ahead server sockets: [0] TCP, [1] MPTCP */
-	int nspare[2], spare_wanted[2];		/* a kind is made ahead once it was needed */
+	int spare[2][2][SPARE_MAX];		/* made-ahead server sockets: [family: 0 IPv4, 1 IPv6][0 TCP, 1 MPTCP] */
+	int nspare[2][2], spare_wanted[2][2];	/* a kind is made ahead once it was needed */
 	double spare_retry_at;			/* making spares failed: not before then */
 	/* keeper.c */
 	pid_t keeper;

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The core's exports: what mimbox/core.py binds with ctypes (and the fuzz harness calls). Everything
- * else is built with -fvisibility=hidden. Addresses and ports are in network order unless noted.
+ * else is built with -fvisibility=hidden. Ports are in network order unless noted; an address is 16
+ * bytes, IPv6 or an IPv4 address as ::ffff:a.b.c.d (addr.h), a prefix its length over those 16 bytes.
  *
  * Where to look:  a SYN is held ........ synq.c      its options are parsed ... synopt.c
  *                 who may go where ..... admit.c     where a client goes ...... dest.c
@@ -29,12 +30,12 @@ CORE_API int core_run(struct core *c, int timeout_ms, struct core_event *out, in
 /* timers.c */
 CORE_API int core_sweep(struct core *c, struct core_event *out, int maxout);
 
-/* admit.c: policy (host order), the SYN gate, the shared connection limit */
-CORE_API int core_policy(struct core *c, int kind, uint32_t net, uint32_t mask);
-CORE_API int core_rule(struct core *c, int allow, uint32_t net, uint32_t mask, int lo, int hi);
-CORE_API int core_refusal(struct core *c, uint32_t caddr, uint32_t daddr, uint16_t dport, int *detail);
-CORE_API int core_gate(struct core *c, uint32_t caddr);
-CORE_API void core_gate_hold(struct core *c, uint32_t caddr, int on);
+/* admit.c: policy, the SYN gate, the shared connection limit */
+CORE_API int core_policy(struct core *c, int kind, const uint8_t *net, int len);
+CORE_API int core_rule(struct core *c, int allow, const uint8_t *net, int len, int lo, int hi);	/* ports host order */
+CORE_API int core_refusal(struct core *c, const uint8_t *caddr, const uint8_t *daddr, uint16_t dport, int *detail);
+CORE_API int core_gate(struct core *c, const uint8_t *caddr);
+CORE_API void core_gate_hold(struct core *c, const uint8_t *caddr, int on);
 CORE_API int core_admit(int64_t *counter, int64_t limit);
 CORE_API void core_unadmit(int64_t *counter);
 
@@ -46,18 +47,18 @@ CORE_API int core_parse_syn(const uint8_t *p, int len, struct syn_info *s);
 /* accept.c */
 CORE_API int core_link(struct core *c, int worker, int fd);
 CORE_API int core_worker_of_port(int sport, int workers);		/* host order */
-CORE_API void core_greeting_end(struct core *c, uint32_t caddr, int keep_admission);
+CORE_API void core_greeting_end(struct core *c, const uint8_t *caddr, int keep_admission);
 CORE_API int core_greetings(struct core *c);
-CORE_API int core_convert_connect(struct core *c, int cfd, uint32_t caddr, uint16_t cport, uint32_t daddr,
+CORE_API int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr, uint16_t cport, const uint8_t *daddr,
 				  uint16_t dport, double t, const char *reply, uint32_t reply_len, const char *early,
 				  uint32_t early_len, int *detail, int *err);
 
 /* connect.c */
-CORE_API int core_open_server(struct core *c, uint32_t daddr, uint16_t dport, int *tried_mptcp);
+CORE_API int core_open_server(struct core *c, const uint8_t *daddr, uint16_t dport, int *tried_mptcp);
 
 /* conn.c */
 CORE_API int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
-		      uint32_t caddr, uint16_t cport, uint32_t daddr, uint16_t dport, double t_syn,
+		      const uint8_t *caddr, uint16_t cport, const uint8_t *daddr, uint16_t dport, double t_syn,
 		      const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len);
 CORE_API int core_list(struct core *c, struct core_conn_info *out, int max);
 CORE_API int core_active(struct core *c);

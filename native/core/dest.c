@@ -16,36 +16,40 @@
 
 /* 0: remembered (or the same one again); -1: a recent SYN from this (address, port) asked for another
  * destination: the first wins, this SYN is refused (a forged SYN must not redirect its victim) */
-int dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport)
+int dest_remember(struct core *c, uint64_t key, const struct flow *f)
 {
 	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
-	if (d->key == key && c->now - d->t <= 2 * c->cfg.handshake_timeout) {
-		if (d->daddr != daddr || d->dport != dport)
+	if (d->key == key && d->f.cport == f->cport && addr_eq(&d->f.caddr, &f->caddr) &&
+	    c->now - d->t <= 2 * c->cfg.handshake_timeout) {
+		if (!addr_eq(&d->f.daddr, &f->daddr) || d->f.dport != f->dport)
 			return -1;
 		return 0;		/* a retransmission: the first SYN's time stays */
 	}
-	*d = (struct destination){key, daddr, dport, c->now};
+	*d = (struct destination){key, *f, c->now};
 	return 0;
 }
 
-static int dest_take(struct core *c, uint64_t key, uint32_t *daddr, uint16_t *dport)
+static int dest_take(struct core *c, uint64_t key, struct flow *f)
 {
 	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
-	if (d->key != key)
+	if (d->key != key || d->f.cport != f->cport || !addr_eq(&d->f.caddr, &f->caddr))
 		return 0;
 	d->key = 0;
 	if (c->now - d->t > 2 * c->cfg.handshake_timeout)
 		return 0;
-	*daddr = d->daddr;
-	*dport = d->dport;
+	f->daddr = d->f.daddr;
+	f->dport = d->f.dport;
 	return 1;
 }
 
-static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *daddr, uint16_t *dport)
+/* the BPF recorder's destination for an IPv4 client (its map is keyed by IPv4 address and port) */
+static int recorder_pop(struct core *c, struct flow *f)
 {
-	struct dstopt_record_key key = {.saddr = addr, .sport = port};
+	struct dstopt_record_key key = {.saddr = f->caddr.s6_addr32[3], .sport = f->cport};
 	struct dstopt_record_value val;
 	union bpf_attr attr;
+	if (!addr_is_v4(&f->caddr))
+		return 0;
 	memset(&attr, 0, sizeof(attr));
 	attr.map_fd = c->cfg.recorder_fd;
 	attr.key = (uintptr_t)&key;
@@ -55,8 +59,8 @@ static int recorder_pop(struct core *c, uint32_t addr, uint16_t port, uint32_t *
 	/* c->now was read when this batch began: a SYN recorded since is younger than that (signed) */
 	if ((int64_t)((uint64_t)(c->now * 1e9) - val.t_ns) > (int64_t)DSTOPT_RECORD_TTL_NS)
 		return 0;		/* stale: that SYN never became a connection */
-	*daddr = val.addr;
-	*dport = val.port;
+	f->daddr = addr_of_v4(val.addr);
+	f->dport = val.port;
 	return 1;
 }
 
@@ -67,25 +71,27 @@ int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why)
 	*why = (struct refusal){.cause = CAUSE_NO_DESTINATION};
 	switch (c->cfg.dst_source) {
 	case DST_STATIC:
-		f->daddr = c->cfg.static_addr;
+		memcpy(&f->daddr, c->cfg.static_addr, 16);
 		f->dport = c->cfg.static_port;
 		return 0;
 	case DST_TRANSPARENT: {
-		struct sockaddr_in me;
+		struct sockaddr_storage me;
 		socklen_t len = sizeof(me);
 		if (getsockname(cfd, (struct sockaddr *)&me, &len)) {
 			why->err = errno;
 			return -1;
 		}
-		f->daddr = me.sin_addr.s_addr;
-		f->dport = me.sin_port;
+		if (addr_from_sockaddr(&me, &f->daddr, &f->dport)) {
+			why->err = EAFNOSUPPORT;
+			return -1;
+		}
 		return 0;
 	}
 	case DST_EXPLICIT:
-		if (!dest_take(c, client_key(f->caddr, f->cport), &f->daddr, &f->dport) &&
-		    (c->cfg.recorder_fd < 0 || !recorder_pop(c, f->caddr, f->cport, &f->daddr, &f->dport)))
+		if (!dest_take(c, client_key(&f->caddr, f->cport), f) &&
+		    (c->cfg.recorder_fd < 0 || !recorder_pop(c, f)))
 			return -1;
-		if (!f->daddr || !f->dport) {
+		if (addr_is_zero(&f->daddr) || !f->dport) {
 			*why = (struct refusal){.cause = CAUSE_BAD_OPTION, .detail = !f->dport ? SYN_PORT0 : SYN_ADDR0};
 			return -1;
 		}

@@ -37,7 +37,7 @@ static void keeper_reset_all(void)
 				(void *)(buf + off);
 			int fd = 0, v = 0;
 			socklen_t len = sizeof(v);
-			struct sockaddr_in peer;
+			struct sockaddr_storage peer;
 			socklen_t plen = sizeof(peer);
 			off += d->reclen;
 			for (const char *p = d->name; *p >= '0' && *p <= '9'; p++)
@@ -49,7 +49,8 @@ static void keeper_reset_all(void)
 			len = sizeof(v);
 			if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) || v)
 				continue;	/* a listener: its queue is reset when the keeper exits */
-			if (getpeername(fd, (struct sockaddr *)&peer, &plen) || peer.sin_family != AF_INET)
+			if (getpeername(fd, (struct sockaddr *)&peer, &plen) ||
+			    (peer.ss_family != AF_INET && peer.ss_family != AF_INET6))
 				continue;
 			reset_close(fd);
 		}

@@ -31,10 +31,13 @@ static inline uint64_t hash64(uint64_t k)
 	return (k * 0x9E3779B97F4A7C15ull) >> 32;
 }
 
-/* a client (address, port) as one key, never 0 (the workers share them: mimbox.synpath.HeldSet) */
-static inline uint64_t client_key(uint32_t addr, uint16_t port)
+/* a flow into an event for Python (addresses as 16 bytes, addr.h) */
+static inline void event_flow(struct core_event *e, const struct flow *f)
 {
-	return ((uint64_t)ntohl(addr) << 16 | ntohs(port)) + 1;
+	memcpy(e->caddr, &f->caddr, 16);
+	memcpy(e->daddr, &f->daddr, 16);
+	e->cport = f->cport;
+	e->dport = f->dport;
 }
 
 static inline int errno_slot(int err)
@@ -48,19 +51,20 @@ struct core_event *emit(struct core *c, int kind);	/* NULL: no room (or not insi
 /* admit.c */
 int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
 void admission_return(struct core *c);
-void gate_hold(struct core *c, uint32_t caddr);
-void gate_release(struct core *c, uint32_t caddr);
+void gate_hold(struct core *c, const struct in6_addr *caddr);
+void gate_release(struct core *c, const struct in6_addr *caddr);
+int syn_gate(struct core *c, const struct in6_addr *caddr);	/* core_gate() */
 void refused(struct core *c, const struct refusal *why, int after_accept, const struct flow *f);
 
 /* synq.c */
-int held_find(struct core *c, uint64_t key);
+int held_find(struct core *c, uint64_t key, const struct in6_addr *caddr, uint16_t cport);
 void held_end(struct core *c, int i, int cause, int err, int paired);
 void held_ready(struct core *c, uint64_t data, uint32_t ev);
 void queue_ready(struct core *c);
 int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data);
 
 /* dest.c */
-int dest_remember(struct core *c, uint64_t key, uint32_t daddr, uint16_t dport);
+int dest_remember(struct core *c, uint64_t key, const struct flow *f);
 int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why);
 
 /* accept.c */
@@ -71,7 +75,8 @@ void link_ready(struct core *c, int fd);
 /* connect.c */
 int connect_result(int fd, uint32_t ev);
 int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int server_mptcp,
-		    uint32_t daddr, uint16_t dport);
+		    const struct in6_addr *daddr, uint16_t dport);
+int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, int *tried_mptcp);
 int spare_missing(struct core *c);
 void spare_refill(struct core *c);
 int cause_of_errno(int err);
@@ -80,6 +85,9 @@ int tcp_state(int fd);
 void reset_close(int fd);
 
 /* conn.c */
+int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
+	     const struct flow *f, double t_syn, const char *prefix, uint32_t prefix_len, const char *early,
+	     uint32_t early_len);
 void conn_ready(struct core *c, uint64_t data, uint32_t ev);
 void conn_end(struct core *c, int i, enum conn_end_how how, int err);
 void conns_free_ended(struct core *c);

@@ -72,8 +72,9 @@ void core_free(struct core *c)
 		close(c->pool[j][1]);
 	}
 	for (int kind = 0; kind < 2; kind++)
-		while (c->nspare[kind] > 0)
-			close(c->spare[kind][--c->nspare[kind]]);
+		for (int v6 = 0; v6 < 2; v6++)
+			while (c->nspare[v6][kind] > 0)
+				close(c->spare[v6][kind][--c->nspare[v6][kind]]);
 	if (c->qh)
 		nfq_destroy_queue(c->qh);
 	if (c->nfq)

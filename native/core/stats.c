@@ -35,7 +35,7 @@ const struct core_stats *core_stats(struct core *c)
 {
 	c->st.active = c->active;
 	c->st.pipes_pooled = c->npool;
-	c->st.spares = c->nspare[0] + c->nspare[1];
+	c->st.spares = c->nspare[0][0] + c->nspare[0][1] + c->nspare[1][0] + c->nspare[1][1];
 	return &c->st;
 }
 

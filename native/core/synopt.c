@@ -7,23 +7,40 @@
 #include <linux/types.h>
 #include "dstopt.h"		/* generated from mimbox/dstopt.py */
 
-/* 0: an IPv4 TCP SYN (options parsed, never fails on them), -1: not one */
+/* 0: a TCP SYN in IPv4 or in IPv6 without extension headers (options parsed, never fails on them),
+ * -1: not one. Addresses as 16 bytes (addr.h). */
 int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 {
 	int ihl, doff, i, n;
 	const uint8_t *t, *o;
 	memset(s, 0, sizeof(*s));
-	if (len < 20 || p[0] >> 4 != 4)
+	if (len >= 20 && p[0] >> 4 == 4) {
+		struct in6_addr a;
+		uint32_t v4;
+		ihl = (p[0] & 0x0F) * 4;
+		if (ihl < 20 || p[9] != IPPROTO_TCP)
+			return -1;
+		memcpy(&v4, p + 12, 4);
+		a = addr_of_v4(v4);
+		memcpy(s->saddr, &a, 16);
+		memcpy(&v4, p + 16, 4);
+		a = addr_of_v4(v4);
+		memcpy(s->daddr, &a, 16);
+	} else if (len >= 40 && p[0] >> 4 == 6) {
+		ihl = 40;
+		if (p[6] != IPPROTO_TCP)	/* extension headers: not parsed, the kernel's (and accept.c's) */
+			return -1;
+		memcpy(s->saddr, p + 8, 16);
+		memcpy(s->daddr, p + 24, 16);
+	} else {
 		return -1;
-	ihl = (p[0] & 0x0F) * 4;
-	if (p[9] != IPPROTO_TCP || len < ihl + 20)
+	}
+	if (len < ihl + 20)
 		return -1;
 	t = p + ihl;
 	doff = (t[12] >> 4) * 4;
 	if (doff < 20 || len - ihl < doff)
 		return -1;
-	memcpy(&s->saddr, p + 12, 4);
-	memcpy(&s->daddr, p + 16, 4);
 	memcpy(&s->sport, t, 2);
 	memcpy(&s->dport, t + 2, 2);
 	o = t + 20;
@@ -74,8 +91,9 @@ int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 				else if (!addr)
 					s->error = SYN_ADDR0;
 				else {
+					struct in6_addr a = addr_of_v4(addr);
 					s->has_dst = 1;
-					s->dst_addr = addr;
+					memcpy(s->dst_addr, &a, 16);
 					s->dst_port = port;
 				}
 			}

@@ -23,13 +23,16 @@ int core_pending(struct core *c)
 	return c->nheld;
 }
 
-int held_find(struct core *c, uint64_t key)
+/* the held entry of client caddr:cport (key: its client_key), or -1 */
+int held_find(struct core *c, uint64_t key, const struct in6_addr *caddr, uint16_t cport)
 {
 	if (c->held_filter[hash64(key) & (HELD_FILTER - 1)] != key)
 		return -1;
-	for (int i = 0; i < c->nheld_slots; i++)
-		if (c->held[i].state != HELD_FREE && c->held[i].key == key)
+	for (int i = 0; i < c->nheld_slots; i++) {
+		const struct held *h = &c->held[i];
+		if (h->state != HELD_FREE && h->key == key && h->f.cport == cport && addr_eq(&h->f.caddr, caddr))
 			return i;
+	}
 	return -1;
 }
 
@@ -71,7 +74,7 @@ void held_end(struct core *c, int i, int cause, int err, int paired)
 	struct held *h = &c->held[i];
 	if (h->state == HELD_WAITING)
 		refuse_syn(c, h->id, &(struct refusal){.cause = cause, .err = err}, &h->f);
-	gate_release(c, h->f.caddr);
+	gate_release(c, &h->f.caddr);
 	held_mark(c, h->key, 0);
 	if (!paired) {
 		admission_return(c);
@@ -89,7 +92,7 @@ void held_end(struct core *c, int i, int cause, int err, int paired)
 static void hold(struct core *c, uint32_t id, uint64_t key, const struct flow *f)
 {
 	struct epoll_event ev = {.events = WATCH_CONN};
-	int i = c->held_free, tried, sfd = core_open_server(c, f->daddr, f->dport, &tried);
+	int i = c->held_free, tried, sfd = open_server(c, &f->daddr, f->dport, &tried);
 	if (sfd < 0) {
 		admission_return(c);
 		return refuse_syn(c, id, &(struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd}, f);
@@ -106,7 +109,7 @@ static void hold(struct core *c, uint32_t id, uint64_t key, const struct flow *f
 	c->nheld++;
 	c->held[i] = (struct held){.state = HELD_WAITING, .tried_mptcp = tried, .gen = c->held_gen, .id = id,
 				   .f = *f, .key = key, .sfd = sfd, .t_syn = c->now};
-	gate_hold(c, f->caddr);
+	gate_hold(c, &f->caddr);
 	held_mark(c, key, 1);
 	c->st.held++;
 }
@@ -120,10 +123,14 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 	int i;
 
 	if (core_parse_syn(pkt, len, &s) || s.mp_join)
-		return verdict(c, id, 0);	/* not an IPv4 TCP SYN, or a new subflow: the kernel's business */
+		return verdict(c, id, 0);	/* not a TCP SYN we parse, or a new subflow: the kernel's business
+						 * (its accept() is judged in accept.c all the same) */
 	c->st.syns++;
-	key = client_key(s.saddr, s.sport);
-	i = held_find(c, key);
+	f = (struct flow){.cport = s.sport, .dport = s.dport};
+	memcpy(&f.caddr, s.saddr, 16);
+	memcpy(&f.daddr, s.daddr, 16);
+	key = client_key(&f.caddr, f.cport);
+	i = held_find(c, key, &f.caddr, f.cport);
 	if (i >= 0) {		/* a retransmission: dropped while the first is held, else the kernel's */
 		if (c->held[i].state == HELD_WAITING)
 			nfq_set_verdict(c->qh, id, NF_DROP, 0, NULL);
@@ -131,24 +138,24 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 			verdict(c, id, 0);
 		return;
 	}
-	f = (struct flow){.caddr = s.saddr, .cport = s.sport, .daddr = s.daddr, .dport = s.dport};
 	if (c->cfg.explicit_opt) {
 		if (!s.has_dst) {
-			f.daddr = f.dport = 0;
+			memset(&f.daddr, 0, 16);
+			f.dport = 0;
 			return refuse_syn(c, id, &(struct refusal){.cause = CAUSE_BAD_OPTION, .detail = s.error,
 								   .arg = s.arg}, &f);
 		}
-		f.daddr = s.dst_addr;
+		memcpy(&f.daddr, s.dst_addr, 16);
 		f.dport = s.dst_port;
 	} else if (c->cfg.dst_source == DST_STATIC) {
-		f.daddr = c->cfg.static_addr;
+		memcpy(&f.daddr, c->cfg.static_addr, 16);
 		f.dport = c->cfg.static_port;
 	}
 	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why) >= 0)
 		return refuse_syn(c, id, &why, &f);
-	switch (core_gate(c, f.caddr)) {
+	switch (syn_gate(c, &f.caddr)) {
 	case SYN_DEFER:		/* the kernel answers (SYN cookies past its backlog); connect after accept */
-		if (c->cfg.explicit_opt && dest_remember(c, key, f.daddr, f.dport))
+		if (c->cfg.explicit_opt && dest_remember(c, key, &f))
 			return refuse_syn(c, id, &(struct refusal){.cause = CAUSE_CONFLICTING_DESTINATION}, &f);
 		c->st.deferred++;
 		return verdict(c, id, 0);
@@ -176,7 +183,7 @@ void held_ready(struct core *c, uint64_t data, uint32_t ev)
 		c->st.server_errors[errno_slot(err)]++;
 		return held_end(c, i, cause_of_errno(err), err, 0);
 	}
-	h->server_mptcp = server_answered(c, h->sfd, h->t_syn, h->tried_mptcp, 0, h->f.daddr, h->f.dport);
+	h->server_mptcp = server_answered(c, h->sfd, h->t_syn, h->tried_mptcp, 0, &h->f.daddr, h->f.dport);
 	h->state = HELD_RELEASED;
 	h->ready_at = c->now;
 	verdict(c, h->id, 0);		/* the kernel now answers the client's SYN */

@@ -72,7 +72,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (core_parse_syn(copy, (int)size, &s) == 0) {
 		assert(!(s.has_dst && s.error));
 		assert(s.has_dst || s.error);
-		assert(!s.has_dst || (s.dst_addr && s.dst_port));
+		assert(!s.has_dst || (!addr_is_zero((struct in6_addr *)s.dst_addr) && s.dst_port));
 	}
 	free(copy);
 	return 0;
@@ -99,10 +99,12 @@ static struct core *make_core(void)
 				  .handshake_timeout = 15, .spare_sockets = 0};
 	struct core *c = core_new(&cfg);
 	assert(c);
-	core_policy(c, 0, 0, 0);				/* every client */
-	core_rule(c, 0, 0x7F000000, 0xFF000000, 1, 65535);	/* never loopback */
-	core_rule(c, 1, 0x0A000000, 0xFF000000, 1, 65535);	/* 10/8 allowed */
-	core_rule(c, 0, 0, 0, 1, 65535);			/* nothing else */
+	static const uint8_t any[16], loopback[16] = {[10] = 0xFF, [11] = 0xFF, [12] = 127},
+			     ten[16] = {[10] = 0xFF, [11] = 0xFF, [12] = 10};
+	core_policy(c, 0, any, 0);				/* every client, both families */
+	core_rule(c, 0, loopback, 96 + 8, 1, 65535);		/* never loopback */
+	core_rule(c, 1, ten, 96 + 8, 1, 65535);		/* 10/8 allowed */
+	core_rule(c, 0, any, 0, 1, 65535);			/* nothing else */
 	assert(core_queue(c, 0) == 0);
 	return c;
 }

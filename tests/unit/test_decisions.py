@@ -120,9 +120,11 @@ def test_destination_rules_with_ports_first_match_wins():
     assert not policy(allow_dst=("0.0.0.0/0",)).refusal("10.0.1.5", "169.254.1.1", 80) is None
 
 
-@pytest.mark.parametrize("text", ["10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:80-70", "10.0.0.0/8:http", "::1"])
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:80-70", "10.0.0.0/8:http",
+                                  "2001:db8::/129", "[2001:db8::/32", "[2001:db8::/32]80", "[2001:db8::/32]:0",
+                                  "2001:db8::/32:80", "fe80::1%eth0"])
 def test_bad_destination_rules_are_clear_errors(text):
-    with pytest.raises(ValueError, match="10.0.0.0|::1"):
+    with pytest.raises(ValueError, match=r"10\.0\.0\.0|2001:db8|fe80"):
         parse_destination(text, True)
     with pytest.raises(ValueError):
         Config(safety=SafetyConfig(allow_dst=(text,))).validate()
@@ -147,11 +149,28 @@ def test_worker_of_port_splits_evenly_and_matches_the_rules():
 
 def test_hold_rate_is_a_per_prefix_hashlimit_per_worker():
     r = ListenerRules(port=7000, queue_num=4200, workers=2, hold_rate=50)
-    args = r._rate(1)
+    args = r._rate(1, 4)
     assert args[args.index("--hashlimit-upto") + 1] == "50/sec"
     assert args[args.index("--hashlimit-srcmask") + 1] == "24"
     assert args[args.index("--hashlimit-name") + 1] == "mimbox7000w1"
-    assert ListenerRules(port=7000, queue_num=4200)._rate(0) == []
+    v6 = r._rate(1, 6)                      # IPv6 clients are counted per /64, in a table of their own
+    assert v6[v6.index("--hashlimit-srcmask") + 1] == "64"
+    assert v6[v6.index("--hashlimit-name") + 1] == "mimbox7000w1v6"
+    assert ListenerRules(port=7000, queue_num=4200)._rate(0, 4) == []
+
+
+def test_listener_rules_cover_the_families_the_listener_serves():
+    """[::] serves both families: rules in iptables and ip6tables; an address of one family, its own."""
+    from mimbox.netfilter import families_of
+    assert families_of("::") == (4, 6) and families_of("0.0.0.0") == (4,)
+    assert families_of("10.0.0.1") == (4,) and families_of("2001:db8::1") == (6,)
+    r = ListenerRules(port=7000, queue_num=4200, workers=2, listen_addr="::")
+    for family, sport in ((4, "0>>22&0x3C@0>>16&0xFF=0:127"), (6, "40>>16&0xFF=0:127")):
+        (match,) = r._syn_matches(family)
+        assert "-d" not in match                                   # a wildcard listener: any destination
+        assert r._queues(family)[0] == (4200, ["-m", "u32", "--u32", sport])
+    t = ListenerRules(port=7000, queue_num=4200, transparent_ports=(80,), transparent_from=("10.0.0.0/8", "fd00::/8"))
+    assert t._sources(4) == [["-s", "10.0.0.0/8"]] and t._sources(6) == [["-s", "fd00::/8"]]
 
 
 def test_policy_memory_is_bounded_and_answers_the_same():
@@ -199,8 +218,8 @@ def test_local_addresses_match_ip_addr():
     import subprocess
 
     from mimbox.config import local_addresses, local_subnets
-    out = json.loads(subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True).stdout)
+    out = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True).stdout)
     addrs = [(a["local"], a["prefixlen"]) for link in out for a in link.get("addr_info", [])]
     assert sorted(local_addresses()) == sorted(a for a, _ in addrs)
-    assert sorted(local_subnets()) == sorted(str(ipaddress.IPv4Network(f"{a}/{n}", strict=False))
-                                             for a, n in addrs if not a.startswith("127."))
+    nets = [ipaddress.ip_network(f"{a}/{n}", strict=False) for a, n in addrs]
+    assert sorted(local_subnets()) == sorted(str(n) for n in nets if not n.is_loopback and not n.is_link_local)
