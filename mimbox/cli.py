@@ -10,6 +10,7 @@ import signal
 import sys
 
 from mimbox.config import (
+    CONVERT_COMPAT,
     ENGINES,
     LOG_LEVELS,
     MAX_WORKERS,
@@ -57,6 +58,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--convert-cookie", metavar="TEXT",
                    help="as --convert-cookie-file, the cookie on the command line (visible to every local user "
                         "in ps: prefer the file)")
+    g.add_argument("--convert-compat", choices=CONVERT_COMPAT, default=None,
+                   help="convert mode: rfc (default) answers as RFC 8803 (header field zero); draft writes the "
+                        "drafts' magic number 0x2263 there, which Tessares' libconvert requires")
     g.add_argument("--upstream", metavar="HOST:PORT", help="static mode: the server (IPv6: [ADDR]:PORT)")
     g.add_argument("--intercept", metavar="PORTS", default="", help="transparent mode: destination ports, e.g. 80,443")
     g.add_argument("--intercept-from", action="append", default=[], metavar="PREFIX",
@@ -211,7 +215,7 @@ FLAGS = {
     "syn_path": ("listener.syn_path", None), "pending_limit": ("listener.pending_limit", None),
     "pending_per_prefix": ("listener.pending_per_prefix", None), "hold_rate": ("listener.hold_rate", None),
     "spare_sockets": ("listener.spare_sockets", None), "busy_poll": ("listener.busy_poll_us", None),
-    "health_port": ("listener.health_port", None),
+    "health_port": ("listener.health_port", None), "convert_compat": ("listener.convert_compat", None),
     "engine": ("buffers.engine", None), "pipe_size": ("buffers.pipe_size", parse_size),
     "client_rcvbuf": ("buffers.client_rcvbuf", parse_size), "client_sndbuf": ("buffers.client_sndbuf", parse_size),
     "server_rcvbuf": ("buffers.server_rcvbuf", parse_size), "server_sndbuf": ("buffers.server_sndbuf", parse_size),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 MODES = ("explicit", "transparent", "static", "convert")
 SYN_PATHS = ("auto", "hold", "accept")
 ENGINES = ("auto", "splice", "copy")
+CONVERT_COMPAT = ("rfc", "draft")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256           # workers of one converter, at most (the core's hand-over table)
 
@@ -66,6 +67,7 @@ class ListenerConfig:
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
     convert_cookie: bytes | None = None          # convert mode: clients must send this Cookie TLV
+    convert_compat: str = "rfc"                  # convert mode: answers' header field (mimbox.rfc8803.HEADER_FIELD)
     syn_recorder: bool = True                    # explicit: the tc BPF recorder reads SYNs not queued
 
 
@@ -121,6 +123,8 @@ class Config:
             out.append(("listener.intercept_ports", "transparent mode needs ports to intercept (--intercept PORT[,PORT...])"))
         if self.buffers.engine not in ENGINES:
             out.append(("buffers.engine", f"engine must be one of {ENGINES}, not {self.buffers.engine!r}"))
+        if lc.convert_compat not in CONVERT_COMPAT:
+            out.append(("listener.convert_compat", f"convert compat must be one of {CONVERT_COMPAT}, not {lc.convert_compat!r}"))
         if lc.syn_path not in SYN_PATHS:
             out.append(("listener.syn_path", f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}"))
         if self.log_level not in LOG_LEVELS:

@@ -71,7 +71,7 @@ class CoreConfig(ctypes.Structure):
                 ("syn_path", ctypes.c_int32), ("pending_limit", ctypes.c_int32), ("pending_per_prefix", ctypes.c_int32),
                 ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double),
                 ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32),
-                ("access_log_every", ctypes.c_int32), ("_pad3", ctypes.c_int32)]
+                ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32)]
 
 
 class Event(ctypes.Structure):

@@ -103,7 +103,8 @@ class Greetings:
         r.core.unwatch(g.sock.fileno())
         r.core.greeting_end(g.addr[0], keep_admission=True)
         dst = msg.connect                # IPv4 or IPv6, whatever the client's family
-        refused = r.core.convert_connect(g.sock.fileno(), g.addr, dst, g.t, rfc8803.success_reply(), g.early_data)
+        refused = r.core.convert_connect(g.sock.fileno(), g.addr, dst, g.t, self.wire(rfc8803.success_reply()),
+                                         g.early_data)
         if refused is None:
             g.sock.detach()              # the core's now
             return
@@ -113,12 +114,17 @@ class Greetings:
     def _refuse(self, cs: socket.socket, addr, dst, cause: Cause, detail: str) -> None:
         self.relay.refusals.refused(cause, f"{hostport(*addr)} -> {hostport(*dst) if dst else '?'} (after accept"
                                            + (f": {detail})" if detail else ")"))
-        converting.answer_and_end(cs, converting.error_for(cause))    # RFC 8803: an Error TLV says why
+        converting.answer_and_end(cs, self.wire(converting.error_for(cause)))    # RFC 8803: an Error TLV says why
         cs.close()
+
+    def wire(self, reply: bytes) -> bytes:
+        """`reply` as this converter's clients expect its header (--convert-compat)."""
+        return rfc8803.for_clients(reply, self.relay.cfg.listener.convert_compat)
 
     def _answer(self, g: converting.Greeting, reply: bytes) -> None:
         """Send `reply` and end the stream, once the client's handshake is complete (an answer written
         to an MPTCP socket before then is never sent: converting.handshake_pending)."""
+        reply = self.wire(reply)
         if converting.handshake_pending(g.sock):
             if not g.counted and self.waiting_answers() >= self.relay.cfg.listener.pending_limit:
                 reset(g.sock)            # not counted as a greeting: capped here, or an fd each

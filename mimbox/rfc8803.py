@@ -4,7 +4,7 @@ The client starts its byte stream (in the SYN's data, with TCP Fast Open) with a
 a fixed header and TLVs; the converter answers with a Convert message at the start of its own
 stream, before the server's bytes. Lengths count 32-bit words.
 
-    fixed header   | version = 1 (8) | total length, words (8) | unassigned (16) |
+    fixed header   | version = 1 (8) | total length, words (8) | unassigned (16, see HEADER_FIELD) |
     TLV            | type (8)        | length, words (8)       | value ...       |
     Connect  (10)  | 10 | len | remote port (16) | remote address (128, IPv4 as ::ffff:a.b.c.d) | TCP options |
     Info     (1)   | 1  | 1   | zero (16) |
@@ -30,6 +30,12 @@ TLV = struct.Struct("!BB")              # type, length (words)
 CONNECT = struct.Struct("!BBH16s")      # type, length, remote port, remote address
 MAX_MESSAGE = 255 * WORD                # the total length is one byte of words
 V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+# The fixed header's 16-bit field after Total Length. RFC 8803 (Figure 5) calls it Unassigned: this
+# converter sends it as zero and never checks what a client puts there. The drafts before the RFC
+# (draft-ietf-tcpm-converters up to -05, libconvert's "based on") called it a magic number, 0x2263,
+# and Tessares' libconvert, the one public Convert client, refuses every answer without it
+# (convert_parse_header). `--convert-compat draft` writes 0x2263 for such clients; off by default.
+HEADER_FIELD = {"rfc": 0, "draft": 0x2263}
 
 
 class Tlv(enum.IntEnum):
@@ -129,6 +135,11 @@ def parse(buf: bytes) -> Message | None:
 def _message(*tlvs: bytes) -> bytes:
     body = b"".join(tlvs)
     return HEADER.pack(VERSION, (HEADER.size + len(body)) // WORD, 0) + body
+
+
+def for_clients(message: bytes, compat: str) -> bytes:
+    """`message` with its header field as `compat` clients expect it (HEADER_FIELD: rfc, draft)."""
+    return message[:2] + HEADER_FIELD[compat].to_bytes(2, "big") + message[4:]
 
 
 def _tlv(kind: Tlv, value: bytes) -> bytes:

@@ -11,6 +11,7 @@ from mimbox.config import Config
 from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, PIPE_POOL, SYN_PATHS,
                          CoreConfig, ip_n, port_n, ADDR)
 from mimbox.netfilter import ListenerRules
+from mimbox.rfc8803 import HEADER_FIELD
 from mimbox.synrecord import SynRecorder
 
 log = logging.getLogger("mimbox")
@@ -117,5 +118,5 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
         syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
         pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
         handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
-        access_log_every=cfg.access_log_every)
+        access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat])
 

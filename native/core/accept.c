@@ -35,7 +35,7 @@ static void refuse_accepted(struct core *c, int cfd, const struct refusal *why, 
  * it with core_greeting_end(), or core_convert_connect() once the message names a destination. */
 static void greet(struct core *c, int cfd, const struct flow *f)
 {
-	static const unsigned char busy[] = CONVERT_RESOURCE_EXCEEDED;
+	unsigned char busy[] = CONVERT_RESOURCE_EXCEEDED;
 	struct refusal why;
 	struct core_event *e;
 
@@ -55,6 +55,8 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 			event_flow(e, f);
 			return;
 		}
+		busy[2] = (uint8_t)(c->cfg.convert_header_field >> 8);	/* --convert-compat (rfc8803.HEADER_FIELD) */
+		busy[3] = (uint8_t)c->cfg.convert_header_field;
 		send(cfd, busy, sizeof(busy), MSG_DONTWAIT | MSG_NOSIGNAL);
 		shutdown(cfd, SHUT_WR);
 		close(cfd);
