@@ -91,12 +91,28 @@ def qdisc_works(kind: str) -> bool:
     return ok
 
 
-def mptcp_socket_works() -> bool:
+def mptcp_socket_works(family: int = socket.AF_INET) -> bool:
     try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
+        socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
         return True
     except OSError:
         return False
+
+
+def dual_stack_mptcp_works() -> tuple[bool, str]:
+    """An MPTCP listener on [::] taking an IPv4 client (what `--listen [::]:PORT` relies on)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM, IPPROTO_MPTCP) as ls:
+            ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            ls.bind(("::", 0))
+            ls.listen(1)
+            with socket.create_connection(("127.0.0.1", ls.getsockname()[1]), timeout=2):
+                peer = ls.accept()[0]
+                addr = peer.getpeername()[0]
+                peer.close()
+        return addr == "::ffff:127.0.0.1", f"an IPv4 client accepted as {addr}"
+    except OSError as e:
+        return False, str(e)
 
 
 def mptcp_reuseport_works() -> tuple[bool, str]:
@@ -177,6 +193,15 @@ def _probe_all(build_dir: str | None = None) -> list[Capability]:
                    "sysctl -w net.mptcp.enabled=1"))
     add(Capability("mptcp.socket", mptcp_socket_works(), "socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP)",
                    "a kernel built with CONFIG_MPTCP=y"))
+    v6 = os.path.exists("/proc/net/if_inet6")
+    add(Capability("ipv6", v6, "/proc/net/if_inet6" if v6 else "no IPv6 in this kernel",
+                   "a kernel with CONFIG_IPV6; without it the converter serves IPv4 only", required=False))
+    add(Capability("mptcp.socket6", mptcp_socket_works(socket.AF_INET6),
+                   "socket(AF_INET6, SOCK_STREAM, IPPROTO_MPTCP): MPTCP clients and servers over IPv6",
+                   "a kernel with CONFIG_MPTCP_IPV6=y", required=False))
+    ok, out = dual_stack_mptcp_works()
+    add(Capability("mptcp.dual-stack", ok, out, "net.ipv6.bindv6only=0 is not needed (the converter sets "
+                   "IPV6_V6ONLY itself); without it listen on an IPv4 and an IPv6 address apart", required=False))
     ok, out = mptcp_reuseport_works()
     add(Capability("mptcp.reuseport", ok, out, "without it run the converter with --workers 1", required=False))
     with throwaway_netns() as ns:
@@ -206,6 +231,9 @@ def _probe_all(build_dir: str | None = None) -> list[Capability]:
                  True)):
             ok, out = _try(["iptables", *rule], ns)
             add(Capability(name, ok, out, "iptables (nft backend) with the xt target built in", required=req))
+            ok, out = _try(["ip6tables", *rule], ns)     # the same rule for IPv6 listeners ([::]:PORT)
+            add(Capability(name + "6", ok, out, "ip6tables (nft backend) with the xt target built in; "
+                           "without it listen on IPv4 only", required=False))
         ok, out = _try(["ethtool", "-k", "d0"], ns)
         add(Capability("tool.ethtool", ok, out, "apt-get install ethtool"))
         ok, out = _try([sys.executable, "-c", "from mimbox.synrecord import SynRecorder; "

@@ -9,7 +9,7 @@
  *                 bytes move ........... xfer.c      a connection ends ........ conn.c (conn_end)
  *                 the loop ............. loop.c      once a second ............ timers.c
  *                 counters, ABI ........ stats.c     set-up, reload, free ..... setup.c
- *                 a crash resets ....... keeper.c
+ *                 a crash resets ....... keeper.c     both families ............ addr.h
  */
 #pragma once
 #include <stdint.h>
