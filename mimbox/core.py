@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 
+from mimbox import addrs
 from mimbox.config import MAX_WORKERS
 from mimbox.netfilter import REFUSE_MARK, REFUSE_MASK
 from mimbox.paths import RELAYCORE
@@ -235,28 +235,6 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
-def ip_n(addr) -> bytes:
-    """An address of either family as the core holds it (native/core/addr.h): 16 bytes, IPv6 or an
-    IPv4 address as ::ffff:a.b.c.d. Takes a string or an ipaddress object."""
-    a = ipaddress.ip_address(addr)
-    return a.packed if a.version == 6 else V4_MAPPED + a.packed
-
-
-V4_MAPPED = bytes(10) + b"\xff\xff"
-
-
-def ip_text(raw) -> str:
-    """The core's 16 bytes as an address string: dotted for an IPv4(-mapped) one, else IPv6."""
-    raw = bytes(raw)
-    return socket.inet_ntop(socket.AF_INET, raw[12:]) if raw[:12] == V4_MAPPED else socket.inet_ntop(socket.AF_INET6, raw)
-
-
-def net_n(net) -> tuple[bytes, int]:
-    """A prefix as the core holds it: (16-byte network, length over 16 bytes: an IPv4 /24 is /120)."""
-    n = ipaddress.ip_network(net, strict=False)
-    return ip_n(n.network_address), n.prefixlen + (96 if n.version == 4 else 0)
-
-
 def port_n(port: int) -> int:
     return socket.htons(port)
 
@@ -271,14 +249,8 @@ def is_keeper(pid: int) -> bool:
 
 
 def addr_of(a, p: int) -> tuple[str, int]:
-    """(address, port) from the core's 16 address bytes and network-order port."""
-    return ip_text(a), socket.ntohs(p)
-
-
-def known(a) -> bool:
-    """Whether the core's 16 address bytes hold an address (:: and 0.0.0.0: not known yet)."""
-    raw = bytes(a)
-    return any(raw) and raw != V4_MAPPED + bytes(4)
+    """(address, port) from the core's 16 address bytes (mimbox.addrs) and network-order port."""
+    return addrs.text(a), socket.ntohs(p)
 
 
 @dataclass
@@ -342,7 +314,7 @@ class Core:
             prefix: bytes = b"", early: bytes = b"") -> None:
         """Relay from now on: the core owns both fds (closes them)."""
         r = self.lib.core_add(self.ptr, cfd, sfd, int(connecting), int(tried_mptcp), int(server_mptcp),
-                              ip_n(client[0]), port_n(client[1]), ip_n(dst[0]), port_n(dst[1]), t_syn,
+                              addrs.packed(client[0]), port_n(client[1]), addrs.packed(dst[0]), port_n(dst[1]), t_syn,
                               prefix, len(prefix), early, len(early))
         if r < 0:
             raise OSError(-r, "core_add")
@@ -359,22 +331,22 @@ class Core:
         if reset:
             self.lib.core_policy(self.ptr, 4, None, 0)
         for n in policy.allow_clients:
-            if self.lib.core_policy(self.ptr, 0, *net_n(n)) < 0:
+            if self.lib.core_policy(self.ptr, 0, *addrs.prefix(n)) < 0:
                 raise ValueError("too many allowed client prefixes (at most 256)")
         for r in policy.rules:
-            if self.lib.core_rule(self.ptr, int(r.allow), *net_n(r.net), r.ports[0], r.ports[1]) < 0:
+            if self.lib.core_rule(self.ptr, int(r.allow), *addrs.prefix(r.net), r.ports[0], r.ports[1]) < 0:
                 raise ValueError("too many destination rules (at most 256)")
         self.own_addresses(policy.own)
 
-    def own_addresses(self, addrs) -> None:
+    def own_addresses(self, own) -> None:
         """This host's addresses, anew (they are never a destination)."""
         self.lib.core_policy(self.ptr, 3, None, 0)
-        for a in sorted(addrs, key=lambda a: (a.version, a))[:256]:
-            self.lib.core_policy(self.ptr, 2, ip_n(a), 128)
+        for a in sorted(own, key=lambda a: (a.version, a))[:256]:
+            self.lib.core_policy(self.ptr, 2, addrs.packed(a), 128)
 
     def greeting_end(self, client: str, keep_admission: bool) -> None:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""
-        self.lib.core_greeting_end(self.ptr, ip_n(client), int(keep_admission))
+        self.lib.core_greeting_end(self.ptr, addrs.packed(client), int(keep_admission))
 
     def greetings(self) -> int:
         return self.lib.core_greetings(self.ptr)
@@ -383,7 +355,7 @@ class Core:
         """The core's policy verdict for client -> dst: None (allowed) or (cause, detail) as
         mimbox.safety.Policy.decide answers."""
         detail = ctypes.c_int(0)
-        r = self.lib.core_refusal(self.ptr, ip_n(client), ip_n(dst[0]), port_n(dst[1]), ctypes.byref(detail))
+        r = self.lib.core_refusal(self.ptr, addrs.packed(client), addrs.packed(dst[0]), port_n(dst[1]), ctypes.byref(detail))
         return None if r < 0 else (CAUSES[r], detail.value)
 
     def convert_connect(self, cfd: int, client: tuple[str, int], dst: tuple[str, int], t: float,
@@ -392,14 +364,14 @@ class Core:
         (None: it owns cfd now, `reply` goes to the client in front of the server's bytes). Else
         (cause, detail, errno): counted, the greeting's admission given back, cfd still the caller's."""
         detail, err = ctypes.c_int(0), ctypes.c_int(0)
-        r = self.lib.core_convert_connect(self.ptr, cfd, ip_n(client[0]), port_n(client[1]), ip_n(dst[0]),
+        r = self.lib.core_convert_connect(self.ptr, cfd, addrs.packed(client[0]), port_n(client[1]), addrs.packed(dst[0]),
                                           port_n(dst[1]), t, reply, len(reply), early, len(early),
                                           ctypes.byref(detail), ctypes.byref(err))
         return None if r < 0 else (CAUSES[r], detail.value, err.value)
 
     def gate(self, client: str) -> int:
         """SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from `client` now (docs/running.md "SYN path")."""
-        return self.lib.core_gate(self.ptr, ip_n(client))
+        return self.lib.core_gate(self.ptr, addrs.packed(client))
 
     def queue(self, num: int) -> None:
         """Hold client SYNs from NFQUEUE `num` (mimbox.netfilter installs the rules)."""
@@ -423,7 +395,7 @@ class Core:
         server was seen without it, the configured buffers): (fd, whether MPTCP was tried).
         Raises OSError with the connect's errno."""
         tried = ctypes.c_int(0)
-        fd = self.lib.core_open_server(self.ptr, ip_n(dst[0]), port_n(dst[1]), ctypes.byref(tried))
+        fd = self.lib.core_open_server(self.ptr, addrs.packed(dst[0]), port_n(dst[1]), ctypes.byref(tried))
         if fd < 0:
             raise OSError(-fd, os.strerror(-fd))
         return fd, bool(tried.value)

@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 
-from mimbox import mptcp
+from mimbox import addrs, mptcp
 from mimbox.config import Config, hostport, local_addresses
 from mimbox.core import (
     CAUSES,
@@ -44,7 +44,6 @@ from mimbox.core import (
     Core,
     CoreConfig,
     addr_of,
-    known,
 )
 from mimbox.greetings import Greetings
 from mimbox.redirect import convert as converting
@@ -371,7 +370,7 @@ class Relay:
         if kind == EV_REFUSED:             # counted by the core; the log line is written here
             cause = CAUSES[ev.cause]
             reason = refusal_reason(cause, ev.detail, ev.arg, ev.err, addr[0], dst, self.policy)
-            self.refusals.refused(cause, "%s -> %s (%s%s)" % (hostport(*addr), hostport(*dst) if known(ev.daddr) else "?",
+            self.refusals.refused(cause, "%s -> %s (%s%s)" % (hostport(*addr), hostport(*dst) if addrs.known(ev.daddr) else "?",
                                                                 "after accept: " if ev.after_accept else "", reason))
         elif kind == EV_GIVEBACK:          # convert mode: the client learns why from an Error TLV
             cs = socket.socket(fileno=ev.fd)

@@ -19,9 +19,10 @@ and returns None while a message is incomplete.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import struct
 from dataclasses import dataclass
+
+from mimbox import addrs
 
 VERSION = 1
 WORD = 4
@@ -29,7 +30,6 @@ HEADER = struct.Struct("!BBH")          # version, total length (words), unassig
 TLV = struct.Struct("!BB")              # type, length (words)
 CONNECT = struct.Struct("!BBH16s")      # type, length, remote port, remote address
 MAX_MESSAGE = 255 * WORD                # the total length is one byte of words
-V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 # The fixed header's 16-bit field after Total Length. RFC 8803 (Figure 5) calls it Unassigned: this
 # converter sends it as zero and never checks what a client puts there. The drafts before the RFC
 # (draft-ietf-tcpm-converters up to -05, libconvert's "based on") called it a magic number, 0x2263,
@@ -80,17 +80,6 @@ class Message:
     cookie: bytes | None = None
 
 
-def _addr_in(field: bytes) -> str:
-    if field[:12] == V4_MAPPED:
-        return str(ipaddress.IPv4Address(field[12:]))
-    return str(ipaddress.IPv6Address(field))
-
-
-def _addr_out(addr: str) -> bytes:
-    ip = ipaddress.ip_address(addr)
-    return V4_MAPPED + ip.packed if ip.version == 4 else ip.packed
-
-
 def parse(buf: bytes) -> Message | None:
     """The Convert message at the start of `buf`; None until all of its bytes are there."""
     if len(buf) < HEADER.size:
@@ -118,7 +107,7 @@ def parse(buf: bytes) -> Message | None:
             if end - off < CONNECT.size:
                 raise ConvertError(Error.MALFORMED_MESSAGE, f"Connect TLV of {tlv_words} words")
             _, _, port, addr = CONNECT.unpack_from(buf, off)
-            connect = (_addr_in(addr), port)
+            connect = (addrs.text(addr), port)
             options = bytes(buf[off + CONNECT.size:end])
         elif kind == Tlv.INFO:
             info = True
@@ -155,7 +144,7 @@ def connect_message(addr: str, port: int, tcp_options: bytes = b"", cookie: byte
     """A client's Convert message asking for a connection to addr:port."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port}")
-    tlvs = [_tlv(Tlv.CONNECT, struct.pack("!H16s", port, _addr_out(addr)) + tcp_options)]
+    tlvs = [_tlv(Tlv.CONNECT, struct.pack("!H16s", port, addrs.packed(addr)) + tcp_options)]
     if cookie is not None:
         tlvs.append(_tlv(Tlv.COOKIE, b"\0\0" + cookie))
     return _message(*tlvs)

@@ -30,6 +30,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from mimbox.addrs import as_int, prefix_ints
 from mimbox.config import SafetyConfig, hostport, local_addresses, local_subnets
 from mimbox.synpath import Cause
 
@@ -44,26 +45,11 @@ DEFAULT_DENY = ("10.0.0.0/8", "100.64.0.0/10", "172.16.0.0/12", "192.0.0.0/24", 
                 "fc00::/7", "fec0::/10", "2001:db8::/32", "2001:2::/48", "100::/64",
                 "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32",    # NAT64, 6to4, Teredo
                 "0.0.0.0/0:25", "[::/0]:25")
-MAPPED = 0xFFFF << 32          # ::ffff:0:0/96, where IPv4 lives in the 128-bit space
 BUILTIN_DENY = NEVER          # (the name tests and older callers use)
 
 MEMO_SIZE = 4096
 _UNKNOWN = object()
 ALL_PORTS = (1, 65535)
-
-
-def addr_int(addr) -> int:
-    """An address of either family as one 128-bit integer (IPv4 as ::ffff:a.b.c.d, as the core holds it)."""
-    a = ipaddress.ip_address(addr)
-    return MAPPED | int(a) if a.version == 4 else int(a)
-
-
-def net_ints(net) -> tuple[int, int]:
-    """A prefix of either family as (network, mask) over the 128 bits of addr_int."""
-    n = ipaddress.ip_network(net, strict=False)
-    length = n.prefixlen + (96 if n.version == 4 else 0)
-    mask = ((1 << 128) - 1) ^ ((1 << (128 - length)) - 1)
-    return addr_int(n.network_address) & mask, mask
 
 
 @dataclass(frozen=True)
@@ -73,11 +59,6 @@ class Rule:
     net: ipaddress.IPv4Network | ipaddress.IPv6Network
     ports: tuple[int, int] = ALL_PORTS
     origin: str = ""            # where it comes from, for log lines: "built-in", "--allow-destination", ...
-
-    def matches(self, d: int, port: int) -> bool:
-        """Whether destination d (addr_int) on `port` is in this rule."""
-        net, mask = net_ints(self.net)
-        return d & mask == net and self.ports[0] <= port <= self.ports[1]
 
     def __str__(self) -> str:
         ports = "" if self.ports == ALL_PORTS else (
@@ -144,9 +125,9 @@ class Policy:
 
     def __post_init__(self):
         # integer (network, mask) pairs over 128 bits: the check runs for every SYN
-        self._allow = [net_ints(n) for n in self.allow_clients]
-        self._rules = [(net_ints(r.net), r) for r in self.rules]
-        self._own = {addr_int(a) for a in self.own}
+        self._allow = [prefix_ints(n) for n in self.allow_clients]
+        self._rules = [(prefix_ints(r.net), r) for r in self.rules]
+        self._own = {as_int(a) for a in self.own}
         self._memo: dict = {}
 
     def set_own(self, addrs) -> bool:
@@ -155,7 +136,7 @@ class Policy:
         if own == self.own:
             return False
         self.own = own
-        self._own = {addr_int(a) for a in own}
+        self._own = {as_int(a) for a in own}
         self._memo.clear()
         return True
 
@@ -177,7 +158,7 @@ class Policy:
         return r
 
     def _decide(self, client: str, dst: str, dport: int) -> tuple[Cause, int] | None:
-        c, d = addr_int(client), addr_int(dst)
+        c, d = as_int(client), as_int(dst)
         if not any(c & m == n for n, m in self._allow):
             return Cause.CLIENT_NOT_ALLOWED, 0
         if dport == 0:

@@ -11,6 +11,7 @@ import os
 import socket
 
 from mimbox.config import Config
+from mimbox.mptcp import family_of
 
 CAP_NET_ADMIN, CAP_SETGID, CAP_SETUID = 12, 6, 7
 
@@ -38,7 +39,7 @@ def preflight(cfg: Config, workers: int) -> None:
         raise StartupError(f"cannot drop to --user {cfg.user} without CAP_SETUID and CAP_SETGID: run it as root")
     if lc.client_mptcp or lc.server_mptcp:
         try:
-            socket.socket(socket.AF_INET6 if ":" in lc.addr else socket.AF_INET, socket.SOCK_STREAM, 262).close()
+            socket.socket(family_of(lc.addr), socket.SOCK_STREAM, 262).close()
         except OSError as e:
             raise StartupError(f"this kernel gives no MPTCP sockets ({e.strerror}): enable it "
                                "(sysctl -w net.mptcp.enabled=1; CONFIG_MPTCP), or run with --no-client-mptcp "

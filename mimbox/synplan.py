@@ -7,9 +7,10 @@ import ctypes
 import logging
 from dataclasses import dataclass
 
+from mimbox import addrs
 from mimbox.config import Config
 from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, PIPE_POOL, SYN_PATHS,
-                         CoreConfig, ip_n, port_n, ADDR)
+                         ADDR, CoreConfig, port_n)
 from mimbox.netfilter import ListenerRules
 from mimbox.rfc8803 import HEADER_FIELD
 from mimbox.synrecord import SynRecorder
@@ -106,7 +107,7 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
     slots = held.slots if held is not None else None
     return CoreConfig(
         engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
-        static_addr=ADDR.from_buffer_copy(ip_n(lc.upstream[0]) if lc.mode == "static" else bytes(16)),
+        static_addr=ADDR.from_buffer_copy(addrs.packed(lc.upstream[0]) if lc.mode == "static" else bytes(16)),
         static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
         recorder_fd=recorder_fd, server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,
         server_sndbuf=bc.server_sndbuf or 0, fd_capacity=fd_capacity, worker=worker, workers=workers,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mimbox import core, dstopt
+from mimbox import addrs, core, dstopt
 from mimbox.core import (
     CAUSES,
     DST_STATIC,
@@ -58,7 +58,7 @@ def test_generated_header_is_current():
 # -- the SYN gate ----------------------------------------------------------------------------------------
 def test_gate_holds_under_both_caps_and_defers_past_them():
     c = make()
-    hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, core.ip_n(a), int(on))   # noqa: E731
+    hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, addrs.packed(a), int(on))   # noqa: E731
     try:
         for _ in range(2):
             assert c.gate("10.0.1.7") == SYN_HOLD
@@ -82,7 +82,7 @@ def test_gate_holds_under_both_caps_and_defers_past_them():
 def test_gate_hold_refuses_past_the_caps_and_accept_never_holds():
     h, a = make(syn_path=SYN_PATHS["hold"], pending_limit=1), make(syn_path=SYN_PATHS["accept"])
     try:
-        h.lib.core_gate_hold(h.ptr, core.ip_n("10.0.1.1"), 1)
+        h.lib.core_gate_hold(h.ptr, addrs.packed("10.0.1.1"), 1)
         assert h.gate("10.0.1.2") == SYN_REFUSE
         assert a.gate("10.0.1.2") == SYN_DEFER
     finally:
@@ -193,7 +193,7 @@ class Running:
     upstream:upstream_port, its loop in a thread; events copied out."""
 
     def __init__(self, upstream_port: int, listen: str = "127.0.0.1", upstream: str = "127.0.0.1", **kw):
-        self.core = make(static_addr=core.ADDR.from_buffer_copy(core.ip_n(upstream)),
+        self.core = make(static_addr=core.ADDR.from_buffer_copy(addrs.packed(upstream)),
                          static_port=core.port_n(upstream_port), **kw)
         self.core.policy(Policy(allow_clients=[ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")],
                                 rules=[], own=set()))
@@ -312,8 +312,8 @@ def test_ipv6_policy_and_gate_in_the_core():
     per /64 (two addresses of one /64 share its cap, another /64 has its own)."""
     c = make()
     try:
-        hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, core.ip_n(a), int(on))   # noqa: E731
-        gate = lambda a: c.lib.core_gate(c.ptr, core.ip_n(a))                           # noqa: E731
+        hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, addrs.packed(a), int(on))   # noqa: E731
+        gate = lambda a: c.lib.core_gate(c.ptr, addrs.packed(a))                           # noqa: E731
         hold("2001:db8:1::1")
         assert gate("2001:db8:1::2") == SYN_HOLD
         hold("2001:db8:1::ffff")                     # pending_per_prefix = 2 in this /64

@@ -10,7 +10,6 @@ Connects and refuses what the policy denies in either family."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid

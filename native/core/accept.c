@@ -78,8 +78,7 @@ static void greet(struct core *c, int cfd, const struct flow *f)
  * core_convert_connect() follows) or it ended. */
 void core_greeting_end(struct core *c, const uint8_t *caddr, int keep_admission)
 {
-	struct in6_addr a;
-	memcpy(&a, caddr, 16);
+	struct in6_addr a = addr_load(caddr);
 	gate_release(c, &a);
 	c->greetings--;
 	if (!keep_admission)
@@ -100,12 +99,10 @@ int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr, uint16_t
 			 uint16_t dport, double t, const char *reply, uint32_t reply_len, const char *early,
 			 uint32_t early_len, int *detail, int *err)
 {
-	struct flow f = {.cport = cport, .dport = dport};
+	struct flow f = flow_load(caddr, cport, daddr, dport);
 	struct refusal why;
 	int sfd, tried, r;
 
-	memcpy(&f.caddr, caddr, 16);
-	memcpy(&f.daddr, daddr, 16);
 	if (admit(c, ADMIT_DESTINATION, &f, &why) < 0) {
 		sfd = open_server(c, &f.daddr, dport, &tried);
 		if (sfd < 0) {

@@ -28,6 +28,14 @@ static inline struct in6_addr addr_of_v4(uint32_t v4)	/* network order */
 	return a;
 }
 
+/* 16 bytes from Python or a packet (any alignment) as an address */
+static inline struct in6_addr addr_load(const uint8_t *b)
+{
+	struct in6_addr a;
+	memcpy(&a, b, 16);
+	return a;
+}
+
 static inline int addr_family(const struct in6_addr *a)
 {
 	return addr_is_v4(a) ? AF_INET : AF_INET6;

@@ -54,7 +54,7 @@ int core_policy(struct core *c, int kind, const uint8_t *net, int len)
 	}
 	if (!net || len < 0 || len > 128)
 		return -EINVAL;
-	memcpy(&a, net, 16);
+	a = addr_load(net);
 	if (kind == 0 && c->nallow < MAX_PREFIXES)
 		c->allow[c->nallow++] = prefix_make(&a, len);
 	else if (kind == 2 && c->nown < MAX_PREFIXES)
@@ -72,7 +72,7 @@ int core_rule(struct core *c, int allow, const uint8_t *net, int len, int lo, in
 		return -ENOSPC;
 	if (len < 0 || len > 128)
 		return -EINVAL;
-	memcpy(&a, net, 16);
+	a = addr_load(net);
 	c->rules[c->nrules++] = (struct rule){prefix_make(&a, len), (uint16_t)lo, (uint16_t)hi, allow};
 	return 0;
 }
@@ -112,12 +112,9 @@ static int destination_refusal(struct core *c, const struct in6_addr *daddr, uin
 /* -1: client -> daddr:dport allowed; else the CAUSE_* that refuses it, its detail in *detail */
 int core_refusal(struct core *c, const uint8_t *caddr, const uint8_t *daddr, uint16_t dport, int *detail)
 {
-	struct flow f = {.dport = dport};
+	struct flow f = flow_load(caddr, 0, daddr, dport);
 	struct refusal why;
-	int cause;
-	memcpy(&f.caddr, caddr, 16);
-	memcpy(&f.daddr, daddr, 16);
-	cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
+	int cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
 	*detail = cause >= 0 ? why.detail : 0;
 	return cause;
 }
@@ -167,7 +164,8 @@ void gate_release(struct core *c, const struct in6_addr *caddr)
 		g->n--;
 }
 
-static int gate(struct core *c, const struct in6_addr *caddr)
+/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
+int syn_gate(struct core *c, const struct in6_addr *caddr)
 {
 	if (c->cfg.syn_path == SYN_PATH_ACCEPT)
 		return SYN_DEFER;
@@ -176,28 +174,20 @@ static int gate(struct core *c, const struct in6_addr *caddr)
 	return c->cfg.syn_path == SYN_PATH_HOLD ? SYN_REFUSE : SYN_DEFER;
 }
 
-/* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
 int core_gate(struct core *c, const uint8_t *caddr)
 {
-	struct in6_addr a;
-	memcpy(&a, caddr, 16);
-	return gate(c, &a);
+	struct in6_addr a = addr_load(caddr);
+	return syn_gate(c, &a);
 }
 
 /* for tests: a SYN from caddr held (on) or released */
 void core_gate_hold(struct core *c, const uint8_t *caddr, int on)
 {
-	struct in6_addr a;
-	memcpy(&a, caddr, 16);
+	struct in6_addr a = addr_load(caddr);
 	if (on)
 		gate_hold(c, &a);
 	else
 		gate_release(c, &a);
-}
-
-int syn_gate(struct core *c, const struct in6_addr *caddr)
-{
-	return gate(c, caddr);
 }
 
 /* -- admit ------------------------------------------------------------------------------------------------- */

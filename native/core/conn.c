@@ -127,9 +127,7 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	     const uint8_t *caddr, uint16_t cport, const uint8_t *daddr, uint16_t dport, double t_syn,
 	     const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len)
 {
-	struct flow f = {.cport = cport, .dport = dport};
-	memcpy(&f.caddr, caddr, 16);
-	memcpy(&f.daddr, daddr, 16);
+	struct flow f = flow_load(caddr, cport, daddr, dport);
 	return conn_add(c, cfd, sfd, connecting, tried_mptcp, server_mptcp, &f, t_syn, prefix, prefix_len, early,
 			early_len);
 }

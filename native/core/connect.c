@@ -172,8 +172,7 @@ int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, in
 
 int core_open_server(struct core *c, const uint8_t *daddr, uint16_t dport, int *tried_mptcp)
 {
-	struct in6_addr a;
-	memcpy(&a, daddr, 16);
+	struct in6_addr a = addr_load(daddr);
 	return open_server(c, &a, dport, tried_mptcp);
 }
 

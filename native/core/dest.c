@@ -71,7 +71,7 @@ int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why)
 	*why = (struct refusal){.cause = CAUSE_NO_DESTINATION};
 	switch (c->cfg.dst_source) {
 	case DST_STATIC:
-		memcpy(&f->daddr, c->cfg.static_addr, 16);
+		f->daddr = addr_load(c->cfg.static_addr);
 		f->dport = c->cfg.static_port;
 		return 0;
 	case DST_TRANSPARENT: {

@@ -31,6 +31,12 @@ static inline uint64_t hash64(uint64_t k)
 	return (k * 0x9E3779B97F4A7C15ull) >> 32;
 }
 
+/* a flow from the 16-byte addresses and ports Python or a packet gives */
+static inline struct flow flow_load(const uint8_t *caddr, uint16_t cport, const uint8_t *daddr, uint16_t dport)
+{
+	return (struct flow){addr_load(caddr), addr_load(daddr), cport, dport};
+}
+
 /* a flow into an event for Python (addresses as 16 bytes, addr.h) */
 static inline void event_flow(struct core_event *e, const struct flow *f)
 {
@@ -53,7 +59,7 @@ int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal 
 void admission_return(struct core *c);
 void gate_hold(struct core *c, const struct in6_addr *caddr);
 void gate_release(struct core *c, const struct in6_addr *caddr);
-int syn_gate(struct core *c, const struct in6_addr *caddr);	/* core_gate() */
+int syn_gate(struct core *c, const struct in6_addr *caddr);
 void refused(struct core *c, const struct refusal *why, int after_accept, const struct flow *f);
 
 /* synq.c */

@@ -126,9 +126,7 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 		return verdict(c, id, 0);	/* not a TCP SYN we parse, or a new subflow: the kernel's business
 						 * (its accept() is judged in accept.c all the same) */
 	c->st.syns++;
-	f = (struct flow){.cport = s.sport, .dport = s.dport};
-	memcpy(&f.caddr, s.saddr, 16);
-	memcpy(&f.daddr, s.daddr, 16);
+	f = flow_load(s.saddr, s.sport, s.daddr, s.dport);
 	key = client_key(&f.caddr, f.cport);
 	i = held_find(c, key, &f.caddr, f.cport);
 	if (i >= 0) {		/* a retransmission: dropped while the first is held, else the kernel's */
@@ -145,10 +143,10 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 			return refuse_syn(c, id, &(struct refusal){.cause = CAUSE_BAD_OPTION, .detail = s.error,
 								   .arg = s.arg}, &f);
 		}
-		memcpy(&f.daddr, s.dst_addr, 16);
+		f.daddr = addr_load(s.dst_addr);
 		f.dport = s.dst_port;
 	} else if (c->cfg.dst_source == DST_STATIC) {
-		memcpy(&f.daddr, c->cfg.static_addr, 16);
+		f.daddr = addr_load(c->cfg.static_addr);
 		f.dport = c->cfg.static_port;
 	}
 	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why) >= 0)

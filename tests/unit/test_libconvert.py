@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mimbox import rfc8803
+from mimbox import addrs, rfc8803
 from mimbox.rfc8803 import Error
 
 SRC = Path(__file__).resolve().parents[1] / "interop" / "libconvert"
@@ -55,7 +55,7 @@ def client_connect(lib, addr: str, port: int, cookie: bytes | None = None) -> by
     """A Connect message exactly as libconvert's client writes it (convert_client.c fills these)."""
     opts = ConvertOpts(flags=F_CONNECT)
     opts.remote_addr.port = int.from_bytes(port.to_bytes(2, "big"), "little")    # network order in memory
-    ctypes.memmove(opts.remote_addr.addr, rfc8803._addr_out(addr), 16)
+    ctypes.memmove(opts.remote_addr.addr, addrs.packed(addr), 16)
     if cookie is not None:
         buf = (ctypes.c_uint8 * len(cookie)).from_buffer_copy(cookie)
         opts.flags |= F_COOKIE
