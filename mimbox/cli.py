@@ -168,7 +168,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     c = sub.add_parser("client", help="run a program with its connections redirected through a converter",
                        description="Run COMMAND unchanged; its TCP connections go to the converter with the real "
                                    "destination in DST_OPT (eBPF, scoped to a cgroup of its own).")
-    c.add_argument("--via", required=True, metavar="ADDR:PORT", help="the converter's address")
+    c.add_argument("--via", required=True, action="append", metavar="ADDR:PORT",
+                   help="the converter's address; give it twice for its IPv4 and its IPv6 address (same port, "
+                        "e.g. --via 10.0.1.2:7000 --via [2001:db8::2]:7000)")
     c.add_argument("--mptcp", action="store_true", help="make the program's sockets MPTCP (LD_PRELOAD shim)")
     c.add_argument("--convert", action="store_true",
                    help="RFC 8803 instead of DST_OPT: each connect() becomes a TCP Fast Open SYN to the converter "
@@ -379,11 +381,17 @@ def cmd_client(a) -> int:
     if not cmd:
         print("mimbox client: give a command after --", file=sys.stderr)
         return 2
+    vias = [parse_hostport(v) for v in a.via]
+    six = [h for h, _ in vias if ":" in h]
+    if len(vias) > 2 or len(six) > 1 or len(six) == len(vias) == 2 or len({p for _, p in vias}) > 1:
+        print("mimbox client: --via at most once per family, with one port", file=sys.stderr)
+        return 2
     if a.convert:
         from mimbox.client import run_converted
-        return run_converted(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip),
-                             fastopen=not a.no_fastopen)
-    return run_redirected(parse_hostport(a.via), cmd, mptcp=a.mptcp, skip=tuple(a.skip))
+        return run_converted(vias[0], cmd, mptcp=a.mptcp, skip=tuple(a.skip), fastopen=not a.no_fastopen)
+    four = [v for v in vias if ":" not in v[0]]
+    return run_redirected(four[0] if four else vias[0], cmd, mptcp=a.mptcp, skip=tuple(a.skip),
+                          via6=six[0] if six else None)
 
 
 def cmd_doctor(a) -> int:

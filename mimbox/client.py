@@ -8,6 +8,7 @@ errors and Ctrl-C. `mptcp=True` adds the LD_PRELOAD shim that makes the program'
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from mimbox import addrs
 from mimbox.kernel import BPFFS, ensure_mounts
 from mimbox.paths import BPF_CLIENT_OBJ, MPTCPIZE
 
@@ -31,11 +33,23 @@ def _hex(b: bytes) -> list[str]:
     return ["hex", *(f"{x:02x}" for x in b)]
 
 
-class ClientRedirect:
-    """A cgroup whose TCP connections go to the converter `via` with DST_OPT in their SYN."""
+PROGRAMS = (("connect4", "mimbox_connect4"), ("connect6", "mimbox_connect6"), ("sock_ops", "mimbox_sockops"))
 
-    def __init__(self, via: tuple[str, int], skip: tuple[str, ...] = (), obj: Path = BPF_CLIENT_OBJ):
+
+class ClientRedirect:
+    """A cgroup whose TCP connections go to the converter `via` with DST_OPT in their SYN.
+
+    `via`: the converter's (address, port); `via6`: its IPv6 address too when `via` is IPv4 (same
+    port). IPv4 sockets go to its IPv4 address, IPv6 sockets to its IPv6 address or, lacking one, to
+    ::ffff: its IPv4 address; an IPv4 socket's connect() fails (EPERM) when it has no IPv4 address."""
+
+    def __init__(self, via: tuple[str, int], skip: tuple[str, ...] = (), obj: Path = BPF_CLIENT_OBJ,
+                 via6: str | None = None):
         self.via, self.skip, self.obj = via, skip, obj
+        ip = ipaddress.ip_address(via[0])
+        self.via4 = str(ip) if ip.version == 4 else None
+        self.via6 = via6 or (str(ip) if ip.version == 6 else None)
+        self.nofit = 0          # SYNs sent without DST_OPT for lack of option room (read at exit)
         ident = f"mimbox-client-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         root = ensure_mounts()
         self.cgroup = Path(root) / ident
@@ -51,15 +65,17 @@ class ClientRedirect:
             self.pins.mkdir()
             _bpftool("prog", "loadall", str(self.obj), str(self.pins / "progs"),
                      "pinmaps", str(self.pins / "maps"))
-            addr = ipaddress.IPv4Address(self.via[0]).packed
-            # struct mimbox_cfg: converter address and port, then the cgroup's id (its inode on cgroup2)
-            cfg = addr + self.via[1].to_bytes(2, "big") + b"\0\0" + os.stat(self.cgroup).st_ino.to_bytes(8, sys.byteorder)
+            # struct mimbox_cfg: converter IPv4 address (or 0) and port, the cgroup's id (its inode on
+            # cgroup2), the address IPv6 sockets go to
+            addr4 = ipaddress.IPv4Address(self.via4).packed if self.via4 else bytes(4)
+            cfg = addr4 + self.via[1].to_bytes(2, "big") + b"\0\0" + \
+                os.stat(self.cgroup).st_ino.to_bytes(8, sys.byteorder) + addrs.packed(self.via6 or self.via4)
             _bpftool("map", "update", "pinned", str(self.pins / "maps" / "mimbox_cfg"),
                      "key", *_hex(b"\0\0\0\0"), "value", *_hex(cfg))
             for a in self.skip:
                 _bpftool("map", "update", "pinned", str(self.pins / "maps" / "mimbox_skip"),
-                         "key", *_hex(ipaddress.IPv4Address(a).packed), "value", *_hex(b"\1"))
-            for kind, prog in (("connect4", "mimbox_connect4"), ("sock_ops", "mimbox_sockops")):
+                         "key", *_hex(addrs.packed(a)), "value", *_hex(b"\1"))
+            for kind, prog in PROGRAMS:
                 _bpftool("cgroup", "attach", str(self.cgroup), kind, "pinned", str(self.pins / "progs" / prog))
                 self.attached.append(kind)
         except BaseException:
@@ -69,7 +85,8 @@ class ClientRedirect:
 
     def __exit__(self, *exc) -> None:
         self._kill_members()
-        for kind, prog in (("connect4", "mimbox_connect4"), ("sock_ops", "mimbox_sockops")):
+        self.nofit = self._count("mimbox_nofit")
+        for kind, prog in PROGRAMS:
             if kind in self.attached:
                 subprocess.run(["bpftool", "cgroup", "detach", str(self.cgroup), kind, "pinned",
                                 str(self.pins / "progs" / prog)], capture_output=True)
@@ -84,6 +101,15 @@ class ClientRedirect:
                 return
             except OSError:
                 time.sleep(0.01)
+
+    def _count(self, name: str) -> int:
+        """Counter [0] of a pinned per-CPU-free array map (0 if it cannot be read)."""
+        p = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", str(self.pins / "maps" / name),
+                            "key", *_hex(bytes(4))], capture_output=True, text=True)
+        try:
+            return int.from_bytes(bytes(int(b, 16) for b in json.loads(p.stdout)["value"]), sys.byteorder)
+        except (ValueError, KeyError, TypeError):
+            return 0
 
     def _kill_members(self) -> None:
         procs = self.cgroup / "cgroup.procs"
@@ -119,11 +145,21 @@ def remove_stale_groups(root: Path) -> None:
                 pass      # still has members, or gone meanwhile
 
 
-def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = ()) -> int:
+NOFIT_HINT = ("an IPv6 destination's DST_OPT takes 22 bytes and a SYN with TCP timestamps has 16 (MPTCP) or 20 "
+              "left: sysctl -w net.ipv4.tcp_timestamps=0 on this host (mimbox/dstopt.py)")
+
+
+def run_redirected(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = (),
+                   via6: str | None = None) -> int:
     """`mimbox client`: run cmd redirected through the converter; return its exit code."""
-    with ClientRedirect(via, skip) as cr:
+    cr = ClientRedirect(via, skip, via6=via6)
+    with cr:
         # we wait for the program and then remove the cgroup and programs
-        return _wait_passing_signals(cr.popen(cmd, mptcp=mptcp))
+        rc = _wait_passing_signals(cr.popen(cmd, mptcp=mptcp))
+    if cr.nofit:
+        print(f"mimbox client: {cr.nofit} SYN(s) went without DST_OPT for lack of option room "
+              f"(the converter refused them): {NOFIT_HINT}", file=sys.stderr)
+    return rc
 
 
 def _wait_passing_signals(p: subprocess.Popen) -> int:

@@ -40,8 +40,8 @@ CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
 SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: truncated option list",
               "BAD_LENGTH": "bad DST_OPT: bad option length {low} for kind {high}", "UNKNOWN_EXID": "bad DST_OPT: unknown ExID 0x{arg:04x}",
               "MORE_THAN_ONE": "bad DST_OPT: more than one DST_OPT",
-              "DSTOPT_LENGTH": "bad DST_OPT: DST_OPT length {arg} (expected 10)",
-              "PORT0": "bad DST_OPT: DST_OPT port 0", "ADDR0": "bad DST_OPT: DST_OPT address 0.0.0.0"}
+              "DSTOPT_LENGTH": "bad DST_OPT: DST_OPT length {arg} (expected 10 or 22)",
+              "PORT0": "bad DST_OPT: DST_OPT port 0", "ADDR0": "bad DST_OPT: DST_OPT address {zero}"}
 SYN_ERROR_TEXT = ["", *SYN_ERRORS.values()]    # SYN_<NAME> in C is the index here (mimbox.synpath.syn_error)
 ERRNO_SLOTS = 160              # errno-indexed counters (struct core_stats)
 MAX_EVENTS = 512

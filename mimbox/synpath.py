@@ -221,4 +221,4 @@ def refusal_reason(cause: Cause, detail: int, arg: int, err: int, client: str, d
 def syn_error(code: int, arg: int) -> str:
     """The log line's reason for a SYN_* code (the core's refusal detail of a bad DST_OPT) and its argument."""
     from mimbox.core import SYN_ERROR_TEXT
-    return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8)
+    return SYN_ERROR_TEXT[code].format(arg=arg, low=arg & 0xFF, high=arg >> 8, zero="::" if arg == 6 else "0.0.0.0")

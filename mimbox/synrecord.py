@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from mimbox import dstopt
+from mimbox import addrs, dstopt
 from mimbox.paths import BPF_SERVER_OBJ
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361, "s390x": 351}
@@ -177,13 +177,13 @@ class SynRecorder:
 
     def pop(self, client: tuple[str, int]) -> tuple[str, int] | None:
         """The destination client's SYN asked for (once), or None if none was recorded."""
-        raw = self.map.pop(dstopt.RECORD_KEY.pack(socket.inet_aton(client[0]), client[1]))
+        raw = self.map.pop(dstopt.RECORD_KEY.pack(addrs.packed(client[0]), client[1]))
         if raw is None:
             return None
         addr, port = dstopt.RECORD_VALUE.unpack(raw[:dstopt.RECORD_VALUE.size])
-        if time.monotonic_ns() - int.from_bytes(raw[8:16], sys.byteorder) > dstopt.RECORD_TTL_NS:
+        if time.monotonic_ns() - int.from_bytes(raw[dstopt.RECORD_VALUE.size:], sys.byteorder) > dstopt.RECORD_TTL_NS:
             return None         # stale: its SYN never became a connection
-        return socket.inet_ntoa(addr), port
+        return addrs.text(addr), port
 
     def conflicts(self) -> int:
         """SYNs refused so far for naming another destination than their (address, port)'s first."""

@@ -20,6 +20,18 @@ def test_roundtrip():
     assert parse_options(b"\x02\x04\x05\xb4\x01\x01" + raw).dst == o
 
 
+def test_ipv6_form_roundtrip():
+    """An IPv6 destination takes the 22-byte form; an IPv4-mapped one the 10-byte form; the 22-byte
+    form carrying a mapped address means that IPv4 address."""
+    o = DstOpt("2001:db8:7::1", 443)
+    raw = o.encode()
+    assert len(raw) == dstopt.LENGTH6 == 22 and raw[:4] == b"\xfd\x16\x4d\x42"
+    assert DstOpt.decode(raw) == o and parse_options(raw).dst == o
+    assert len(DstOpt("::ffff:192.0.2.7", 80).encode()) == 10
+    mapped = dstopt.STRUCT6.pack(253, 22, dstopt.EXID, bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 7]), 80)
+    assert DstOpt.decode(mapped) == DstOpt("192.0.2.7", 80)
+
+
 def test_bpf_header_is_generated_from_the_declaration():
     header = (BUILD / "bpf" / "dstopt.h").read_text()
     assert header == dstopt.c_header()
@@ -33,6 +45,12 @@ def test_bpf_header_is_generated_from_the_declaration():
     (bytes([253, 10]) + b"\x4d\x42" + bytes([0, 0, 0, 0, 0, 80]), "0.0.0.0"),
     (bytes([253, 10]) + b"\x4d\x42" + bytes([10, 0, 0, 1, 0, 0]), "port 0"),
     (bytes([253, 10]) + b"\x4d\x42" + bytes([10, 0]), "length"),
+    (bytes([253, 21]) + b"\x4d\x42" + bytes(17), "length"),
+    (bytes([253, 22]) + b"\x4d\x42" + bytes(15) + b"\x01" + bytes(1), "length"),       # cut short
+    (bytes([253, 22]) + b"\x4d\x42" + bytes(16) + b"\x00\x50", "address ::"),
+    (bytes([253, 22]) + b"\x4d\x42" + bytes(10) + b"\xff\xff" + bytes(4) + b"\x00\x50", "address 0.0.0.0"),
+    (bytes([253, 22]) + b"\x4d\x42" + bytes(15) + b"\x01" + b"\x00\x00", "port 0"),
+    (bytes([253, 22]) + b"\x12\x34" + bytes(15) + b"\x01" + b"\x00\x50", "ExID"),
 ])
 def test_malformed_options_are_refused_with_a_reason(raw, reason):
     r = parse_options(raw)
@@ -134,22 +152,27 @@ def test_bpf_recorder_agrees_with_the_core_parser():
         pytest.skip(f"BPF recorder cannot load here: {e}")
     rng = random.Random(6994)
     blobs = list(option_lists(rng, 4000)) + [rng.randbytes(rng.randint(0, 40)) for _ in range(2000)]
-    disagree, recorded = [], 0
+    clients = ["10.0.1.1", "2001:db8:1::7"]          # an IPv4 frame, an IPv6 frame
+    disagree, recorded, families = [], 0, set()
     try:
         for n, opts in enumerate(blobs):
             sport = 1024 + n                 # one key per SYN: first-wins never applies here
-            pkt = ip_syn(opts, sport=sport)
+            src = clients[n % 2]
+            pkt = ip_syn(opts, src=src, dst="10.0.1.2" if n % 2 == 0 else "2001:db8:1::2", sport=sport)
             info = SynInfo()
             assert core.lib().core_parse_syn(pkt, len(pkt), info) == 0
-            frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + pkt
+            frame = b"\x02" * 6 + b"\x04" * 6 + (b"\x08\x00" if n % 2 == 0 else b"\x86\xdd") + pkt
             rec.run_on(frame)
-            got = rec.pop(("10.0.1.1", sport))
+            got = rec.pop((src, sport))
             want = core.addr_of(info.dst_addr, info.dst_port) if info.has_dst else None
-            recorded += got is not None
+            if got is not None:
+                recorded += 1
+                families.add((":" in src, ":" in got[0]))
             if got != want:
-                disagree.append((opts.hex(), got, want))
+                disagree.append((src, opts.hex(), got, want))
     finally:
         rec.remove()
     assert not disagree, disagree[:10]
     assert recorded > 300, recorded          # the corpus has valid DST_OPTs too
+    assert families == {(False, False), (False, True), (True, False), (True, True)}, families
     ledger.add(inputs=len(blobs))

@@ -1,27 +1,28 @@
-"""The converter over IPv6 and across families, for real: `mimbox run` in one network namespace, the
-servers in another (a veth between them, both families on it), clients in the converter's namespace.
+"""The converter over IPv6 and across families, for real: clients, `mimbox run` and servers in three
+network namespaces in a line, both families on every link (topologies.netns.NamespaceLine):
 
-    converter ns  fd00:96::1/64  10.96.0.1/24  --veth--  fd00:96::2/64  10.96.0.2/24  server ns
-                                                         echo servers: [::]:PORT (both), 0.0.0.0:PORT4
+    client ns  --  converter ns (forwards)  --  server ns: echo servers on [::]:PORT (both), 0.0.0.0:PORT4
 
 A listener on [::] serves IPv6 and IPv4 clients; the server side follows the server's family; the SYN
 path holds IPv6 SYNs from ip6tables' NFQUEUE as IPv4 ones from iptables'; convert mode serves IPv6
 Connects and refuses what the policy denies in either family."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from helpers import free_port, free_queues, wait_until
 from mimbox import rfc8803
+from topologies.netns import NamespaceLine
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MB6, MB4, SRV6, SRV4 = "fd00:96::1", "10.96.0.1", "fd00:96::2", "10.96.0.2"
+MB6, MB4 = NamespaceLine.MB_C6, NamespaceLine.MB_C4         # where clients reach the converter
+SRV6, SRV4 = NamespaceLine.SERVER6, NamespaceLine.SERVER4
 
 ECHO = """
 import socket, sys, threading
@@ -61,80 +62,38 @@ print('ok' if buf == data else 'corrupt %%d of %%d' %% (len(buf), len(data)))
 """ % ROOT
 
 
-class Pair:
-    """Two namespaces and a veth, both families; everything started in them is ended by close()."""
+class Pair(NamespaceLine):
+    """client -- converter -- server namespaces (topologies.netns), with the tests' client program."""
 
-    def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.mb, self.srv = f"mimbox6-mb-{tag}", f"mimbox6-srv-{tag}"
-        self.procs: list[subprocess.Popen] = []
-        for ns in (self.mb, self.srv):
-            self.sh(None, f"ip netns add {ns}")
-        try:
-            self.sh(None, f"ip link add v6m{tag} netns {self.mb} type veth peer name v6s{tag} netns {self.srv}")
-            for ns, dev, a6, a4 in ((self.mb, f"v6m{tag}", MB6, MB4), (self.srv, f"v6s{tag}", SRV6, SRV4)):
-                for cmd in ("ip link set lo up", f"ip link set {dev} up", f"ip addr add {a4}/24 dev {dev}",
-                            f"ip addr add {a6}/64 dev {dev} nodad"):
-                    self.sh(ns, cmd)
-        except BaseException:
-            self.close()
-            raise
-
-    @staticmethod
-    def sh(ns: str | None, cmd: str) -> str:
-        full = (["ip", "netns", "exec", ns] if ns else []) + cmd.split()
-        p = subprocess.run(full, capture_output=True, text=True, timeout=30)
-        assert p.returncode == 0, f"{cmd}: {p.stderr}"
-        return p.stdout
-
-    def start(self, ns: str, args: list[str], **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["ip", "netns", "exec", ns, *args], **kw)
-        self.procs.append(p)
-        return p
-
-    def client(self, host: str, port: int, size: int = 300_000, convert: tuple[str, int] | None = None) -> str:
+    def client(self, host: str, port: int, size: int = 300_000, convert: tuple[str, int] | None = None,
+               via: list[str] | None = None) -> str:
+        """Run CLIENT in the client namespace (under `mimbox client` VIA when via is given): its verdict."""
         extra = [convert[0], str(convert[1])] if convert else []
-        p = subprocess.run(["ip", "netns", "exec", self.mb, PY, "-c", CLIENT, host, str(port), str(size), *extra],
-                           capture_output=True, text=True, timeout=30)
+        wrap = [PY, "-m", "mimbox.cli", "client", *via, "--"] if via else []
+        p = self.run(self.client_ns, [*wrap, PY, "-c", CLIENT, host, str(port), str(size), *extra], cwd=ROOT)
         return (p.stdout.strip() or p.stderr.strip().splitlines()[-1]) if (p.stdout or p.stderr) else "nothing"
-
-    def close(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        for ns in (self.mb, self.srv):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 @pytest.fixture
 def pair():
-    p = Pair()
-    try:
+    with Pair("mimbox6") as p:
         yield p
-    finally:
-        p.close()
 
 
 def echo_servers(pair: Pair) -> tuple[int, int]:
     """An echo server on [::] (both families) and one on IPv4 only: their ports."""
     ports = free_port(), free_port()
     for port, fam in zip(ports, "64"):
-        e = pair.start(pair.srv, [PY, "-c", ECHO, str(port), fam], stdout=subprocess.PIPE, text=True)
+        e = pair.start(pair.server_ns, [PY, "-c", ECHO, str(port), fam], stdout=subprocess.PIPE, text=True)
         assert e.stdout.readline().strip() == "ready"
     return ports
 
 
 def converter(pair: Pair, *args: str) -> tuple[subprocess.Popen, int]:
-    port, stats = free_port(), f"/tmp/{pair.mb}.sock"
-    m = pair.start(pair.mb, [PY, "-m", "mimbox.cli", "run", "--listen", f"[::]:{port}", "--stats", stats,
-                             "--queue-num", str(free_queues(4)), "--allow-client", "fd00:96::/64",
-                             "--allow-client", "10.96.0.0/24", "--allow-destination", "fd00:96::/64",
+    port, stats = free_port(), f"/tmp/{pair.mb_ns}.sock"
+    m = pair.start(pair.mb_ns, [PY, "-m", "mimbox.cli", "run", "--listen", f"[::]:{port}", "--stats", stats,
+                             "--queue-num", str(free_queues(4)), "--allow-client", "fd00:95::/64",
+                             "--allow-client", "10.95.0.0/24", "--allow-destination", "fd00:96::/64",
                              "--allow-destination", "10.96.0.0/24", "--log-level", "info", *args],
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     wait_until(lambda: "ready on" in (m.stdout.readline() or "") or m.poll() is not None, 30, "converter ready")
@@ -151,10 +110,10 @@ def test_static_mode_both_families_held_syns(pair, server):
     m, port = converter(pair, "--mode", "static", "--upstream", upstream, "--syn-path", "hold", "--workers", "2")
     for client in (MB6, MB4):
         assert pair.client(client, port) == "ok", (client, server)
-    rules6 = pair.sh(pair.mb, "ip6tables -t raw -S")
+    rules6 = pair.sh(pair.mb_ns, "ip6tables -t raw -S")
     assert rules6.count("NFQUEUE") == 2                      # one queue rule per worker, IPv6 too
     stats = __import__("json").loads(subprocess.run(
-        ["ip", "netns", "exec", pair.mb, PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb}.sock"],
+        ["ip", "netns", "exec", pair.mb_ns, PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
         capture_output=True, text=True, timeout=30, cwd=ROOT).stdout)
     assert stats["syns"] == 2 and stats["accepted"] == 2 and not stats["refused"], stats
 
@@ -169,3 +128,39 @@ def test_convert_mode_ipv6_connect_and_policy(pair):
     assert pair.client(MB6, port, convert=(f"::ffff:{SRV4}", four)) == "ok"  # IPv6 client, IPv4 server
     for denied in (MB6, "::1", "fe80::1", f"::ffff:{MB4}"):   # (no data: the answer ends the stream)
         assert pair.client(MB6, port, 0, convert=(denied, six)) == f"error {int(rfc8803.Error.NOT_AUTHORIZED)}", denied
+
+
+@pytest.mark.parametrize("syn_path", ["hold", "accept"])
+def test_explicit_mode_ipv6_dstopt(pair, syn_path):
+    """Explicit mode: `mimbox client --mptcp` (BPF connect4/connect6 + sock_ops) in the client
+    namespace writes DST_OPT in the IPv4 form for an IPv4 or IPv4-mapped destination and in the
+    22-byte IPv6 form for an IPv6 one (the client sends SYNs without timestamps: the IPv6 form needs
+    the room); the converter reads it from the held SYN (hold: the C parser) or from the BPF recorder
+    (accept): both families of client, both of server, bytes exact."""
+    six, four = echo_servers(pair)
+    pair.sh(pair.client_ns, "sysctl -qw net.ipv4.tcp_timestamps=0")
+    m, port = converter(pair, "--mode", "explicit", "--syn-path", syn_path)
+    via = ["--via", f"{MB4}:{port}", "--via", f"[{MB6}]:{port}", "--mptcp"]
+    # IPv6 to IPv6; IPv4 to IPv4; an IPv6 socket to an IPv4(-mapped) server: IPv6 to the converter, IPv4 on
+    for dst, dport in ((SRV6, six), (SRV4, four), (f"::ffff:{SRV4}", four)):
+        assert pair.client(dst, dport, via=via) == "ok", (dst, dport)
+    # only the IPv4 address given: an IPv6 socket reaches it as ::ffff:MB4, the IPv6 form rides an IPv4 SYN
+    assert pair.client(SRV6, six, via=["--via", f"{MB4}:{port}", "--mptcp"]) == "ok"
+    # only the IPv6 address given: IPv4 sockets cannot reach it and fail rather than go around it
+    assert "Errno 1]" in pair.client(SRV4, four, via=["--via", f"[{MB6}]:{port}"])
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+                                cwd=ROOT).stdout)
+    assert stats["accepted"] == 4 and not stats["refused"], stats
+
+
+def test_explicit_mode_ipv6_needs_room(pair):
+    """With timestamps (Linux's default) an MPTCP SYN has 16 bytes of option room: the IPv6 form (22)
+    does not fit, the kernel sends the SYN without it, the converter refuses it (RST) and `mimbox
+    client` says why and what to do; the IPv4 form still fits."""
+    six, four = echo_servers(pair)
+    pair.sh(pair.client_ns, "sysctl -qw net.ipv4.tcp_timestamps=1")
+    m, port = converter(pair, "--mode", "explicit", "--syn-path", "hold")
+    via = ["--via", f"{MB4}:{port}", "--via", f"[{MB6}]:{port}", "--mptcp"]
+    out = pair.client(SRV6, six, via=via)
+    assert "1 SYN(s) went without DST_OPT" in out and "tcp_timestamps=0" in out, out
+    assert pair.client(SRV4, four, via=via) == "ok"

@@ -3,8 +3,9 @@
  *
  * tc ingress on the converter's interfaces (direct action, always TC_ACT_UNSPEC: the next filter,
  * e.g. another listener's recorder, still sees the packet).
- * For a TCP SYN to the listener's port that carries a DST_OPT, it stores (client address, client
- * port) -> (server address, server port, time) in an LRU map. The converter reads (and deletes) the
+ * For a TCP SYN (IPv4, or IPv6 whose next header is TCP) to the listener's port that carries a
+ * DST_OPT of either form, it stores (client address, client port) -> (server address, server port,
+ * time) in an LRU map, addresses as 16 bytes (IPv4 as ::ffff:a.b.c.d, native/core/addr.h). The converter reads (and deletes) the
  * entry when it accept()s the connection, so a SYN it did not hold still tells it where to go, and
  * the SYN never visits user space. The first DST_OPT wins: a SYN from a (client address, port)
  * recorded less than DSTOPT_RECORD_TTL_NS ago that names another destination (a forged SYN trying to
@@ -17,6 +18,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
@@ -91,7 +93,8 @@ static long scan_step(__u32 n, void *ctx)
 		exid = -1;
 		if (len >= 4 && i + 3 < MAX_OPTS)
 			exid = (s->opts[i + 2] << 8) | s->opts[i + 3];
-		if ((exid >= 0 && exid != DSTOPT_EXID) || s->found >= 0 || len != DSTOPT_LEN || exid != DSTOPT_EXID)
+		if ((exid >= 0 && exid != DSTOPT_EXID) || s->found >= 0 || (len != DSTOPT_LEN && len != DSTOPT_LEN6) ||
+		    exid != DSTOPT_EXID)
 			s->error = 1;	/* another experiment, a second DST_OPT, a bad length */
 		else
 			s->found = i;
@@ -99,6 +102,16 @@ static long scan_step(__u32 n, void *ctx)
 	s->i = i + len;
 	return 0;
 }
+
+static int same_destination(const struct dstopt_record_value *a, const struct dstopt_record_value *b)
+{
+	__u32 i, diff = a->port ^ b->port;
+	for (i = 0; i < 16; i++)
+		diff |= a->addr[i] ^ b->addr[i];
+	return !diff;
+}
+
+static const __u8 v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 SEC("tc")
 int mimbox_record_dstopt(struct __sk_buff *skb)
@@ -108,19 +121,30 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	struct dstopt_record_value v = {};
 	struct scan s = {.found = -1};
 	struct ethhdr *eth = data;
-	struct iphdr *ip;
 	struct tcphdr *tcp;
-	__u32 zero = 0, *port, off;
+	__u32 zero = 0, *port, off, nonzero, i;
 	struct dstopt_record_value *old;
 	__s32 f;
 	__u8 *o;
 
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
 		return TC_ACT_UNSPEC;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP || ip->ihl < 5)
+			return TC_ACT_UNSPEC;
+		__builtin_memcpy(k.saddr, v4_mapped, 12);
+		__builtin_memcpy(k.saddr + 12, &ip->saddr, 4);
+		tcp = (void *)ip + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
+			return TC_ACT_UNSPEC;	/* extension headers: the converter's accept() judges it */
+		__builtin_memcpy(k.saddr, &ip6->saddr, 16);
+		tcp = (void *)(ip6 + 1);
+	} else {
 		return TC_ACT_UNSPEC;
-	tcp = (void *)ip + ip->ihl * 4;
+	}
 	if ((void *)(tcp + 1) > end || !tcp->syn || tcp->ack)
 		return TC_ACT_UNSPEC;
 	port = bpf_map_lookup_elem(&mimbox_port, &zero);
@@ -129,7 +153,7 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	s.len = tcp->doff * 4 - sizeof(*tcp);
 	if (s.len == 0 || s.len > MAX_OPTS)
 		return TC_ACT_UNSPEC;
-	off = sizeof(*eth) + ip->ihl * 4 + sizeof(*tcp);
+	off = (void *)(tcp + 1) - data;
 	if (bpf_skb_load_bytes(skb, off, s.opts, s.len))
 		return TC_ACT_UNSPEC;
 	bpf_loop(MAX_OPTS, scan_step, &s, 0);
@@ -139,12 +163,26 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	o = s.opts + f;
 	if (((o[DSTOPT_OFF_EXID] << 8) | o[DSTOPT_OFF_EXID + 1]) != DSTOPT_EXID)
 		return TC_ACT_UNSPEC;
-	k.saddr = ip->saddr;
 	k.sport = tcp->source;
-	__builtin_memcpy(&v.addr, o + DSTOPT_OFF_ADDR, 4);
-	__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT, 2);
-	if (!v.addr || !v.port)
-		return TC_ACT_UNSPEC;	/* the parser refuses these too */
+	if (o[1] == DSTOPT_LEN) {
+		__builtin_memcpy(v.addr, v4_mapped, 12);
+		__builtin_memcpy(v.addr + 12, o + DSTOPT_OFF_ADDR, 4);
+		__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT, 2);
+	} else {
+		if (f > MAX_OPTS - DSTOPT_LEN6)
+			return TC_ACT_UNSPEC;
+		o = s.opts + f;
+		__builtin_memcpy(v.addr, o + DSTOPT_OFF_ADDR, 16);
+		__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT6, 2);
+	}
+	/* :: and ::ffff:0.0.0.0 (0.0.0.0): the parser refuses these too */
+	nonzero = 0;
+	for (i = 0; i < 16; i++)
+		if (i != 10 && i != 11)
+			nonzero |= v.addr[i];
+	if ((!nonzero && ((v.addr[10] == 0 && v.addr[11] == 0) || (v.addr[10] == 0xff && v.addr[11] == 0xff))) ||
+	    !v.port)
+		return TC_ACT_UNSPEC;
 	v.t_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_NOEXIST) == 0)
 		return TC_ACT_UNSPEC;
@@ -153,7 +191,7 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 		bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_NOEXIST);
 	else if (v.t_ns - old->t_ns > DSTOPT_RECORD_TTL_NS)
 		bpf_map_update_elem(&mimbox_syn_dst, &k, &v, BPF_EXIST);	/* a stale record */
-	else if (old->addr != v.addr || old->port != v.port) {
+	else if (!same_destination(old, &v)) {
 		__u64 *n = bpf_map_lookup_elem(&mimbox_conflicts, &zero);
 		if (n)
 			__sync_fetch_and_add(n, 1);

@@ -42,14 +42,13 @@ static int dest_take(struct core *c, uint64_t key, struct flow *f)
 	return 1;
 }
 
-/* the BPF recorder's destination for an IPv4 client (its map is keyed by IPv4 address and port) */
+/* the BPF recorder's destination for the client (its map is keyed by the 16-byte address and port) */
 static int recorder_pop(struct core *c, struct flow *f)
 {
-	struct dstopt_record_key key = {.saddr = f->caddr.s6_addr32[3], .sport = f->cport};
+	struct dstopt_record_key key = {.sport = f->cport};
 	struct dstopt_record_value val;
 	union bpf_attr attr;
-	if (!addr_is_v4(&f->caddr))
-		return 0;
+	memcpy(key.saddr, &f->caddr, 16);
 	memset(&attr, 0, sizeof(attr));
 	attr.map_fd = c->cfg.recorder_fd;
 	attr.key = (uintptr_t)&key;
@@ -59,7 +58,7 @@ static int recorder_pop(struct core *c, struct flow *f)
 	/* c->now was read when this batch began: a SYN recorded since is younger than that (signed) */
 	if ((int64_t)((uint64_t)(c->now * 1e9) - val.t_ns) > (int64_t)DSTOPT_RECORD_TTL_NS)
 		return 0;		/* stale: that SYN never became a connection */
-	f->daddr = addr_of_v4(val.addr);
+	f->daddr = addr_load(val.addr);
 	f->dport = val.port;
 	return 1;
 }

@@ -75,23 +75,31 @@ int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 				}
 			} else if (s->has_dst) {
 				s->error = SYN_MORE_THAN_ONE;
-			} else if (olen != DSTOPT_LEN) {
+			} else if (olen != DSTOPT_LEN && olen != DSTOPT_LEN6) {
 				s->error = SYN_DSTOPT_LENGTH;
 				s->arg = olen;
 			} else if (exid != DSTOPT_EXID) {
 				s->error = SYN_UNKNOWN_EXID;
 				s->arg = exid;
 			} else {
+				/* the IPv4 form (10 bytes) or the IPv6 form (22): mimbox/dstopt.py */
+				struct in6_addr a;
 				uint16_t port;
-				uint32_t addr;
-				memcpy(&addr, o + i + DSTOPT_OFF_ADDR, 4);
-				memcpy(&port, o + i + DSTOPT_OFF_PORT, 2);
-				if (!port)
+				if (olen == DSTOPT_LEN) {
+					uint32_t v4;
+					memcpy(&v4, o + i + DSTOPT_OFF_ADDR, 4);
+					a = addr_of_v4(v4);
+					memcpy(&port, o + i + DSTOPT_OFF_PORT, 2);
+				} else {
+					memcpy(&a, o + i + DSTOPT_OFF_ADDR, 16);
+					memcpy(&port, o + i + DSTOPT_OFF_PORT6, 2);
+				}
+				if (!port) {
 					s->error = SYN_PORT0;
-				else if (!addr)
+				} else if (addr_is_zero(&a)) {
 					s->error = SYN_ADDR0;
-				else {
-					struct in6_addr a = addr_of_v4(addr);
+					s->arg = addr_is_v4(&a) ? 4 : 6;	/* 0.0.0.0 or :: */
+				} else {
 					s->has_dst = 1;
 					memcpy(s->dst_addr, &a, 16);
 					s->dst_port = port;
