@@ -111,7 +111,8 @@ def plot(df: pd.DataFrame):
     x = range(len(d))
     ax.bar(x, d.kernel_option_bytes, color="#888888", label="Linux's SYN options")
     ax.bar(x, d.dstopt_bytes, bottom=d.kernel_option_bytes, color=["#2a7" if c else "none" for c in d.carried],
-           edgecolor="#c33", hatch=None, label="DST_OPT (outlined red: did not fit, SYN sent without)")
+           edgecolor=["#2a7" if c else "#c33" for c in d.carried],
+           label="DST_OPT (empty, red: did not fit, the SYN left without it)")
     ax.axhline(40, color="black", lw=1)
     ax.text(len(d) - 0.5, 40.5, "40-byte limit", ha="right", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels, fontsize=7)
