@@ -382,16 +382,15 @@ def cmd_client(a) -> int:
         print("mimbox client: give a command after --", file=sys.stderr)
         return 2
     vias = [parse_hostport(v) for v in a.via]
-    six = [h for h, _ in vias if ":" in h]
-    if len(vias) > 2 or len(six) > 1 or len(six) == len(vias) == 2 or len({p for _, p in vias}) > 1:
+    six, four = [h for h, _ in vias if ":" in h], [v for v in vias if ":" not in v[0]]
+    if len(six) > 1 or len(four) > 1 or len({p for _, p in vias}) > 1:
         print("mimbox client: --via at most once per family, with one port", file=sys.stderr)
         return 2
+    via, via6 = four[0] if four else vias[0], six[0] if six else None
     if a.convert:
         from mimbox.client import run_converted
-        return run_converted(vias[0], cmd, mptcp=a.mptcp, skip=tuple(a.skip), fastopen=not a.no_fastopen)
-    four = [v for v in vias if ":" not in v[0]]
-    return run_redirected(four[0] if four else vias[0], cmd, mptcp=a.mptcp, skip=tuple(a.skip),
-                          via6=six[0] if six else None)
+        return run_converted(via, cmd, mptcp=a.mptcp, skip=tuple(a.skip), fastopen=not a.no_fastopen, via6=via6)
+    return run_redirected(via, cmd, mptcp=a.mptcp, skip=tuple(a.skip), via6=via6)
 
 
 def cmd_doctor(a) -> int:

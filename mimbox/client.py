@@ -173,7 +173,7 @@ def _wait_passing_signals(p: subprocess.Popen) -> int:
 
 
 def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, skip: tuple[str, ...] = (),
-                  fastopen: bool = True) -> int:
+                  fastopen: bool = True, via6: str | None = None) -> int:
     """`mimbox client --convert`: run cmd with its connections sent through an RFC 8803 converter
     (native/convertize.c: connect() becomes a TFO SYN carrying a Convert message; the converter's
     answer is taken off the stream before the program reads); return its exit code.
@@ -186,8 +186,11 @@ def run_converted(via: tuple[str, int], cmd: list[str], mptcp: bool = False, ski
         if fastopen and not int(f.read()) & 1:
             raise RuntimeError("TCP Fast Open is off for clients here: sysctl -w net.ipv4.tcp_fastopen=1 "
                                "(or --no-fastopen)")
-    env = dict(os.environ, MIMBOX_CONVERT_VIA=f"{via[0]}:{via[1]}", MIMBOX_CONVERT_SKIP=",".join(skip),
+    from mimbox.config import hostport
+    env = dict(os.environ, MIMBOX_CONVERT_VIA=hostport(*via), MIMBOX_CONVERT_SKIP=",".join(skip),
                MIMBOX_CONVERT_FASTOPEN="1" if fastopen else "0")
+    if via6:
+        env["MIMBOX_CONVERT_VIA6"] = hostport(via6, via[1])
     preload = [str(CONVERTIZE), *([str(MPTCPIZE)] if mptcp else []), env.get("LD_PRELOAD", "")]
     env["LD_PRELOAD"] = " ".join(x for x in preload if x)
     return _wait_passing_signals(subprocess.Popen(cmd, env=env))

@@ -1,16 +1,19 @@
 /* libconvertize: LD_PRELOAD shim that sends an unchanged program's TCP connections through an
  * RFC 8803 Transport Converter (`mimbox client --convert`).
  *
- * connect(fd, dst) to an IPv4 destination becomes a TCP Fast Open sendto() to the converter
- * (MIMBOX_CONVERT_VIA=a.b.c.d:port) whose SYN carries a Convert message with a Connect TLV for dst
+ * connect(fd, dst) to an IPv4 or IPv6 destination becomes a TCP Fast Open sendto() to the converter
+ * (MIMBOX_CONVERT_VIA=a.b.c.d:port or [v6]:port; MIMBOX_CONVERT_VIA6=[v6]:port gives an IPv4
+ * converter's IPv6 address too) whose SYN carries a Convert message with a Connect TLV for dst
  * once the kernel holds the converter's TFO cookie; the first connection to a converter asks for the
  * cookie and the kernel sends the message right after the handshake (the converter takes SYN data
  * only with a valid cookie: a spoofed SYN's data is never read). If the SYN could not carry it, the
  * message goes out before the program's first bytes. The converter's own Convert message starts
  * its byte stream: the first read()/recv()/recvfrom() of such a socket consume it; an Error TLV
  * fails that read with ECONNREFUSED (errno) and MIMBOX_CONVERT_DEBUG=1 prints its code.
- * Destinations in MIMBOX_CONVERT_SKIP (comma-separated IPv4 addresses), loopback and the converter
- * itself are connected to directly. MIMBOX_CONVERT_FASTOPEN=0 sends the message right after the
+ * An IPv4 socket goes to the converter's IPv4 address, an IPv6 socket to its IPv6 address or else to
+ * ::ffff: its IPv4 one; an IPv4 socket fails (EPERM) when the converter has only an IPv6 address.
+ * Destinations in MIMBOX_CONVERT_SKIP (comma-separated addresses of either family), loopback and the
+ * converter itself are connected to directly. MIMBOX_CONVERT_FASTOPEN=0 sends the message right after the
  * handshake instead (one round trip later; see README on MPTCP with SYN data on Linux 6.18).
  * Wire format: mimbox/rfc8803.py (RFC 8803 §4). */
 #define _GNU_SOURCE
@@ -46,9 +49,10 @@ struct conv_fd {
 };
 
 static struct conv_fd *fds[MAX_FDS];
-static struct sockaddr_in via;
+static struct sockaddr_in via4;		/* sin_family 0: the converter has no IPv4 address */
+static struct sockaddr_in6 via6;	/* its IPv6 address, or ::ffff: its IPv4 one */
 static int via_ok = -1;
-static in_addr_t skip[32];
+static struct in6_addr skip[32];	/* IPv4 as ::ffff:a.b.c.d */
 static int nskip;
 static int fastopen = 1;
 
@@ -60,6 +64,9 @@ static ssize_t (*real_write)(int, const void *, size_t);
 static ssize_t (*real_send)(int, const void *, size_t, int);
 static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
 static int (*real_close)(int);
+
+static int parse_addr(const char *t, struct in6_addr *a);
+static int parse_hostport(const char *v, struct in6_addr *a, uint16_t *port);
 
 static void init(void)
 {
@@ -74,48 +81,111 @@ static void init(void)
 	real_sendto = dlsym(RTLD_NEXT, "sendto");
 	real_close = dlsym(RTLD_NEXT, "close");
 	via_ok = 0;
-	const char *v = getenv("MIMBOX_CONVERT_VIA");
-	char host[64];
-	const char *colon = v ? strrchr(v, ':') : NULL;
-	if (!colon || colon - v >= (long)sizeof(host))
+	struct in6_addr a;
+	uint16_t port = 0;
+	if (parse_hostport(getenv("MIMBOX_CONVERT_VIA"), &a, &port))
 		return;
-	memcpy(host, v, colon - v);
-	host[colon - v] = 0;
-	memset(&via, 0, sizeof(via));
-	via.sin_family = AF_INET;
-	via.sin_port = htons((uint16_t)atoi(colon + 1));
-	if (inet_pton(AF_INET, host, &via.sin_addr) != 1)
-		return;
+	via6.sin6_family = AF_INET6;
+	via6.sin6_port = port;
+	via6.sin6_addr = a;
+	if (IN6_IS_ADDR_V4MAPPED(&a)) {
+		via4.sin_family = AF_INET;
+		via4.sin_port = port;
+		memcpy(&via4.sin_addr, &a.s6_addr[12], 4);
+		struct in6_addr b;
+		uint16_t port6;
+		if (!parse_hostport(getenv("MIMBOX_CONVERT_VIA6"), &b, &port6) && !IN6_IS_ADDR_V4MAPPED(&b))
+			via6.sin6_addr = b;	/* the same port: the converter's listener */
+	}
 	via_ok = 1;
 	const char *f = getenv("MIMBOX_CONVERT_FASTOPEN");
 	fastopen = !(f && f[0] == '0');
 	const char *s = getenv("MIMBOX_CONVERT_SKIP");
 	while (s && *s && nskip < 32) {
-		char a[32];
+		char t[64];
 		size_t n = strcspn(s, ",");
-		if (n < sizeof(a)) {
-			memcpy(a, s, n);
-			a[n] = 0;
-			if (inet_pton(AF_INET, a, &skip[nskip]) == 1)
+		if (n < sizeof(t)) {
+			memcpy(t, s, n);
+			t[n] = 0;
+			if (parse_addr(t, &skip[nskip]) == 0)
 				nskip++;
 		}
 		s += n + (s[n] == ',');
 	}
 }
 
+/* "a.b.c.d" or "v6" as 16 bytes (IPv4 as ::ffff:a.b.c.d); 0 on success */
+static int parse_addr(const char *t, struct in6_addr *a)
+{
+	struct in_addr v4;
+	if (inet_pton(AF_INET, t, &v4) == 1) {
+		memset(a, 0, sizeof(*a));
+		a->s6_addr[10] = a->s6_addr[11] = 0xff;
+		memcpy(&a->s6_addr[12], &v4, 4);
+		return 0;
+	}
+	return inet_pton(AF_INET6, t, a) == 1 ? 0 : -1;
+}
+
+/* "a.b.c.d:port" or "[v6]:port"; port in network order; 0 on success */
+static int parse_hostport(const char *v, struct in6_addr *a, uint16_t *port)
+{
+	char host[64];
+	const char *colon = v ? strrchr(v, ':') : NULL;
+	size_t n;
+	if (!colon)
+		return -1;
+	n = colon - v;
+	if (n >= 2 && v[0] == '[' && v[n - 1] == ']') {
+		v++;
+		n -= 2;
+	}
+	if (n >= sizeof(host))
+		return -1;
+	memcpy(host, v, n);
+	host[n] = 0;
+	*port = htons((uint16_t)atoi(colon + 1));
+	return parse_addr(host, a);
+}
+
+/* The destination of connect(addr) as 16 bytes and a port; -1 if it is not IPv4 or IPv6. */
+static int destination(const struct sockaddr *addr, struct in6_addr *a, uint16_t *port)
+{
+	if (addr->sa_family == AF_INET) {
+		const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
+		memset(a, 0, sizeof(*a));
+		a->s6_addr[10] = a->s6_addr[11] = 0xff;
+		memcpy(&a->s6_addr[12], &in->sin_addr, 4);
+		*port = in->sin_port;
+		return 0;
+	}
+	if (addr->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)addr;
+		*a = in6->sin6_addr;
+		*port = in6->sin6_port;
+		return 0;
+	}
+	return -1;
+}
+
+/* 1: through the converter; 0: directly */
 static int redirected(int fd, const struct sockaddr *addr)
 {
 	int type;
 	socklen_t len = sizeof(type);
-	if (via_ok != 1 || fd < 0 || fd >= MAX_FDS || !addr || addr->sa_family != AF_INET)
+	struct in6_addr dst;
+	uint16_t port;
+	if (via_ok != 1 || fd < 0 || fd >= MAX_FDS || !addr || destination(addr, &dst, &port))
 		return 0;
 	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) || type != SOCK_STREAM)
 		return 0;
-	in_addr_t dst = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
-	if ((ntohl(dst) >> 24) == 127 || dst == via.sin_addr.s_addr)
+	if (IN6_IS_ADDR_LOOPBACK(&dst) || (IN6_IS_ADDR_V4MAPPED(&dst) && dst.s6_addr[12] == 127))
+		return 0;
+	if ((via4.sin_family && IN6_IS_ADDR_V4MAPPED(&dst) && !memcmp(&dst.s6_addr[12], &via4.sin_addr, 4)) ||
+	    IN6_ARE_ADDR_EQUAL(&dst, &via6.sin6_addr))
 		return 0;
 	for (int i = 0; i < nskip; i++)
-		if (skip[i] == dst)
+		if (IN6_ARE_ADDR_EQUAL(&skip[i], &dst))
 			return 0;
 	return 1;
 }
@@ -131,24 +201,33 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 	init();
 	if (!redirected(fd, addr))
 		return real_connect(fd, addr, alen);
-	const struct sockaddr_in *dst = (const struct sockaddr_in *)addr;
+	struct in6_addr dst;
+	uint16_t dport = 0;
+	destination(addr, &dst, &dport);
+	/* the converter in the socket's family */
+	const struct sockaddr *conv = addr->sa_family == AF_INET ? (const struct sockaddr *)&via4
+								  : (const struct sockaddr *)&via6;
+	socklen_t conv_len = addr->sa_family == AF_INET ? sizeof(via4) : sizeof(via6);
+	if (addr->sa_family == AF_INET && !via4.sin_family) {
+		errno = EPERM;		/* no IPv4 address to reach the converter at: never around it */
+		return -1;
+	}
 	struct conv_fd *c = fds[fd];
 	if (!c && !(c = fds[fd] = calloc(1, sizeof(*c))))
 		return real_connect(fd, addr, alen);
 	memset(c, 0, sizeof(*c));
 	/* fixed header: version 1, 6 words, unassigned 0; Connect TLV: type 10, 5 words, port,
-	 * ::ffff:a.b.c.d */
+	 * the address as 16 bytes (IPv4 as ::ffff:a.b.c.d) */
 	uint8_t *m = c->msg;
 	m[0] = 1;
 	m[1] = CONNECT_LEN / 4;
 	m[4] = TLV_CONNECT;
 	m[5] = 5;
-	memcpy(m + 6, &dst->sin_port, 2);
-	m[18] = m[19] = 0xff;
-	memcpy(m + 20, &dst->sin_addr, 4);
+	memcpy(m + 6, &dport, 2);
+	memcpy(m + 8, &dst, 16);
 	int nonblocking = fcntl(fd, F_GETFL) & O_NONBLOCK;
 	if (!fastopen) {
-		int r = real_connect(fd, (const struct sockaddr *)&via, sizeof(via));
+		int r = real_connect(fd, conv, conv_len);
 		if (r == 0 || errno == EINPROGRESS) {
 			c->state = SEND_MSG;	/* the message goes before the program's first bytes */
 			c->have = 0;
@@ -156,7 +235,7 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 		return r;
 	}
 	ssize_t n = real_sendto(fd, m, CONNECT_LEN, MSG_FASTOPEN | MSG_NOSIGNAL,
-				(const struct sockaddr *)&via, sizeof(via));
+				conv, conv_len);
 	int err = errno;
 	if (n == CONNECT_LEN) {
 		c->state = READ_REPLY;

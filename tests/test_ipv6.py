@@ -164,3 +164,37 @@ def test_explicit_mode_ipv6_needs_room(pair):
     out = pair.client(SRV6, six, via=via)
     assert "1 SYN(s) went without DST_OPT" in out and "tcp_timestamps=0" in out, out
     assert pair.client(SRV4, four, via=via) == "ok"
+
+
+@pytest.mark.parametrize("client", [NamespaceLine.CLIENT6, NamespaceLine.CLIENT4], ids=["from-ipv6", "from-ipv4"])
+def test_transparent_mode_ipv6(pair, client):
+    """Transparent mode on the path (the converter namespace forwards): a client of either family
+    connects straight to the server's address; ip6tables/iptables TPROXY hand its SYN to the converter,
+    which connects to that same address (the listener is [::]): bytes exact, and every connection was
+    the converter's (counted as accepted: without the IPv6 TPROXY rules it would be routed past it)."""
+    six, four = echo_servers(pair)
+    m, port = converter(pair, "--mode", "transparent", "--intercept", f"{six},{four}",
+                        "--intercept-from", "fd00:95::/64", "--intercept-from", "10.95.0.0/24")
+    dst, dport = (SRV6, six) if ":" in client else (SRV4, four)
+    assert pair.client(dst, dport) == "ok", (client, dst)
+    if ":" not in client:       # IPv4 to the dual-stack server's port too
+        assert pair.client(SRV4, six) == "ok"
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+                                cwd=ROOT).stdout)
+    assert stats["accepted"] == (1 if ":" in client else 2) and not stats["refused"], stats
+
+
+def test_convert_client_ipv6(pair):
+    """`mimbox client --convert` (native/convertize.c) for IPv6 destinations: an IPv6 socket's Connect
+    carries the IPv6 address and goes to the converter's IPv6 address (or to ::ffff: its IPv4 one
+    when it has only that); IPv4 destinations as before; bytes exact through the program's own reads."""
+    six, four = echo_servers(pair)
+    m, port = converter(pair, "--mode", "convert")
+    both = ["--convert", "--via", f"{MB4}:{port}", "--via", f"[{MB6}]:{port}"]
+    for dst, dport in ((SRV6, six), (SRV4, four), (f"::ffff:{SRV4}", four)):
+        assert pair.client(dst, dport, via=both) == "ok", (dst, dport)
+    assert pair.client(SRV6, six, via=["--convert", "--via", f"{MB4}:{port}"]) == "ok"   # via ::ffff:MB4
+    assert "Errno 1]" in pair.client(SRV4, four, via=["--convert", "--via", f"[{MB6}]:{port}"])
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+                                cwd=ROOT).stdout)
+    assert stats["accepted"] == 4 and not stats["refused"], stats
