@@ -71,7 +71,9 @@ class CoreConfig(ctypes.Structure):
                 ("syn_path", ctypes.c_int32), ("pending_limit", ctypes.c_int32), ("pending_per_prefix", ctypes.c_int32),
                 ("explicit_opt", ctypes.c_int32), ("handshake_timeout", ctypes.c_double),
                 ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32),
-                ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32)]
+                ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32),
+                ("synack_fd", ctypes.c_int32),         # mimbox.synack's map (convert mode), <= 0: none
+                ("_pad3", ctypes.c_int32)]
 
 
 class Event(ctypes.Structure):
@@ -96,7 +98,7 @@ class CoreStats(ctypes.Structure):
         ("handover_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         ("refused", ctypes.c_uint64 * len(CAUSES)), ("server_errors", ctypes.c_uint64 * ERRNO_SLOTS)] + [
         (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares", "accept_pauses",
-                                       "refused_after_accept", "access_log_dropped")] + [
+                                       "refused_after_accept", "access_log_dropped", "synack_options")] + [
         ("connect_hist", ctypes.c_uint64 * (len(CONNECT_BUCKETS_US) + 1)),
         ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double)]
 
@@ -165,8 +167,9 @@ def c_header() -> str:
     lines += [f"#define EV_{n} {v}" for n, v in (("FD", EV_FD), ("ACCEPTED", EV_ACCEPTED), ("REFUSED", EV_REFUSED),
                                                   ("GIVEBACK", EV_GIVEBACK), ("ABORTED", EV_ABORTED),
                                                   ("CLOSED", EV_CLOSED))]
-    from mimbox.rfc8803 import Error, error_reply
+    from mimbox.rfc8803 import Error, Tlv, error_reply
     busy = error_reply(Error.RESOURCE_EXCEEDED)
+    lines += [f"#define TLV_EXTENDED_TCP_HEADER {int(Tlv.EXTENDED_TCP_HEADER)}"]
     lines += ["/* RFC 8803: the answer to a client refused for a cap (mimbox.rfc8803.error_reply) */",
               f"#define CONVERT_RESOURCE_EXCEEDED {{{', '.join(f'0x{b:02x}' for b in busy)}}}"]
     for count, name, bounds in (("CONNECT_BUCKET_COUNT", "CONNECT_BUCKETS_US", CONNECT_BUCKETS_US),

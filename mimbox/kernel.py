@@ -241,6 +241,11 @@ def _probe_all(build_dir: str | None = None) -> list[Capability]:
         add(Capability("bpf.syn-recorder", ok, f"tc ingress BPF recording DST_OPT: {out or 'attached and removed'}",
                        "tc (iproute2), bpftool and `invoke build`; without it explicit mode reads every SYN "
                        "through NFQUEUE (--syn-path auto and accept cost more)", required=False))
+        ok, out = _try([sys.executable, "-c", "from mimbox.synack import SynAckOptions; "
+                        "SynAckOptions().install().remove()"], ns)
+        add(Capability("bpf.synack-options", ok, f"sockops reading servers' SYN-ACK options: {out or 'attached and removed'}",
+                       "bpftool, cgroup2 and `invoke build`; without it convert mode's answers carry an empty "
+                       "Extended TCP Header TLV", required=False))
     try:
         from netfilterqueue import NetfilterQueue
         q = NetfilterQueue()

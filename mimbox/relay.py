@@ -113,7 +113,8 @@ class Relay:
         """What the core decides by itself, from the configuration (mimbox.core)."""
         return core_config(self.cfg, worker=self.worker, workers=self.workers, fd_capacity=self.fd_capacity,
                            admission=self.admission, held=self.held, syns_queued=self.queue_syns,
-                           recorder_fd=self.recorder.map.fd if self.recorder is not None else -1)
+                           recorder_fd=self.recorder.map.fd if self.recorder is not None else -1,
+                           synack_fd=self.plan.synack.map.fd if self.plan.synack is not None else -1)
 
     # -- set-up / teardown ---------------------------------------------------------------------------
     def open(self) -> "Relay":

@@ -13,6 +13,7 @@ from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, 
                          ADDR, CoreConfig, port_n)
 from mimbox.netfilter import ListenerRules
 from mimbox.rfc8803 import HEADER_FIELD
+from mimbox.synack import SynAckOptions
 from mimbox.synrecord import SynRecorder
 
 log = logging.getLogger("mimbox")
@@ -21,16 +22,21 @@ log = logging.getLogger("mimbox")
 @dataclass
 class SynPlan:
     """How a listener's client SYNs reach it, decided once (by the relay, or by the supervisor for
-    all its workers): whether any visits NFQUEUE, at what rate per client /24 (auto), and the BPF
-    recorder that tells explicit mode the destination of SYNs that did not."""
+    all its workers): whether any visits NFQUEUE, at what rate per client /24 (auto), the BPF
+    recorder that tells explicit mode the destination of SYNs that did not, and (convert mode) the
+    BPF program that keeps the servers' SYN-ACK options for the answers (mimbox.synack)."""
     queue: bool
     hold_rate: int | None = None          # None: every SYN that matches is queued
     recorder: SynRecorder | None = None
+    synack: SynAckOptions | None = None
 
     def close(self) -> None:
         if self.recorder is not None:
             self.recorder.remove()
             self.recorder = None
+        if self.synack is not None:
+            self.synack.remove()
+            self.synack = None
 
 
 def plan_syns(cfg: Config) -> SynPlan:
@@ -39,8 +45,12 @@ def plan_syns(cfg: Config) -> SynPlan:
     caps) up to --hold-rate per client /24, the rest straight to the kernel; again every SYN queued
     in explicit mode without the recorder."""
     lc = cfg.listener
-    if lc.mode == "convert":
-        return SynPlan(queue=False)     # the kernel accepts at the SYN (TFO): the message is the first bytes
+    if lc.mode == "convert":            # the kernel accepts at the SYN (TFO): the message is the first bytes
+        try:
+            return SynPlan(queue=False, synack=SynAckOptions().install())
+        except (RuntimeError, OSError) as e:
+            log.warning("no BPF SYN-ACK reader (%s): answers carry an empty Extended TCP Header TLV", e)
+            return SynPlan(queue=False)
     if lc.syn_path == "hold":
         return SynPlan(queue=True)
     recorder = None
@@ -97,10 +107,10 @@ SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, 
 
 
 def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, held, syns_queued: bool,
-                recorder_fd: int) -> CoreConfig:
+                recorder_fd: int, synack_fd: int = -1) -> CoreConfig:
     """A worker's struct core_config from a mimbox.config.Config and what the worker set up: the
     shared admission counter (mimbox.synpath.Admission), the workers' HeldSet (None: alone), the
-    BPF recorder's map fd (-1: none)."""
+    BPF recorder's map fd and the SYN-ACK options map's (-1: none)."""
     from mimbox.timers import PREFIX_WAIT
     lc, bc, sc = cfg.listener, cfg.buffers, cfg.safety
     source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
@@ -119,5 +129,6 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
         syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
         pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
         handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
-        access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat])
+        access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat],
+        synack_fd=synack_fd)
 

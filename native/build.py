@@ -8,9 +8,10 @@ What it makes (mimbox.paths finds them):
     OUT/libmptcpize.so           LD_PRELOAD shim: a program's TCP sockets become MPTCP
     OUT/libconvertize.so         LD_PRELOAD shim: RFC 8803 client
     OUT/bpf/dstopt_*.bpf.o       the client's DST_OPT writer and the converter's SYN recorder
+    OUT/bpf/synack_opts.bpf.o    convert mode: the servers' SYN-ACK options (mimbox.synack)
     OUT/fuzz/{parser,handler}    (--fuzz) libFuzzer harnesses of the core's SYN parser and handler
 
-The generated headers come from the Python that declares the layouts (mimbox.core, mimbox.dstopt),
+The generated headers come from the Python that declares the layouts (mimbox.core, mimbox.dstopt, mimbox.synack),
 run from this source tree; only the standard library is needed to build. Needs gcc, clang (BPF
 target), libnetfilter-queue-dev and libbpf-dev (Debian names).
 """
@@ -54,11 +55,12 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
     out = Path(out).resolve()
     (out / "bpf").mkdir(parents=True, exist_ok=True)
     _write_if_changed(out / "bpf" / "dstopt.h", _header("mimbox.dstopt"))
+    _write_if_changed(out / "bpf" / "synack.h", _header("mimbox.synack"))
     _write_if_changed(out / "relaycore.h", _header("mimbox.core"))
     arch_inc = f"/usr/include/{platform.machine()}-linux-gnu"
-    for name in ("dstopt_client", "dstopt_server"):
+    for name in ("dstopt_client", "dstopt_server", "synack_opts"):
         obj, src = out / "bpf" / f"{name}.bpf.o", SRC / "mimbox" / "bpf" / f"{name}.bpf.c"
-        if force or _stale(obj, src, out / "bpf" / "dstopt.h"):
+        if force or _stale(obj, src, out / "bpf" / "dstopt.h", out / "bpf" / "synack.h"):
             _run(["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-I", str(out / "bpf"), "-I", arch_inc,
                   "-c", str(src), "-o", str(obj)])
     for lib, src, libs in (("libmptcpize.so", "mptcpize.c", ["-ldl"]), ("libconvertize.so", "convertize.c", ["-ldl"])):
@@ -66,7 +68,7 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
             _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-o", str(out / lib), str(SRC / "native" / src), *libs])
     core = out / "librelaycore.so"
     rooms = sorted(CORE.glob("*.c"))
-    inputs = [*rooms, *CORE.glob("*.h"), out / "relaycore.h", out / "bpf" / "dstopt.h"]
+    inputs = [*rooms, *CORE.glob("*.h"), out / "relaycore.h", out / "bpf" / "dstopt.h", out / "bpf" / "synack.h"]
     if force or _stale(core, *inputs):
         # one job per file, linked with -flto so calls between rooms inline as in one file; only the
         # exports of core.h are visible

@@ -198,3 +198,38 @@ def test_convert_client_ipv6(pair):
     stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
                                 cwd=ROOT).stdout)
     assert stats["accepted"] == 4 and not stats["refused"], stats
+
+
+SYNACK_CLIENT = """
+import socket, sys
+sys.path.insert(0, %r)
+from mimbox import rfc8803, dstopt
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(rfc8803.connect_message(sys.argv[3], int(sys.argv[4])) + b'x')
+buf = b''
+while len(buf) < 4 or len(buf) < buf[1] * 4:
+    buf += s.recv(1024)
+r = rfc8803.parse_reply(buf)
+print(r.error, r.server_options.hex())
+""" % ROOT
+
+
+@pytest.mark.parametrize("server,mss", [(SRV6, 1440), (SRV4, 1460)], ids=["ipv6", "ipv4"])
+def test_convert_answer_carries_the_servers_synack_options(pair, server, mss):
+    """RFC 8803's Extended TCP Header TLV holds the options of the server's SYN-ACK (read by the sockops
+    program of mimbox.synack): the server's MSS for a 1500-byte veth (1460 IPv4, 1440 IPv6), SACK
+    permitted, timestamps, window scale; it was empty before."""
+    six, four = echo_servers(pair)
+    m, port = converter(pair, "--mode", "convert")
+    p = pair.run(pair.client_ns, [PY, "-c", SYNACK_CLIENT, MB6, str(port), server, str(six if ":" in server else four)])
+    error, opts = p.stdout.split()
+    assert error == "None", p.stdout + p.stderr
+    kinds, i, raw = {}, 0, bytes.fromhex(opts)
+    while i < len(raw) and raw[i]:
+        if raw[i] == 1:
+            i += 1
+            continue
+        kinds[raw[i]] = raw[i + 2:i + raw[i + 1]]
+        i += raw[i + 1]
+    assert {2, 3, 4, 8} <= set(kinds), opts                       # MSS, WS, SACK-permitted, timestamps
+    assert int.from_bytes(kinds[2], "big") == mss, opts

@@ -148,6 +148,8 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 		c->st.server_mptcp++;
 	else
 		c->st.server_tcp++;
+	if (k->down.prefix)			/* convert mode: the answer carries the SYN-ACK's options */
+		synack_options(c, k->sfd, &k->f.daddr, k->f.dport, &k->down.prefix, &k->down.prefix_len);
 	if (k->early_len) {
 		ssize_t w = write(k->sfd, k->early, k->early_len);
 		if (w != (ssize_t)k->early_len)	/* a fresh socket takes them: short is a failure */

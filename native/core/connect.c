@@ -7,7 +7,12 @@
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include "synack.h"		/* generated from mimbox/synack.py: the SYN-ACK options map */
 
 void reset_close(int fd)
 {
@@ -200,4 +205,46 @@ int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int 
 		learn(c, daddr, dport, server_mptcp);
 	}
 	return server_mptcp;
+}
+
+/* Convert mode: the options of the server's SYN-ACK (recorded by mimbox/bpf/synack_opts.bpf.c, keyed
+ * by server, local port and server port) into the answer Python wrote with an empty Extended TCP
+ * Header TLV (RFC 8803 4.2.3): *prefix is header (4 bytes) + that TLV (type, length in words, 2 zero
+ * bytes). Without a record (no BPF, or an entry aged out) the TLV stays empty, as before. */
+void synack_options(struct core *c, int sfd, const struct in6_addr *daddr, uint16_t dport, char **prefix,
+		    uint32_t *prefix_len)
+{
+	struct synack_key key;
+	struct synack_value val;
+	struct sockaddr_storage me;
+	socklen_t len = sizeof(me);
+	struct in6_addr local;
+	union bpf_attr attr;
+	uint32_t n;
+	char *p;
+
+	if (c->cfg.synack_fd <= 0 || *prefix_len != 8 || (uint8_t)(*prefix)[4] != TLV_EXTENDED_TCP_HEADER)
+		return;
+	if (getsockname(sfd, (struct sockaddr *)&me, &len) || addr_from_sockaddr(&me, &local, &key.lport))
+		return;
+	memcpy(key.raddr, daddr, 16);
+	key.rport = dport;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = c->cfg.synack_fd;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&val;
+	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &attr, sizeof(attr)) || !val.len ||
+	    val.len > SYNACK_MAX_OPTS)
+		return;
+	n = (val.len + 3) & ~3u;		/* whole words (a SYN-ACK's options are; EOL pads otherwise) */
+	p = realloc(*prefix, 8 + n);
+	if (!p)
+		return;
+	memcpy(p + 8, val.opts, val.len);
+	memset(p + 8 + val.len, 0, n - val.len);
+	p[1] = (char)((8 + n) / 4);		/* the message's length in words */
+	p[5] = (char)((4 + n) / 4);		/* the TLV's */
+	*prefix = p;
+	*prefix_len = 8 + n;
+	c->st.synack_options++;
 }

@@ -80,6 +80,8 @@ void link_ready(struct core *c, int fd);
 
 /* connect.c */
 int connect_result(int fd, uint32_t ev);
+void synack_options(struct core *c, int sfd, const struct in6_addr *daddr, uint16_t dport, char **prefix,
+		    uint32_t *prefix_len);
 int server_answered(struct core *c, int sfd, double t_syn, int tried_mptcp, int server_mptcp,
 		    const struct in6_addr *daddr, uint16_t dport);
 int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, int *tried_mptcp);
