@@ -151,7 +151,7 @@ def _detach_everywhere(prog: Path) -> None:
         return
     for g in groups:
         for prog_att in g.get("programs", []):
-            if prog_att.get("id") == pid and prog_att.get("attach_type") == "sock_ops":
+            if prog_att.get("id") == pid and prog_att.get("attach_type", "").endswith("sock_ops"):  # cgroup_sock_ops
                 subprocess.run(["bpftool", "cgroup", "detach", g["cgroup"], "sock_ops", "id", str(pid)],
                                capture_output=True)
 

@@ -23,3 +23,31 @@ def test_clean_keeps_other_files_and_links_and_removes_ours():
         os.unlink(other.name)
         subprocess.run(["ip", "link", "del", "mbox-eth9"], capture_output=True)
         subprocess.run(["ip", "link", "del", "user-eth9"], capture_output=True)
+
+
+def test_synack_reader_of_a_killed_converter_is_detached():
+    """A converter killed with SIGKILL leaves its sockops program attached to its cgroup; the next
+    start (mimbox.synack.remove_leftovers) detaches and unpins it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from mimbox import synack
+
+    def attached() -> int:
+        tree = subprocess.run(["bpftool", "-j", "cgroup", "tree"], capture_output=True, text=True).stdout
+        return sum(p.get("name") == synack.PROG for g in json.loads(tree or "[]") for p in g.get("programs", []))
+    before = attached()
+    p = subprocess.Popen([sys.executable, "-c", "from mimbox.synack import SynAckOptions; import sys, time; "
+                          "SynAckOptions().install(); print('up', flush=True); time.sleep(60)"],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"
+        assert attached() == before + 1
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    assert attached() == before + 1                 # killed: still attached
+    removed = synack.remove_leftovers()
+    assert len(removed) == 1 and attached() == before, removed

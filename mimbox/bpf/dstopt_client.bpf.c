@@ -124,16 +124,27 @@ static struct orig_dst *remember(struct bpf_sock_addr *ctx, __u32 dst[4])
 	return o;
 }
 
-SEC("cgroup/connect4")
-int mimbox_connect4(struct bpf_sock_addr *ctx)
+/* The converter's config when a connect() of ctx to dst (16 bytes) goes through it, else NULL. */
+static struct mimbox_cfg *redirecting(struct bpf_sock_addr *ctx, __u32 dst[4])
 {
-	__u32 key = 0, dst[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
+	__u32 key = 0;
 	struct mimbox_cfg *cfg;
 
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
+		return 0;
 	cfg = bpf_map_lookup_elem(&mimbox_cfg, &key);
 	if (!cfg || !cfg->conv_port || !redirect_wanted(cfg, dst))
+		return 0;
+	return cfg;
+}
+
+SEC("cgroup/connect4")
+int mimbox_connect4(struct bpf_sock_addr *ctx)
+{
+	__u32 dst[4] = {0, 0, bpf_htonl(0xffff), ctx->user_ip4};
+	struct mimbox_cfg *cfg = redirecting(ctx, dst);
+
+	if (!cfg)
 		return 1;
 	if (!cfg->conv_addr)
 		return 0;	/* the converter has no IPv4 address: EPERM, never around it */
@@ -147,15 +158,10 @@ int mimbox_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int mimbox_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 key = 0, dst[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
-	struct mimbox_cfg *cfg;
+	__u32 dst[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+	struct mimbox_cfg *cfg = redirecting(ctx, dst);
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
-	cfg = bpf_map_lookup_elem(&mimbox_cfg, &key);
-	if (!cfg || !cfg->conv_port || !redirect_wanted(cfg, dst))
-		return 1;
-	if (!remember(ctx, dst))
+	if (!cfg || !remember(ctx, dst))
 		return 1;
 	ctx->user_ip6[0] = cfg->conv_addr6[0];
 	ctx->user_ip6[1] = cfg->conv_addr6[1];
@@ -199,7 +205,7 @@ int mimbox_sockops(struct bpf_sock_ops *skops)
 		o = bpf_sk_storage_get(&mimbox_orig, sk, 0, 0);
 		if (!o)
 			break;
-		if (bpf_reserve_hdr_opt(skops, o->len == DSTOPT_LEN ? DSTOPT_LEN : DSTOPT_LEN6, 0))
+		if (bpf_reserve_hdr_opt(skops, o->len, 0))
 			count(&mimbox_nofit, 0);	/* ENOSPC: this SYN goes without (refused there) */
 		break;
 	case BPF_SOCK_OPS_WRITE_HDR_OPT_CB:

@@ -171,7 +171,6 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 	} else {
 		if (f > MAX_OPTS - DSTOPT_LEN6)
 			return TC_ACT_UNSPEC;
-		o = s.opts + f;
 		__builtin_memcpy(v.addr, o + DSTOPT_OFF_ADDR, 16);
 		__builtin_memcpy(&v.port, o + DSTOPT_OFF_PORT6, 2);
 	}
