@@ -84,7 +84,9 @@ class Server:
     """An xfer server on the testbed's server host, with its JSON reports."""
 
     def __init__(self, tb, port: int, mptcp: bool, count: int = 1, wait_subflows: int = 0):
-        argv = [PY, "-m", "experiments.measure.xfer", "server", "--port", str(port), "--count", str(count)]
+        """Listens on the server's IPv6 address too when `tb` is a view with an IPv6 server."""
+        argv = [PY, "-m", "experiments.measure.xfer", "server", "--port", str(port), "--count", str(count),
+                "--bind", "::" if getattr(tb, "server_family", 4) == 6 else "0.0.0.0"]
         if mptcp:
             argv.append("--mptcp")
         if wait_subflows:

@@ -1,4 +1,5 @@
 """The emulated world: link fidelity, MPTCP over both client paths, and cleanup."""
+import re
 import subprocess
 import sys
 
@@ -61,10 +62,13 @@ def test_paper_links_are_unshaped_and_fast(mptcp_ok):
         assert r.rtt_ms < 1.0, r
 
 
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("topo", [PaperTopo, MobileTopo], ids=["paper", "mobile"])
-def test_mptcp_uses_both_client_paths(mptcp_ok, topo):
-    """Direct variant (converter host routes, server speaks MPTCP): 2 subflows, bytes on both links."""
-    with Testbed(topo()) as tb:
+def test_mptcp_uses_both_client_paths(mptcp_ok, topo, family):
+    """Direct variant (converter host routes, server speaks MPTCP): 2 subflows, bytes on both links,
+    in either family of the dual-stack topologies."""
+    with Testbed(topo()) as base:
+        tb = base.view(family, family)
         before = {i: int(tb.client.cmd(f"cat /sys/class/net/{i}/statistics/rx_bytes"))
                   for i in ("client-eth0", "client-eth1")}
         size = 2_000_000 if topo is MobileTopo else 50_000_000
@@ -80,6 +84,7 @@ def test_mptcp_uses_both_client_paths(mptcp_ok, topo):
                  for i in ("client-eth0", "client-eth1")}
     assert c["mptcp"] and c["subflows"] == 2 and s["subflows"] == 2, (c, s)
     assert c["sha_received"] == s["sha_sent"]
+    assert (":" in c["local"] and not c["local"].startswith("::ffff:")) == (family == 6), c
     got = {i: after[i] - before[i] for i in before}
     # unshaped veth: the scheduler keeps most on the first path (seen: 76 KB to 2.2 MB of 50 MB on the
     # second), but the second carries data segments; shaped WiFi + 3G: both carry a real share
@@ -107,3 +112,15 @@ def test_each_address_leaves_by_its_own_path(mptcp_ok):
         assert f"dev {c3g.intf_outer}" in route, route
         route = tb.server.cmd(f"ip route get {s2.mbox_ip} from {tb.server_ip}")
         assert f"dev {s2.intf_outer}" in route, route
+
+
+def test_mobile_delays_hold_for_ipv6_too():
+    """The delay lines delay IPv6 as IPv4: ping over WiFi and over 3G, in both families, sees the
+    paths' RTT (20 and 80 ms), not a bare veth's (-U: user-to-user time, see linkcheck)."""
+    with Testbed(MobileTopo()) as tb:
+        for a, rtt in zip(tb.topo.client_addrs, (20, 80)):
+            for family in (4, 6):
+                out = tb.client.cmd(f"ping -U -{family} -n -c 3 -i 0.2 -I {a.outer(family)} {a.mbox(family)}")
+                m = re.search(r"= ([\d.]+)/", out)
+                assert m, out
+                assert rtt - 1 <= float(m.group(1)) <= rtt + 5, (family, a, out)

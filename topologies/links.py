@@ -6,7 +6,8 @@ shape what that side *sends*). Where the kernel has sch_netem it simply is a TCL
 not (this project's CI kernel), each direction is built from parts the kernel does have:
 
     sender egress:    HTB class at `bw`  ->  pfifo of `max_queue_size` packets   (the bottleneck queue)
-    receiver ingress: raw/PREROUTING -> NFQUEUE -> topologies.delayline          (propagation delay, loss)
+    receiver ingress: raw/PREROUTING -> NFQUEUE -> topologies.delayline          (propagation delay, loss;
+                                                                                  IPv4 and IPv6)
 
 A constant delay commutes with a FIFO queue, so delaying at the receiver's ingress gives the same
 end-to-end timing as netem's delay after the queue; doing it at ingress (not at the sender's
@@ -129,9 +130,10 @@ class EmuIntf(TCIntf):
         if ready != "ready":
             err = self.delay_line.stderr.read()
             raise RuntimeError(f"delay line for {self} -> {peer} did not start: {err}")
-        out = node.cmd(f"iptables -w -t raw -A PREROUTING -i {peer} -j NFQUEUE --queue-num {queue}")
-        if out.strip():
-            raise RuntimeError(f"iptables on {node}: {out}")
+        for tables in ("iptables", "ip6tables"):   # both families ride the link: both are delayed
+            out = node.cmd(f"{tables} -w -t raw -A PREROUTING -i {peer} -j NFQUEUE --queue-num {queue}")
+            if out.strip():
+                raise RuntimeError(f"{tables} on {node}: {out}")
 
     def dropped(self) -> int:
         """Packets this direction's emulation dropped so far (delay line's counter, or netem's)."""
@@ -159,8 +161,9 @@ class EmuIntf(TCIntf):
             return
         peer = self.peer()
         if peer.node.shell:
-            peer.node.cmd(f"iptables -w -t raw -D PREROUTING -i {peer} -j NFQUEUE "
-                          f"--queue-num {peer.node.ports.get(peer, 0)} 2>/dev/null")
+            for tables in ("iptables", "ip6tables"):
+                peer.node.cmd(f"{tables} -w -t raw -D PREROUTING -i {peer} -j NFQUEUE "
+                              f"--queue-num {peer.node.ports.get(peer, 0)} 2>/dev/null")
         p.terminate()
         try:
             p.wait(timeout=3)

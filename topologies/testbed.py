@@ -48,7 +48,8 @@ class PathSpec:
 
 @dataclass(frozen=True)
 class Addr:
-    """Addressing of path k on a side: subnet 10.0.<n>.0/24, .1 the outer host, .2 mbox."""
+    """Addressing of path k on a side: subnet 10.0.<n>.0/24, .1 the outer host, .2 mbox; on a
+    dual-stack topology also fd00:0:<n>::/64, ::1 the outer host, ::2 mbox."""
     n: int
     intf_outer: str
     intf_mbox: str
@@ -65,16 +66,40 @@ class Addr:
     def subnet(self) -> str:
         return f"10.0.{self.n}.0/24"
 
+    @property
+    def outer_ip6(self) -> str:
+        return f"fd00:0:{self.n}::1"
+
+    @property
+    def mbox_ip6(self) -> str:
+        return f"fd00:0:{self.n}::2"
+
+    @property
+    def subnet6(self) -> str:
+        return f"fd00:0:{self.n}::/64"
+
+    def outer(self, family: int = 4) -> str:
+        """The outer host's address in `family` (4 or 6)."""
+        return self.outer_ip6 if family == 6 else self.outer_ip
+
+    def mbox(self, family: int = 4) -> str:
+        """mbox's address on this path in `family` (4 or 6)."""
+        return self.mbox_ip6 if family == 6 else self.mbox_ip
+
 
 class ConverterTopo(Topo):
-    """client -- k paths -- mbox -- m paths -- server. Subclasses choose the paths."""
+    """client -- k paths -- mbox -- m paths -- server. Subclasses choose the paths.
+
+    Dual-stack unless built with ipv6=False: every link has an IPv4 /24 and an IPv6 /64 (see Addr),
+    mbox forwards both families, and MPTCP may add subflows in either."""
 
     client_paths: list[PathSpec]
     server_paths: list[PathSpec]
+    ipv6: bool = True
 
-    def build(self, client_paths: list[PathSpec], server_paths: list[PathSpec]):
+    def build(self, client_paths: list[PathSpec], server_paths: list[PathSpec], ipv6: bool = True):
         """Add the three hosts and one link per path."""
-        self.client_paths, self.server_paths = client_paths, server_paths
+        self.client_paths, self.server_paths, self.ipv6 = client_paths, server_paths, ipv6
         self.client_addrs, self.server_addrs = [], []
         client = self.addHost("client", ip=None)
         mbox = self.addHost("mbox", ip=None)
@@ -100,10 +125,11 @@ class ConverterTopo(Topo):
 class PaperTopo(ConverterTopo):
     """Fig. 3: two unshaped client paths, one (or two) unshaped server paths."""
 
-    def build(self, server_paths: int = 1):
-        """`server_paths=2` gives the server a second path, for TCP client -> MPTCP server."""
+    def build(self, server_paths: int = 1, ipv6: bool = True):
+        """`server_paths=2` gives the server a second path, for TCP client -> MPTCP server.
+        ipv6=False: IPv4 only."""
         super().build([PathSpec("path1"), PathSpec("path2")],
-                      [PathSpec(f"server{j + 1}") for j in range(server_paths)])
+                      [PathSpec(f"server{j + 1}") for j in range(server_paths)], ipv6)
 
 
 class MobileTopo(ConverterTopo):
@@ -115,8 +141,9 @@ class MobileTopo(ConverterTopo):
     QUEUE_PACKETS = 100  # per direction; the paper does not give its queue sizes
 
     def build(self, client_loss: float = 0.0, server_loss: float = 0.0, seed: int = 1,
-              queue_packets: int = QUEUE_PACKETS):
-        """Loss is in percent, on both directions of the client links / the server link."""
+              queue_packets: int = QUEUE_PACKETS, ipv6: bool = True):
+        """Loss is in percent, on both directions of the client links / the server link.
+        ipv6=False: IPv4 only."""
         def shape(d: dict, loss: float, k: int) -> dict:
             out = dict(d, max_queue_size=queue_packets, seed=seed * 100 + k)
             if loss:
@@ -125,7 +152,7 @@ class MobileTopo(ConverterTopo):
         client = [PathSpec("wifi", shape(self.WIFI["up"], client_loss, 1), shape(self.WIFI["down"], client_loss, 2)),
                   PathSpec("3g", shape(self.CELL["up"], client_loss, 3), shape(self.CELL["down"], client_loss, 4))]
         server = [PathSpec("server", shape(self.SERVER, server_loss, 5), shape(self.SERVER, server_loss, 6))]
-        super().build(client, server)
+        super().build(client, server, ipv6)
 
 
 HOST_SYSCTLS = {
@@ -178,18 +205,31 @@ class Testbed:
     def server(self):
         return self.net["server"]
 
+    client_family = server_family = 4   # what server_ip, mbox_client_ip, client_ips give (view() changes it)
+
     @property
     def server_ip(self) -> str:
-        return self.topo.server_addrs[0].outer_ip
+        return self.topo.server_addrs[0].outer(self.server_family)
 
     @property
     def mbox_client_ip(self) -> str:
         """The converter's address on the client's first path (where explicit clients connect)."""
-        return self.topo.client_addrs[0].mbox_ip
+        return self.topo.client_addrs[0].mbox(self.client_family)
 
     @property
     def client_ips(self) -> list[str]:
-        return [a.outer_ip for a in self.topo.client_addrs]
+        return [a.outer(self.client_family) for a in self.topo.client_addrs]
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions the testbed's links carry: (4, 6) for a dual-stack topology."""
+        return (4, 6) if getattr(self.topo, "ipv6", False) else (4,)
+
+    def view(self, client: int = 4, server: int = 4) -> "FamilyView":
+        """This testbed with server_ip in family `server` and mbox_client_ip, client_ips in family
+        `client` (IPv6 client -> IPv4 server and back: the converter translates families). Systems
+        and tests take the view wherever they take the testbed."""
+        return FamilyView(self, client, server)
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> "Testbed":
@@ -240,37 +280,87 @@ class Testbed:
                 host.cmd(f"sysctl -qw {key}='{value}'")
             host.cmd("ip link set lo up")
         self.mbox.cmd("sysctl -qw net.ipv4.ip_forward=1")
-        self._multihome(self.client, self.topo.client_addrs, other_subnets_on_link=False)
-        self._multihome(self.server, self.topo.server_addrs, other_subnets_on_link=True)
+        if 6 in self.families:
+            self.mbox.cmd("sysctl -qw net.ipv6.conf.all.forwarding=1")
+            for addrs in (self.topo.client_addrs, self.topo.server_addrs):
+                for a in addrs:
+                    # nodad: usable at once (duplicate address detection would hold them ~1 s)
+                    self._checked(self.mbox, f"ip -6 addr add {a.mbox_ip6}/64 dev {a.intf_mbox} nodad")
+        for host, addrs, on_link in ((self.client, self.topo.client_addrs, False),
+                                     (self.server, self.topo.server_addrs, True)):
+            for family in self.families:
+                self._multihome(host, addrs, on_link, family)
         for host, addrs in ((self.client, self.topo.client_addrs), (self.server, self.topo.server_addrs)):
             n = max(2, len(addrs))
             host.cmd(f"ip mptcp limits set subflow {n} add_addr_accepted {n}")
             if self.mptcp_subflows:
                 for a in addrs[1:]:
-                    host.cmd(f"ip mptcp endpoint add {a.outer_ip} subflow")
+                    for family in self.families:   # the path manager uses those of the connection's family
+                        self._checked(host, f"ip mptcp endpoint add {a.outer(family)} subflow")
         # The converter accepts subflows from its clients and opens its own towards a multi-homed server.
         self.mbox.cmd("ip mptcp limits set subflow 4 add_addr_accepted 4")
         for a in self.topo.server_addrs[1:]:
-            self.mbox.cmd(f"ip mptcp endpoint add {a.mbox_ip} subflow")
-            self.mbox.cmd(f"ip rule add from {a.mbox_ip} table {a.n}")
-            self.mbox.cmd(f"ip route add {a.subnet} dev {a.intf_mbox} table {a.n}")
-            self.mbox.cmd(f"ip route add default via {a.outer_ip} dev {a.intf_mbox} table {a.n}")
+            for family in self.families:
+                ip = f"ip -{family}"
+                self._checked(self.mbox, f"ip mptcp endpoint add {a.mbox(family)} subflow")
+                self._checked(self.mbox, f"{ip} rule add from {a.mbox(family)} table {a.n}")
+                self._checked(self.mbox, f"{ip} route add {a.subnet6 if family == 6 else a.subnet} "
+                                         f"dev {a.intf_mbox} table {a.n}")
+                self._checked(self.mbox, f"{ip} route add default via {a.outer(family)} dev {a.intf_mbox} table {a.n}")
 
     @staticmethod
-    def _multihome(host, addrs: list[Addr], other_subnets_on_link: bool) -> None:
-        """Default route on the first path; per-source tables so each subflow leaves by its own link.
+    def _checked(host, cmd: str) -> None:
+        """host.cmd(cmd), failing loudly if it printed an error (the set-up commands print nothing)."""
+        out = host.cmd(cmd).strip()
+        if out:
+            raise RuntimeError(f"{host.name}: {cmd}: {out}")
+
+    @classmethod
+    def _multihome(cls, host, addrs: list[Addr], other_subnets_on_link: bool, family: int = 4) -> None:
+        """Default route on the first path; per-source tables so each subflow leaves by its own link
+        (IPv6: the addresses too, which Mininet sets for IPv4 only).
 
         other_subnets_on_link=False is a phone: what leaves from its 3G address goes over 3G, even
         to the converter's WiFi-side address (else the 3G subflow to an explicit converter would
         ride the WiFi uplink). True is a multi-homed server: a peer address on another path's
         subnet is reached over that path, as the peer's subflow came in."""
-        host.cmd(f"ip route replace default via {addrs[0].mbox_ip} dev {addrs[0].intf_outer}")
+        ip = f"ip -{family}"
+        if family == 6:
+            for a in addrs:
+                cls._checked(host, f"ip -6 addr add {a.outer_ip6}/64 dev {a.intf_outer} nodad")
+        host.cmd(f"{ip} route replace default via {addrs[0].mbox(family)} dev {addrs[0].intf_outer}")
         for a in addrs:
-            host.cmd(f"ip rule add from {a.outer_ip} table {a.n}")
+            host.cmd(f"{ip} rule add from {a.outer(family)} table {a.n}")
             for b in addrs:
                 if b is a or other_subnets_on_link:
-                    host.cmd(f"ip route add {b.subnet} dev {b.intf_outer} scope link table {a.n}")
-            host.cmd(f"ip route add default via {a.mbox_ip} dev {a.intf_outer} table {a.n}")
+                    subnet = b.subnet6 if family == 6 else b.subnet
+                    host.cmd(f"{ip} route add {subnet} dev {b.intf_outer} {'scope link ' if family == 4 else ''}"
+                             f"table {a.n}")
+            host.cmd(f"{ip} route add default via {a.mbox(family)} dev {a.intf_outer} table {a.n}")
+
+
+class FamilyView:
+    """A Testbed seen by a client of one IP version and a server of one (Testbed.view()):
+    server_ip, mbox_client_ip and client_ips are of those families, everything else is the
+    testbed's own (hosts, counters, the topology)."""
+    __test__ = False
+
+    def __init__(self, tb: Testbed, client: int, server: int):
+        """client, server: 4 or 6 (6 needs a dual-stack topology)."""
+        for f in (client, server):
+            if f not in tb.families:
+                raise ValueError(f"IPv{f} is not on this testbed (its families: {tb.families})")
+        self.tb, self.client_family, self.server_family = tb, client, server
+
+    server_ip = Testbed.server_ip
+    mbox_client_ip = Testbed.mbox_client_ip
+    client_ips = Testbed.client_ips
+
+    def __getattr__(self, name):
+        return getattr(self.tb, name)
+
+    def __repr__(self) -> str:
+        return f"IPv{self.client_family}-client/IPv{self.server_family}-server"
 
 
 def _raise_system_exit(signum, frame):

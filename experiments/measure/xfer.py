@@ -71,8 +71,17 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _mk(mptcp: bool) -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
+def _mk(mptcp: bool, host: str = "0.0.0.0") -> socket.socket:
+    """A TCP or MPTCP socket of `host`'s family (an IPv6 listener on `::` serves IPv4 too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return s
+
+
+def _peer(addr) -> str:
+    return "[%s]:%d" % addr[:2] if ":" in addr[0] else "%s:%d" % addr
 
 
 def exchange(sock: socket.socket, send_bytes: int, send_seed: int, first: str, me: str) -> dict:
@@ -104,7 +113,7 @@ def exchange(sock: socket.socket, send_bytes: int, send_seed: int, first: str, m
 
 
 def serve(port: int, mptcp: bool, count: int, bind: str = "0.0.0.0", want_subflows: int = 0) -> None:
-    ls = _mk(mptcp)
+    ls = _mk(mptcp, bind)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((bind, port))
     ls.listen(64)
@@ -120,10 +129,10 @@ def serve(port: int, mptcp: bool, count: int, bind: str = "0.0.0.0", want_subflo
             seen = wait_subflows(c, want_subflows, 3.0) if want_subflows else 1
             r = exchange(c, down, seed + 1, first, "server")
             r["subflows"] = max(seen, r["subflows"])
-            r["peer"] = "%s:%d" % addr
+            r["peer"] = _peer(addr)
             r["seed"] = seed
         except Exception as e:  # noqa: BLE001 - reported, the server keeps serving
-            r = {"error": repr(e), "peer": "%s:%d" % addr}
+            r = {"error": repr(e), "peer": _peer(addr)}
         finally:
             c.close()
         with printing:      # one whole line per connection, whichever thread finishes first
@@ -149,9 +158,10 @@ def wait_subflows(s: socket.socket, n: int, timeout: float) -> int:
 
 def client(host: str, port: int, up: int, down: int, order: str, mptcp: bool, seed: int,
            want_subflows: int = 0) -> dict:
-    s = _mk(mptcp)
+    s = _mk(mptcp, host)
     t0 = time.monotonic()
     s.connect((host, port))
+    local = s.getsockname()[0]      # its family is the one the connection really has (after redirects)
     s.sendall(HEADER.pack(MAGIC, down, ORDERS[order], seed))
     if recv_exact(s, 1) != b"K":
         raise ConnectionError("bad server greeting")
@@ -159,6 +169,7 @@ def client(host: str, port: int, up: int, down: int, order: str, mptcp: bool, se
     first = {"both": "both", "client-first": "client", "server-first": "server"}[order]
     r = exchange(s, up, seed, first, "client")
     r["subflows"] = max(seen, r["subflows"])  # the most seen: subflows close as the connection ends
+    r["local"] = local
     s.close()
     r["elapsed"] = time.monotonic() - t0
     # what the other end must have seen, for the comparison
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="role", required=True)
     s = sub.add_parser("server")
     s.add_argument("--port", type=int, required=True)
-    s.add_argument("--bind", default="0.0.0.0")
+    s.add_argument("--bind", default="0.0.0.0", help="address to listen on (:: serves both families)")
     s.add_argument("--mptcp", action="store_true")
     s.add_argument("--count", type=int, default=1)
     s.add_argument("--wait-subflows", type=int, default=0, help="wait (up to 3 s) for this many subflows first")

@@ -18,6 +18,7 @@ import sys
 import time
 
 from experiments.measure import cpu_seconds
+from mimbox.config import hostport
 from mimbox.paths import MPTCPIZE
 from topologies.regimes import CpuQuota
 
@@ -178,7 +179,8 @@ class Router(System):
         return tb.server_ip, server_port
 
 
-TESTBED_SERVERS = "10.0.0.0/8"   # the testbeds' server networks, which the converter must be told it may reach
+# the testbeds' server networks (both families), which the converter must be told it may reach
+TESTBED_SERVERS = ("10.0.0.0/8", "fd00::/16")
 
 
 class MiMBox(System):
@@ -186,12 +188,15 @@ class MiMBox(System):
 
     def __init__(self, mode: str = "static", engine: str | None = None, port: int | None = None, extra: list[str] = (),
                  cpus: str | None = None, workers: int | None = None, syn_path: str | None = None,
-                 program: list[str] | None = None):
+                 program: list[str] | None = None, listen: str | None = None):
         """workers: None lets `mimbox run` choose (one per CPU it may use: 1 when pinned to one core);
         engine, syn_path: None is the converter's default. program: the `mimbox` command (default
-        this checkout's, through this interpreter; e.g. an installed one's script)."""
+        this checkout's, through this interpreter; e.g. an installed one's script). listen: the
+        listening address (default 0.0.0.0, or `::`, which serves both families, when the testbed
+        view it starts on has an IPv6 side)."""
         super().__init__(cpus)
         self.program = list(program or [PY, "-m", "mimbox.cli"])
+        self.listen = listen
         self.mode, self.engine, self.port, self.extra = mode, engine, port or ALLOCATE.port(), list(extra)
         if "--queue-num" not in self.extra:
             self.extra += ["--queue-num", str(ALLOCATE.queues(workers or os.cpu_count() or 1))]
@@ -208,13 +213,15 @@ class MiMBox(System):
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
-        argv = [*self.program, "run", "--listen", f"0.0.0.0:{self.port}", "--mode", self.mode,
+        listen = self.listen or ("::" if 6 in (tb.client_family, tb.server_family) else "0.0.0.0")
+        argv = [*self.program, "run", "--listen", hostport(listen, self.port), "--mode", self.mode,
                 "--stats", self.stats_path,
                 *self.extra]
         if "--allow-destination" not in self.extra:
-            argv += ["--allow-destination", TESTBED_SERVERS]     # private: refused by default
+            for net in TESTBED_SERVERS:                                # private: refused by default
+                argv += ["--allow-destination", net]
         if self.mode == "static":
-            argv += ["--upstream", f"{tb.server_ip}:{server_port}"]
+            argv += ["--upstream", hostport(tb.server_ip, server_port)]
         if self.mode == "transparent":
             argv += ["--intercept", str(server_port)]
         self.proc = self._popen(tb.mbox, argv)
@@ -235,11 +242,15 @@ class MiMBox(System):
     def endpoint(self, tb, server_port: int) -> tuple[str, int]:
         if self.mode == "static":
             return tb.mbox_client_ip, self.port
+        if getattr(tb, "client_family", 4) == 6 and ":" not in tb.server_ip:
+            # an IPv6 client names an IPv4 server the IPv6 way; its socket is redirected to the
+            # converter's IPv6 address (explicit/convert)
+            return "::ffff:" + tb.server_ip, server_port
         return tb.server_ip, server_port   # explicit/convert (redirected on the client) and transparent
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
         if self.mode in ("explicit", "convert"):
-            return [*self.program, "client", "--via", f"{tb.mbox_client_ip}:{self.port}",
+            return [*self.program, "client", "--via", hostport(tb.mbox_client_ip, self.port),
                     *(["--convert"] if self.mode == "convert" else []),
                     *(["--no-fastopen"] if self.mode == "convert" and not self.fastopen else []),
                     *(["--mptcp"] if mptcp else []), "--", *argv]
