@@ -34,7 +34,7 @@ def _md(df: pd.DataFrame) -> str:
 MODULES = {"fig5_workload": "workload", "percost_converter": "percost", "fig4_goodput": "goodput",
            "table1_delay": "delay", "table1_breakdown": "breakdown", "fig6_buffers": "buffers",
            "interactive_delay": "interactive", "profile_converter": "profile", "scaleout": "scaleout",
-           "tfo_stall": "tfostall"}
+           "tfo_stall": "tfostall", "fig5_families": "families"}
 
 
 def _mode(man: dict) -> str:
@@ -310,6 +310,20 @@ def profile() -> str:
     return "\n\n".join(out) + "\n\n" + _env_line(man)
 
 
+def families() -> str:
+    df, man = _load("fig5_families")
+    if df is None:
+        return "_Not run yet: `python -m experiments.families`._"
+    t = pd.read_csv(RESULTS / "fig5_families" / "summary.csv")
+    t["req_per_s"] = t["req_per_s"].round(0).astype(int)
+    t["cpu_us_per_req"] = t["cpu_us_per_req"].round(1)
+    t = t.rename(columns={"vs_haproxy_1t_median": "vs haproxy-1t (median of reps)",
+                          "ipv6_over_ipv4_median": "IPv6 / IPv4 (median of reps)"})
+    return ("![Families](results/fig5_families/figure.png)\n\nFig. 5's converter-bound 1 KB point with client, "
+            "converter and server all IPv4, then all IPv6, interleaved in one run; the client's TCP timestamps "
+            "are off for every row (DST_OPT's IPv6 form needs the room).\n\n" + _md(t) + "\n\n" + _env_line(man))
+
+
 def scaleout() -> str:
     df, man = _load("scaleout")
     if df is None:
@@ -439,6 +453,7 @@ def section() -> str:
              ("Where Table 1's microseconds go", breakdown()),
              ("Fig. 6 — goodput vs per-socket memory", fig6()),
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
+             ("Fig. 5's 1 KB point in both IP families", families()),
              ("Scale-out: N converters behind one ECMP address", scaleout()),
              ("RFC 8803 on this kernel: MPTCP with SYN data", tfostall()),
              ("What the hardening costs", hardening()),
@@ -467,6 +482,13 @@ def headline() -> str:
             for name in ("mimbox", "haproxy-1t"):
                 rows.append(("per-connection run, 1 KB", name, f"{m.rps[name]:,.0f} ({m.us[name]:.0f} µs CPU/req)",
                              f"{m.rps[name] / m.rps['haproxy-1t']:.2f}"))
+    fam, _ = _load("fig5_families")
+    if fam is not None:
+        m = fam[fam.family == "IPv6"].groupby("system").req_per_s.mean()
+        m4 = fam[fam.family == "IPv4"].groupby("system").req_per_s.mean()
+        for name in ("mimbox", "haproxy-1t"):
+            rows.append((f"Fig. 5 point over IPv6, no TCP timestamps (IPv4 same run: {m4[name] / m4['haproxy-1t']:.2f})",
+                         name, f"{m[name]:,.0f}", f"{m[name] / m['haproxy-1t']:.2f}"))
     if not rows:
         return "_No results yet: `./mimbox.sh reproduce --quick`._"
     return _md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"]))

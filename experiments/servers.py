@@ -36,9 +36,10 @@ class Server:
         self.stop()
 
 
-def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str | None = None) -> Server:
+def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str | None = None,
+          ipv6: bool = False) -> Server:
     """nginx serving /<size>.bin files of each size (lighter than the paper's Apache, so the server
-    is not the bottleneck)."""
+    is not the bottleneck); ipv6: on [::] too."""
     d = run_dir("nginx")
     www = os.path.join(d, "www")
     os.makedirs(www)
@@ -48,12 +49,13 @@ def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str |
     os.chmod(d, 0o755)
     os.chmod(www, 0o755)
     cfg = os.path.join(d, "nginx.conf")
+    v6 = f"listen [::]:{port} ipv6only=on backlog=4096 reuseport; " if ipv6 else ""
     with open(cfg, "w") as f:
         f.write(f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
 events {{ worker_connections 65536; multi_accept on; }}
 http {{ access_log off; sendfile on; tcp_nopush off; tcp_nodelay on; keepalive_timeout 0; client_body_temp_path {d};
   proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
-  server {{ listen {port} backlog=4096 reuseport; root {www}; }} }}
+  server {{ listen {port} backlog=4096 reuseport; {v6}root {www}; }} }}
 """)
     return Server(tb, ["nginx", "-c", cfg, "-p", d], port, mptcp, cpus)
 

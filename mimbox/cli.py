@@ -196,10 +196,11 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--signal", action="append", default=[], metavar="ADDR", help="announce ADDR to peers")
     p.add_argument("--subflow", action="append", default=[], metavar="ADDR@DEV",
                    help="open extra subflows from ADDR on DEV")
-    p.add_argument("--cluster", metavar="OWN_ADDR",
+    p.add_argument("--cluster", metavar="OWN_ADDR", action="append",
                    help="this converter is one of several behind a shared (anycast/ECMP) address: set the C flag "
                         "(net.mptcp.allow_join_initial_addr_port=0, peers never join the shared address) and "
-                        "announce OWN_ADDR, this box's unique address, where peers send their joins instead")
+                        "announce OWN_ADDR, this box's unique address, where peers send their joins instead "
+                        "(once per family on a dual-stack box)")
     return ap
 
 

@@ -73,21 +73,24 @@ def subflows(sock: socket.socket | int, max_subflows: int = 8) -> int:
 
 def setup_path_manager(subflows_max: int = 2, add_addr_accepted: int = 2,
                        signal: list[str] = (), subflow: list[tuple[str, str]] = (),
-                       netns_cmd: list[str] = (), cluster: str | None = None) -> list[str]:
+                       netns_cmd: list[str] = (), cluster: str | list[str] | None = None) -> list[str]:
     """Configure the in-kernel path manager with `ip mptcp`; returns the commands it ran.
 
     signal:  addresses announced to peers (ADD_ADDR), e.g. a converter with several addresses;
     subflow: (address, device) pairs from which this host opens extra subflows itself;
-    cluster: this box's own address when it is one of several behind a shared address
-             (see cluster_commands).
+    cluster: this box's own address(es) when it is one of several behind a shared address, at
+             most one per family (see cluster_commands).
     """
-    if cluster is not None:
+    own = [cluster] if isinstance(cluster, str) else list(cluster or [])
+    if own:
         import ipaddress
-        ipaddress.IPv4Address(cluster)      # a clear error for a typo, before anything changes
+        versions = [ipaddress.ip_address(a).version for a in own]   # a clear error for a typo, before anything changes
+        if len(set(versions)) != len(versions):
+            raise ValueError(f"--cluster: one own address per family, not {', '.join(own)}")
     cmds = [["ip", "mptcp", "limits", "set", "subflow", str(subflows_max),
              "add_addr_accepted", str(add_addr_accepted)]]
-    if cluster is not None:
-        cmds += cluster_commands(cluster)
+    if own:
+        cmds += cluster_commands(*own)
     cmds += [["ip", "mptcp", "endpoint", "add", a, "signal"] for a in signal]
     cmds += [["ip", "mptcp", "endpoint", "add", a, "dev", d, "subflow"] for a, d in subflow]
     for c in cmds:
@@ -97,9 +100,10 @@ def setup_path_manager(subflows_max: int = 2, add_addr_accepted: int = 2,
     return [" ".join(c) for c in cmds]
 
 
-def cluster_commands(own_address: str) -> list[list[str]]:
+def cluster_commands(*own_addresses: str) -> list[list[str]]:
     """A converter behind a load-balanced address (RFC 8684 §3.1): the C flag, so peers never
     join the shared initial address (the balancer may hash a join to another converter), and an
-    ADD_ADDR of this converter's own address, where its peers' joins go instead."""
+    ADD_ADDR of this converter's own address (one per family: the kernel announces to each
+    connection those of its family), where its peers' joins go instead."""
     return [["sysctl", "-qw", "net.mptcp.allow_join_initial_addr_port=0"],
-            ["ip", "mptcp", "endpoint", "add", own_address, "signal"]]
+            *(["ip", "mptcp", "endpoint", "add", a, "signal"] for a in own_addresses)]

@@ -33,7 +33,9 @@ from mininet.topo import Topo
 from topologies.testbed import HOST_SYSCTLS, Addr, Testbed
 
 VIP = "10.255.0.1"
+VIP6 = "fd00:255::1"                             # the service address's IPv6 twin (dual-stack topologies)
 GROUP = 1000                                     # the VIP's nexthop group
+GROUP6 = 1006                                    # VIP6's (IPv6 routes take IPv6 nexthops only)
 RESILIENT = "type resilient buckets 128 idle_timer 0"   # kept on every rewrite of the group (health check too);
 # idle_timer 0: a member added to the group gets its share of buckets at once, not after 120 s idle
 
@@ -41,14 +43,15 @@ RESILIENT = "type resilient buckets 128 idle_timer 0"   # kept on every rewrite 
 class ClusterTopo(Topo):
     """A two-path client, a front router, `n` converter hosts and a server (unshaped veth links)."""
 
-    def build(self, n: int = 3, client_bw: float | None = None):
+    def build(self, n: int = 3, client_bw: float | None = None, ipv6: bool = True):
         """Hosts `client`, `front`, `conv1`..`convN`, `server`; one link per client path and per host.
         Each link is a testbed `Addr` whose middle end (.2, `mbox_ip`) is the front router.
         client_bw (Mbit/s, each direction of each client path) makes transfers last, e.g. to fail
-        a converter in their middle."""
+        a converter in their middle. ipv6: every link dual-stack (Addr's fd00:0:<n>::/64), VIP6
+        beside the VIP; False: IPv4 only."""
         if not 1 <= n <= 50:
             raise ValueError(f"a cluster has 1..50 converters, not {n}")
-        self.n = n
+        self.n, self.ipv6 = n, ipv6
         client, front, server = (self.addHost(h, ip=None) for h in ("client", "front", "server"))
         port = 0
         self.client_addrs = []
@@ -78,11 +81,14 @@ class InstanceView:
     `mbox`, `server`, `server_ip`, `mbox_client_ip`), so the experiments' systems start on it
     unchanged; clients reach it at the VIP."""
 
-    def __init__(self, tb: "ClusterTestbed", k: int):
-        self.tb, self.k = tb, k
+    def __init__(self, tb: "ClusterTestbed", k: int, family: int = 4):
+        """family: 6 gives the IPv6 names (VIP6, the server's IPv6 address)."""
+        self.tb, self.k, self.client_family = tb, k, family
+        self.server_family = family
         self.client, self.server, self.mbox = tb.client, tb.server, tb.converter(k)
-        self.server_ip, self.mbox_client_ip = tb.server_ip, tb.VIP
-        self.client_ips = tb.client_ips
+        self.server_ip = tb.topo.server_addr.outer(family)
+        self.mbox_client_ip = VIP6 if family == 6 else VIP
+        self.client_ips = [a.outer(family) for a in tb.topo.client_addrs]
 
 
 class ClusterTestbed(Testbed):
@@ -117,13 +123,13 @@ class ClusterTestbed(Testbed):
     def converters(self) -> list:
         return [self.converter(k) for k in range(self.topo.n)]
 
-    def instance(self, k: int) -> InstanceView:
-        """Converter k as a single-box testbed (for `System.start`)."""
-        return InstanceView(self, k)
+    def instance(self, k: int, family: int = 4) -> InstanceView:
+        """Converter k as a single-box testbed (for `System.start`), its names in `family`."""
+        return InstanceView(self, k, family)
 
-    def instance_ip(self, k: int) -> str:
+    def instance_ip(self, k: int, family: int = 4) -> str:
         """Converter k's own (unicast) address: the one it announces for joins."""
-        return self.topo.instance_addrs[k].outer_ip
+        return self.topo.instance_addrs[k].outer(family)
 
     @property
     def server_ip(self) -> str:
@@ -143,18 +149,39 @@ class ClusterTestbed(Testbed):
         front = self.front
         front.cmd("sysctl -qw net.ipv4.ip_forward=1")
         front.cmd("sysctl -qw net.ipv4.fib_multipath_hash_policy=1")   # L4: ports in the hash
+        six = 6 in self.families
+        if six:
+            front.cmd("sysctl -qw net.ipv6.conf.all.forwarding=1")
+            front.cmd("sysctl -qw net.ipv6.fib_multipath_hash_policy=1")
+            for a in (*self.topo.client_addrs, self.topo.server_addr, *self.topo.instance_addrs):
+                self._checked(front, f"ip -6 addr add {a.mbox_ip6}/64 dev {a.intf_mbox} nodad")
+        # A veth hands the front the sender's skb->hash, which the L4 multipath hash takes as is
+        # (instead of hashing the headers, as a router on a wire does); the phone's kernel draws a
+        # new one when a SYN is retransmitted (txrehash), which then hashed the retransmission to
+        # another converter (20 of a fresh cluster's first 100 IPv6 connections). A wire's router
+        # sees one 5-tuple per flow: the phone keeps its hash.
+        self.client.cmd("sysctl -qw net.core.txrehash=0")
         # The phone: default route on WiFi, its 3G address leaves by 3G; it accepts announced
         # addresses and opens the extra subflow from its 3G address towards them.
-        self._multihome(self.client, self.topo.client_addrs, other_subnets_on_link=False)
+        for family in self.families:
+            self._multihome(self.client, self.topo.client_addrs, False, family)
         self.client.cmd("ip mptcp limits set subflow 2 add_addr_accepted 2")
-        self.client.cmd(f"ip mptcp endpoint add {self.topo.client_addrs[1].outer_ip} "
-                        f"dev {self.topo.client_addrs[1].intf_outer} subflow fullmesh")
+        for family in self.families:
+            self._checked(self.client, f"ip mptcp endpoint add {self.topo.client_addrs[1].outer(family)} "
+                                       f"dev {self.topo.client_addrs[1].intf_outer} subflow fullmesh")
         a = self.topo.server_addr
         self.server.cmd(f"ip route replace default via {a.mbox_ip} dev {a.intf_outer}")
+        if six:
+            self._checked(self.server, f"ip -6 addr add {a.outer_ip6}/64 dev {a.intf_outer} nodad")
+            self._checked(self.server, f"ip -6 route replace default via {a.mbox_ip6} dev {a.intf_outer}")
         for k, conv in enumerate(self.converters):
             s = self.topo.instance_addrs[k]
             conv.cmd(f"ip addr add {VIP}/32 dev lo")
             conv.cmd(f"ip route replace default via {s.mbox_ip} dev {s.intf_outer}")
+            if six:
+                self._checked(conv, f"ip -6 addr add {VIP6}/128 dev lo")
+                self._checked(conv, f"ip -6 addr add {s.outer_ip6}/64 dev {s.intf_outer} nodad")
+                self._checked(conv, f"ip -6 route replace default via {s.mbox_ip6} dev {s.intf_outer}")
             if self.cluster_pm:
                 self.configure_pm(k)
             else:
@@ -164,8 +191,9 @@ class ClusterTestbed(Testbed):
     def configure_pm(self, k: int) -> None:
         """Converter k: C flag on, its own address announced, with the operator's command
         `mimbox pm --cluster OWN_ADDR`."""
+        own = " ".join(f"--cluster {self.instance_ip(k, f)}" for f in self.families)
         out = self.converter(k).cmd(f"{sys.executable} -m mimbox.cli pm --subflows 2 --add-addr-accepted 0 "
-                                    f"--cluster {self.instance_ip(k)} 2>&1; echo rc=$?")
+                                    f"{own} 2>&1; echo rc=$?")
         if "rc=0" not in out:
             raise RuntimeError(f"conv{k + 1}: mimbox pm --cluster: {out.strip()}")
 
@@ -188,6 +216,24 @@ class ClusterTestbed(Testbed):
         out = front.cmd(f"ip route replace {VIP}/32 nhid {GROUP} 2>&1")
         if out.strip():
             raise RuntimeError(f"front: VIP route: {out.strip()}")
+        if 6 in self.families:       # VIP6: the same members, IPv6 nexthops, the same kind of group
+            ids6 = []
+            for k, s in enumerate(self.topo.instance_addrs[:len(self.nexthop_ids)]):
+                front.cmd(f"ip -6 nexthop replace id {101 + k} via {s.outer_ip6} dev {s.intf_mbox}")
+                ids6.append(str(101 + k))
+            kind = RESILIENT if self.resilient else ""
+            self._checked(front, f"ip nexthop replace id {GROUP6} group {'/'.join(ids6)} {kind}")
+            self._checked(front, f"ip -6 route replace {VIP6}/128 nhid {GROUP6}")
+        self._resolve_members()
+
+    def _resolve_members(self) -> None:
+        """Resolve every member's neighbor entry on the front before traffic: the kernel's group
+        skips a member whose neighbor is not yet valid, so a flow's first packets would hash to
+        another converter than its later ones (seen over IPv6: 20 of a fresh cluster's first 100
+        connections stalled at one converter and were reset by another)."""
+        for s in self.topo.instance_addrs:
+            for family in self.families:
+                self.front.cmd(f"ping -{family} -n -c 1 -W 1 {s.outer(family)}")
 
     def steer_through_converters(self) -> None:
         """Transparent mode: the client's traffic towards the server takes the VIP's ECMP group

@@ -5,6 +5,8 @@ import json
 import re
 import shlex
 
+from mimbox.config import hostport
+
 
 def iperf3(tb, system, server_port: int, seconds: int | None, reverse: bool = False, mptcp: bool = True,
            cpus: str | None = "0", extra: str = "", nbytes: str | None = None) -> dict:
@@ -38,7 +40,7 @@ def wrk(tb, system, server_port: int, path: str, seconds: float, connections: in
     (socket_errors, and by kind: connect, read, write, timeout)."""
     host, port = system.endpoint(tb, server_port)
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", WRK_TIMEOUT,
-            "-H", "Connection: close", f"http://{host}:{port}{path}"]
+            "-H", "Connection: close", f"http://{hostport(host, port)}{path}"]
     argv = system.client_argv(tb, argv, mptcp)
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]

@@ -349,8 +349,9 @@ class HAProxy(System):
             "    log global", "    option dontlog-normal", f'    log-format "{self.SESSION_TAG} %ts %ci:%cp %B"',
             "    timeout server 60s", "    option splice-auto",
             *(["    option http-server-close"] if http else []),
-            "frontend fe", f"    bind 0.0.0.0:{self.port}", "    default_backend be",
-            "backend be", f"    server s1 {tb.server_ip}:{server_port}", ""])
+            "frontend fe", f"    bind {'ipv6@:::' if tb.client_family == 6 else '0.0.0.0:'}{self.port}",
+            "    default_backend be",
+            "backend be", f"    server s1 {'ipv6@' if ':' in tb.server_ip else ''}{tb.server_ip}:{server_port}", ""])
 
     def session_ends(self) -> dict[str, int]:
         """HAProxy's abnormal sessions so far by termination state, e.g. {"SD": 1}: the server's side
