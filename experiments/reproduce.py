@@ -11,6 +11,7 @@ from experiments import (
     breakdown,
     buffers,
     delay,
+    families,
     goodput,
     interactive,
     percost,
@@ -24,7 +25,7 @@ from experiments.common import progress
 
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
            "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
-           "tfostall": tfostall}
+           "tfostall": tfostall, "families": families}
 
 
 def main(argv=None) -> int:
