@@ -3,6 +3,8 @@ import os
 import subprocess
 import tempfile
 
+from conftest import readline
+
 
 def test_clean_keeps_other_files_and_links_and_removes_ours():
     other = tempfile.NamedTemporaryFile(dir="/tmp", suffix=".log", delete=False)
@@ -39,11 +41,11 @@ def test_synack_reader_of_a_killed_converter_is_detached():
         tree = subprocess.run(["bpftool", "-j", "cgroup", "tree"], capture_output=True, text=True).stdout
         return sum(p.get("name") == synack.PROG for g in json.loads(tree or "[]") for p in g.get("programs", []))
     before = attached()
-    p = subprocess.Popen([sys.executable, "-c", "from mimbox.synack import SynAckOptions; import sys, time; "
-                          "SynAckOptions().install(); print('up', flush=True); time.sleep(60)"],
+    p = subprocess.Popen([sys.executable, "-c", "from mimbox.synack import SynAckOptions; import signal; "
+                          "SynAckOptions().install(); print('up', flush=True); signal.pause()"],
                          stdout=subprocess.PIPE, text=True)
     try:
-        assert p.stdout.readline().strip() == "up"
+        assert readline(p, timeout=30).strip() == "up"   # then it waits to be killed
         assert attached() == before + 1
     finally:
         p.send_signal(signal.SIGKILL)
