@@ -2,7 +2,10 @@
 per request, every converter held to the same CPU quota), interleaved in one run with HAProxy-1t as
 the usual reference: a change must show that it adds no per-request cost.
 
-    python -m experiments.abtest --before COMMIT [--mode explicit] [--quick]
+    python -m experiments.abtest --before COMMIT [--mode explicit] [--quick] [--label STEP]
+
+With --label the run goes to results/abtest/STEP/ (one directory per measured change, kept beside
+the others: the removals of issue 23 each have one), else to results/abtest/.
 
 The earlier build is exported from git into a temporary directory and built there (as
 experiments.hardening does); the later one is this checkout. Ratios are per repetition (the same
@@ -77,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--before", default=BEFORE, help="the commit to compare with")
     ap.add_argument("--mode", default="explicit", choices=("explicit", "static", "transparent", "convert"))
+    ap.add_argument("--label", help="keep this run in results/abtest/LABEL/ (a name for the change)")
+    ap.add_argument("--reps", type=int, help="repetitions (default 7, quick 3)")
     a = ap.parse_args(argv)
-    run_experiment(sys.modules[__name__], a.quick, {"before": a.before, "mode": a.mode})
+    over = {"before": a.before, "mode": a.mode, **({"reps": a.reps} if a.reps else {})}
+    run_experiment(sys.modules[__name__], a.quick, over, name=f"{NAME}/{a.label}" if a.label else None)
     return 0
 
 

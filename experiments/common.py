@@ -234,18 +234,19 @@ def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
     return out
 
 
-def run_experiment(module, quick: bool, overrides: dict) -> pd.DataFrame:
+def run_experiment(module, quick: bool, overrides: dict, name: str | None = None) -> pd.DataFrame:
     """The same path for every figure: params -> module.run (topology, runs) -> CSV, figure, manifest.
 
     Optional hooks of the module: `findings(df) -> dict` (into the manifest) and
-    `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv)."""
+    `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv). name: the results/
+    directory (default the module's NAME)."""
     params = dict(module.QUICK if quick else module.FULL, **overrides)
     ticks0 = cpu_ticks()
     df, extra = module.run(params)
     # a VM's host may take CPU time from it mid-run: absolute rates then shift, same-run ratios less
     steal = steal_share(ticks0, cpu_ticks())
     extra["cpu_steal_share"] = round(steal, 3) if steal is not None else None
-    out = Run(module.NAME, params, extra)
+    out = Run(name or module.NAME, params, extra)
     findings = module.findings(df) if hasattr(module, "findings") else None
     problems = module.problems(df) if hasattr(module, "problems") else []
     out.save(df, module.plot(df), **({"findings": findings} if findings is not None else {}),

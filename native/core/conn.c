@@ -151,7 +151,7 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 	if (k->down.prefix)			/* convert mode: the answer carries the SYN-ACK's options */
 		synack_options(c, k->sfd, &k->f.daddr, k->f.dport, &k->down.prefix, &k->down.prefix_len);
 	if (k->early_len) {
-		ssize_t w = write(k->sfd, k->early, k->early_len);
+		ssize_t w = send(k->sfd, k->early, k->early_len, MSG_NOSIGNAL);
 		if (w != (ssize_t)k->early_len)	/* a fresh socket takes them: short is a failure */
 			return conn_end(c, i, END_RESET, w < 0 ? errno : EMSGSIZE);
 		k->up.bytes += w;
