@@ -2,7 +2,10 @@
 
 Every rule lives in chains named MIMBOX-<port> (raw, mangle and filter tables), reached by one
 jump each; `remove()` deletes the jumps and the chains, and `install()` first removes what a
-killed predecessor on the same port may have left.
+killed predecessor on the same port may have left. Each jump matches only the packets its chain
+acts on (SYNs; marked packets; TCP), and a chain with nothing to do gets no jump: every packet
+that reaches the converter's namespace walks these hooks (about 0.4 us per 1 KB request when
+every packet entered every chain, results/profile_converter).
 
     raw/PREROUTING     client SYNs to the listener (or, transparent, to intercepted ports)
                        -> NFQUEUE: held until the converter has connected to the server
@@ -18,6 +21,7 @@ kernel answers it, and the converter judges the client at accept() as for any SY
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import subprocess
 from dataclasses import dataclass
 
@@ -94,11 +98,15 @@ class ListenerRules:
     def chain(self) -> str:
         return f"MIMBOX-{self.port}"
 
-    def _hooks(self) -> list[tuple[str, str]]:
-        hooks = [("raw", "PREROUTING"), ("filter", "INPUT")]
+    def _jumps(self) -> list[tuple[str, str, list[str]]]:
+        """(table, hook, match) of each jump into this listener's chains: only what the chain acts on."""
+        jumps = []
+        if self.queue_syns:             # the queue rules see SYNs; only queued SYNs get the refusal mark
+            jumps += [("raw", "PREROUTING", ["-p", "tcp", "--syn"]),
+                      ("filter", "INPUT", ["-p", "tcp", "-m", "mark", "--mark", f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}"])]
         if self.transparent_ports:
-            hooks.append(("mangle", "PREROUTING"))
-        return hooks
+            jumps.append(("mangle", "PREROUTING", ["-p", "tcp"]))
+        return jumps
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -169,15 +177,18 @@ class ListenerRules:
                    str(TPROXY_TABLE), check=True, family=family)
             ip("route", "replace", "local", "0.0.0.0/0" if family == 4 else "::/0", "dev", "lo", "table",
                str(TPROXY_TABLE), check=True, family=family)
-        for table, hook in self._hooks():
-            run("-t", table, "-I", hook, "1", "-j", self.chain)
+        for table, hook, match in self._jumps():
+            run("-t", table, "-I", hook, "1", *match, "-j", self.chain)
 
     def remove(self) -> None:
         """Delete this listener's jumps and chains (and the TPROXY route), both families; quiet if absent."""
         for family in (4, 6):
             for table, hook in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("filter", "INPUT")):
-                while ipt("-t", table, "-D", hook, "-j", self.chain, check=False, family=family).returncode == 0:
-                    pass
+                listed = ipt("-t", table, "-S", hook, check=False, family=family).stdout.splitlines()
+                for rule in listed:         # the jumps, whatever they match (as `-S` prints them)
+                    words = shlex.split(rule)
+                    if words[:2] == ["-A", hook] and words[-2:] == ["-j", self.chain]:
+                        ipt("-t", table, "-D", *words[1:], check=False, family=family)
                 ipt("-t", table, "-F", self.chain, check=False, family=family)
                 ipt("-t", table, "-X", self.chain, check=False, family=family)
             if self.transparent_ports and "TPROXY" not in ipt("-t", "mangle", "-S", check=False, family=family).stdout:

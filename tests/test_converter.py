@@ -135,6 +135,11 @@ def test_rules_removed_after_stop(paper_tb):
     m = MiMBox(mode="transparent")
     m.start(paper_tb, 9000)
     assert f"MIMBOX-{m.port}" in paper_tb.mbox.cmd("iptables -t raw -S")
+    # each jump matches only what its chain acts on: SYNs (raw), TCP (mangle's TPROXY)
+    raw = [r for r in paper_tb.mbox.cmd("iptables -t raw -S PREROUTING").splitlines() if f"MIMBOX-{m.port}" in r]
+    assert len(raw) == 1 and "--tcp-flags FIN,SYN,RST,ACK SYN" in raw[0], raw
+    mangle = [r for r in paper_tb.mbox.cmd("iptables -t mangle -S PREROUTING").splitlines() if f"MIMBOX-{m.port}" in r]
+    assert mangle == [f"-A PREROUTING -p tcp -j MIMBOX-{m.port}"], mangle
     m.stop()
     for table in ("raw", "mangle", "filter"):
         assert f"MIMBOX-{m.port}" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")

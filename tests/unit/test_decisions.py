@@ -173,6 +173,17 @@ def test_listener_rules_cover_the_families_the_listener_serves():
     assert t._sources(4) == [["-s", "10.0.0.0/8"]] and t._sources(6) == [["-s", "fd00::/8"]]
 
 
+def test_listener_jumps_only_where_a_chain_acts():
+    """Every packet walks the hooks: a jump matches only what its chain acts on, and a listener that
+    queues no SYN (--syn-path accept) has no raw or filter jump at all."""
+    held = {(t, h): m for t, h, m in ListenerRules(port=7000, queue_num=4200)._jumps()}
+    assert held[("raw", "PREROUTING")] == ["-p", "tcp", "--syn"]
+    assert "--mark" in held[("filter", "INPUT")] and ("mangle", "PREROUTING") not in held
+    assert ListenerRules(port=7000, queue_num=4200, queue_syns=False)._jumps() == []
+    t = ListenerRules(port=7000, queue_num=4200, queue_syns=False, transparent_ports=(80,))
+    assert t._jumps() == [("mangle", "PREROUTING", ["-p", "tcp"])]
+
+
 def test_policy_memory_is_bounded_and_answers_the_same():
     from mimbox.safety import MEMO_SIZE
     p = policy()
