@@ -171,7 +171,7 @@ def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_C
 def running(tb, systems: list, regime: str, cores: float, server_port: int):
     """The systems started on tb in their CPU boxes for `regime` (converter_boxes), stopped and the
     boxes removed afterwards whatever happens; yields the boxes' description for the manifest."""
-    with converter_boxes(systems, regime, cores) as box:
+    with converter_boxes(systems, regime, CONVERTER_QUOTA_CORES if cores == AUTO else cores) as box:
         try:
             for s in systems:
                 s.start(tb, server_port)
@@ -179,6 +179,47 @@ def running(tb, systems: list, regime: str, cores: float, server_port: int):
         finally:
             for s in systems:
                 s.stop()
+
+
+AUTO = "auto"          # quota_cores: calibrated on this machine at the start of the run (calibrate_quota)
+BOUND_MARGIN = 2.2     # calibration aims above bound_check's 2x: a short probe's rate moves by ~5-10 %
+QUOTA_FLOOR = 0.05     # below this a 100 ms period leaves 5 ms slices: the quota itself becomes the noise
+
+
+def calibrate_quota(systems: list, probe, points: list, start: float = CONVERTER_QUOTA_CORES,
+                    floor: float = QUOTA_FLOOR, margin: float = BOUND_MARGIN, rounds: int = 3) -> dict:
+    """The largest quota per event loop, at most `start`, at which the router still delivers
+    `margin` x the best one-loop converter at every point (bound_check's test, with room for the
+    noise of a short probe), and set it on every converter's box (N loops: N x that quota, as
+    converter_boxes). `systems`: running, in their boxes, the router among them; probe(system,
+    point) -> rate. A converter held to a quota delivers in proportion to it, so each round scales
+    the quota by what the worst point lacks, then measures again; the result says what was probed.
+    A machine where even `floor` is not converter-bound is reported (bound: False), not hidden."""
+    from experiments.systems import Router
+    router = next(s for s in systems if isinstance(s, Router))
+    convs = [s for s in systems if s.converts and s.loops == 1 and s.box is not None]
+    cores, steps = start, []
+
+    def apply(q: float) -> None:
+        for s in systems:
+            if s.box is not None and s.box.cores is not None:
+                s.box.set_cores(q * s.loops)
+
+    routed = {p: probe(router, p) for p in points}
+    for _ in range(rounds):
+        apply(cores)
+        best = {p: max(probe(s, p) for s in convs) for p in points}
+        ratio = min(routed[p] / best[p] for p in points if best[p] > 0)
+        steps.append({"cores_per_loop": cores, "router_over_best": round(ratio, 2),
+                      "router": {str(p): round(routed[p]) for p in points},
+                      "best_converter": {str(p): round(best[p]) for p in points}})
+        progress(f"calibration: {cores:.3f} core per loop -> router {ratio:.2f}x the best converter")
+        if ratio >= margin or cores <= floor:
+            break
+        cores = max(floor, int(cores * ratio / margin * 1000) / 1000)
+    apply(cores)
+    return {"cores_per_loop": cores, "converter_bound": steps[-1]["router_over_best"] >= 2.0,
+            "margin": margin, "start": start, "floor": floor, "probes": steps}
 
 
 def pick(defaults: list, params: dict) -> list:

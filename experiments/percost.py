@@ -22,6 +22,7 @@ from experiments import servers  # noqa: E402
 from experiments.common import (  # noqa: E402
     pick,
     CONVERTER_CPUS,
+    AUTO,
     CONVERTER_QUOTA_CORES,
     END_HOST_CPUS,
     mean_ci,
@@ -31,13 +32,13 @@ from experiments.common import (  # noqa: E402
 )
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
 from experiments.measure.tools import wrk  # noqa: E402
-from experiments.workload import HTTP_PORT, _measure  # noqa: E402
+from experiments.workload import HTTP_PORT, _measure, calibrated  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "percost_converter"
-FULL = dict(size=1024, reps=5, seconds=5, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
-QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+FULL = dict(size=1024, reps=5, seconds=5, connections=40, quota_cores=AUTO)
+QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=AUTO)
 PROFILED = ("haproxy-1t-tcp", "read/write", "mimbox", "mimbox-static-accept")   # perf: where the µs go
 
 
@@ -61,6 +62,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         syss = pick(systems(), params)
         try:
             with running(tb, syss, CONVERTER_BOUND, params["quota_cores"], HTTP_PORT) as box:
+                calibrated(tb, syss, CONVERTER_BOUND, [params["size"]], params, box)
                 rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
                 syn_paths = syn_counts(syss, ("syns", "deferred", "accepted", "refused"))
                 split = [row for s in syss if s.name in PROFILED for row in cpu_split(tb, s, params)]
@@ -68,6 +70,12 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             web.stop()
             web_mptcp.stop()
     return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths, "cpu_split": split}
+
+
+def quota_of(df: pd.DataFrame) -> float:
+    """The quota per event loop the run held its converters to (calibrated or given)."""
+    q = df["quota_cores_per_loop"].dropna() if "quota_cores_per_loop" in df else pd.Series(dtype=float)
+    return float(q.iloc[0]) if len(q) else CONVERTER_QUOTA_CORES
 
 
 def cpu_split(tb, system, params: dict) -> list[dict]:
@@ -153,7 +161,7 @@ def plot(df: pd.DataFrame):
         axis.invert_yaxis()
     ax2.set_yticklabels([])
     fig.suptitle(f"1 KB, 40 clients, new connection per request; each converter at "
-                 f"{df.attrs.get('quota', CONVERTER_QUOTA_CORES):g} core", fontsize=9)
+                 f"{quota_of(df):g} core", fontsize=9)
     few_reps_warning(fig, int(df.groupby("system").size().min()))
     return fig
 

@@ -43,8 +43,11 @@ from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 
 NAME = "profile_converter"
-FULL = dict(size=1024, seconds=10, reps=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=10)
-QUICK = dict(size=1024, seconds=5, reps=2, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=4)
+# variants: besides Fig. 5's MiMBox, the paper's SYN path for every SYN and static mode without holding
+FULL = dict(size=1024, seconds=10, reps=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=10,
+            variants=True)
+QUICK = dict(size=1024, seconds=5, reps=2, connections=40, quota_cores=CONVERTER_QUOTA_CORES, bulk_seconds=4,
+             variants=True)
 HTTP_PORT = 80
 IPERF_PORT = 5201
 SMALL, BULK = "1KB", "bulk"
@@ -81,17 +84,30 @@ def area(dso: str, sym: str) -> str:
     return "kernel, other"
 
 
-def perf_areas(data: str) -> dict[str, int]:
-    """Samples per area in a perf.data file."""
+KERNEL = "[kernel.kallsyms]"
+
+
+def perf_samples(data: str) -> dict[tuple[str, str], int]:
+    """Samples per (area, symbol) in a perf.data file: kernel functions by name, user space by its
+    binary (the symbol is then the area's name)."""
     out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym", "--stdio", "-q",
                           "-F", "sample,dso,sym"], capture_output=True, text=True, timeout=300).stdout
-    counts: dict[str, int] = {}
+    counts: dict[tuple[str, str], int] = {}
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0].isdigit():
             dso, sym = parts[1], parts[3]
             a = area(dso, sym)
-            counts[a] = counts.get(a, 0) + int(parts[0])
+            key = (a, sym if dso == KERNEL else a)
+            counts[key] = counts.get(key, 0) + int(parts[0])
+    return counts
+
+
+def perf_areas(data: str) -> dict[str, int]:
+    """Samples per area in a perf.data file."""
+    counts: dict[str, int] = {}
+    for (a, _), n in perf_samples(data).items():
+        counts[a] = counts.get(a, 0) + n
     return counts
 
 
@@ -101,7 +117,11 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     from experiments.goodput import set_offloads
     rows, boxes = [], {}
     c = CONVERTER_CPUS
+    # Fig. 5's MiMBox (explicit, SYN path auto: under this load most SYNs skip the converter), the
+    # paper's SYN path for every SYN (hold), and static mode that never holds; HAProxy-1t the floor
     small = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c)]
+    if params.get("variants", True):
+        small[1:1] = [MiMBox(mode="explicit", syn_path="hold", cpus=c), MiMBox(mode="static", syn_path="accept", cpus=c)]
     bulk = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, mode="tcp", cpus=c), Naive("readwrite", cpus=c)]
     with Testbed(PaperTopo()) as tb:
         web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)
@@ -152,15 +172,15 @@ def _profile_one(tb, system, rep: int, params: dict, workload: str) -> list[dict
         rec.send_signal(2)
         rec.wait(timeout=120)
     try:
-        counts = perf_areas(data)
+        counts = perf_samples(data)
     finally:
         os.unlink(data)
     total = sum(counts.values()) or 1
     cost = per_unit * cpu / units
     progress(f"profile {workload} rep {rep} {system.name}: {rate}, {cost:.1f} {UNIT[workload]} of CPU")
-    return [dict(workload=workload, system=system.name, rep=rep, area=a, samples=n, share=n / total,
+    return [dict(workload=workload, system=system.name, rep=rep, area=a, symbol=sym, samples=n, share=n / total,
                  cost=cost * n / total, unit=UNIT[workload], total_cost=cost, rate=rate)
-            for a, n in counts.items()]
+            for (a, sym), n in counts.items()]
 
 
 def table(df: pd.DataFrame, workload: str = SMALL) -> pd.DataFrame:
@@ -178,6 +198,38 @@ def table(df: pd.DataFrame, workload: str = SMALL) -> pd.DataFrame:
     return t
 
 
+def kernel_table(df: pd.DataFrame, workload: str = SMALL, against: str | None = None, top: int = 25) -> pd.DataFrame:
+    """Kernel functions side by side: mean converter CPU per request (µs) or per GB (ms) each system
+    spent in each kernel function, and each other system's difference to `against` (default the
+    HAProxy row), the `top` functions by the largest difference of the first system; the rest summed
+    in one row, then the kernel's total."""
+    df = df[(df.workload == workload) & df.area.isin([a for a, _ in AREAS] + ["kernel, other"])]
+    if "symbol" not in df or df.empty:
+        return pd.DataFrame()
+    reps = df.groupby("system").rep.nunique()
+    t = df.groupby(["symbol", "system"]).cost.sum().unstack("system").fillna(0)
+    t = t / reps.reindex(t.columns).values
+    against = against or next((s for s in t.columns if s.startswith("haproxy")), t.columns[-1])
+    others = [s for s in t.columns if s != against]
+    order = sorted(others, key=lambda s: (s != "mimbox", s))
+    for s in order:
+        t[f"{s} - {against}"] = t[s] - t[against]
+    key = f"{order[0]} - {against}"
+    t = t.sort_values(key, ascending=False)
+    areas = df.groupby("symbol").area.first()
+    head, rest = t.iloc[:top].copy(), t.iloc[top:]
+    head.insert(0, "area", areas.reindex(head.index).values)
+    head.loc["(other functions)"] = ["", *rest.sum().values]
+    head.loc["kernel total"] = ["", *t.sum().values]
+    head = head[["area", *order, against, *[f"{s} - {against}" for s in order]]]
+    return head.reset_index().rename(columns={"symbol": "kernel function"}).round(2)
+
+
+def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Extra CSVs: the kernel side by side per workload (kernel_1KB.csv, kernel_bulk.csv)."""
+    return {f"kernel_{w}": kernel_table(df, w) for w in workloads(df) if not kernel_table(df, w).empty}
+
+
 def workloads(df: pd.DataFrame) -> list[str]:
     return [w for w in (SMALL, BULK) if w in set(df.get("workload", pd.Series([SMALL])))]
 
@@ -187,6 +239,10 @@ def findings(df: pd.DataFrame) -> dict:
     for w in workloads(df):
         t = table(df, w)
         out[f"{UNIT[w]}_by_area".replace("/", "_per_").replace("µs", "us")] = {s: t[s].to_dict() for s in t.columns}
+        k = kernel_table(df, w)
+        if not k.empty:
+            total = k.set_index("kernel function").loc["kernel total"]
+            out[f"kernel_{w}_total"] = {c: float(total[c]) for c in k.columns if c not in ("kernel function", "area")}
     return out
 
 

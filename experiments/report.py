@@ -302,11 +302,17 @@ def profile() -> str:
             BULK: "Converter CPU per GB of a bulk upload (Fig. 4's MSS 1460 point, TSO/GSO on, converter-bound), "
                   "by area: what a converter does per byte."}
     out = ["![Profile](results/profile_converter/figure.png)"]
+    from experiments.profile import kernel_table
     for w in workloads(df):
         t = table(df, w).reset_index().rename(columns={"area": "where (perf)"})
         cols = [c for c in t.columns if c != "where (perf)"]
         t.columns = ["where (perf)"] + [f"{c} {UNIT[w]}" for c in cols]
         out += [text[w], _md(t)]
+        k = kernel_table(df, w)
+        if not k.empty:
+            out += [f"The kernel side by side ({UNIT[w]}, `results/profile_converter/kernel_{w}.csv`): each kernel "
+                    "function's cost per system and each one's difference to HAProxy's, sorted by MiMBox's "
+                    "difference; the rest summed.", _md(k.fillna(""))]
     return "\n\n".join(out) + "\n\n" + _env_line(man)
 
 
@@ -491,7 +497,22 @@ def headline() -> str:
                          name, f"{m[name]:,.0f}", f"{m[name] / m['haproxy-1t']:.2f}"))
     if not rows:
         return "_No results yet: `./mimbox.sh reproduce --quick`._"
-    return _md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"]))
+    return _md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"])) + kernel_headline()
+
+
+def kernel_headline(top: int = 5) -> str:
+    """README's kernel side by side: kernel µs per 1 KB request, MiMBox (Fig. 5's) against HAProxy-1t,
+    in total and for the functions where MiMBox spends the most more (results/profile_converter)."""
+    df, _ = _load("profile_converter")
+    if df is None or "symbol" not in df:
+        return ""
+    from experiments.profile import SMALL, kernel_table
+    k = kernel_table(df, SMALL, top=top)
+    if k.empty or "mimbox" not in k or "haproxy-1t" not in k:
+        return ""
+    k = k[["kernel function", "mimbox", "haproxy-1t", "mimbox - haproxy-1t"]]
+    k = pd.concat([k.tail(1), k.head(top)]).rename(columns={"kernel function": "kernel µs per 1 KB request (perf)"})
+    return "\n\n" + _md(k)
 
 
 def _replace(path, start: str, end: str, body: str) -> None:

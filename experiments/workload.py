@@ -6,7 +6,9 @@ CPU time per request is recorded too (its CPU box's counter: threads and childre
 
 Two regimes, in one run (`regime` column):
 - converter-bound (the paper's): every converter held to the same CPU quota per event loop
-  (experiments.common.CONVERTER_QUOTA_CORES), so req/s follows the converter's CPU per request;
+  (quota_cores "auto": calibrated at the start of the run on this machine, at most
+  experiments.common.CONVERTER_QUOTA_CORES, so the router keeps >= 2.2x the cheapest converters at
+  every size: calibrate_quota), so req/s follows the converter's CPU per request;
   the router path, unlimited, must deliver >= 2x the best converter (checked: findings.bound_check).
   Systems: MiMBox (explicit with DST_OPT, RFC 8803 convert, static), HAProxy 1 thread (http as in
   the paper, and tcp; and http with every socket MPTCP, its server side fallen back to TCP, as the
@@ -27,8 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
 from experiments.common import (  # noqa: E402
+    AUTO,
     CONVERTER_CPUS,
-    CONVERTER_QUOTA_CORES,
+    calibrate_quota,
     END_HOST_CPUS,
     bound_check,
     conversion,
@@ -51,9 +54,9 @@ NAME = "fig5_workload"
 KB = 1024
 FULL = dict(sizes={CONVERTER_BOUND: [1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB],
                    END_HOST_BOUND: [1 * KB, 4 * KB, 16 * KB, 64 * KB, 256 * KB, 1024 * KB]},
-            reps=5, seconds=10, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+            reps=5, seconds=10, connections=40, quota_cores=AUTO)
 QUICK = dict(sizes={CONVERTER_BOUND: [1 * KB, 16 * KB, 256 * KB], END_HOST_BOUND: [1 * KB, 16 * KB, 1024 * KB]},
-             reps=3, seconds=3, connections=40, quota_cores=CONVERTER_QUOTA_CORES)
+             reps=3, seconds=3, connections=40, quota_cores=AUTO)
 # The paper's Fig. 5 at 1 KB (requests/s, §4.3 text)
 PAPER_1KB = {"mimbox": 22_000, "haproxy-8t": 18_000, "haproxy-1t": 9_500, "squid": 2_500}
 HTTP_PORT = 80
@@ -95,6 +98,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             for regime, sizes in params["sizes"].items():
                 syss = pick(systems(regime), params)
                 with running(tb, syss, regime, params["quota_cores"], HTTP_PORT) as regimes[regime]:
+                    calibrated(tb, syss, regime, sizes, params, regimes[regime])
                     rows += _measure(tb, syss, regime, sizes, params)
                     syn_paths[regime] = syn_counts(syss)
         finally:
@@ -102,6 +106,34 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             web_mptcp.stop()
     return pd.DataFrame(rows), {"link_fidelity": fidelity, "regimes": regimes,
                                 "syns_seen_by_mimbox": syn_paths}
+
+
+# the converters a calibration probes: the ones with the least work per request (the best at every
+# size in every committed run), so the router's margin over them holds for the others
+CALIBRATE_WITH = ("read/write", "splice", "mimbox-static", "haproxy-1t-tcp")
+PROBE_SECONDS = 2
+
+
+def calibrated(tb, syss: list, regime: str, sizes: list[int], params: dict, box: dict) -> None:
+    """quota_cores "auto", converter-bound: calibrate the quota on this machine at these sizes
+    (experiments.common.calibrate_quota), every system alike; the manifest's regime says what was probed."""
+    if params["quota_cores"] != AUTO or regime != CONVERTER_BOUND:
+        return
+
+    def probe(s, size: int) -> float:
+        settle(tb)
+        port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
+        return wrk(tb, s, port, f"/{size}.bin", params.get("probe_seconds", PROBE_SECONDS), params["connections"],
+                   cpus=END_HOST_CPUS)["req_per_s"]
+
+    probed = [s for s in syss if isinstance(s, Router) or s.name in CALIBRATE_WITH] \
+        if any(s.name in CALIBRATE_WITH for s in syss) else syss
+    cal = calibrate_quota(probed, probe, sizes)
+    for s in syss:                         # the systems the probe left out get the same quota per loop
+        if s.box is not None and s.box.cores is not None:
+            s.box.set_cores(cal["cores_per_loop"] * s.loops)
+    box.update(cores_per_loop=cal["cores_per_loop"], quota_us_per_loop=int(cal["cores_per_loop"] * box["period_us"]),
+               quota_us={s.name: s.box.quota_us for s in syss if s.box is not None}, calibration=cal)
 
 
 def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> list[dict]:
@@ -117,7 +149,9 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
                 cpu, mib = s.cpu_s() - c0, conversion(mib0, mptcp_mib(tb.mbox))
                 ends = {k: n - ends0.get(k, 0) for k, n in s.session_ends().items() if n > ends0.get(k, 0)}
+                quota = s.box.cores / s.loops if s.box is not None and s.box.cores is not None else float("nan")
                 rows.append(dict(regime=regime, system=s.name, loops=s.loops, size=size, rep=rep, **r, **mib,
+                                 quota_cores_per_loop=quota,
                                  peer_ends=" ".join(f"{k}:{n}" for k, n in sorted(ends.items())),
                                  converter_cpu_s=cpu if s.converts else float("nan"),
                                  cpu_us_per_req=1e6 * cpu / r["requests"] if s.converts and r["requests"]

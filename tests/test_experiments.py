@@ -49,7 +49,7 @@ def test_table1_delay_tiny(mptcp_ok, tmp_results):
 
 def test_fig5_workload_tiny(mptcp_ok, tmp_results):
     df = workload.main(quick=True, sizes={"converter-bound": [1024], "end-host-bound": [1024]}, reps=1, seconds=1,
-                       connections=10)
+                       connections=10, probe_seconds=1)
     n = os.cpu_count()
     one_each = {"router", "mimbox", "haproxy-1t", f"mimbox-{n}w", f"haproxy-{n}t", "squid"}
     # at least these (a system added to the figure never breaks this test)
@@ -60,8 +60,49 @@ def test_fig5_workload_tiny(mptcp_ok, tmp_results):
     assert df[df.system != "router"].cpu_us_per_req.gt(0).all()
     assert "peer_ends" in df        # HAProxy's own account of sessions that ended badly, per run
     man = json.loads((tmp_results / workload.NAME / "manifest.json").read_text())
-    assert man["regimes"]["converter-bound"]["quota_us_per_loop"] == 25_000
+    # the quota was calibrated on this machine (quick and full: quota_cores "auto"), recorded, and
+    # every converter ran at it (N loops: N x)
+    cb, cal = man["regimes"]["converter-bound"], man["regimes"]["converter-bound"]["calibration"]
+    assert cal["probes"] and 0.05 <= cal["cores_per_loop"] <= 0.25, cal
+    assert cb["quota_us_per_loop"] == int(cal["cores_per_loop"] * 100_000) and cb["cores_per_loop"] == cal["cores_per_loop"]
+    q = df[(df.regime == "converter-bound") & (df.system != "router")]
+    assert (q.quota_cores_per_loop == cal["cores_per_loop"]).all(), q[["system", "quota_cores_per_loop"]]
     assert man["findings"]["bound_check"][0]["size"] == 1024
+
+
+class _Box:
+    def __init__(self, cores):
+        self.cores = cores
+
+    def set_cores(self, cores):
+        self.cores = cores
+
+
+class _Converter:
+    converts, loops = True, 1
+
+    def __init__(self, name, per_core):
+        self.name, self.per_core, self.box = name, per_core, _Box(0.25)
+
+
+def test_quota_calibration_finds_the_largest_converter_bound_quota():
+    """A converter delivers in proportion to its quota; calibration lowers the quota until the router
+    has its margin over the best converter at every point, sets it on every box, and says when even
+    the floor is not enough."""
+    from experiments.systems import Router
+    router = Router()
+    router.converts, router.box = False, None
+    fast, slow = _Converter("fast", 10_000), _Converter("slow", 6_000)
+    rates = {1: 5_000, 2: 8_000}                     # the router's rate per point
+    probe = lambda s, p: rates[p] if s is router else s.per_core * s.box.cores  # noqa: E731
+    cal = common.calibrate_quota([router, fast, slow], probe, [1, 2])
+    assert cal["converter_bound"] and cal["probes"][0]["router_over_best"] == 2.0      # 5,000 / 2,500 at 0.25
+    assert abs(cal["cores_per_loop"] - 5_000 / 10_000 / 2.2) < 0.002, cal             # the worst point decides
+    assert fast.box.cores == slow.box.cores == cal["cores_per_loop"]
+    plenty = common.calibrate_quota([router, _Converter("x", 1_000)], probe, [1])
+    assert plenty["cores_per_loop"] == 0.25 and len(plenty["probes"]) == 1           # never above the default
+    hopeless = common.calibrate_quota([router, _Converter("y", 200_000)], probe, [1])
+    assert hopeless["cores_per_loop"] == common.QUOTA_FLOOR and not hopeless["converter_bound"]
 
 
 def test_fig5_problems_carry_the_peers_own_account():
@@ -77,8 +118,14 @@ def test_fig5_problems_carry_the_peers_own_account():
 def test_profile_tiny(mptcp_ok, tmp_results):
     """perf samples the converters under both loads; the samples land in the expected areas: each
     program's own code, and per byte splicing for MiMBox where read()/write() copies."""
-    df = profile.main(quick=True, seconds=3, reps=1, bulk_seconds=2)
+    df = profile.main(quick=True, seconds=3, reps=1, bulk_seconds=2, variants=False)
     assert set(df[df.workload == profile.SMALL].system) >= {"mimbox", "haproxy-1t"}
+    # the kernel side by side: per function, each system's cost and its difference to HAProxy's
+    k = profile.kernel_table(df).set_index("kernel function")
+    total = k.loc["kernel total"]
+    assert total["haproxy-1t"] > 10 and abs(total["mimbox - haproxy-1t"] - (total["mimbox"] - total["haproxy-1t"])) < 0.02
+    assert abs(k.drop(index="kernel total")["mimbox"].sum() - total["mimbox"]) < 0.05, k
+    assert (tmp_results / profile.NAME / "kernel_1KB.csv").exists()
     assert set(df[df.workload == profile.BULK].system) >= {"mimbox", "haproxy-1t-tcp", "read/write"}
     areas = set(df.area)
     assert {"MiMBox core (C)", "HAProxy", "TCP"} <= areas, areas

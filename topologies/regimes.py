@@ -93,6 +93,18 @@ class CpuQuota:
         atexit.register(self.remove)
         return self
 
+    def set_cores(self, cores: float) -> None:
+        """Change the quota of a group that exists (its processes stay in it)."""
+        if cores <= 0:
+            raise ValueError(f"a CPU quota needs cores > 0, not {cores}")
+        self.cores, self.quota_us = cores, max(1000, int(cores * self.period_us))
+        if self.version == 2:
+            (self.dirs[0] / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
+        elif self.version == 1:
+            (V1_CPU / self.name / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        else:
+            raise QuotaUnavailable("the group was not created")
+
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv` made to wait, stopped, until admit() has put it in the group: a Mininet host has
         its own mount namespace without the cgroup file systems, so the group is joined from here."""
