@@ -57,7 +57,18 @@ def _env_line(man: dict) -> str:
                + "; ".join(man["problems"]) + "." if man.get("problems") else "")
     return (f"_Run {e['date']} on Linux {e['kernel']}, {e['cores']} cores ({e['cpu']}), commit {e['mimbox_commit']}; "
             + (f"host's CPU steal {steal:.0%}; " if steal is not None else "")
-            + f"{_mode(man)}: {json.dumps(p)}._" + flagged)
+            + f"{_mode(man)}: {json.dumps(p)}" + _calibration(man) + "._" + flagged)
+
+
+def _calibration(man: dict) -> str:
+    """'; quota calibrated to X core per loop (router R x the best probed converter)' for runs with
+    quota_cores "auto" (the regime is under 'regime' or per regime under 'regimes')."""
+    regimes = [man.get("regime") or {}, *(man.get("regimes") or {}).values()]
+    cal = next((r["calibration"] for r in regimes if isinstance(r, dict) and "calibration" in r), None)
+    if not cal:
+        return ""
+    return (f"; quota calibrated on this machine to {cal['cores_per_loop']:g} core per loop (router "
+            f"{cal['probes'][-1]['router_over_best']:.2f}x the best probed converter)")
 
 
 REGIME_MEANING = {
