@@ -474,6 +474,7 @@ def section() -> str:
              ("Scale-out: N converters behind one ECMP address", scaleout()),
              ("RFC 8803 on this kernel: MPTCP with SYN data", tfostall()),
              ("What the hardening costs", hardening()),
+             ("Measured steps: each change against the build before it", steps()),
              ("Reliability suite", reliability())]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 
@@ -525,6 +526,28 @@ def kernel_headline(top: int = 5) -> str:
            "haproxy-1t", "mimbox - haproxy-1t"]]
     k = pd.concat([k.tail(1), k.head(top)]).rename(columns={"kernel function": "kernel µs per 1 KB request (perf)"})
     return "\n\n" + _md(k)
+
+
+def steps() -> str:
+    """One row per `experiments.abtest --label STEP` run (results/abtest/STEP/): the change against
+    the build before it, interleaved in one run at Fig. 5's converter-bound 1 KB point."""
+    from experiments.common import mean_ci
+    rows = []
+    for d in sorted((RESULTS / "abtest").glob("*/ratios.csv")) if (RESULTS / "abtest").is_dir() else []:
+        man = json.loads((d.parent / "manifest.json").read_text())
+        r, g = pd.read_csv(d), pd.read_csv(d.parent / "summary.csv").set_index("system")
+        now = next(x for x in g.index if x.startswith("mimbox") and "@" not in x)
+        before = next(x for x in g.index if "@" in x)
+        m, ci = mean_ci(r.req_per_s)
+        rows.append({"step": d.parent.name, "against": before.split("@")[1], "reps x s": f"{man['params']['reps']} x {man['params']['seconds']}",
+                     "req/s": f"{g.req_per_s[now]:,.0f} vs {g.req_per_s[before]:,.0f}",
+                     "µs CPU/req": f"{g.cpu_us_per_req[now]:.1f} vs {g.cpu_us_per_req[before]:.1f}",
+                     "per-rep req/s ratio": f"{m:.3f} ± {ci:.3f} (median {r.req_per_s.median():.3f})"})
+    if not rows:
+        return "_No step measured yet: `python -m experiments.abtest --before COMMIT --label STEP`._"
+    return ("Each row: `python -m experiments.abtest --before COMMIT --label STEP` (this build and the one "
+            "before the change, HAProxy-1t beside them, interleaved; ratio: mean ± 95 % CI over repetitions). "
+            "A step smaller than the CI is not resolved by this VM either way.\n\n" + _md(pd.DataFrame(rows)))
 
 
 def _replace(path, start: str, end: str, body: str) -> None:
