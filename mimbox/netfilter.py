@@ -3,7 +3,7 @@
 Every rule lives in chains named MIMBOX-<port> (raw, mangle and filter tables), reached by one
 jump each; `remove()` deletes the jumps and the chains, and `install()` first removes what a
 killed predecessor on the same port may have left. Each jump matches only the packets its chain
-acts on (SYNs; marked packets; TCP), and a chain with nothing to do gets no jump: every packet
+acts on (SYNs; marked packets; TCP), and a raw chain with no queue rule gets no jump: every packet
 that reaches the converter's namespace walks these hooks (about 0.4 us per 1 KB request when
 every packet entered every chain, results/profile_converter).
 
@@ -100,10 +100,11 @@ class ListenerRules:
 
     def _jumps(self) -> list[tuple[str, str, list[str]]]:
         """(table, hook, match) of each jump into this listener's chains: only what the chain acts on."""
-        jumps = []
-        if self.queue_syns:             # the queue rules see SYNs; only queued SYNs get the refusal mark
-            jumps += [("raw", "PREROUTING", ["-p", "tcp", "--syn"]),
-                      ("filter", "INPUT", ["-p", "tcp", "-m", "mark", "--mark", f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}"])]
+        # the refusal mark: a queued SYN's verdict, or the BPF recorder's on a SYN whose DST_OPT
+        # conflicts with its 4-tuple's first (explicit mode, SYNs not queued): always needed
+        jumps = [("filter", "INPUT", ["-p", "tcp", "-m", "mark", "--mark", f"0x{REFUSE_MARK:x}/0x{REFUSE_MASK:x}"])]
+        if self.queue_syns:             # the queue rules see SYNs only
+            jumps.append(("raw", "PREROUTING", ["-p", "tcp", "--syn"]))
         if self.transparent_ports:
             jumps.append(("mangle", "PREROUTING", ["-p", "tcp"]))
         return jumps
