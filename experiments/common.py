@@ -187,17 +187,21 @@ QUOTA_FLOOR = 0.05     # below this a 100 ms period leaves 5 ms slices: the quot
 
 
 def calibrate_quota(systems: list, probe, points: list, start: float = CONVERTER_QUOTA_CORES,
-                    floor: float = QUOTA_FLOOR, margin: float = BOUND_MARGIN, rounds: int = 3) -> dict:
+                    floor: float = QUOTA_FLOOR, margin: float = BOUND_MARGIN, rounds: int = 3,
+                    probe_with: tuple[str, ...] = ()) -> dict:
     """The largest quota per event loop, at most `start`, at which the router still delivers
     `margin` x the best one-loop converter at every point (bound_check's test, with room for the
     noise of a short probe), and set it on every converter's box (N loops: N x that quota, as
     converter_boxes). `systems`: running, in their boxes, the router among them; probe(system,
     point) -> rate. A converter held to a quota delivers in proportion to it, so each round scales
     the quota by what the worst point lacks, then measures again; the result says what was probed.
-    A machine where even `floor` is not converter-bound is reported (bound: False), not hidden."""
+    A machine where even `floor` is not converter-bound is reported (bound: False), not hidden.
+    probe_with: probe only the converters of these names (those with the least work per request)
+    when any is running; every system's box gets the result all the same."""
     from experiments.systems import Router
     router = next(s for s in systems if isinstance(s, Router))
     convs = [s for s in systems if s.converts and s.loops == 1 and s.box is not None]
+    convs = [s for s in convs if s.name in probe_with] or convs
     cores, steps = start, []
 
     def apply(q: float) -> None:

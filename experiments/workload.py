@@ -126,12 +126,7 @@ def calibrated(tb, syss: list, regime: str, sizes: list[int], params: dict, box:
         return wrk(tb, s, port, f"/{size}.bin", params.get("probe_seconds", PROBE_SECONDS), params["connections"],
                    cpus=END_HOST_CPUS)["req_per_s"]
 
-    probed = [s for s in syss if isinstance(s, Router) or s.name in CALIBRATE_WITH] \
-        if any(s.name in CALIBRATE_WITH for s in syss) else syss
-    cal = calibrate_quota(probed, probe, sizes)
-    for s in syss:                         # the systems the probe left out get the same quota per loop
-        if s.box is not None and s.box.cores is not None:
-            s.box.set_cores(cal["cores_per_loop"] * s.loops)
+    cal = calibrate_quota(syss, probe, sizes, probe_with=CALIBRATE_WITH)
     box.update(cores_per_loop=cal["cores_per_loop"], quota_us_per_loop=int(cal["cores_per_loop"] * box["period_us"]),
                quota_us={s.name: s.box.quota_us for s in syss if s.box is not None}, calibration=cal)
 
