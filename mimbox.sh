@@ -11,7 +11,7 @@ cd "$(dirname "$(readlink -f "$0")")"
 APT_PACKAGES=(mininet iproute2 iptables nftables libnetfilter-queue-dev tcpdump iperf3 wrk haproxy squid
               nginx-light clang llvm bpftool libbpf-dev python3-venv python3-dev gcc make ethtool
               iputils-ping curl procps psmisc bpftrace linux-perf
-              libseccomp-dev python3-seccomp libcap-dev libclang-rt-14-dev socat mptcpize)
+              libseccomp-dev python3-seccomp libcap-dev libclang-rt-14-dev socat mptcpize liburing-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

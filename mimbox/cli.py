@@ -102,7 +102,8 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=ENGINES, default=BufferConfig.engine,
                    help="auto (default): copy through one buffer per worker for a direction's first 256 KB, "
                         "then splice; splice: always socket->pipe->socket, no copy through user space; "
-                        "copy: always read()/write()")
+                        "copy: always recv()/send(); uring: recv/send through an io_uring ring with "
+                        "provided buffers, the loop waiting on the ring (native/core/uring.c)")
     g.add_argument("--pipe-size", default=str(BufferConfig.pipe_size),
                    help=f"pipe (or copy buffer) per direction (default {BufferConfig.pipe_size >> 10}K)")
     for side in ("client", "server"):

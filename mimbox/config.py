@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static", "convert")
 SYN_PATHS = ("auto", "hold", "accept")
-ENGINES = ("auto", "splice", "copy")
+ENGINES = ("auto", "splice", "copy", "uring")
 CONVERT_COMPAT = ("rfc", "draft")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256           # workers of one converter, at most (the core's hand-over table)

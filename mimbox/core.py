@@ -30,7 +30,7 @@ from mimbox.paths import RELAYCORE
 from mimbox.safety import DENIED_OWN, DENIED_PORT0
 from mimbox.synpath import Cause
 
-ENGINES = {"copy": 0, "splice": 1, "auto": 2}
+ENGINES = {"copy": 0, "splice": 1, "auto": 2, "uring": 3}
 SYN_PATHS = {"hold": 0, "accept": 1, "auto": 2}
 DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_EXPLICIT = range(4)
 EV_FD, EV_ACCEPTED, EV_REFUSED, EV_GIVEBACK, EV_ABORTED, EV_CLOSED = range(1, 7)

@@ -13,7 +13,7 @@ What it makes (mimbox.paths finds them):
 
 The generated headers come from the Python that declares the layouts (mimbox.core, mimbox.dstopt, mimbox.synack),
 run from this source tree; only the standard library is needed to build. Needs gcc, clang (BPF
-target), libnetfilter-queue-dev and libbpf-dev (Debian names).
+target), libnetfilter-queue-dev, liburing-dev and libbpf-dev (Debian names).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
         # one job per file, linked with -flto so calls between rooms inline as in one file; only the
         # exports of core.h are visible
         _run(["gcc", "-O2", "-flto", "-shared", "-fPIC", "-fvisibility=hidden", *WARNINGS, "-I", str(out / "bpf"),
-              "-I", str(out), "-o", str(core), *map(str, rooms), "-lnetfilter_queue"])
+              "-I", str(out), "-o", str(core), *map(str, rooms), "-lnetfilter_queue", "-luring"])
     if fuzz:
         (out / "fuzz").mkdir(exist_ok=True)
         harness = SRC / "tests" / "fuzz" / "fuzz_core.c"
@@ -82,7 +82,7 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
             if force or _stale(exe, harness, *inputs):
                 _run(["clang", "-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
                       "-I", str(out), "-I", str(out / "bpf"), "-I", str(CORE), f"-DFUZZ_{target.upper()}",
-                      str(harness), *map(str, rooms), "-o", str(exe)])
+                      str(harness), *map(str, rooms), "-luring", "-o", str(exe)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,7 +259,7 @@ def recv_all(s: socket.socket) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("engine", ["auto", "copy", "splice"])
+@pytest.mark.parametrize("engine", ["auto", "copy", "splice", "uring"])
 def test_bytes_exact_both_ways_with_half_close(engine):
     """3 MB up, then the client's FIN; the server answers 3 MB after that EOF: half-close must pass."""
     up, down = random.randbytes(3 << 20), random.randbytes(3 << 20)
@@ -348,12 +348,13 @@ def test_ipv6_policy_and_gate_in_the_core():
         ls.close()
 
 
-def test_server_refusal_resets_the_client_and_is_counted():
+@pytest.mark.parametrize("engine", ["auto", "uring"])
+def test_server_refusal_resets_the_client_and_is_counted(engine):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     closed_port = probe.getsockname()[1]
     probe.close()                                # nothing listens there now
-    r = Running(closed_port)
+    r = Running(closed_port, engine=ENGINES[engine])
     try:
         with pytest.raises((ConnectionResetError, BrokenPipeError)):   # the RST may beat connect() or send()
             c = socket.create_connection(("127.0.0.1", r.port), timeout=5)
@@ -366,14 +367,15 @@ def test_server_refusal_resets_the_client_and_is_counted():
         r.close()
 
 
-def test_connection_limit_is_shared_through_the_admission_counter():
+@pytest.mark.parametrize("engine", ["auto", "uring"])
+def test_connection_limit_is_shared_through_the_admission_counter(engine):
     held = []
 
     def handler(s):
         held.append(s.recv(1))
     ls, t = server(handler)
     adm = Admission(1)
-    r = Running(ls.getsockname()[1], admission=adm.address(), admission_limit=1)
+    r = Running(ls.getsockname()[1], admission=adm.address(), admission_limit=1, engine=ENGINES[engine])
     try:
         first = socket.create_connection(("127.0.0.1", r.port), timeout=5)
         first.send(b"a")
@@ -391,7 +393,8 @@ def test_connection_limit_is_shared_through_the_admission_counter():
         ls.close()
 
 
-def test_idle_connection_is_reset_on_both_sides():
+@pytest.mark.parametrize("engine", ["auto", "uring"])
+def test_idle_connection_is_reset_on_both_sides(engine):
     ends = {}
 
     def handler(s):
@@ -400,7 +403,7 @@ def test_idle_connection_is_reset_on_both_sides():
         except ConnectionResetError:
             ends["server"] = "reset"
     ls, t = server(handler)
-    r = Running(ls.getsockname()[1], idle_timeout=0.5)
+    r = Running(ls.getsockname()[1], idle_timeout=0.5, engine=ENGINES[engine])
     try:
         c = socket.create_connection(("127.0.0.1", r.port), timeout=5)
         t0 = time.monotonic()

@@ -82,6 +82,8 @@ int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		k->early_len = early_len;
 	}
 	ev.data.u64 = (uint64_t)FD_CONN << FD_SHIFT | (uint64_t)i << 1 | 1;
+	if (c->u)		/* the uring engine watches its sockets itself */
+		goto added;
 	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, cfd, &ev)) {
 		err = -errno;
 		goto failed;
@@ -93,7 +95,11 @@ int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		epoll_ctl(c->epfd, EPOLL_CTL_DEL, cfd, NULL);
 		goto failed;
 	}
+added:
 	k->state = connecting ? CONN_CONNECTING : CONN_RELAYING;
+	if (!++c->conn_gen)
+		c->conn_gen = 1;
+	k->gen = c->conn_gen;
 	c->active++;
 	c->st.accepted++;
 	k->client_mptcp = sock_is_mptcp(cfd);
@@ -111,6 +117,12 @@ int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		else
 			c->st.server_tcp++;
 		/* what is there already: EPOLL_CTL_ADD reported it as an event (edge-triggered too) */
+	}
+	if (c->u) {
+		if (connecting)
+			uring_connecting(c, i);
+		else
+			uring_start(c, i);
 	}
 	return i;
 failed:
@@ -133,7 +145,7 @@ int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 }
 
 /* the server connection of connection i finished its connect() (ev: the server socket's event) */
-static void server_ready(struct core *c, int i, uint32_t ev)
+void server_ready(struct core *c, int i, uint32_t ev)
 {
 	struct conn *k = c->conns[i];
 	int err = connect_result(k->sfd, ev);
@@ -159,6 +171,8 @@ static void server_ready(struct core *c, int i, uint32_t ev)
 		k->early = NULL;
 		k->early_len = 0;
 	}
+	if (c->u)
+		return uring_start(c, i);
 	if (k->client_ev & ~EPOLLOUT)		/* what the client sent meanwhile: its events were kept */
 		xfer_event(c, i, &k->up, k->client_ev);
 	k->client_ev = 0;
@@ -268,7 +282,9 @@ void conn_end(struct core *c, int i, enum conn_end_how how, int err)
 	access_log(c, k, reset);
 	c->st.bytes_up += k->up.bytes;
 	c->st.bytes_down += k->down.bytes;
-	if (keep_client)
+	if (c->u)
+		uring_end(c, k);
+	if (keep_client && !c->u)
 		epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->cfd, NULL);
 	else if (reset)
 		reset_close(k->cfd);

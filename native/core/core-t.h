@@ -94,6 +94,11 @@ struct dir {
 	uint64_t bytes;
 	char *prefix;			/* convert mode: the answer, written in front of the first bytes */
 	uint32_t prefix_len, prefix_in_buf;
+	/* the uring engine (uring.c) */
+	uint8_t op;			/* what is in flight on it: 0 nothing, else a U_RECV or U_SEND* */
+	uint8_t holds;			/* it holds provided buffer bid (sending len bytes from it) */
+	uint16_t bid;
+	uint32_t len;
 };
 
 struct conn {
@@ -111,6 +116,8 @@ struct conn {
 	uint32_t down_ev;		/* the server's events while the client's handshake completes */
 	int32_t end_err;		/* why it ended: 0 both sides finished, else an errno (ETIME: idle) */
 	int next_free;
+	uint32_t gen;			/* uring: this tenant of the slot (0: none); a completion carries it */
+	uint8_t polling;		/* uring: polls in flight on its sockets (server connect, TFO client) */
 };
 
 struct held {				/* a held SYN and its server connection */
@@ -131,6 +138,7 @@ struct gate_count { uint64_t prefix; int32_t n; };	/* gate_prefix() + 1 (0: neve
 
 struct nfq_handle;
 struct nfq_q_handle;
+struct uring;
 
 /* One worker's core: its epoll set and everything it serves. */
 struct core {
@@ -180,4 +188,7 @@ struct core {
 	double spare_retry_at;			/* making spares failed: not before then */
 	/* keeper.c */
 	pid_t keeper;
+	/* uring.c (engine uring; NULL: epoll alone) */
+	struct uring *u;
+	uint32_t conn_gen;
 };

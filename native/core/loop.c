@@ -82,7 +82,7 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 {
 	struct epoll_event evs[MAX_EVENTS];
 	double deadline;
-	int n, wait, room;
+	int n, wait, room, work;
 
 	c->now = monotonic();
 	deadline = c->now + timeout_ms / 1000.0;
@@ -97,14 +97,15 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 		if (c->accept_paused_until > 0 && wait > (int)((c->accept_paused_until - c->now) * 1000) + 1)
 			wait = (int)((c->accept_paused_until - c->now) * 1000) + 1;
 		room = c->maxout - c->nout < MAX_EVENTS ? c->maxout - c->nout : MAX_EVENTS;
-		n = epoll_wait(c->epfd, evs, room, wait);
+		n = c->u ? uring_wait(c, evs, room, wait) : epoll_wait(c->epfd, evs, room, wait);
 		if (n < 0) {
 			n = c->nout ? c->nout : -errno;
 			c->maxout = 0;
 			return n;
 		}
 		c->now = monotonic();
-		if (n == 0 && wait != timeout_ms) {	/* nothing waits: make spares, poll on or sleep */
+		work = n + (c->u ? uring_done(c) : 0);
+		if (work == 0 && wait != timeout_ms) {	/* nothing waits: make spares, poll on or sleep */
 			if (c->now >= deadline)
 				break;
 			if (spare_missing(c))
@@ -112,14 +113,14 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 			timeout_ms = (int)((deadline - c->now) * 1000) + 1;
 			continue;
 		}
-		if (n) {
+		if (work) {
 			c->last_event = c->now;
 			c->st.busy_polls += polling;
 		}
 		for (int j = 0; j < n; j++)
 			dispatch(c, &evs[j]);
 		conns_free_ended(c);
-		if (c->nout || n == 0 || c->now >= deadline || c->maxout - c->nout < 8)
+		if (c->nout || work == 0 || c->now >= deadline || c->maxout - c->nout < 8)
 			break;
 		timeout_ms = (int)((deadline - c->now) * 1000) + 1;
 	}

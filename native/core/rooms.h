@@ -97,6 +97,7 @@ int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 	     const struct flow *f, double t_syn, const char *prefix, uint32_t prefix_len, const char *early,
 	     uint32_t early_len);
 void conn_ready(struct core *c, uint64_t data, uint32_t ev);
+void server_ready(struct core *c, int i, uint32_t ev);
 void conn_end(struct core *c, int i, enum conn_end_how how, int err);
 void conns_free_ended(struct core *c);
 
@@ -107,6 +108,17 @@ int xfer_flush_prefix(struct dir *d);
 int client_ready(struct conn *k);
 void client_established(struct core *c, int i);
 void dir_release(struct core *c, struct dir *d);
+
+/* uring.c */
+struct epoll_event;
+int uring_init(struct core *c);
+void uring_free(struct core *c);
+int uring_wait(struct core *c, struct epoll_event *evs, int room, int wait_ms);
+int uring_done(struct core *c);
+void uring_connecting(struct core *c, int i);
+void uring_start(struct core *c, int i);
+void uring_client_ready(struct core *c, int i);
+void uring_end(struct core *c, struct conn *k);
 
 /* stats.c */
 void count_connect_time(struct core *c, double us);

@@ -35,6 +35,10 @@ struct core *core_new(const struct core_config *cfg)
 		free(c);
 		return NULL;
 	}
+	if (cfg->engine == ENGINE_URING && uring_init(c) < 0) {
+		core_free(c);
+		return NULL;
+	}
 	for (int i = 0; i < c->nheld_slots; i++) {
 		c->held[i].sfd = -1;
 		c->held[i].next_free = c->held_free;
@@ -62,6 +66,7 @@ void core_free(struct core *c)
 	if (!c)
 		return;
 	core_abort_all(c);
+	uring_free(c);
 	core_keeper_release(c);
 	for (int i = 0; i < c->nconns; i++)
 		free(c->conns[i]);

@@ -316,6 +316,8 @@ void client_established(struct core *c, int i)
 {
 	struct conn *k = c->conns[i];
 	uint32_t ev = k->down_ev | EPOLLIN;
+	if (c->u)
+		return uring_client_ready(c, i);
 	k->down_ev = 0;
 	xfer_event(c, i, &k->down, ev);
 }

@@ -1,0 +1,527 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The io_uring engine (config engine "uring"): where bytes move and where the loop waits when the core
+ * runs on a ring instead of on epoll alone.
+ *
+ *   uring_init()        a ring for this worker, made disabled, its provided buffers registered, then
+ *                       restricted to the operations below (a worker's seccomp filter cannot see
+ *                       inside a ring: the ring's own restriction list is its filter) and enabled
+ *   uring_wait()        the loop's wait: submits what the batch prepared, waits for a completion or
+ *                       the timeout, hands each completion to its connection; the epoll set (NFQUEUE,
+ *                       listeners, held SYNs, Python's fds) is one multishot poll on the ring, and its
+ *                       events are read with epoll_wait(0) when it fires
+ *   uring_connecting()  a server connect() in progress: one poll for POLLOUT (conn.c server_ready)
+ *   uring_start()       both sides connected: a recv on each direction's source
+ *   uring_end()         conn_end: what is still in flight on its sockets is cancelled (synchronously:
+ *                       no operation outlives the fd it names), the buffers it held go back
+ *
+ * A direction has at most one operation in flight: a recv (the kernel picks a provided buffer only
+ * when bytes are there, so an idle connection holds no buffer), then the send of what it read
+ * (MSG_WAITALL: the kernel retries a short send itself), then the next recv. That is the back
+ * pressure: a slow destination stops its source being read. The send goes from the provided buffer
+ * itself; convert mode's answer (prefix) and what a synchronous write left (buf) are sent from the
+ * direction's own buffer with the new bytes behind them. A recv that found no free buffer (ENOBUFS)
+ * waits in a list until one is given back.
+ *
+ * Not here: splice. io_uring always runs splice in a worker thread (it never polls a pipe), and
+ * splice from an MPTCP socket is a copy on this kernel anyway; this engine copies, like `copy`.
+ * Accepts, the server's connect() and the close()s stay the system calls the other rooms make. */
+#include "rooms.h"
+#include <liburing.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define RING_ENTRIES 4096
+#define CQ_ENTRIES 65536
+#define BUFS 1024		/* provided buffers (a power of two) */
+#define BUF_MAX (64 << 10)	/* each at most this (config pipe_size below) */
+#define STARVED_MAX 65536	/* directions waiting for a buffer */
+
+/* What a completion is (user_data bits 60-63); the rest: is_up (bit 59), slot (32-58), generation. */
+enum uring_op {
+	U_EPOLL = 1,		/* the epoll set has events: epoll_wait(0) reads them */
+	U_RECV,			/* a direction's recv into a provided buffer */
+	U_SEND,			/* a direction's send of what its recv got (from the provided buffer) */
+	U_SEND_OWN,		/* a direction's send from its own buffer (prefix or leftover in front) */
+	U_CONNECT,		/* the server socket's POLLOUT: its connect() finished */
+	U_CLIENT_OUT,		/* a client accepted at its TFO SYN: POLLOUT, its handshake may be complete */
+	U_CANCEL,		/* a cancellation's own completion (ignored) */
+};
+
+struct uring {
+	struct io_uring ring;
+	struct io_uring_buf_ring *br;
+	char *bufs;
+	uint32_t buf_size;
+	int enabled, epoll_armed, epoll_ready;
+	uint64_t *starved;	/* user_data of recvs that found no buffer (ring of STARVED_MAX) */
+	uint32_t starved_head, starved_n;
+	int done;		/* completions handled in this wait */
+};
+
+static int ring_enable(struct uring *u);
+
+static uint64_t tag(enum uring_op op, int slot, int up, uint32_t gen)
+{
+	return (uint64_t)op << 60 | (uint64_t)up << 59 | (uint64_t)slot << 32 | gen;
+}
+
+static struct io_uring_sqe *sqe_get(struct uring *u)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+	if (!sqe) {		/* the submission queue is full: hand it to the kernel now */
+		io_uring_submit(&u->ring);
+		sqe = io_uring_get_sqe(&u->ring);
+	}
+	return sqe;
+}
+
+static char *buf_addr(struct uring *u, unsigned bid)
+{
+	return u->bufs + (size_t)bid * u->buf_size;
+}
+
+static void buf_put(struct uring *u, unsigned bid)
+{
+	io_uring_buf_ring_add(u->br, buf_addr(u, bid), u->buf_size, bid, io_uring_buf_ring_mask(BUFS), 0);
+	io_uring_buf_ring_advance(u->br, 1);
+}
+
+/* -- a direction's operations ---------------------------------------------------------------------- */
+static int dir_up(struct conn *k, struct dir *d)
+{
+	return d == &k->up;
+}
+
+static int recv_post(struct core *c, int i, struct dir *d)
+{
+	struct conn *k = c->conns[i];
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_recv(sqe, d->src, NULL, c->u->buf_size, 0);
+	sqe->flags |= IOSQE_BUFFER_SELECT;
+	sqe->buf_group = 0;
+	io_uring_sqe_set_data64(sqe, tag(U_RECV, i, dir_up(k, d), k->gen));
+	d->op = U_RECV;
+	return 0;
+}
+
+static int send_post(struct core *c, int i, struct dir *d, enum uring_op op, const char *p, uint32_t n)
+{
+	struct conn *k = c->conns[i];
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_send(sqe, d->dst, p, n, MSG_NOSIGNAL | MSG_WAITALL);
+	io_uring_sqe_set_data64(sqe, tag(op, i, dir_up(k, d), k->gen));
+	d->op = op;
+	return 0;
+}
+
+static int poll_post(struct core *c, int i, int fd, enum uring_op op)
+{
+	struct conn *k = c->conns[i];
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_poll_add(sqe, fd, POLLOUT);
+	io_uring_sqe_set_data64(sqe, tag(op, i, 0, k->gen));
+	k->polling++;
+	return 0;
+}
+
+/* everything before src's FIN went out: pass the FIN on; the connection ends once both directions have */
+static void dir_done(struct core *c, int i, struct dir *d)
+{
+	struct conn *k = c->conns[i];
+	d->state = DIR_DONE;
+	if (k->up.state == DIR_DONE && k->down.state == DIR_DONE)
+		return conn_end(c, i, END_FINISHED, 0);
+	shutdown(d->dst, SHUT_WR);
+}
+
+/* d's next step: what its own buffer holds goes first, then its FIN, else the next recv */
+static void dir_next(struct core *c, int i, struct dir *d)
+{
+	int r;
+	if (d->buffered)
+		r = send_post(c, i, d, U_SEND_OWN, d->buf + d->off, d->buffered);
+	else if (d->state == DIR_EOF)
+		return dir_done(c, i, d);
+	else
+		r = recv_post(c, i, d);
+	if (r < 0)
+		conn_end(c, i, END_RESET, -r);
+}
+
+/* bytes that go behind d's prefix or leftover: copied into its own buffer, sent from there */
+static int own_append(struct dir *d, const char *p, uint32_t n)
+{
+	uint32_t have = d->prefix_len + d->buffered, plen = d->prefix_len;
+	char *b = malloc(have + n);
+	if (!b)
+		return -ENOMEM;
+	memcpy(b, d->prefix, plen);
+	if (d->buffered)
+		memcpy(b + plen, d->buf + d->off, d->buffered);
+	memcpy(b + plen + d->buffered, p, n);
+	d->prefix_in_buf += plen;
+	free(d->buf);
+	free(d->prefix);
+	d->prefix = NULL;
+	d->prefix_len = 0;
+	d->buf = b;
+	d->off = 0;
+	d->buffered = have + n;
+	return 0;
+}
+
+static void recv_done(struct core *c, int i, struct dir *d, const struct io_uring_cqe *cqe)
+{
+	struct conn *k = c->conns[i];
+	unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+	int r;
+
+	if (cqe->res == -ENOBUFS) {	/* every buffer is in flight: wait for one */
+		struct uring *u = c->u;
+		if (u->starved_n == STARVED_MAX)
+			return conn_end(c, i, END_RESET, ENOBUFS);
+		u->starved[(u->starved_head + u->starved_n++) % STARVED_MAX] = tag(U_RECV, i, dir_up(k, d), k->gen);
+		d->op = U_RECV;		/* (still waiting: nothing else is posted for it) */
+		return;
+	}
+	if (cqe->res < 0)
+		return conn_end(c, i, END_RESET, -cqe->res);
+	if (cqe->res == 0) {
+		d->state = DIR_EOF;
+		return dir_next(c, i, d);
+	}
+	k->last = c->now;
+	if (d->prefix || d->buffered) {
+		r = own_append(d, buf_addr(c->u, bid), cqe->res);
+		buf_put(c->u, bid);
+		if (r < 0)
+			return conn_end(c, i, END_RESET, -r);
+		return dir_next(c, i, d);
+	}
+	d->bid = bid;
+	d->len = cqe->res;
+	d->holds = 1;
+	if ((r = send_post(c, i, d, U_SEND, buf_addr(c->u, bid), d->len)) < 0)
+		conn_end(c, i, END_RESET, -r);
+}
+
+static void send_done(struct core *c, int i, struct dir *d, enum uring_op op, int res)
+{
+	int r;
+	if (res < 0)
+		return conn_end(c, i, END_RESET, -res);
+	if (op == U_SEND_OWN) {
+		d->off += res;
+		d->buffered -= res;
+		if ((uint32_t)res > d->prefix_in_buf) {
+			d->bytes += res - d->prefix_in_buf;
+			d->prefix_in_buf = 0;
+		} else {
+			d->prefix_in_buf -= res;
+		}
+		if (!d->buffered) {
+			free(d->buf);
+			d->buf = NULL;
+			d->off = 0;
+		}
+		return dir_next(c, i, d);
+	}
+	d->bytes += res;
+	if ((uint32_t)res < d->len) {	/* short despite MSG_WAITALL (a signal): the rest */
+		d->len -= res;
+		memmove(buf_addr(c->u, d->bid), buf_addr(c->u, d->bid) + res, d->len);
+		if ((r = send_post(c, i, d, U_SEND, buf_addr(c->u, d->bid), d->len)) < 0)
+			conn_end(c, i, END_RESET, -r);
+		return;
+	}
+	d->holds = 0;
+	buf_put(c->u, d->bid);
+	dir_next(c, i, d);
+}
+
+/* a buffer went back: the recvs that found none try again */
+static void starved_retry(struct core *c)
+{
+	struct uring *u = c->u;
+	while (u->starved_n) {
+		uint64_t t = u->starved[u->starved_head];
+		int i = (int)(t >> 32 & 0x7FFFFFF), up = t >> 59 & 1;
+		struct conn *k;
+		u->starved_head = (u->starved_head + 1) % STARVED_MAX;
+		u->starved_n--;
+		if (i >= c->nconns)
+			continue;
+		k = c->conns[i];
+		if (k->gen != (uint32_t)t || k->state != CONN_RELAYING)
+			continue;
+		if (recv_post(c, i, up ? &k->up : &k->down) < 0)
+			conn_end(c, i, END_RESET, EBUSY);
+		break;		/* one per buffer given back: the next completion frees another */
+	}
+}
+
+/* -- a connection's steps ------------------------------------------------------------------------------ */
+void uring_connecting(struct core *c, int i)
+{
+	if (poll_post(c, i, c->conns[i]->sfd, U_CONNECT) < 0)
+		conn_end(c, i, END_CONNECT_FAILED, EBUSY);
+}
+
+/* the down direction, once the client can be written to (a TFO client's handshake complete) */
+void uring_client_ready(struct core *c, int i)
+{
+	struct conn *k = c->conns[i];
+	if (k->state == CONN_RELAYING && !k->down.op)
+		dir_next(c, i, &k->down);
+}
+
+void uring_start(struct core *c, int i)
+{
+	struct conn *k = c->conns[i];
+	dir_next(c, i, &k->up);
+	if (k->state != CONN_RELAYING)
+		return;
+	if (client_ready(k))
+		dir_next(c, i, &k->down);
+	else if (poll_post(c, i, k->cfd, U_CLIENT_OUT) < 0)	/* (the sweep checks once a second too) */
+		conn_end(c, i, END_RESET, EBUSY);
+}
+
+static void cancel_fd(struct uring *u, int fd)
+{
+	struct io_uring_sync_cancel_reg reg = {.fd = fd, .flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL,
+					       .timeout = {.tv_sec = 1}};
+	io_uring_register_sync_cancel(&u->ring, &reg);
+}
+
+/* conn_end, before it closes k's sockets */
+void uring_end(struct core *c, struct conn *k)
+{
+	struct uring *u = c->u;
+	if ((k->up.op || k->down.op || k->polling) && ring_enable(u) == 0) {
+		io_uring_submit(&u->ring);	/* what is prepared names these fds: it runs (and is cancelled) first */
+		cancel_fd(u, k->cfd);
+		cancel_fd(u, k->sfd);
+	}
+	k->up.op = k->down.op = k->polling = 0;
+	if (k->up.holds)
+		buf_put(u, k->up.bid);
+	if (k->down.holds)
+		buf_put(u, k->down.bid);
+	k->up.holds = k->down.holds = 0;
+	k->gen = 0;		/* completions still to come are stale */
+}
+
+static void complete(struct core *c, const struct io_uring_cqe *cqe)
+{
+	struct uring *u = c->u;
+	uint64_t t = io_uring_cqe_get_data64(cqe);
+	enum uring_op op = t >> 60;
+	int i = (int)(t >> 32 & 0x7FFFFFF), up = t >> 59 & 1;
+	struct conn *k;
+	struct dir *d;
+
+	if (op == U_EPOLL) {
+		u->epoll_ready = 1;
+		if (!(cqe->flags & IORING_CQE_F_MORE))
+			u->epoll_armed = 0;
+		return;
+	}
+	k = i < c->nconns ? c->conns[i] : NULL;
+	if (!k || k->gen != (uint32_t)t || !(uint32_t)t || (k->state != CONN_CONNECTING && k->state != CONN_RELAYING)) {
+		if (cqe->flags & IORING_CQE_F_BUFFER)	/* a stale recv that got bytes: its buffer goes back */
+			buf_put(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+		return;
+	}
+	d = up ? &k->up : &k->down;
+	switch (op) {
+	case U_RECV:
+		d->op = 0;
+		return recv_done(c, i, d, cqe);
+	case U_SEND:
+	case U_SEND_OWN:
+		d->op = 0;
+		send_done(c, i, d, op, cqe->res);
+		return starved_retry(c);
+	case U_CONNECT:
+		k->polling--;
+		if (cqe->res < 0)
+			return conn_end(c, i, END_CONNECT_FAILED, -cqe->res);
+		return server_ready(c, i, (uint32_t)cqe->res);
+	case U_CLIENT_OUT:
+		k->polling--;
+		if (client_ready(k))
+			uring_client_ready(c, i);
+		return;		/* else the sweep looks again */
+	case U_EPOLL:
+	case U_CANCEL:
+		return;
+	}
+}
+
+/* -- the loop's wait -------------------------------------------------------------------------------------- */
+static void epoll_arm(struct core *c)
+{
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return;
+	io_uring_prep_poll_multishot(sqe, c->epfd, POLLIN);
+	io_uring_sqe_set_data64(sqe, tag(U_EPOLL, 0, 0, 0));
+	c->u->epoll_armed = 1;
+}
+
+/* Submit, wait up to wait_ms (0: not at all, < 0: no limit) for a completion, handle every completion;
+ * then the epoll set's events, if it has any (up to room, into evs). Returns how many epoll events, or
+ * -1 with errno (EINTR: a signal). c->u->done: how many completions were handled. */
+int uring_wait(struct core *c, struct epoll_event *evs, int room, int wait_ms)
+{
+	struct uring *u = c->u;
+	struct io_uring_cqe *cqe;
+	unsigned head, seen = 0;
+	int r, n = 0;
+
+	u->done = 0;
+	if ((r = ring_enable(u)) < 0) {
+		errno = -r;
+		return -1;
+	}
+	if (!u->epoll_armed)
+		epoll_arm(c);
+	if (u->epoll_ready || io_uring_cq_ready(&u->ring))
+		wait_ms = 0;
+	if (wait_ms == 0) {
+		r = io_uring_submit_and_get_events(&u->ring);
+	} else {
+		struct __kernel_timespec ts = {.tv_sec = wait_ms / 1000, .tv_nsec = (wait_ms % 1000) * 1000000L};
+		r = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, wait_ms > 0 ? &ts : NULL, NULL);
+	}
+	if (r < 0 && r != -ETIME && r != -EBUSY) {
+		errno = -r;
+		return -1;
+	}
+	for (;;) {		/* completions may prepare operations that complete at once: to a bound */
+		io_uring_for_each_cqe(&u->ring, head, cqe) {
+			complete(c, cqe);
+			seen++;
+		}
+		io_uring_cq_advance(&u->ring, seen);
+		u->done += seen;
+		if (!seen || u->done > 4 * MAX_EVENTS || !io_uring_sq_ready(&u->ring))
+			break;
+		seen = 0;
+		io_uring_submit_and_get_events(&u->ring);
+	}
+	if (u->epoll_ready) {
+		n = epoll_wait(c->epfd, evs, room, 0);
+		if (n < 0)
+			return -1;
+		u->epoll_ready = n > 0;	/* (level-triggered fds left ready raise no new wake-up: look again) */
+	}
+	return n;
+}
+
+/* -- set-up ------------------------------------------------------------------------------------------------- */
+/* the ring may do what this file does, nothing else */
+static int restrict_ring(struct io_uring *ring)
+{
+	static const uint8_t ops[] = {IORING_OP_RECV, IORING_OP_SEND, IORING_OP_POLL_ADD, IORING_OP_ASYNC_CANCEL};
+	struct io_uring_restriction res[8];
+	unsigned n = 0;
+	memset(res, 0, sizeof(res));
+	for (unsigned j = 0; j < sizeof(ops); j++) {
+		res[n].opcode = IORING_RESTRICTION_SQE_OP;
+		res[n++].sqe_op = ops[j];
+	}
+	res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
+	res[n++].sqe_flags = IOSQE_BUFFER_SELECT;
+	res[n].opcode = IORING_RESTRICTION_REGISTER_OP;
+	res[n++].register_op = IORING_REGISTER_SYNC_CANCEL;
+	/* (Debian's liburing 2.3 declares io_uring_register_restrictions and io_uring_enable_rings but
+	 * does not export them: the system call itself) */
+	return syscall(__NR_io_uring_register, ring->ring_fd, IORING_REGISTER_RESTRICTIONS, res, n) < 0 ? -errno : 0;
+}
+
+/* The ring starts disabled; the thread that runs the loop enables it, and only that thread may submit
+ * (SINGLE_ISSUER, which DEFER_TASKRUN needs: completions are run when the loop asks, in batches). */
+static int ring_enable(struct uring *u)
+{
+	if (u->enabled)
+		return 0;
+	if (syscall(__NR_io_uring_register, u->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
+		return -errno;
+	u->enabled = 1;
+	return 0;
+}
+
+int uring_init(struct core *c)
+{
+	struct io_uring_params p = {.flags = IORING_SETUP_R_DISABLED | IORING_SETUP_SINGLE_ISSUER |
+					     IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG |
+					     IORING_SETUP_CQSIZE, .cq_entries = CQ_ENTRIES};
+	struct io_uring_buf_reg reg = {.ring_entries = BUFS, .bgid = 0};
+	struct uring *u = calloc(1, sizeof(*u));
+	int r;
+
+	if (!u)
+		return -ENOMEM;
+	u->buf_size = c->cfg.pipe_size < BUF_MAX ? c->cfg.pipe_size : BUF_MAX;
+	u->starved = malloc(STARVED_MAX * sizeof(*u->starved));
+	u->bufs = mmap(NULL, (size_t)BUFS * u->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	u->br = mmap(NULL, BUFS * sizeof(struct io_uring_buf), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!u->starved || u->bufs == MAP_FAILED || u->br == MAP_FAILED) {
+		r = -ENOMEM;
+		goto out;
+	}
+	r = io_uring_queue_init_params(RING_ENTRIES, &u->ring, &p);
+	if (r < 0)
+		goto out;
+	reg.ring_addr = (unsigned long)u->br;
+	io_uring_buf_ring_init(u->br);
+	for (unsigned b = 0; b < BUFS; b++)
+		io_uring_buf_ring_add(u->br, buf_addr(u, b), u->buf_size, b, io_uring_buf_ring_mask(BUFS), b);
+	io_uring_buf_ring_advance(u->br, BUFS);
+	if ((r = io_uring_register_buf_ring(&u->ring, &reg, 0)) < 0 || (r = restrict_ring(&u->ring)) < 0) {
+		io_uring_queue_exit(&u->ring);
+		goto out;
+	}
+	c->u = u;
+	return 0;
+out:
+	if (u->bufs != MAP_FAILED && u->bufs)
+		munmap(u->bufs, (size_t)BUFS * u->buf_size);
+	if (u->br != MAP_FAILED && u->br)
+		munmap(u->br, BUFS * sizeof(struct io_uring_buf));
+	free(u->starved);
+	free(u);
+	return r;
+}
+
+void uring_free(struct core *c)
+{
+	struct uring *u = c->u;
+	if (!u)
+		return;
+	io_uring_queue_exit(&u->ring);
+	munmap(u->bufs, (size_t)BUFS * u->buf_size);
+	munmap(u->br, BUFS * sizeof(struct io_uring_buf));
+	free(u->starved);
+	free(u);
+	c->u = NULL;
+}
+
+/* how many completions the last uring_wait handled (the loop's measure of work) */
+int uring_done(struct core *c)
+{
+	return c->u->done;
+}
