@@ -34,7 +34,8 @@ def _md(df: pd.DataFrame) -> str:
 MODULES = {"fig5_workload": "workload", "percost_converter": "percost", "fig4_goodput": "goodput",
            "table1_delay": "delay", "table1_breakdown": "breakdown", "fig6_buffers": "buffers",
            "interactive_delay": "interactive", "profile_converter": "profile", "scaleout": "scaleout",
-           "tfo_stall": "tfostall", "fig5_families": "families"}
+           "tfo_stall": "tfostall", "fig5_families": "families",
+           "uring_engine": "uring"}
 
 
 def _mode(man: dict) -> str:
@@ -341,6 +342,18 @@ def families() -> str:
             "are off for every row (DST_OPT's IPv6 form needs the room).\n\n" + _md(t) + "\n\n" + _env_line(man))
 
 
+def uring() -> str:
+    df, man = _load("uring_engine")
+    if df is None:
+        return "_Not run yet: `python -m experiments.uring`._"
+    d = RESULTS / "uring_engine"
+    s, r = pd.read_csv(d / "summary.csv"), pd.read_csv(d / "ratios.csv")
+    return ("![io_uring](results/uring_engine/figure.png)\n\nMiMBox on the io_uring engine (`--engine uring`: "
+            "recv/send with provided buffers, the loop waiting on a restricted ring) against the epoll core, "
+            "at Fig. 5's converter-bound 1 KB point and at Fig. 4's TSO bulk point, interleaved, the same CPU "
+            "quota for all; ratios per repetition.\n\n" + _md(s) + "\n\n" + _md(r) + "\n\n" + _env_line(man))
+
+
 def scaleout() -> str:
     df, man = _load("scaleout")
     if df is None:
@@ -471,6 +484,7 @@ def section() -> str:
              ("Fig. 6 — goodput vs per-socket memory", fig6()),
              ("Interactive delay", interactive()), ("Where the converter's time goes", profile()),
              ("Fig. 5's 1 KB point in both IP families", families()),
+             ("The io_uring engine against the epoll core", uring()),
              ("Scale-out: N converters behind one ECMP address", scaleout()),
              ("RFC 8803 on this kernel: MPTCP with SYN data", tfostall()),
              ("What the hardening costs", hardening()),

@@ -19,13 +19,15 @@ from experiments import (
     report,
     scaleout,
     tfostall,
+    uring,
     workload,
 )
 from experiments.common import progress
 
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
            "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
-           "tfostall": tfostall, "families": families}
+           "tfostall": tfostall, "families": families,
+           "uring": uring}
 
 
 def main(argv=None) -> int:
