@@ -112,6 +112,25 @@ def test_copy_engine_is_byte_exact(paper_tb):
         m.stop()
 
 
+@pytest.mark.parametrize("mode", ["explicit", "convert"])
+def test_uring_engine_end_to_end(paper_tb, mode):
+    """--engine uring: MPTCP client to TCP server byte-exact both ways with half-close (convert mode's
+    answer in front of the first bytes down), and a refused server still reaches the client as a
+    refusal (convert mode: the core gives the client back to Python for its Error TLV)."""
+    m = MiMBox(mode=mode, engine="uring", extra=["--server-mptcp-retry", "0"])
+    m.fastopen = False
+    m.start(paper_tb, 9000)
+    try:
+        c, s = transfer(paper_tb, m, up=3 << 20, down=5 << 20 | 7, client_mptcp=True, server_mptcp=False)
+        assert c["mptcp"] is True and s["mptcp"] is False
+        r = run_client(paper_tb, m, 9000, 10, 10)            # nothing listens now
+        assert r.get("errno") == 111, r
+        st = m.stats()
+        assert st["engine"] == "uring" and st["accepted"] >= 1, st
+    finally:
+        m.stop()
+
+
 def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
     """--busy-poll: byte-exact, its polling counted, and SIGTERM still stops it at once (a polling core
     is not in epoll_wait to be interrupted: the signal wakes it through a pipe it watches)."""

@@ -284,9 +284,10 @@ void conn_end(struct core *c, int i, enum conn_end_how how, int err)
 	c->st.bytes_down += k->down.bytes;
 	if (c->u)
 		uring_end(c, k);
-	if (keep_client && !c->u)
-		epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->cfd, NULL);
-	else if (reset)
+	if (keep_client) {
+		if (!c->u)		/* (the uring engine never watched it) */
+			epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->cfd, NULL);
+	} else if (reset)
 		reset_close(k->cfd);
 	else
 		close(k->cfd);

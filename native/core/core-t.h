@@ -16,6 +16,7 @@
 #define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
 #define MEMO_SLOTS 4096		/* servers seen without MPTCP */
 #define HELD_FILTER (1 << 16)	/* slots of the fast filter of clients with a held entry */
+#define DIR_QUEUE 4		/* uring: buffers a direction may hold (read, not yet sent) */
 #define ACCEPT_PAUSE 0.1	/* seconds a listener rests after accept() ran out of fds (EMFILE/ENFILE) */
 
 /* What an fd in the epoll set is: the top bits of its event's data (FD_SHIFT); the low bits say which. */
@@ -94,11 +95,13 @@ struct dir {
 	uint64_t bytes;
 	char *prefix;			/* convert mode: the answer, written in front of the first bytes */
 	uint32_t prefix_len, prefix_in_buf;
-	/* the uring engine (uring.c) */
-	uint8_t op;			/* what is in flight on it: 0 nothing, else a U_RECV or U_SEND* */
-	uint8_t holds;			/* it holds provided buffer bid (sending len bytes from it) */
-	uint16_t bid;
-	uint32_t len;
+	/* the uring engine (uring.c): at most one recv and one send in flight */
+	uint8_t recving;		/* a recv is in flight (or waits for a free buffer) */
+	uint8_t sending;		/* 0, or the U_SEND* in flight */
+	uint8_t qhead, qn;		/* provided buffers read, not yet all sent (a ring of DIR_QUEUE) */
+	uint16_t qbid[DIR_QUEUE];
+	uint32_t qlen[DIR_QUEUE];
+	uint32_t qoff;			/* bytes of the head already sent */
 };
 
 struct conn {

@@ -14,13 +14,13 @@
  *   uring_end()         conn_end: what is still in flight on its sockets is cancelled (synchronously:
  *                       no operation outlives the fd it names), the buffers it held go back
  *
- * A direction has at most one operation in flight: a recv (the kernel picks a provided buffer only
- * when bytes are there, so an idle connection holds no buffer), then the send of what it read
- * (MSG_WAITALL: the kernel retries a short send itself), then the next recv. That is the back
- * pressure: a slow destination stops its source being read. The send goes from the provided buffer
- * itself; convert mode's answer (prefix) and what a synchronous write left (buf) are sent from the
- * direction's own buffer with the new bytes behind them. A recv that found no free buffer (ENOBUFS)
- * waits in a list until one is given back.
+ * A direction has at most one recv and one send in flight. A recv takes a provided buffer only when
+ * bytes are there (an idle connection holds none); what it read waits in the direction's queue and
+ * is sent from that buffer (MSG_WAITALL: the kernel retries a short send itself) while the next recv
+ * reads on, up to DIR_QUEUE buffers: that is the back pressure, a slow destination stops its source
+ * being read. Convert mode's answer (prefix) and what a synchronous write left (buf) are sent from
+ * the direction's own buffer with the new bytes behind them. A recv that found no free buffer
+ * (ENOBUFS) waits in a list until one is given back.
  *
  * Not here: splice. io_uring always runs splice in a worker thread (it never polls a pipe), and
  * splice from an MPTCP socket is a copy on this kernel anyway; this engine copies, like `copy`.
@@ -107,7 +107,7 @@ static int recv_post(struct core *c, int i, struct dir *d)
 	sqe->flags |= IOSQE_BUFFER_SELECT;
 	sqe->buf_group = 0;
 	io_uring_sqe_set_data64(sqe, tag(U_RECV, i, dir_up(k, d), k->gen));
-	d->op = U_RECV;
+	d->recving = 1;
 	return 0;
 }
 
@@ -119,7 +119,7 @@ static int send_post(struct core *c, int i, struct dir *d, enum uring_op op, con
 		return -EBUSY;
 	io_uring_prep_send(sqe, d->dst, p, n, MSG_NOSIGNAL | MSG_WAITALL);
 	io_uring_sqe_set_data64(sqe, tag(op, i, dir_up(k, d), k->gen));
-	d->op = op;
+	d->sending = op;
 	return 0;
 }
 
@@ -145,15 +145,22 @@ static void dir_done(struct core *c, int i, struct dir *d)
 	shutdown(d->dst, SHUT_WR);
 }
 
-/* d's next step: what its own buffer holds goes first, then its FIN, else the next recv */
-static void dir_next(struct core *c, int i, struct dir *d)
+/* Post what d can do now, each side at most once: a send (its own buffer first, then the oldest
+ * buffer read), and a recv while it holds fewer than DIR_QUEUE buffers; the FIN once all went out.
+ * Its own buffer is never appended to while a send of it is in flight: no recv then. */
+static void dir_pump(struct core *c, int i, struct dir *d)
 {
-	int r;
-	if (d->buffered)
-		r = send_post(c, i, d, U_SEND_OWN, d->buf + d->off, d->buffered);
-	else if (d->state == DIR_EOF)
-		return dir_done(c, i, d);
-	else
+	int r = 0;
+	if (!d->sending) {
+		if (d->buffered)
+			r = send_post(c, i, d, U_SEND_OWN, d->buf + d->off, d->buffered);
+		else if (d->qn)
+			r = send_post(c, i, d, U_SEND, buf_addr(c->u, d->qbid[d->qhead]) + d->qoff,
+				      d->qlen[d->qhead] - d->qoff);
+		else if (d->state == DIR_EOF && !d->recving)
+			return dir_done(c, i, d);
+	}
+	if (!r && !d->recving && d->state == DIR_OPEN && d->qn < DIR_QUEUE && d->sending != U_SEND_OWN)
 		r = recv_post(c, i, d);
 	if (r < 0)
 		conn_end(c, i, END_RESET, -r);
@@ -192,33 +199,31 @@ static void recv_done(struct core *c, int i, struct dir *d, const struct io_urin
 		if (u->starved_n == STARVED_MAX)
 			return conn_end(c, i, END_RESET, ENOBUFS);
 		u->starved[(u->starved_head + u->starved_n++) % STARVED_MAX] = tag(U_RECV, i, dir_up(k, d), k->gen);
-		d->op = U_RECV;		/* (still waiting: nothing else is posted for it) */
+		d->recving = 1;		/* (still waiting: nothing else is posted for it) */
 		return;
 	}
 	if (cqe->res < 0)
 		return conn_end(c, i, END_RESET, -cqe->res);
 	if (cqe->res == 0) {
 		d->state = DIR_EOF;
-		return dir_next(c, i, d);
+		return dir_pump(c, i, d);
 	}
 	k->last = c->now;
-	if (d->prefix || d->buffered) {
+	if (d->prefix || d->buffered) {	/* (nothing queued then: see dir_pump) */
 		r = own_append(d, buf_addr(c->u, bid), cqe->res);
 		buf_put(c->u, bid);
 		if (r < 0)
 			return conn_end(c, i, END_RESET, -r);
-		return dir_next(c, i, d);
+		return dir_pump(c, i, d);
 	}
-	d->bid = bid;
-	d->len = cqe->res;
-	d->holds = 1;
-	if ((r = send_post(c, i, d, U_SEND, buf_addr(c->u, bid), d->len)) < 0)
-		conn_end(c, i, END_RESET, -r);
+	d->qbid[(d->qhead + d->qn) % DIR_QUEUE] = bid;
+	d->qlen[(d->qhead + d->qn) % DIR_QUEUE] = cqe->res;
+	d->qn++;
+	dir_pump(c, i, d);
 }
 
 static void send_done(struct core *c, int i, struct dir *d, enum uring_op op, int res)
 {
-	int r;
 	if (res < 0)
 		return conn_end(c, i, END_RESET, -res);
 	if (op == U_SEND_OWN) {
@@ -235,19 +240,17 @@ static void send_done(struct core *c, int i, struct dir *d, enum uring_op op, in
 			d->buf = NULL;
 			d->off = 0;
 		}
-		return dir_next(c, i, d);
+		return dir_pump(c, i, d);
 	}
 	d->bytes += res;
-	if ((uint32_t)res < d->len) {	/* short despite MSG_WAITALL (a signal): the rest */
-		d->len -= res;
-		memmove(buf_addr(c->u, d->bid), buf_addr(c->u, d->bid) + res, d->len);
-		if ((r = send_post(c, i, d, U_SEND, buf_addr(c->u, d->bid), d->len)) < 0)
-			conn_end(c, i, END_RESET, -r);
-		return;
+	d->qoff += res;
+	if (d->qoff == d->qlen[d->qhead]) {	/* (short despite MSG_WAITALL, e.g. a signal: the rest next) */
+		buf_put(c->u, d->qbid[d->qhead]);
+		d->qhead = (d->qhead + 1) % DIR_QUEUE;
+		d->qn--;
+		d->qoff = 0;
 	}
-	d->holds = 0;
-	buf_put(c->u, d->bid);
-	dir_next(c, i, d);
+	dir_pump(c, i, d);
 }
 
 /* a buffer went back: the recvs that found none try again */
@@ -258,6 +261,7 @@ static void starved_retry(struct core *c)
 		uint64_t t = u->starved[u->starved_head];
 		int i = (int)(t >> 32 & 0x7FFFFFF), up = t >> 59 & 1;
 		struct conn *k;
+		struct dir *d;
 		u->starved_head = (u->starved_head + 1) % STARVED_MAX;
 		u->starved_n--;
 		if (i >= c->nconns)
@@ -265,8 +269,9 @@ static void starved_retry(struct core *c)
 		k = c->conns[i];
 		if (k->gen != (uint32_t)t || k->state != CONN_RELAYING)
 			continue;
-		if (recv_post(c, i, up ? &k->up : &k->down) < 0)
-			conn_end(c, i, END_RESET, EBUSY);
+		d = up ? &k->up : &k->down;
+		d->recving = 0;
+		dir_pump(c, i, d);
 		break;		/* one per buffer given back: the next completion frees another */
 	}
 }
@@ -282,18 +287,18 @@ void uring_connecting(struct core *c, int i)
 void uring_client_ready(struct core *c, int i)
 {
 	struct conn *k = c->conns[i];
-	if (k->state == CONN_RELAYING && !k->down.op)
-		dir_next(c, i, &k->down);
+	if (k->state == CONN_RELAYING)
+		dir_pump(c, i, &k->down);
 }
 
 void uring_start(struct core *c, int i)
 {
 	struct conn *k = c->conns[i];
-	dir_next(c, i, &k->up);
+	dir_pump(c, i, &k->up);
 	if (k->state != CONN_RELAYING)
 		return;
 	if (client_ready(k))
-		dir_next(c, i, &k->down);
+		dir_pump(c, i, &k->down);
 	else if (poll_post(c, i, k->cfd, U_CLIENT_OUT) < 0)	/* (the sweep checks once a second too) */
 		conn_end(c, i, END_RESET, EBUSY);
 }
@@ -305,21 +310,27 @@ static void cancel_fd(struct uring *u, int fd)
 	io_uring_register_sync_cancel(&u->ring, &reg);
 }
 
+/* what d holds goes back */
+static void dir_drop(struct uring *u, struct dir *d)
+{
+	for (; d->qn; d->qn--, d->qhead = (d->qhead + 1) % DIR_QUEUE)
+		buf_put(u, d->qbid[d->qhead]);
+	d->recving = d->sending = 0;
+}
+
 /* conn_end, before it closes k's sockets */
 void uring_end(struct core *c, struct conn *k)
 {
 	struct uring *u = c->u;
-	if ((k->up.op || k->down.op || k->polling) && ring_enable(u) == 0) {
+	if ((k->up.recving || k->up.sending || k->down.recving || k->down.sending || k->polling) &&
+	    ring_enable(u) == 0) {
 		io_uring_submit(&u->ring);	/* what is prepared names these fds: it runs (and is cancelled) first */
 		cancel_fd(u, k->cfd);
 		cancel_fd(u, k->sfd);
 	}
-	k->up.op = k->down.op = k->polling = 0;
-	if (k->up.holds)
-		buf_put(u, k->up.bid);
-	if (k->down.holds)
-		buf_put(u, k->down.bid);
-	k->up.holds = k->down.holds = 0;
+	dir_drop(u, &k->up);		/* (after the cancellations: no send reads them any more) */
+	dir_drop(u, &k->down);
+	k->polling = 0;
 	k->gen = 0;		/* completions still to come are stale */
 }
 
@@ -347,11 +358,11 @@ static void complete(struct core *c, const struct io_uring_cqe *cqe)
 	d = up ? &k->up : &k->down;
 	switch (op) {
 	case U_RECV:
-		d->op = 0;
+		d->recving = 0;
 		return recv_done(c, i, d, cqe);
 	case U_SEND:
 	case U_SEND_OWN:
-		d->op = 0;
+		d->sending = 0;
 		send_done(c, i, d, op, cqe->res);
 		return starved_retry(c);
 	case U_CONNECT:
