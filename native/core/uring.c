@@ -423,12 +423,14 @@ int uring_wait(struct core *c, struct epoll_event *evs, int room, int wait_ms)
 	}
 	for (;;) {		/* completions may prepare operations that complete at once: to a bound */
 		io_uring_for_each_cqe(&u->ring, head, cqe) {
+			if (c->maxout - c->nout < 8)
+				break;	/* Python's events of this batch are nearly full: the rest next time */
 			complete(c, cqe);
 			seen++;
 		}
 		io_uring_cq_advance(&u->ring, seen);
 		u->done += seen;
-		if (!seen || u->done > 4 * MAX_EVENTS || !io_uring_sq_ready(&u->ring))
+		if (!seen || u->done > 4 * MAX_EVENTS || !io_uring_sq_ready(&u->ring) || c->maxout - c->nout < 8)
 			break;
 		seen = 0;
 		io_uring_submit_and_get_events(&u->ring);
