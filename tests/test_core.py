@@ -537,7 +537,8 @@ def test_busy_poll_keeps_the_callers_timeout():
         b.close()
 
 
-def test_out_of_fds_pauses_accepting_instead_of_spinning():
+@pytest.mark.parametrize("engine", ["auto", "uring"])
+def test_out_of_fds_pauses_accepting_instead_of_spinning(engine):
     """accept() fails with EMFILE (the process's fd limit): the listener, level-triggered, would report
     the same waiting client at once forever (a full core). The core takes its listeners out of the
     epoll set for a moment instead: the process stays near idle, and once fds are free again the
@@ -546,7 +547,7 @@ def test_out_of_fds_pauses_accepting_instead_of_spinning():
     up = socket.socket()
     up.bind(("127.0.0.1", 0))
     up.listen(8)                                  # the server: its backlog completes connections
-    r = Running(up.getsockname()[1])
+    r = Running(up.getsockname()[1], engine=ENGINES[engine])     # (uring: its multishot accept ends)
     c = socket.socket()                           # made before the limit: connect() needs no new fd
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -251,7 +251,10 @@ static void accept_pause(struct core *c)
 	if (c->accept_paused_until > 0)
 		return;
 	for (int j = 0; j < c->nlisteners; j++)
-		epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listeners[j], NULL);
+		if (c->u)
+			uring_unlisten(c, c->listeners[j]);
+		else
+			epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listeners[j], NULL);
 	c->accept_paused_until = c->now + ACCEPT_PAUSE;
 	c->st.accept_pauses++;
 }
@@ -261,37 +264,49 @@ void accept_resume(struct core *c)
 	for (int j = 0; j < c->nlisteners; j++) {
 		struct epoll_event ev = {.events = EPOLLIN,
 					 .data.u64 = (uint64_t)FD_LISTENER << FD_SHIFT | (uint32_t)c->listeners[j]};
-		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->listeners[j], &ev) && errno != EEXIST)
+		if (c->u)
+			uring_listen(c, c->listeners[j]);
+		else if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->listeners[j], &ev) && errno != EEXIST)
 			c->st.errors[errno_slot(errno)]++;
 	}
 	c->accept_paused_until = 0;
 }
 
+/* accept() failed with err: counted; out of fds or memory, the listeners rest (accept_pause) */
+void accept_failed(struct core *c, int err)
+{
+	if (err != EAGAIN && err != EINTR)
+		c->st.accept_errors[errno_slot(err)]++;
+	if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM)
+		accept_pause(c);
+}
+
+/* a client accepted from peer: handed over to the worker that holds its SYN, or served here */
+void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer)
+{
+	struct in6_addr a;
+	uint16_t port;
+	if (addr_from_sockaddr(peer, &a, &port)) {	/* an IPv4 or IPv6 client, nothing else */
+		reset_close(fd);
+		return;
+	}
+	if (held_elsewhere(c, &a, port))
+		hand_over(c, fd, core_worker_of_port(ntohs(port), c->cfg.workers));
+	else
+		serve_accepted(c, fd, &a, port);
+}
+
 void accept_all(struct core *c, int lfd)
 {
 	struct sockaddr_storage peer;
-	struct in6_addr a;
-	uint16_t port;
 	socklen_t len;
 	int fd, n;
 	/* bounded, so that one busy listener does not starve the connections; level-triggered */
 	for (n = 0; n < 64 && c->nout < c->maxout; n++) {
 		len = sizeof(peer);
 		fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0) {
-			if (errno != EAGAIN && errno != EINTR)
-				c->st.accept_errors[errno_slot(errno)]++;
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
-				accept_pause(c);
-			return;
-		}
-		if (addr_from_sockaddr(&peer, &a, &port)) {	/* an IPv4 or IPv6 client, nothing else */
-			reset_close(fd);
-			continue;
-		}
-		if (held_elsewhere(c, &a, port))
-			hand_over(c, fd, core_worker_of_port(ntohs(port), c->cfg.workers));
-		else
-			serve_accepted(c, fd, &a, port);
+		if (fd < 0)
+			return accept_failed(c, errno);
+		accept_one(c, fd, &peer);
 	}
 }

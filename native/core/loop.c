@@ -27,6 +27,8 @@ int core_watch(struct core *c, int fd, uint32_t events, int listener)
 		if (c->nlisteners == MAX_LISTENERS)
 			return -ENOSPC;
 		c->listeners[c->nlisteners++] = fd;
+		if (c->u)		/* the uring engine accepts on the ring (multishot) */
+			return uring_listen(c, fd);
 	}
 	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) == 0)
 		return 0;
@@ -38,8 +40,13 @@ int core_watch(struct core *c, int fd, uint32_t events, int listener)
 int core_unwatch(struct core *c, int fd)
 {
 	for (int j = 0; j < c->nlisteners; j++)
-		if (c->listeners[j] == fd)
+		if (c->listeners[j] == fd) {
 			c->listeners[j] = c->listeners[--c->nlisteners];
+			if (c->u) {
+				uring_unlisten(c, fd);
+				return 0;
+			}
+		}
 	return epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
 

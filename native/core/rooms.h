@@ -76,6 +76,9 @@ int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why)
 /* accept.c */
 void accept_all(struct core *c, int lfd);
 void accept_resume(struct core *c);
+void accept_failed(struct core *c, int err);
+struct sockaddr_storage;
+void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer);
 void link_ready(struct core *c, int fd);
 
 /* connect.c */
@@ -119,6 +122,8 @@ void uring_connecting(struct core *c, int i);
 void uring_start(struct core *c, int i);
 void uring_client_ready(struct core *c, int i);
 void uring_end(struct core *c, struct conn *k);
+int uring_listen(struct core *c, int lfd);
+void uring_unlisten(struct core *c, int lfd);
 
 /* stats.c */
 void count_connect_time(struct core *c, double us);

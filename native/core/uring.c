@@ -9,6 +9,7 @@
  *                       the timeout, hands each completion to its connection; the epoll set (NFQUEUE,
  *                       listeners, held SYNs, Python's fds) is one multishot poll on the ring, and its
  *                       events are read with epoll_wait(0) when it fires
+ *   uring_listen()      a listener's multishot accept: each client a completion, served by accept.c
  *   uring_connecting()  a server connect() in progress: one poll for POLLOUT (conn.c server_ready)
  *   uring_start()       both sides connected: a recv on each direction's source
  *   uring_end()         conn_end: what is still in flight on its sockets is cancelled (synchronously:
@@ -24,7 +25,9 @@
  *
  * Not here: splice. io_uring always runs splice in a worker thread (it never polls a pipe), and
  * splice from an MPTCP socket is a copy on this kernel anyway; this engine copies, like `copy`.
- * Accepts, the server's connect() and the close()s stay the system calls the other rooms make. */
+ * Listeners accept on the ring (multishot); the server's connect() (then a poll for its end), the
+ * shutdown()s and close()s stay the system calls the other rooms make (io_uring would run shutdown in
+ * a worker thread). */
 #include "rooms.h"
 #include <liburing.h>
 #include <poll.h>
@@ -50,6 +53,7 @@ enum uring_op {
 	U_CONNECT,		/* the server socket's POLLOUT: its connect() finished */
 	U_CLIENT_OUT,		/* a client accepted at its TFO SYN: POLLOUT, its handshake may be complete */
 	U_CANCEL,		/* a cancellation's own completion (ignored) */
+	U_ACCEPT,		/* a listener's multishot accept (slot: the listener's fd): a client, or why not */
 };
 
 struct uring {
@@ -334,6 +338,56 @@ void uring_end(struct core *c, struct conn *k)
 	k->gen = 0;		/* completions still to come are stale */
 }
 
+/* -- listeners ------------------------------------------------------------------------------------------------
+ * One multishot accept per listener: each client is a completion carrying its fd (no epoll wake-up,
+ * no accept() that finds the queue empty); its address costs a getpeername(). */
+int uring_listen(struct core *c, int lfd)
+{
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_multishot_accept(sqe, lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	io_uring_sqe_set_data64(sqe, tag(U_ACCEPT, lfd, 0, 0));
+	return 0;
+}
+
+/* the listener leaves (or rests: accept_pause): its accept is cancelled; clients it already
+ * accepted are completions still to come, and are served */
+void uring_unlisten(struct core *c, int lfd)
+{
+	if (ring_enable(c->u) == 0) {
+		io_uring_submit(&c->u->ring);
+		cancel_fd(c->u, lfd);
+	}
+}
+
+static int listening(struct core *c, int lfd)
+{
+	for (int j = 0; j < c->nlisteners; j++)
+		if (c->listeners[j] == lfd)
+			return 1;
+	return 0;
+}
+
+static void accepted(struct core *c, int lfd, const struct io_uring_cqe *cqe)
+{
+	struct sockaddr_storage peer;
+	socklen_t len = sizeof(peer);
+	if (cqe->res >= 0) {
+		if (getpeername(cqe->res, (struct sockaddr *)&peer, &len))
+			reset_close(cqe->res);	/* the client went away already */
+		else
+			accept_one(c, cqe->res, &peer);
+	} else if (cqe->res != -ECANCELED) {
+		accept_failed(c, -cqe->res);
+	}
+	/* the multishot ended (an error, or the kernel's own reasons): again, unless the listener left
+	 * or rests (accept_resume posts it then) */
+	if (!(cqe->flags & IORING_CQE_F_MORE) && cqe->res != -ECANCELED && listening(c, lfd) &&
+	    !(c->accept_paused_until > 0))
+		uring_listen(c, lfd);
+}
+
 static void complete(struct core *c, const struct io_uring_cqe *cqe)
 {
 	struct uring *u = c->u;
@@ -349,6 +403,8 @@ static void complete(struct core *c, const struct io_uring_cqe *cqe)
 			u->epoll_armed = 0;
 		return;
 	}
+	if (op == U_ACCEPT)
+		return accepted(c, i, cqe);
 	k = i < c->nconns ? c->conns[i] : NULL;
 	if (!k || k->gen != (uint32_t)t || !(uint32_t)t || (k->state != CONN_CONNECTING && k->state != CONN_RELAYING)) {
 		if (cqe->flags & IORING_CQE_F_BUFFER)	/* a stale recv that got bytes: its buffer goes back */
@@ -376,6 +432,7 @@ static void complete(struct core *c, const struct io_uring_cqe *cqe)
 			uring_client_ready(c, i);
 		return;		/* else the sweep looks again */
 	case U_EPOLL:
+	case U_ACCEPT:
 	case U_CANCEL:
 		return;
 	}
@@ -448,7 +505,8 @@ int uring_wait(struct core *c, struct epoll_event *evs, int room, int wait_ms)
 /* the ring may do what this file does, nothing else */
 static int restrict_ring(struct io_uring *ring)
 {
-	static const uint8_t ops[] = {IORING_OP_RECV, IORING_OP_SEND, IORING_OP_POLL_ADD, IORING_OP_ASYNC_CANCEL};
+	static const uint8_t ops[] = {IORING_OP_RECV, IORING_OP_SEND, IORING_OP_POLL_ADD, IORING_OP_ASYNC_CANCEL,
+				      IORING_OP_ACCEPT};
 	struct io_uring_restriction res[8];
 	unsigned n = 0;
 	memset(res, 0, sizeof(res));
