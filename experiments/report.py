@@ -521,6 +521,13 @@ def headline() -> str:
         for name in ("mimbox", "haproxy-1t"):
             rows.append((f"Fig. 5 point over IPv6, no TCP timestamps (IPv4 same run: {m4[name] / m4['haproxy-1t']:.2f})",
                          name, f"{m[name]:,.0f}", f"{m[name] / m['haproxy-1t']:.2f}"))
+    ur, _ = _load("uring_engine")
+    if ur is not None:
+        m = ur[ur.workload == "1KB"].groupby("system").agg(rps=("rate", "mean"), us=("cost", "mean"))
+        if {"mimbox", "mimbox-uring", "haproxy-1t"} <= set(m.index):
+            for name in ("mimbox-uring", "mimbox", "haproxy-1t"):
+                rows.append(("io_uring engine A/B, 1 KB, converter-bound", name,
+                             f"{m.rps[name]:,.0f} ({m.us[name]:.0f} µs CPU/req)", f"{m.rps[name] / m.rps['haproxy-1t']:.2f}"))
     if not rows:
         return "_No results yet: `./mimbox.sh reproduce --quick`._"
     return _md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"])) + kernel_headline()
