@@ -108,6 +108,8 @@ void conns_free_ended(struct core *c);
 void xfer_event(struct core *c, int i, struct dir *d, uint32_t ev);
 void xfer(struct core *c, int i, struct dir *d, int drain, int rdhup);
 int xfer_flush_prefix(struct dir *d);
+int dir_own_append(struct dir *d, const char *p, uint32_t n);
+void dir_own_sent(struct dir *d, uint32_t n);
 int client_ready(struct conn *k);
 void client_established(struct core *c, int i);
 void dir_release(struct core *c, struct dir *d);

@@ -170,28 +170,6 @@ static void dir_pump(struct core *c, int i, struct dir *d)
 		conn_end(c, i, END_RESET, -r);
 }
 
-/* bytes that go behind d's prefix or leftover: copied into its own buffer, sent from there */
-static int own_append(struct dir *d, const char *p, uint32_t n)
-{
-	uint32_t have = d->prefix_len + d->buffered, plen = d->prefix_len;
-	char *b = malloc(have + n);
-	if (!b)
-		return -ENOMEM;
-	memcpy(b, d->prefix, plen);
-	if (d->buffered)
-		memcpy(b + plen, d->buf + d->off, d->buffered);
-	memcpy(b + plen + d->buffered, p, n);
-	d->prefix_in_buf += plen;
-	free(d->buf);
-	free(d->prefix);
-	d->prefix = NULL;
-	d->prefix_len = 0;
-	d->buf = b;
-	d->off = 0;
-	d->buffered = have + n;
-	return 0;
-}
-
 static void recv_done(struct core *c, int i, struct dir *d, const struct io_uring_cqe *cqe)
 {
 	struct conn *k = c->conns[i];
@@ -214,7 +192,7 @@ static void recv_done(struct core *c, int i, struct dir *d, const struct io_urin
 	}
 	k->last = c->now;
 	if (d->prefix || d->buffered) {	/* (nothing queued then: see dir_pump) */
-		r = own_append(d, buf_addr(c->u, bid), cqe->res);
+		r = dir_own_append(d, buf_addr(c->u, bid), cqe->res);
 		buf_put(c->u, bid);
 		if (r < 0)
 			return conn_end(c, i, END_RESET, -r);
@@ -231,19 +209,7 @@ static void send_done(struct core *c, int i, struct dir *d, enum uring_op op, in
 	if (res < 0)
 		return conn_end(c, i, END_RESET, -res);
 	if (op == U_SEND_OWN) {
-		d->off += res;
-		d->buffered -= res;
-		if ((uint32_t)res > d->prefix_in_buf) {
-			d->bytes += res - d->prefix_in_buf;
-			d->prefix_in_buf = 0;
-		} else {
-			d->prefix_in_buf -= res;
-		}
-		if (!d->buffered) {
-			free(d->buf);
-			d->buf = NULL;
-			d->off = 0;
-		}
+		dir_own_sent(d, res);
 		return dir_pump(c, i, d);
 	}
 	d->bytes += res;

@@ -67,66 +67,71 @@ void dir_release(struct core *c, struct dir *d)
 	d->prefix = NULL;
 }
 
-/* -- writing what is buffered -------------------------------------------------------------------------- */
-/* write d's prefix with data behind it in one write; what dst does not take stays buffered */
-static int write_prefixed(struct dir *d, const char *data, uint32_t n)
+/* -- a direction's own buffer: convert mode's answer, what a short write left ---------------------------- */
+/* n bytes go behind d's prefix and what it still holds: all copied into its own buffer (buf), from
+ * which they are sent; the prefix's bytes are not counted as relayed (prefix_in_buf) */
+int dir_own_append(struct dir *d, const char *p, uint32_t n)
 {
-	uint32_t plen = d->prefix_len, total = plen + n;
-	char *out = malloc(total);
-	ssize_t w;
-	if (!out)
+	uint32_t plen = d->prefix_len, have = plen + d->buffered;
+	char *b = malloc(have + n ? have + n : 1);
+	if (!b)
 		return -ENOMEM;
-	memcpy(out, d->prefix, plen);
-	memcpy(out + plen, data, n);
+	memcpy(b, d->prefix, plen);
+	if (d->buffered)
+		memcpy(b + plen, d->buf + d->off, d->buffered);
+	memcpy(b + have, p, n);
+	d->prefix_in_buf += plen;
+	free(d->buf);
 	free(d->prefix);
 	d->prefix = NULL;
 	d->prefix_len = 0;
-	w = send(d->dst, out, total, MSG_NOSIGNAL);
-	if (w < 0) {
-		if (errno != EAGAIN) {
-			int err = errno;
-			free(out);
-			return -err;
-		}
-		w = 0;
-	}
-	d->bytes += (uint32_t)w > plen ? w - plen : 0;
-	if ((uint32_t)w < total) {
-		d->prefix_in_buf = (uint32_t)w < plen ? plen - w : 0;
-		d->buf = out;
-		d->off = w;
-		d->buffered = total - w;
-	} else {
-		free(out);
-	}
+	d->buf = b;
+	d->off = 0;
+	d->buffered = have + n;
 	return 0;
+}
+
+/* n bytes of d's own buffer went out: counted (not the prefix's), the buffer freed once empty */
+void dir_own_sent(struct dir *d, uint32_t n)
+{
+	d->off += n;
+	d->buffered -= n;
+	if (n > d->prefix_in_buf) {
+		d->bytes += n - d->prefix_in_buf;
+		d->prefix_in_buf = 0;
+	} else {
+		d->prefix_in_buf -= n;
+	}
+	if (!d->buffered) {
+		free(d->buf);
+		d->buf = NULL;
+		d->off = 0;
+	}
+}
+
+/* write what d's own buffer holds; 1: all out, 0: still blocked, -errno */
+static int flush_buffered(struct dir *d)
+{
+	ssize_t n = send(d->dst, d->buf + d->off, d->buffered, MSG_NOSIGNAL);
+	if (n < 0)
+		return errno == EAGAIN ? 0 : -errno;
+	dir_own_sent(d, n);
+	return !d->buffered;
+}
+
+/* write d's prefix with data behind it in one write; what dst does not take stays buffered */
+static int write_prefixed(struct dir *d, const char *data, uint32_t n)
+{
+	int r = dir_own_append(d, data, n);
+	if (r == 0)
+		r = flush_buffered(d);
+	return r < 0 ? r : 0;
 }
 
 /* convert mode: the answer alone, when no byte down came to carry it */
 int xfer_flush_prefix(struct dir *d)
 {
 	return d->prefix ? write_prefixed(d, "", 0) : 0;
-}
-
-/* write what a short write left; 1: all out, 0: still blocked, -errno */
-static int flush_buffered(struct dir *d)
-{
-	ssize_t n = send(d->dst, d->buf + d->off, d->buffered, MSG_NOSIGNAL);
-	if (n < 0)
-		return errno == EAGAIN ? 0 : -errno;
-	d->off += n;
-	d->buffered -= n;
-	if ((uint32_t)n > d->prefix_in_buf) {
-		d->bytes += n - d->prefix_in_buf;
-		d->prefix_in_buf = 0;
-	} else {
-		d->prefix_in_buf -= n;
-	}
-	if (d->buffered)
-		return 0;
-	free(d->buf);
-	d->buf = NULL;
-	return 1;
 }
 
 /* everything before src's FIN went out: pass the FIN on; the connection ends once both directions have */
@@ -191,12 +196,8 @@ static void xfer_copy(struct core *c, int i, struct dir *d, int drain, int rdhup
 			}
 			d->bytes += w;
 			if (w < n) {
-				d->buf = malloc(n - w);
-				if (!d->buf)
+				if (dir_own_append(d, c->copy_buf + w, n - w) < 0)
 					return conn_end(c, i, END_RESET, ENOMEM);
-				memcpy(d->buf, c->copy_buf + w, n - w);
-				d->off = 0;
-				d->buffered = n - w;
 				return;	/* EPOLLOUT on dst resumes us */
 			}
 		}
