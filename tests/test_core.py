@@ -539,21 +539,37 @@ def test_busy_poll_keeps_the_callers_timeout():
 
 @pytest.mark.parametrize("engine", ["auto", "uring"])
 def test_out_of_fds_pauses_accepting_instead_of_spinning(engine):
-    """accept() fails with EMFILE (the process's fd limit): the listener, level-triggered, would report
-    the same waiting client at once forever (a full core). The core takes its listeners out of the
-    epoll set for a moment instead: the process stays near idle, and once fds are free again the
-    waiting client is served."""
+    """accept() fails with EMFILE (the process has no fd left): the listener, level-triggered, would
+    report the same waiting client at once forever (a full core). The core takes its listeners out of
+    the epoll set for a moment instead: the process stays near idle, and once fds are free again the
+    waiting client is served.
+    The fds run out for real (the table is filled up to the limit), not by lowering the limit under a
+    running core: io_uring's accept reads RLIMIT_NOFILE when it is armed, so a multishot accept armed
+    before a lower limit goes on accepting beyond it."""
     import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fill: list[int] = []
     up = socket.socket()
     up.bind(("127.0.0.1", 0))
     up.listen(8)                                  # the server: its backlog completes connections
-    r = Running(up.getsockname()[1], engine=ENGINES[engine])     # (uring: its multishot accept ends)
-    c = socket.socket()                           # made before the limit: connect() needs no new fd
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    c = socket.socket()                           # made before the fds run out: connect() needs none
+    probe = os.dup(0)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 256, hard))   # room for the core, few to fill
+    r = None
     try:
-        spare = os.dup(0)
-        os.close(spare)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (spare, hard))    # no fd left to accept() into
+        r = Running(up.getsockname()[1], engine=ENGINES[engine])     # (uring: its multishot accept ends)
+        with socket.create_connection(("127.0.0.1", r.port), timeout=5):    # the accept is armed: it
+            wait_until(lambda: r.core.stats().accepted == 1, 5, "a first client accepted")   # ran, limit low
+        up.settimeout(5)
+        up.accept()[0].close()                    # its server side ends too
+        wait_until(lambda: r.core.active() == 0, 5, "the first client gone")
+        while True:
+            try:
+                fill.append(os.dup(0))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
         c.connect(("127.0.0.1", r.port))
         wait_until(lambda: r.core.stats().accept_pauses, 5, "accept paused", every=0.01)
         t0, cpu0 = time.monotonic(), time.process_time()
@@ -562,14 +578,18 @@ def test_out_of_fds_pauses_accepting_instead_of_spinning(engine):
         st = r.core.stats()
         assert st.accept_pauses >= 1 and st.accept_errors[errno.EMFILE] >= 1
         assert busy < 0.2, f"the loop used {busy:.0%} of a core while out of fds"
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    try:
+        for fd in fill:
+            os.close(fd)
+        fill.clear()
         wait_until(lambda: r.core.active() == 1, 5, "the waiting client served once fds were free", every=0.01)
     finally:
+        for fd in fill:
+            os.close(fd)
         c.close()
-        r.close()
+        if r is not None:
+            r.close()
         up.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_every_shared_field_is_where_both_sides_say():
