@@ -104,6 +104,10 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
                         "then splice; splice: always socket->pipe->socket, no copy through user space; "
                         "copy: always recv()/send(); uring: recv/send through an io_uring ring with "
                         "provided buffers, the loop waiting on the ring (native/core/uring.c)")
+    g.add_argument("--uring-buffers", type=int, default=BufferConfig.uring_buffers, metavar="N",
+                   help="engine uring: provided buffers per worker, each min(pipe size, 64K), shared by its "
+                        f"connections (a power of two, default {BufferConfig.uring_buffers}); a recv that finds "
+                        "none free reads into its connection's own buffer")
     g.add_argument("--pipe-size", default=str(BufferConfig.pipe_size),
                    help=f"pipe (or copy buffer) per direction (default {BufferConfig.pipe_size >> 10}K)")
     for side in ("client", "server"):
@@ -221,6 +225,7 @@ FLAGS = {
     "spare_sockets": ("listener.spare_sockets", None), "busy_poll": ("listener.busy_poll_us", None),
     "health_port": ("listener.health_port", None), "convert_compat": ("listener.convert_compat", None),
     "engine": ("buffers.engine", None), "pipe_size": ("buffers.pipe_size", parse_size),
+    "uring_buffers": ("buffers.uring_buffers", None),
     "client_rcvbuf": ("buffers.client_rcvbuf", parse_size), "client_sndbuf": ("buffers.client_sndbuf", parse_size),
     "server_rcvbuf": ("buffers.server_rcvbuf", parse_size), "server_sndbuf": ("buffers.server_sndbuf", parse_size),
     "allow_client": ("safety.allow_clients", tuple), "deny": ("safety.deny_dst", tuple),

@@ -80,6 +80,7 @@ class BufferConfig:
     server_sndbuf: int | None = None
     pipe_size: int = 64 << 10
     engine: str = "auto"                     # copy a direction's first 256 KB, then splice
+    uring_buffers: int = 1024                # engine uring: the worker's pool of provided buffers
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class Config:
             out.append(("listener.intercept_ports", "transparent mode needs ports to intercept (--intercept PORT[,PORT...])"))
         if self.buffers.engine not in ENGINES:
             out.append(("buffers.engine", f"engine must be one of {ENGINES}, not {self.buffers.engine!r}"))
+        n = self.buffers.uring_buffers
+        if not 8 <= n <= 32768 or n & (n - 1):
+            out.append(("buffers.uring_buffers", f"uring buffers must be a power of two from 8 to 32768, not {n}"))
         if lc.convert_compat not in CONVERT_COMPAT:
             out.append(("listener.convert_compat", f"convert compat must be one of {CONVERT_COMPAT}, not {lc.convert_compat!r}"))
         if lc.syn_path not in SYN_PATHS:

@@ -73,7 +73,7 @@ class CoreConfig(ctypes.Structure):
                 ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32),
                 ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32),
                 ("synack_fd", ctypes.c_int32),         # mimbox.synack's map (convert mode), <= 0: none
-                ("_pad3", ctypes.c_int32)]
+                ("uring_buffers", ctypes.c_int32)]    # uring: provided buffers (a power of two), 0: 1024
 
 
 class Event(ctypes.Structure):
@@ -100,7 +100,8 @@ class CoreStats(ctypes.Structure):
         (n, ctypes.c_uint64) for n in ("spare_used", "spare_made", "busy_polls", "spares", "accept_pauses",
                                        "refused_after_accept", "access_log_dropped", "synack_options")] + [
         ("connect_hist", ctypes.c_uint64 * (len(CONNECT_BUCKETS_US) + 1)),
-        ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double)]
+        ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double),
+        ("buffer_waits", ctypes.c_uint64)]     # uring: recvs that found the buffer pool empty
 
 
 class ConnInfo(ctypes.Structure):

@@ -27,6 +27,7 @@ COUNTERS = {
     "handed_over": "connections accepted by one worker and relayed by the one that held the SYN",
     "spare_used": "server connections opened on a socket made ahead", "spare_made": "server sockets made ahead",
     "busy_polls": "event batches found by busy polling", "accept_pauses": "listener pauses for lack of fds",
+    "buffer_waits": "engine uring: reads that found the buffer pool empty (read into the connection's own buffer)",
     "log_lines_refused": "refusal log lines written", "log_lines_access": "access log lines written",
     "access_log_dropped": "access log lines dropped (too many at once)",
 }

@@ -116,7 +116,8 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
     source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
     slots = held.slots if held is not None else None
     return CoreConfig(
-        engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, splice_after=SPLICE_AFTER, dst_source=source,
+        engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, uring_buffers=bc.uring_buffers,
+        splice_after=SPLICE_AFTER, dst_source=source,
         static_addr=ADDR.from_buffer_copy(addrs.packed(lc.upstream[0]) if lc.mode == "static" else bytes(16)),
         static_port=port_n(lc.upstream[1]) if lc.mode == "static" else 0,
         recorder_fd=recorder_fd, server_mptcp=int(lc.server_mptcp), server_rcvbuf=bc.server_rcvbuf or 0,

@@ -3,6 +3,7 @@ the decisions it shares with a Python spec (DST_OPT parsing, policy) checked to 
 and what a relayed connection does (bytes, half-close, refusal, limit, idle timeout). No root."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -590,6 +591,59 @@ def test_out_of_fds_pauses_accepting_instead_of_spinning(engine):
             r.close()
         up.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_uring_clients_that_stop_reading_do_not_starve_the_others():
+    """The uring engine's buffers are one pool per worker. Three clients fetch a large reply and never
+    read it: each holds its direction's queue of buffers (4) until it ends, more than a pool of 8 has.
+    A fourth client must still be relayed both ways, byte-exact, at once (it reads into its own
+    buffer when the pool is empty): not wait for the stalled ones' idle timeout."""
+    cfg_buffers = 8
+    up = socket.socket()
+    up.bind(("127.0.0.1", 0))
+    up.listen(8)
+    up.settimeout(5)
+    r = Running(up.getsockname()[1], engine=ENGINES["uring"], uring_buffers=cfg_buffers)
+    stalled, servers = [], []
+    try:
+        for _ in range(3):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # a client that reads nothing
+            c.connect(("127.0.0.1", r.port))
+            stalled.append(c)
+            s = up.accept()[0]
+            s.setblocking(False)
+            servers.append(s)
+        chunk = b"x" * 65536
+
+        def push():                               # the servers send until the core stops reading them
+            for s in servers:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        s.send(chunk)
+            return r.core.stats().buffer_waits
+        wait_until(push, 10, "the pool empty (a recv found no buffer)")
+        waits = r.core.stats().buffer_waits
+        fresh = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        s = up.accept()[0]
+        s.settimeout(5)
+        hello, answer = random.randbytes(100_000), random.randbytes(300_000)
+        fresh.sendall(hello)
+        got = bytearray()
+        while len(got) < len(hello):
+            got += s.recv(1 << 16)
+        assert bytes(got) == hello
+        s.sendall(answer)
+        s.close()
+        fresh.shutdown(socket.SHUT_WR)
+        assert recv_all(fresh) == answer
+        fresh.close()
+        assert r.core.stats().buffer_waits > waits, "the fresh client never met an empty pool"
+    finally:
+        for x in stalled + servers:
+            x.close()
+        r.close()
+        up.close()
 
 
 def test_every_shared_field_is_where_both_sides_say():

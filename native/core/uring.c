@@ -20,8 +20,12 @@
  * is sent from that buffer (MSG_WAITALL: the kernel retries a short send itself) while the next recv
  * reads on, up to DIR_QUEUE buffers: that is the back pressure, a slow destination stops its source
  * being read. Convert mode's answer (prefix) and what a synchronous write left (buf) are sent from
- * the direction's own buffer with the new bytes behind them. A recv that found no free buffer
- * (ENOBUFS) waits in a list until one is given back.
+ * the direction's own buffer with the new bytes behind them.
+ * The pool is shared by every connection of the worker, and connections whose destination does not
+ * read hold their buffers until they end: a recv that finds the pool empty (ENOBUFS) does not wait
+ * for another connection's buffer (clients that stop reading would stall everybody else). It polls
+ * its source and reads into the direction's own buffer instead, as the copy engine does (counted:
+ * core_stats.buffer_waits); its next recv tries the pool again.
  *
  * Not here: splice. io_uring always runs splice in a worker thread (it never polls a pipe), and
  * splice from an MPTCP socket is a copy on this kernel anyway; this engine copies, like `copy`.
@@ -40,9 +44,8 @@
 
 #define RING_ENTRIES 4096
 #define CQ_ENTRIES 65536
-#define BUFS 1024		/* provided buffers (a power of two) */
+#define BUFS_DEFAULT 1024	/* provided buffers (config uring_buffers: a power of two) */
 #define BUF_MAX (64 << 10)	/* each at most this (config pipe_size below) */
-#define STARVED_MAX 65536	/* directions waiting for a buffer */
 
 /* What a completion is (user_data bits 60-63); the rest: is_up (bit 59), slot (32-58), generation. */
 enum uring_op {
@@ -54,16 +57,16 @@ enum uring_op {
 	U_CLIENT_OUT,		/* a client accepted at its TFO SYN: POLLOUT, its handshake may be complete */
 	U_CANCEL,		/* a cancellation's own completion (ignored) */
 	U_ACCEPT,		/* a listener's multishot accept (slot: the listener's fd): a client, or why not */
+	U_RECV_OWN,		/* the pool was empty: the source's POLLIN, then a recv() into the own buffer */
 };
 
 struct uring {
 	struct io_uring ring;
 	struct io_uring_buf_ring *br;
 	char *bufs;
-	uint32_t buf_size;
+	uint32_t buf_size, nbufs;
 	int enabled, epoll_armed, epoll_ready;
-	uint64_t *starved;	/* user_data of recvs that found no buffer (ring of STARVED_MAX) */
-	uint32_t starved_head, starved_n;
+	char *scratch;		/* one buffer's worth: a recv() when the pool is empty */
 	int done;		/* completions handled in this wait */
 };
 
@@ -91,7 +94,7 @@ static char *buf_addr(struct uring *u, unsigned bid)
 
 static void buf_put(struct uring *u, unsigned bid)
 {
-	io_uring_buf_ring_add(u->br, buf_addr(u, bid), u->buf_size, bid, io_uring_buf_ring_mask(BUFS), 0);
+	io_uring_buf_ring_add(u->br, buf_addr(u, bid), u->buf_size, bid, io_uring_buf_ring_mask(u->nbufs), 0);
 	io_uring_buf_ring_advance(u->br, 1);
 }
 
@@ -139,6 +142,19 @@ static int poll_post(struct core *c, int i, int fd, enum uring_op op)
 	return 0;
 }
 
+/* the pool is empty: wait for d's source to have bytes, then read them into d's own buffer */
+static int recv_own_post(struct core *c, int i, struct dir *d)
+{
+	struct conn *k = c->conns[i];
+	struct io_uring_sqe *sqe = sqe_get(c->u);
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_poll_add(sqe, d->src, POLLIN | POLLRDHUP);
+	io_uring_sqe_set_data64(sqe, tag(U_RECV_OWN, i, dir_up(k, d), k->gen));
+	d->recving = 1;
+	return 0;
+}
+
 /* everything before src's FIN went out: pass the FIN on; the connection ends once both directions have */
 static void dir_done(struct core *c, int i, struct dir *d)
 {
@@ -176,12 +192,14 @@ static void recv_done(struct core *c, int i, struct dir *d, const struct io_urin
 	unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
 	int r;
 
-	if (cqe->res == -ENOBUFS) {	/* every buffer is in flight: wait for one */
-		struct uring *u = c->u;
-		if (u->starved_n == STARVED_MAX)
-			return conn_end(c, i, END_RESET, ENOBUFS);
-		u->starved[(u->starved_head + u->starved_n++) % STARVED_MAX] = tag(U_RECV, i, dir_up(k, d), k->gen);
-		d->recving = 1;		/* (still waiting: nothing else is posted for it) */
+	if (cqe->res <= 0 && (cqe->flags & IORING_CQE_F_BUFFER))
+		buf_put(c->u, bid);	/* (a buffer picked for a recv that got no byte goes back) */
+	if (cqe->res == -ENOBUFS) {	/* every buffer is held: not a reason to wait for one */
+		c->st.buffer_waits++;
+		if (d->qn)	/* its own queue's sends give one back, then it reads on (bytes in order) */
+			return;
+		if ((r = recv_own_post(c, i, d)) < 0)
+			conn_end(c, i, END_RESET, -r);
 		return;
 	}
 	if (cqe->res < 0)
@@ -223,27 +241,26 @@ static void send_done(struct core *c, int i, struct dir *d, enum uring_op op, in
 	dir_pump(c, i, d);
 }
 
-/* a buffer went back: the recvs that found none try again */
-static void starved_retry(struct core *c)
+/* d's source is readable and the pool was empty: what it has goes into d's own buffer, sent from there */
+static void recv_own_done(struct core *c, int i, struct dir *d, int res)
 {
-	struct uring *u = c->u;
-	while (u->starved_n) {
-		uint64_t t = u->starved[u->starved_head];
-		int i = (int)(t >> 32 & 0x7FFFFFF), up = t >> 59 & 1;
-		struct conn *k;
-		struct dir *d;
-		u->starved_head = (u->starved_head + 1) % STARVED_MAX;
-		u->starved_n--;
-		if (i >= c->nconns)
-			continue;
-		k = c->conns[i];
-		if (k->gen != (uint32_t)t || k->state != CONN_RELAYING)
-			continue;
-		d = up ? &k->up : &k->down;
-		d->recving = 0;
-		dir_pump(c, i, d);
-		break;		/* one per buffer given back: the next completion frees another */
+	struct conn *k = c->conns[i];
+	ssize_t n;
+	int r;
+
+	if (res < 0)
+		return conn_end(c, i, END_RESET, -res);
+	n = recv(d->src, c->u->scratch, c->u->buf_size, MSG_DONTWAIT);
+	if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+		return conn_end(c, i, END_RESET, errno);
+	if (n == 0)
+		d->state = DIR_EOF;
+	if (n > 0) {
+		k->last = c->now;
+		if ((r = dir_own_append(d, c->u->scratch, (uint32_t)n)) < 0)
+			return conn_end(c, i, END_RESET, -r);
 	}
+	dir_pump(c, i, d);
 }
 
 /* -- a connection's steps ------------------------------------------------------------------------------ */
@@ -382,11 +399,13 @@ static void complete(struct core *c, const struct io_uring_cqe *cqe)
 	case U_RECV:
 		d->recving = 0;
 		return recv_done(c, i, d, cqe);
+	case U_RECV_OWN:
+		d->recving = 0;
+		return recv_own_done(c, i, d, cqe->res);
 	case U_SEND:
 	case U_SEND_OWN:
 		d->sending = 0;
-		send_done(c, i, d, op, cqe->res);
-		return starved_retry(c);
+		return send_done(c, i, d, op, cqe->res);
 	case U_CONNECT:
 		k->polling--;
 		if (cqe->res < 0)
@@ -506,17 +525,24 @@ int uring_init(struct core *c)
 	struct io_uring_params p = {.flags = IORING_SETUP_R_DISABLED | IORING_SETUP_SINGLE_ISSUER |
 					     IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG |
 					     IORING_SETUP_CQSIZE, .cq_entries = CQ_ENTRIES};
-	struct io_uring_buf_reg reg = {.ring_entries = BUFS, .bgid = 0};
+	struct io_uring_buf_reg reg = {.bgid = 0};
 	struct uring *u = calloc(1, sizeof(*u));
 	int r;
 
 	if (!u)
 		return -ENOMEM;
 	u->buf_size = c->cfg.pipe_size < BUF_MAX ? c->cfg.pipe_size : BUF_MAX;
-	u->starved = malloc(STARVED_MAX * sizeof(*u->starved));
-	u->bufs = mmap(NULL, (size_t)BUFS * u->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	u->br = mmap(NULL, BUFS * sizeof(struct io_uring_buf), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (!u->starved || u->bufs == MAP_FAILED || u->br == MAP_FAILED) {
+	u->nbufs = c->cfg.uring_buffers > 0 ? (uint32_t)c->cfg.uring_buffers : BUFS_DEFAULT;
+	if (u->nbufs & (u->nbufs - 1) || u->nbufs > 32768) {	/* (mimbox.config checks it first) */
+		free(u);
+		return -EINVAL;
+	}
+	reg.ring_entries = u->nbufs;
+	u->scratch = malloc(u->buf_size);
+	u->bufs = mmap(NULL, (size_t)u->nbufs * u->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	u->br = mmap(NULL, u->nbufs * sizeof(struct io_uring_buf), PROT_READ | PROT_WRITE,
+		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!u->scratch || u->bufs == MAP_FAILED || u->br == MAP_FAILED) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -525,9 +551,9 @@ int uring_init(struct core *c)
 		goto out;
 	reg.ring_addr = (unsigned long)u->br;
 	io_uring_buf_ring_init(u->br);
-	for (unsigned b = 0; b < BUFS; b++)
-		io_uring_buf_ring_add(u->br, buf_addr(u, b), u->buf_size, b, io_uring_buf_ring_mask(BUFS), b);
-	io_uring_buf_ring_advance(u->br, BUFS);
+	for (unsigned b = 0; b < u->nbufs; b++)
+		io_uring_buf_ring_add(u->br, buf_addr(u, b), u->buf_size, b, io_uring_buf_ring_mask(u->nbufs), b);
+	io_uring_buf_ring_advance(u->br, u->nbufs);
 	if ((r = io_uring_register_buf_ring(&u->ring, &reg, 0)) < 0 || (r = restrict_ring(&u->ring)) < 0) {
 		io_uring_queue_exit(&u->ring);
 		goto out;
@@ -536,10 +562,10 @@ int uring_init(struct core *c)
 	return 0;
 out:
 	if (u->bufs != MAP_FAILED && u->bufs)
-		munmap(u->bufs, (size_t)BUFS * u->buf_size);
+		munmap(u->bufs, (size_t)u->nbufs * u->buf_size);
 	if (u->br != MAP_FAILED && u->br)
-		munmap(u->br, BUFS * sizeof(struct io_uring_buf));
-	free(u->starved);
+		munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
+	free(u->scratch);
 	free(u);
 	return r;
 }
@@ -550,9 +576,9 @@ void uring_free(struct core *c)
 	if (!u)
 		return;
 	io_uring_queue_exit(&u->ring);
-	munmap(u->bufs, (size_t)BUFS * u->buf_size);
-	munmap(u->br, BUFS * sizeof(struct io_uring_buf));
-	free(u->starved);
+	munmap(u->bufs, (size_t)u->nbufs * u->buf_size);
+	munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
+	free(u->scratch);
 	free(u);
 	c->u = NULL;
 }

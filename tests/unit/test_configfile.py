@@ -165,3 +165,20 @@ def test_the_dashboard_asks_only_for_metrics_that_exist():
     board = json.loads((PACKAGE / "examples" / "grafana-dashboard.json").read_text())
     asked = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"mimbox_[a-z_]+", t["expr"])}
     assert asked and asked <= names, asked - names
+
+
+def test_the_uring_pool_size_is_checked_where_it_is_given(tmp_path):
+    """The uring engine's pool (a power of two, 8..32768): a file's value and the flag alike, each
+    refused with its key before a worker makes a ring."""
+    path = write(tmp_path, """
+        [buffers]
+        engine = "uring"
+        uring_buffers = 1000
+        """)
+    with pytest.raises(configfile.ConfigError) as e:
+        configfile.check(path)
+    assert [k for k, _, _ in e.value.errors] == ["buffers.uring_buffers"]
+    assert "power of two" in str(e.value)
+    assert run_config(["--engine", "uring", "--uring-buffers", "64"]).buffers.uring_buffers == 64
+    with pytest.raises(ValueError, match="power of two"):
+        run_config(["--uring-buffers", "3"])
