@@ -5,9 +5,10 @@ Table 1's workload (one connection at a time, one 1300-byte burst each, one clie
 segment arriving on the converter host (client-side capture, t0) the first event of each kind after
 it, on the converter's process, gives the phases:
 
-  MiMBox, held SYN   wire in -> epoll_wait returns (netfilter, NFQUEUE, wake-up; this kernel lets
-                     bpftrace attach neither a kprobe nor a kfunc to nfqnl_enqueue_packet)
-                     -> the queue's recv() returns -> connect() entered (the core, in C: parse
+  MiMBox, held SYN   wire in -> the epoll_wait that reported the queue returns (netfilter, NFQUEUE,
+                     wake-up; this kernel lets bpftrace attach neither a kprobe nor a kfunc to
+                     nfqnl_enqueue_packet) -> the queue's recv() entered (the loop) -> it returns
+                     (the read itself) -> connect() entered (the core, in C: parse
                      DST_OPT, policy, gate; the server socket is a spare made while the loop was
                      idle, so socket() and setsockopt are off this path -- a SYN that found no
                      spare is counted apart, `socket_on_path`) -> SYN on the server-side wire
@@ -15,7 +16,7 @@ it, on the converter's process, gives the phases:
                      out, the client's ACK back) -> epoll_wait returns -> accept() returns
                      -> socket() entered (Python: create_connection resolves the address)
                      -> connect() entered -> SYN on the wire
-  data (both)        wire in -> epoll_wait returns -> write() entered (read, relay: MiMBox's
+  data (both)        wire in -> epoll_wait returns -> write() or send() entered (read, relay: MiMBox's
                      core in C, the read()/write() converter in Python) -> segment on the wire
 
 bpftrace timestamps are CLOCK_MONOTONIC, the captures' CLOCK_REALTIME: the offset is read once
@@ -28,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 
 import matplotlib
 import pandas as pd
@@ -46,16 +47,18 @@ FULL = dict(measures=100, interval=0.1, idle=["halt", "poll"])
 QUICK = dict(measures=30, interval=0.05, idle=["halt", "poll"])
 
 PROBES = """
-tracepoint:syscalls:sys_exit_epoll_wait /pid == $1/ { printf("wake %llu\\n", nsecs); }
-tracepoint:syscalls:sys_exit_recvfrom /pid == $1/ { printf("recv %llu\\n", nsecs); }
-tracepoint:syscalls:sys_exit_accept4 /pid == $1/ { printf("accept %llu\\n", nsecs); }
-tracepoint:syscalls:sys_enter_socket /pid == $1/ { printf("socket %llu\\n", nsecs); }
-tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %llu\\n", nsecs); }
-tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %llu\\n", nsecs); }
+tracepoint:syscalls:sys_exit_epoll_wait /pid == $1/ { printf("wake %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_enter_recvfrom /pid == $1/ { printf("recv_in %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_exit_recvfrom /pid == $1/ { printf("recv %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_exit_accept4 /pid == $1/ { printf("accept %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_enter_socket /pid == $1/ { printf("socket %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_enter_connect /pid == $1/ { printf("connect %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_enter_write /pid == $1/ { printf("write %d %llu\\n", tid, nsecs); }
+tracepoint:syscalls:sys_enter_sendto /pid == $1/ { printf("write %d %llu\\n", tid, nsecs); }
 """
 PHASES = {
-    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "read the queue", "core (parse, policy, a spare socket)",
-                        "kernel send"],
+    ("mimbox", "SYN"): ["NFQUEUE + wake-up", "loop to the read", "read the queue (recv)",
+                        "core (parse, policy, a spare socket)", "kernel send"],
     ("read/write", "SYN"): ["handshake with the client", "wake-up", "accept", "Python (resolve, socket)",
                             "socket, setsockopt", "kernel send"],
     ("mimbox", "data"): ["wake-up", "core (read, relay)", "kernel send"],
@@ -68,13 +71,29 @@ def _after(times: list[int], t: int) -> int | None:
     return times[i] if i < len(times) else None
 
 
+def _before(times: list[int], t: int | None) -> int | None:
+    """The last of `times` at or before t."""
+    if t is None:
+        return None
+    i = bisect_right(times, t)
+    return times[i - 1] if i else None
+
+
 def phases(system: str, segment: str, t0: int, ev: dict[str, list[int]], wire: dict[str, list[int]]) -> list[float]:
     """The phase lengths (µs) of one segment that arrived at t0 (ns, monotonic), or [] if incomplete."""
-    if segment == "SYN":
+    if segment == "SYN" and system == "mimbox":
+        # the queue's read: the first recv() to return after the SYN arrived; the wake-up that led to
+        # it is the last epoll_wait() to return before that recv() began (with busy polling, the ones
+        # between the SYN and it found the queue still empty: the kernel's NFQUEUE work)
         out = _after(wire["syn_out"], t0)
-        marks = [t0] if system == "mimbox" else [t0, _after(wire["ack_in"], t0)]
-        kinds = ("wake", "recv", "connect") if system == "mimbox" else ("wake", "accept", "socket", "connect")
-        for kind in kinds:
+        recv_out = _after(ev["recv"], t0)
+        recv_in = _before(ev["recv_in"], recv_out)
+        marks = [t0, _before(ev["wake"], recv_in), recv_in, recv_out]
+        marks.append(_after(ev["connect"], recv_out) if recv_out is not None else None)
+    elif segment == "SYN":
+        out = _after(wire["syn_out"], t0)
+        marks = [t0, _after(wire["ack_in"], t0)]
+        for kind in ("wake", "accept", "socket", "connect"):
             marks.append(_after(ev[kind], marks[-1]) if marks[-1] is not None else None)
     else:
         out = _after(wire["data_out"], t0)
@@ -135,11 +154,27 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), {"idle": idle_settings, "probes": PROBES.strip().splitlines()}
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants, now (/proc/PID/task/TID/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return out
+
+
 @contextlib.contextmanager
 def bpftrace(probes: str, trace: str, system):
     """bpftrace on `system`'s first process, writing to `trace`, from attached to stopped; on the end
     hosts' core, away from the converter's."""
-    bt = subprocess.Popen(["taskset", "-c", END_HOST_CPUS, "bpftrace", probes, str(system.procs[0].pid)],
+    pids = process_tree(system.procs[0].pid)       # (MiMBox's workers are its children)
+    with open(probes) as f:
+        text = f.read().replace("/pid == $1/", "/" + " || ".join(f"pid == {p}" for p in pids) + "/")
+    bt = subprocess.Popen(["taskset", "-c", END_HOST_CPUS, "bpftrace", "-e", text],
                           stdout=open(trace, "w"), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -159,11 +194,20 @@ def _measure(tb, d, client_py, sink_py, probes, name, system, idle, params) -> l
     offset = time.time_ns() - time.monotonic_ns()
     pc, ps = bursts(tb, d, client_py, sink_py, name, system, tag, False, params,
                     tracer=lambda s: bpftrace(probes, trace, s))
-    ev: dict[str, list[int]] = {"wake": [], "recv": [], "accept": [], "socket": [], "connect": [], "write": []}
+    ev: dict[str, list[int]] = {"wake": [], "recv_in": [], "recv": [], "accept": [], "socket": [], "connect": [],
+                                "write": []}
+    seen = []                                     # (kind, thread id, ns)
     for line in open(trace):
         parts = line.split()
-        if len(parts) == 2 and parts[0] in ev and parts[1].isdigit():
-            ev[parts[0]].append(int(parts[1]))
+        if len(parts) == 3 and parts[0] in ev and parts[1].isdigit() and parts[2].isdigit():
+            seen.append((parts[0], int(parts[1]), int(parts[2])))
+    # the thread that connects to the server is the converter's loop (MiMBox: the worker's core, not its
+    # supervisor or another thread)
+    connects = [p for kind, p, _ in seen if kind == "connect"]
+    main = max(set(connects), key=connects.count) if connects else None
+    for kind, p, t in seen:
+        if p == main:
+            ev[kind].append(t)
     for v in ev.values():
         v.sort()
     mono = (lambda t: int(t * 1e9) - offset)

@@ -43,13 +43,15 @@ PROFILED = ("haproxy-1t-tcp", "read/write", "mimbox", "mimbox-static-accept")   
 
 
 def systems() -> list:
-    """The peers; MiMBox as of round 1 (every SYN held, splice); MiMBox's defaults; its variants."""
+    """The peers; MiMBox as of round 1 (every SYN held, splice); MiMBox's defaults; its variants (the
+    io_uring engine among them)."""
     c = CONVERTER_CPUS
     return [Router(), HAProxy(threads=1, cpus=c), HAProxy(threads=1, mode="tcp", cpus=c),
             Naive("readwrite", cpus=c),
             MiMBox(mode="explicit", cpus=c, syn_path="hold", engine="splice"),
             MiMBox(mode="explicit", cpus=c, syn_path="hold"),
             MiMBox(mode="explicit", cpus=c),
+            MiMBox(mode="explicit", cpus=c, engine="uring"),
             MiMBox(mode="explicit", cpus=c, syn_path="accept"),
             MiMBox(mode="static", cpus=c),
             MiMBox(mode="static", cpus=c, syn_path="accept")]

@@ -511,7 +511,7 @@ def headline() -> str:
     if pc is not None:
         m = pc.groupby("system").agg(rps=("req_per_s", "mean"), us=("cpu_us_per_req", "mean"))
         if "haproxy-1t" in m.index and "mimbox" in m.index:
-            for name in ("mimbox", "haproxy-1t"):
+            for name in [n for n in ("mimbox", "mimbox-uring", "haproxy-1t") if n in m.index]:
                 rows.append(("per-connection run, 1 KB", name, f"{m.rps[name]:,.0f} ({m.us[name]:.0f} µs CPU/req)",
                              f"{m.rps[name] / m.rps['haproxy-1t']:.2f}"))
     fam, _ = _load("fig5_families")

@@ -166,11 +166,13 @@ def test_interactive_tiny(mptcp_ok, tmp_results):
 def test_breakdown_cuts_a_held_syn_at_the_spare_socket_path():
     """The phase parser on events as bpftrace and tcpdump give them (ns): MiMBox's held SYN goes from
     the queue's recv() straight to connect() (a spare socket); a socket() between the two is a SYN
-    that found none, counted apart; events out of order or missing give no phases."""
-    ev = {"wake": [1_000, 9_000], "recv": [2_000], "socket": [50_000], "connect": [3_500], "write": []}
+    that found none, counted apart; events out of order or missing give no phases. Its wake-up is the
+    last epoll_wait before the recv (busy polling: the empty polls between the SYN and it are NFQUEUE's)."""
+    ev = {"wake": [400, 1_000, 9_000], "recv_in": [1_200], "recv": [2_000], "socket": [50_000],
+          "connect": [3_500], "write": []}
     wire = {"syn_out": [5_000], "ack_in": [], "data_out": []}
-    assert breakdown.phases("mimbox", "SYN", 0, ev, wire) == [1.0, 1.0, 1.5, 1.5]
-    assert len(breakdown.PHASES[("mimbox", "SYN")]) == 4
+    assert breakdown.phases("mimbox", "SYN", 0, ev, wire) == [1.0, 0.2, 0.8, 1.5, 1.5]
+    assert len(breakdown.PHASES[("mimbox", "SYN")]) == 5
     assert not breakdown.socket_on_path(0, ev)
     assert breakdown.socket_on_path(0, {**ev, "socket": [2_500]})
     assert breakdown.phases("mimbox", "SYN", 0, {**ev, "connect": []}, wire) == []
