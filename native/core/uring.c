@@ -66,7 +66,6 @@ struct uring {
 	char *bufs;
 	uint32_t buf_size, nbufs;
 	int enabled, epoll_armed, epoll_ready;
-	char *scratch;		/* one buffer's worth: a recv() when the pool is empty */
 	int done;		/* completions handled in this wait */
 };
 
@@ -250,14 +249,14 @@ static void recv_own_done(struct core *c, int i, struct dir *d, int res)
 
 	if (res < 0)
 		return conn_end(c, i, END_RESET, -res);
-	n = recv(d->src, c->u->scratch, c->u->buf_size, MSG_DONTWAIT);
+	n = recv(d->src, c->copy_buf, c->u->buf_size, MSG_DONTWAIT);	/* (the core's one buffer) */
 	if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
 		return conn_end(c, i, END_RESET, errno);
 	if (n == 0)
 		d->state = DIR_EOF;
 	if (n > 0) {
 		k->last = c->now;
-		if ((r = dir_own_append(d, c->u->scratch, (uint32_t)n)) < 0)
+		if ((r = dir_own_append(d, c->copy_buf, (uint32_t)n)) < 0)
 			return conn_end(c, i, END_RESET, -r);
 	}
 	dir_pump(c, i, d);
@@ -538,11 +537,10 @@ int uring_init(struct core *c)
 		return -EINVAL;
 	}
 	reg.ring_entries = u->nbufs;
-	u->scratch = malloc(u->buf_size);
 	u->bufs = mmap(NULL, (size_t)u->nbufs * u->buf_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	u->br = mmap(NULL, u->nbufs * sizeof(struct io_uring_buf), PROT_READ | PROT_WRITE,
 		     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (!u->scratch || u->bufs == MAP_FAILED || u->br == MAP_FAILED) {
+	if (u->bufs == MAP_FAILED || u->br == MAP_FAILED) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -565,7 +563,6 @@ out:
 		munmap(u->bufs, (size_t)u->nbufs * u->buf_size);
 	if (u->br != MAP_FAILED && u->br)
 		munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
-	free(u->scratch);
 	free(u);
 	return r;
 }
@@ -578,7 +575,6 @@ void uring_free(struct core *c)
 	io_uring_queue_exit(&u->ring);
 	munmap(u->bufs, (size_t)u->nbufs * u->buf_size);
 	munmap(u->br, u->nbufs * sizeof(struct io_uring_buf));
-	free(u->scratch);
 	free(u);
 	c->u = NULL;
 }
