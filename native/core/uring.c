@@ -55,7 +55,6 @@ enum uring_op {
 	U_SEND_OWN,		/* a direction's send from its own buffer (prefix or leftover in front) */
 	U_CONNECT,		/* the server socket's POLLOUT: its connect() finished */
 	U_CLIENT_OUT,		/* a client accepted at its TFO SYN: POLLOUT, its handshake may be complete */
-	U_CANCEL,		/* a cancellation's own completion (ignored) */
 	U_ACCEPT,		/* a listener's multishot accept (slot: the listener's fd): a client, or why not */
 	U_RECV_OWN,		/* the pool was empty: the source's POLLIN, then a recv() into the own buffer */
 };
@@ -415,9 +414,8 @@ static void complete(struct core *c, const struct io_uring_cqe *cqe)
 		if (client_ready(k))
 			uring_client_ready(c, i);
 		return;		/* else the sweep looks again */
-	case U_EPOLL:
+	case U_EPOLL:		/* (handled above) */
 	case U_ACCEPT:
-	case U_CANCEL:
 		return;
 	}
 }
