@@ -7,6 +7,7 @@ gate and one wire format serve both families.
     text(raw16)          -> "10.0.0.1" / "2001:db8::1"
     prefix("10.0.0.0/8") -> (16 bytes, 104): a length over the 16 bytes
     as_int(addr), prefix_ints(net) -> the same as integers (mimbox.safety's policy)
+    source_bad(addr, wire_v6, to_loopback) -> no real client has this source (native/core/addr.h)
 """
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ def prefix_ints(net) -> tuple[int, int]:
     n = ipaddress.ip_network(net, strict=False)
     mask = ((1 << 128) - 1) ^ ((1 << (128 - _length(n))) - 1)
     return as_int(n.network_address) & mask, mask
+
+
+def source_bad(addr, wire_v6: bool = False, to_loopback: bool = False) -> bool:
+    """Whether no real client has this source address (native/core/addr.h addr_source_bad; tests
+    compare the two): IPv4 0/8, 127/8, 224/4, 240/4; IPv6 ::/96 (unspecified, loopback,
+    IPv4-compatible), ff00::/8, and the IPv4-mapped ::ffff:0:0/96 when it came as an IPv6 source on
+    the wire (`wire_v6`; a dual-stack accept() gives IPv4 clients that form). A loopback source is
+    real only towards a loopback address (`to_loopback`)."""
+    a = ipaddress.ip_address(addr)
+    mapped = a.version == 6 and a.ipv4_mapped is not None
+    v4 = a.ipv4_mapped if mapped else a if a.version == 4 else None
+    if (v4 or a).is_loopback:
+        return not to_loopback or (wire_v6 and v4 is not None)
+    if v4 is not None:
+        return wire_v6 and mapped or int(v4) >> 24 == 0 or int(v4) >> 24 >= 224
+    return int(a) >> 32 == 0 or a.is_multicast

@@ -27,7 +27,7 @@ from mimbox import addrs
 from mimbox.config import MAX_WORKERS
 from mimbox.netfilter import REFUSE_MARK, REFUSE_MASK
 from mimbox.paths import RELAYCORE
-from mimbox.safety import DENIED_OWN, DENIED_PORT0
+from mimbox.safety import DENIED_OWN, DENIED_OWN_UNKNOWN, DENIED_PORT0
 from mimbox.synpath import Cause
 
 ENGINES = {"copy": 0, "splice": 1, "auto": 2, "uring": 3}
@@ -35,6 +35,9 @@ SYN_PATHS = {"hold": 0, "accept": 1, "auto": 2}
 DST_PYTHON, DST_STATIC, DST_TRANSPARENT, DST_EXPLICIT = range(4)
 EV_FD, EV_ACCEPTED, EV_REFUSED, EV_GIVEBACK, EV_ABORTED, EV_CLOSED = range(1, 7)
 SYN_HOLD, SYN_DEFER, SYN_REFUSE = range(3)
+# core_policy's kinds (native/core/admit.c): a client prefix allowed; one of this host's own
+# destinations; forget those (a new listing follows, ended by OWN_DONE); forget clients and rules
+POLICY = {"ALLOW_CLIENT": 0, "OWN": 2, "OWN_FORGET": 3, "FORGET": 4, "OWN_DONE": 5}
 CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
 # why a SYN's DST_OPT was refused (mimbox.dstopt.parse_options's messages; {arg} from the event)
 SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: truncated option list",
@@ -118,7 +121,8 @@ class SynInfo(ctypes.Structure):
     _fields_ = [("saddr", ADDR), ("daddr", ADDR), ("sport", ctypes.c_uint16),
                 ("dport", ctypes.c_uint16), ("dst_addr", ADDR), ("dst_port", ctypes.c_uint16),
                 ("has_dst", ctypes.c_int32), ("error", ctypes.c_int32), ("arg", ctypes.c_int32),
-                ("mp_join", ctypes.c_int32), ("mp_capable", ctypes.c_int32)]
+                ("mp_join", ctypes.c_int32), ("mp_capable", ctypes.c_int32),
+                ("bad_source", ctypes.c_int32)]    # a source no real client has (mimbox.addrs.source_bad)
 
 
 LAYOUTS = (CoreConfig, Event, CoreStats, ConnInfo, SynInfo)     # core_abi(i) is sizeof the i-th
@@ -157,7 +161,8 @@ def c_header() -> str:
              "#include <stdint.h>"]
     lines += [f"#define ERRNO_SLOTS {ERRNO_SLOTS}", f"#define MAX_WORKERS {MAX_WORKERS}",
               f'#define KEEPER_NAME "{KEEPER_NAME}"', f"#define DENIED_PORT0 ({DENIED_PORT0})",
-              f"#define DENIED_OWN ({DENIED_OWN})"]
+              f"#define DENIED_OWN ({DENIED_OWN})", f"#define DENIED_OWN_UNKNOWN ({DENIED_OWN_UNKNOWN})"]
+    lines += [f"#define POLICY_{n} {v}" for n, v in POLICY.items()]
     lines += [f"#define CAUSE_{c.name} {i}" for i, c in enumerate(CAUSES)] + [f"#define CAUSE_COUNT {len(CAUSES)}"]
     lines += [f"#define SYN_{name} {i + 1}" for i, name in enumerate(SYN_ERRORS)]
     lines += [f"#define SYN_{n} {v}" for n, v in (("HOLD", SYN_HOLD), ("DEFER", SYN_DEFER), ("REFUSE", SYN_REFUSE))]
@@ -330,23 +335,32 @@ class Core:
 
     def policy(self, policy, reset: bool = False) -> None:
         """Who may go where: a mimbox.safety.Policy's allowed clients, destination rules (in order)
-        and this host's addresses (reset: instead of the ones given before). Raises ValueError past
-        the core's table sizes."""
+        and this host's own destinations (reset: instead of the ones given before). Raises
+        ValueError past the rules table or when memory runs out (the converter does not start)."""
         if reset:
-            self.lib.core_policy(self.ptr, 4, None, 0)
+            self.lib.core_policy(self.ptr, POLICY["FORGET"], None, 0)
         for n in policy.allow_clients:
-            if self.lib.core_policy(self.ptr, 0, *addrs.prefix(n)) < 0:
-                raise ValueError("too many allowed client prefixes (at most 256)")
+            if self.lib.core_policy(self.ptr, POLICY["ALLOW_CLIENT"], *addrs.prefix(n)) < 0:
+                raise ValueError(f"allowed client prefixes: no memory for {len(policy.allow_clients)}")
         for r in policy.rules:
             if self.lib.core_rule(self.ptr, int(r.allow), *addrs.prefix(r.net), r.ports[0], r.ports[1]) < 0:
                 raise ValueError("too many destination rules (at most 256)")
-        self.own_addresses(policy.own)
+        self.own_addresses(policy.own, policy.own_nets)
 
-    def own_addresses(self, own) -> None:
-        """This host's addresses, anew (they are never a destination)."""
-        self.lib.core_policy(self.ptr, 3, None, 0)
-        for a in sorted(own, key=lambda a: (a.version, a))[:256]:
-            self.lib.core_policy(self.ptr, 2, addrs.packed(a), 128)
+    def own_addresses(self, own, nets=()) -> None:
+        """This host's own destinations, anew: addresses and shorter local routes, all of them (they
+        are never a destination). If they cannot all be held (no memory), the core refuses every
+        destination until a later listing succeeds, and OSError says so."""
+        self.lib.core_policy(self.ptr, POLICY["OWN_FORGET"], None, 0)
+        for a in own:
+            r = self.lib.core_policy(self.ptr, POLICY["OWN"], addrs.packed(a), 128)
+            if r < 0:
+                raise OSError(-r, f"this host's {len(own)} addresses: every destination is refused")
+        for n in nets:
+            r = self.lib.core_policy(self.ptr, POLICY["OWN"], *addrs.prefix(n))
+            if r < 0:
+                raise OSError(-r, f"this host's {len(nets)} local routes: every destination is refused")
+        self.lib.core_policy(self.ptr, POLICY["OWN_DONE"], None, 0)
 
     def greeting_end(self, client: str, keep_admission: bool) -> None:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""

@@ -34,6 +34,8 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from mimbox.addrs import source_bad
+
 KIND = 253          # RFC 4727/6994 experimental option, shared through an ExID
 EXID = 0x4D42       # "MB": our RFC 6994 experiment identifier
 LENGTH = 10         # the IPv4 form
@@ -156,6 +158,7 @@ class Syn:
     dport: int
     flags: int
     options: SynOptions
+    bad_source: bool = False    # no real client has this source (mimbox.addrs.source_bad)
 
 
 def parse_syn(packet: bytes) -> Syn:
@@ -166,11 +169,13 @@ def parse_syn(packet: bytes) -> Syn:
         if ihl < 20 or packet[9] != 6:
             raise OptionError("not TCP")
         src, dst = socket.inet_ntop(socket.AF_INET, packet[12:16]), socket.inet_ntop(socket.AF_INET, packet[16:20])
+        bad = source_bad(src, False, ipaddress.ip_address(dst).is_loopback)
     elif len(packet) >= 40 and packet[0] >> 4 == 6:
         ihl = 40
         if packet[6] != 6:
             raise OptionError("not TCP right after the IPv6 header")
         src, dst = (ipaddress.IPv6Address(packet[8:24]), ipaddress.IPv6Address(packet[24:40]))
+        bad = source_bad(src, True, (dst.ipv4_mapped or dst).is_loopback)
         src, dst = (str(a.ipv4_mapped or a) for a in (src, dst))
     else:
         raise OptionError("not IPv4 or IPv6")
@@ -181,7 +186,8 @@ def parse_syn(packet: bytes) -> Syn:
     if doff < 20 or len(tcp) < doff:
         raise OptionError("bad TCP data offset")
     sport, dport = struct.unpack_from("!HH", tcp)
-    return Syn(src=src, sport=sport, dst=dst, dport=dport, flags=tcp[13], options=parse_options(bytes(tcp[20:doff])))
+    return Syn(src=src, sport=sport, dst=dst, dport=dport, flags=tcp[13], options=parse_options(bytes(tcp[20:doff])),
+               bad_source=bad)
 
 
 def c_header() -> str:

@@ -31,7 +31,7 @@ import socket
 import time
 
 from mimbox import addrs, mptcp
-from mimbox.config import Config, hostport, local_addresses
+from mimbox.config import Config, hostport, local_destinations
 from mimbox.core import (
     CAUSES,
     ETIME,
@@ -41,6 +41,7 @@ from mimbox.core import (
     EV_GIVEBACK,
     EV_CLOSED,
     EV_REFUSED,
+    POLICY,
     Core,
     CoreConfig,
     addr_of,
@@ -106,6 +107,7 @@ class Relay:
         self.stats_sock = None
         self.health_sock: socket.socket | None = None
         self.address_watch: AddressWatch | None = None
+        self.own_failed = False          # this host's own destinations could not be listed: all refused
         self.answers = Answers()          # `mimbox stats` answers on their way
         self.control = control
 
@@ -388,10 +390,28 @@ class Relay:
         self.greetings.drop(ev.fd)
 
     def _refresh_own(self) -> None:
-        """This host's addresses, read again: never a destination (the policy and the core)."""
-        if self.policy.set_own(local_addresses()):
-            self.core.own_addresses(self.policy.own)
-            log.info("this host's addresses: %s (never a destination)", ", ".join(sorted(map(str, self.policy.own))))
+        """This host's own destinations (the kernel's local routes), read again: never a destination
+        (the policy and the core). If they cannot be read or held, every destination is refused
+        until they can (fail closed), said once."""
+        try:
+            changed = self.policy.set_own(*local_destinations())
+            if changed:
+                self.core.own_addresses(self.policy.own, self.policy.own_nets)
+        except OSError as e:
+            self.core.lib.core_policy(self.core.ptr, POLICY["OWN_FORGET"], None, 0)   # incomplete: closed
+            self.policy.own = set()
+            if not self.own_failed:
+                log.error("this host's own addresses could not be listed (%s): every destination is refused "
+                          "until they can", e)
+            self.own_failed = True
+            return
+        if self.own_failed:
+            log.info("this host's own addresses listed again: serving")
+            self.own_failed = False
+        if changed:
+            own = sorted(map(str, self.policy.own)) + sorted(map(str, self.policy.own_nets))
+            log.info("this host's own destinations (never a destination): %s%s", ", ".join(own[:8]),
+                     f" and {len(own) - 8} more" if len(own) > 8 else "")
 
     def _answer_health(self) -> None:
         """A health probe: the handshake completed, which is the answer; close at once."""

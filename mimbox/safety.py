@@ -3,7 +3,9 @@
 Destinations are decided by an ordered list of rules, first match wins (the core, native/core/admit.c,
 applies the same list; tests/test_core.py checks they agree, rule by rule):
 
-    1. this host's own addresses                       denied (refreshed from netlink while running)
+    1. this host's own destinations: what the kernel's  denied (refreshed from netlink while running;
+       local table routes as local (every address,    while they cannot be listed, every destination
+       and AnyIP's `ip route add local PREFIX`)       is denied)
     2. NEVER: 0/8, loopback, link-local, multicast,    denied, whatever the configuration says
        240/4 and broadcast; ::1, ::/96, fe80::/10,
        ff00::/8
@@ -30,11 +32,14 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
 from mimbox.addrs import as_int, prefix_ints
-from mimbox.config import SafetyConfig, hostport, local_addresses, local_subnets
+from mimbox.config import SafetyConfig, hostport, local_destinations, local_subnets
 from mimbox.synpath import Cause
 
-DENIED_PORT0, DENIED_OWN = -2, -1   # a denied destination's detail (else the index of the rule); as in C
+# a denied destination's detail (else the index of the rule); as in C
+DENIED_PORT0, DENIED_OWN, DENIED_OWN_UNKNOWN = -2, -1, -3
 
 # Never a destination, whatever the configuration says.
 NEVER = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
@@ -115,28 +120,34 @@ class Policy:
     allow_clients: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
     rules: list[Rule]
     own: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(default_factory=set)
+    own_nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)  # AnyIP
 
     @classmethod
     def from_config(cls, cfg: SafetyConfig) -> "Policy":
-        allow = cfg.allow_clients or tuple(local_subnets())
+        allow = cfg.allow_clients or collapsed(local_subnets())
+        own, nets = local_destinations()
         return cls(allow_clients=[ipaddress.ip_network(n, strict=False) for n in allow],
-                   rules=destination_rules(cfg),
-                   own={ipaddress.ip_address(a) for a in local_addresses()})
+                   rules=destination_rules(cfg), own={ipaddress.ip_address(a) for a in own},
+                   own_nets=[ipaddress.ip_network(n) for n in nets])
 
     def __post_init__(self):
         # integer (network, mask) pairs over 128 bits: the check runs for every SYN
         self._allow = [prefix_ints(n) for n in self.allow_clients]
         self._rules = [(prefix_ints(r.net), r) for r in self.rules]
         self._own = {as_int(a) for a in self.own}
+        self._own_nets = [prefix_ints(n) for n in self.own_nets]
         self._memo: dict = {}
 
-    def set_own(self, addrs) -> bool:
-        """This host's addresses changed (netlink): True if they did."""
+    def set_own(self, addrs, nets=()) -> bool:
+        """This host's own destinations changed (netlink): addresses and shorter local routes; True
+        if they did."""
         own = {ipaddress.ip_address(a) for a in addrs}
-        if own == self.own:
+        own_nets = sorted({ipaddress.ip_network(n) for n in nets}, key=lambda n: (n.version, n))
+        if own == self.own and own_nets == sorted(self.own_nets, key=lambda n: (n.version, n)):
             return False
-        self.own = own
+        self.own, self.own_nets = own, own_nets
         self._own = {as_int(a) for a in own}
+        self._own_nets = [prefix_ints(n) for n in own_nets]
         self._memo.clear()
         return True
 
@@ -163,7 +174,7 @@ class Policy:
             return Cause.CLIENT_NOT_ALLOWED, 0
         if dport == 0:
             return Cause.DESTINATION_DENIED, DENIED_PORT0
-        if d in self._own:
+        if d in self._own or any(d & m == n for n, m in self._own_nets):
             return Cause.DESTINATION_DENIED, DENIED_OWN
         for i, ((n, m), r) in enumerate(self._rules):
             if d & m == n and r.ports[0] <= dport <= r.ports[1]:
@@ -179,6 +190,8 @@ class Policy:
             return "destination port 0"
         if detail == DENIED_OWN:
             return f"destination {dst} is the converter itself"
+        if detail == DENIED_OWN_UNKNOWN:
+            return "this host's own addresses could not be listed: every destination is refused until they are"
         if 0 <= detail < len(self.rules):
             r = self.rules[detail]
             how = "always" if r.origin == "never" else (
@@ -195,17 +208,29 @@ class Policy:
                 f"{listed(False, 'default')}; every other public unicast destination allowed")
 
 
+def collapsed(nets) -> list[str]:
+    """Prefixes without repeats or prefixes inside others, per family (a host with 300 addresses in
+    one subnet allows that subnet once)."""
+    parsed = [ipaddress.ip_network(n, strict=False) for n in nets]
+    return [str(n) for v in (4, 6) for n in ipaddress.collapse_addresses(p for p in parsed if p.version == v)]
+
+
 class AddressWatch:
-    """Netlink news of this namespace's addresses (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR): the
-    converter never relays to itself, including to an address added while it runs. `fileno()` for
-    the event loop; `changed()` drains the news and says whether to read the addresses again."""
-    RTMGRP_IPV4_IFADDR = 0x10
-    RTMGRP_IPV6_IFADDR = 0x100
+    """Netlink news of this namespace's addresses and local routes (RTMGRP_IPV4/IPV6_IFADDR and
+    _ROUTE): the converter never relays to itself, including to an address or AnyIP route added
+    while it runs. `fileno()` for the event loop; `changed()` drains the news and says whether one
+    of them concerns this host's own destinations (an address, or a route of the local table:
+    a router's other route changes do not make it list them again)."""
+    RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40
+    RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+    RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 20, 21, 24, 25
+    RT_TABLE_LOCAL, RTN_LOCAL = 255, 2
 
     def __init__(self):
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                                   socket.NETLINK_ROUTE)
-        self.sock.bind((0, self.RTMGRP_IPV4_IFADDR | self.RTMGRP_IPV6_IFADDR))
+        self.sock.bind((0, self.RTMGRP_IPV4_IFADDR | self.RTMGRP_IPV6_IFADDR | self.RTMGRP_IPV4_ROUTE
+                        | self.RTMGRP_IPV6_ROUTE))
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -214,11 +239,21 @@ class AddressWatch:
         news = False
         while True:
             try:
-                news |= bool(self.sock.recv(65536))
+                data = self.sock.recv(1 << 16)
             except BlockingIOError:
                 return news
             except OSError:          # ENOBUFS: news were lost; read the addresses anyway
                 return True
+            news |= any(self.concerns_own(msg) for msg in MarshalRtnl().parse(data))
+
+    @classmethod
+    def concerns_own(cls, msg) -> bool:
+        """Whether a netlink message (pyroute2's parse) may change this host's own destinations."""
+        event = msg["header"]["type"]
+        if event in (cls.RTM_NEWADDR, cls.RTM_DELADDR):
+            return True
+        return event in (cls.RTM_NEWROUTE, cls.RTM_DELROUTE) and (
+            msg["table"] == cls.RT_TABLE_LOCAL or msg["type"] == cls.RTN_LOCAL)
 
     def close(self) -> None:
         self.sock.close()

@@ -39,6 +39,7 @@ class Cause(str, enum.Enum):
     HANDSHAKE_TIMEOUT = "client handshake timeout"
     SHUTTING_DOWN = "converter shutting down"
     CONFLICTING_DESTINATION = "conflicting destination"   # explicit: a 2nd SYN of a (client, port) asked elsewhere
+    BAD_SOURCE = "bad source address"           # no real client has it (mimbox.addrs.source_bad): dropped
 
     @classmethod
     def of_errno(cls, err: int) -> "Cause":

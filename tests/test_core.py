@@ -32,7 +32,7 @@ from mimbox.core import (
 )
 from mimbox.paths import BUILD
 from mimbox.config import SafetyConfig
-from mimbox.safety import DENIED_OWN, Policy, destination_rules
+from mimbox.safety import DENIED_OWN, DENIED_OWN_UNKNOWN, Policy, destination_rules
 from mimbox.synpath import Admission, Cause, syn_error
 from helpers import wait_until
 
@@ -169,6 +169,48 @@ def test_syn_parser_agrees_with_the_python_spec():
     assert core.lib().core_parse_syn(b"\x50" + bytes(59), 60, SynInfo()) == -1
 
 
+SOURCES = ["10.0.1.%d", "0.0.0.%d", "0.1.2.%d", "127.0.0.%d", "224.0.0.%d", "239.1.1.%d", "240.0.0.%d",
+           "255.255.255.%d", "223.255.255.%d", "1.2.3.%d", "::%x", "::1", "::a00:%x", "::ffff:10.0.1.%d",
+           "::ffff:127.0.0.%d", "ff02::%x", "fe80::%x", "2001:db8:1::%x", "::1:0:0:%x", "64:ff9b::a00:%x"]
+DESTS = ["10.0.1.2", "127.0.0.1", "2001:db8:2::1", "::1", "::ffff:127.0.0.1", "::ffff:10.0.1.2"]
+
+
+def test_source_sanity_agrees_with_the_python_spec():
+    """The SYN parser's bad_source (native/core/addr.h) and mimbox.addrs.source_bad, on sources of both
+    families sent to loopback and other destinations: forged v4-mapped IPv6 sources, v4-compatible,
+    unspecified, loopback towards a non-loopback address, multicast, 0/8 and 240/4 are refused; a real
+    client (and this host on lo) is not."""
+    rng = random.Random(11)
+    seen = set()
+    for _ in range(3000):
+        src, dst = rng.choice(SOURCES), rng.choice(DESTS)
+        src = src % rng.randint(0, 255) if "%" in src else src
+        src_v6 = ":" in src
+        if src_v6 != (":" in dst):           # a packet is of one family: the other end in its form
+            dst = {"10.0.1.2": "::ffff:10.0.1.2", "127.0.0.1": "::1", "2001:db8:2::1": "10.0.1.2",
+                   "::1": "127.0.0.1", "::ffff:127.0.0.1": "127.0.0.1", "::ffff:10.0.1.2": "10.0.1.2"}[dst]
+        pkt = syn_packet(b"", src, dst)
+        info = SynInfo()
+        assert core.lib().core_parse_syn(pkt, len(pkt), info) == 0
+        spec = dstopt.parse_syn(pkt).bad_source
+        assert bool(info.bad_source) == spec, (src, dst)
+        seen.add(spec)
+    assert seen == {True, False}
+    # the named cases, one by one (issue: IPv4-mapped IPv6 sources passed the client check)
+    for src, dst, bad in (("::ffff:10.77.0.50", "2001:db8:2::1", True), ("::a4d:32", "2001:db8:2::1", True),
+                          ("::", "2001:db8:2::1", True), ("::1", "2001:db8:2::1", True), ("::1", "::1", False),
+                          ("ff02::1", "2001:db8:2::1", True), ("2001:db8:1::7", "2001:db8:2::1", False),
+                          ("0.1.2.3", "10.0.1.2", True), ("127.0.0.1", "10.0.1.2", True),
+                          ("127.0.0.1", "127.0.0.1", False), ("224.0.0.5", "10.0.1.2", True),
+                          ("240.1.2.3", "10.0.1.2", True), ("10.77.0.50", "10.0.1.2", False)):
+        pkt = syn_packet(b"", src, dst)
+        info = SynInfo()
+        core.lib().core_parse_syn(pkt, len(pkt), info)
+        assert (bool(info.bad_source), dstopt.parse_syn(pkt).bad_source) == (bad, bad), (src, dst)
+    # accept() of a dual-stack listener gives IPv4 clients the mapped form: not forged there
+    assert not addrs.source_bad("::ffff:10.0.1.5", wire_v6=False)
+
+
 def test_policy_agrees_with_the_python_spec():
     """Both families in one address space (IPv4 as ::ffff:a.b.c.d): every rule, the defaults of each
     family, IPv4-mapped and NAT64 forms, this host's addresses of both families."""
@@ -196,6 +238,33 @@ def test_policy_agrees_with_the_python_spec():
         c.own_addresses(spec.own)
         assert c.refusal("10.0.1.5", ("10.0.1.2", 80)) is None is spec.refusal("10.0.1.5", "10.0.1.2", 80)
         assert c.refusal("10.0.1.5", ("10.0.1.3", 80)) == (Cause.DESTINATION_DENIED, DENIED_OWN)
+    finally:
+        c.close()
+
+
+def test_own_destinations_are_all_held_and_anyip_counts():
+    """Issue 36 finding 1: the core held only the first 256 of this host's addresses (the 257th was a
+    destination). 10,000 addresses and an AnyIP route are all refused, in the core as in the spec;
+    while a listing is incomplete every destination is refused (fail closed)."""
+    own = {ipaddress.ip_address(0x0A500000 + i) for i in range(9000)} | \
+        {ipaddress.ip_address(f"2001:db8:77::{i:x}") for i in range(1000)}
+    nets = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:99::/48")]
+    spec = Policy(allow_clients=[ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("2001:db8:1::/64")],
+                  rules=[], own=own, own_nets=nets)
+    c = make()
+    try:
+        c.policy(spec)
+        for dst in ("10.80.0.0", "10.80.1.0", "10.80.35.39", "2001:db8:77::3e7", "198.51.100.77", "2001:db8:99:5::1"):
+            client = "2001:db8:1::5" if ":" in dst else "10.0.1.5"
+            assert c.refusal(client, (dst, 80)) == (Cause.DESTINATION_DENIED, DENIED_OWN) == \
+                spec.decide(client, dst, 80), dst
+        for dst in ("10.80.35.40", "2001:db8:77::3e8", "198.51.101.1", "2001:db8:98::1"):
+            client = "2001:db8:1::5" if ":" in dst else "10.0.1.5"
+            assert c.refusal(client, (dst, 80)) is None is spec.decide(client, dst, 80), dst
+        c.lib.core_policy(c.ptr, core.POLICY["OWN_FORGET"], None, 0)     # a listing begun, never ended
+        assert c.refusal("10.0.1.5", ("10.80.35.40", 80)) == (Cause.DESTINATION_DENIED, DENIED_OWN_UNKNOWN)
+        c.own_addresses(spec.own, spec.own_nets)
+        assert c.refusal("10.0.1.5", ("10.80.35.40", 80)) is None
     finally:
         c.close()
 

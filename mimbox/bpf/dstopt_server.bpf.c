@@ -113,6 +113,15 @@ static int same_destination(const struct dstopt_record_value *a, const struct ds
 
 static const __u8 v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
+/* an IPv6 source in ::/96 (unspecified, loopback, IPv4-compatible) or ::ffff:0:0/96 (IPv4-mapped) */
+static int source6_embeds_v4(const __u8 *a)
+{
+	__u32 i, high = 0;
+	for (i = 0; i < 10; i++)
+		high |= a[i];
+	return !high && ((!a[10] && !a[11]) || (a[10] == 0xff && a[11] == 0xff));
+}
+
 SEC("tc")
 int mimbox_record_dstopt(struct __sk_buff *skb)
 {
@@ -135,12 +144,16 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		__builtin_memcpy(k.saddr, v4_mapped, 12);
 		__builtin_memcpy(k.saddr + 12, &ip->saddr, 4);
+		if (!k.saddr[12] || k.saddr[12] == 127 || k.saddr[12] >= 224)
+			return TC_ACT_UNSPEC;	/* no real client's source (addr.h addr_source_bad) */
 		tcp = (void *)ip + ip->ihl * 4;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
 			return TC_ACT_UNSPEC;	/* extension headers: the converter's accept() judges it */
 		__builtin_memcpy(k.saddr, &ip6->saddr, 16);
+		if (k.saddr[0] == 0xff || source6_embeds_v4(k.saddr))
+			return TC_ACT_UNSPEC;	/* multicast, ::/96, ::ffff:0:0/96: no real client's source */
 		tcp = (void *)(ip6 + 1);
 	} else {
 		return TC_ACT_UNSPEC;

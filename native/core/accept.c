@@ -281,6 +281,17 @@ void accept_failed(struct core *c, int err)
 		accept_pause(c);
 }
 
+/* whether the accepted socket's own address is loopback (a loopback client is real only there) */
+static int accepted_on_loopback(int fd)
+{
+	struct sockaddr_storage me;
+	socklen_t len = sizeof(me);
+	struct in6_addr a;
+	uint16_t port;
+	return !getsockname(fd, (struct sockaddr *)&me, &len) && !addr_from_sockaddr(&me, &a, &port) &&
+	       addr_is_loopback(&a);
+}
+
 /* a client accepted from peer: handed over to the worker that holds its SYN, or served here */
 void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer)
 {
@@ -289,6 +300,10 @@ void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer)
 	if (addr_from_sockaddr(peer, &a, &port)) {	/* an IPv4 or IPv6 client, nothing else */
 		reset_close(fd);
 		return;
+	}
+	if (addr_source_bad(&a, 0, addr_is_loopback(&a) && accepted_on_loopback(fd))) {
+		struct flow f = {.caddr = a, .cport = port};
+		return refuse_accepted(c, fd, &(struct refusal){.cause = CAUSE_BAD_SOURCE}, &f);
 	}
 	if (held_elsewhere(c, &a, port))
 		hand_over(c, fd, core_worker_of_port(ntohs(port), c->cfg.workers));

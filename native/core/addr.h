@@ -36,6 +36,30 @@ static inline struct in6_addr addr_load(const uint8_t *b)
 	return a;
 }
 
+static inline int addr_is_loopback(const struct in6_addr *a)
+{
+	return addr_is_v4(a) ? a->s6_addr[12] == 127 : IN6_IS_ADDR_LOOPBACK(a);
+}
+
+/* A source no real client has (mimbox/addrs.py source_bad says the same; tests compare them):
+ *   IPv4 (held as ::ffff:a.b.c.d)  0/8, 127/8, 224/4 (multicast), 240/4 (reserved, broadcast);
+ *   IPv6                           ::/96 (unspecified, loopback, IPv4-compatible), ff00::/8
+ *                                  (multicast), and ::ffff:0:0/96 when it came as an IPv6 source on
+ *                                  the wire (wire_v6: the kernel drops it only after NFQUEUE; a
+ *                                  dual-stack accept() gives IPv4 clients this form, wire_v6 0).
+ * A loopback source is real only towards a loopback address (to_loopback: the destination, or the
+ * accepted socket's own address, is loopback): this host talking to itself on lo. */
+static inline int addr_source_bad(const struct in6_addr *a, int wire_v6, int to_loopback)
+{
+	if (addr_is_loopback(a))
+		return !to_loopback || (wire_v6 && addr_is_v4(a));
+	if (addr_is_v4(a)) {
+		uint8_t b = a->s6_addr[12];
+		return wire_v6 || b == 0 || b >= 224;
+	}
+	return (!a->s6_addr32[0] && !a->s6_addr32[1] && !a->s6_addr32[2]) || a->s6_addr[0] == 0xFF;
+}
+
 static inline int addr_family(const struct in6_addr *a)
 {
 	return addr_is_v4(a) ? AF_INET : AF_INET6;

@@ -9,8 +9,7 @@
 #include "relaycore.h"		/* generated: shared layouts and codes */
 #include "addr.h"		/* addresses of both families */
 
-#define MAX_PREFIXES 256
-#define MAX_RULES 256
+#define MAX_RULES 256		/* destination rules: more refuse to start (mimbox.core.Core.policy) */
 #define MAX_LISTENERS 64
 #define MAX_EVENTS 256		/* epoll events per wait */
 #define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
@@ -139,6 +138,16 @@ struct destination { uint64_t key; struct flow f; double t; };	/* key 0: empty; 
 struct rule { struct prefix p; uint16_t lo, hi; int32_t allow; };	/* ports host order; first match decides */
 struct gate_count { uint64_t prefix; int32_t n; };	/* gate_prefix() + 1 (0: never used) */
 
+/* This host's own destinations, as the kernel's local routing table lists them (RTN_LOCAL: every
+ * address, and AnyIP's `ip route add local PREFIX`): grown as needed, never truncated. */
+struct own_table {
+	struct in6_addr *slots;		/* addresses (open addressing, :: empty), at most half full */
+	int nslots, n;
+	struct prefix *nets;		/* local routes shorter than one address */
+	int nnets, nets_cap;
+	int complete;			/* 0: being listed anew, or a listing failed: every destination refused */
+};
+
 struct nfq_handle;
 struct nfq_q_handle;
 struct uring;
@@ -173,10 +182,11 @@ struct core {
 	/* admission (admit.c) */
 	struct gate_count *gate;		/* held SYNs and greetings per client /24 or /64 (open addressing) */
 	int gate_slots, gated;			/* gated: held SYNs and greetings in all */
-	struct prefix allow[MAX_PREFIXES];
+	struct prefix *allow;			/* allowed client prefixes (grown as needed) */
+	int nallow, allow_cap;
 	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
-	struct in6_addr own[MAX_PREFIXES];	/* this host's addresses (refreshed by Python on netlink news) */
-	int nallow, nrules, nown;
+	int nrules;
+	struct own_table own;			/* never a destination (refreshed by Python on netlink news) */
 	/* destinations (dest.c) */
 	struct destination *dests;
 	/* accept (accept.c) */

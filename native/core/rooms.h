@@ -56,6 +56,7 @@ struct core_event *emit(struct core *c, int kind);	/* NULL: no room (or not insi
 
 /* admit.c */
 int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
+void policy_free(struct core *c);
 void admission_return(struct core *c);
 void gate_hold(struct core *c, const struct in6_addr *caddr);
 void gate_release(struct core *c, const struct in6_addr *caddr);

@@ -90,5 +90,6 @@ void core_free(struct core *c)
 	free(c->held);
 	free(c->gate);
 	free(c->dests);
+	policy_free(c);
 	free(c);
 }

@@ -7,8 +7,9 @@
 #include <linux/types.h>
 #include "dstopt.h"		/* generated from mimbox/dstopt.py */
 
-/* 0: a TCP SYN in IPv4 or in IPv6 without extension headers (options parsed, never fails on them),
- * -1: not one. Addresses as 16 bytes (addr.h). */
+/* 0: a TCP SYN in IPv4 or in IPv6 without extension headers (options parsed, never fails on them;
+ * bad_source set for a source no real client has, addr.h addr_source_bad), -1: not one. Addresses as
+ * 16 bytes (addr.h). */
 int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 {
 	int ihl, doff, i, n;
@@ -34,6 +35,10 @@ int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 		memcpy(s->daddr, p + 24, 16);
 	} else {
 		return -1;
+	}
+	{
+		struct in6_addr sa = addr_load(s->saddr), da = addr_load(s->daddr);
+		s->bad_source = addr_source_bad(&sa, p[0] >> 4 == 6, addr_is_loopback(&da));
 	}
 	if (len < ihl + 20)
 		return -1;

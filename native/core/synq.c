@@ -122,11 +122,17 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 	uint64_t key;
 	int i;
 
-	if (core_parse_syn(pkt, len, &s) || s.mp_join)
-		return verdict(c, id, 0);	/* not a TCP SYN we parse, or a new subflow: the kernel's business
-						 * (its accept() is judged in accept.c all the same) */
-	c->st.syns++;
+	if (core_parse_syn(pkt, len, &s))
+		return verdict(c, id, 0);	/* not a TCP SYN we parse: the kernel's business (its accept() is
+						 * judged in accept.c all the same) */
 	f = flow_load(s.saddr, s.sport, s.daddr, s.dport);
+	if (s.bad_source) {		/* forged: nobody to answer, nothing to hold or count against a prefix */
+		nfq_set_verdict(c->qh, id, NF_DROP, 0, NULL);
+		return refused(c, &(struct refusal){.cause = CAUSE_BAD_SOURCE}, 0, &f);
+	}
+	if (s.mp_join)
+		return verdict(c, id, 0);	/* a new subflow: the kernel's business */
+	c->st.syns++;
 	key = client_key(&f.caddr, f.cport);
 	i = held_find(c, key, &f.caddr, f.cport);
 	if (i >= 0) {		/* a retransmission: dropped while the first is held, else the kernel's */

@@ -101,7 +101,8 @@ static struct core *make_core(void)
 	assert(c);
 	static const uint8_t any[16], loopback[16] = {[10] = 0xFF, [11] = 0xFF, [12] = 127},
 			     ten[16] = {[10] = 0xFF, [11] = 0xFF, [12] = 10};
-	core_policy(c, 0, any, 0);				/* every client, both families */
+	core_policy(c, POLICY_ALLOW_CLIENT, any, 0);		/* every client, both families */
+	core_policy(c, POLICY_OWN_DONE, NULL, 0);		/* this host's own destinations: none */
 	core_rule(c, 0, loopback, 96 + 8, 1, 65535);		/* never loopback */
 	core_rule(c, 1, ten, 96 + 8, 1, 65535);		/* 10/8 allowed */
 	core_rule(c, 0, any, 0, 1, 65535);			/* nothing else */
@@ -138,6 +139,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		queue_packet((struct nfq_q_handle *)&q, NULL, NULL, fuzz_core);
 		/* one verdict, or held (its verdict comes when its server answers), or dropped as a retransmission */
 		assert(q.verdicts - before == 1 || fuzz_core->nheld == held + 1 || q.verdicts == before);
+		{		/* a source no real client has is never held (addr.h addr_source_bad) */
+			struct syn_info s;
+			if (!core_parse_syn(pkt, (int)size - 1, &s) && s.bad_source)
+				assert(fuzz_core->nheld == held);
+		}
 	}
 	assert(fuzz_core->nheld <= fuzz_core->cfg.pending_limit);
 	assert(fuzz_core->gated >= 0 && fuzz_core->gated <= fuzz_core->cfg.pending_limit);
