@@ -73,3 +73,11 @@ def source_bad(addr, wire_v6: bool = False, to_loopback: bool = False) -> bool:
     if v4 is not None:
         return wire_v6 and mapped or int(v4) >> 24 == 0 or int(v4) >> 24 >= 224
     return int(a) >> 32 == 0 or a.is_multicast
+
+
+def gate_prefix(addr) -> str:
+    """The client prefix the core's gate counts by (native/core/addr.h gate_prefix): an IPv4 /24 or
+    an IPv6 /64."""
+    a = ipaddress.ip_address(addr)
+    a = a.ipv4_mapped or a if a.version == 6 else a
+    return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))

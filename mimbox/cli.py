@@ -85,6 +85,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
                    help=f"SYNs held at once, per worker (default {ListenerConfig.pending_limit})")
     g.add_argument("--pending-per-prefix", type=int, default=ListenerConfig.pending_per_prefix, metavar="N",
                    help=f"SYNs held at once from one client /24 (default {ListenerConfig.pending_per_prefix})")
+    g.add_argument("--pending-per-address", type=int, default=ListenerConfig.pending_per_address, metavar="N",
+                   help="... and from one client address: one host cannot take its whole prefix's share "
+                        f"(default {ListenerConfig.pending_per_address})")
     g.add_argument("--spare-sockets", type=int, default=ListenerConfig.spare_sockets, metavar="N",
                    help="server sockets made ahead while the converter is idle, per kind (TCP, MPTCP), so that a "
                         f"held SYN costs one connect() (default {ListenerConfig.spare_sockets}; 0: none)")
@@ -132,6 +135,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--handshake-timeout", type=float, default=SafetyConfig.handshake_timeout,
                    help="seconds a client may take to complete its handshake once its SYN is released (it may "
                         f"abort it: then its server connection is closed after this long; default {SafetyConfig.handshake_timeout:g})")
+    g.add_argument("--silence-timeout", type=float, default=SafetyConfig.silence_timeout,
+                   help="convert mode: reset a client connected this long without a byte of its message "
+                        f"(default {SafetyConfig.silence_timeout:g})")
     g.add_argument("--idle-timeout", type=float, default=SafetyConfig.idle_timeout,
                    help=f"reset connections idle this long (default {SafetyConfig.idle_timeout:g}; 0: never)")
     g = r.add_argument_group("operation")
@@ -222,6 +228,7 @@ FLAGS = {
     "no_syn_recorder": ("listener.syn_recorder", _not), "queue_num": ("listener.queue_num", None),
     "syn_path": ("listener.syn_path", None), "pending_limit": ("listener.pending_limit", None),
     "pending_per_prefix": ("listener.pending_per_prefix", None), "hold_rate": ("listener.hold_rate", None),
+    "pending_per_address": ("listener.pending_per_address", None),
     "spare_sockets": ("listener.spare_sockets", None), "busy_poll": ("listener.busy_poll_us", None),
     "health_port": ("listener.health_port", None), "convert_compat": ("listener.convert_compat", None),
     "engine": ("buffers.engine", None), "pipe_size": ("buffers.pipe_size", parse_size),
@@ -232,6 +239,7 @@ FLAGS = {
     "allow_destination": ("safety.allow_dst", tuple), "memory_budget": ("safety.memory_budget", parse_size),
     "max_connections": ("safety.max_connections", None), "connect_timeout": ("safety.connect_timeout", None),
     "idle_timeout": ("safety.idle_timeout", None), "handshake_timeout": ("safety.handshake_timeout", None),
+    "silence_timeout": ("safety.silence_timeout", None),
     "server_mptcp_retry": ("safety.server_mptcp_retry", None),
     "stats": ("stats_path", None), "log_level": ("log_level", None), "access_log": ("access_log_every", None),
     "user": ("user", None), "workers": ("workers", None), "drain_timeout": ("drain_timeout", None),

@@ -60,7 +60,8 @@ class ListenerConfig:
     queue_num: int = 4200                        # NFQUEUE that holds SYNs until the server answers
     syn_path: str = "auto"                       # hold | accept | auto (see docs/running.md "SYN path"; native/core/admit.c core_gate)
     pending_limit: int = 256                     # SYNs held at once (per worker) ...
-    pending_per_prefix: int = 64                 # ... and from one client /24
+    pending_per_prefix: int = 64                 # ... and from one client /24 or /64 ...
+    pending_per_address: int = 8                 # ... and from one client address
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     spare_sockets: int = 4                       # server sockets made ahead while idle, per kind (TCP, MPTCP)
     busy_poll_us: int = 0                        # poll, not sleep, this long after the last event (0: sleep)
@@ -94,6 +95,7 @@ class SafetyConfig:
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     handshake_timeout: float = 15.0       # SYN released, client never completed: close the server side
+    silence_timeout: float = 2.0          # convert mode: connected, not a byte of its message yet: reset
     server_mptcp_retry: float = 300.0     # seconds a server seen without MPTCP gets plain TCP sockets
 
 
@@ -142,10 +144,10 @@ class Config:
             out.append(("listener.spare_sockets", f"spare sockets must be 0..{SPARE_MAX}"))
         if not 0 <= lc.busy_poll_us <= 10_000_000:
             out.append(("listener.busy_poll_us", "busy poll must be 0..10000000 microseconds"))
-        for key in ("pending_limit", "pending_per_prefix", "hold_rate", "backlog"):
+        for key in ("pending_limit", "pending_per_prefix", "pending_per_address", "hold_rate", "backlog"):
             if getattr(lc, key) < 1:
                 out.append((f"listener.{key}", f"{key} must be >= 1"))
-        for key in ("connect_timeout", "handshake_timeout"):
+        for key in ("connect_timeout", "handshake_timeout", "silence_timeout"):
             if getattr(self.safety, key) <= 0:
                 out.append((f"safety.{key}", f"{key} must be > 0 seconds"))
         for key in ("idle_timeout", "server_mptcp_retry"):

@@ -76,7 +76,8 @@ class CoreConfig(ctypes.Structure):
                 ("spare_sockets", ctypes.c_int32), ("busy_poll_us", ctypes.c_int32),
                 ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32),
                 ("synack_fd", ctypes.c_int32),         # mimbox.synack's map (convert mode), <= 0: none
-                ("uring_buffers", ctypes.c_int32)]    # uring: provided buffers (a power of two), 0: 1024
+                ("uring_buffers", ctypes.c_int32),    # uring: provided buffers (a power of two), 0: 1024
+                ("pending_per_address", ctypes.c_int32)]   # held SYNs and greetings from one client address
 
 
 class Event(ctypes.Structure):
@@ -203,7 +204,8 @@ def load() -> ctypes.CDLL:
            "core_add": (I, [P, I, I, I, I, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                             ctypes.c_char_p, U32]),
            "core_policy": (I, [P, I, A, I]), "core_rule": (I, [P, I, A, I, I, I]),
-           "core_greeting_end": (None, [P, A, I]), "core_greetings": (I, [P]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
+           "core_greeting_end": (None, [P, A, I]), "core_greetings": (I, [P]),
+           "core_greeting_admit": (I, [P, A, U16, ctypes.POINTER(ctypes.c_int)]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_convert_connect": (I, [P, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                                         ctypes.c_char_p, U32, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
            "core_gate": (I, [P, A]), "core_gate_hold": (None, [P, A, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
@@ -213,7 +215,7 @@ def load() -> ctypes.CDLL:
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
            "core_keeper": (I, [P]), "core_keeper_release": (None, [P]),
-           "core_reconfigure": (None, [P, ctypes.POINTER(CoreConfig)]), "core_abi_offset": (I, [I, I]),
+           "core_reconfigure": (I, [P, ctypes.POINTER(CoreConfig)]), "core_abi_offset": (I, [I, I]),
            "core_abi_field": (ctypes.c_char_p, [I, I])}
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
@@ -329,9 +331,12 @@ class Core:
             raise OSError(-r, "core_add")
 
     def reconfigure(self, cfg: CoreConfig) -> None:
-        """A reload: the fields of `cfg` that may change while serving (native/core/setup.c)."""
+        """A reload: the fields of `cfg` that may change while serving (native/core/setup.c); the
+        held-SYN and gate tables grow to a raised pending_limit. MemoryError (nothing applied) if
+        they cannot."""
+        if self.lib.core_reconfigure(self.ptr, ctypes.byref(cfg)) < 0:
+            raise MemoryError(f"listener.pending_limit {cfg.pending_limit}: no memory for its tables")
         self.cfg = cfg
-        self.lib.core_reconfigure(self.ptr, ctypes.byref(cfg))
 
     def policy(self, policy, reset: bool = False) -> None:
         """Who may go where: a mimbox.safety.Policy's allowed clients, destination rules (in order)
@@ -365,6 +370,13 @@ class Core:
     def greeting_end(self, client: str, keep_admission: bool) -> None:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""
         self.lib.core_greeting_end(self.ptr, addrs.packed(client), int(keep_admission))
+
+    def greeting_admit(self, client: tuple[str, int]) -> tuple[Cause, int] | None:
+        """Convert mode: room was made for a greeting the gate had turned away (an older silent one
+        of its prefix was reset): None, it is a greeting now; else (cause, GATE_* detail), counted."""
+        detail = ctypes.c_int(0)
+        r = self.lib.core_greeting_admit(self.ptr, addrs.packed(client[0]), port_n(client[1]), ctypes.byref(detail))
+        return None if r < 0 else (CAUSES[r], detail.value)
 
     def greetings(self) -> int:
         return self.lib.core_greetings(self.ptr)

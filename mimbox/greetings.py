@@ -18,6 +18,7 @@ import struct
 import time
 
 from mimbox import rfc8803
+from mimbox.addrs import gate_prefix
 from mimbox.config import hostport
 from mimbox.redirect import convert as converting
 from mimbox.synpath import Cause, refusal_reason
@@ -50,12 +51,39 @@ class Greetings:
     def __len__(self) -> int:
         return len(self.by_fd)
 
-    def accepted(self, cs: socket.socket, addr) -> None:
-        """A client the core accepted and admitted: its message is read from now on."""
+    def accepted(self, cs: socket.socket, addr, full: bool = False) -> None:
+        """A client the core accepted and admitted: its message is read from now on. full: the gate
+        turned it away (its prefix's cap, or the worker's): the oldest silent greeting there is reset
+        to make room, else it is refused with Resource Exceeded."""
+        if full and not self._make_room(cs, addr):
+            return
         g = converting.Greeting(cs, addr, time.monotonic())
         self.by_fd[cs.fileno()] = g
         self.relay.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._read(g)              # with TFO the message came in the SYN: it is there already
+
+    def _make_room(self, cs: socket.socket, addr) -> bool:
+        """Reset the oldest silent greeting of addr's /24 or /64 (or, if none there, of the worker) and
+        admit addr in its place; False: refused (answered Resource Exceeded)."""
+        r = self.relay
+        silent = [g for g in self.by_fd.values() if g.counted and g.reply is None and not g.buf]
+        mine = gate_prefix(addr[0])
+        victims = [g for g in silent if gate_prefix(g.addr[0]) == mine] or silent
+        refused = (Cause.PENDING_LIMIT, 0)
+        if victims:
+            victim = min(victims, key=lambda g: g.t)
+            r.stats.errors["silent greeting reset for a newcomer"] += 1
+            self._drop(victim, rst=True)
+            refused = r.core.greeting_admit(addr)
+        if refused is None:
+            return True
+        cause = refused[0]
+        if not victims:                  # (else the core counted it)
+            r.stats.refused[cause.value] += 1
+        r.refusals.refused(cause, f"{hostport(*addr)} -> ? (after accept: {r.cfg.listener.pending_limit} "
+                                  f"greetings, none silent)")
+        self.give_back(cs, addr, cause)   # RFC 8803: Resource Exceeded, once its handshake is complete
+        return False
 
     def readable(self, fd: int) -> None:
         self._read(self.by_fd[fd])
@@ -140,19 +168,23 @@ class Greetings:
         """Refused clients (no longer counted as greetings) whose answer waits for their handshake."""
         return sum(1 for g in self.by_fd.values() if not g.counted)
 
-    def _drop(self, g: converting.Greeting) -> None:
+    def _drop(self, g: converting.Greeting, rst: bool = False) -> None:
         if self.by_fd.pop(g.sock.fileno(), None) is not None:
             self.relay.core.unwatch(g.sock.fileno())
             if g.counted:
                 self.relay.core.greeting_end(g.addr[0], keep_admission=False)
                 g.counted = False
-        g.sock.close()
+        reset(g.sock) if rst else g.sock.close()
 
     def sweep(self, now: float) -> None:
         """Once a second (mimbox.timers decides): a message that never came is answered; an answer
         whose client never completed its handshake is dropped."""
         r = self.relay
-        for g in due(r.timeouts, now, self.by_fd.values()).greetings:
+        late = due(r.timeouts, now, self.by_fd.values())
+        for g in late.silent:            # connected, and not a byte: a place held for nothing
+            r.stats.errors["convert client silent"] += 1
+            self._drop(g, rst=True)
+        for g in late.greetings:
             if g.reply is not None:      # its handshake never completed: nobody to answer
                 r.stats.errors["client handshake timeout"] += 1
                 self._drop(g)

@@ -128,7 +128,7 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
         held_slots=ctypes.addressof(slots) if slots is not None else None,
         held_mask=held.mask if held is not None else 0,
         syn_path=SYN_PATHS[lc.syn_path], pending_limit=lc.pending_limit,
-        pending_per_prefix=lc.pending_per_prefix, explicit_opt=int(lc.mode == "explicit"),
+        pending_per_prefix=lc.pending_per_prefix, pending_per_address=lc.pending_per_address, explicit_opt=int(lc.mode == "explicit"),
         handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
         access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat],
         synack_fd=synack_fd)

@@ -2,6 +2,7 @@
 long (decided without a socket, unit-tested in tests/unit) and acts on the answer:
 
     convert message incomplete      > handshake timeout   -> Error TLV "Malformed Message"
+    convert client, not a byte yet  > silence timeout     -> reset (a silent crowd holds no place)
 
 and the core (native/core/timers.c; tests/test_core.py) those of the SYNs it holds and
 the connections it relays:
@@ -26,19 +27,28 @@ class Timeouts:
     handshake: float
     idle: float
     prefix_wait: float = PREFIX_WAIT
+    silence: float = 2.0
 
     @classmethod
     def of(cls, safety) -> "Timeouts":
         """From a SafetyConfig."""
-        return cls(safety.connect_timeout, safety.handshake_timeout, safety.idle_timeout)
+        return cls(safety.connect_timeout, safety.handshake_timeout, safety.idle_timeout,
+                   silence=safety.silence_timeout)
 
 
 @dataclass
 class Due:
     """What has waited too long, by what the relay does about it."""
     greetings: list = field(default_factory=list)            # convert mode: Greeting never complete
+    silent: list = field(default_factory=list)               # convert mode: not a byte of it yet
 
 
 def due(t: Timeouts, now: float, greetings=()) -> Due:
     """`greetings`: Greeting objects (convert mode's messages not yet complete)."""
-    return Due(greetings=[g for g in greetings if now - g.t > t.handshake])
+    d = Due()
+    for g in greetings:
+        if g.counted and g.reply is None and not g.buf and now - g.t > min(t.silence, t.handshake):
+            d.silent.append(g)
+        elif now - g.t > t.handshake:
+            d.greetings.append(g)
+    return d

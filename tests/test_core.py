@@ -46,7 +46,7 @@ def make(**kw) -> Core:
     cfg = CoreConfig(engine=ENGINES["auto"], pipe_size=64 << 10, splice_after=256 << 10, dst_source=DST_STATIC,
                      recorder_fd=-1, fd_capacity=1000, workers=1, connect_timeout=10.0, idle_timeout=0.0,
                      prefix_wait=0.2, admission_limit=1 << 30, syn_path=SYN_PATHS["auto"], pending_limit=3,
-                     pending_per_prefix=2, handshake_timeout=15.0, server_mptcp_retry=300.0)
+                     pending_per_prefix=2, pending_per_address=2, handshake_timeout=15.0, server_mptcp_retry=300.0)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return Core(cfg)
@@ -76,6 +76,44 @@ def test_gate_holds_under_both_caps_and_defers_past_them():
             hold(f"10.{i}.0.1")
             hold(f"10.{i}.0.1", False)
         assert c.gate("10.0.1.7") == SYN_HOLD
+    finally:
+        c.close()
+
+
+def test_gate_caps_one_address_inside_its_prefix():
+    """Issue 36 finding 3: one address could take its whole /24's (or /64's) share. Now it takes at
+    most pending_per_address of it; its neighbours still get in."""
+    c = make(pending_limit=64, pending_per_prefix=16, pending_per_address=4)
+    hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, addrs.packed(a), int(on))   # noqa: E731
+    try:
+        for crowd, neighbour in (("10.0.1.66", "10.0.1.50"), ("2001:db8:1::66", "2001:db8:1::50")):
+            for _ in range(4):
+                assert c.gate(crowd) == SYN_HOLD
+                hold(crowd)
+            assert c.gate(crowd) == SYN_DEFER            # its own cap
+            assert c.gate(neighbour) == SYN_HOLD         # the prefix still has room for the others
+    finally:
+        c.close()
+
+
+def test_reload_grows_the_tables_a_raised_pending_limit_needs():
+    """Issue 36 finding 5: a reload raising pending_limit kept tables sized for the old one (prefixes
+    went uncounted once the gate table filled). The tables grow; the counts carry over."""
+    c = make(pending_limit=4, pending_per_prefix=1, pending_per_address=1)
+    hold = lambda a, on=True: c.lib.core_gate_hold(c.ptr, addrs.packed(a), int(on))   # noqa: E731
+    try:
+        hold("10.0.0.1")
+        cfg = CoreConfig.from_buffer_copy(c.cfg)
+        cfg.pending_limit = 5000
+        c.reconfigure(cfg)
+        assert c.gate("10.0.0.2") == SYN_DEFER              # counted before the reload, still counted
+        for i in range(1, 4999):
+            hold(f"10.{i >> 8}.{i & 255}.1")                 # 4,999 prefixes: every one counted
+        for i in (1, 2000, 4998):
+            assert c.gate(f"10.{i >> 8}.{i & 255}.9") == SYN_DEFER, i
+        assert c.gate("10.200.0.1") == SYN_HOLD              # 4,999 of 5,000
+        hold("10.200.0.1")
+        assert c.gate("10.201.0.1") == SYN_DEFER             # 5,000: the total cap
     finally:
         c.close()
 

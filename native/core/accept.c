@@ -40,6 +40,15 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 	struct core_event *e;
 
 	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, f, &why) >= 0) {
+		if (why.cause == CAUSE_PENDING_LIMIT && why.detail != GATE_ADDRESS_FULL && (e = emit(c, EV_ACCEPTED))) {
+			/* its prefix's cap, or the worker's: Python resets the oldest silent greeting there to
+			 * make room (mimbox.greetings), then core_greeting_admit(); or refuses it */
+			e->fd = cfd;
+			e->cause = why.cause;
+			e->detail = why.detail;
+			event_flow(e, f);
+			return;
+		}
 		refused(c, &why, 1, f);
 		if (why.cause == CAUSE_CLIENT_NOT_ALLOWED) {
 			reset_close(cfd);	/* a client not allowed learns nothing */
@@ -72,6 +81,22 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 	c->greetings++;
 	e->fd = cfd;
 	event_flow(e, f);
+}
+
+/* Python made room for a greeting from caddr (it reset an older silent one): -1 admitted (it is a
+ * greeting now, as if greet() had admitted it), else the CAUSE_* that refuses it (counted; *detail) */
+int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, int *detail)
+{
+	struct flow f = {.caddr = addr_load(caddr), .cport = cport};
+	struct refusal why;
+	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0) {
+		refused(c, &why, 1, &f);
+		*detail = why.detail;
+		return why.cause;
+	}
+	gate_hold(c, &f.caddr);
+	c->greetings++;
+	return -1;
 }
 
 /* Python is done with a greeting from caddr: it became a connection (keep_admission:

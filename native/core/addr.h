@@ -169,6 +169,17 @@ static inline uint64_t gate_prefix(const struct in6_addr *a)
 	return h[0];
 }
 
+/* the client address the gate counts by (one address's share of its prefix): exact for IPv4, a hash
+ * of the 128 bits for IPv6 (top bit set, so never an IPv4 key) */
+static inline uint64_t gate_address(const struct in6_addr *a)
+{
+	uint64_t h[2];
+	if (addr_is_v4(a))
+		return ntohl(a->s6_addr32[3]);
+	addr_halves(a, h);
+	return mix64(h[0] ^ mix64(h[1])) | 1ull << 63;
+}
+
 /* a server (address, port) for the memo's hash */
 static inline uint64_t server_hash(const struct in6_addr *a, uint16_t port)
 {

@@ -214,49 +214,92 @@ int core_refusal(struct core *c, const uint8_t *caddr, const uint8_t *daddr, uin
 	return cause;
 }
 
-/* -- the gate: held SYNs and greetings per client /24 (IPv4) or /64 (IPv6) ------------------------------ */
-/* open addressing; key = prefix + 1 (0: never used); a count back at 0 is a reusable tombstone */
-static struct gate_count *gate_slot(struct core *c, uint64_t prefix, int create)
+/* -- the gate: held SYNs and greetings per client /24 (IPv4) or /64 (IPv6), and per address ----------- */
+/* open addressing; key + 1 (0: never used); a count back at 0 is a reusable tombstone. Each table has
+ * at least four slots per gated item (gate_size), so a free slot is always found. */
+static struct gate_count *gate_slot(struct gate_count *t, int slots, uint64_t key, int create)
 {
-	uint32_t mask = c->gate_slots - 1, i = hash64(prefix + 1) & mask;
+	uint32_t mask = slots - 1, i = hash64(key + 1) & mask;
 	struct gate_count *reuse = NULL;
-	for (int n = 0; n < c->gate_slots; n++, i = (i + 1) & mask) {
-		struct gate_count *g = &c->gate[i];
-		if (g->prefix == prefix + 1 && g->n > 0)
+	for (int n = 0; n < slots; n++, i = (i + 1) & mask) {
+		struct gate_count *g = &t[i];
+		if (g->prefix == key + 1 && g->n > 0)
 			return g;
 		if (g->n <= 0 && !reuse)
 			reuse = g;
 		if (!g->prefix)
-			break;		/* never used: the prefix is not further on */
+			break;		/* never used: the key is not further on */
 	}
 	if (!create || !reuse)
 		return NULL;
-	reuse->prefix = prefix + 1;
+	reuse->prefix = key + 1;
 	reuse->n = 0;
 	return reuse;
 }
 
-/* under both caps: pending_limit in all, pending_per_prefix from caddr's /24 or /64 */
-static int gate_open(struct core *c, const struct in6_addr *caddr)
+/* the gate's tables for pending_limit items (made at start, grown by a reload that raises it); the
+ * counts move over. 0, or -ENOMEM with the old tables kept */
+int gate_size(struct core *c, int pending_limit)
 {
-	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 0);
-	return c->gated < c->cfg.pending_limit && (!g || g->n < c->cfg.pending_per_prefix);
+	int slots;
+	struct gate_count *t[2];
+	for (slots = 64; slots < 4 * pending_limit; slots *= 2)
+		;
+	if (slots <= c->gate_slots)
+		return 0;
+	t[0] = calloc(slots, sizeof(*t[0]));
+	t[1] = calloc(slots, sizeof(*t[1]));
+	if (!t[0] || !t[1]) {
+		free(t[0]);
+		free(t[1]);
+		return -ENOMEM;
+	}
+	for (int k = 0; k < 2; k++) {
+		struct gate_count *old = k ? c->gate_addr : c->gate;
+		for (int i = 0; i < c->gate_slots; i++)
+			if (old[i].n > 0)
+				gate_slot(t[k], slots, old[i].prefix - 1, 1)->n = old[i].n;
+		free(old);
+	}
+	c->gate = t[0];
+	c->gate_addr = t[1];
+	c->gate_slots = slots;
+	return 0;
+}
+
+/* GATE_OPEN, or which cap a newcomer from caddr meets: pending_limit in all, pending_per_prefix from
+ * its /24 or /64, pending_per_address from its address */
+int gate_open(struct core *c, const struct in6_addr *caddr)
+{
+	struct gate_count *p = gate_slot(c->gate, c->gate_slots, gate_prefix(caddr), 0);
+	struct gate_count *a = gate_slot(c->gate_addr, c->gate_slots, gate_address(caddr), 0);
+	if (a && a->n >= c->cfg.pending_per_address)
+		return GATE_ADDRESS_FULL;
+	if (p && p->n >= c->cfg.pending_per_prefix)
+		return GATE_PREFIX_FULL;
+	if (c->gated >= c->cfg.pending_limit)
+		return GATE_FULL;
+	return GATE_OPEN;
 }
 
 void gate_hold(struct core *c, const struct in6_addr *caddr)
 {
-	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 1);
+	struct gate_count *p = gate_slot(c->gate, c->gate_slots, gate_prefix(caddr), 1);
+	struct gate_count *a = gate_slot(c->gate_addr, c->gate_slots, gate_address(caddr), 1);
 	c->gated++;
-	if (g)
-		g->n++;
+	p->n++;		/* (gate_size: never NULL) */
+	a->n++;
 }
 
 void gate_release(struct core *c, const struct in6_addr *caddr)
 {
-	struct gate_count *g = gate_slot(c, gate_prefix(caddr), 0);
+	struct gate_count *p = gate_slot(c->gate, c->gate_slots, gate_prefix(caddr), 0);
+	struct gate_count *a = gate_slot(c->gate_addr, c->gate_slots, gate_address(caddr), 0);
 	c->gated--;
-	if (g)
-		g->n--;
+	if (p)
+		p->n--;
+	if (a)
+		a->n--;
 }
 
 /* SYN_HOLD, SYN_DEFER or SYN_REFUSE for a SYN from caddr (docs/running.md "SYN path") */
@@ -264,7 +307,7 @@ int syn_gate(struct core *c, const struct in6_addr *caddr)
 {
 	if (c->cfg.syn_path == SYN_PATH_ACCEPT)
 		return SYN_DEFER;
-	if (gate_open(c, caddr))
+	if (gate_open(c, caddr) == GATE_OPEN)
 		return SYN_HOLD;
 	return c->cfg.syn_path == SYN_PATH_HOLD ? SYN_REFUSE : SYN_DEFER;
 }
@@ -295,9 +338,9 @@ int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal 
 	    (why->cause = destination_refusal(c, &f->daddr, f->dport, &why->detail)) >= 0)
 		return why->cause;
 	why->detail = 0;
-	if ((checks & ADMIT_GATE) && !gate_open(c, &f->caddr)) {
+	if ((checks & ADMIT_GATE) && (why->detail = gate_open(c, &f->caddr)) != GATE_OPEN) {
 		why->arg = c->gated;
-		return why->cause = CAUSE_PENDING_LIMIT;
+		return why->cause = CAUSE_PENDING_LIMIT;	/* detail: which cap (GATE_*) */
 	}
 	if ((checks & ADMIT_FDS) && c->active + c->nheld + c->greetings >= c->cfg.fd_capacity) {
 		why->arg = c->cfg.fd_capacity;

@@ -58,6 +58,8 @@ struct core_event *emit(struct core *c, int kind);	/* NULL: no room (or not insi
 int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
 void policy_free(struct core *c);
 void admission_return(struct core *c);
+int gate_size(struct core *c, int pending_limit);
+int gate_open(struct core *c, const struct in6_addr *caddr);
 void gate_hold(struct core *c, const struct in6_addr *caddr);
 void gate_release(struct core *c, const struct in6_addr *caddr);
 int syn_gate(struct core *c, const struct in6_addr *caddr);

@@ -6,6 +6,8 @@
 #include <unistd.h>
 #include <libnetfilter_queue/libnetfilter_queue.h>
 
+static int held_size(struct core *c, int pending_limit);
+
 struct core *core_new(const struct core_config *cfg)
 {
 	struct core *c = calloc(1, sizeof(*c));
@@ -19,38 +21,43 @@ struct core *core_new(const struct core_config *cfg)
 		c->links[w] = -1;
 	c->epfd = epoll_create1(EPOLL_CLOEXEC);
 	c->copy_buf = malloc(cfg->pipe_size);
-	c->nheld_slots = cfg->pending_limit > 0 ? cfg->pending_limit : 1;
-	c->held = calloc(c->nheld_slots, sizeof(*c->held));
-	for (c->gate_slots = 64; c->gate_slots < 4 * c->nheld_slots; c->gate_slots *= 2)
-		;
-	c->gate = calloc(c->gate_slots, sizeof(*c->gate));
 	c->dests = calloc(DESTINATIONS, sizeof(*c->dests));
-	if (c->epfd < 0 || !c->copy_buf || !c->held || !c->gate || !c->dests) {
-		if (c->epfd >= 0)
-			close(c->epfd);
-		free(c->copy_buf);
-		free(c->held);
-		free(c->gate);
-		free(c->dests);
-		free(c);
-		return NULL;
-	}
-	if (cfg->engine == ENGINE_URING && uring_init(c) < 0) {
+	if (c->epfd < 0 || !c->copy_buf || !c->dests || held_size(c, cfg->pending_limit) ||
+	    gate_size(c, cfg->pending_limit) || (cfg->engine == ENGINE_URING && uring_init(c) < 0)) {
 		core_free(c);
 		return NULL;
-	}
-	for (int i = 0; i < c->nheld_slots; i++) {
-		c->held[i].sfd = -1;
-		c->held[i].next_free = c->held_free;
-		c->held_free = i;
 	}
 	return c;
 }
 
+/* room for pending_limit held SYNs (made at start, grown by a reload that raises it: a held SYN's
+ * slot index is in its epoll data, so slots are added, never moved between indices) */
+static int held_size(struct core *c, int pending_limit)
+{
+	int n = pending_limit > 0 ? pending_limit : 1;
+	struct held *h;
+	if (n <= c->nheld_slots)
+		return 0;
+	h = realloc(c->held, n * sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	memset(h + c->nheld_slots, 0, (n - c->nheld_slots) * sizeof(*h));
+	c->held = h;
+	for (int i = n - 1; i >= c->nheld_slots; i--) {
+		h[i].sfd = -1;
+		h[i].next_free = c->held_free;
+		c->held_free = i;
+	}
+	c->nheld_slots = n;
+	return 0;
+}
+
 /* SIGHUP: what may change in a running core (mimbox.configfile.RELOADABLE); new connections and
  * SYNs get it, established connections carry on */
-void core_reconfigure(struct core *c, const struct core_config *n)
+int core_reconfigure(struct core *c, const struct core_config *n)
 {
+	if (held_size(c, n->pending_limit) || gate_size(c, n->pending_limit))
+		return -ENOMEM;		/* (refused by name: nothing of n is applied) */
 	c->cfg.server_mptcp_retry = n->server_mptcp_retry;
 	c->cfg.connect_timeout = n->connect_timeout;
 	c->cfg.idle_timeout = n->idle_timeout;
@@ -58,7 +65,9 @@ void core_reconfigure(struct core *c, const struct core_config *n)
 	c->cfg.admission_limit = n->admission_limit;
 	c->cfg.pending_limit = n->pending_limit;
 	c->cfg.pending_per_prefix = n->pending_per_prefix;
+	c->cfg.pending_per_address = n->pending_per_address;
 	c->cfg.access_log_every = n->access_log_every;
+	return 0;
 }
 
 void core_free(struct core *c)
@@ -89,6 +98,7 @@ void core_free(struct core *c)
 	free(c->copy_buf);
 	free(c->held);
 	free(c->gate);
+	free(c->gate_addr);
 	free(c->dests);
 	policy_free(c);
 	free(c);

@@ -95,7 +95,7 @@ static struct core *make_core(void)
 				  .worker = 0, .workers = 1, .syns_queued = 1, .server_mptcp_retry = 300,
 				  .connect_timeout = 1, .idle_timeout = 300, .prefix_wait = 0.2,
 				  .admission = &admission, .admission_limit = 256, .syn_path = SYN_PATH_AUTO,
-				  .pending_limit = 16, .pending_per_prefix = 4, .explicit_opt = 1,
+				  .pending_limit = 16, .pending_per_prefix = 4, .pending_per_address = 2, .explicit_opt = 1,
 				  .handshake_timeout = 15, .spare_sockets = 0};
 	struct core *c = core_new(&cfg);
 	assert(c);
