@@ -154,7 +154,7 @@ while time.monotonic() - t0 < seconds:
     pause = t0 + (done + failed) / rate - time.monotonic()
     if pause > 0:
         time.sleep(pause)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s = socket.socket(socket.AF_INET6 if ":" in via else socket.AF_INET, socket.SOCK_STREAM, 262)
     t = time.monotonic()
     buf = b""
     try:
@@ -255,6 +255,89 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
                    f"{with_crowd['done'] + with_crowd['failed']} real requests failed (rate "
                    f"{2 * with_crowd['rate'] / (alone['rate'] + alone_after['rate']):.2f}x "
                    f"of alone), busy {0 if idle is not None else 1} s after 2 s")
+
+
+# A crowd of neighbours: `per` silent connections from each of `srcs` (addresses of the real client's
+# own /24 or /64), each reopened as soon as the converter ends it, for `seconds`.
+NEIGHBOURS = r"""
+import select, socket, sys, time
+srcs, dst, port, per, seconds = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+live, opened = {}, 0
+def open_one(src):
+    global opened
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.bind((src, 0))
+    try:
+        s.connect((dst, port))
+    except BlockingIOError:
+        pass
+    live[s] = src
+    opened += 1
+for src in srcs:
+    for _ in range(per):
+        open_one(src)
+print("opened", opened, flush=True)
+t0 = time.monotonic()
+while time.monotonic() - t0 < seconds:
+    r, _, _ = select.select(list(live), [], [], 0.1)
+    for s in r:
+        try:
+            gone = not s.recv(64, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            gone = True
+        if gone:
+            src = live.pop(s)
+            s.close()
+            open_one(src)
+print("reopened", opened, flush=True)
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_neighbours_crowd_does_not_lock_out_the_real_client(paper_tb, family):
+    """Issue 36 finding 3: 64 silent connections from one address, reopened, locked every neighbour
+    in its /24 or /64 out of convert mode (Resource Exceeded). Now a crowd from 16 addresses of the
+    real client's own /24 (/64), 8 silent connections each (twice the prefix's cap of 64), always
+    reopened: the real client gets >= 90 % of its requests through."""
+    tb = paper_tb.view(client=family, server=4) if family == 6 else paper_tb
+    intf = tb.topo.client_addrs[0].intf_outer
+    srcs = [f"10.0.1.{100 + i}" if family == 4 else f"fd00:0:1::{0x100 + i:x}" for i in range(16)]
+    for a in srcs:
+        tb.client.cmd(f"ip addr add {a}/{24 if family == 4 else 64} dev {intf}" + (" nodad preferred_lft 0" if family == 6 else ""))
+    msg = rfc8803.connect_message(tb.server_ip, SINK_PORT) + b"ping"
+    sink, crowd, conv = Sink(tb), None, MiMBox(mode="convert", workers=1)
+    try:
+        conv.start(tb, SINK_PORT)
+        crowd = tb.client.popen([PY, "-c", NEIGHBOURS, ",".join(srcs), tb.mbox_client_ip, str(conv.port), "8", "12"],
+                                stdout=subprocess.PIPE, text=True)
+        assert readline(crowd, timeout=30).split() == ["opened", "128"]
+        wait_for(lambda: conv.stats()["greetings"] >= 60, 10, "the crowd holding its prefix's places")
+
+        p = tb.client.popen([PY, "-c", REQUESTS, tb.mbox_client_ip, str(conv.port), msg.hex(), "6", "2", "100"],
+                            stdout=subprocess.PIPE, text=True)
+        out, _ = p.communicate(timeout=60)
+        real = json.loads(out.strip().splitlines()[-1])
+        assert readline(crowd, timeout=30).split()[0] == "reopened"
+        st = conv.stats()
+    finally:
+        if crowd is not None and crowd.poll() is None:
+            crowd.kill()
+            crowd.communicate()
+        sink.kill()
+        conv.stop()
+        for a in srcs:
+            tb.client.cmd(f"ip addr del {a}/{24 if family == 4 else 64} dev {intf}")
+    share = real["done"] / max(1, real["done"] + real["failed"])
+    assert share >= 0.9, real
+    ledger.hostile(f"neighbours' crowd (convert mode, IPv{family})",
+                   "16 addresses of the real client's own prefix, 8 silent connections each, always reopened",
+                   f"real client {share:.0%} of {real['done'] + real['failed']} requests through; "
+                   f"{st['errors'].get('silent greeting reset for a newcomer', 0)} silent greetings reset for "
+                   f"newcomers, {st['errors'].get('convert client silent', 0)} at the silence deadline")
 
 
 def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
