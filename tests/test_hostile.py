@@ -257,6 +257,48 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
                    f"of alone), busy {0 if idle is not None else 1} s after 2 s")
 
 
+MAPPED = r"""
+import json, random, sys
+from scapy.all import IPv6, TCP, conf, send
+from mimbox import dstopt
+conf.verb = 0
+src, dst, dport, server, sport_, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+opt = dstopt.DstOpt(server, sport_).encode()
+rng = random.Random(36)
+for _ in range(n):
+    send(IPv6(src=src, dst=dst) / TCP(sport=rng.randrange(20000, 60000), dport=dport, flags="S",
+                                      seq=rng.randrange(1 << 32), options=[("MSS", 1400), (opt[0], opt[2:])]))
+print(json.dumps({"sent": n}), flush=True)
+"""
+
+
+def test_v4_mapped_ipv6_source_opens_no_server_connection(paper_tb):
+    """Issue 36 finding 2: an IPv6 SYN from ::ffff:10.0.1.1 was read as the allowed IPv4 client
+    10.0.1.1 (200 SYNs -> 62 server connections). Now such SYNs are dropped and counted ("bad
+    source address"): no server connection, nothing held against 10.0.1.0/24."""
+    tb = paper_tb.view(client=6, server=4)
+    m, sink = MiMBox(mode="explicit", workers=1), Sink(tb)
+    try:
+        m.start(tb, SINK_PORT)
+        before = m.stats()
+        p = tb.client.popen([PY, "-c", MAPPED, f"::ffff:{paper_tb.client_ips[0]}", tb.mbox_client_ip, str(m.port),
+                             tb.server_ip, str(SINK_PORT), "100"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+        out, _ = p.communicate(timeout=60)
+        assert json.loads(out.strip().splitlines()[-1])["sent"] == 100, out
+        after = wait_for(lambda: (lambda st: st if st["refused"].get("bad source address", 0) >= 100 else None)(
+            m.stats()), 10, "100 SYNs refused as a bad source")
+        got = sink.report()
+    finally:
+        sink.kill()
+        m.stop()
+    assert got["connections"] == 0, got
+    assert after["server_connects"] == before["server_connects"] and after["pending"] == 0, after
+    ledger.hostile("IPv4-mapped IPv6 source (explicit mode)", "100 SYNs from ::ffff:<allowed IPv4 client> with a DST_OPT",
+                   f"{after['server_connects'] - before['server_connects']} server connections, "
+                   f"{after['refused'].get('bad source address', 0)} SYNs dropped as a bad source")
+
+
 # A crowd of neighbours: `per` silent connections from each of `srcs` (addresses of the real client's
 # own /24 or /64), each reopened as soon as the converter ends it, for `seconds`.
 NEIGHBOURS = r"""
@@ -385,6 +427,35 @@ def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, con
     assert r["error"] == Error.NOT_AUTHORIZED and took < 1.0, (r, took)
     ledger.hostile("the converter's own new address", "a Connect to an address added while it runs",
                    f"0 connections (refused {took * 1000:.0f} ms after the address appeared)")
+
+
+def test_every_own_address_and_anyip_route_is_refused(paper_tb):
+    """Issue 36 finding 1: with 300 addresses the converter would not start with its default client
+    policy, and once told its clients it connected to its 257th address and to AnyIP routes. Now it
+    starts with the defaults, and a Connect to its 300th address, to an address of an AnyIP route
+    (`ip route add local`), and to one added at run time is refused, while every other destination
+    the policy allows is tried."""
+    from mimbox.rfc8803 import Error
+    own = [f"10.{9 + i // 256}.{i % 256}.1" for i in range(300)]      # 300 /24s: 300 allowed client prefixes
+    script = "\n".join(f"addr add {a}/24 dev lo" for a in own) + "\nroute add local 10.250.0.0/16 dev lo\n"
+    undo = "\n".join(f"addr del {a}/24 dev lo" for a in own) + "\nroute del local 10.250.0.0/16 dev lo\n"
+    paper_tb.mbox.cmd(f"printf '{script}' | ip -batch -")
+    m = MiMBox(mode="convert", workers=1, extra=["--allow-destination", "10.0.0.0/8"])
+    try:
+        m.start(paper_tb, SINK_PORT)
+        paper_tb.mbox.cmd("ip addr add 10.251.0.1/32 dev lo")          # after start: the netlink watch
+        results = {}
+        for dst in (own[0], own[256], own[299], "10.250.7.9", "10.251.0.1", "10.99.0.1"):
+            want = Error.DESTINATION_UNREACHABLE if dst == "10.99.0.1" else Error.NOT_AUTHORIZED
+            results[dst] = wait_for(lambda: (lambda r: r if r["error"] == want else None)(
+                probe(paper_tb, m.port, rfc8803.connect_message(dst, SINK_PORT))), 3, f"{dst}: {want!r}")
+    finally:
+        m.stop()
+        paper_tb.mbox.cmd("ip addr del 10.251.0.1/32 dev lo")
+        paper_tb.mbox.cmd(f"printf '{undo}' | ip -batch -")
+    ledger.hostile("the converter's own addresses (300, AnyIP)",
+                   "Connects to its 1st, 257th and 300th address, an AnyIP route, an address added at run time",
+                   "0 connections (Not Authorized each; an unrouted 10.99.0.1 was tried: Destination Unreachable)")
 
 
 @pytest.mark.parametrize("reader", ["bpf", "core"])
