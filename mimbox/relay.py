@@ -61,6 +61,12 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 
 
+def static_upstream(cfg: Config) -> tuple[str, int] | None:
+    """Static mode's server (the operator named it: the policy allows it), else None."""
+    lc = cfg.listener
+    return (str(lc.upstream[0]).strip("[]"), lc.upstream[1]) if lc.mode == "static" and lc.upstream else None
+
+
 class Relay:
     """One listener: its set-up, and the Python side of its event loop. `serve()` runs until
     SIGTERM/SIGINT, then drains. The core (mimbox.core) holds SYNs, accepts, connects and relays;
@@ -84,7 +90,7 @@ class Relay:
         self.cfg = cfg.validate()
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
-        self.policy = Policy.from_config(cfg.safety)
+        self.policy = Policy.from_config(cfg.safety, static_upstream(cfg))
         self.admission = admission or Admission(cfg.connection_limit())
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
         self.fd_capacity = raise_fd_limit(self.admission.limit)
@@ -179,13 +185,21 @@ class Relay:
                  hostport(lc.addr, lc.port), lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
+        up = static_upstream(self.cfg)
+        if up is not None:
+            why = self.policy.static_refusal(up)
+            if why:
+                log.error("every connection will be refused: %s", why)
+            elif self.worker == 0:
+                log.info("static mode: %s allowed as a destination (--upstream; --deny-destination closes it)",
+                         hostport(*up))
         return self
 
     def reconfigure(self, new: Config) -> None:
         """A reload (SIGHUP): what mimbox.configfile.RELOADABLE names changes for new connections and
         SYNs; established connections carry on. The caller has checked that nothing else changed."""
         new = dataclasses.replace(new.validate(), stats_path=self.cfg.stats_path)   # this worker's own
-        policy = Policy.from_config(new.safety)        # (this host's addresses read anew)
+        policy = Policy.from_config(new.safety, static_upstream(new))   # (this host's addresses read anew)
         old = self.cfg, self.policy
         try:
             self._apply(new, policy)

@@ -105,10 +105,13 @@ def parse_destination(text: str, allow: bool, origin: str = "") -> list[Rule]:
     return rules
 
 
-def destination_rules(cfg: SafetyConfig) -> list[Rule]:
-    """The ordered rules of the module's docstring (steps 2-5) for a configuration."""
+def destination_rules(cfg: SafetyConfig, upstream: tuple[str, int] | None = None) -> list[Rule]:
+    """The ordered rules of the module's docstring (steps 2-5) for a configuration. upstream: static
+    mode's server, which the operator named: allowed (after --deny-destination, which still wins)."""
     rules = [r for n in NEVER for r in parse_destination(n, False, "never")]
     rules += [r for n in cfg.deny_dst for r in parse_destination(n, False, "--deny-destination")]
+    if upstream is not None:
+        rules += [Rule(True, ipaddress.ip_network(upstream[0]), (upstream[1], upstream[1]), "--upstream")]
     rules += [r for n in cfg.allow_dst for r in parse_destination(n, True, "--allow-destination")]
     rules += [r for n in DEFAULT_DENY for r in parse_destination(n, False, "default")]
     return rules
@@ -123,12 +126,21 @@ class Policy:
     own_nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)  # AnyIP
 
     @classmethod
-    def from_config(cls, cfg: SafetyConfig) -> "Policy":
+    def from_config(cls, cfg: SafetyConfig, upstream: tuple[str, int] | None = None) -> "Policy":
+        """The policy of a configuration; upstream: static mode's server (allowed unless denied)."""
         allow = cfg.allow_clients or collapsed(local_subnets())
         own, nets = local_destinations()
         return cls(allow_clients=[ipaddress.ip_network(n, strict=False) for n in allow],
-                   rules=destination_rules(cfg), own={ipaddress.ip_address(a) for a in own},
+                   rules=destination_rules(cfg, upstream), own={ipaddress.ip_address(a) for a in own},
                    own_nets=[ipaddress.ip_network(n) for n in nets])
+
+    def static_refusal(self, upstream: tuple[str, int]) -> str | None:
+        """Static mode: why every connection would be refused (the upstream is denied), or None."""
+        r = self.decide(str(self.allow_clients[0].network_address) if self.allow_clients else "::1",
+                        upstream[0], upstream[1])
+        if r is None or r[0] is Cause.CLIENT_NOT_ALLOWED:
+            return None
+        return self.wording(r[0], r[1], "", upstream[0], upstream[1])
 
     def __post_init__(self):
         # integer (network, mask) pairs over 128 bits: the check runs for every SYN
