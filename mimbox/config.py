@@ -1,7 +1,9 @@
 """The converter's configuration: one dataclass per concern, built once from the command line."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass, field
 
 MODES = ("explicit", "transparent", "static", "convert")
@@ -35,6 +37,27 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
 def hostport(host: str, port: int) -> str:
     """(host, port) as written for people and parse_hostport: 10.0.0.1:80, [2001:db8::1]:80."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def config_key(name: str) -> str:
+    """The config file's key of a field name ('pending_limit' -> 'listener.pending_limit'), or the
+    name itself when no table declares it."""
+    for table, cls in (("listener", ListenerConfig), ("buffers", BufferConfig), ("safety", SafetyConfig)):
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return f"{table}.{name}"
+    return name
+
+
+def _unfinite(obj, prefix: str = "") -> list[tuple[str, str]]:
+    """Every float of a config (and its tables) that is NaN or infinite, as (key, message)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _unfinite(v, f"{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            out.append((prefix + f.name, f"{f.name} must be a finite number, not {v!r}"))
+    return out
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -153,6 +176,10 @@ class Config:
         for key in ("idle_timeout", "server_mptcp_retry"):
             if getattr(self.safety, key) < 0:
                 out.append((f"safety.{key}", f"{key} must be >= 0 seconds (0: never)"))
+        out += _unfinite(self)
+        if not out:       # every value the core gets fits its field (the generated layout decides)
+            from mimbox.synplan import core_config_problems
+            out += core_config_problems(self)
         if self.safety.max_connections is not None and self.safety.max_connections < 1:
             out.append(("safety.max_connections", "max_connections must be >= 1"))
         for key, nets in (("safety.allow_clients", self.safety.allow_clients), ("listener.intercept_from", lc.intercept_from)):

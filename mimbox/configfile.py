@@ -22,6 +22,7 @@ cookie is `listener.convert_cookie_file`, a path. Flags given to `mimbox run` ov
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -120,13 +121,31 @@ def _convert(key: str, kind: str, v):
     raise ValueError(f"cannot be set here ({kind}{', optional' if optional else ''})")
 
 
+SECRET_MAX = 4096     # bytes a secret's file may hold (a cookie is at most a TLV's 1,020 bytes)
+
+
 def read_cookie(path: str) -> bytes:
-    """The Convert cookie: the first line of the file at `path`."""
+    """The Convert cookie: the first line of the file at `path`, a regular file of at most
+    SECRET_MAX bytes (a FIFO or a device would block or never end: refused before it is opened
+    for reading, and opened without blocking)."""
+    import stat
     try:
-        with open(path, "rb") as f:
-            text = f.read().splitlines()[0].strip()
-    except (OSError, IndexError) as e:
-        raise ValueError(f"convert cookie file {path}: cannot read a cookie ({e})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"convert cookie file {path}: cannot read a cookie ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"convert cookie file {path}: not a regular file")
+        if st.st_size > SECRET_MAX:
+            raise ValueError(f"convert cookie file {path}: {st.st_size} bytes (a secret's file holds at most {SECRET_MAX})")
+        data = os.read(fd, SECRET_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        text = data.splitlines()[0].strip()
+    except IndexError:
+        text = b""
     if not text:
         raise ValueError(f"convert cookie file {path}: empty")
     return text

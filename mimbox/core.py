@@ -192,6 +192,26 @@ def c_header() -> str:
     return "\n".join(lines) + "\n"
 
 
+_RANGES = {ctypes.c_int32: (-(1 << 31), (1 << 31) - 1), ctypes.c_uint32: (0, (1 << 32) - 1),
+           ctypes.c_uint16: (0, (1 << 16) - 1), ctypes.c_uint8: (0, 255),
+           ctypes.c_int64: (-(1 << 63), (1 << 63) - 1), ctypes.c_uint64: (0, (1 << 64) - 1)}
+
+
+def field_problem(layout, name: str, value) -> str | None:
+    """Why `value` does not fit field `name` of a shared layout (a ctypes field wraps silently): a
+    number outside its integer type's range, or a double that is not finite; None if it fits."""
+    import math
+    t = dict(layout._fields_)[name]
+    if t is ctypes.c_double:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name}: {value!r} is not a finite number"
+    elif t in _RANGES and isinstance(value, (int, bool)):
+        lo, hi = _RANGES[t]
+        if not lo <= value <= hi:
+            return f"{name}: {value} is outside {lo}..{hi} (the core's {_C_TYPES[t]})"
+    return None
+
+
 def load() -> ctypes.CDLL:
     """The built library, its signatures declared and its layouts checked against this module."""
     if not RELAYCORE.exists():

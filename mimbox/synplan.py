@@ -107,7 +107,7 @@ SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, 
 
 
 def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, held, syns_queued: bool,
-                recorder_fd: int, synack_fd: int = -1) -> CoreConfig:
+                recorder_fd: int, synack_fd: int = -1, values_only: bool = False) -> CoreConfig:
     """A worker's struct core_config from a mimbox.config.Config and what the worker set up: the
     shared admission counter (mimbox.synpath.Admission), the workers' HeldSet (None: alone), the
     BPF recorder's map fd and the SYN-ACK options map's (-1: none)."""
@@ -115,7 +115,7 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
     lc, bc, sc = cfg.listener, cfg.buffers, cfg.safety
     source = {"static": DST_STATIC, "transparent": DST_TRANSPARENT, "explicit": DST_EXPLICIT}.get(lc.mode, DST_PYTHON)
     slots = held.slots if held is not None else None
-    return CoreConfig(
+    values = dict(
         engine=ENGINES[bc.engine], pipe_size=bc.pipe_size, uring_buffers=bc.uring_buffers,
         splice_after=SPLICE_AFTER, dst_source=source,
         static_addr=ADDR.from_buffer_copy(addrs.packed(lc.upstream[0]) if lc.mode == "static" else bytes(16)),
@@ -132,4 +132,33 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
         handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
         access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat],
         synack_fd=synack_fd)
+    return values if values_only else fitted(**values)
 
+
+def fitted(**values) -> CoreConfig:
+    """A CoreConfig whose every value fits its field as the generated layout declares it (ctypes
+    would wrap 2**32 to 0 silently): ValueError naming the field otherwise."""
+    from mimbox.core import field_problem
+    for name, value in values.items():
+        why = field_problem(CoreConfig, name, value)
+        if why:
+            raise ValueError(why)
+    return CoreConfig(**values)
+
+
+def core_config_problems(cfg) -> list[tuple[str, str]]:
+    """Config.problems()'s part: every value the core gets from `cfg`, checked against the layout
+    (stand-ins for what only a running worker has), as (config key, message)."""
+    from types import SimpleNamespace
+
+    from mimbox.config import config_key
+    from mimbox.core import field_problem
+    stand_in = SimpleNamespace(address=lambda: None, limit=cfg.connection_limit())
+    try:
+        values = core_config(cfg, worker=0, workers=1, fd_capacity=1, admission=stand_in, held=None,
+                             syns_queued=True, recorder_fd=-1, values_only=True)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        return []       # (a value another check refuses, by name)
+    fed_by = {"admission_limit": "safety.max_connections"}    # core fields named unlike their key
+    return [(fed_by.get(name) or config_key(name), why) for name, value in values.items()
+            if (why := field_problem(CoreConfig, name, value))]

@@ -182,3 +182,36 @@ def test_the_uring_pool_size_is_checked_where_it_is_given(tmp_path):
     assert run_config(["--engine", "uring", "--uring-buffers", "64"]).buffers.uring_buffers == 64
     with pytest.raises(ValueError, match="power of two"):
         run_config(["--uring-buffers", "3"])
+
+
+@pytest.mark.parametrize("table, key, value, says", [
+    ("safety", "handshake_timeout", "nan", "finite"),
+    ("safety", "handshake_timeout", "inf", "finite"),
+    ("safety", "idle_timeout", "inf", "finite"),
+    ("listener", "pending_limit", str(2 ** 32), "outside"),
+    ("listener", "pending_per_prefix", str(2 ** 31), "outside"),
+    ("safety", "max_connections", str(2 ** 64), "outside"),
+])
+def test_numbers_are_finite_and_fit_the_field_they_land_in(tmp_path, table, key, value, says):
+    """Issue 36 finding 5: `handshake_timeout = nan` (waiting clients never expire) and
+    `pending_limit = 2**32` (wrapped to 0 in the core's 32-bit field: every client refused) were
+    accepted. Each is refused naming its key; the width comes from the generated layout."""
+    with pytest.raises(configfile.ConfigError) as e:
+        configfile.check(write(tmp_path, f"[{table}]\n{key} = {value}\n"))
+    assert any(k == f"{table}.{key}" and says in msg for k, _, msg in e.value.errors), e.value.errors
+
+
+def test_a_secret_comes_only_from_a_small_regular_file(tmp_path):
+    """Issue 36 finding 5: a FIFO as the cookie file blocked the supervisor. A FIFO, a directory and
+    an oversized file are refused at once, by name."""
+    import os
+    import time
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (configfile.SECRET_MAX + 1))
+    for path, says in ((fifo, "not a regular file"), (tmp_path, "not a regular file"), (big, "at most")):
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=says):
+            configfile.read_cookie(str(path))
+        assert time.monotonic() - t0 < 1.0
