@@ -1,6 +1,14 @@
 """`mimbox run --metrics HOST:PORT`: the counters of `mimbox stats` at /metrics, in the Prometheus
-format, served by prometheus_client from the supervisor (a thread of its own; each scrape asks
-every worker, as `mimbox stats` does, so the two agree).
+format (prometheus_client renders it).
+
+It is served by a process of its own, forked from the supervisor once the workers run: it binds
+the address as root, then becomes the service user with no capability, no new privileges and the
+workers' seccomp filter (mimbox.privileges.drop). It holds at most MAX_CLIENTS connections (a
+newcomer beyond them ends the oldest that has sent nothing), each given REQUEST_TIMEOUT to send its
+request and to read the answer. For a scrape it asks the
+supervisor over a socket pair (one byte; the supervisor parses nothing from it) for the workers'
+counters, which the supervisor reads from each worker's counters-only endpoint (no connection
+list: a scrape costs a worker's loop a snapshot of its counters), at most once per CACHE seconds.
 
 Every counter of a worker's snapshot is a `mimbox_<name>_total` with labels worker and mode;
 refusals and errors carry their cause; gauges are what is open now; two histograms (server connect
@@ -9,8 +17,14 @@ DURATION_BUCKETS_S).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import socket
+import time
 
+from mimbox.config import hostport
 from mimbox.core import CONNECT_BUCKETS_US, DURATION_BUCKETS_S
 
 log = logging.getLogger("mimbox")
@@ -101,22 +115,172 @@ def _buckets(bounds, counts) -> list[tuple[str, float]]:
     return out
 
 
-class MetricsServer:
-    """/metrics on host:port until close()."""
+MAX_CLIENTS = 16          # connections at once; a newcomer beyond resets the oldest silent one
+REQUEST_TIMEOUT = 2.0     # seconds a scraper has to send its request, and to read the answer
+MAX_REQUEST = 8192        # bytes of a request's head
+CACHE = 0.5               # seconds one reading of the workers serves every scrape
+METRICS_NAME = "mimbox-metrics"   # the process's name (/proc/PID/comm)
 
-    def __init__(self, address: str, snapshots):
-        from prometheus_client import start_http_server
-        from prometheus_client.registry import CollectorRegistry
 
+class MetricsProcess:
+    """/metrics on host:port in a process of its own (the module's docstring) until close()."""
+
+    def __init__(self, address: str, user: str):
         from mimbox.config import parse_hostport
         self.address = address
         host, port = parse_hostport(address, "127.0.0.1")
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(Collector(snapshots))
-        self.server, self.thread = start_http_server(port, host, registry=self.registry)
-        log.info("metrics at http://%s:%d/metrics", host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(64)
+        self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:                                  # the metrics process
+            code = 1
+            try:
+                self.sock.close()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                keep = {self.listener.fileno(), child.fileno(), 0, 1, 2}
+                for fd in os.listdir("/proc/self/fd"):       # nothing of the supervisor's but these
+                    if int(fd) not in keep:
+                        try:
+                            os.close(int(fd))
+                        except OSError:
+                            pass
+                import ctypes
+                ctypes.CDLL(None).prctl(15, METRICS_NAME.encode(), 0, 0, 0)     # PR_SET_NAME: /proc/PID/comm
+                from prometheus_client.exposition import generate_latest  # noqa: F401 (imported before seccomp)
+                from mimbox import privileges
+                if user != "root":
+                    privileges.drop(user, ())
+                else:
+                    from mimbox.workers import die_with_parent
+                    die_with_parent(parent)
+                serve(self.listener, child)
+                code = 0
+            except BaseException:
+                log.exception("metrics process failed")
+            finally:
+                os._exit(code)
+        child.close()
+        self.listener.close()
+        self.sock.setblocking(False)
+        self.last, self.answer = -CACHE, b""
+        log.info("metrics at http://%s/metrics (process %d)", hostport(host, port), self.pid)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def asked(self, snapshots) -> None:
+        """The metrics process asks for the workers' counters (readable): answer with snapshots()
+        (at most once per CACHE seconds; in between the same answer)."""
+        try:
+            self.sock.recv(16)                # the request's content is not read: it is a byte
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        now = time.monotonic()
+        if now - self.last >= CACHE:
+            self.answer = json.dumps(snapshots()).encode()
+            self.last = time.monotonic()
+        try:
+            self.sock.send(self.answer)
+        except OSError as e:
+            log.debug("metrics: %s", e)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self.sock.close()
+
+
+def serve(listener: socket.socket, supervisor: socket.socket) -> None:
+    """The metrics process's loop: bounded connections, each with a deadline; a GET of /metrics
+    is answered with the workers' counters, anything else with 404 (or 400)."""
+    import selectors
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import CollectorRegistry
+    sel = selectors.DefaultSelector()
+    listener.setblocking(False)
+    supervisor.settimeout(10.0)
+    sel.register(listener, selectors.EVENT_READ)
+    clients: dict[int, list] = {}        # fd -> [sock, request so far, answer left, deadline]
+
+    def scrape() -> bytes:
+        supervisor.send(b"?")
+        snaps = [(w, s) for w, s in json.loads(supervisor.recv(1 << 22))]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(lambda: snaps))
+        return generate_latest(registry)
+
+    def end(fd: int) -> None:
+        sel.unregister(clients[fd][0])
+        clients.pop(fd)[0].close()
+
+    while True:
+        for key, ev in sel.select(timeout=0.5):
+            if key.fileobj is listener:
+                try:
+                    c, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                if len(clients) >= MAX_CLIENTS:      # full: the oldest that has said nothing makes room
+                    silent = [(d, fd) for fd, (_, head, out, d) in clients.items() if not head and not out]
+                    if not silent:
+                        c.close()
+                        continue
+                    end(min(silent)[1])
+                c.setblocking(False)
+                clients[c.fileno()] = [c, b"", b"", time.monotonic() + REQUEST_TIMEOUT]
+                sel.register(c, selectors.EVENT_READ)
+                continue
+            fd = key.fileobj.fileno()
+            c, head, out, deadline = clients[fd]
+            if ev & selectors.EVENT_READ and not out:
+                try:
+                    data = c.recv(MAX_REQUEST - len(head))
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    end(fd)
+                    continue
+                head += data
+                if b"\r\n\r\n" not in head and len(head) < MAX_REQUEST:
+                    clients[fd][1] = head
+                    continue
+                line = head.split(b"\r\n", 1)[0].split()
+                if len(line) != 3 or b"\r\n\r\n" not in head:
+                    status, body, ctype = b"400 Bad Request", b"bad request\n", b"text/plain"
+                elif line[0] != b"GET" or line[1].split(b"?")[0] != b"/metrics":
+                    status, body, ctype = b"404 Not Found", b"only /metrics here\n", b"text/plain"
+                else:
+                    status, body, ctype = b"200 OK", scrape(), CONTENT_TYPE_LATEST.encode()
+                out = (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                clients[fd] = [c, head, out, time.monotonic() + REQUEST_TIMEOUT]
+                sel.modify(c, selectors.EVENT_WRITE)
+            if ev & selectors.EVENT_WRITE and out:
+                try:
+                    n = c.send(out)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    n, out = 0, b""
+                out = out[n:]
+                if not out:
+                    end(fd)
+                    continue
+                clients[fd][2] = out
+        now = time.monotonic()
+        for fd in [fd for fd, (_, _, _, deadline) in clients.items() if now > deadline]:
+            end(fd)

@@ -49,7 +49,7 @@ from mimbox.core import (
 from mimbox.greetings import Greetings
 from mimbox.redirect import convert as converting
 from mimbox.safety import AddressWatch, Policy
-from mimbox.stats import Answers, Stats, open_endpoint, worker_snapshot
+from mimbox.stats import Answers, Stats, counters_path, open_endpoint, worker_snapshot
 from mimbox.synpath import AccessLog, Admission, Cause, HeldSet, RefusalLog, refusal_reason
 from mimbox.synplan import SynPlan, core_config, listener_rules, plan_syns, raise_fd_limit
 from mimbox.synrecord import SynRecorder
@@ -111,6 +111,7 @@ class Relay:
         self.rules = None
         self.listeners: list[socket.socket] = []
         self.stats_sock = None
+        self.counters_sock = None        # the same counters without the connection list (/metrics)
         self.health_sock: socket.socket | None = None
         self.address_watch: AddressWatch | None = None
         self.own_failed = False          # this host's own destinations could not be listed: all refused
@@ -169,6 +170,9 @@ class Relay:
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
                 self.core.watch(self.stats_sock.fileno(), select.EPOLLIN)
+                # counters only (no connection list): what /metrics asks, so a scrape costs the loop little
+                self.counters_sock = open_endpoint(counters_path(self.cfg.stats_path))
+                self.core.watch(self.counters_sock.fileno(), select.EPOLLIN)
             self.address_watch = AddressWatch()
             self.core.watch(self.address_watch.fileno(), select.EPOLLIN)
             if self.control is not None:
@@ -268,14 +272,18 @@ class Relay:
         if self.address_watch is not None:
             self.address_watch.close()
             self.address_watch = None
-        for s in (*self.listeners, self.stats_sock, *self.links.values(), self.control):
+        for s in (*self.listeners, self.stats_sock, self.counters_sock, *self.links.values(), self.control):
             if s is not None:
                 s.close()
         if self.stats_sock is not None and self.cfg.stats_path:
-            try:
-                os.unlink(self.cfg.stats_path)
-            except OSError:
-                pass
+            for path in (self.cfg.stats_path, counters_path(self.cfg.stats_path)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.debug("%s: %s", path, e)
+        self.counters_sock = None
         self.listeners = []
         self.links = {}
         self.stats_sock = None
@@ -333,6 +341,7 @@ class Relay:
     def _loop(self, done) -> None:
         run = self.core.run
         sfd = self.stats_sock.fileno() if self.stats_sock else -2
+        cfd = self.counters_sock.fileno() if self.counters_sock else -2
         hfd = self.health_sock.fileno() if self.health_sock else -4
         afd = self.address_watch.fileno() if self.address_watch else -5
         kfd = self.control.fileno() if self.control is not None else -6
@@ -350,6 +359,8 @@ class Relay:
                             self.greetings.readable(fd)
                         elif fd == sfd:
                             self._serve_stats()
+                        elif fd == cfd:
+                            self._serve_stats(counters_only=True)
                         elif fd == hfd:
                             self._answer_health()
                         elif fd in self.answers.out:
@@ -461,8 +472,9 @@ class Relay:
         """The core's counters and this worker's, as one (`mimbox stats`: mimbox.stats.worker_snapshot)."""
         return worker_snapshot(self, connections)
 
-    def _serve_stats(self) -> None:
+    def _serve_stats(self, counters_only: bool = False) -> None:
         """Answer `mimbox stats` without blocking the loop (mimbox.stats.Answers)."""
-        fd = self.answers.accept(self.stats_sock, self.snapshot, time.monotonic())
+        endpoint = self.counters_sock if counters_only else self.stats_sock
+        fd = self.answers.accept(endpoint, lambda: self.snapshot(connections=not counters_only), time.monotonic())
         if fd is not None:
             self.core.watch(fd, select.EPOLLOUT | select.EPOLLET)

@@ -111,6 +111,12 @@ def worker_stats_path(path: str, worker: int) -> str:
     return f"{path}.w{worker}"
 
 
+def counters_path(path: str) -> str:
+    """Where a worker serving `mimbox stats` at `path` serves its counters without the connection
+    list (what /metrics asks: a scrape must not make a worker list every connection)."""
+    return f"{path}.c"
+
+
 def default_stats_path(port: int) -> str:
     return f"/run/mimbox/{port}.sock"
 

@@ -34,7 +34,7 @@ import socket
 import time
 
 from mimbox.config import Config
-from mimbox.stats import answer, merge, open_endpoint, query, worker_stats_path
+from mimbox.stats import answer, counters_path, merge, open_endpoint, query, worker_stats_path
 
 log = logging.getLogger("mimbox")
 
@@ -247,12 +247,14 @@ class Supervisor:
                 gone.append((self.children.pop(pid), os.waitstatus_to_exitcode(status)))
 
     # -- stats ---------------------------------------------------------------------------------------------
-    def worker_snapshots(self, timeout: float = 2.0) -> list[tuple[int, dict | None]]:
-        """Each worker's counters (None: it did not answer within `timeout`)."""
+    def worker_snapshots(self, timeout: float = 2.0, counters_only: bool = False) -> list[tuple[int, dict | None]]:
+        """Each worker's counters (None: it did not answer within `timeout`); counters_only: from
+        its counters-only endpoint, without the connection list (/metrics)."""
         out = []
         for w in range(self.workers):
+            path = worker_stats_path(self.cfg.stats_path, w)
             try:
-                out.append((w, query(worker_stats_path(self.cfg.stats_path, w), timeout=timeout)))
+                out.append((w, query(counters_path(path) if counters_only else path, timeout=timeout)))
             except (OSError, ValueError):
                 out.append((w, None))
         return out
@@ -362,8 +364,12 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics:
-            from mimbox.metrics import MetricsServer
-            self.metrics = MetricsServer(self.cfg.metrics, self.worker_snapshots)
+            from mimbox.metrics import MetricsProcess
+            self.metrics = MetricsProcess(self.cfg.metrics, self.cfg.user)
+
+    def _on_metrics(self) -> None:
+        """The metrics process asks for the workers' counters (mimbox.metrics)."""
+        self.metrics.asked(lambda: self.worker_snapshots(counters_only=True))
 
     def _restart_metrics(self) -> None:
         if self.metrics is not None:
@@ -408,6 +414,8 @@ class Supervisor:
                     self.reload_wanted = False
                     self._reload()
                 socks = [self.stats_sock] if self.stats_sock else []
+                if self.metrics is not None:
+                    socks.append(self.metrics)
                 try:
                     ready = select.select(socks + list(self.controls.values()), [], [], tick)[0]
                 except InterruptedError:
@@ -415,6 +423,8 @@ class Supervisor:
                 for sock in ready:
                     if sock is self.stats_sock:
                         self._serve_stats()
+                    elif sock is self.metrics:
+                        self._on_metrics()
                     else:
                         self._on_control(next(w for w, c in self.controls.items() if c is sock))
                 for w, status in self._reap():
@@ -441,8 +451,8 @@ class Supervisor:
             if self.stats_sock is not None:
                 self.stats_sock.close()
             if self.cfg.stats_path:       # the workers' endpoints too: they may no longer remove them
-                for path in [self.cfg.stats_path, *(worker_stats_path(self.cfg.stats_path, w)
-                                                    for w in range(self.workers))]:
+                for path in [self.cfg.stats_path, *(p for w in range(self.workers) for p in (
+                        worker_stats_path(self.cfg.stats_path, w), counters_path(worker_stats_path(self.cfg.stats_path, w))))]:
                     try:
                         os.unlink(path)
                     except OSError:

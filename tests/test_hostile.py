@@ -503,9 +503,56 @@ def converter_tree(m) -> dict[str, list[int]]:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out += [int(x) for x in f.read().split()]
         return out
-    workers = [p for p in children(sup) if not is_keeper(p)]
+    def comm(pid: int) -> str:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    from mimbox.metrics import METRICS_NAME
+    workers = [p for p in children(sup) if not is_keeper(p) and comm(p) != METRICS_NAME]
     keepers = [k for w in workers for k in children(w) if is_keeper(k)]
-    return {"supervisor": [sup], "workers": workers, "keepers": keepers}
+    metrics = [p for p in children(sup) if comm(p) == METRICS_NAME]
+    return {"supervisor": [sup], "workers": workers, "keepers": keepers, "metrics": metrics}
+
+
+def test_metrics_are_served_unprivileged_bounded_and_from_counters_only(paper_tb):
+    """Issue 36 finding 4: /metrics was served by prometheus_client's thread-per-connection server in
+    the supervisor (uid 0, every capability, no seccomp), idle scrapers held threads for minutes,
+    and each scrape made every worker list its connections. Now: a process of its own, not root, no
+    capability, NoNewPrivs and seccomp; 40 idle connections do not stop a scrape (at most 16 are
+    held, a newcomer ends the oldest silent one, each has 2 s); a scrape reads the workers'
+    counters-only endpoint."""
+    import socket as so
+    from mimbox import privileges
+    from helpers import free_port
+    mport = free_port()
+    m = MiMBox(mode="static", workers=1, extra=["--metrics", f"127.0.0.1:{mport}"])
+    m.start(paper_tb, SINK_PORT)
+    idle = []
+    try:
+        tree = converter_tree(m)
+        assert len(tree["metrics"]) == 1, tree
+        st = privileges.status(tree["metrics"][0])
+        first = paper_tb.mbox.cmd(f"curl -sf -m 5 http://127.0.0.1:{mport}/metrics")
+        script = ("import socket,sys,time\n"
+                  f"s=[socket.create_connection(('127.0.0.1',{mport})) for _ in range(40)]\n"
+                  "print('open',flush=True);sys.stdin.readline()\n")
+        idle = paper_tb.mbox.popen([PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert readline(idle).strip() == "open"
+        t0 = time.monotonic()
+        during = paper_tb.mbox.cmd(f"curl -sf -m 10 http://127.0.0.1:{mport}/metrics")
+        took = time.monotonic() - t0
+        bad = paper_tb.mbox.cmd(f"curl -s -o /dev/null -w '%{{http_code}}' -m 5 http://127.0.0.1:{mport}/other")
+    finally:
+        if idle:
+            idle.kill()
+            idle.communicate()
+        m.stop()
+    assert 0 not in st["uids"] and not st["effective"] and not st["permitted"], st
+    assert st["no_new_privs"] and st["seccomp"] == 2, st
+    assert "mimbox_worker_up" in first and "mimbox_accepted_total" in first, first[:500]
+    assert "mimbox_worker_up" in during and took < 2.0, (took, during[:200])
+    assert bad.strip() == "404", bad
+    ledger.hostile("metrics endpoint", "40 idle connections, then a scrape; another path",
+                   f"scrape answered in {took:.1f} s; served by uid {st['uids'][0]}, no capability, seccomp")
 
 
 @pytest.mark.parametrize("mode,syn_path,caps", [("explicit", "auto", {"CAP_NET_ADMIN"}),
