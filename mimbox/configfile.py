@@ -43,7 +43,7 @@ RELOADABLE = {
     "safety.max_connections", "safety.connect_timeout", "safety.idle_timeout", "safety.handshake_timeout",
     "safety.server_mptcp_retry", "listener.pending_limit", "listener.pending_per_prefix",
     "listener.pending_per_address", "safety.silence_timeout",
-    "listener.convert_cookie", "log_level", "access_log_every", "metrics", "drain_timeout",
+    "listener.convert_cookie", "log_level", "access_log_every", "drain_timeout",
 }
 
 

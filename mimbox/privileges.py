@@ -19,6 +19,7 @@ its already open fd, the stats and netlink sockets already bound) needs none.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -27,7 +28,14 @@ import pwd
 import signal
 
 # linux/capability.h
-CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+CAPABILITIES = {"CAP_KILL": 5, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+                "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+# What the supervisor (uid 0) keeps once the converter serves (docs/operating.md says why):
+#   CAP_NET_ADMIN  remove the listener's and SYN queue's rules, the tc SYN recorder and the cgroup
+#                  SYN-ACK program at exit (iptables/nft, tc, bpftool inherit it as uid 0)
+#   CAP_BPF        open the pinned BPF objects to detach them at exit
+#   CAP_KILL       stop its workers and metrics process, which run as the service user
+SUPERVISOR_CAPABILITIES = ("CAP_NET_ADMIN", "CAP_BPF", "CAP_KILL")
 CAP_LAST = 40
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 8, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -121,7 +129,83 @@ def _seccomp() -> None:
             f.add_rule(seccomp.KILL_PROCESS, name)
         except (RuntimeError, ValueError, OSError):
             pass
+    no_network_administration(seccomp)     # first: the main filter forbids loading another
     f.load()
+
+
+# A second filter, stacked on the first (the kernel takes the most restrictive answer of the two):
+# what CAP_NET_ADMIN, which a SYN-holding worker keeps for its NFQUEUE verdicts, would let it do to
+# this host's network, refused with EPERM. Its own netlink sockets were opened before (the NFQUEUE's;
+# the route sockets without the capability in force: `without`).
+AF_NETLINK, SOL_SOCKET, SOL_IP, SOL_IPV6 = 16, 1, 0, 41
+DENIED_IOCTLS = ((0xFFFFFF00, 0x8900),      # SIOC*: interface addresses, flags (link down), routes
+                 (0xFFFFFF00, 0x8B00),      # SIOCSIW*: wireless
+                 (0x4000FF00, 0x40005400))  # _IOW('T', ...): TUNSETIFF and friends (new links)
+DENIED_SOCKOPTS = ((SOL_IP, 19), (SOL_IPV6, 75),               # IP_TRANSPARENT, IPV6_TRANSPARENT
+                   (SOL_SOCKET, 36), (SOL_SOCKET, 32), (SOL_SOCKET, 33))   # SO_MARK, SO_*BUFFORCE
+
+
+def no_network_administration(seccomp) -> None:
+    """Load the second filter (see DENIED_IOCTLS, DENIED_SOCKOPTS): no new netlink socket (routes,
+    addresses, links, netfilter, generic netlink), no interface or route ioctl, no tun device, no
+    transparent socket, mark or forced buffer."""
+    f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    eperm = seccomp.ERRNO(errno.EPERM)
+    f.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.EQ, AF_NETLINK))
+    f.add_rule(eperm, "socketpair", seccomp.Arg(0, seccomp.EQ, AF_NETLINK))
+    for mask, value in DENIED_IOCTLS:
+        f.add_rule(eperm, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, mask, value))
+    for level, opt in DENIED_SOCKOPTS:
+        f.add_rule(eperm, "setsockopt", seccomp.Arg(1, seccomp.EQ, level), seccomp.Arg(2, seccomp.EQ, opt))
+    f.load()
+
+
+def _libcap():
+    lib = ctypes.CDLL(ctypes.util.find_library("cap") or "libcap.so.2", use_errno=True)
+    lib.cap_get_proc.restype = ctypes.c_void_p
+    lib.cap_set_proc.argtypes = [ctypes.c_void_p]
+    lib.cap_free.argtypes = [ctypes.c_void_p]
+    lib.cap_set_flag.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                 ctypes.c_int]
+    return lib
+
+
+@contextlib.contextmanager
+def without(name: str):
+    """Run the block with capability `name` out of the effective set (the permitted set keeps it):
+    a netlink socket opened meanwhile never acts with it, since rtnetlink and nfnetlink ask for the
+    capability of the socket's opener as well as of its sender."""
+    lib = _libcap()
+    before, after = lib.cap_get_proc(), lib.cap_get_proc()
+    if not before or not after:
+        raise OSError(ctypes.get_errno(), "cap_get_proc")
+    CAP_EFFECTIVE, CAP_CLEAR = 0, 0
+    try:
+        _check(lib.cap_set_flag(after, CAP_EFFECTIVE, 1, (ctypes.c_int * 1)(CAPABILITIES[name]), CAP_CLEAR),
+               "cap_set_flag")
+        _check(lib.cap_set_proc(after), "cap_set_proc")
+        try:
+            yield
+        finally:
+            _check(lib.cap_set_proc(before), "cap_set_proc")
+    finally:
+        lib.cap_free(before)
+        lib.cap_free(after)
+
+
+def keep_only(keep: tuple[str, ...]) -> None:
+    """The supervisor once serving: it stays uid 0 (it owns the root files it removes at exit) but
+    keeps only the capabilities `keep`, in every set and in the bounding set (so the programs it
+    runs at exit, iptables, tc, bpftool, get no more). Irreversible."""
+    libc = _libc()
+    wanted = {CAPABILITIES[c] for c in keep}
+    for c in range(CAP_LAST + 1):
+        if c not in wanted:
+            r = libc.prctl(PR_CAPBSET_DROP, c, 0, 0, 0)
+            if r != 0 and ctypes.get_errno() != errno.EINVAL:
+                _check(r, f"PR_CAPBSET_DROP {c}")
+    _set_capabilities(keep)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 def drop(user: str, keep: tuple[str, ...], die_with_parent: bool = True) -> None:

@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 
-from mimbox import addrs, mptcp
+from mimbox import addrs, mptcp, privileges
 from mimbox.config import Config, hostport, local_destinations
 from mimbox.core import (
     CAUSES,
@@ -115,6 +115,7 @@ class Relay:
         self.health_sock: socket.socket | None = None
         self.address_watch: AddressWatch | None = None
         self.own_failed = False          # this host's own destinations could not be listed: all refused
+        self.routes = None               # pyroute2 IPRoute: this host's own destinations, read
         self.answers = Answers()          # `mimbox stats` answers on their way
         self.control = control
 
@@ -173,7 +174,12 @@ class Relay:
                 # counters only (no connection list): what /metrics asks, so a scrape costs the loop little
                 self.counters_sock = open_endpoint(counters_path(self.cfg.stats_path))
                 self.core.watch(self.counters_sock.fileno(), select.EPOLLIN)
-            self.address_watch = AddressWatch()
+            # netlink route sockets that can read, never change, addresses, routes or links: made
+            # without CAP_NET_ADMIN in force, which a SYN-holding worker keeps (mimbox.privileges)
+            with privileges.without("CAP_NET_ADMIN"):
+                from pyroute2 import IPRoute
+                self.address_watch = AddressWatch()
+                self.routes = IPRoute()
             self.core.watch(self.address_watch.fileno(), select.EPOLLIN)
             if self.control is not None:
                 self.core.watch(self.control.fileno(), select.EPOLLIN)
@@ -190,6 +196,9 @@ class Relay:
                  "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
         log.info("policy: %s", self.policy.describe())
         up = static_upstream(self.cfg)
+        if not self.policy.allow_clients:
+            log.error("every connection will be refused: no client is allowed (this host has no subnet; "
+                      "--allow-client PREFIX names them)")
         if up is not None:
             why = self.policy.static_refusal(up)
             if why:
@@ -272,6 +281,9 @@ class Relay:
         if self.address_watch is not None:
             self.address_watch.close()
             self.address_watch = None
+        if self.routes is not None:
+            self.routes.close()
+            self.routes = None
         for s in (*self.listeners, self.stats_sock, self.counters_sock, *self.links.values(), self.control):
             if s is not None:
                 s.close()
@@ -419,7 +431,7 @@ class Relay:
         (the policy and the core). If they cannot be read or held, every destination is refused
         until they can (fail closed), said once."""
         try:
-            changed = self.policy.set_own(*local_destinations())
+            changed = self.policy.set_own(*local_destinations(self.routes))
             if changed:
                 self.core.own_addresses(self.policy.own, self.policy.own_nets)
         except OSError as e:

@@ -324,8 +324,6 @@ class Supervisor:
             old, self.cfg = self.cfg, new
             self.drain_timeout = new.drain_timeout
             logging.getLogger().setLevel(new.log_level.upper())
-            if new.metrics != old.metrics:
-                self._restart_metrics()
             log.info("reloaded: %s", ", ".join(live))
             return True
         finally:
@@ -371,15 +369,6 @@ class Supervisor:
         """The metrics process asks for the workers' counters (mimbox.metrics)."""
         self.metrics.asked(lambda: self.worker_snapshots(counters_only=True))
 
-    def _restart_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        try:
-            self._start_metrics()
-        except OSError as e:
-            log.error("metrics: cannot serve at %s (%s)", self.cfg.metrics, e)
-
     # -- the supervisor's life -----------------------------------------------------------------------
     def run(self, on_ready=None) -> int:
         """Start the workers, install the rules, serve stats until SIGTERM/SIGINT; 0 on a clean stop."""
@@ -401,6 +390,9 @@ class Supervisor:
             if self.cfg.stats_path:
                 self.stats_sock = open_endpoint(self.cfg.stats_path)
             self._start_metrics()
+            if self.cfg.user != "root":       # serving: only what stopping needs (mimbox.privileges)
+                from mimbox import privileges
+                privileges.keep_only(privileges.SUPERVISOR_CAPABILITIES)
             if on_ready:
                 on_ready()
             self.notify("READY=1", f"STATUS=serving on {self.cfg.listener.addr}:{self.cfg.listener.port} "

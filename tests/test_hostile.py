@@ -577,6 +577,12 @@ def test_workers_and_keepers_run_unprivileged(paper_tb, mode, syn_path, caps):
         assert 0 not in st["uids"] and 0 not in st["gids"], st
         assert st["effective"] == st["permitted"] == caps and st["bounding"] <= caps and not st["ambient"], st
         assert st["no_new_privs"] and st["seccomp"] == 2, st
+    # the supervisor, serving: uid 0 (its files), but only what stopping needs (issue 36 finding 4)
+    sup = seen["supervisor"][0]
+    assert sup["effective"] == sup["permitted"] == sup["bounding"] == set(privileges.SUPERVISOR_CAPABILITIES), sup
+    ledger.hostile(f"process privileges ({mode}, SYN path {syn_path})", "CapEff and Seccomp from /proc, serving",
+                   "; ".join(f"{role}: CapEff {','.join(sorted(st['effective'])) or '-'}, Seccomp {st['seccomp']}"
+                             for role in ("supervisor", "workers", "keepers") for st in seen[role][:1]))
 
 
 FORBIDDEN = {"execve": "os.execv('/bin/true',['true'])",
@@ -601,6 +607,62 @@ def test_a_forbidden_call_kills_and_an_unlisted_one_fails(call):
     ledger.hostile("a taken-over worker", "execve (killed), an unlisted call (EPERM) under the workers' filter, as "
                    "uid mimbox without capabilities", "killed by SIGSYS; a worker so killed stops the converter "
                    "(its supervisor says why and removes the rules)")
+
+
+ADMIN = r"""
+import errno, fcntl, json, os, socket, struct
+from pyroute2 import IPRoute
+from mimbox import privileges
+with privileges.without("CAP_NET_ADMIN"):          # as a worker opens its route sockets
+    ipr = IPRoute()
+privileges.drop("mimbox", ("CAP_NET_ADMIN",), die_with_parent=False)   # as a SYN-holding worker
+st = privileges.status(os.getpid())
+out = {"effective": sorted(st["effective"]), "uid": os.getuid()}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "done"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+    except Exception as e:                           # pyroute2 wraps netlink errors
+        out[name] = getattr(e, "code", None) and errno.errorcode.get(e.code) or repr(e)
+lo = ipr.link_lookup(ifname="lo")[0]
+attempt("address via its route socket", lambda: ipr.addr("add", index=lo, address="10.66.0.1", mask=32))
+attempt("route via its route socket", lambda: ipr.route("add", dst="10.67.0.0/16", oif=lo))
+attempt("link down via its route socket", lambda: ipr.link("set", index=lo, state="down"))
+attempt("a new route socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+attempt("a new netfilter socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12))
+s = socket.socket()
+attempt("link down by ioctl", lambda: fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", 0) + bytes(22)))
+attempt("address by ioctl", lambda: fcntl.ioctl(s, 0x8916, struct.pack("16sH2s4s8s", b"lo", 2, b"", socket.inet_aton("10.66.0.2"), b"")))
+attempt("a tun device", lambda: fcntl.ioctl(os.open("/dev/net/tun", os.O_RDWR), 0x400454ca, struct.pack("16sH", b"mbx0", 1) + bytes(22)))
+attempt("IP_TRANSPARENT", lambda: s.setsockopt(0, 19, 1))
+attempt("SO_MARK", lambda: s.setsockopt(1, 36, 7))
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_worker_holding_cap_net_admin_cannot_change_addresses_routes_or_links():
+    """Issue 36 finding 4: a SYN-holding worker keeps CAP_NET_ADMIN (nfnetlink takes NFQUEUE
+    verdicts only from a sender that has it); taken over, it could add addresses and routes, take
+    links down, set IP_TRANSPARENT. A child set up as such a worker (its route socket opened
+    without the capability in force, then the drop to the service user with CAP_NET_ADMIN and both
+    seccomp filters), in a network namespace of its own: every such attempt fails, and the
+    namespace is unchanged."""
+    p = subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && {PY} -c '{ADMIN}' && "
+                        "ip -o addr show dev lo && ip route show table all && ip -o link show"],
+                       capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    out = json.loads(p.stdout.splitlines()[0])
+    assert out["effective"] == ["CAP_NET_ADMIN"] and out["uid"] != 0, out
+    tried = {k: v for k, v in out.items() if k not in ("effective", "uid")}
+    assert all(v in ("EPERM", "EACCES") for v in tried.values()), tried
+    rest = "\n".join(p.stdout.splitlines()[1:])
+    assert "10.66.0" not in rest and "10.67.0.0" not in rest and "mbx0" not in rest, rest
+    assert "LOWER_UP" in rest or "UP" in rest.split("lo:")[1], rest
+    ledger.hostile("a taken-over SYN-holding worker (CAP_NET_ADMIN)", ", ".join(tried),
+                   "nothing: every attempt EPERM/EACCES, the namespace unchanged")
 
 
 def test_supervisor_reports_a_worker_killed_by_its_filter(paper_tb):
