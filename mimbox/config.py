@@ -84,7 +84,7 @@ class ListenerConfig:
     syn_path: str = "auto"                       # hold | accept | auto (see docs/running.md "SYN path"; native/core/admit.c core_gate)
     pending_limit: int = 256                     # SYNs held at once (per worker) ...
     pending_per_prefix: int = 64                 # ... and from one client /24 or /64 ...
-    pending_per_address: int = 8                 # ... and from one client address
+    pending_per_address: int = 32                # ... and from one client address
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     spare_sockets: int = 4                       # server sockets made ahead while idle, per kind (TCP, MPTCP)
     busy_poll_us: int = 0                        # poll, not sleep, this long after the last event (0: sleep)

@@ -38,6 +38,11 @@ SYN_HOLD, SYN_DEFER, SYN_REFUSE = range(3)
 # core_policy's kinds (native/core/admit.c): a client prefix allowed; one of this host's own
 # destinations; forget those (a new listing follows, ended by OWN_DONE); forget clients and rules
 POLICY = {"ALLOW_CLIENT": 0, "OWN": 2, "OWN_FORGET": 3, "FORGET": 4, "OWN_DONE": 5}
+# What the gate says of a newcomer (native/core/admit.c gate_open): under every cap, or the cap it
+# meets -- the worker's pending_limit, its /24's or /64's pending_per_prefix, its address's
+# pending_per_address. In convert mode a capped newcomer goes to Python (mimbox.greetings), which
+# makes room under that cap by resetting its oldest silent greeting.
+GATE_OPEN, GATE_FULL, GATE_PREFIX_FULL, GATE_ADDRESS_FULL = range(4)
 CAUSES = list(Cause)           # CAUSE_<NAME> in C is the index here
 # why a SYN's DST_OPT was refused (mimbox.dstopt.parse_options's messages; {arg} from the event)
 SYN_ERRORS = {"NO_DSTOPT": "no DST_OPT in SYN", "TRUNCATED": "bad DST_OPT: truncated option list",
@@ -164,6 +169,8 @@ def c_header() -> str:
               f'#define KEEPER_NAME "{KEEPER_NAME}"', f"#define DENIED_PORT0 ({DENIED_PORT0})",
               f"#define DENIED_OWN ({DENIED_OWN})", f"#define DENIED_OWN_UNKNOWN ({DENIED_OWN_UNKNOWN})"]
     lines += [f"#define POLICY_{n} {v}" for n, v in POLICY.items()]
+    lines += [f"#define GATE_{n} {v}" for n, v in (("OPEN", GATE_OPEN), ("FULL", GATE_FULL),
+                                                    ("PREFIX_FULL", GATE_PREFIX_FULL), ("ADDRESS_FULL", GATE_ADDRESS_FULL))]
     lines += [f"#define CAUSE_{c.name} {i}" for i, c in enumerate(CAUSES)] + [f"#define CAUSE_COUNT {len(CAUSES)}"]
     lines += [f"#define SYN_{name} {i + 1}" for i, name in enumerate(SYN_ERRORS)]
     lines += [f"#define SYN_{n} {v}" for n, v in (("HOLD", SYN_HOLD), ("DEFER", SYN_DEFER), ("REFUSE", SYN_REFUSE))]
@@ -225,7 +232,7 @@ def load() -> ctypes.CDLL:
                             ctypes.c_char_p, U32]),
            "core_policy": (I, [P, I, A, I]), "core_rule": (I, [P, I, A, I, I, I]),
            "core_greeting_end": (None, [P, A, I]), "core_greetings": (I, [P]),
-           "core_greeting_admit": (I, [P, A, U16, ctypes.POINTER(ctypes.c_int)]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
+           "core_greeting_admit": (I, [P, A, U16, I, ctypes.POINTER(ctypes.c_int)]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_convert_connect": (I, [P, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                                         ctypes.c_char_p, U32, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
            "core_gate": (I, [P, A]), "core_gate_hold": (None, [P, A, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
@@ -391,11 +398,12 @@ class Core:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""
         self.lib.core_greeting_end(self.ptr, addrs.packed(client), int(keep_admission))
 
-    def greeting_admit(self, client: tuple[str, int]) -> tuple[Cause, int] | None:
-        """Convert mode: room was made for a greeting the gate had turned away (an older silent one
-        of its prefix was reset): None, it is a greeting now; else (cause, GATE_* detail), counted."""
+    def greeting_admit(self, client: tuple[str, int], count: bool = True) -> tuple[Cause, int] | None:
+        """Convert mode: admit a greeting the gate had turned away, now that room may have been made:
+        None, it is a greeting now; else (cause, GATE_* detail), counted as a refusal if `count`."""
         detail = ctypes.c_int(0)
-        r = self.lib.core_greeting_admit(self.ptr, addrs.packed(client[0]), port_n(client[1]), ctypes.byref(detail))
+        r = self.lib.core_greeting_admit(self.ptr, addrs.packed(client[0]), port_n(client[1]), int(count),
+                                         ctypes.byref(detail))
         return None if r < 0 else (CAUSES[r], detail.value)
 
     def greetings(self) -> int:

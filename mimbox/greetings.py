@@ -19,6 +19,7 @@ import time
 
 from mimbox import rfc8803
 from mimbox.addrs import gate_prefix
+from mimbox.core import GATE_ADDRESS_FULL, GATE_PREFIX_FULL
 from mimbox.config import hostport
 from mimbox.redirect import convert as converting
 from mimbox.synpath import Cause, refusal_reason
@@ -51,25 +52,31 @@ class Greetings:
     def __len__(self) -> int:
         return len(self.by_fd)
 
-    def accepted(self, cs: socket.socket, addr, full: bool = False) -> None:
+    def accepted(self, cs: socket.socket, addr, full: int = 0) -> None:
         """A client the core accepted and admitted: its message is read from now on. full: the gate
-        turned it away (its prefix's cap, or the worker's): the oldest silent greeting there is reset
+        turned it away (GATE_*: its address's cap, its prefix's, or the worker's): admitted if the
+        greetings before it have left since, else the oldest silent greeting under that cap is reset
         to make room, else it is refused with Resource Exceeded."""
-        if full and not self._make_room(cs, addr):
+        if full and not self._make_room(cs, addr, full):
             return
         g = converting.Greeting(cs, addr, time.monotonic())
         self.by_fd[cs.fileno()] = g
         self.relay.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._read(g)              # with TFO the message came in the SYN: it is there already
 
-    def _make_room(self, cs: socket.socket, addr) -> bool:
-        """Reset the oldest silent greeting of addr's /24 or /64 (or, if none there, of the worker) and
-        admit addr in its place; False: refused (answered Resource Exceeded)."""
+    def _make_room(self, cs: socket.socket, addr, cap: int) -> bool:
+        """Admit addr now if the greetings before it have left (a batch of accepts is counted before
+        their messages are read); else reset the oldest silent greeting under the cap it met (its
+        address's, its /24's or /64's, or the worker's: GATE_*) and admit it in its place. False:
+        refused (answered Resource Exceeded)."""
         r = self.relay
+        refused = r.core.greeting_admit(addr, count=False)
+        if refused is None:
+            return True
         silent = [g for g in self.by_fd.values() if g.counted and g.reply is None and not g.buf]
-        mine = gate_prefix(addr[0])
-        victims = [g for g in silent if gate_prefix(g.addr[0]) == mine] or silent
-        refused = (Cause.PENDING_LIMIT, 0)
+        under = {GATE_ADDRESS_FULL: lambda g: g.addr[0] == addr[0],
+                 GATE_PREFIX_FULL: lambda g: gate_prefix(g.addr[0]) == gate_prefix(addr[0])}.get(refused[1], None)
+        victims = [g for g in silent if under is None or under(g)]
         if victims:
             victim = min(victims, key=lambda g: g.t)
             r.stats.errors["silent greeting reset for a newcomer"] += 1

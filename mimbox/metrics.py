@@ -120,6 +120,7 @@ REQUEST_TIMEOUT = 2.0     # seconds a scraper has to send its request, and to re
 MAX_REQUEST = 8192        # bytes of a request's head
 CACHE = 0.5               # seconds one reading of the workers serves every scrape
 METRICS_NAME = "mimbox-metrics"   # the process's name (/proc/PID/comm)
+STARTUP_TIMEOUT = 10.0    # seconds the metrics process may take to be confined and serving
 
 
 class MetricsProcess:
@@ -160,6 +161,7 @@ class MetricsProcess:
                 else:
                     from mimbox.workers import die_with_parent
                     die_with_parent(parent)
+                child.send(b"R")                  # confined: the supervisor may go on
                 serve(self.listener, child)
                 code = 0
             except BaseException:
@@ -168,6 +170,14 @@ class MetricsProcess:
                 os._exit(code)
         child.close()
         self.listener.close()
+        self.sock.settimeout(STARTUP_TIMEOUT)
+        try:
+            ready = self.sock.recv(16)
+        except OSError:
+            ready = b""
+        if ready != b"R":
+            self.close()
+            raise RuntimeError(f"metrics at {address}: its process did not start (see the log)")
         self.sock.setblocking(False)
         self.last, self.answer = -CACHE, b""
         log.info("metrics at http://%s/metrics (process %d)", hostport(host, port), self.pid)

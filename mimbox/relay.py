@@ -401,7 +401,7 @@ class Relay:
         if kind == EV_ACCEPTED:            # convert mode: its message says where it goes (counted by the core)
             cs = socket.socket(fileno=ev.fd)
             cs.setblocking(False)
-            self.greetings.accepted(cs, addr, full=ev.detail != 0)   # detail: the gate's cap it met
+            self.greetings.accepted(cs, addr, full=ev.detail)   # detail: the gate's cap it met (GATE_*)
             return
         dst = addr_of(ev.daddr, ev.dport)
         if kind == EV_CLOSED:              # --access-log

@@ -420,6 +420,9 @@ class Supervisor:
                     else:
                         self._on_control(next(w for w, c in self.controls.items() if c is sock))
                 for w, status in self._reap():
+                    if self.stopping and status == 0:      # the signal reached the workers too (Ctrl-C)
+                        log.info("worker %d drained", w)
+                        continue
                     log.error("worker %d exited (%s): stopping the converter", w, describe_exit(status))
                     code = 1
                     self.stopping = True

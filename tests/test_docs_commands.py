@@ -133,8 +133,9 @@ def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, clien
     ipv6_dstopt = client is not None and "[2001:db8" in client and option(argv, "--mode") == "explicit"
     log = tmp_path / "run.log"
     with open(log, "w") as f:
+        # (mnexec -d: a session of its own, so the signal below reaches its whole group)
         run = tb.mbox.popen(["sh", "-c", f"PATH={BIN}:$PATH; exec {shlex.join(argv)}"], stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "mimbox ready" in log.read_text() or run.poll() is not None, 30, f"{where}: ready")
         assert "mimbox ready" in log.read_text(), log.read_text()[-2000:]
@@ -150,7 +151,7 @@ def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, clien
     finally:
         if ipv6_dstopt:
             tb.client.cmd("sysctl -qw net.ipv4.tcp_timestamps=1")
-        os.killpg(run.pid, signal.SIGTERM)
+        os.kill(run.pid, signal.SIGTERM)            # as a service manager stops it (the supervisor)
         try:
             run.wait(timeout=40)
         except subprocess.TimeoutExpired:

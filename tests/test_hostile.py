@@ -218,8 +218,10 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
         assert readline(crowd, timeout=60).split() == ["opened", "5000"]
         drops = paper_tb.mbox.cmd("nstat -z TcpExtListenOverflows TcpExtListenDrops TcpExtTCPReqQFullDrop "
                                   "TcpExtSyncookiesSent TcpExtTCPFastOpenListenOverflow")
-        wait_for(lambda: conv.stats()["refused"].get("pending limit", 0) >= 5000 - 64 - 16, 30,
-                 "the crowd's connections beyond the cap refused")
+        # beyond the caps each newcomer resets the oldest silent greeting of its address (or is refused)
+        wait_for(lambda: (lambda st: st["refused"].get("pending limit", 0) + st["errors"].get(
+            "silent greeting reset for a newcomer", 0))(conv.stats()) >= 5000 - 64 - 16, 30,
+                 "the crowd's connections beyond the cap reset or refused")
         held = conv.stats()
         fds_held = converter_fds(conv) - held["spares"]
         with_crowd = requests(3.0)

@@ -40,9 +40,10 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 	struct core_event *e;
 
 	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, f, &why) >= 0) {
-		if (why.cause == CAUSE_PENDING_LIMIT && why.detail != GATE_ADDRESS_FULL && (e = emit(c, EV_ACCEPTED))) {
-			/* its prefix's cap, or the worker's: Python resets the oldest silent greeting there to
-			 * make room (mimbox.greetings), then core_greeting_admit(); or refuses it */
+		if (why.cause == CAUSE_PENDING_LIMIT && (e = emit(c, EV_ACCEPTED))) {
+			/* a cap of the gate (detail: which): Python admits it once the greetings before it in this
+			 * batch are read, or resets the oldest silent greeting under that cap to make room
+			 * (mimbox.greetings), then core_greeting_admit(); or refuses it */
 			e->fd = cfd;
 			e->cause = why.cause;
 			e->detail = why.detail;
@@ -83,14 +84,16 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 	event_flow(e, f);
 }
 
-/* Python made room for a greeting from caddr (it reset an older silent one): -1 admitted (it is a
- * greeting now, as if greet() had admitted it), else the CAUSE_* that refuses it (counted; *detail) */
-int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, int *detail)
+/* A greeting from caddr the gate had turned away, admitted now that room may have been made (the
+ * greetings before it read, or an older silent one reset by Python): -1 admitted (it is a greeting
+ * now, as if greet() had admitted it), else the CAUSE_* that refuses it (*detail; counted if count) */
+int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, int count, int *detail)
 {
 	struct flow f = {.caddr = addr_load(caddr), .cport = cport};
 	struct refusal why;
 	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0) {
-		refused(c, &why, 1, &f);
+		if (count)
+			refused(c, &why, 1, &f);
 		*detail = why.detail;
 		return why.cause;
 	}

@@ -267,8 +267,8 @@ int gate_size(struct core *c, int pending_limit)
 	return 0;
 }
 
-/* GATE_OPEN, or which cap a newcomer from caddr meets: pending_limit in all, pending_per_prefix from
- * its /24 or /64, pending_per_address from its address */
+/* GATE_OPEN, or which cap a newcomer from caddr meets (GATE_*, mimbox/core.py): pending_limit in
+ * all, pending_per_prefix from its /24 or /64, pending_per_address from its address */
 int gate_open(struct core *c, const struct in6_addr *caddr)
 {
 	struct gate_count *p = gate_slot(c->gate, c->gate_slots, gate_prefix(caddr), 0);

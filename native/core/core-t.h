@@ -73,15 +73,6 @@ enum admit_check {
 	ADMIT_LIMIT = 1 << 4,		/* a place under the workers' shared connection limit: taken if admitted */
 };
 
-/* What the gate says of a newcomer (admit.c gate_open): the cap it meets, if any. */
-enum gate_verdict {
-	GATE_OPEN = 0,		/* under every cap */
-	GATE_FULL,		/* pending_limit: the worker's held SYNs and greetings in all */
-	GATE_PREFIX_FULL,	/* pending_per_prefix: from its /24 or /64 (convert mode: the prefix's oldest
-				 * silent greeting may make room, mimbox.greetings) */
-	GATE_ADDRESS_FULL,	/* pending_per_address: from its own address */
-};
-
 /* A client and where it goes, network order (daddr :: or 0.0.0.0: not known yet); addr.h says how
  * both families are held. */
 struct flow {

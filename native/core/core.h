@@ -49,7 +49,7 @@ CORE_API int core_link(struct core *c, int worker, int fd);
 CORE_API int core_worker_of_port(int sport, int workers);		/* host order */
 CORE_API void core_greeting_end(struct core *c, const uint8_t *caddr, int keep_admission);
 CORE_API int core_greetings(struct core *c);
-CORE_API int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, int *detail);
+CORE_API int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, int count, int *detail);
 CORE_API int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr, uint16_t cport, const uint8_t *daddr,
 				  uint16_t dport, double t, const char *reply, uint32_t reply_len, const char *early,
 				  uint32_t early_len, int *detail, int *err);
