@@ -258,27 +258,6 @@ def local_subnets() -> list[str]:
     return [str(n) for n in nets if not n.is_loopback and not n.is_link_local]
 
 
-def local_destinations(ipr=None) -> tuple[list[str], list[str]]:
-    """What the kernel routes to this host itself (RTN_LOCAL routes of the local table, both
-    families; pyroute2): (addresses, shorter prefixes: AnyIP's `ip route add local PREFIX`).
-    ipr: a pyroute2 IPRoute to ask (a worker's own, opened before it dropped its privileges), else
-    one made for this call."""
-    import contextlib
-    import socket
-
-    from pyroute2 import IPRoute
-    RTN_LOCAL, RT_TABLE_LOCAL = 2, 255
-    addrs, nets = [], []
-    with (contextlib.nullcontext(ipr) if ipr is not None else IPRoute()) as ipr:
-        for family, full in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
-            for r in ipr.get_routes(family=family, table=RT_TABLE_LOCAL):
-                if r["type"] != RTN_LOCAL or r.get_attr("RTA_TABLE", r["table"]) != RT_TABLE_LOCAL:
-                    continue
-                dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-                (addrs.append(dst) if r["dst_len"] == full else nets.append(f"{dst}/{r['dst_len']}"))
-    return addrs, nets
-
-
 def local_addresses() -> list[str]:
     """Every address of this host, both families (the converter never relays to itself)."""
     return [a.partition("%")[0] for a, _ in _addresses()]

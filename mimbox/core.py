@@ -232,7 +232,8 @@ def load() -> ctypes.CDLL:
                             ctypes.c_char_p, U32]),
            "core_policy": (I, [P, I, A, I]), "core_rule": (I, [P, I, A, I, I, I]),
            "core_greeting_end": (None, [P, A, I]), "core_greetings": (I, [P]),
-           "core_greeting_admit": (I, [P, A, U16, I, ctypes.POINTER(ctypes.c_int)]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
+           "core_greeting_admit": (I, [P, A, U16, I, ctypes.POINTER(ctypes.c_int)]),
+           "core_own_refresh": (I, [P, I]), "core_own_count": (I, [P, I]), "core_refusal": (I, [P, A, A, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_convert_connect": (I, [P, I, A, U16, A, U16, ctypes.c_double, ctypes.c_char_p, U32,
                                         ctypes.c_char_p, U32, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
            "core_gate": (I, [P, A]), "core_gate_hold": (None, [P, A, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
@@ -366,9 +367,10 @@ class Core:
         self.cfg = cfg
 
     def policy(self, policy, reset: bool = False) -> None:
-        """Who may go where: a mimbox.safety.Policy's allowed clients, destination rules (in order)
-        and this host's own destinations (reset: instead of the ones given before). Raises
-        ValueError past the rules table or when memory runs out (the converter does not start)."""
+        """Who may go where: a mimbox.safety.Policy's allowed clients and destination rules (in order;
+        reset: instead of the ones given before). This host's own destinations are the core's to read
+        (own_refresh), or given by own_addresses. Raises ValueError past the rules table or when
+        memory runs out (the converter does not start)."""
         if reset:
             self.lib.core_policy(self.ptr, POLICY["FORGET"], None, 0)
         for n in policy.allow_clients:
@@ -377,12 +379,11 @@ class Core:
         for r in policy.rules:
             if self.lib.core_rule(self.ptr, int(r.allow), *addrs.prefix(r.net), r.ports[0], r.ports[1]) < 0:
                 raise ValueError("too many destination rules (at most 256)")
-        self.own_addresses(policy.own, policy.own_nets)
 
     def own_addresses(self, own, nets=()) -> None:
-        """This host's own destinations, anew: addresses and shorter local routes, all of them (they
-        are never a destination). If they cannot all be held (no memory), the core refuses every
-        destination until a later listing succeeds, and OSError says so."""
+        """This host's own destinations given, instead of read from the kernel (own_refresh): for a
+        core without a route socket (tests, the fuzz harness). If they cannot all be held (no
+        memory), the core refuses every destination, and OSError says so."""
         self.lib.core_policy(self.ptr, POLICY["OWN_FORGET"], None, 0)
         for a in own:
             r = self.lib.core_policy(self.ptr, POLICY["OWN"], addrs.packed(a), 128)
@@ -393,6 +394,15 @@ class Core:
             if r < 0:
                 raise OSError(-r, f"this host's {len(nets)} local routes: every destination is refused")
         self.lib.core_policy(self.ptr, POLICY["OWN_DONE"], None, 0)
+
+    def own_refresh(self, nlfd: int) -> tuple[int, int]:
+        """This host's own destinations, listed anew from the kernel's local routing table (native/
+        core/own.c) over `nlfd`, a NETLINK_ROUTE socket used for nothing else: (addresses, shorter
+        local routes). OSError if the listing failed: every destination is refused until one succeeds."""
+        r = self.lib.core_own_refresh(self.ptr, nlfd)
+        if r < 0:
+            raise OSError(-r, f"listing this host's own addresses: {os.strerror(-r)}")
+        return self.lib.core_own_count(self.ptr, 0), self.lib.core_own_count(self.ptr, 1)
 
     def greeting_end(self, client: str, keep_admission: bool) -> None:
         """Convert mode: Python is done with a greeting (native/core/accept.c)."""

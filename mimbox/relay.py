@@ -28,10 +28,11 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 
 from mimbox import addrs, mptcp, privileges
-from mimbox.config import Config, hostport, local_destinations
+from mimbox.config import Config, hostport
 from mimbox.core import (
     CAUSES,
     ETIME,
@@ -41,7 +42,6 @@ from mimbox.core import (
     EV_GIVEBACK,
     EV_CLOSED,
     EV_REFUSED,
-    POLICY,
     Core,
     CoreConfig,
     addr_of,
@@ -59,6 +59,22 @@ log = logging.getLogger("mimbox")
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
+
+
+def route_dump_socket() -> socket.socket:
+    """A NETLINK_ROUTE socket for the core's dumps of the local table (native/core/own.c): blocking,
+    with a receive timeout (a dump that never ends fails, and the core refuses every destination),
+    the kernel filtering the dump by table (NETLINK_GET_STRICT_CHK)."""
+    SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 2, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    try:
+        s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    except OSError:
+        pass                  # an older kernel dumps every table: the core keeps the local one only
+    s.bind((0, 0))
+    return s
 
 
 def static_upstream(cfg: Config) -> tuple[str, int] | None:
@@ -115,7 +131,8 @@ class Relay:
         self.health_sock: socket.socket | None = None
         self.address_watch: AddressWatch | None = None
         self.own_failed = False          # this host's own destinations could not be listed: all refused
-        self.routes = None               # pyroute2 IPRoute: this host's own destinations, read
+        self.routes = None               # a netlink socket: this host's own destinations, read (own.c)
+        self.own_counts = None           # (addresses, local routes) last listed
         self.answers = Answers()          # `mimbox stats` answers on their way
         self.control = control
 
@@ -177,9 +194,8 @@ class Relay:
             # netlink route sockets that can read, never change, addresses, routes or links: made
             # without CAP_NET_ADMIN in force, which a SYN-holding worker keeps (mimbox.privileges)
             with privileges.without("CAP_NET_ADMIN"):
-                from pyroute2 import IPRoute
                 self.address_watch = AddressWatch()
-                self.routes = IPRoute()
+                self.routes = route_dump_socket()
             self.core.watch(self.address_watch.fileno(), select.EPOLLIN)
             if self.control is not None:
                 self.core.watch(self.control.fileno(), select.EPOLLIN)
@@ -431,12 +447,8 @@ class Relay:
         (the policy and the core). If they cannot be read or held, every destination is refused
         until they can (fail closed), said once."""
         try:
-            changed = self.policy.set_own(*local_destinations(self.routes))
-            if changed:
-                self.core.own_addresses(self.policy.own, self.policy.own_nets)
+            counts = self.core.own_refresh(self.routes.fileno())
         except OSError as e:
-            self.core.lib.core_policy(self.core.ptr, POLICY["OWN_FORGET"], None, 0)   # incomplete: closed
-            self.policy.own = set()
             if not self.own_failed:
                 log.error("this host's own addresses could not be listed (%s): every destination is refused "
                           "until they can", e)
@@ -445,10 +457,10 @@ class Relay:
         if self.own_failed:
             log.info("this host's own addresses listed again: serving")
             self.own_failed = False
-        if changed:
-            own = sorted(map(str, self.policy.own)) + sorted(map(str, self.policy.own_nets))
-            log.info("this host's own destinations (never a destination): %s%s", ", ".join(own[:8]),
-                     f" and {len(own) - 8} more" if len(own) > 8 else "")
+        if counts != self.own_counts:
+            self.own_counts = counts
+            log.info("this host's own destinations (never a destination): %d addresses, %d local routes",
+                     *counts)
 
     def _answer_health(self) -> None:
         """A health probe: the handshake completed, which is the answer; close at once."""

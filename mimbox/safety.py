@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mimbox.addrs import as_int, prefix_ints
-from mimbox.config import SafetyConfig, hostport, local_destinations, local_subnets
+from mimbox.config import SafetyConfig, hostport, local_subnets
 from mimbox.synpath import Cause
 
 # a denied destination's detail (else the index of the rule); as in C
@@ -129,10 +129,8 @@ class Policy:
     def from_config(cls, cfg: SafetyConfig, upstream: tuple[str, int] | None = None) -> "Policy":
         """The policy of a configuration; upstream: static mode's server (allowed unless denied)."""
         allow = cfg.allow_clients or collapsed(local_subnets())
-        own, nets = local_destinations()
         return cls(allow_clients=[ipaddress.ip_network(n, strict=False) for n in allow],
-                   rules=destination_rules(cfg, upstream), own={ipaddress.ip_address(a) for a in own},
-                   own_nets=[ipaddress.ip_network(n) for n in nets])
+                   rules=destination_rules(cfg, upstream))    # (own destinations: the core reads them)
 
     def static_refusal(self, upstream: tuple[str, int]) -> str | None:
         """Static mode: why every connection would be refused (the upstream is denied), or None."""

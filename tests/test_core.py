@@ -49,7 +49,9 @@ def make(**kw) -> Core:
                      pending_per_prefix=2, pending_per_address=2, handshake_timeout=15.0, server_mptcp_retry=300.0)
     for k, v in kw.items():
         setattr(cfg, k, v)
-    return Core(cfg)
+    c = Core(cfg)
+    c.own_addresses(())          # no own destinations (a product core reads them: own_refresh)
+    return c
 
 
 def test_generated_header_is_current():
@@ -260,6 +262,7 @@ def test_policy_agrees_with_the_python_spec():
     c = make()
     try:
         c.policy(spec)
+        c.own_addresses(spec.own)
         rng = random.Random(3)
         pool = ["10.0.1.%d", "10.0.2.%d", "192.168.7.%d", "127.0.0.%d", "10.0.200.%d", "224.0.0.%d",
                 "169.254.1.%d", "0.0.0.%d", "10.0.101.%d", "8.8.8.%d", "100.64.3.%d", "10.200.0.%d",
@@ -292,6 +295,7 @@ def test_own_destinations_are_all_held_and_anyip_counts():
     c = make()
     try:
         c.policy(spec)
+        c.own_addresses(spec.own, spec.own_nets)
         for dst in ("10.80.0.0", "10.80.1.0", "10.80.35.39", "2001:db8:77::3e7", "198.51.100.77", "2001:db8:99:5::1"):
             client = "2001:db8:1::5" if ":" in dst else "10.0.1.5"
             assert c.refusal(client, (dst, 80)) == (Cause.DESTINATION_DENIED, DENIED_OWN) == \

@@ -460,6 +460,55 @@ def test_every_own_address_and_anyip_route_is_refused(paper_tb):
                    "0 connections (Not Authorized each; an unrouted 10.99.0.1 was tried: Destination Unreachable)")
 
 
+OWN = r"""
+import json, socket, subprocess, sys
+from mimbox import core
+from mimbox.config import Config
+from mimbox.relay import route_dump_socket
+from mimbox.synplan import core_config
+from types import SimpleNamespace
+sh = lambda c: subprocess.run(c, shell=True, check=True, capture_output=True, text=True).stdout
+sh("ip link set lo up; ip link add d0 type veth peer name d1; ip link set d0 up; ip link set d1 up")
+sh("ip addr add 192.0.2.7/24 dev d0; ip addr add 198.51.100.9/32 dev lo; ip addr add 203.0.113.1/28 dev lo")
+sh("ip addr add 2001:db8:7::7/64 dev d0 nodad; ip route add local 10.250.0.0/16 dev lo")
+sh("ip -6 route add local 2001:db8:99::/48 dev lo")
+c = core.Core(core_config(Config(), worker=0, workers=1, fd_capacity=64, admission=SimpleNamespace(address=lambda: None, limit=64),
+                          held=None, syns_queued=False, recorder_fd=-1))
+import ipaddress
+c.policy(SimpleNamespace(allow_clients=[ipaddress.ip_network("::/0")], rules=[]))   # every client; no rule
+nl = route_dump_socket()
+counts = c.own_refresh(nl.fileno())
+out = {"counts": counts, "verdicts": {}}
+for dst in sys.argv[1:]:
+    kernel = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True).stdout.startswith("local ")
+    core_says = c.refusal("::1", (dst, 80))
+    out["verdicts"][dst] = [kernel, core_says is not None and core_says[1] == -1]
+sh("ip addr add 192.0.2.8/32 dev d0")                 # one more: listed anew
+out["after"] = c.own_refresh(nl.fileno())
+out["added"] = c.refusal("::1", ("192.0.2.8", 80)) is not None
+print(json.dumps(out))
+"""
+
+
+def test_own_destinations_are_what_the_kernel_routes_locally():
+    """Issue 36 finding 1: "own" was a copy of the first 256 addresses; local routes that are no
+    address (AnyIP) were not the host's own. The core now lists the local routing table itself: in a
+    namespace of its own, for addresses on a link and on lo (whose whole prefix is local), AnyIP
+    routes of both families and other destinations, the core refuses exactly what `ip route get`
+    calls local, and an address added later once it lists again."""
+    dsts = ["192.0.2.7", "192.0.2.9", "198.51.100.9", "198.51.100.10", "203.0.113.5", "203.0.113.17",
+            "10.250.3.4", "10.251.0.1", "127.0.0.5", "2001:db8:7::7", "2001:db8:7::8", "2001:db8:99:1::5",
+            "2001:db8:98::1", "::1"]
+    p = subprocess.run(["unshare", "--net", PY, "-c", OWN, *dsts], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    wrong = {d: v for d, v in out["verdicts"].items() if v[0] != v[1]}
+    assert not wrong, wrong                                   # [kernel says local, core refuses as own]
+    assert sum(k for k, _ in out["verdicts"].values()) >= 8, out
+    assert out["added"] and out["after"][0] == out["counts"][0] + 1, out
+
+
 @pytest.mark.parametrize("reader", ["bpf", "core"])
 def test_first_dstopt_wins(paper_tb, reader):
     """Explicit mode, SYNs answered by the kernel (their DST_OPT read by the BPF recorder, or by the

@@ -40,89 +40,10 @@ void admission_return(struct core *c)
  * (an IPv4 /24 is /120). Every table grows as it is filled: a table that cannot grow (no memory)
  * answers -ENOMEM and the caller refuses to start, or the own table stays incomplete and every
  * destination is refused (fail closed), never a silent truncation. */
-static int grow(void **p, int *cap, int need, size_t size)
-{
-	void *q;
-	int n = *cap ? *cap : 16;
-	if (need <= *cap)
-		return 0;
-	while (n < need)
-		n *= 2;
-	q = realloc(*p, (size_t)n * size);
-	if (!q)
-		return -ENOMEM;
-	*p = q;
-	*cap = n;
-	return 0;
-}
-
-static uint32_t own_hash(const struct in6_addr *a)
-{
-	uint64_t h[2];
-	addr_halves(a, h);
-	return (uint32_t)mix64(h[0] ^ mix64(h[1]));
-}
-
-static void own_put(struct own_table *t, const struct in6_addr *a)
-{
-	uint32_t mask = t->nslots - 1, i = own_hash(a) & mask;
-	for (;; i = (i + 1) & mask) {
-		if (addr_eq(&t->slots[i], a))
-			return;
-		if (IN6_IS_ADDR_UNSPECIFIED(&t->slots[i])) {
-			t->slots[i] = *a;
-			t->n++;
-			return;
-		}
-	}
-}
-
-static int own_add(struct own_table *t, const struct in6_addr *a, int len)
-{
-	if (len < 128) {
-		if (grow((void **)&t->nets, &t->nets_cap, t->nnets + 1, sizeof(*t->nets)))
-			return -ENOMEM;
-		t->nets[t->nnets++] = prefix_make(a, len);
-		return 0;
-	}
-	if (IN6_IS_ADDR_UNSPECIFIED(a))
-		return 0;		/* never a destination anyway (the NEVER rules) */
-	if (2 * (t->n + 1) > t->nslots) {	/* grow: at most half full */
-		struct own_table bigger = *t;
-		bigger.nslots = t->nslots ? 2 * t->nslots : 64;
-		bigger.slots = calloc(bigger.nslots, sizeof(*bigger.slots));
-		if (!bigger.slots)
-			return -ENOMEM;
-		bigger.n = 0;
-		for (int i = 0; i < t->nslots; i++)
-			if (!IN6_IS_ADDR_UNSPECIFIED(&t->slots[i]))
-				own_put(&bigger, &t->slots[i]);
-		free(t->slots);
-		*t = bigger;
-	}
-	own_put(t, a);
-	return 0;
-}
-
-static int own_has(const struct own_table *t, const struct in6_addr *a)
-{
-	if (t->nslots) {
-		uint32_t mask = t->nslots - 1, i = own_hash(a) & mask;
-		for (; !IN6_IS_ADDR_UNSPECIFIED(&t->slots[i]); i = (i + 1) & mask)
-			if (addr_eq(&t->slots[i], a))
-				return 1;
-	}
-	for (int i = 0; i < t->nnets; i++)
-		if (prefix_has(&t->nets[i], a))
-			return 1;
-	return 0;
-}
-
 void policy_free(struct core *c)
 {
 	free(c->allow);
-	free(c->own.slots);
-	free(c->own.nets);
+	own_free(&c->own);
 }
 
 /* mimbox.core.POLICY_*: a client prefix allowed; one of this host's own destinations (an address, or
@@ -133,10 +54,7 @@ int core_policy(struct core *c, int kind, const uint8_t *net, int len)
 	struct in6_addr a;
 	switch (kind) {
 	case POLICY_OWN_FORGET:
-		if (c->own.nslots)
-			memset(c->own.slots, 0, c->own.nslots * sizeof(*c->own.slots));
-		c->own.n = c->own.nnets = 0;
-		c->own.complete = 0;
+		own_forget(&c->own);
 		return 0;
 	case POLICY_OWN_DONE:
 		c->own.complete = 1;

@@ -139,12 +139,19 @@ struct rule { struct prefix p; uint16_t lo, hi; int32_t allow; };	/* ports host 
 struct gate_count { uint64_t prefix; int32_t n; };	/* gate_prefix() + 1 (0: never used) */
 
 /* This host's own destinations, as the kernel's local routing table lists them (RTN_LOCAL: every
- * address, and AnyIP's `ip route add local PREFIX`): grown as needed, never truncated. */
-struct own_table {
-	struct in6_addr *slots;		/* addresses (open addressing, :: empty), at most half full */
+ * address, and AnyIP's `ip route add local ...`): one set of masked addresses per prefix length in
+ * use, so a lookup costs one probe per length (usually one or two), whatever the count; grown as
+ * needed, never truncated (own.c). */
+struct own_set {
+	struct in6_addr *slots;		/* open addressing, :: empty, at most half full */
 	int nslots, n;
-	struct prefix *nets;		/* local routes shorter than one address */
-	int nnets, nets_cap;
+	uint8_t has_zero;		/* :: itself is in the set (a prefix of zeros) */
+};
+struct own_table {
+	struct own_set by_len[129];	/* [length over 16 bytes]: the masked addresses of that length */
+	uint8_t lens[129];		/* the lengths in use, in the order first seen */
+	int nlens;
+	int naddrs, nnets;		/* routes of one address (128), and shorter ones */
 	int complete;			/* 0: being listed anew, or a listing failed: every destination refused */
 };
 
@@ -187,7 +194,8 @@ struct core {
 	int nallow, allow_cap;
 	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
 	int nrules;
-	struct own_table own;			/* never a destination (refreshed by Python on netlink news) */
+	struct own_table own;			/* never a destination (own.c; refreshed on netlink news) */
+	uint32_t own_seq;			/* own.c: the sequence number of its last dump request */
 	/* destinations (dest.c) */
 	struct destination *dests;
 	/* accept (accept.c) */

@@ -10,6 +10,7 @@
  *                 the loop ............. loop.c      once a second ............ timers.c
  *                 counters, ABI ........ stats.c     set-up, reload, free ..... setup.c
  *                 a crash resets ....... keeper.c     both families ............ addr.h
+ *                 this host's own ...... own.c
  */
 #pragma once
 #include <stdint.h>
@@ -38,6 +39,10 @@ CORE_API int core_gate(struct core *c, const uint8_t *caddr);
 CORE_API void core_gate_hold(struct core *c, const uint8_t *caddr, int on);
 CORE_API int core_admit(int64_t *counter, int64_t limit);
 CORE_API void core_unadmit(int64_t *counter);
+
+/* own.c: this host's own destinations, from the kernel's local table */
+CORE_API int core_own_refresh(struct core *c, int nlfd);
+CORE_API int core_own_count(struct core *c, int which);
 
 /* synq.c, synopt.c */
 CORE_API int core_queue(struct core *c, int num);
