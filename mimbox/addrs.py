@@ -75,9 +75,10 @@ def source_bad(addr, wire_v6: bool = False, to_loopback: bool = False) -> bool:
     return int(a) >> 32 == 0 or a.is_multicast
 
 
-def gate_prefix(addr) -> str:
-    """The client prefix the core's gate counts by (native/core/addr.h gate_prefix): an IPv4 /24 or
-    an IPv6 /64."""
-    a = ipaddress.ip_address(addr)
-    a = a.ipv4_mapped or a if a.version == 6 else a
-    return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))
+def gate_prefix(addr: str) -> bytes:
+    """The client prefix the core's gate counts by (native/core/addr.h gate_prefix), as a key: an
+    IPv4 /24 (3 bytes) or an IPv6 /64 (8 bytes). Per greeting: no ipaddress parse."""
+    if ":" not in addr:
+        return socket.inet_aton(addr)[:3]
+    raw = socket.inet_pton(socket.AF_INET6, addr.partition("%")[0])
+    return raw[12:15] if raw[:12] == V4_MAPPED else raw[:8]

@@ -45,6 +45,9 @@ class Greetings:
     def __init__(self, relay):
         self.relay = relay
         self.by_fd: dict[int, converting.Greeting] = {}
+        # greetings that have not sent a byte yet, by client prefix, oldest first (dicts keep order):
+        # what a newcomer beyond a cap may reset, found without a scan
+        self.silent: dict[bytes, dict[int, converting.Greeting]] = {}
 
     def __contains__(self, fd: int) -> bool:
         return fd in self.by_fd
@@ -60,9 +63,17 @@ class Greetings:
         if full and not self._make_room(cs, addr, full):
             return
         g = converting.Greeting(cs, addr, time.monotonic())
+        g.prefix = gate_prefix(addr[0])
         self.by_fd[cs.fileno()] = g
+        self.silent.setdefault(g.prefix, {})[cs.fileno()] = g
         self.relay.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._read(g)              # with TFO the message came in the SYN: it is there already
+
+    def _spoke(self, g: converting.Greeting) -> None:
+        """g is silent no more (its first bytes came, or it ended)."""
+        same = self.silent.get(g.prefix)
+        if same is not None and same.pop(g.sock.fileno(), None) is not None and not same:
+            del self.silent[g.prefix]
 
     def _make_room(self, cs: socket.socket, addr, cap: int) -> bool:
         """Admit addr now if the greetings before it have left (a batch of accepts is counted before
@@ -73,10 +84,14 @@ class Greetings:
         refused = r.core.greeting_admit(addr, count=False)
         if refused is None:
             return True
-        silent = [g for g in self.by_fd.values() if g.counted and g.reply is None and not g.buf]
-        under = {GATE_ADDRESS_FULL: lambda g: g.addr[0] == addr[0],
-                 GATE_PREFIX_FULL: lambda g: gate_prefix(g.addr[0]) == gate_prefix(addr[0])}.get(refused[1], None)
-        victims = [g for g in silent if under is None or under(g)]
+        mine = self.silent.get(gate_prefix(addr[0]), {})
+        if refused[1] == GATE_ADDRESS_FULL:
+            victims = [next((g for g in mine.values() if g.addr[0] == addr[0]), None)]
+        elif refused[1] == GATE_PREFIX_FULL:
+            victims = [next(iter(mine.values()), None)]
+        else:                            # the worker's cap: the oldest silent one of any prefix
+            victims = [next(iter(same.values())) for same in self.silent.values()]
+        victims = [g for g in victims if g is not None]
         if victims:
             victim = min(victims, key=lambda g: g.t)
             r.stats.errors["silent greeting reset for a newcomer"] += 1
@@ -120,6 +135,8 @@ class Greetings:
         if not data:
             self._drop(g)                # gone before its message was complete
             return
+        if not g.buf:
+            self._spoke(g)
         try:
             msg = g.feed(data)
             if msg is None:
@@ -176,6 +193,8 @@ class Greetings:
         return sum(1 for g in self.by_fd.values() if not g.counted)
 
     def _drop(self, g: converting.Greeting, rst: bool = False) -> None:
+        if g.counted and not g.buf:
+            self._spoke(g)
         if self.by_fd.pop(g.sock.fileno(), None) is not None:
             self.relay.core.unwatch(g.sock.fileno())
             if g.counted:

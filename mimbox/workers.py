@@ -330,7 +330,14 @@ class Supervisor:
             self.notify("READY=1")
 
     def _send_config(self, cfg: Config) -> list[str]:
-        """Send `cfg` to every worker and wait for each answer; what went wrong, per worker."""
+        """Send `cfg` to every worker and wait for each answer; what went wrong, per worker. The
+        default allowed clients (this host's subnets) are read here: a confined worker may not open
+        a netlink socket (mimbox.privileges)."""
+        if not cfg.safety.allow_clients:
+            from mimbox.config import local_subnets
+            from mimbox.safety import collapsed
+            cfg = dataclasses.replace(cfg, safety=dataclasses.replace(
+                cfg.safety, allow_clients=tuple(collapsed(local_subnets()))))
         payload = b"C" + pickle.dumps(cfg)
         waiting, failed = set(), []
         for w, sock in self.controls.items():

@@ -24,8 +24,9 @@ TOKEN = "mimbox-docs-page"
 BIN = os.path.dirname(sys.executable)       # where `mimbox` is (the venv), for the namespaces' shells
 
 
-def shown() -> list[tuple[str, str, str | None]]:
-    """(where, run line, the client line that follows it in its block or None), as written."""
+def shown() -> list[tuple[str, str, str | None, str | None]]:
+    """(where, run line, the client line that follows it in its block or None, the block's `mimbox
+    stats` line if this is the block's last converter, else None), as written."""
     out = []
     for doc in DOCS:
         with open(os.path.join(ROOT, doc)) as f:
@@ -38,7 +39,11 @@ def shown() -> list[tuple[str, str, str | None]]:
                 nxt = next((x for x in lines[i + 1:] if x.startswith(("mimbox run", "mimbox client"))), None)
                 out.append((f"{doc}: {line.split('#')[0].strip()}", line,
                             nxt if nxt and nxt.startswith("mimbox client") else None))
-    return out
+            stats = [x for x in lines if x.startswith("mimbox stats")]
+            if stats and out and out[-1][1] in lines:     # the block's stats line, against its last converter
+                where, line, client = out[-1]
+                out[-1] = (where, line, client, stats[0])
+    return [o if len(o) == 4 else (*o, None) for o in out]
 
 
 def argv_of(line: str) -> list[str]:
@@ -124,8 +129,8 @@ def sh(host, line: str, timeout: float = 30) -> tuple[int, str]:
     return p.returncode, out
 
 
-@pytest.mark.parametrize("where,line,client", shown(), ids=[w for w, _, _ in shown()])
-def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, client):
+@pytest.mark.parametrize("where,line,client,stats", shown(), ids=[w for w, *_ in shown()])
+def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, client, stats):
     tb = docs_tb
     argv = argv_of(line)
     if any(w.startswith("/") or w == "PATH" for w in argv[2:]):
@@ -144,6 +149,9 @@ def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, clien
         for cmd in [shlex.join(argv_of(client))] if client else own_client(argv):
             code, out = sh(tb.client, cmd)
             assert code == 0 and TOKEN in out, f"{where}\n  client: {cmd}\n  -> {code} {out[-1500:]}"
+        if stats:                 # the block's `mimbox stats` line, as written, on the converter's host
+            code, out = sh(tb.mbox, shlex.join(argv_of(stats)))
+            assert code == 0 and "accepted" in out, f"{stats} -> {code} {out[-1500:]}"
         if option(argv, "--health-port"):
             code, out = sh(tb.client, f"{sys.executable} -c \"import socket;socket.create_connection(('10.0.1.2',"
                                       f"{option(argv, '--health-port')}),5).close();print('health ok')\"")

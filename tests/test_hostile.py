@@ -379,7 +379,8 @@ def test_neighbours_crowd_does_not_lock_out_the_real_client(paper_tb, family):
     assert share >= 0.9, real
     ledger.hostile(f"neighbours' crowd (convert mode, IPv{family})",
                    "16 addresses of the real client's own prefix, 8 silent connections each, always reopened",
-                   f"real client {share:.0%} of {real['done'] + real['failed']} requests through; "
+                   f"real client {share:.0%} of {real['done'] + real['failed']} requests through "
+                   f"({real['rate']:.0f}/s of 100 offered, slowest {real['slowest_s'] * 1000:.0f} ms); "
                    f"{st['errors'].get('silent greeting reset for a newcomer', 0)} silent greetings reset for "
                    f"newcomers, {st['errors'].get('convert client silent', 0)} at the silence deadline")
 

@@ -52,12 +52,13 @@ def error_for(cause: Cause) -> bytes:
 
 class Greeting:
     """An accepted client whose Convert message is (partly) still on its way."""
-    __slots__ = ("sock", "addr", "buf", "t", "msg", "reply", "counted")
+    __slots__ = ("sock", "addr", "buf", "t", "msg", "reply", "counted", "prefix")
 
     def __init__(self, sock: socket.socket, addr, now: float, counted: bool = True):
         self.sock, self.addr, self.buf, self.t, self.msg = sock, addr, b"", now, None
         self.reply: bytes | None = None     # an answer waiting for the client's handshake to complete
         self.counted = counted              # the core counts it (a greeting), else an answer only
+        self.prefix = b""                   # its client /24 or /64 (mimbox.greetings: silent ones by prefix)
 
     def feed(self, data: bytes) -> Message | None:
         """Add bytes; the message once complete (None before); ConvertError for a bad one."""
