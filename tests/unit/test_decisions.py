@@ -237,3 +237,24 @@ def test_local_addresses_match_ip_addr():
     assert sorted(local_addresses()) == sorted(a for a, _ in addrs)
     nets = [ipaddress.ip_network(f"{a}/{n}", strict=False) for a, n in addrs]
     assert sorted(local_subnets()) == sorted(str(n) for n in nets if not n.is_loopback and not n.is_link_local)
+
+
+def test_static_upstream_is_allowed_unless_denied_and_a_denied_one_is_said():
+    """Issue 36 finding 6: `mimbox run --mode static --upstream 10.0.101.1:80` (the README's own line)
+    refused every client (RFC 1918 denied by default). The operator's upstream is allowed; one they
+    deny themselves, or one that can never be a destination, is said at start."""
+    import ipaddress
+
+    from mimbox.config import SafetyConfig
+    from mimbox.safety import Policy, destination_rules
+    clients = [ipaddress.ip_network("10.0.1.0/24")]
+    up = ("10.0.101.1", 80)
+    plain = Policy(allow_clients=clients, rules=destination_rules(SafetyConfig()))
+    assert plain.decide("10.0.1.5", *up) is not None           # without the upstream rule: denied
+    p = Policy(allow_clients=clients, rules=destination_rules(SafetyConfig(), up))
+    assert p.decide("10.0.1.5", *up) is None and p.static_refusal(up) is None
+    assert p.decide("10.0.1.5", "10.0.101.1", 81) is not None   # that server and port, nothing else
+    denied = Policy(allow_clients=clients, rules=destination_rules(SafetyConfig(deny_dst=("10.0.101.0/24",)), up))
+    assert "--deny-destination" in denied.static_refusal(up)
+    loop = Policy(allow_clients=clients, rules=destination_rules(SafetyConfig(), ("127.0.0.1", 8080)))
+    assert "always" in loop.static_refusal(("127.0.0.1", 8080))
