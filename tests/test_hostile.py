@@ -356,12 +356,11 @@ def test_neighbours_crowd_does_not_lock_out_the_real_client(paper_tb, family):
     sink, crowd, conv = Sink(tb), None, MiMBox(mode="convert", workers=1)
     try:
         conv.start(tb, SINK_PORT)
-        crowd = tb.client.popen([PY, "-c", NEIGHBOURS, ",".join(srcs), tb.mbox_client_ip, str(conv.port), "8", "12"],
+        crowd = tb.client.popen([PY, "-c", NEIGHBOURS, ",".join(srcs), tb.mbox_client_ip, str(conv.port), "8", "7"],
                                 stdout=subprocess.PIPE, text=True)
         assert readline(crowd, timeout=30).split() == ["opened", "128"]
         wait_for(lambda: conv.stats()["greetings"] >= 60, 10, "the crowd holding its prefix's places")
-
-        p = tb.client.popen([PY, "-c", REQUESTS, tb.mbox_client_ip, str(conv.port), msg.hex(), "6", "2", "100"],
+        p = tb.client.popen([PY, "-c", REQUESTS, tb.mbox_client_ip, str(conv.port), msg.hex(), "3", "2", "100"],
                             stdout=subprocess.PIPE, text=True)
         out, _ = p.communicate(timeout=60)
         real = json.loads(out.strip().splitlines()[-1])
