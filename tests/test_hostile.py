@@ -471,7 +471,7 @@ sh = lambda c: subprocess.run(c, shell=True, check=True, capture_output=True, te
 sh("ip link set lo up; ip link add d0 type veth peer name d1; ip link set d0 up; ip link set d1 up")
 sh("ip addr add 192.0.2.7/24 dev d0; ip addr add 198.51.100.9/32 dev lo; ip addr add 203.0.113.1/28 dev lo")
 sh("ip addr add 2001:db8:7::7/64 dev d0 nodad; ip route add local 10.250.0.0/16 dev lo")
-sh("ip -6 route add local 2001:db8:99::/48 dev lo")
+sh("ip -6 route add local 2001:db8:99::/48 dev lo; sysctl -qw net.ipv6.conf.all.forwarding=1")  # + anycast
 c = core.Core(core_config(Config(), worker=0, workers=1, fd_capacity=64, admission=SimpleNamespace(address=lambda: None, limit=64),
                           held=None, syns_queued=False, recorder_fd=-1))
 import ipaddress
@@ -480,7 +480,8 @@ nl = route_dump_socket()
 counts = c.own_refresh(nl.fileno())
 out = {"counts": counts, "verdicts": {}}
 for dst in sys.argv[1:]:
-    kernel = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True).stdout.startswith("local ")
+    kernel = subprocess.run(["ip", "route", "get", dst], capture_output=True, text=True).stdout.startswith(
+        ("local ", "anycast "))
     core_says = c.refusal("::1", (dst, 80))
     out["verdicts"][dst] = [kernel, core_says is not None and core_says[1] == -1]
 sh("ip addr add 192.0.2.8/32 dev d0")                 # one more: listed anew
@@ -498,7 +499,7 @@ def test_own_destinations_are_what_the_kernel_routes_locally():
     calls local, and an address added later once it lists again."""
     dsts = ["192.0.2.7", "192.0.2.9", "198.51.100.9", "198.51.100.10", "203.0.113.5", "203.0.113.17",
             "10.250.3.4", "10.251.0.1", "127.0.0.5", "2001:db8:7::7", "2001:db8:7::8", "2001:db8:99:1::5",
-            "2001:db8:98::1", "::1"]
+            "2001:db8:98::1", "::1", "2001:db8:7::"]
     p = subprocess.run(["unshare", "--net", PY, "-c", OWN, *dsts], capture_output=True, text=True, timeout=60,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr[-2000:]

@@ -132,7 +132,8 @@ void own_free(struct own_table *t)
 		free(t->by_len[len].slots);
 }
 
-/* one RTM_NEWROUTE of the dump: 1 taken (an RTN_LOCAL route of the local table), 0 not ours, -errno */
+/* one RTM_NEWROUTE of the dump: 1 taken (an RTN_LOCAL or RTN_ANYCAST route of the local table), 0 not
+ * ours, -errno */
 static int own_route(struct own_table *t, const struct nlmsghdr *h)
 {
 	const struct rtmsg *r = NLMSG_DATA(h);
@@ -140,8 +141,8 @@ static int own_route(struct own_table *t, const struct nlmsghdr *h)
 	uint32_t table;
 	int len, alen = r->rtm_family == AF_INET ? 4 : 16;
 	if (h->nlmsg_len < NLMSG_LENGTH(sizeof(*r)) || (r->rtm_family != AF_INET && r->rtm_family != AF_INET6) ||
-	    r->rtm_type != RTN_LOCAL)
-		return 0;
+	    (r->rtm_type != RTN_LOCAL && r->rtm_type != RTN_ANYCAST))
+		return 0;	/* (anycast: IPv6's subnet-router addresses a forwarding host answers itself) */
 	table = r->rtm_table;
 	if (r->rtm_family == AF_INET)
 		a.s6_addr16[5] = 0xFFFF;	/* ::ffff:0.0.0.0 until RTA_DST says (addr.h) */
