@@ -104,8 +104,9 @@ class Probe:
 
 def scraping(tb, port: int, n: int) -> list:
     """`n` scrapers asking /metrics back to back (each line of their output: one scrape answered)."""
-    return [tb.mbox.popen(["sh", "-c", SCRAPER.format(port=port)], stdout=subprocess.PIPE, text=True,
-                          start_new_session=True) for _ in range(n)]
+    # (mnexec -d: each a session of its own, so stop() reaches its curl too)
+    return [tb.mbox.popen(["sh", "-c", SCRAPER.format(port=port)], stdout=subprocess.PIPE, text=True)
+            for _ in range(n)]
 
 
 def stop(scrapers: list) -> int:

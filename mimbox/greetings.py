@@ -19,8 +19,8 @@ import time
 
 from mimbox import rfc8803
 from mimbox.addrs import gate_prefix
-from mimbox.core import GATE_ADDRESS_FULL, GATE_PREFIX_FULL
 from mimbox.config import hostport
+from mimbox.core import GATE_ADDRESS_FULL, GATE_PREFIX_FULL
 from mimbox.redirect import convert as converting
 from mimbox.synpath import Cause, refusal_reason
 from mimbox.timers import due
@@ -102,8 +102,8 @@ class Greetings:
         cause = refused[0]
         if not victims:                  # (else the core counted it)
             r.stats.refused[cause.value] += 1
-        r.refusals.refused(cause, f"{hostport(*addr)} -> ? (after accept: {r.cfg.listener.pending_limit} "
-                                  f"greetings, none silent)")
+        r.refusals.refused(cause, f"{hostport(*addr)} -> ? (after accept: a cap of waiting clients, none of "
+                                  f"them silent to make room)")
         self.give_back(cs, addr, cause)   # RFC 8803: Resource Exceeded, once its handshake is complete
         return False
 
@@ -200,7 +200,10 @@ class Greetings:
             if g.counted:
                 self.relay.core.greeting_end(g.addr[0], keep_admission=False)
                 g.counted = False
-        reset(g.sock) if rst else g.sock.close()
+        if rst:
+            reset(g.sock)
+        else:
+            g.sock.close()
 
     def sweep(self, now: float) -> None:
         """Once a second (mimbox.timers decides): a message that never came is answered; an answer
