@@ -30,7 +30,7 @@ from topologies.testbed import PaperTopo, Testbed
 NAME = "scrapers"
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "0a69d45"        # the last commit with /metrics in the supervisor
-FULL = dict(idle=1000, samples=3000, reps=5, scrapers=16, settle=1.0, before=BEFORE)
+FULL = dict(idle=1000, samples=2000, reps=5, scrapers=16, settle=1.0, before=BEFORE)
 QUICK = dict(idle=300, samples=1000, reps=2, scrapers=16, settle=0.5, before=BEFORE)
 ECHO_PORT = 9500
 
@@ -69,13 +69,20 @@ for line in sys.stdin:
     if line.strip() != "measure":
         break
     rtts = []
-    for _ in range(samples):
-        t = time.perf_counter_ns()
-        probe.sendall(msg)
-        got = b""
-        while len(got) < 64:
-            got += probe.recv(64 - len(got))
-        rtts.append((time.perf_counter_ns() - t) / 1000)
+    try:
+        for _ in range(samples):
+            t = time.perf_counter_ns()
+            probe.sendall(msg)
+            got = b""
+            while len(got) < 64:
+                d = probe.recv(64 - len(got))
+                if not d:
+                    raise ConnectionError("end of stream")
+                got += d
+            rtts.append((time.perf_counter_ns() - t) / 1000)
+    except OSError as e:
+        print(json.dumps({"error": repr(e)}), flush=True)
+        break
     print(json.dumps(rtts), flush=True)
 """
 
@@ -95,7 +102,10 @@ class Probe:
     def measure(self) -> list[float]:
         self.proc.stdin.write("measure\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line.startswith("["):
+            raise RuntimeError(f"the measuring connection failed: {line!r} (exit {self.proc.poll()})")
+        return json.loads(line)
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -126,10 +136,11 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         echo = tb.server.popen([PY, "-c", ECHO % ECHO_PORT], stdout=subprocess.PIPE, text=True)
         assert echo.stdout.readline().strip() == "listening"
         now_port, before_port = ALLOCATE.port(), ALLOCATE.port()
-        systems = [MiMBox(mode="static", workers=1, extra=["--metrics", f"127.0.0.1:{now_port}"]),
+        # (idle connections are the load here: no idle timeout ends them mid-run)
+        systems = [MiMBox(mode="static", workers=1, extra=["--metrics", f"127.0.0.1:{now_port}", "--idle-timeout", "0"]),
                    MiMBoxBefore(tree, params["before"], mode="static", workers=1,
                                 extra=["--upstream", f"{tb.server_ip}:{ECHO_PORT}", "--allow-destination",
-                                       "10.0.0.0/8", "--metrics", f"127.0.0.1:{before_port}"])]
+                                       "10.0.0.0/8", "--metrics", f"127.0.0.1:{before_port}", "--idle-timeout", "0"])]
         metrics = {systems[0].name: now_port, systems[1].name: before_port}
         probes = {}
         try:
