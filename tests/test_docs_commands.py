@@ -167,3 +167,48 @@ def test_a_shown_command_relays_as_written(docs_tb, tmp_path, where, line, clien
             run.wait(timeout=10)
     rest = log.read_text()
     assert run.returncode == 0 and "every connection will be refused" not in rest, rest[-1500:]
+
+
+def set_up_lines() -> list[tuple[str, str, str]]:
+    """The other command lines of docs/running.md's blocks (the path manager, the ECMP recipe), as
+    written, with the host they run on: (where, host, line). Comment-only and continuation lines
+    are skipped; `mimbox run` lines are the test above's."""
+    with open(os.path.join(ROOT, "docs/running.md")) as f:
+        text = f.read()
+    out = []
+    for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
+        host = "converter"
+        for line in block.splitlines():
+            if line.startswith("# on the front router"):
+                host = "router"
+            word = line.split(" ", 1)[0]
+            if word in ("ip", "sysctl") or line.startswith("mimbox pm"):
+                out.append((f"docs/running.md ({host}): {line.split('#')[0].strip()}", host, line))
+    return out
+
+
+# what each host of the recipe has before its lines run (an interface towards the others)
+HOSTS = {"converter": "ip link add eth1 type veth peer name p1 && ip addr add 192.0.2.11/24 dev eth1",
+         "router": "ip link add eth1 type veth peer name p1 && ip addr add 192.0.2.1/24 dev eth1"}
+EFFECT = {"converter": ("ip mptcp endpoint show; ip mptcp limits show; ip -o addr show dev lo; "
+                        "sysctl -n net.mptcp.allow_join_initial_addr_port"),
+          "router": "ip nexthop show; ip route show 198.51.100.1; sysctl -n net.ipv4.fib_multipath_hash_policy"}
+
+
+@pytest.mark.parametrize("host", ["converter", "router"])
+def test_the_recipes_set_up_lines_run_as_written(host):
+    """docs/running.md's path-manager and ECMP lines, as written, each in a network namespace of its
+    own for the host it names, one after the other: each exits 0 and leaves what it says."""
+    lines = [line for _, h, line in set_up_lines() if h == host]
+    assert lines, "the docs show no such line any more"
+    script = " && ".join([f"export PATH={BIN}:$PATH", "ip link set lo up", HOSTS[host],
+                          "ip link set eth1 up && ip link set p1 up",
+                          *(f"{{ {line.split('#')[0].strip()} ; }}" for line in lines), EFFECT[host]])
+    p = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (lines, p.stdout, p.stderr)
+    out = p.stdout
+    if host == "converter":
+        assert "192.0.2.10" in out and "192.0.2.11" in out and "subflows 2" in out, out
+        assert "198.51.100.1" in out and out.strip().endswith("0"), out
+    else:
+        assert "group 1/2 type resilient" in out and "nhid 100" in out and out.strip().endswith("1"), out
