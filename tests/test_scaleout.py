@@ -4,7 +4,9 @@ its own connections with it."""
 from __future__ import annotations
 
 import collections
+import glob
 import json
+import os
 import subprocess
 import threading
 import time
@@ -45,6 +47,9 @@ def start_converters(tb: ClusterTestbed, mode: str, port: int, health_port: int 
 def stop(boxes) -> None:
     for m in boxes:
         m.stop()
+        # a converter killed with SIGKILL (the crash test) could not remove its stats sockets
+        for path in glob.glob(glob.escape(m.stats_path) + "*"):
+            os.unlink(path)
 
 
 class Load:
