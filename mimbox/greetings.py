@@ -60,10 +60,11 @@ class Greetings:
         turned it away (GATE_*: its address's cap, its prefix's, or the worker's): admitted if the
         greetings before it have left since, else the oldest silent greeting under that cap is reset
         to make room, else it is refused with Resource Exceeded."""
-        if full and not self._make_room(cs, addr, full):
+        prefix = gate_prefix(addr[0])
+        if full and not self._make_room(cs, addr, prefix):
             return
         g = converting.Greeting(cs, addr, time.monotonic())
-        g.prefix = gate_prefix(addr[0])
+        g.prefix = prefix
         self.by_fd[cs.fileno()] = g
         self.silent.setdefault(g.prefix, {})[cs.fileno()] = g
         self.relay.core.watch(cs.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
@@ -75,16 +76,16 @@ class Greetings:
         if same is not None and same.pop(g.sock.fileno(), None) is not None and not same:
             del self.silent[g.prefix]
 
-    def _make_room(self, cs: socket.socket, addr, cap: int) -> bool:
-        """Admit addr now if the greetings before it have left (a batch of accepts is counted before
-        their messages are read); else reset the oldest silent greeting under the cap it met (its
-        address's, its /24's or /64's, or the worker's: GATE_*) and admit it in its place. False:
-        refused (answered Resource Exceeded)."""
+    def _make_room(self, cs: socket.socket, addr, prefix: bytes) -> bool:
+        """Admit addr (of `prefix`) now if the greetings before it have left (a batch of accepts is
+        counted before their messages are read); else reset the oldest silent greeting under the cap
+        it still meets (its address's, its /24's or /64's, or the worker's: GATE_*) and admit it in its
+        place. False: refused (answered Resource Exceeded)."""
         r = self.relay
         refused = r.core.greeting_admit(addr, count=False)
         if refused is None:
             return True
-        mine = self.silent.get(gate_prefix(addr[0]), {})
+        mine = self.silent.get(prefix, {})
         if refused[1] == GATE_ADDRESS_FULL:
             victims = [next((g for g in mine.values() if g.addr[0] == addr[0]), None)]
         elif refused[1] == GATE_PREFIX_FULL:

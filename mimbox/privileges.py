@@ -98,14 +98,21 @@ def _check(r: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def _libcap():
+    """libcap, its signatures declared (cap_get_proc, cap_from_text, cap_set_flag, cap_set_proc)."""
+    lib = ctypes.CDLL(ctypes.util.find_library("cap") or "libcap.so.2", use_errno=True)
+    lib.cap_get_proc.restype = lib.cap_from_text.restype = ctypes.c_void_p
+    lib.cap_from_text.argtypes = [ctypes.c_char_p]
+    lib.cap_set_proc.argtypes = [ctypes.c_void_p]
+    lib.cap_free.argtypes = [ctypes.c_void_p]
+    lib.cap_set_flag.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                 ctypes.c_int]
+    return lib
+
+
 def _set_capabilities(keep: tuple[str, ...]) -> None:
     """Permitted and effective sets = keep, inheritable and ambient empty (libcap's cap_set_proc)."""
-    path = ctypes.util.find_library("cap") or "libcap.so.2"
-    cap = ctypes.CDLL(path, use_errno=True)
-    cap.cap_from_text.restype = ctypes.c_void_p
-    cap.cap_from_text.argtypes = [ctypes.c_char_p]
-    cap.cap_set_proc.argtypes = [ctypes.c_void_p]
-    cap.cap_free.argtypes = [ctypes.c_void_p]
+    cap = _libcap()
     text = (",".join(c.lower() for c in keep) + "=ep") if keep else "="
     caps = cap.cap_from_text(text.encode())
     if not caps:
@@ -114,6 +121,16 @@ def _set_capabilities(keep: tuple[str, ...]) -> None:
         _check(cap.cap_set_proc(caps), "cap_set_proc")
     finally:
         cap.cap_free(caps)
+
+
+def _bound(libc, keep: tuple[str, ...]) -> None:
+    """The capability bounding set emptied but for `keep`."""
+    wanted = {CAPABILITIES[c] for c in keep}
+    for c in range(CAP_LAST + 1):
+        if c not in wanted:
+            r = libc.prctl(PR_CAPBSET_DROP, c, 0, 0, 0)
+            if r != 0 and ctypes.get_errno() != errno.EINVAL:     # EINVAL: not a capability here
+                _check(r, f"PR_CAPBSET_DROP {c}")
 
 
 def _seccomp() -> None:
@@ -160,16 +177,6 @@ def no_network_administration(seccomp) -> None:
     f.load()
 
 
-def _libcap():
-    lib = ctypes.CDLL(ctypes.util.find_library("cap") or "libcap.so.2", use_errno=True)
-    lib.cap_get_proc.restype = ctypes.c_void_p
-    lib.cap_set_proc.argtypes = [ctypes.c_void_p]
-    lib.cap_free.argtypes = [ctypes.c_void_p]
-    lib.cap_set_flag.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
-                                 ctypes.c_int]
-    return lib
-
-
 @contextlib.contextmanager
 def without(name: str):
     """Run the block with capability `name` out of the effective set (the permitted set keeps it):
@@ -198,12 +205,7 @@ def keep_only(keep: tuple[str, ...]) -> None:
     keeps only the capabilities `keep`, in every set and in the bounding set (so the programs it
     runs at exit, iptables, tc, bpftool, get no more). Irreversible."""
     libc = _libc()
-    wanted = {CAPABILITIES[c] for c in keep}
-    for c in range(CAP_LAST + 1):
-        if c not in wanted:
-            r = libc.prctl(PR_CAPBSET_DROP, c, 0, 0, 0)
-            if r != 0 and ctypes.get_errno() != errno.EINVAL:
-                _check(r, f"PR_CAPBSET_DROP {c}")
+    _bound(libc, keep)
     _set_capabilities(keep)
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
@@ -214,12 +216,7 @@ def drop(user: str, keep: tuple[str, ...], die_with_parent: bool = True) -> None
     libc = _libc()
     uid, gid = user_ids(user)
     parent = os.getppid()
-    wanted = {CAPABILITIES[c] for c in keep}
-    for c in range(CAP_LAST + 1):
-        if c not in wanted:
-            r = libc.prctl(PR_CAPBSET_DROP, c, 0, 0, 0)
-            if r != 0 and ctypes.get_errno() != errno.EINVAL:     # EINVAL: not a capability here
-                _check(r, f"PR_CAPBSET_DROP {c}")
+    _bound(libc, keep)
     _check(libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
     os.setgroups([])
     os.setresgid(gid, gid, gid)

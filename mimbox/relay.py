@@ -228,7 +228,7 @@ class Relay:
         """A reload (SIGHUP): what mimbox.configfile.RELOADABLE names changes for new connections and
         SYNs; established connections carry on. The caller has checked that nothing else changed."""
         new = dataclasses.replace(new.validate(), stats_path=self.cfg.stats_path)   # this worker's own
-        policy = Policy.from_config(new.safety, static_upstream(new))   # (this host's addresses read anew)
+        policy = Policy.from_config(new.safety, static_upstream(new))   # (own destinations: the core's, kept)
         old = self.cfg, self.policy
         try:
             self._apply(new, policy)
@@ -443,9 +443,9 @@ class Relay:
         self.greetings.drop(ev.fd)
 
     def _refresh_own(self) -> None:
-        """This host's own destinations (the kernel's local routes), read again: never a destination
-        (the policy and the core). If they cannot be read or held, every destination is refused
-        until they can (fail closed), said once."""
+        """This host's own destinations (the kernel's local routes), read again by the core: never a
+        destination. If they cannot be read or held, every destination is refused until they can
+        (fail closed), said once."""
         try:
             counts = self.core.own_refresh(self.routes.fileno())
         except OSError as e:

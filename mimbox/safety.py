@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass, field
-
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from mimbox.addrs import as_int, prefix_ints
 from mimbox.config import SafetyConfig, hostport, local_subnets
@@ -254,16 +253,26 @@ class AddressWatch:
                 return news
             except OSError:          # ENOBUFS: news were lost; read the addresses anyway
                 return True
-            news |= any(self.concerns_own(msg) for msg in MarshalRtnl().parse(data))
+            news |= self.concerns_own(data)
 
     @classmethod
-    def concerns_own(cls, msg) -> bool:
-        """Whether a netlink message (pyroute2's parse) may change this host's own destinations."""
-        event = msg["header"]["type"]
-        if event in (cls.RTM_NEWADDR, cls.RTM_DELADDR):
-            return True
-        return event in (cls.RTM_NEWROUTE, cls.RTM_DELROUTE) and (
-            msg["table"] == cls.RT_TABLE_LOCAL or msg["type"] == cls.RTN_LOCAL)
+    def concerns_own(cls, data: bytes) -> bool:
+        """Whether a datagram of netlink news may change this host's own destinations: an address
+        message, or a route of the local table. Only the headers are read (struct nlmsghdr, then
+        struct rtmsg's table and type bytes), so a router's route churn costs little here."""
+        off = 0
+        while off + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, off)
+            if kind in (cls.RTM_NEWADDR, cls.RTM_DELADDR):
+                return True
+            if kind in (cls.RTM_NEWROUTE, cls.RTM_DELROUTE) and off + 24 <= len(data):
+                table, rtype = data[off + 16 + 4], data[off + 16 + 7]     # rtm_table, rtm_type
+                if table == cls.RT_TABLE_LOCAL or rtype == cls.RTN_LOCAL:
+                    return True
+            if length < 16:
+                return False
+            off += (length + 3) & ~3
+        return False
 
     def close(self) -> None:
         self.sock.close()

@@ -135,14 +135,18 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
     return values if values_only else fitted(**values)
 
 
-def fitted(**values) -> CoreConfig:
-    """A CoreConfig whose every value fits its field as the generated layout declares it (ctypes
-    would wrap 2**32 to 0 silently): ValueError naming the field otherwise."""
+def misfits(values: dict) -> list[tuple[str, str]]:
+    """(field, why) for every value that does not fit its CoreConfig field as the generated layout
+    declares it (ctypes would wrap 2**32 to 0 silently)."""
     from mimbox.core import field_problem
-    for name, value in values.items():
-        why = field_problem(CoreConfig, name, value)
-        if why:
-            raise ValueError(why)
+    return [(name, why) for name, value in values.items() if (why := field_problem(CoreConfig, name, value))]
+
+
+def fitted(**values) -> CoreConfig:
+    """A CoreConfig of `values`; ValueError naming the first field a value does not fit."""
+    bad = misfits(values)
+    if bad:
+        raise ValueError(bad[0][1])
     return CoreConfig(**values)
 
 
@@ -152,7 +156,6 @@ def core_config_problems(cfg) -> list[tuple[str, str]]:
     from types import SimpleNamespace
 
     from mimbox.config import config_key
-    from mimbox.core import field_problem
     stand_in = SimpleNamespace(address=lambda: None, limit=cfg.connection_limit())
     try:
         values = core_config(cfg, worker=0, workers=1, fd_capacity=1, admission=stand_in, held=None,
@@ -160,5 +163,4 @@ def core_config_problems(cfg) -> list[tuple[str, str]]:
     except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return []       # (a value another check refuses, by name)
     fed_by = {"admission_limit": "safety.max_connections"}    # core fields named unlike their key
-    return [(fed_by.get(name) or config_key(name), why) for name, value in values.items()
-            if (why := field_problem(CoreConfig, name, value))]
+    return [(fed_by.get(name) or config_key(name), why) for name, why in misfits(values)]

@@ -28,6 +28,13 @@ static void refuse_accepted(struct core *c, int cfd, const struct refusal *why, 
 	reset_close(cfd);
 }
 
+/* a greeting from caddr now counts against the gate's caps (core_greeting_end gives it back) */
+static void greeting_held(struct core *c, const struct in6_addr *caddr)
+{
+	gate_hold(c, caddr);
+	c->greetings++;
+}
+
 /* -- convert mode: greetings ---------------------------------------------------------------------------
  * An accepted client whose Convert message Python reads. It costs an fd before its client said
  * anything, so it is admitted like a held SYN: an allowed client under the gate's caps, inside the fd
@@ -78,8 +85,7 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 		reset_close(cfd);
 		return;
 	}
-	gate_hold(c, &f->caddr);
-	c->greetings++;
+	greeting_held(c, &f->caddr);
 	e->fd = cfd;
 	event_flow(e, f);
 }
@@ -97,8 +103,7 @@ int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, in
 		*detail = why.detail;
 		return why.cause;
 	}
-	gate_hold(c, &f.caddr);
-	c->greetings++;
+	greeting_held(c, &f.caddr);
 	return -1;
 }
 

@@ -40,6 +40,23 @@ void admission_return(struct core *c)
  * (an IPv4 /24 is /120). Every table grows as it is filled: a table that cannot grow (no memory)
  * answers -ENOMEM and the caller refuses to start, or the own table stays incomplete and every
  * destination is refused (fail closed), never a silent truncation. */
+/* an array with room for `need`, doubled as it grows; 0 or -ENOMEM (the array unchanged) */
+static int grow(void **p, int *cap, int need, size_t size)
+{
+	void *q;
+	int n = *cap ? *cap : 16;
+	if (need <= *cap)
+		return 0;
+	while (n < need)
+		n *= 2;
+	q = realloc(*p, (size_t)n * size);
+	if (!q)
+		return -ENOMEM;
+	*p = q;
+	*cap = n;
+	return 0;
+}
+
 void policy_free(struct core *c)
 {
 	free(c->allow);

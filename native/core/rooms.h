@@ -6,7 +6,6 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <stdlib.h>
 #include <time.h>
 #include "core.h"
 
@@ -60,22 +59,6 @@ int own_add(struct own_table *t, const struct in6_addr *a, int len);
 int own_has(const struct own_table *t, const struct in6_addr *a);
 void own_forget(struct own_table *t);
 void own_free(struct own_table *t);
-
-static inline int grow(void **p, int *cap, int need, size_t size)	/* an array for `need`, doubled */
-{
-	void *q;
-	int n = *cap ? *cap : 16;
-	if (need <= *cap)
-		return 0;
-	while (n < need)
-		n *= 2;
-	q = realloc(*p, (size_t)n * size);
-	if (!q)
-		return -ENOMEM;
-	*p = q;
-	*cap = n;
-	return 0;
-}
 
 /* admit.c */
 int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
