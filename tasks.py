@@ -66,31 +66,40 @@ def clean(c):
     c.run(f"{PY} -m topologies.cleanup", pty=False)
 
 
-@task(pre=[build], help={"quick": "fewer points and repetitions (the README's main job)"})
-def reproduce(c, quick=False):
-    """Reproduce every figure of the paper into results/."""
-    c.run(f"{PY} -m experiments.reproduce {'--quick' if quick else ''}", pty=False)
+@task(pre=[build], help={"quick": "fewer points and repetitions (the README's main job)",
+                         "hosts": "a hosts file: run on those machines over SSH (docs/remote.md)",
+                         "only": "only this figure (repeatable)"}, iterable=["only"])
+def reproduce(c, quick=False, hosts="", only=None):
+    """Reproduce every figure of the paper into results/ (with --hosts: on real machines, results/remote/)."""
+    import shlex
+    args = (["--quick"] if quick else []) + (["--hosts", hosts] if hosts else []) + \
+        [x for o in only or [] for x in ("--only", o)]
+    c.run(f"{PY} -m experiments.reproduce {' '.join(shlex.quote(x) for x in args)}", pty=False)
 
 
 @task(pre=[build], help={"figure": "fig5 | percost | fig4 | table1", "systems": "comma-separated names",
                          "system": "NAME='COMMAND with {listen_port} {server} {server_port}' (repeatable)",
                          "sizes": "e.g. 1K,16K (fig4: MSS values)", "reps": "repetitions", "seconds": "per measurement",
                          "regime": "converter-bound | end-host-bound", "out": "results directory (never results/)",
-                         "baseline": "a system to divide every other one by", "list": "list the figure's systems"},
+                         "baseline": "a system to divide every other one by", "list": "list the figure's systems",
+                         "hosts": "a hosts file: compare on those machines over SSH (docs/remote.md)",
+                         "quick": "the figure's quick parameters as the base"},
       iterable=["system"])
 def compare(c, figure="fig5", systems="", system=None, sizes="", reps=0, seconds=0, regime="", out="", baseline="",
-            list=False):
+            list=False, hosts="", quick=False):
     """Compare converters (ours, the peers, your own command line) on one figure's set-up: experiments/compare.py."""
     import shlex
     args = ["--figure", figure]
     for flag, value in (("--systems", systems), ("--sizes", sizes), ("--reps", reps), ("--seconds", seconds),
-                        ("--regime", regime), ("--out", out), ("--baseline", baseline)):
+                        ("--regime", regime), ("--out", out), ("--baseline", baseline), ("--hosts", hosts)):
         if value:
             args += [flag, str(value)]
     for s in system or []:
         args += ["--system", s]
     if list:
         args.append("--list")
+    if quick:
+        args.append("--quick")
     c.run(f"{PY} -m experiments.compare {' '.join(shlex.quote(x) for x in args)}", pty=False)
 
 

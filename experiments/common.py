@@ -131,7 +131,10 @@ def mean_ci(values) -> tuple[float, float]:
 
 
 def fidelity_rows(tb, seconds: float = 1.0) -> list[dict]:
-    """The measured link fidelity of the topology used (goes into the manifest)."""
+    """The measured link fidelity of the topology used (goes into the manifest); on a remote
+    testbed's real links, each path's round-trip time."""
+    if getattr(tb, "remote", False):
+        return tb.path_rtts()
     from topologies.linkcheck import check_testbed
     return [r.row() for r in check_testbed(tb, seconds=seconds)]
 
@@ -140,19 +143,58 @@ class RunFailed(RuntimeError):
     """A run finished but its data says it is not valid (e.g. a peer dropped connections)."""
 
 
+from topologies.hostsfile import HostsFileError  # noqa: E402
+from topologies.lab import LabRefused  # noqa: E402
+
+LAB_ERRORS = (HostsFileError, LabRefused)   # a hosts file or a host that cannot be used: exit 2, nothing run
+
+# The remote testbed of `--hosts` (a topologies.lab.RemoteLab, connected and installed), or None:
+# every figure then builds its Mininet topology on this machine. Set by reproduce and compare.
+REMOTE = None
+
+
 @contextlib.contextmanager
-def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_CORES):
+def remote_lab(hosts_file: str | None, needs=None):
+    """With a hosts file: connect to its hosts, preflight, install, and make every figure run there
+    (testbed()) until the block ends; then every host is left as it was. Without: nothing changes.
+    Raises topologies.hostsfile.HostsFileError or topologies.lab.LabRefused (nothing started)."""
+    global REMOTE
+    if not hosts_file:
+        yield None
+        return
+    from topologies.hostsfile import load
+    from topologies.lab import RemoteLab
+    lab = RemoteLab(load(hosts_file)).open(needs)
+    REMOTE = lab
+    try:
+        yield lab
+    finally:
+        REMOTE = None
+        lab.close()
+
+
+def testbed(topo):
+    """The figure's testbed for `topo`: Mininet on this machine, or the hosts of `--hosts` (the same
+    names and operations: topologies.testbed.Testbed, topologies.lab.RemoteTestbed)."""
+    from topologies.testbed import Testbed
+    return REMOTE.testbed(topo) if REMOTE is not None else Testbed(topo)
+
+
+@contextlib.contextmanager
+def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_CORES, host=None):
     """Give each converting system its own CPU box for `regime` (before it starts), and remove the
     boxes afterwards whatever happens. converter-bound: `cores` per event loop of the system
     (HAProxy with N threads, MiMBox with N workers get N x cores); end-host-bound: no limit, the box
-    only counts CPU time. The router has none: forwarding runs in the kernel's softirqs."""
+    only counts CPU time. The router has none: forwarding runs in the kernel's softirqs. host: the
+    converter host whose cgroups hold the boxes (default this machine)."""
     from topologies.regimes import CONVERTER_BOUND, CpuQuota
     boxes = []
     try:
         for s in systems:
             if s.converts:
                 limit = cores * s.loops if regime == CONVERTER_BOUND else None
-                s.box = CpuQuota(s.name.replace("/", ""), limit).create()
+                name = s.name.replace("/", "")
+                s.box = host.cpu_quota(name, limit) if host is not None else CpuQuota(name, limit).create()
                 boxes.append(s.box)
         if regime == CONVERTER_BOUND and boxes:
             yield {"regime": regime, "cores_per_loop": cores, "quota_us_per_loop": int(cores * boxes[0].period_us),
@@ -171,7 +213,7 @@ def converter_boxes(systems: list, regime: str, cores: float = CONVERTER_QUOTA_C
 def running(tb, systems: list, regime: str, cores: float, server_port: int):
     """The systems started on tb in their CPU boxes for `regime` (converter_boxes), stopped and the
     boxes removed afterwards whatever happens; yields the boxes' description for the manifest."""
-    with converter_boxes(systems, regime, CONVERTER_QUOTA_CORES if cores == AUTO else cores) as box:
+    with converter_boxes(systems, regime, CONVERTER_QUOTA_CORES if cores == AUTO else cores, tb.mbox) as box:
         try:
             for s in systems:
                 s.start(tb, server_port)
@@ -226,11 +268,11 @@ def calibrate_quota(systems: list, probe, points: list, start: float = CONVERTER
             "margin": margin, "start": start, "floor": floor, "probes": steps}
 
 
-def pick(defaults: list, params: dict) -> list:
+def pick(defaults: list, params: dict, tb=None) -> list:
     """The systems a run measures: the figure's own, or the selection `params["systems"]` makes of
-    them (experiments.compare: named ones, and command-line converters)."""
+    them (experiments.compare: named ones, and command-line converters, pinned as tb's converter)."""
     chooser = params.get("systems")
-    return chooser.choose(defaults) if chooser is not None else defaults
+    return chooser.choose(defaults, tb=tb) if chooser is not None else defaults
 
 
 MIB = ("MPTcpExtMPCapableSYNRX", "MPTcpExtMPCapableSYNTX")
@@ -286,11 +328,17 @@ def run_experiment(module, quick: bool, overrides: dict, name: str | None = None
     `tables(df) -> {name: DataFrame}` (extra CSV files beside data.csv). name: the results/
     directory (default the module's NAME)."""
     params = dict(module.QUICK if quick else module.FULL, **overrides)
-    ticks0 = cpu_ticks()
+    ticks0 = REMOTE.cpu_ticks() if REMOTE is not None else {"local": cpu_ticks()}
     df, extra = module.run(params)
     # a VM's host may take CPU time from it mid-run: absolute rates then shift, same-run ratios less
-    steal = steal_share(ticks0, cpu_ticks())
-    extra["cpu_steal_share"] = round(steal, 3) if steal is not None else None
+    ticks1 = REMOTE.cpu_ticks() if REMOTE is not None else {"local": cpu_ticks()}
+    steal = {k: steal_share(ticks0[k], ticks1[k]) for k in ticks0}
+    steal = {k: round(v, 3) if v is not None else None for k, v in steal.items()}
+    if REMOTE is None:
+        extra["cpu_steal_share"] = steal["local"]
+    else:     # each host's own share; "remote" says where every measurement was taken
+        extra["cpu_steal_share"] = max((v for v in steal.values() if v is not None), default=None)
+        extra["remote"] = {"hosts_file": REMOTE.lab.path, "cpu_steal_share": steal, "hosts": REMOTE.facts()}
     out = Run(name or module.NAME, params, extra)
     findings = module.findings(df) if hasattr(module, "findings") else None
     problems = module.problems(df) if hasattr(module, "problems") else []

@@ -59,12 +59,16 @@ class Selection:
     names: list[str]
     commands: dict[str, str] = field(default_factory=dict)
 
-    def choose(self, defaults: list, names: list[str] | None = None) -> list:
-        """The chosen ones among `defaults` (called by the figure: common.pick) plus the commands."""
+    def choose(self, defaults: list, names: list[str] | None = None, tb=None) -> list:
+        """The chosen ones among `defaults` (called by the figure: common.pick) plus the commands,
+        pinned like the figure's one-loop converters on tb (default this machine)."""
         from experiments.common import CONVERTER_CPUS
         from experiments.systems import Command
         by_name = dict(zip(names or [s.name for s in defaults], defaults))
-        cpus = CONVERTER_CPUS if (os.cpu_count() or 2) == 2 else None
+        if tb is not None and tb.remote:
+            cpus = tb.cpus("mbox")
+        else:
+            cpus = CONVERTER_CPUS if (os.cpu_count() or 2) == 2 else None
         out = []
         for name in self.names:
             if name in self.commands and self.commands[name].startswith("@"):
@@ -130,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--baseline", help="a system every other one is divided by (ratios.csv)")
     ap.add_argument("--quick", action="store_true", help="the figure's quick parameters as the base")
     ap.add_argument("--list", action="store_true", help="list the figure's systems and exit")
+    ap.add_argument("--hosts", metavar="FILE.toml", help="run on the machines of this hosts file over SSH "
+                                                        "(docs/remote.md; default: Mininet on this machine)")
     return ap.parse_args(argv)
 
 
@@ -241,16 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
+    if a.hosts and a.figure == "table1" and "idle" not in over:
+        over["idle"] = ["halt"]    # the poll regime sets this machine's cpuidle, not a remote host's
     out.mkdir(parents=True, exist_ok=True)
     common.RESULTS = out          # this run's results; the shipped results/ and README untouched
     m = module(a.figure)
-    common.progress(f"compare {a.figure}: {selection!r} -> {out}")
+    common.progress(f"compare {a.figure}: {selection!r} -> {out}" + (f" on the hosts of {a.hosts}" if a.hosts else ""))
     failed = None
     try:
-        df = common.run_experiment(m, a.quick, over)
+        with common.remote_lab(a.hosts):
+            df = common.run_experiment(m, a.quick, over)
     except common.RunFailed as e:
         failed = str(e)
         df = pd.read_csv(out / m.NAME / "data.csv")
+    except common.LAB_ERRORS as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
     converting = {s for s in df.system.unique() if s != "router"}
     report = []
     reps = int(df.groupby("system").rep.nunique().min()) if "rep" in df else None

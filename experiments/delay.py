@@ -33,16 +33,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import (  # noqa: E402
     CONVERTER_CPUS,
-    END_HOST_CPUS,
     conversion,
     mean_ci,
     mptcp_mib,
     progress,
     run_experiment,
+    testbed,
 )
-from experiments.systems import PY, MiMBox, Naive, Router, ready_line, run_dir  # noqa: E402
+from experiments.systems import MiMBox, Naive, Router, python, ready_line, run_dir  # noqa: E402
 from topologies.regimes import POLL, IdlePolling, haltpoll_now  # noqa: E402
-from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+from topologies.testbed import PaperTopo  # noqa: E402
 
 NAME = "table1_delay"
 FULL = dict(measures=100, interval=0.52, idle=["halt", "poll"])   # 1300 bytes at 20 kbit/s
@@ -83,7 +83,7 @@ while True:
 """
 
 
-def capture(host, intf: str, path: str) -> subprocess.Popen:
+def capture(host, intf: str, path: str):
     p = host.popen(["tcpdump", "-Z", "root", "--immediate-mode", "-U", "-i", intf, "-n", "-s", "128", "-B", "8192", "--time-stamp-precision", "nano",
                     "-w", path, "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     p.stderr.readline()   # "listening on ...": the capture is armed
@@ -137,7 +137,9 @@ def poll_ns(params: dict) -> int:
     return params.get("poll_ns") or int(2e9 * params["interval"])
 
 
-def cases(params: dict) -> list:
+def cases(params: dict, tb=None) -> list:
+    """(name, system, server speaks MPTCP) of the table; tb: the testbed (its converter's pinning)."""
+    CONVERTER_CPUS = tb.cpus("mbox") if tb is not None else globals()["CONVERTER_CPUS"]  # noqa: N806
     return [("router", Router(), True), ("read/write", Naive("readwrite", cpus=CONVERTER_CPUS), False),
             ("mimbox (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS), False),
             ("mimbox busy-poll (TCP server)", MiMBox(mode="explicit", cpus=CONVERTER_CPUS,
@@ -147,33 +149,35 @@ def cases(params: dict) -> list:
                                                         syn_path="accept"), False)]
 
 
-def pick_cases(params: dict) -> list:
+def pick_cases(params: dict, tb=None) -> list:
     """The figure's cases, or those a comparison chose (experiments.compare; its own systems: TCP server)."""
-    every = cases(params)
+    every = cases(params, tb)
     chooser = params.get("systems")
     if chooser is None:
         return every
-    chosen = chooser.choose([s for _, s, _ in every], names=[n for n, _, _ in every])
+    chosen = chooser.choose([s for _, s, _ in every], names=[n for n, _, _ in every], tb=tb)
     back = {id(case[1]): case for case in every}
     return [back.get(id(s), (s.name, s, False)) for s in chosen]
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, idle_settings = [], {}
-    with Testbed(PaperTopo()) as tb:
-        tb.client.cmd("ip mptcp endpoint flush")      # one path: every segment crosses both captures
-        d = run_dir("delay")
-        client_py, sink_py = os.path.join(d, "burst_client.py"), os.path.join(d, "sink.py")
-        for path, text in ((client_py, BURST_CLIENT), (sink_py, SINK)):
-            with open(path, "w") as f:
-                f.write(text)
+    with testbed(PaperTopo()) as tb:
+        tb.one_path()                                  # one path: every segment crosses both captures
+        d = tb.mbox.mkdtemp("delay")                   # the captures
+        client_py, sink_py = f"{tb.client.mkdtemp('delay')}/burst_client.py", f"{tb.server.mkdtemp('delay')}/sink.py"
+        tb.client.write_file(client_py, BURST_CLIENT)
+        tb.server.write_file(sink_py, SINK)
         for idle in params["idle"]:
+            if idle == POLL and tb.remote:
+                raise ValueError("table1: the poll regime sets this machine's cpuidle (haltpoll), not a remote "
+                                 "host's: run it remotely with idle=['halt']")
             with IdlePolling(poll_ns(params)) if idle == POLL else _Halt() as regime:
                 idle_settings[idle] = {**regime.describe(), "during": haltpoll_now()}
                 if idle == POLL and not regime.active:
                     progress(f"table1: no idle polling here ({regime.reason}); poll rows skipped")
                     continue
-                for name, system, server_mptcp in pick_cases(params):
+                for name, system, server_mptcp in pick_cases(params, tb):
                     rows += _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params)
         idle_settings["after"] = haltpoll_now()
     return pd.DataFrame(rows), {"idle": idle_settings}
@@ -196,10 +200,10 @@ def bursts(tb, d: str, client_py: str, sink_py: str, name: str, system, tag: str
     """Start the sink and `system`, warm the caches, capture both converter interfaces while the burst
     client runs through it, stop everything; returns the two captures' paths. `tracer(system)`, if
     given, is a context manager around the captured part (the breakdown's bpftrace)."""
-    sink = tb.server.popen(["taskset", "-c", END_HOST_CPUS, PY, sink_py, str(SERVER_PORT),
+    sink = tb.server.popen(["taskset", "-c", tb.cpus("server"), python(tb.server), sink_py, str(SERVER_PORT),
                             "1" if server_mptcp else "0"], stdout=subprocess.PIPE, text=True)
     ready_line(sink)
-    pc, ps = os.path.join(d, f"{tag}-client.pcap"), os.path.join(d, f"{tag}-server.pcap")
+    pc, ps = f"{d}/{tag}-client.pcap", f"{d}/{tag}-server.pcap"
     try:
         system.start(tb, SERVER_PORT)
         host, port = system.endpoint(tb, SERVER_PORT)
@@ -207,11 +211,12 @@ def bursts(tb, d: str, client_py: str, sink_py: str, name: str, system, tag: str
         tb.client.cmd(f"ping -c 2 -i 0.2 {host}; ping -c 2 -i 0.2 -I {tb.client_ips[0]} {tb.server_ip}")
         tb.mbox.cmd(f"ping -c 1 {tb.server_ip}")
         with tracer(system) if tracer else contextlib.nullcontext():
-            caps = [capture(tb.mbox, "mbox-eth0", pc), capture(tb.mbox, "mbox-eth2", ps)]
+            caps = [capture(tb.mbox, tb.topo.client_addrs[0].intf_mbox, pc),
+                    capture(tb.mbox, tb.topo.server_addrs[0].intf_mbox, ps)]
             try:
-                argv = system.client_argv(tb, [PY, client_py, host, str(port), str(params["measures"]),
+                argv = system.client_argv(tb, [python(tb.client), client_py, host, str(port), str(params["measures"]),
                                                str(params["interval"]), "1"], mptcp=False)
-                out = tb.client.cmd("taskset -c " + END_HOST_CPUS + " " + " ".join(shlex.quote(a) for a in argv))
+                out = tb.client.cmd(f"taskset -c {tb.cpus('client')} " + " ".join(shlex.quote(a) for a in argv))
                 if "Error" in out:
                     raise RuntimeError(f"burst client through {name}: {out[-600:]}")
                 time.sleep(0.3)
@@ -232,6 +237,8 @@ def _measure(tb, d, client_py, sink_py, name, system, server_mptcp, idle, params
     mib0 = mptcp_mib(tb.mbox)
     pc, ps = bursts(tb, d, client_py, sink_py, name, system, tag, server_mptcp, params)
     mib = conversion(mib0, mptcp_mib(tb.mbox))      # (a TCP-server case the converter must not make MPTCP)
+    here = run_dir("pcap")          # the captures, brought back from the converter host (removed at exit)
+    pc, ps = (tb.mbox.get(p, os.path.join(here, os.path.basename(p))) for p in (pc, ps))
     for kind, values in delays_from(read_pcap(pc), read_pcap(ps)).items():
         rows += [dict(idle=idle, system=name, segment=kind, i=i, delay_us=v, server_mptcp=server_mptcp, **mib)
                  for i, v in enumerate(values)]

@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 
-from experiments.systems import mptcp_everywhere, run_dir, wait_port
+from experiments.systems import mptcp_everywhere, wait_port
 
 
 class Server:
@@ -13,7 +13,7 @@ class Server:
 
     def __init__(self, tb, argv: list[str], port: int, mptcp: bool, cpus: str | None = None):
         if mptcp:
-            argv = mptcp_everywhere(argv)
+            argv = mptcp_everywhere(argv, tb.server)
         if cpus is not None:
             argv = ["taskset", "-c", cpus, *argv]
         self.port = port
@@ -40,18 +40,15 @@ def nginx(tb, sizes: list[int], port: int = 80, mptcp: bool = False, cpus: str |
           ipv6: bool = False) -> Server:
     """nginx serving /<size>.bin files of each size (lighter than the paper's Apache, so the server
     is not the bottleneck); ipv6: on [::] too."""
-    d = run_dir("nginx")
-    www = os.path.join(d, "www")
-    os.makedirs(www)
+    host = tb.server
+    d = host.mkdtemp("nginx")
+    www = f"{d}/www"
+    host.run(f"mkdir -m 755 {www}")
     for n in sizes:
-        with open(os.path.join(www, f"{n}.bin"), "wb") as f:
-            f.write(os.urandom(n))
-    os.chmod(d, 0o755)
-    os.chmod(www, 0o755)
-    cfg = os.path.join(d, "nginx.conf")
+        host.write_file(f"{www}/{n}.bin", os.urandom(n))
+    cfg = f"{d}/nginx.conf"
     v6 = f"listen [::]:{port} ipv6only=on backlog=4096 reuseport; " if ipv6 else ""
-    with open(cfg, "w") as f:
-        f.write(f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+    host.write_file(cfg, f"""daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
 events {{ worker_connections 65536; multi_accept on; }}
 http {{ access_log off; sendfile on; tcp_nopush off; tcp_nodelay on; keepalive_timeout 0; client_body_temp_path {d};
   proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};

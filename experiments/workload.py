@@ -32,7 +32,6 @@ from experiments.common import (  # noqa: E402
     AUTO,
     CONVERTER_CPUS,
     calibrate_quota,
-    END_HOST_CPUS,
     bound_check,
     conversion,
     fidelity_rows,
@@ -43,12 +42,13 @@ from experiments.common import (  # noqa: E402
     progress,
     run_experiment,
     running,
+    testbed,
     syn_counts,
 )
 from experiments.measure.tools import wrk  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, Router, Squid  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND  # noqa: E402
-from topologies.testbed import PaperTopo, Testbed  # noqa: E402
+from topologies.testbed import PaperTopo  # noqa: E402
 
 NAME = "fig5_workload"
 KB = 1024
@@ -72,10 +72,11 @@ def convert_mode(cpus):
     return m
 
 
-def systems(regime: str) -> list:
-    """One event loop each on the converter's core; then N of them on every core (same count each)."""
-    n = os.cpu_count() or 2
-    c = CONVERTER_CPUS if n == 2 else None
+def systems(regime: str, tb=None) -> list:
+    """One event loop each on the converter's core; then N of them on every core (same count each).
+    tb: the testbed they will run on (its converter's cores and pinning; default this machine's)."""
+    n = tb.converter_cores if tb is not None else (os.cpu_count() or 2)
+    c = (tb.cpus("mbox") if tb is not None else CONVERTER_CPUS) if n == 2 or getattr(tb, "remote", False) else None
     all_cpus = ",".join(str(i) for i in range(n))
     one_loop = [Router(), MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c), Squid(cpus=c)]
     if regime == CONVERTER_BOUND:
@@ -88,15 +89,15 @@ def systems(regime: str) -> list:
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, regimes, syn_paths = [], {}, {}
-    with Testbed(PaperTopo()) as tb:
+    with testbed(PaperTopo()) as tb:
         fidelity = fidelity_rows(tb, seconds=1.0)
         web = servers.nginx(tb, sorted({s for v in params["sizes"].values() for s in v}), HTTP_PORT,
-                            mptcp=False, cpus=END_HOST_CPUS)
+                            mptcp=False, cpus=tb.cpus("server"))
         web_mptcp = servers.nginx(tb, sorted({s for v in params["sizes"].values() for s in v}), HTTP_PORT + 1,
-                                  mptcp=True, cpus=END_HOST_CPUS)
+                                  mptcp=True, cpus=tb.cpus("server"))
         try:
             for regime, sizes in params["sizes"].items():
-                syss = pick(systems(regime), params)
+                syss = pick(systems(regime, tb), params, tb)
                 with running(tb, syss, regime, params["quota_cores"], HTTP_PORT) as regimes[regime]:
                     calibrated(tb, syss, regime, sizes, params, regimes[regime])
                     rows += _measure(tb, syss, regime, sizes, params)
@@ -124,7 +125,7 @@ def calibrated(tb, syss: list, regime: str, sizes: list[int], params: dict, box:
         settle(tb)
         port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
         return wrk(tb, s, port, f"/{size}.bin", params.get("probe_seconds", PROBE_SECONDS), params["connections"],
-                   cpus=END_HOST_CPUS)["req_per_s"]
+                   cpus=tb.cpus("client"))["req_per_s"]
 
     cal = calibrate_quota(syss, probe, sizes, probe_with=CALIBRATE_WITH)
     box.update(cores_per_loop=cal["cores_per_loop"], quota_us_per_loop=int(cal["cores_per_loop"] * box["period_us"]),
@@ -141,7 +142,7 @@ def _measure(tb, syss: list, regime: str, sizes: list[int], params: dict) -> lis
                 port = HTTP_PORT + 1 if isinstance(s, Router) else HTTP_PORT
                 settle(tb)
                 c0, ends0, mib0 = s.cpu_s(), s.session_ends(), mptcp_mib(tb.mbox)
-                r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=END_HOST_CPUS)
+                r = wrk(tb, s, port, f"/{size}.bin", params["seconds"], params["connections"], cpus=tb.cpus("client"))
                 cpu, mib = s.cpu_s() - c0, conversion(mib0, mptcp_mib(tb.mbox))
                 ends = {k: n - ends0.get(k, 0) for k, n in s.session_ends().items() if n > ends0.get(k, 0)}
                 quota = s.box.cores / s.loops if s.box is not None and s.box.cores is not None else float("nan")
@@ -173,7 +174,8 @@ def settle(tb, timeout: float = 10.0) -> None:
         if quiet is not None and now - quiet >= 0.2:
             return
         time.sleep(0.05)
-    progress(f"fig5: connections to the server still open after {timeout:g}s; measuring anyway")
+    progress(f"fig5: connections to the server still open after {timeout:g}s; measuring anyway: "
+             + (" | ".join(backlog) if backlog else busy)[:300])
 
 
 def findings(df: pd.DataFrame) -> dict:

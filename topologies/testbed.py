@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
 from mininet.link import Link  # noqa: E402
 from mininet.net import Mininet  # noqa: E402
+from mininet.node import Host  # noqa: E402
 from mininet.topo import Topo  # noqa: E402
 
 from topologies.links import EmuLink  # noqa: E402
@@ -155,6 +156,60 @@ class MobileTopo(ConverterTopo):
         super().build(client, server, ipv6)
 
 
+class LabHost(Host):
+    """A Mininet host with the operations the figure modules use on any testbed host (the remote
+    backend's topologies.remote.RemoteHost has the same): files, run directories, a CPU box, a
+    converter's statistics. A Mininet host shares this machine's file system, so a file is simply
+    written here and `get` is the path itself."""
+    remote = False
+
+    @property
+    def python(self) -> str:
+        """The interpreter that has mimbox and this checkout's experiments."""
+        return sys.executable
+
+    @property
+    def mptcpize(self) -> str:
+        """The MPTCP LD_PRELOAD shim."""
+        from mimbox.paths import MPTCPIZE
+        return str(MPTCPIZE)
+
+    def run(self, command: str) -> str:
+        """A command that must succeed (its exit status checked); its output."""
+        out = self.cmd(command + "; echo mimbox-rc:$?")
+        body, _, rc = out.rpartition("mimbox-rc:")
+        if rc.strip() != "0":
+            raise RuntimeError(f"{self.name}: `{command}` exited {rc.strip()}: {body.strip()[-500:]}")
+        return body
+
+    def write_file(self, path: str, data, mode: int = 0o644) -> None:
+        """Write a file (this machine's file system)."""
+        with open(path, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(path, mode)
+
+    def get(self, remote: str, local: str) -> str:
+        """The file at `remote` is already here: its path."""
+        return remote
+
+    def mkdtemp(self, tag: str) -> str:
+        """A private run directory, removed when this process exits (experiments.systems.run_dir)."""
+        from experiments.systems import run_dir
+        d = run_dir(tag)
+        os.chmod(d, 0o755)
+        return d
+
+    def cpu_quota(self, name: str, cores):
+        """A CPU box (topologies.regimes.CpuQuota), created."""
+        from topologies.regimes import CpuQuota
+        return CpuQuota(name, cores).create()
+
+    def stats(self, path: str) -> dict:
+        """A converter's statistics socket (mimbox.stats)."""
+        from mimbox.stats import query
+        return query(path)
+
+
 HOST_SYSCTLS = {
     "net.mptcp.enabled": "1",
     "net.ipv4.tcp_tw_reuse": "1",                 # connection-per-request load (wrk, Connection: close)
@@ -206,6 +261,22 @@ class Testbed:
         return self.net["server"]
 
     client_family = server_family = 4   # what server_ip, mbox_client_ip, client_ips give (view() changes it)
+    remote = False
+    CPUS = {"client": "0", "server": "0", "mbox": "1"}   # end hosts on one core, the converter the other
+
+    def cpus(self, role: str) -> str:
+        """The cores `role`'s processes are pinned to (client, mbox, server): on this machine end
+        hosts share core 0 and the converter has core 1, like the paper's separate boxes."""
+        return self.CPUS[role]
+
+    @property
+    def converter_cores(self) -> int:
+        """How many cores the converter host has (a system with one loop per core uses them all)."""
+        return os.cpu_count() or 1
+
+    def one_path(self) -> None:
+        """The client keeps only its first path (no join subflow): Table 1's captures see every segment."""
+        self.client.cmd("ip mptcp endpoint flush")
 
     @property
     def server_ip(self) -> str:
@@ -237,7 +308,7 @@ class Testbed:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             # `kill`/`timeout` must unwind through stop() too, not leave hosts and processes behind
             signal.signal(signal.SIGTERM, _raise_system_exit)
-        self.net = Mininet(topo=self.topo, link=EmuLink, controller=None, build=False,
+        self.net = Mininet(topo=self.topo, link=EmuLink, host=LabHost, controller=None, build=False,
                            autoSetMacs=True, waitConnected=False)
         try:
             self.net.build()

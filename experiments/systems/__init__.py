@@ -25,18 +25,37 @@ from topologies.regimes import CpuQuota
 PY = sys.executable
 
 
-def mptcp_listeners(argv: list[str]) -> list[str]:
+def mptcp_listeners(argv: list[str], host=None) -> list[str]:
     """An unchanged TCP proxy as an MPTCP <-> TCP converter: its listening sockets (so the connections
     it accepts) become MPTCP through the shim, the connections it opens to the server stay TCP -- as
-    MiMBox's and the paper's converters do, and as HAProxy's native `bind mptcp4@` would."""
-    return ["env", f"LD_PRELOAD={MPTCPIZE}", "MPTCPIZE_LISTEN_ONLY=1", *argv]
+    MiMBox's and the paper's converters do, and as HAProxy's native `bind mptcp4@` would. host: where
+    it runs (the shim's path there; default this machine's)."""
+    return ["env", f"LD_PRELOAD={shim(host)}", "MPTCPIZE_LISTEN_ONLY=1", *argv]
 
 
-def mptcp_everywhere(argv: list[str]) -> list[str]:
+def mptcp_everywhere(argv: list[str], host=None) -> list[str]:
     """Every TCP socket of the program MPTCP (what `mptcpize run` does): towards a TCP server its
     connections are MPTCP sockets fallen back to TCP, which receive through a copy (no splice_read)
     and, on this kernel, rarely ended a response early (docs/findings.md)."""
-    return ["env", f"LD_PRELOAD={MPTCPIZE}", *argv]
+    return ["env", f"LD_PRELOAD={shim(host)}", *argv]
+
+
+def shim(host=None) -> str:
+    """The MPTCP LD_PRELOAD shim's path on `host` (a testbed host; None: this machine)."""
+    return getattr(host, "mptcpize", None) or str(MPTCPIZE)
+
+
+def python(host=None) -> str:
+    """The interpreter on `host` that has mimbox and this checkout's experiments (None: this one)."""
+    return getattr(host, "python", None) or PY
+
+
+def write_config(host, tag: str, name: str, text: str) -> tuple[str, str]:
+    """A file `name` in a fresh run directory on `host`: (directory, file path)."""
+    d = host.mkdtemp(tag)
+    path = f"{d}/{name}"
+    host.write_file(path, text)
+    return d, path
 
 
 class Allocator:
@@ -164,7 +183,7 @@ class System:
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
         """The client command, wrapped as this system needs (with the MPTCP shim if `mptcp`)."""
-        return mptcp_everywhere(argv) if mptcp else list(argv)
+        return mptcp_everywhere(argv, tb.client) if mptcp else list(argv)
 
     def __repr__(self) -> str:
         return self.name
@@ -195,7 +214,7 @@ class MiMBox(System):
         listening address (default 0.0.0.0, or `::`, which serves both families, when the testbed
         view it starts on has an IPv6 side)."""
         super().__init__(cpus)
-        self.program = list(program or [PY, "-m", "mimbox.cli"])
+        self.program = list(program) if program else None   # None: `mimbox` of the host it runs on
         self.listen = listen
         self.mode, self.engine, self.port, self.extra = mode, engine, port or ALLOCATE.port(), list(extra)
         if "--queue-num" not in self.extra:
@@ -214,7 +233,7 @@ class MiMBox(System):
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
         listen = self.listen or ("::" if 6 in (tb.client_family, tb.server_family) else "0.0.0.0")
-        argv = [*self.program, "run", "--listen", hostport(listen, self.port), "--mode", self.mode,
+        argv = [*self.command(tb.mbox), "run", "--listen", hostport(listen, self.port), "--mode", self.mode,
                 "--stats", self.stats_path,
                 *self.extra]
         if "--allow-destination" not in self.extra:
@@ -230,14 +249,17 @@ class MiMBox(System):
             self.stop()
             raise RuntimeError(f"mimbox did not start: {line} {self.log()[-2000:]}")
 
+    def command(self, host) -> list[str]:
+        """The `mimbox` command on `host` (the one given, else the host's installed one)."""
+        return self.program or [python(host), "-m", "mimbox.cli"]
+
     @property
     def stats_path(self) -> str:
         # one per system: converters of a cluster share a port, in namespaces that share /run
         return f"/run/mimbox/test-{self.port}-{os.getpid()}-{id(self):x}.sock"
 
     def stats(self) -> dict:
-        from mimbox.stats import query
-        return query(self.stats_path)
+        return self.host.stats(self.stats_path)
 
     def endpoint(self, tb, server_port: int) -> tuple[str, int]:
         if self.mode == "static":
@@ -250,7 +272,7 @@ class MiMBox(System):
 
     def client_argv(self, tb, argv: list[str], mptcp: bool = True) -> list[str]:
         if self.mode in ("explicit", "convert"):
-            return [*self.program, "client", "--via", hostport(tb.mbox_client_ip, self.port),
+            return [*self.command(tb.client), "client", "--via", hostport(tb.mbox_client_ip, self.port),
                     *(["--convert"] if self.mode == "convert" else []),
                     *(["--no-fastopen"] if self.mode == "convert" and not self.fastopen else []),
                     *(["--mptcp"] if mptcp else []), "--", *argv]
@@ -304,7 +326,7 @@ class Naive(System):
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
-        p = self._popen(tb.mbox, [PY, "-m", "experiments.systems.naive", "--engine", self.engine,
+        p = self._popen(tb.mbox, [python(tb.mbox), "-m", "experiments.systems.naive", "--engine", self.engine,
                                   "--listen", str(self.port), "--upstream", f"{tb.server_ip}:{server_port}"])
         if "ready" not in ready_line(p):
             self.stop()
@@ -365,12 +387,9 @@ class HAProxy(System):
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
-        d = run_dir("haproxy")
-        cfg = os.path.join(d, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(self.config(tb, server_port))
+        _, cfg = write_config(tb.mbox, "haproxy", "haproxy.cfg", self.config(tb, server_port))
         wrap = mptcp_listeners if self.server_side == "tcp" else mptcp_everywhere
-        self._popen(tb.mbox, wrap(["haproxy", "-db", "-f", cfg]))
+        self._popen(tb.mbox, wrap(["haproxy", "-db", "-f", cfg], tb.mbox))
         wait_port(tb.mbox, self.port)
 
 
@@ -384,20 +403,19 @@ class Squid(System):
 
     def start(self, tb, server_port: int) -> None:
         super().start(tb, server_port)
-        d = run_dir("squid")
-        os.chmod(d, 0o777)
-        cfg = os.path.join(d, "squid.conf")
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                f"http_port {self.port} accel defaultsite={tb.server_ip} no-vhost",
-                f"cache_peer {tb.server_ip} parent {server_port} 0 no-query originserver name=origin",
-                "cache_peer_access origin allow all", "http_access allow all", "cache deny all",
-                "cache_mem 0 MB", "memory_pools off", "workers 1", f"pid_filename {d}/squid.pid",
-                f"cache_log {d}/cache.log", "access_log none", f"coredump_dir {d}",
-                "shutdown_lifetime 1 second", "max_filedescriptors 65536", ""]))
+        d = tb.mbox.mkdtemp("squid")
+        tb.mbox.run(f"chmod 777 {d}")                # Squid's own user writes its logs there
+        cfg = f"{d}/squid.conf"
+        tb.mbox.write_file(cfg, "\n".join([
+            f"http_port {self.port} accel defaultsite={tb.server_ip} no-vhost",
+            f"cache_peer {tb.server_ip} parent {server_port} 0 no-query originserver name=origin",
+            "cache_peer_access origin allow all", "http_access allow all", "cache deny all",
+            "cache_mem 0 MB", "memory_pools off", "workers 1", f"pid_filename {d}/squid.pid",
+            f"cache_log {d}/cache.log", "access_log none", f"coredump_dir {d}",
+            "shutdown_lifetime 1 second", "max_filedescriptors 65536", ""]))
         # a service name of its own: Squid names its shared-memory segments after it, and a killed
         # Squid's segments (/dev/shm) would make the next one with the same name refuse to start
-        self._popen(tb.mbox, mptcp_listeners(["squid", "-N", "-n", self.service, "-f", cfg]))
+        self._popen(tb.mbox, mptcp_listeners(["squid", "-N", "-n", self.service, "-f", cfg], tb.mbox))
         wait_port(tb.mbox, self.port, timeout=30)
 
     @property
@@ -406,6 +424,5 @@ class Squid(System):
 
     def stop(self) -> None:
         super().stop()
-        import glob
-        for seg in glob.glob(f"/dev/shm/{self.service}-*"):
-            os.unlink(seg)
+        if self.host is not None:
+            self.host.cmd(f"rm -f /dev/shm/{self.service}-*")

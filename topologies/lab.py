@@ -1,0 +1,432 @@
+"""A remote testbed: the machines of a hosts file (topologies.hostsfile), driven over SSH.
+
+    lab = RemoteLab(hostsfile.load("lab.toml"))
+    lab.open(needs)        # connect to every host, preflight (one table per host), install the wheel
+    with lab.testbed(PaperTopo()) as tb:      # the same names as topologies.testbed.Testbed
+        tb.client.cmd("ping -c1 " + tb.server_ip)
+    lab.close()            # every host as it was: processes, endpoints, routes, sysctls, cgroups
+
+A figure module does not know which testbed it runs on: experiments.common.testbed() gives it this
+one under `--hosts`. The links are the hosts' own interfaces, unshaped (the paper's regime for
+Fig. 4, Fig. 5 and Table 1); a figure that shapes its links is refused with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from topologies.hostsfile import Lab
+from topologies.remote import RemoteError, RemoteHost
+from topologies.testbed import HOST_SYSCTLS, FamilyView, Testbed
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = {"client": ("wrk", "iperf3"), "converter": ("haproxy", "squid"), "server": ("nginx", "iperf3")}
+SYSTEM_PYTHON = "/usr/bin/python3"   # each host's venv is made from it, with its Debian packages visible
+
+
+class LabRefused(RuntimeError):
+    """A host cannot take part (SSH refused, no MPTCP, a port taken, a tool missing): one line per
+    host and cause; nothing was started anywhere."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class Needs:
+    """What a run needs of each host: tools by role and ports that must be free."""
+    tools: dict[str, list[str]] = field(default_factory=lambda: {
+        "client": ["wrk", "iperf3", "ping", "taskset", "ip", "ss"],
+        "converter": ["haproxy", "squid", "tcpdump", "taskset", "ip", "ss", "nstat", "ethtool"],
+        "server": ["nginx", "iperf3", "taskset", "ip", "ss"]})
+    ports: dict[str, list[int]] = field(default_factory=lambda: {
+        "converter": list(range(17000, 17040)), "server": [80, 81, 5201, 9500]})
+
+
+class RemoteLab:
+    """The hosts of a hosts file, connected, checked and installed; see the module's docstring."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.hosts: dict[str, RemoteHost] = {}
+        self.preflight_rows: dict[str, list[tuple[str, bool, str]]] = {}
+
+    # -- connect, check, install -----------------------------------------------------------------
+    def open(self, needs: Needs | None = None, install: bool = True, out=sys.stdout) -> "RemoteLab":
+        """Connect, preflight, install; raises LabRefused (every connection closed) if a host cannot."""
+        try:
+            self._connect()
+            self.preflight(needs or Needs(), out)
+            if install:
+                self.install(out)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _connect(self) -> None:
+        problems = []
+        for role, spec in self.lab.hosts.items():
+            host = RemoteHost(spec)
+            try:
+                host.connect()
+                self.hosts[role] = host
+            except Exception as e:  # noqa: BLE001 - paramiko raises many kinds; each is one line
+                problems.append(f"{role} ({spec.target}): SSH refused: {type(e).__name__}: {e}")
+        if problems:
+            raise LabRefused(problems)
+
+    def _parallel(self, fn) -> dict:
+        """fn(role, host) on every host at once; {role: result}; the first exception re-raised."""
+        results, errors = {}, {}
+
+        def one(role, host):
+            try:
+                results[role] = fn(role, host)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in this thread
+                errors[role] = e
+        threads = [threading.Thread(target=one, args=item) for item in self.hosts.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next(iter(errors.values()))
+        return results
+
+    def preflight(self, needs: Needs, out=sys.stdout) -> None:
+        """What `mimbox doctor --testbed` checks, on each host over SSH; one table per host; raises
+        LabRefused naming each host and cause."""
+        def check(role, host):
+            rows = []
+            uid = host.cmd("id -u").strip()
+            rows.append(("root or sudo", uid == "0" or (host.spec.sudo and "0" == uid),
+                         "root" if uid == "0" else f"uid {uid}" + (" via sudo" if host.spec.sudo else "")))
+            mptcp = host.cmd("sysctl -n net.mptcp.enabled 2>&1").strip()
+            rows.append(("MPTCP enabled", mptcp == "1", f"net.mptcp.enabled = {mptcp or '?'}"))
+            # Debian's python3 (the converter's seccomp binding is its package python3-seccomp)
+            mods = "venv, seccomp" if role == "converter" else "venv"
+            py = host.cmd(f"{SYSTEM_PYTHON} -c 'import sys, {mods}; print(sys.version.split()[0])' 2>&1").strip()
+            last = py.splitlines()[-1] if py else "missing"
+            rows.append((f"{SYSTEM_PYTHON} ({mods})", bool(re.fullmatch(r"3\.(1[1-9]|[2-9]\d)\.\d+", last)), last))
+            for tool in needs.tools.get(role, []):
+                where = host.cmd(f"command -v {shlex.quote(tool)}").strip()
+                rows.append((f"tool {tool}", bool(where), where or "missing"))
+            for path in (self.lab.client_paths if role in ("client", "converter") else []) + \
+                    (self.lab.server_paths if role in ("server", "converter") else []):
+                intf, addr = (path.intf_mbox, path.mbox_if) if role == "converter" else (path.intf_outer, path.outer_if)
+                have = host.cmd(f"ip -o -4 addr show dev {shlex.quote(intf)} 2>&1")
+                rows.append((f"{intf} {addr}", f" {addr} " in have, "present" if f" {addr} " in have
+                             else (have.strip().splitlines() or ["not on the interface"])[0][:60]))
+            ports = needs.ports.get(role, [])
+            if ports:
+                taken = [line.split()[3].rsplit(":", 1)[1] for line in host.cmd("ss -Hltn").splitlines()
+                         if len(line.split()) > 3]
+                busy = sorted({int(p) for p in taken if p.isdigit()} & set(ports))
+                rows.append((f"ports {ports[0]}" + (f"-{ports[-1]}" if len(ports) > 1 else ""), not busy,
+                             "free" if not busy else f"taken: {', '.join(map(str, busy))}"))
+            return rows
+        self.preflight_rows = self._parallel(check)
+        problems = []
+        for role in self.hosts:
+            rows = self.preflight_rows[role]
+            print(f"{role} ({self.hosts[role].spec.target})", file=out)
+            for name, ok, detail in rows:
+                print(f"  {name:<28} {'OK' if ok else 'FAIL':<5} {detail}", file=out)
+                if not ok:
+                    problems.append(f"{role} ({self.hosts[role].spec.target}): {name}: {detail}")
+        if problems:
+            raise LabRefused(problems)
+
+    def install(self, out=sys.stdout) -> None:
+        """The wheel built here (and its pinned dependencies, as wheels: no host needs an index) in a
+        venv of its own on every host, and this checkout's experiments/ and topologies/ beside it.
+        A host that has this exact set already keeps it."""
+        wheels = build_wheelhouse()
+        src = _source_tarball()
+        stamp = hashlib.sha1(b"".join(p.read_bytes() for p in wheels) + src).hexdigest()[:16]
+
+        def one(role, host):
+            w = shlex.quote(host.workdir)
+            if host.cmd(f"cat {w}/installed 2>/dev/null").strip() != stamp:
+                host.run(f"rm -rf {w}/venv {w}/wheels {w}/src && mkdir -p {w}/wheels {w}/src {w}/run")
+                for p in wheels:
+                    host.put(str(p), f"{host.workdir}/wheels/{p.name}")
+                host.write_file(f"{host.workdir}/src.tar", src)
+                host.run(f"tar -xf {w}/src.tar -C {w}/src && rm {w}/src.tar && {SYSTEM_PYTHON} -m venv --system-site-packages {w}/venv && "
+                         f"{w}/venv/bin/pip install -q --no-index --disable-pip-version-check "
+                         f"--find-links {w}/wheels mimbox && echo {stamp} > {w}/installed", timeout=600)
+                print(f"{role}: installed the wheel into {host.workdir}/venv", file=out)
+            host.mptcpize = host.run(f"{host.python} -c 'from mimbox.paths import MPTCPIZE; print(MPTCPIZE)'").strip()
+            if role == "converter":
+                doctor = host.cmd(f"{host.python} -m mimbox.cli doctor")
+                if "MISSING " in doctor.replace("MISSING (optional)", ""):
+                    missing = [line.split()[0] for line in doctor.splitlines()
+                               if " MISSING " in line and "(optional)" not in line]
+                    raise LabRefused([f"converter ({host.spec.target}): mimbox doctor: missing {', '.join(missing)}"])
+        self._parallel(one)
+
+    # -- a figure's testbed ----------------------------------------------------------------------
+    def testbed(self, topo) -> "RemoteTestbed":
+        """The testbed a figure asks for (a topologies.testbed topology) on these hosts."""
+        return RemoteTestbed(self, topo)
+
+    def facts(self) -> dict:
+        """Every host's facts for the manifest: kernel, CPU, cores, and each data interface's NIC
+        driver and firmware, offloads, speed and MTU."""
+        def one(role, host):
+            intfs = sorted({p.intf_mbox if role == "converter" else p.intf_outer
+                            for p in self.lab.client_paths + self.lab.server_paths
+                            if role == "converter" or (role == "client") == (p in self.lab.client_paths)})
+            script = ("uname -r; nproc; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-; "
+                      "cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none")
+            kernel, cores, cpu, idle = (host.cmd(script).splitlines() + ["?"] * 4)[:4]
+            nics = {}
+            for i in intfs:
+                drv = dict(line.split(": ", 1) for line in host.cmd(f"ethtool -i {i} 2>/dev/null").splitlines()
+                           if ": " in line)
+                offl = dict(line.split(": ", 1) for line in host.cmd(f"ethtool -k {i} 2>/dev/null").splitlines()
+                            if ": " in line)
+                nics[i] = {"driver": drv.get("driver", "?"), "firmware": drv.get("firmware-version", "?"),
+                           "speed_mbps": host.cmd(f"cat /sys/class/net/{i}/speed 2>/dev/null").strip() or "?",
+                           "mtu": host.cmd(f"cat /sys/class/net/{i}/mtu").strip(),
+                           "offloads": {k: offl.get(k, "?").split()[0] for k in (
+                               "tcp-segmentation-offload", "generic-segmentation-offload",
+                               "generic-receive-offload", "large-receive-offload")}}
+            versions = {}
+            for tool in PEERS.get(role, ()):
+                line = host.cmd(f"{tool} -v 2>&1 | head -1").strip()
+                versions[tool] = line if line and "not found" not in line else "not found"
+            return {"ssh": host.spec.target, "kernel": kernel, "cores": cores, "cpu": cpu.strip(),
+                    "cpuidle": idle, "pinned_to": host.spec.cpus, "interfaces": nics, "versions": versions}
+        return self._parallel(one)
+
+    def cpu_ticks(self) -> dict:
+        """Every host's (steal, all) CPU ticks (steal per host: experiments.common.run_experiment)."""
+        return self._parallel(lambda role, host: host.cpu_ticks())
+
+    def close(self) -> None:
+        """Every host as it was before open(): processes, undo lists, run directories; connections closed."""
+        errors = []
+        for role, host in self.hosts.items():
+            try:
+                host.close()
+            except Exception as e:  # noqa: BLE001 - every host is cleaned even if one fails
+                errors.append(f"{role}: {e}")
+        self.hosts = {}
+        if errors:
+            raise RemoteError("cleanup: " + "; ".join(errors))
+
+
+def build_wheelhouse() -> list[Path]:
+    """The converter's wheel (built here, as `./mimbox.sh wheel`) and its pinned dependencies as
+    wheels, in build/wheelhouse/ (kept while pyproject.toml and the sources are unchanged)."""
+    import tomllib
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    digest = hashlib.sha1()
+    for p in sorted([ROOT / "pyproject.toml", ROOT / "setup.py", *ROOT.glob("mimbox/**/*"), *ROOT.glob("native/**/*")]):
+        if p.is_file() and "__pycache__" not in p.parts:
+            digest.update(str(p.relative_to(ROOT)).encode() + p.read_bytes())
+    house = ROOT / "build" / "wheelhouse" / digest.hexdigest()[:12]
+    if not (house / "complete").exists():
+        import shutil
+        shutil.rmtree(house.parent, ignore_errors=True)
+        house.mkdir(parents=True)
+        for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(house),
+                      str(ROOT)],
+                     [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(house), *deps]):
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
+            if p.returncode:
+                raise RuntimeError(f"building the wheelhouse: {' '.join(argv[:6])}...: {p.stderr[-1500:]}")
+        (house / "complete").write_text("")
+    return sorted(house.glob("*.whl"))
+
+
+def _source_tarball() -> bytes:
+    """experiments/ and topologies/ of this checkout (what runs on the hosts besides the wheel)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for top in ("experiments", "topologies"):
+            for p in sorted((ROOT / top).rglob("*.py")):
+                if "__pycache__" not in p.parts:
+                    info = tar.gettarinfo(str(p), arcname=str(p.relative_to(ROOT)))
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
+    return buf.getvalue()
+
+
+class RemoteTestbed:
+    """A figure's testbed on the lab's hosts: the names of topologies.testbed.Testbed (client, mbox,
+    server, server_ip, mbox_client_ip, client_ips, families, view(), cpus()), set up on start() and
+    undone on stop(): sysctls (old values restored), forwarding on the converter, routes between
+    the paths, the client's MPTCP endpoints and limits."""
+    __test__ = False
+    remote = True
+    client_family = server_family = 4
+    families = (4,)
+    server_ip = Testbed.server_ip
+    mbox_client_ip = Testbed.mbox_client_ip
+    client_ips = Testbed.client_ips
+
+    def __init__(self, lab: RemoteLab, topo):
+        shaped = [p.name for p in getattr(topo, "client_paths", []) + getattr(topo, "server_paths", [])
+                  if p.up or p.down]
+        if shaped:
+            raise LabRefused([f"this figure shapes its links ({', '.join(shaped)}: delay, rate or loss); "
+                              "a remote testbed runs the unshaped figures (fig4, fig5, table1, percost)"])
+        self.lab, self.topo = lab, _RemoteTopo(lab.lab)
+        self._undo: dict[str, list[str]] = {}
+        self._steps: dict[str, list[tuple[str, str | None]]] = {}
+
+    @property
+    def client(self) -> RemoteHost:
+        return self.lab.hosts["client"]
+
+    @property
+    def mbox(self) -> RemoteHost:
+        return self.lab.hosts["converter"]
+
+    @property
+    def server(self) -> RemoteHost:
+        return self.lab.hosts["server"]
+
+    def cpus(self, role: str) -> str:
+        """The cores the hosts file pins `role` (client, mbox, server) to."""
+        return self.lab.lab.hosts["converter" if role == "mbox" else role].cpus
+
+    @property
+    def converter_cores(self) -> int:
+        return int(self.mbox.run("nproc").strip())
+
+    def view(self, client: int = 4, server: int = 4) -> FamilyView:
+        return FamilyView(self, client, server)
+
+    def path_rtts(self, count: int = 10) -> list[dict]:
+        """Each path's round-trip time, measured from its outer host (the manifest's link fidelity)."""
+        rows = []
+        for host, addrs in ((self.client, self.topo.client_addrs), (self.server, self.topo.server_addrs)):
+            for a in addrs:
+                out = host.cmd(f"ping -q -n -c {count} -i 0.05 -I {a.outer_ip} {a.mbox_ip}")
+                m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)", out)
+                rows.append({"link": f"{host.name}:{a.intf_outer}->{self.mbox.name}:{a.intf_mbox}",
+                             "rtt_ms": float(m.group(2)) if m else None,
+                             "rtt_ms_min": float(m.group(1)) if m else None, "shaped": False})
+        return rows
+
+    def dropped_packets(self) -> int:
+        return 0     # no link emulation: nothing drops on purpose
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "RemoteTestbed":
+        try:
+            self._configure()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _do(self, host: RemoteHost, command: str, undo: str | None = None) -> None:
+        """A set-up step (and the command that undoes it), run by _apply() with the host's others."""
+        self._steps.setdefault(host.name, []).append((command, undo))
+
+    def _apply(self) -> None:
+        """Every host's steps as one script (one SSH round trip per host); a step's undo is kept
+        only once it has run, and the first failing step stops its host's script and is raised."""
+        def one(role, host):
+            steps = self._steps.pop(host.name, [])
+            script = "f=$(mktemp); " + "; ".join(f"{{ {cmd} ; }} >$f 2>&1 && echo mimbox-step:{k} || "
+                                                 f"{{ echo mimbox-failed:{k}; cat $f; rm -f $f; exit 1; }}"
+                                                 for k, (cmd, _) in enumerate(steps))
+            out = host.cmd(script + "; rm -f $f") if steps else ""
+            done = {int(x) for x in re.findall(r"mimbox-step:(\d+)", out)}
+            self._undo.setdefault(host.name, []).extend(u for k, (_, u) in enumerate(steps) if k in done and u)
+            failed = re.search(r"mimbox-failed:(\d+)\n?(.*)", out, re.S)
+            if failed or len(done) != len(steps):
+                k = int(failed.group(1)) if failed else len(done)
+                raise RemoteError(f"{host.name}: `{steps[k][0]}`: {(failed.group(2) if failed else out).strip()[-300:]}")
+        self.lab._parallel(one)
+
+    def _configure(self) -> None:
+        t = self.topo
+        keys = [*HOST_SYSCTLS, "net.ipv4.ip_forward"]
+        for host in (self.client, self.mbox, self.server):      # what each host has now, read at once
+            lines = host.run(f"sysctl -n {' '.join(keys)}; ip mptcp limits show").splitlines()
+            old = dict(zip(keys, (v.strip().replace("\t", " ") for v in lines)))
+            want = dict(HOST_SYSCTLS, **({"net.ipv4.ip_forward": "1"} if host is self.mbox else {}))
+            for key, value in want.items():
+                if old.get(key) != value:
+                    self._do(host, f"sysctl -qw {key}='{value}'", f"sysctl -qw {key}='{old[key]}'")
+            limits = " ".join(lines[len(keys):]).split()
+            limits = dict(zip(limits[::2], limits[1::2]))
+            n = 4 if host is self.mbox else max(2, len(t.client_addrs if host is self.client else t.server_addrs))
+            self._do(host, f"ip mptcp limits set subflow {n} add_addr_accepted {n}",
+                     f"ip mptcp limits set subflow {limits.get('subflows', 2)} "
+                     f"add_addr_accepted {limits.get('add_addr_accepted', 0)}")
+        # the client reaches the server through the converter, from its first path by default and
+        # from each path's address over that path (a subflow leaves by its own link)
+        first = t.client_addrs[0]
+        for s in t.server_addrs:
+            self._do(self.client, f"ip route replace {s.subnet} via {first.mbox_ip} dev {first.intf_outer}",
+                     f"ip route del {s.subnet} via {first.mbox_ip} dev {first.intf_outer}")
+        for a in t.client_addrs:
+            table = 7000 + a.n
+            self._do(self.client, f"ip rule add from {a.outer_ip} table {table}",
+                     f"ip rule del from {a.outer_ip} table {table}")
+            self._do(self.client, f"ip route add {a.subnet} dev {a.intf_outer} table {table}",
+                     f"ip route flush table {table}")
+            self._do(self.client, f"ip route add default via {a.mbox_ip} dev {a.intf_outer} table {table}")
+            self._do(self.server, f"ip route replace {a.subnet} via {t.server_addrs[0].mbox_ip} "
+                                  f"dev {t.server_addrs[0].intf_outer}",
+                     f"ip route del {a.subnet} via {t.server_addrs[0].mbox_ip} dev {t.server_addrs[0].intf_outer}")
+        for a in t.client_addrs[1:]:
+            self._do(self.client, f"ip mptcp endpoint add {a.outer_ip} dev {a.intf_outer} subflow",
+                     f"ip mptcp endpoint delete id $(ip mptcp endpoint show | awk '$1 == \"{a.outer_ip}\" "
+                     "{for (i = 1; i < NF; i++) if ($i == \"id\") print $(i + 1)}')")
+        self._apply()
+
+    def one_path(self) -> None:
+        """The client keeps only its first path: the endpoints this testbed added go (theirs stay)."""
+        for undo in list(self._undo.get("client", [])):
+            if "mptcp endpoint delete" in undo:
+                self.client.cmd(undo)
+                self._undo["client"].remove(undo)
+
+    def stop(self) -> None:
+        """Stop every process started on the hosts and undo the set-up, last step first."""
+        errors = []
+        self.lab._parallel(lambda role, host: host.stop_processes())
+
+        def undo(role, host):
+            steps = list(reversed(self._undo.pop(host.name, [])))
+            if steps:           # one script: every step runs, each failure is reported
+                out = host.cmd("; ".join(f"{{ {u} ; }} >/dev/null 2>&1 || echo 'mimbox-undo-failed: {k}'"
+                                         for k, u in enumerate(steps)))
+                errors.extend(f"{host.name}: {steps[int(k)]}" for k in re.findall(r"mimbox-undo-failed: (\d+)", out))
+        self.lab._parallel(undo)
+        if errors:
+            raise RemoteError("undoing the testbed set-up: " + "; ".join(errors))
+
+    def __enter__(self) -> "RemoteTestbed":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _RemoteTopo:
+    """What experiments read of a topology (topologies.testbed.ConverterTopo's addresses)."""
+    ipv6 = False
+
+    def __init__(self, lab: Lab):
+        self.client_addrs, self.server_addrs = lab.client_paths, lab.server_paths
