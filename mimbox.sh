@@ -11,7 +11,8 @@ cd "$(dirname "$(readlink -f "$0")")"
 APT_PACKAGES=(mininet iproute2 iptables nftables libnetfilter-queue-dev tcpdump iperf3 wrk haproxy squid
               nginx-light clang llvm bpftool libbpf-dev python3-venv python3-dev gcc make ethtool
               iputils-ping curl procps psmisc bpftrace linux-perf
-              libseccomp-dev python3-seccomp libcap-dev libclang-rt-14-dev socat mptcpize liburing-dev)
+              libseccomp-dev python3-seccomp libcap-dev libclang-rt-14-dev socat mptcpize liburing-dev
+              openssh-server)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,8 +26,9 @@ if ((${#missing[@]})); then
   # Debian starts a service when its package is installed; the experiments start their own copies.
   # Only a service whose package was installed just now is stopped (by its unit, else its pid file):
   # never a process by name, never a service this machine had before.
-  declare -A pidfile=([nginx-light]=/run/nginx.pid [squid]=/run/squid.pid [haproxy]=/run/haproxy.pid)
-  declare -A unit=([nginx-light]=nginx [squid]=squid [haproxy]=haproxy)
+  declare -A pidfile=([nginx-light]=/run/nginx.pid [squid]=/run/squid.pid [haproxy]=/run/haproxy.pid
+                      [openssh-server]=/run/sshd.pid)
+  declare -A unit=([nginx-light]=nginx [squid]=squid [haproxy]=haproxy [openssh-server]=ssh)
   for p in "${missing[@]}"; do
     [ -n "${unit[$p]:-}" ] || continue
     svc=${unit[$p]} pf=${pidfile[$p]}
@@ -35,6 +37,8 @@ if ((${#missing[@]})); then
       systemctl stop "$svc" 2>/dev/null || service "$svc" stop >/dev/null 2>&1 || true
       if [ -f "$pf" ] && kill -0 "$(cat "$pf")" 2>/dev/null; then kill "$(cat "$pf")"; fi
     fi
+    # sshd is for the SSH rig's namespaces only (tests/test_remote.py): not a login service of this machine
+    if [ "$p" = openssh-server ]; then systemctl disable -q ssh 2>/dev/null || true; fi
   done
 fi
 

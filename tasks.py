@@ -83,15 +83,17 @@ def reproduce(c, quick=False, hosts="", only=None):
                          "regime": "converter-bound | end-host-bound", "out": "results directory (never results/)",
                          "baseline": "a system to divide every other one by", "list": "list the figure's systems",
                          "hosts": "a hosts file: compare on those machines over SSH (docs/remote.md)",
-                         "quick": "the figure's quick parameters as the base"},
+                         "quick": "the figure's quick parameters as the base",
+                         "quota": "converter-bound: CPU quota per event loop in cores (default: calibrated)"},
       iterable=["system"])
 def compare(c, figure="fig5", systems="", system=None, sizes="", reps=0, seconds=0, regime="", out="", baseline="",
-            list=False, hosts="", quick=False):
+            list=False, hosts="", quick=False, quota=""):
     """Compare converters (ours, the peers, your own command line) on one figure's set-up: experiments/compare.py."""
     import shlex
     args = ["--figure", figure]
     for flag, value in (("--systems", systems), ("--sizes", sizes), ("--reps", reps), ("--seconds", seconds),
-                        ("--regime", regime), ("--out", out), ("--baseline", baseline), ("--hosts", hosts)):
+                        ("--regime", regime), ("--out", out), ("--baseline", baseline), ("--hosts", hosts),
+                        ("--quota", quota)):
         if value:
             args += [flag, str(value)]
     for s in system or []:

@@ -132,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--regime", choices=REGIMES, help="fig5/fig4: only this regime (default: converter-bound)")
     ap.add_argument("--out", type=Path, help="results directory (default: runs/compare-<time>; never results/)")
     ap.add_argument("--baseline", help="a system every other one is divided by (ratios.csv)")
+    ap.add_argument("--quota", type=float, metavar="CORES", help="converter-bound: this CPU quota per event loop "
+                    "(default: the figure's, fig5 and percost calibrate it on the testbed)")
     ap.add_argument("--quick", action="store_true", help="the figure's quick parameters as the base")
     ap.add_argument("--list", action="store_true", help="list the figure's systems and exit")
     ap.add_argument("--hosts", metavar="FILE.toml", help="run on the machines of this hosts file over SSH "
@@ -177,6 +179,12 @@ def plan(a: argparse.Namespace) -> tuple[dict, Selection, Path]:
         if a.figure == "table1":
             raise ValueError(not_table1)
         over[flag] = value
+    if a.quota is not None:
+        if a.figure == "table1":
+            raise ValueError("--quota does not apply to table1 (no CPU quota)")
+        if not 0.01 <= a.quota <= 64:
+            raise ValueError(f"--quota {a.quota}: cores per event loop, 0.01 to 64")
+        over["quota_cores"] = a.quota
     regime = a.regime or "converter-bound"
     if a.figure in ("percost", "table1") and a.regime:
         raise ValueError(f"--regime does not apply to {a.figure} ({'converter-bound only' if a.figure == 'percost' else 'no CPU quota'})")

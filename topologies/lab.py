@@ -30,6 +30,7 @@ from topologies.testbed import HOST_SYSCTLS, FamilyView, Testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = {"client": ("wrk", "iperf3"), "converter": ("haproxy", "squid"), "server": ("nginx", "iperf3")}
+PIP = "pip==23.0.1"   # installs the wheels into each host's venv (Debian 12's own pip)
 SYSTEM_PYTHON = "/usr/bin/python3"   # each host's venv is made from it, with its Debian packages visible
 
 
@@ -108,29 +109,31 @@ class RemoteLab:
         """What `mimbox doctor --testbed` checks, on each host over SSH; one table per host; raises
         LabRefused naming each host and cause."""
         def check(role, host):
-            rows = []
-            uid = host.cmd("id -u").strip()
-            rows.append(("root or sudo", uid == "0" or (host.spec.sudo and "0" == uid),
-                         "root" if uid == "0" else f"uid {uid}" + (" via sudo" if host.spec.sudo else "")))
-            mptcp = host.cmd("sysctl -n net.mptcp.enabled 2>&1").strip()
-            rows.append(("MPTCP enabled", mptcp == "1", f"net.mptcp.enabled = {mptcp or '?'}"))
             # Debian's python3 (the converter's seccomp binding is its package python3-seccomp)
             mods = "venv, seccomp" if role == "converter" else "venv"
-            py = host.cmd(f"{SYSTEM_PYTHON} -c 'import sys, {mods}; print(sys.version.split()[0])' 2>&1").strip()
-            last = py.splitlines()[-1] if py else "missing"
-            rows.append((f"{SYSTEM_PYTHON} ({mods})", bool(re.fullmatch(r"3\.(1[1-9]|[2-9]\d)\.\d+", last)), last))
-            for tool in needs.tools.get(role, []):
-                where = host.cmd(f"command -v {shlex.quote(tool)}").strip()
-                rows.append((f"tool {tool}", bool(where), where or "missing"))
-            for path in (self.lab.client_paths if role in ("client", "converter") else []) + \
-                    (self.lab.server_paths if role in ("server", "converter") else []):
-                intf, addr = (path.intf_mbox, path.mbox_if) if role == "converter" else (path.intf_outer, path.outer_if)
-                have = host.cmd(f"ip -o -4 addr show dev {shlex.quote(intf)} 2>&1")
+            ends = [(p.intf_mbox, p.mbox_if) if role == "converter" else (p.intf_outer, p.outer_if)
+                    for p in (self.lab.client_paths if role in ("client", "converter") else [])
+                    + (self.lab.server_paths if role in ("server", "converter") else [])]
+            tools = needs.tools.get(role, [])
+            probes = {"uid": "id -u", "mptcp": "sysctl -n net.mptcp.enabled",
+                      "python": f"{SYSTEM_PYTHON} -c 'import sys, {mods}; print(sys.version.split()[0])' 2>&1 | tail -1",
+                      "listening": "ss -Hltn",
+                      **{f"tool {t}": f"command -v {shlex.quote(t)}" for t in tools},
+                      **{f"addr {i}": f"ip -o -4 addr show dev {shlex.quote(i)}" for i, _ in ends}}
+            got = host.probe(probes)                        # one round trip for every check of the host
+            rows = [("root or sudo", got["uid"] == "0", "root" + (" (sudo)" if host.spec.sudo else "")
+                     if got["uid"] == "0" else f"uid {got['uid']}" + (", sudo refused" if host.spec.sudo else "")),
+                    ("MPTCP enabled", got["mptcp"] == "1", f"net.mptcp.enabled = {got['mptcp'] or '?'}"),
+                    (f"{SYSTEM_PYTHON} ({mods})", bool(re.fullmatch(r"3\.(1[1-9]|[2-9]\d)\.\d+", got["python"])),
+                     got["python"] or "missing")]
+            rows += [(f"tool {t}", bool(got[f"tool {t}"]), got[f"tool {t}"] or "missing") for t in tools]
+            for intf, addr in ends:
+                have = got[f"addr {intf}"] + " "
                 rows.append((f"{intf} {addr}", f" {addr} " in have, "present" if f" {addr} " in have
                              else (have.strip().splitlines() or ["not on the interface"])[0][:60]))
             ports = needs.ports.get(role, [])
             if ports:
-                taken = [line.split()[3].rsplit(":", 1)[1] for line in host.cmd("ss -Hltn").splitlines()
+                taken = [line.split()[3].rsplit(":", 1)[1] for line in got["listening"].splitlines()
                          if len(line.split()) > 3]
                 busy = sorted({int(p) for p in taken if p.isdigit()} & set(ports))
                 rows.append((f"ports {ports[0]}" + (f"-{ports[-1]}" if len(ports) > 1 else ""), not busy,
@@ -153,6 +156,7 @@ class RemoteLab:
         venv of its own on every host, and this checkout's experiments/ and topologies/ beside it.
         A host that has this exact set already keeps it."""
         wheels = build_wheelhouse()
+        pip = next(p for p in wheels if p.name.startswith("pip-"))   # runs from its wheel: no ensurepip
         src = _source_tarball()
         stamp = hashlib.sha1(b"".join(p.read_bytes() for p in wheels) + src).hexdigest()[:16]
 
@@ -163,8 +167,8 @@ class RemoteLab:
                 for p in wheels:
                     host.put(str(p), f"{host.workdir}/wheels/{p.name}")
                 host.write_file(f"{host.workdir}/src.tar", src)
-                host.run(f"tar -xf {w}/src.tar -C {w}/src && rm {w}/src.tar && {SYSTEM_PYTHON} -m venv --system-site-packages {w}/venv && "
-                         f"{w}/venv/bin/pip install -q --no-index --disable-pip-version-check "
+                host.run(f"tar -xf {w}/src.tar -C {w}/src && rm {w}/src.tar && {SYSTEM_PYTHON} -m venv --without-pip --system-site-packages {w}/venv && "
+                         f"{w}/venv/bin/python {w}/wheels/{pip.name}/pip install -q --no-index --disable-pip-version-check "
                          f"--find-links {w}/wheels mimbox && echo {stamp} > {w}/installed", timeout=600)
                 print(f"{role}: installed the wheel into {host.workdir}/venv", file=out)
             host.mptcpize = host.run(f"{host.python} -c 'from mimbox.paths import MPTCPIZE; print(MPTCPIZE)'").strip()
@@ -188,25 +192,25 @@ class RemoteLab:
             intfs = sorted({p.intf_mbox if role == "converter" else p.intf_outer
                             for p in self.lab.client_paths + self.lab.server_paths
                             if role == "converter" or (role == "client") == (p in self.lab.client_paths)})
-            script = ("uname -r; nproc; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-; "
-                      "cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none")
-            kernel, cores, cpu, idle = (host.cmd(script).splitlines() + ["?"] * 4)[:4]
+            offloads = ("tcp-segmentation-offload", "generic-segmentation-offload", "generic-receive-offload",
+                        "large-receive-offload")
+            got = host.probe({"kernel": "uname -r", "cores": "nproc",
+                              "cpu": "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-",
+                              "idle": "cat /sys/devices/system/cpu/cpuidle/current_driver || echo none",
+                              **{f"{i} {k}": c for i in intfs for k, c in (
+                                  ("ethtool", f"ethtool -i {i}"), ("offloads", f"ethtool -k {i}"),
+                                  ("speed", f"cat /sys/class/net/{i}/speed"), ("mtu", f"cat /sys/class/net/{i}/mtu"))},
+                              **{f"version {t}": f"{t} -v 2>&1 | head -1" for t in PEERS.get(role, ())}})
+            kernel, cores, cpu, idle = got["kernel"], got["cores"], got["cpu"], got["idle"]
             nics = {}
             for i in intfs:
-                drv = dict(line.split(": ", 1) for line in host.cmd(f"ethtool -i {i} 2>/dev/null").splitlines()
-                           if ": " in line)
-                offl = dict(line.split(": ", 1) for line in host.cmd(f"ethtool -k {i} 2>/dev/null").splitlines()
-                            if ": " in line)
+                drv = dict(x.split(": ", 1) for x in got[f"{i} ethtool"].splitlines() if ": " in x)
+                offl = dict(x.split(": ", 1) for x in got[f"{i} offloads"].splitlines() if ": " in x)
                 nics[i] = {"driver": drv.get("driver", "?"), "firmware": drv.get("firmware-version", "?"),
-                           "speed_mbps": host.cmd(f"cat /sys/class/net/{i}/speed 2>/dev/null").strip() or "?",
-                           "mtu": host.cmd(f"cat /sys/class/net/{i}/mtu").strip(),
-                           "offloads": {k: offl.get(k, "?").split()[0] for k in (
-                               "tcp-segmentation-offload", "generic-segmentation-offload",
-                               "generic-receive-offload", "large-receive-offload")}}
-            versions = {}
-            for tool in PEERS.get(role, ()):
-                line = host.cmd(f"{tool} -v 2>&1 | head -1").strip()
-                versions[tool] = line if line and "not found" not in line else "not found"
+                           "speed_mbps": got[f"{i} speed"] if got[f"{i} speed"].lstrip("-").isdigit() else "?",
+                           "mtu": got[f"{i} mtu"], "offloads": {k: offl.get(k, "?").split()[0] for k in offloads}}
+            versions = {t: got[f"version {t}"] if got[f"version {t}"] and "not found" not in got[f"version {t}"]
+                        else "not found" for t in PEERS.get(role, ())}
             return {"ssh": host.spec.target, "kernel": kernel, "cores": cores, "cpu": cpu.strip(),
                     "cpuidle": idle, "pinned_to": host.spec.cpus, "interfaces": nics, "versions": versions}
         return self._parallel(one)
@@ -233,7 +237,7 @@ def build_wheelhouse() -> list[Path]:
     wheels, in build/wheelhouse/ (kept while pyproject.toml and the sources are unchanged)."""
     import tomllib
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(PIP.encode())
     for p in sorted([ROOT / "pyproject.toml", ROOT / "setup.py", *ROOT.glob("mimbox/**/*"), *ROOT.glob("native/**/*")]):
         if p.is_file() and "__pycache__" not in p.parts:
             digest.update(str(p.relative_to(ROOT)).encode() + p.read_bytes())
@@ -244,7 +248,7 @@ def build_wheelhouse() -> list[Path]:
         house.mkdir(parents=True)
         for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(house),
                       str(ROOT)],
-                     [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(house), *deps]):
+                     [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(house), *deps, PIP]):
             p = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
             if p.returncode:
                 raise RuntimeError(f"building the wheelhouse: {' '.join(argv[:6])}...: {p.stderr[-1500:]}")

@@ -211,6 +211,11 @@ class RemoteHost:
                               f"{(r.stderr or r.stdout).strip()[-500:]}")
         return r.stdout
 
+    def probe(self, commands: dict[str, str]) -> dict[str, str]:
+        """Several read-only commands in one round trip: {name: its output (stdout and stderr), stripped}."""
+        out = self.cmd("; ".join(f"echo @@mimbox-probe@@; {c} 2>&1" for c in commands.values()))
+        return {k: v.strip() for k, v in zip(commands, out.split("@@mimbox-probe@@\n")[1:])}
+
     def popen(self, argv: list[str], stdout=subprocess.PIPE, stderr=None, text: bool = False, **_) -> RemoteProcess:
         """Start a background process; its stdout/stderr: subprocess.PIPE, DEVNULL, or a local file."""
         return RemoteProcess(self, [str(a) for a in argv], stdout, stderr, text)
