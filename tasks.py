@@ -77,6 +77,12 @@ def reproduce(c, quick=False, hosts="", only=None):
     c.run(f"{PY} -m experiments.reproduce {' '.join(shlex.quote(x) for x in args)}", pty=False)
 
 
+@task(pre=[build], help={"quick": "fewer repetitions and bursts"})
+def remote_example(c, quick=False):
+    """Fig. 5's 1 KB point and Table 1 locally and over SSH on the SSH rig, side by side (results/remote_example)."""
+    c.run(f"{PY} -m experiments.remote_example {'--quick' if quick else ''}", pty=False)
+
+
 @task(pre=[build], help={"figure": "fig5 | percost | fig4 | table1", "systems": "comma-separated names",
                          "system": "NAME='COMMAND with {listen_port} {server} {server_port}' (repeatable)",
                          "sizes": "e.g. 1K,16K (fig4: MSS values)", "reps": "repetitions", "seconds": "per measurement",

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         chosen = [n for n in chosen if n in REMOTE_FIGURES]
-        common.RESULTS = common.ROOT / "results" / "remote"     # never mixed with this machine's figures
+        common.RESULTS = common.RESULTS / "remote"     # never mixed with this machine's figures
     try:
         with common.remote_lab(a.hosts):
             for name in chosen:

@@ -208,3 +208,19 @@ def test_reproduce_hosts_refuses_what_runs_here_only(rig):
     r = subprocess.run([PY, "-m", "experiments.reproduce", "--hosts", "/nonexistent/lab.toml", "--only", "fig5"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "/nonexistent/lab.toml:?: cannot read" in r.stderr
+
+
+@pytest.mark.slow
+def test_readme_reproduce_hosts_runs_as_written(rig, tmp_path):
+    """README's `./mimbox.sh reproduce --quick --hosts lab.toml`, the rig's hosts file for lab.toml,
+    results into a directory of the test's (about 15 minutes: behind --slow)."""
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "reproduce --quick --hosts" in x)
+    argv = shlex.split(line.split("#")[0])
+    argv = [rig.hosts_file if a == "lab.toml" else a for a in argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=3600, cwd=ROOT,
+                       env={**os.environ, "MIMBOX_RESULTS": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("fig5_workload", "table1_delay"):
+        man = json.loads((tmp_path / "remote" / name / "manifest.json").read_text())
+        assert man["remote"]["hosts_file"] == rig.hosts_file
+    assert_left_as_it_was(rig)
