@@ -224,3 +224,32 @@ def test_readme_reproduce_hosts_runs_as_written(rig, tmp_path):
         man = json.loads((tmp_path / "remote" / name / "manifest.json").read_text())
         assert man["remote"]["hosts_file"] == rig.hosts_file
     assert_left_as_it_was(rig)
+
+
+def test_shaped_paths_on_the_hosts_own_interfaces(rig):
+    """A figure's shaping goes onto the hosts' interfaces (HTB for the rate) and is gone afterwards;
+    delay needs sch_netem, which this machine's kernel lacks: refused with the host and the reason,
+    and what was set up before the refusal undone."""
+    import io
+
+    from topologies.hostsfile import load
+    from topologies.lab import LabRefused, RemoteLab
+    from topologies.testbed import MobileTopo, PaperTopo, PathSpec
+
+    class RateOnly(PaperTopo):
+        def build(self):
+            super(PaperTopo, self).build([PathSpec("a", up=dict(bw=5, max_queue_size=50)), PathSpec("b")],
+                                         [PathSpec("s")], False)
+
+    lab = RemoteLab(load(rig.hosts_file)).open(out=io.StringIO())
+    try:
+        with lab.testbed(RateOnly()) as tb:
+            shown = tb.client.cmd("tc qdisc show dev eth1; tc class show dev eth1")
+            assert "qdisc htb 1: root" in shown and "rate 5Mbit" in shown and "pfifo 10: parent 1:1 limit 50p" in shown
+            assert "htb" not in tb.mbox.cmd("tc qdisc show")       # the other direction is not shaped
+        with pytest.raises(LabRefused, match=r"(client|converter|server) \(root@172\.30\.\d+\.2:22\): cannot "
+                                             r"emulate delay or loss.*sch_netem"):
+            lab.testbed(MobileTopo(ipv6=False)).start()
+    finally:
+        lab.close()
+    assert_left_as_it_was(rig)

@@ -232,6 +232,26 @@ class RemoteLab:
             raise RemoteError("cleanup: " + "; ".join(errors))
 
 
+def shaping_commands(intf: str, params: dict) -> list[str]:
+    """tc commands shaping what `intf` sends as topologies.links.EmuLink's parameters say (bw in
+    Mbit/s, delay, loss in percent, max_queue_size in packets): an HTB class at the rate, then
+    netem for delay and loss (which a real host's kernel has) or a packet FIFO for the queue."""
+    from topologies.links import DEFAULT_QUEUE_PACKETS, parse_delay_ms
+    bw, delay = params.get("bw"), parse_delay_ms(params.get("delay"))
+    loss, queue = float(params.get("loss") or 0), int(params.get("max_queue_size") or DEFAULT_QUEUE_PACKETS)
+    cmds, parent = [], "root"
+    if bw is not None:
+        cmds += [f"tc qdisc replace dev {intf} root handle 1: htb default 1",
+                 f"tc class add dev {intf} parent 1: classid 1:1 htb rate {bw:g}mbit burst 15k"]
+        parent = "parent 1:1 handle 10:"
+    if delay or loss:
+        cmds.append(f"tc qdisc replace dev {intf} {parent} netem limit {queue}"
+                    + (f" delay {delay:g}ms" if delay else "") + (f" loss {loss:g}%" if loss else ""))
+    elif bw is not None:
+        cmds.append(f"tc qdisc add dev {intf} {parent} pfifo limit {queue}")
+    return cmds
+
+
 def build_wheelhouse() -> list[Path]:
     """The converter's wheel (built here, as `./mimbox.sh wheel`) and its pinned dependencies as
     wheels, in build/wheelhouse/ (kept while pyproject.toml and the sources are unchanged)."""
@@ -284,11 +304,15 @@ class RemoteTestbed:
     client_ips = Testbed.client_ips
 
     def __init__(self, lab: RemoteLab, topo):
-        shaped = [p.name for p in getattr(topo, "client_paths", []) + getattr(topo, "server_paths", [])
-                  if p.up or p.down]
-        if shaped:
-            raise LabRefused([f"this figure shapes its links ({', '.join(shaped)}: delay, rate or loss); "
-                              "a remote testbed runs the unshaped figures (fig4, fig5, table1, percost)"])
+        """topo: the figure's topology (topologies.testbed); its paths' shaping, if any, is applied
+        to the hosts' own interfaces. The hosts file must have at least as many paths."""
+        for kind, want, have in (("client", getattr(topo, "client_paths", []), lab.lab.client_paths),
+                                 ("server", getattr(topo, "server_paths", []), lab.lab.server_paths)):
+            if len(want) > len(have):
+                raise LabRefused([f"this figure needs {len(want)} {kind} paths; {lab.lab.path} has {len(have)}"])
+        self.shaping = [(spec, addr) for specs, addrs in ((getattr(topo, "client_paths", []), lab.lab.client_paths),
+                                                          (getattr(topo, "server_paths", []), lab.lab.server_paths))
+                        for spec, addr in zip(specs, addrs) if spec.up or spec.down]
         self.lab, self.topo = lab, _RemoteTopo(lab.lab)
         self._undo: dict[str, list[str]] = {}
         self._steps: dict[str, list[tuple[str, str | None]]] = {}
@@ -356,6 +380,10 @@ class RemoteTestbed:
             done = {int(x) for x in re.findall(r"mimbox-step:(\d+)", out)}
             self._undo.setdefault(host.name, []).extend(u for k, (_, u) in enumerate(steps) if k in done and u)
             failed = re.search(r"mimbox-failed:(\d+)\n?(.*)", out, re.S)
+            if failed and " netem " in steps[int(failed.group(1))][0]:
+                raise LabRefused([f"{host.name} ({host.spec.target}): cannot emulate delay or loss on its interfaces: "
+                                  f"`{steps[int(failed.group(1))][0]}`: {failed.group(2).strip()[-200:]} "
+                                  "(its kernel needs sch_netem)"])
             if failed or len(done) != len(steps):
                 k = int(failed.group(1)) if failed else len(done)
                 raise RemoteError(f"{host.name}: `{steps[k][0]}`: {(failed.group(2) if failed else out).strip()[-300:]}")
@@ -393,6 +421,14 @@ class RemoteTestbed:
             self._do(self.server, f"ip route replace {a.subnet} via {t.server_addrs[0].mbox_ip} "
                                   f"dev {t.server_addrs[0].intf_outer}",
                      f"ip route del {a.subnet} via {t.server_addrs[0].mbox_ip} dev {t.server_addrs[0].intf_outer}")
+        for spec, a in self.shaping:
+            client_side = a in t.client_addrs       # a client path: "up" is what the client sends
+            outer = self.client if client_side else self.server
+            for host, intf, params in ((outer, a.intf_outer, spec.up if client_side else spec.down),
+                                       (self.mbox, a.intf_mbox, spec.down if client_side else spec.up)):
+                if params:
+                    for cmd in shaping_commands(intf, params):
+                        self._do(host, cmd, f"tc qdisc del dev {intf} root" if " root " in cmd else None)
         for a in t.client_addrs[1:]:
             self._do(self.client, f"ip mptcp endpoint add {a.outer_ip} dev {a.intf_outer} subflow",
                      f"ip mptcp endpoint delete id $(ip mptcp endpoint show | awk '$1 == \"{a.outer_ip}\" "

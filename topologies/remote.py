@@ -189,6 +189,7 @@ class RemoteHost:
     def connect(self) -> None:
         """Open the SSH connection now (a refused host fails here, not in the middle of a run)."""
         self.conn.open()
+        self.conn.transport.set_keepalive(30)     # an hour-long figure must not lose an idle connection
 
     def wrap(self, cmd: str) -> str:
         """A command as the host runs it: through sudo if the user is not root, in the checkout's

@@ -424,5 +424,9 @@ class Squid(System):
 
     def stop(self) -> None:
         super().stop()
-        if self.host is not None:
+        if getattr(self.host, "remote", False):
             self.host.cmd(f"rm -f /dev/shm/{self.service}-*")
+        else:                      # a Mininet host shares this machine's /dev/shm (and may be stopped)
+            import glob
+            for seg in glob.glob(f"/dev/shm/{self.service}-*"):
+                os.unlink(seg)
