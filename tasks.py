@@ -51,7 +51,9 @@ def test(c, slow=False, k=""):
     kexpr = f"-k '{k}'" if k else ""
     first = "tests/unit tests/test_core.py"
     c.run(f"{_unprivileged(c)}{PY} -m pytest -p no:cacheprovider {marker} {kexpr} {first}", pty=False)
-    c.run(f"{PY} -m pytest {marker} {kexpr} " + " ".join(f"--ignore={p}" for p in first.split()), pty=False)
+    # the 25 slowest in the log: where the suite's time goes (CI keeps it under 15 minutes)
+    c.run(f"{PY} -m pytest --durations=25 {marker} {kexpr} " + " ".join(f"--ignore={p}" for p in first.split()),
+          pty=False)
 
 
 @task(help={"topology": "paper | mobile | all", "loss": "client-side loss (percent) for the mobile topology"})
