@@ -143,7 +143,7 @@ def test_profile_tiny(mptcp_ok, tmp_results):
 
 
 def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
-    df = buffers.main(quick=True, sizes=[200 * 1024], reps=1, seconds=2)
+    df = buffers.main(quick=True, sizes=[200 * 1024], reps=1, seconds=2, fidelity=False)   # links: test_testbed.py
     down = df[df.direction == "download"].goodput_mbps
     up = df[df.direction == "upload"].goodput_mbps
     assert (down > 0).all() and (down < 10.5).all()      # WiFi 8 + 3G 2 Mbit/s
@@ -152,7 +152,7 @@ def test_fig6_buffers_tiny(mptcp_ok, tmp_results):
 
 
 def test_interactive_tiny(mptcp_ok, tmp_results):
-    df = interactive.main(quick=True, seconds=3, reps=1)
+    df = interactive.main(quick=True, seconds=3, reps=1, fidelity=False)   # links: test_testbed.py
     assert set(df.system) >= {"mimbox", "direct (no converter)", *interactive.VARIANTS}
     assert set(df[df.loss_side == "server"].system) == {"mimbox", "direct (no converter)"}
     assert (df.messages > 250).all()                      # 3 s of a message every 10 ms
