@@ -107,6 +107,12 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
+def _clsact_marker(dev: str) -> Path:
+    """The directory (bpffs holds no plain files) that says a recorder added `dev`'s clsact qdisc,
+    per network namespace and device."""
+    return Path("/sys/fs/bpf") / f"mimbox-clsact-{os.stat('/proc/self/ns/net').st_ino}-{dev}"
+
+
 def interfaces() -> list[str]:
     """Every interface of this network namespace but loopback."""
     return [name for _, name in socket.if_nameindex() if name != "lo"]
@@ -152,6 +158,7 @@ class SynRecorder:
             for dev in devices:
                 if "clsact" not in _run("tc", "qdisc", "show", "dev", dev).stdout:
                     _run("tc", "qdisc", "add", "dev", dev, "clsact")
+                    _clsact_marker(dev).mkdir(exist_ok=True)   # a recorder made it: the last to leave removes it
                     self.added_clsact.append(dev)
                 _run("tc", "filter", "add", "dev", dev, "ingress", "pref", str(self.pref), "bpf", "direct-action",
                      "object-pinned", str(self.pins / "prog"))
@@ -196,9 +203,14 @@ class SynRecorder:
         """Detach and unpin everything install() made (idempotent)."""
         for dev in self.attached:
             _run("tc", "filter", "del", "dev", dev, "ingress", "pref", str(self.pref), check=False)
-        for dev in self.added_clsact:
-            if not _run("tc", "filter", "show", "dev", dev, "ingress", check=False).stdout.strip():
+        for dev in dict.fromkeys(self.attached + self.added_clsact):
+            # the clsact qdisc goes with the last recorder on the device, whichever recorder added
+            # it (two listeners share one), and only if a recorder added it and no filter is left
+            marker = _clsact_marker(dev)
+            if marker.exists() and not any(_run("tc", "filter", "show", "dev", dev, side, check=False).stdout.strip()
+                                            for side in ("ingress", "egress")):
                 _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)
+                marker.rmdir()
         self.attached, self.added_clsact = [], []
         for m in (self.map, self.conflict_map):
             if m is not None:

@@ -1,5 +1,7 @@
 """DST_OPT: one declaration shared by the parser, the BPF header and these tests; fuzzed."""
 import random
+import subprocess
+import sys
 import struct
 
 import ledger
@@ -176,3 +178,37 @@ def test_bpf_recorder_agrees_with_the_core_parser():
     assert recorded > 300, recorded          # the corpus has valid DST_OPTs too
     assert families == {(False, False), (False, True), (True, False), (True, True)}, families
     ledger.add(inputs=len(blobs))
+
+
+@pytest.mark.parametrize("order", ["first-in-first-out", "last-in-first-out"])
+def test_two_recorders_share_a_clsact_qdisc_and_the_last_removes_it(order):
+    """Two explicit-mode listeners on one host attach to the same interfaces: the clsact qdisc one
+    of them added is gone when both have left, whichever leaves first (it stayed behind on a real
+    host: tests/test_remote.py's reproduce run found it); a clsact that was there before stays."""
+    import uuid
+    ns = f"mimbox-clsact-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "d1", "clsact"], check=True)
+        script = (
+            "import subprocess, sys\n"
+            "from mimbox.synrecord import SynRecorder\n"
+            "a = SynRecorder(65001, devices=['d0', 'd1']).install()\n"
+            "b = SynRecorder(65002, devices=['d0', 'd1']).install()\n"
+            "show = lambda: subprocess.run(['tc', 'qdisc', 'show'], capture_output=True, text=True).stdout\n"
+            "assert show().count('clsact') == 2, show()\n"
+            f"first, second = (a, b) if {order == 'first-in-first-out'!r} else (b, a)\n"
+            "first.remove()\n"
+            "assert show().count('clsact') == 2, show()      # the other still filters there\n"
+            "second.remove()\n"
+            "print(show())\n")
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode and "cannot" in p.stderr and "bpf" in p.stderr.lower():
+            pytest.skip(f"BPF recorder cannot load here: {p.stderr[-300:]}")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "clsact ffff: dev d0" not in p.stdout              # ours: gone with the last recorder
+        assert "clsact ffff: dev d1" in p.stdout                  # there before us: left alone
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
