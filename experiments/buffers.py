@@ -15,10 +15,10 @@ import pandas as pd
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import servers  # noqa: E402
-from experiments.common import fidelity_rows, mean_ci, progress, run_experiment  # noqa: E402
+from experiments.common import fidelity_rows, mean_ci, progress, run_experiment, testbed  # noqa: E402
 from experiments.measure.tools import iperf3  # noqa: E402
 from experiments.systems import MiMBox, Router  # noqa: E402
-from topologies.testbed import MobileTopo, Testbed  # noqa: E402
+from topologies.testbed import MobileTopo  # noqa: E402
 
 NAME = "fig6_buffers"
 KB = 1024
@@ -31,13 +31,14 @@ PORT = 5201
 
 
 def set_converter_buffers(tb, size: int) -> None:
+    """The converter host's tcp_rmem/tcp_wmem maximum (restored by the testbed on a remote host)."""
     for key in ("tcp_rmem", "tcp_wmem"):
-        tb.mbox.cmd(f"sysctl -qw net.ipv4.{key}='4096 {min(size, 87380 if key == 'tcp_rmem' else 16384)} {size}'")
+        tb.sysctl(tb.mbox, f"net.ipv4.{key}", f"4096 {min(size, 87380 if key == 'tcp_rmem' else 16384)} {size}")
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows = []
-    with Testbed(MobileTopo()) as tb:
+    with testbed(MobileTopo()) as tb:
         # (measuring the shaped links takes ~1 min: a tiny run may leave it to tests/test_testbed.py)
         fidelity = fidelity_rows(tb, seconds=2.0) if params.get("fidelity", True) else "not measured (fidelity=False)"
         half = params["server_side"] // 2          # setsockopt(v) gives 2v of kernel memory

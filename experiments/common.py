@@ -175,7 +175,7 @@ def remote_lab(hosts_file: str | None, needs=None):
 
 def testbed(topo):
     """The figure's testbed for `topo`: Mininet on this machine, or the hosts of `--hosts` (the same
-    names and operations: topologies.testbed.Testbed, topologies.lab.RemoteTestbed)."""
+    names and operations: topologies.testbed.Testbed, topologies.remotebed.RemoteTestbed)."""
     from topologies.testbed import Testbed
     return REMOTE.testbed(topo) if REMOTE is not None else Testbed(topo)
 

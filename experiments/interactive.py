@@ -21,9 +21,9 @@ import pandas as pd
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import fidelity_rows, interleave, progress, run_experiment  # noqa: E402
-from experiments.systems import PY, MiMBox, Router, ready_line  # noqa: E402
-from topologies.testbed import MobileTopo, Testbed, counters  # noqa: E402
+from experiments.common import fidelity_rows, interleave, progress, run_experiment, testbed  # noqa: E402
+from experiments.systems import MiMBox, Router, python, ready_line  # noqa: E402
+from topologies.testbed import MobileTopo, counters  # noqa: E402
 
 NAME = "interactive_delay"
 FULL = dict(seconds=60, reps=3, buffer=200 * 1024, loss=1.0)
@@ -58,13 +58,13 @@ def recovery(tb, system, before: dict, after: dict) -> dict:
 
 def one_run(tb, system, seconds: float, mptcp: bool = True) -> dict:
     server_mptcp = isinstance(system, Router) and mptcp
-    srv = tb.server.popen([PY, "-m", "experiments.measure.stream", "server", "--port", str(PORT), "--seconds",
+    srv = tb.server.popen([python(tb.server), "-m", "experiments.measure.stream", "server", "--port", str(PORT), "--seconds",
                            str(seconds), *(["--mptcp"] if server_mptcp else [])], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     try:
         ready_line(srv)
         host, port = system.endpoint(tb, PORT)
-        argv = system.client_argv(tb, [PY, "-m", "experiments.measure.stream", "client", host, str(port),
+        argv = system.client_argv(tb, [python(tb.client), "-m", "experiments.measure.stream", "client", host, str(port),
                                        *(["--mptcp"] if mptcp else [])], mptcp=False)
         out = tb.client.cmd(" ".join(shlex.quote(a) for a in argv))
         line = [x for x in out.splitlines() if x.startswith("{")]
@@ -80,13 +80,13 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, fid = [], {}
     for where in ("client", "server"):
         loss = {"client_loss": params["loss"]} if where == "client" else {"server_loss": params["loss"]}
-        with Testbed(MobileTopo(seed=7, **loss)) as tb:
+        with testbed(MobileTopo(seed=7, **loss)) as tb:
             # (measuring the shaped links takes ~1 min: a tiny run may leave it to tests/test_testbed.py)
             fid[where] = fidelity_rows(tb, seconds=2.0) if params.get("fidelity", True) else "not measured (fidelity=False)"
             b = params["buffer"]
             for host in (tb.client, tb.mbox, tb.server):
-                host.cmd(f"sysctl -qw net.ipv4.tcp_rmem='4096 {min(b, 87380)} {b}' "
-                         f"net.ipv4.tcp_wmem='4096 16384 {b}'")
+                tb.sysctl(host, "net.ipv4.tcp_rmem", f"4096 {min(b, 87380)} {b}")
+                tb.sysctl(host, "net.ipv4.tcp_wmem", f"4096 16384 {b}")
             mb = MiMBox(mode="explicit")
             mb.start(tb, PORT)
             try:

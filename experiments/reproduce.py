@@ -28,10 +28,11 @@ from experiments.common import progress
 # table1's poll regime sets this machine's cpuidle, not a remote host's
 REMOTE_OVERRIDES = {"table1": {"idle": ["halt"]}}
 
-# the figures a remote testbed runs (--hosts): unshaped links, nothing but the hosts' own interfaces.
-# The others shape links (fig6, interactive), build topologies of their own (scaleout, families) or
-# trace this machine's kernel (breakdown, profile, tfostall, uring's perf): Mininet only.
-REMOTE_FIGURES = ("fig5", "table1")
+# the figures a remote testbed runs (--hosts), on the hosts' own interfaces: fig6 and interactive
+# shape them there (HTB, netem: a host without sch_netem is refused with the reason). The others
+# build topologies of their own (scaleout, families) or trace this machine's kernel (breakdown,
+# profile, tfostall, uring's perf): Mininet only.
+REMOTE_FIGURES = ("fig5", "table1", "fig6", "interactive")
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
            "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
            "tfostall": tfostall, "families": families,
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
                 except (KeyboardInterrupt, SystemExit) as e:
                     progress("interrupted: testbed torn down, results/ of this figure left as they were")
                     return 130 if isinstance(e, KeyboardInterrupt) else (e.code or 143)
+                except common.LAB_ERRORS as e:       # e.g. a host that cannot shape this figure's links
+                    progress(f"{name}: refused: {e}")
+                    failed.append(name)
                 except Exception:  # noqa: BLE001 - one figure failing must not hide the others
                     traceback.print_exc()
                     failed.append(name)

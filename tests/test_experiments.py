@@ -124,7 +124,8 @@ def test_profile_tiny(mptcp_ok, tmp_results):
     k = profile.kernel_table(df).set_index("kernel function")
     total = k.loc["kernel total"]
     assert total["haproxy-1t"] > 10 and abs(total["mimbox - haproxy-1t"] - (total["mimbox"] - total["haproxy-1t"])) < 0.02
-    assert abs(k.drop(index="kernel total")["mimbox"].sum() - total["mimbox"]) < 0.05, k
+    parts = k.drop(index="kernel total")["mimbox"]           # each rounded to 0.01: off by <= 0.005 apiece
+    assert abs(parts.sum() - total["mimbox"]) <= 0.005 * (len(parts) + 1) + 1e-9, k
     assert (tmp_results / profile.NAME / "kernel_1KB.csv").exists()
     assert set(df[df.workload == profile.BULK].system) >= {"mimbox", "haproxy-1t-tcp", "read/write"}
     areas = set(df.area)

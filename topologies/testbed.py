@@ -278,6 +278,10 @@ class Testbed:
         """The client keeps only its first path (no join subflow): Table 1's captures see every segment."""
         self.client.cmd("ip mptcp endpoint flush")
 
+    def sysctl(self, host, key: str, value: str) -> None:
+        """Set a sysctl of `host` for this testbed's life (a Mininet host's namespace goes with it)."""
+        self._checked(host, f"sysctl -qw {key}='{value}'")
+
     @property
     def server_ip(self) -> str:
         return self.topo.server_addrs[0].outer(self.server_family)
