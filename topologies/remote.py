@@ -25,6 +25,7 @@ import threading
 import time
 
 from topologies.hostsfile import HostSpec
+from topologies.regimes import PREFIX, CpuQuota
 
 COMMAND_TIMEOUT = 300.0     # s: no remote command may hang the harness longer
 
@@ -295,19 +296,13 @@ class RemoteHost:
             self.conn.close()
 
 
-class RemoteCpuQuota:
+class RemoteCpuQuota(CpuQuota):
     """topologies.regimes.CpuQuota on a remote host: the same cgroup files, written there. A process
     joins its group itself before it execs (wrap), so nothing runs a moment outside the quota."""
 
     def __init__(self, host: RemoteHost, name: str, cores: float | None, period_us: int = 100_000):
-        from topologies.regimes import PREFIX
-        if cores is not None and cores <= 0:
-            raise ValueError(f"a CPU quota needs cores > 0, not {cores}")
-        host._tmp += 1
-        self.host, self.name = host, f"{PREFIX}r{os.getpid()}-{host._tmp}-{name}"
-        self.cores, self.period_us = cores, period_us
-        self.quota_us = -1 if cores is None else max(1000, int(cores * period_us))
-        self.version, self.dirs = 0, []
+        super().__init__(name, cores, period_us)            # checks cores, names the group, sets the quota
+        self.host, self.name = host, self.name.replace(PREFIX, f"{PREFIX}r", 1)   # r: made on a remote host
 
     def create(self) -> "RemoteCpuQuota":
         from topologies.regimes import QuotaUnavailable
