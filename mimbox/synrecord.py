@@ -219,15 +219,38 @@ class SynRecorder:
         shutil.rmtree(self.pins, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                           # someone else's: alive
+    return True
+
+
 def remove_leftovers(port: int | None = None, devices: list[str] | None = None) -> list[str]:
-    """Filters of recorders whose converter died (on `port`, or any); returns what was removed."""
+    """What recorders whose converter died left (a converter killed by SIGKILL never removes its
+    own): their filters (on `port`, or any) and the pins of every recorder whose process is gone,
+    whatever its port. Returns what was removed."""
     done = []
+    for pins in Path("/sys/fs/bpf").glob("mimbox-syn-*-*"):
+        pid = pins.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(pins, ignore_errors=True)
+            done.append(f"pins {pins}")
     for dev in devices if devices is not None else interfaces():
         out = _run("tc", "filter", "show", "dev", dev, "ingress", check=False).stdout
         prefs = {line.split(" pref ")[1].split()[0] for line in out.splitlines()
-                 if PROG_NAME in line and " pref " in line}
+                 if f"name {PROG_NAME[:15]} " in line and " pref " in line}   # the kernel keeps 15 characters
         for pref in prefs:
             if port is None or pref == str(port):
                 _run("tc", "filter", "del", "dev", dev, "ingress", "pref", pref, check=False)
                 done.append(f"tc filter {dev} ingress pref {pref}")
+        marker = _clsact_marker(dev)
+        if port is None and marker.exists() and not any(
+                _run("tc", "filter", "show", "dev", dev, side, check=False).stdout.strip() for side in ("ingress", "egress")):
+            _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)   # a dead recorder added it
+            marker.rmdir()
+            done.append(f"tc qdisc {dev} clsact")
     return done

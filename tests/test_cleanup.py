@@ -53,3 +53,42 @@ def test_synack_reader_of_a_killed_converter_is_detached():
     assert attached() == before + 1                 # killed: still attached
     removed = synack.remove_leftovers()
     assert len(removed) == 1 and attached() == before, removed
+
+
+def test_syn_recorder_of_a_killed_converter_leaves_nothing_behind():
+    """An explicit-mode converter killed with SIGKILL leaves its recorder's filter, the clsact qdisc
+    it added and its pins; the next recorder's start removes the pins of every recorder whose
+    process is gone (any port), and a clean-up (port None) the filter and the qdisc."""
+    import signal
+    import sys
+
+    from helpers import free_port
+    ns, port = f"mimbox-rec{os.getpid()}", free_port()
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    run = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c"]   # this mount namespace: its bpffs
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        p = subprocess.Popen([*run, f"from mimbox.synrecord import SynRecorder; import signal; "
+                              f"SynRecorder({port}, devices=['lo']).install(); print('up', flush=True); signal.pause()"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert readline(p, timeout=30).strip() == "up"
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=10)
+        pins = [d for d in os.listdir("/sys/fs/bpf") if d.startswith(f"mimbox-syn-{port}-")]
+        assert pins, "the killed recorder's pins are not there to be found"
+        assert "clsact" in subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "lo"],
+                                          capture_output=True, text=True).stdout
+        out = subprocess.run([*run, "from mimbox.synrecord import remove_leftovers; "
+                              "print('\\n'.join(remove_leftovers(None, ['lo'])))"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        assert f"pins /sys/fs/bpf/{pins[0]}" in out and f"pref {port}" in out and "clsact" in out, out
+        assert not any(d.startswith(f"mimbox-syn-{port}-") for d in os.listdir("/sys/fs/bpf"))
+        assert "clsact" not in subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "lo"],
+                                              capture_output=True, text=True).stdout
+        assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("mimbox-clsact-") and d.endswith("-lo")
+                    and os.path.isdir(f"/sys/fs/bpf/{d}") and d.split("-")[2] == str(
+                        os.stat(f"/run/netns/{ns}").st_ino)]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

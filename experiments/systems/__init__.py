@@ -236,6 +236,10 @@ class MiMBox(System):
         argv = [*self.command(tb.mbox), "run", "--listen", hostport(listen, self.port), "--mode", self.mode,
                 "--stats", self.stats_path,
                 *self.extra]
+        if "--drain-timeout" not in self.extra:
+            # connections left at the end of a run (idle keep-alives) may take 5 s to finish, less
+            # than stop()'s grace: a converter killed while draining leaves its recorder behind
+            argv += ["--drain-timeout", "5"]
         if "--allow-destination" not in self.extra:
             for net in TESTBED_SERVERS:                                # private: refused by default
                 argv += ["--allow-destination", net]
