@@ -117,8 +117,9 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
         for buf in ("rcvbuf", "sndbuf"):
             g.add_argument(f"--{side}-{buf}", metavar="BYTES",
                            help=f"cap SO_{buf.upper()} of the {side}-facing socket (e.g. 200K); default: kernel autotuning")
-    g.add_argument("--memory-budget", default=str(SafetyConfig.memory_budget),
-                   help="memory the connections may pin; with the buffer caps it gives the connection limit")
+    g.add_argument("--memory-budget", metavar="BYTES",
+                   help="memory the connections may hold at rest (default: half of the host's or cgroup's); "
+                        "over what a connection holds at rest it gives the connection limit")
     g.add_argument("--max-connections", type=int, help="explicit connection limit (overrides the budget)")
     g = r.add_argument_group("safety")
     g.add_argument("--allow-client", action="append", default=[], metavar="PREFIX",

@@ -113,8 +113,8 @@ class SafetyConfig:
     allow_clients: tuple[str, ...] = ()   # empty: the converter's own connected subnets
     deny_dst: tuple[str, ...] = ()        # PREFIX[:PORTS] refused (mimbox.safety's rule order)
     allow_dst: tuple[str, ...] = ()       # PREFIX[:PORTS] allowed beyond public unicast
-    memory_budget: int = 1 << 30
-    max_connections: int | None = None    # None: derived from memory_budget
+    memory_budget: int | None = None      # None: half of the host's (or cgroup's) memory (mimbox.resources)
+    max_connections: int | None = None    # None: memory_budget over what a connection holds at rest
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     handshake_timeout: float = 15.0       # SYN released, client never completed: close the server side
@@ -211,33 +211,26 @@ class Config:
         return self
 
     def per_connection_memory(self) -> int:
-        """Bytes one converted connection may pin: both sockets' buffers and both pipes.
+        """Bytes one converted connection holds at rest (mimbox.resources.bytes_at_rest: its kernel
+        objects by slab, the core's slot). Bytes in flight are bounded by the kernel's tcp_mem, and
+        new connections are refused under its pressure (mimbox.resources.MemoryPressure), not reserved
+        here: reserving every buffer's worst case admitted 60x fewer connections than the box holds."""
+        from mimbox.resources import bytes_at_rest
+        return bytes_at_rest()
 
-        A capped buffer counts twice its value: the kernel doubles SO_RCVBUF/SO_SNDBUF to leave room
-        for its own overhead (socket(7)); tcp_rmem[1]/tcp_wmem[1] are already the doubled sizes."""
-        rmem, wmem = kernel_buffer_defaults()
-        b = self.buffers
-        sides = sum(2 * x if x is not None else d for x, d in (
-            (b.client_rcvbuf, rmem), (b.client_sndbuf, wmem), (b.server_rcvbuf, rmem), (b.server_sndbuf, wmem)))
-        pipes = 2 * b.pipe_size  # two pipes (splice) or two user-space buffers (copy)
-        return sides + pipes
+    def memory_limit(self) -> int | None:
+        """The connections the memory budget admits (None: --max-connections decides)."""
+        if self.safety.max_connections is not None:
+            return None
+        from mimbox.resources import default_budget
+        budget = self.safety.memory_budget if self.safety.memory_budget is not None else default_budget()
+        return max(1, budget // self.per_connection_memory())
 
     def connection_limit(self) -> int:
-        """The global limit: explicit, or the memory budget divided by per-connection memory."""
+        """The global limit: explicit, or the memory budget over what a connection holds at rest."""
         if self.safety.max_connections is not None:
             return self.safety.max_connections
-        return max(1, self.safety.memory_budget // self.per_connection_memory())
-
-
-def kernel_buffer_defaults() -> tuple[int, int]:
-    """The kernel's initial (not maximum) receive and send buffer sizes, tcp_rmem[1]/tcp_wmem[1]."""
-    def read(name: str, fallback: int) -> int:
-        try:
-            with open(f"/proc/sys/net/ipv4/{name}") as f:
-                return int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            return fallback
-    return read("tcp_rmem", 131072), read("tcp_wmem", 16384)
+        return self.memory_limit()
 
 
 def _addresses() -> list[tuple[str, int]]:

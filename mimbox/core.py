@@ -110,7 +110,8 @@ class CoreStats(ctypes.Structure):
                                        "refused_after_accept", "access_log_dropped", "synack_options")] + [
         ("connect_hist", ctypes.c_uint64 * (len(CONNECT_BUCKETS_US) + 1)),
         ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double),
-        ("buffer_waits", ctypes.c_uint64)]     # uring: recvs that found the buffer pool empty
+        ("buffer_waits", ctypes.c_uint64),     # uring: recvs that found the buffer pool empty
+        ("timer_visits", ctypes.c_uint64)]     # timers.c: entries the wheel looked at (follows timers due)
 
 
 class ConnInfo(ctypes.Structure):

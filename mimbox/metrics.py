@@ -42,6 +42,7 @@ COUNTERS = {
     "spare_used": "server connections opened on a socket made ahead", "spare_made": "server sockets made ahead",
     "busy_polls": "event batches found by busy polling", "accept_pauses": "listener pauses for lack of fds",
     "buffer_waits": "engine uring: reads that found the buffer pool empty (read into the connection's own buffer)",
+    "timer_visits": "timeouts looked at on the timer wheel (follows the timers due, not the connections held)",
     "log_lines_refused": "refusal log lines written", "log_lines_access": "access log lines written",
     "access_log_dropped": "access log lines dropped (too many at once)",
 }
@@ -50,6 +51,7 @@ GAUGES = {
     "whose message is awaited", "spares": "server sockets made ahead, now", "pipes_pooled": "empty pipes kept",
     "admitted": "connections admitted now (converter-wide count)", "limit": "the connection limit",
     "fd_capacity": "connections this worker's open-file limit allows",
+    "memory_pressure": "the kernel's TCP memory in pages while new connections are refused for it (0: admitted)",
 }
 
 

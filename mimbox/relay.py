@@ -42,6 +42,7 @@ from mimbox.core import (
     EV_GIVEBACK,
     EV_CLOSED,
     EV_REFUSED,
+    PIPE_POOL,
     Core,
     CoreConfig,
     addr_of,
@@ -51,7 +52,8 @@ from mimbox.redirect import convert as converting
 from mimbox.safety import AddressWatch, Policy
 from mimbox.stats import Answers, Stats, counters_path, open_endpoint, worker_snapshot
 from mimbox.synpath import AccessLog, Admission, Cause, HeldSet, RefusalLog, refusal_reason
-from mimbox.synplan import SynPlan, core_config, listener_rules, plan_syns, raise_fd_limit
+from mimbox.resources import MemoryPressure, limit_line, raise_fd_limit
+from mimbox.synplan import SynPlan, core_config, listener_rules, plan_syns
 from mimbox.synrecord import SynRecorder
 from mimbox.timers import Timeouts
 
@@ -107,9 +109,12 @@ class Relay:
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
         self.policy = Policy.from_config(cfg.safety, static_upstream(cfg))
-        self.admission = admission or Admission(cfg.connection_limit())
+        # the admission's owner (a lone relay; else the supervisor) watches the kernel's TCP memory
+        self.pressure = MemoryPressure(admission := Admission(cfg.connection_limit())) if admission is None else None
+        self.admission = admission
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
-        self.fd_capacity = raise_fd_limit(self.admission.limit)
+        self.fds = raise_fd_limit(self.admission.limit, pipes=PIPE_POOL)
+        self.fd_capacity = self.fds.connections
         self.stats = Stats()
         self.timeouts = Timeouts.of(cfg.safety)
         self.refusals = RefusalLog(log)
@@ -207,9 +212,10 @@ class Relay:
         except BaseException:
             self.close()
             raise
-        log.info("listening on %s, mode %s, SYN path %s, engine %s, %s -> %s, limit %d connections",
+        log.info("listening on %s, mode %s, SYN path %s, engine %s, %s -> %s, %s",
                  hostport(lc.addr, lc.port), lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
-                 "MPTCP" if lc.server_mptcp else "TCP", min(self.admission.limit, self.fd_capacity * self.workers))
+                 "MPTCP" if lc.server_mptcp else "TCP",
+                 limit_line(self.admission.limit, self.cfg.memory_limit(), self.fds, self.workers))
         log.info("policy: %s", self.policy.describe())
         up = static_upstream(self.cfg)
         if not self.policy.allow_clients:
@@ -484,6 +490,8 @@ class Relay:
         """Once a second: act on what waited too long (mimbox.timers decides it for convert messages;
         the core for held SYNs and connections)."""
         self.greetings.sweep(now)
+        if self.pressure is not None:
+            self.pressure.check()
         for ev in self.core.sweep():
             self._on_core_event(ev)
         self.answers.expire(now)

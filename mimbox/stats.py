@@ -22,7 +22,7 @@ class Stats:
 # the core's counters a snapshot carries as they are (and merge() adds across workers)
 CORE_COUNTERS = ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum",
-                 "spare_used", "spare_made", "busy_polls", "handed_over", "buffer_waits")
+                 "spare_used", "spare_made", "busy_polls", "handed_over", "buffer_waits", "timer_visits")
 # the core's errno-indexed counters, by the prefix of their keys in "errors"
 CORE_ERRNO_COUNTERS = (("", "errors"), ("accept ", "accept_errors"), ("server ", "server_errors"),
                        ("hand-over ", "handover_errors"))
@@ -44,6 +44,7 @@ def worker_snapshot(relay, connections: bool = True) -> dict:
               "active": cs.active, "pending": relay.core.pending(), "limit": relay.admission.limit,
               "syn_path": relay.cfg.listener.syn_path, "log_lines_refused": relay.refusals.lines,
               "admitted": relay.admission.used, "fd_capacity": relay.fd_capacity,
+              "memory_pressure": relay.admission.pressure,    # pages (mimbox.resources), 0: none
               "mode": relay.cfg.listener.mode, "engine": relay.cfg.buffers.engine,
               "pipes_pooled": cs.pipes_pooled, "spares": cs.spares, "workers": relay.workers,
               "greetings": relay.core.greetings(), "accept_pauses": cs.accept_pauses,

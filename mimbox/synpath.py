@@ -40,6 +40,7 @@ class Cause(str, enum.Enum):
     SHUTTING_DOWN = "converter shutting down"
     CONFLICTING_DESTINATION = "conflicting destination"   # explicit: a 2nd SYN of a (client, port) asked elsewhere
     BAD_SOURCE = "bad source address"           # no real client has it (mimbox.addrs.source_bad): dropped
+    MEMORY_PRESSURE = "memory pressure"         # the kernel's TCP memory near its pressure threshold (mimbox.resources)
 
     @classmethod
     def of_errno(cls, err: int) -> "Cause":
@@ -139,19 +140,21 @@ def end_cause(err: int) -> str:
 class Admission:
     """The connection limit. Workers share one counter in shared memory, updated by the core's atomic
     operations (mimbox.core: core_admit/core_unadmit), so the limit holds for the converter as a
-    whole whichever worker a client's source port picks, and the core admits without Python."""
+    whole whichever worker a client's source port picks, and the core admits without Python. Beside
+    it, the pressure word: non-zero (the kernel's TCP memory in pages, mimbox.resources.MemoryPressure)
+    makes every core refuse new connections (native/core/admit.c)."""
 
     def __init__(self, limit: int, shared: bool = False):
         import ctypes
         import multiprocessing
         self.limit = limit
-        self.cell = multiprocessing.RawValue(ctypes.c_int64, 0) if shared else ctypes.c_int64(0)
+        self.cells = multiprocessing.RawArray(ctypes.c_int64, 2) if shared else (ctypes.c_int64 * 2)()
         self._atomic = None
 
     def address(self) -> int:
         """Where the counter is (for the core)."""
         import ctypes
-        return ctypes.addressof(self.cell)
+        return ctypes.addressof(self.cells)
 
     def _ops(self):
         if self._atomic is None:
@@ -167,9 +170,9 @@ class Admission:
         ops = self._ops()
         if ops:
             return bool(ops.core_admit(self.address(), self.limit))
-        if self.cell.value >= self.limit:
+        if self.cells[0] >= self.limit:
             return False
-        self.cell.value += 1
+        self.cells[0] += 1
         return True
 
     def give(self) -> None:
@@ -178,11 +181,20 @@ class Admission:
         if ops:
             ops.core_unadmit(self.address())
         else:
-            self.cell.value -= 1
+            self.cells[0] -= 1
 
     @property
     def used(self) -> int:
-        return self.cell.value
+        return self.cells[0]
+
+    @property
+    def pressure(self) -> int:
+        """0, or the kernel's TCP memory (pages) while new connections are refused for it."""
+        return self.cells[1]
+
+    @pressure.setter
+    def pressure(self, pages: int) -> None:
+        self.cells[1] = pages
 
 
 class HeldSet:
@@ -214,6 +226,8 @@ def refusal_reason(cause: Cause, detail: int, arg: int, err: int, client: str, d
         return f"{arg} connections" + (" per worker" if cause is Cause.FD_LIMIT else "")
     if cause is Cause.PENDING_LIMIT:
         return f"{arg} SYNs held"
+    if cause is Cause.MEMORY_PRESSURE:
+        return f"the kernel's TCP memory at {arg} pages"
     if err:
         return f"server {dst[0]}:{dst[1]}: {os.strerror(err)}"
     return cause.value

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mimbox import addrs
 from mimbox.config import Config
-from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, PIPE_POOL, SYN_PATHS,
+from mimbox.core import (DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, SYN_PATHS,
                          ADDR, CoreConfig, port_n)
 from mimbox.netfilter import ListenerRules
 from mimbox.rfc8803 import HEADER_FIELD
@@ -72,35 +72,6 @@ def listener_rules(cfg: Config, plan: SynPlan, workers: int = 1) -> ListenerRule
                          transparent_ports=lc.intercept_ports if lc.mode == "transparent" else (),
                          transparent_from=lc.intercept_from, workers=workers, queue_syns=plan.queue,
                          hold_rate=plan.hold_rate)
-
-
-MIN_FD_CAPACITY = 16
-
-
-def raise_fd_limit(connections: int) -> int:
-    """Raise RLIMIT_NOFILE for `connections` (two sockets each, pipes pooled); return how many fit.
-    Raises RuntimeError if fewer than MIN_FD_CAPACITY fit (e.g. a hard limit of 1024 that this
-    process may not raise): a converter that would refuse nearly everyone must not start."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * connections + 2 * PIPE_POOL + 256
-    try:
-        with open("/proc/sys/fs/nr_open") as f:
-            ceiling = int(f.read())
-    except OSError:
-        ceiling = hard
-    target = min(max(want, soft), ceiling)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
-    except (ValueError, OSError) as e:
-        log.warning("could not raise the open-file limit to %d (%s): it stays %d", target, e, soft)
-        target = soft
-    fit = (target - 2 * PIPE_POOL - 256) // 2
-    if fit < min(MIN_FD_CAPACITY, connections):
-        raise RuntimeError(f"the open-file limit ({target}) leaves room for {max(fit, 0)} connections "
-                           f"(2 fds each, {2 * PIPE_POOL + 256} reserved): raise it (ulimit -n, LimitNOFILE=) "
-                           f"to at least {2 * MIN_FD_CAPACITY + 2 * PIPE_POOL + 256}")
-    return max(1, fit)
 
 
 SPLICE_AFTER = 256 << 10     # engine auto: a direction copies its first bytes, then splices

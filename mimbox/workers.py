@@ -34,6 +34,7 @@ import socket
 import time
 
 from mimbox.config import Config
+from mimbox.resources import MemoryPressure
 from mimbox.stats import answer, counters_path, merge, open_endpoint, query, worker_stats_path
 
 log = logging.getLogger("mimbox")
@@ -110,6 +111,7 @@ class Supervisor:
         self.plan = None     # made in run(): the BPF recorder's map fd is inherited by the workers
         self.rules = None
         self.admission = Admission(cfg.connection_limit(), shared=True)
+        self.pressure = MemoryPressure(self.admission)   # checked once a second, for every worker
         self.children: dict[int, int] = {}     # pid -> worker index
         self.stats_sock: socket.socket | None = None
         self.stopping = False
@@ -405,10 +407,14 @@ class Supervisor:
             self.notify("READY=1", f"STATUS=serving on {self.cfg.listener.addr}:{self.cfg.listener.port} "
                                    f"with {self.workers} worker{'s' * (self.workers > 1)}", f"MAINPID={os.getpid()}")
             tick = min(0.5, self.watchdog / 4) if self.watchdog else 0.5
+            next_check = 0.0
             while not self.stopping:
                 now = time.monotonic()
                 if self.watchdog and now >= self.next_ping:
                     self._ping(now)
+                if now >= next_check:
+                    self.pressure.check()
+                    next_check = now + 1.0
                 if self.reload_wanted:
                     self.reload_wanted = False
                     self._reload()

@@ -505,6 +505,51 @@ def test_connection_limit_is_shared_through_the_admission_counter(engine):
         ls.close()
 
 
+def test_memory_pressure_refuses_new_connections_and_the_established_relay_on():
+    """The admission's pressure word (mimbox.resources.MemoryPressure sets it from the kernel's TCP
+    memory): while it is set every new connection is refused at once, counted as memory pressure,
+    and an established one relays byte-exact; cleared, connections are admitted again."""
+    conns = []
+
+    def handler(s):
+        conns.append(s)
+        while data := s.recv(65536):
+            s.sendall(data)
+    ls, t = server(handler)
+    adm = Admission(100)
+    r = Running(ls.getsockname()[1], admission=adm.address(), admission_limit=100)
+    try:
+        first = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        first.sendall(b"before")
+        assert first.recv(6) == b"before"
+        adm.pressure = 4321
+        with pytest.raises((ConnectionResetError, BrokenPipeError)):   # the RST may beat connect() or send()
+            second = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+            second.send(b"b")
+            second.recv(1)
+        assert r.core.stats().refused[CAUSES.index(Cause.MEMORY_PRESSURE)] == 1
+        payload = os.urandom(200_000)
+        first.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += first.recv(65536)
+        assert got == payload
+        assert adm.used == 1
+        adm.pressure = 0
+        ls2, t2 = server(lambda s: s.sendall(b"ok"))
+        r2 = Running(ls2.getsockname()[1], admission=adm.address(), admission_limit=100)
+        try:
+            third = socket.create_connection(("127.0.0.1", r2.port), timeout=5)
+            assert third.recv(2) == b"ok"
+        finally:
+            r2.close()
+            ls2.close()
+        first.close()
+    finally:
+        r.close()
+        ls.close()
+
+
 @pytest.mark.parametrize("engine", ["auto", "uring"])
 def test_idle_connection_is_reset_on_both_sides(engine):
     ends = {}
@@ -528,6 +573,37 @@ def test_idle_connection_is_reset_on_both_sides(engine):
     finally:
         r.close()
         ls.close()
+
+
+def test_sweeps_visit_the_timers_due_not_every_connection():
+    """Timeouts sit on a wheel (native/core/timers.c): with N idle connections whose deadline is far
+    away, a second's sweep looks at none of them (it looked at all N before); when the deadline comes
+    (a reload shortens it), each is looked at about once and ended, more than a batch's worth of ends
+    carried to the next second, none lost."""
+    n = 400                                       # > MAX_EVENTS: the ends take more than one batch
+    c = make(idle_timeout=300.0)
+    ours = []
+    try:
+        for i in range(n):
+            a, b = socket.socketpair()
+            x, y = socket.socketpair()
+            ours += [a, x]
+            c.add(b.detach(), y.detach(), ("127.0.0.1", 10000 + i), ("127.0.0.1", 80), time.monotonic(), False)
+        deadline = time.monotonic() + 1.5       # (a measurement window: sweeps over >= 1 whole second)
+        while time.monotonic() < deadline:
+            c.sweep()
+            time.sleep(0.05)
+        assert c.stats().timer_visits == 0 and c.stats().idle_timeouts == 0
+        cfg = CoreConfig.from_buffer_copy(c.cfg)
+        cfg.idle_timeout = 0.5
+        c.reconfigure(cfg)
+        wait_until(lambda: (c.sweep(), c.stats().idle_timeouts)[1] == n, 10, "every idle connection ended")
+        assert n <= c.stats().timer_visits <= 3 * n, c.stats().timer_visits
+        assert c.active() == 0
+    finally:
+        c.close()
+        for s in ours:
+            s.close()
 
 
 # -- spare server sockets and busy polling -----------------------------------------------------------------

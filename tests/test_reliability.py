@@ -402,6 +402,37 @@ def test_connection_limit_refuses_cleanly(paper_tb):
     ledger.add(cases=1)
 
 
+def test_memory_budget_limit_fills_then_refuses_at_once_and_the_held_still_relay(paper_tb):
+    """The default limit comes from what a connection holds at rest (mimbox.resources): a budget of
+    exactly 40 of them admits 40 idle connections; the 41st is refused at once (RST at its SYN, not
+    a dropped SYN that retries after a second), and every one of the 40 still relays byte-exact."""
+    n = 40
+    m = MiMBox(mode="static", extra=["--memory-budget", str(budget_for(n, []))])
+    m.start(paper_tb, 9550)
+    srv = hold_server(paper_tb, 9550, n)
+    cl = hold_clients(paper_tb, m.port, n + 1)
+    try:
+        t0 = time.monotonic()
+        line = readline(cl)
+        took = time.monotonic() - t0
+        cl.stdin.write("echo\n")
+        cl.stdin.flush()
+        echoed = readline(cl)
+        st = m.stats()
+    finally:
+        cl.kill()
+        srv.kill()
+        m.stop()
+    assert st["limit"] == n, st
+    assert line.strip() == f"held {n} refused 1", line
+    assert took < 3, f"{n + 1} connects took {took:.1f}s: the refused one waited for a retransmission"
+    assert echoed.strip() == f"echoed {n} of {n}", echoed
+    assert st["refused"] == {"connection limit": 1}, st
+    m.log().index("limit 40 connections (memory binds")     # the start-up line says what binds
+    ledger.fault("connection over the memory limit", 1)
+    ledger.add(cases=1)
+
+
 def wait_active(m, n: int, timeout: float = 5.0) -> bool:
     """The client's connect() returns before the converter has accept()ed (and, with several
     workers, handed over): wait until the converter counts n active connections."""
@@ -447,7 +478,7 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     """n idle connections held under a memory budget that admits exactly n, then closed: fds and
     pipes back to start. Two workers: one process's RLIMIT_NOFILE (hard 20000 in this sandbox,
     two sockets a connection) could not hold 10,000."""
-    budget = budget_for(n, IDLE_BUFFERS)     # 512 KB a connection: 2x each capped buffer + 2 pipes
+    budget = budget_for(n, IDLE_BUFFERS)     # what n connections hold at rest (mimbox.resources)
     m = MiMBox(mode="static", extra=["--workers", "2", *IDLE_BUFFERS,
                                                 "--memory-budget", str(budget), "--idle-timeout", "0"])
     m.start(paper_tb, 9600)

@@ -124,6 +124,7 @@ added:
 		else
 			uring_start(c, i);
 	}
+	conn_timer(c, i);
 	return i;
 failed:
 	free(k->down.prefix);
@@ -155,6 +156,7 @@ void server_ready(struct core *c, int i, uint32_t ev)
 		return conn_end(c, i, END_CONNECT_FAILED, err);
 	k->state = CONN_RELAYING;
 	k->last = c->now;
+	conn_timer(c, i);		/* from the connect deadline to the idle one */
 	k->server_mptcp = server_answered(c, k->sfd, k->t_syn, k->tried_mptcp, k->server_mptcp, &k->f.daddr, k->f.dport);
 	if (k->server_mptcp)
 		c->st.server_mptcp++;
@@ -274,6 +276,7 @@ void conn_end(struct core *c, int i, enum conn_end_how how, int err)
 		break;
 	}
 	k->state = CONN_ENDED;
+	timer_stop(c, i << 1 | TIMER_CONN);
 	k->end_err = err;
 	c->active--;
 	admission_return(c);

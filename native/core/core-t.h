@@ -70,7 +70,8 @@ enum admit_check {
 	ADMIT_DESTINATION = 1 << 1,	/* the destination rules allow client -> destination */
 	ADMIT_GATE = 1 << 2,		/* under the held caps: pending_limit in all, pending_per_prefix per /24 or /64 */
 	ADMIT_FDS = 1 << 3,		/* inside this worker's fd capacity */
-	ADMIT_LIMIT = 1 << 4,		/* a place under the workers' shared connection limit: taken if admitted */
+	ADMIT_LIMIT = 1 << 4,		/* no memory pressure, and a place under the workers' shared connection limit:
+					 * taken if admitted */
 };
 
 /* A client and where it goes, network order (daddr :: or 0.0.0.0: not known yet); addr.h says how
@@ -103,8 +104,26 @@ struct dir {
 	uint32_t qoff;			/* bytes of the head already sent */
 };
 
+/* A place on the timer wheel (timers.c): a connection or a held SYN that may time out sits in the list of
+ * the second its next deadline falls in; prev/next are timer ids (TIMER_CONN/TIMER_HELD | slot << 1). */
+struct timer {
+	int32_t prev, next;		/* -1: none */
+	uint64_t tick;			/* the second it is due in */
+	uint8_t on;			/* on the wheel */
+};
+#define WHEEL_SLOTS 512		/* seconds ahead; a later deadline waits in the furthest one, then is set again */
+struct wheel {
+	int32_t head[WHEEL_SLOTS];	/* -1: empty */
+	uint64_t tick;			/* the last second swept */
+};
+enum timer_kind {
+	TIMER_CONN = 0,			/* c->conns[id >> 1] */
+	TIMER_HELD = 1,			/* c->held[id >> 1] */
+};
+
 struct conn {
 	enum conn_state state;
+	struct timer timer;
 	uint8_t tried_mptcp, client_mptcp, server_mptcp;
 	uint8_t client_synrecv;		/* an MPTCP client accepted at its TFO SYN, its handshake not yet
 					 * complete: nothing is written to it until it is (xfer.c client_ready) */
@@ -124,6 +143,7 @@ struct conn {
 
 struct held {				/* a held SYN and its server connection */
 	enum held_state state;
+	struct timer timer;
 	uint8_t tried_mptcp, server_mptcp;
 	uint32_t gen;			/* bumped at each use of the slot: a stale event does not match */
 	uint32_t id;			/* its NFQUEUE packet id */
@@ -208,6 +228,8 @@ struct core {
 	int spare[2][2][SPARE_MAX];		/* made-ahead server sockets: [family: 0 IPv4, 1 IPv6][0 TCP, 1 MPTCP] */
 	int nspare[2][2], spare_wanted[2][2];	/* a kind is made ahead once it was needed */
 	double spare_retry_at;			/* making spares failed: not before then */
+	/* timers.c */
+	struct wheel wheel;
 	/* keeper.c */
 	pid_t keeper;
 	/* uring.c (engine uring; NULL: epoll alone) */

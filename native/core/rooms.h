@@ -136,6 +136,14 @@ void uring_end(struct core *c, struct conn *k);
 int uring_listen(struct core *c, int lfd);
 void uring_unlisten(struct core *c, int lfd);
 
+/* timers.c */
+void wheel_init(struct core *c);
+void timer_set(struct core *c, int id, double when);
+void timer_stop(struct core *c, int id);
+void conn_timer(struct core *c, int i);
+void held_timer(struct core *c, int i);
+void timers_rearm_all(struct core *c);
+
 /* stats.c */
 void count_connect_time(struct core *c, double us);
 void count_duration(struct core *c, double s);

@@ -17,6 +17,7 @@ struct core *core_new(const struct core_config *cfg)
 	c->free_head = -1;
 	c->held_free = -1;
 	c->qfd = -1;
+	wheel_init(c);
 	for (int w = 0; w < MAX_WORKERS; w++)
 		c->links[w] = -1;
 	c->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -67,6 +68,7 @@ int core_reconfigure(struct core *c, const struct core_config *n)
 	c->cfg.pending_per_prefix = n->pending_per_prefix;
 	c->cfg.pending_per_address = n->pending_per_address;
 	c->cfg.access_log_every = n->access_log_every;
+	timers_rearm_all(c);		/* every deadline by the new timeouts */
 	return 0;
 }
 

@@ -82,6 +82,7 @@ void held_end(struct core *c, int i, int cause, int err, int paired)
 			close(h->sfd);
 	}
 	h->state = HELD_FREE;
+	timer_stop(c, i << 1 | TIMER_HELD);
 	h->sfd = -1;
 	h->next_free = c->held_free;
 	c->held_free = i;
@@ -109,6 +110,7 @@ static void hold(struct core *c, uint32_t id, uint64_t key, const struct flow *f
 	c->nheld++;
 	c->held[i] = (struct held){.state = HELD_WAITING, .tried_mptcp = tried, .gen = c->held_gen, .id = id,
 				   .f = *f, .key = key, .sfd = sfd, .t_syn = c->now};
+	held_timer(c, i);
 	gate_hold(c, &f->caddr);
 	held_mark(c, key, 1);
 	c->st.held++;
@@ -190,6 +192,7 @@ void held_ready(struct core *c, uint64_t data, uint32_t ev)
 	h->server_mptcp = server_answered(c, h->sfd, h->t_syn, h->tried_mptcp, 0, &h->f.daddr, h->f.dport);
 	h->state = HELD_RELEASED;
 	h->ready_at = c->now;
+	held_timer(c, i);		/* from the server's deadline to the client's handshake */
 	verdict(c, h->id, 0);		/* the kernel now answers the client's SYN */
 }
 

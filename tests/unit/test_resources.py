@@ -1,0 +1,89 @@
+"""mimbox.resources: what a connection holds at rest, the limit's account, the pressure watch."""
+import logging
+import resource
+
+from mimbox import resources
+from mimbox.cli import build_parser, config_from_args
+from mimbox.synpath import Admission
+
+SLABINFO = """slabinfo - version: 2.1
+# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables ...
+MPTCPv6               10     10   2112   15    8 : tunables    0    0    0 : slabdata      1      1      0
+MPTCP                  5      5   1984   16    8 : tunables    0    0    0 : slabdata      1      1      0
+TCPv6                 10     10   2496   13    8 : tunables    0    0    0 : slabdata      1      1      0
+TCP                   10     10   2368   13    8 : tunables    0    0    0 : slabdata      1      1      0
+sock_inode_cache      10     10    832   19    4 : tunables    0    0    0 : slabdata      1      1      0
+filp                  10     10    192   21    1 : tunables    0    0    0 : slabdata      1      1      0
+dentry                10     10    192   21    1 : tunables    0    0    0 : slabdata      1      1      0
+eventpoll_epi         10     10    128   32    1 : tunables    0    0    0 : slabdata      1      1      0
+"""
+
+
+def test_what_a_connection_holds_at_rest_by_slab(monkeypatch, tmp_path):
+    sizes = resources.slab_sizes(SLABINFO)
+    assert sizes["TCPv6"] == 2496 and sizes["eventpoll_epi"] == 128
+    f = tmp_path / "slabinfo"
+    f.write_text(SLABINFO)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if p == "/proc/slabinfo" else p, *a, **k))
+    monkeypatch.setattr(resources, "_at_rest", None)
+    # MPTCPv6 + 2 TCPv6 + 3 inodes + 2 files + 2 dentries + 2 epoll entries, a subflow context, the core's slot
+    assert resources.bytes_at_rest() == 2112 + 2 * 2496 + 3 * 832 + 2 * 192 + 2 * 192 + 2 * 128 + 1024 + 512
+    f.write_text(SLABINFO.replace("TCPv6", "XXX").replace("TCP ", "YYY "))   # read once: kept
+    assert resources.bytes_at_rest() == 11648 + 512
+    monkeypatch.setattr(resources, "_at_rest", None)
+    assert resources.bytes_at_rest() == resources.FALLBACK_AT_REST   # a cache missing: the safe bound
+
+
+def test_default_limit_admits_what_the_memory_holds_not_every_buffers_worst_case():
+    cfg = config_from_args(build_parser().parse_args(["run", "--upstream", "192.0.2.1:80"]))
+    assert cfg.connection_limit() == resources.default_budget() // resources.bytes_at_rest()
+    # this machine's 24 GB hold far more than 100,000 connections at rest (2,234 before)
+    assert resources.memory_available() < 16 << 30 or cfg.connection_limit() >= 100_000
+    # buffer caps do not change what a connection holds at rest
+    capped = config_from_args(build_parser().parse_args(
+        ["run", "--upstream", "192.0.2.1:80", "--client-rcvbuf", "1M", "--memory-budget", "100M"]))
+    assert capped.connection_limit() == (100 << 20) // resources.bytes_at_rest()
+    explicit = config_from_args(build_parser().parse_args(
+        ["run", "--upstream", "192.0.2.1:80", "--max-connections", "7"]))
+    assert explicit.connection_limit() == 7 and explicit.memory_limit() is None
+
+
+def test_the_start_up_line_says_which_limit_binds():
+    room = resources.FdRoom(connections=8848, limit=20000, hard=20000, capped=True)
+    line = resources.limit_line(1_000_000, 1_000_000, room, 2)
+    assert line.startswith("limit 17696 connections (open files bind: 20000 per process")
+    assert "memory would admit 1000000" in line and "--workers" in line and "LimitNOFILE" in line
+    assert resources.limit_line(500, 500, room, 1).startswith("limit 500 connections (memory binds")
+    assert resources.limit_line(7, None, room, 1) == "limit 7 connections (--max-connections)"
+
+
+def test_fd_limit_raised_as_far_as_the_hard_limit_allows():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        room = resources.raise_fd_limit(10_000_000, pipes=1024)    # far beyond any hard limit here
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert room.capped and room.limit == now[0] >= soft
+        assert room.connections == (now[0] - 2 * 1024 - resources.FD_RESERVE) // 2
+        assert not resources.raise_fd_limit(10, pipes=1024).capped
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_memory_pressure_refuses_from_90_percent_admits_again_below_80_logged_once(caplog):
+    adm = Admission(10)
+    readings = iter([(800, 1000), (900, 1000), (950, 1000), (850, 1000), (799, 1000), (100, 1000)])
+    watch = resources.MemoryPressure(adm, read=lambda: next(readings))
+    with caplog.at_level(logging.WARNING, logger="mimbox"):
+        seen = [(watch.check(), adm.pressure) for _ in range(6)]
+    assert seen == [(False, 0), (True, 900), (True, 950), (True, 850), (False, 0), (False, 0)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("memory pressure: the kernel's TCP memory holds 900 pages, 90%")
+    assert lines[1].startswith("memory pressure over")
+
+
+def test_tcp_memory_read_from_sockstat():
+    assert resources.tcp_memory("sockets: used 12\nTCP: inuse 4 orphan 0 tw 0 alloc 44 mem 17\nUDP: inuse 0 mem 3\n") == 17
+    assert resources.tcp_memory("UDP: inuse 0 mem 3\n") == 0
+    used, threshold = resources.MemoryPressure._read()
+    assert used >= 0 and threshold > 0
