@@ -35,7 +35,7 @@ MODULES = {"fig5_workload": "workload", "percost_converter": "percost", "fig4_go
            "table1_delay": "delay", "table1_breakdown": "breakdown", "fig6_buffers": "buffers",
            "interactive_delay": "interactive", "profile_converter": "profile", "scaleout": "scaleout",
            "tfo_stall": "tfostall", "fig5_families": "families",
-           "uring_engine": "uring"}
+           "uring_engine": "uring", "concurrency": "concurrency"}
 
 
 def _mode(man: dict) -> str:
@@ -476,6 +476,44 @@ def reliability() -> str:
     return text
 
 
+def concurrency() -> str:
+    df, man = _load("concurrency")
+    if df is None:
+        return "_Cost against concurrency not run yet._"
+    from experiments.concurrency import attributable
+    att = attributable(df)
+    t = pd.DataFrame({"system": att["system"], "N": att["connections"].astype(int),
+                      "KB/conn beside the router": att["attributable_kb_per_conn"].round(2),
+                      "RSS KB/conn": att["rss_kb_per_conn"].round(2),
+                      "socket buffers KB/conn": att["sockmem_kb_per_conn"].round(2),
+                      "idle CPU %": att["idle_cpu_pct"].round(2),
+                      "µs CPU/keep-alive": att["cpu_us_per_keepalive"].round(0),
+                      "µs CPU/new request": att["cpu_us_per_new"].round(0),
+                      "keep-alive p50/p99/p99.9 ms": [f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(
+                          att["keepalive_p50_ms"], att["keepalive_p99_ms"], att["keepalive_p99.9_ms"])],
+                      "new request p99 ms": att["new_p99_ms"].round(2)})
+    stopped = man.get("findings", {}).get("stopped", {})
+    caches = pd.DataFrame(man.get("caches", []))
+    cache_md = ""
+    if len(caches):
+        top = caches.groupby(["system", "connections"]).sum(numeric_only=True).reset_index()
+        router = top[top.system == "router"].set_index("connections")
+        conv = top[top.system != "router"].copy()
+        cols = [c for c in caches.columns if c not in ("system", "connections")]
+        for c in cols:
+            conv[c] = [round((r[c] - router[c].get(r["connections"], float("nan"))) / 1024, 2) for _, r in conv.iterrows()]
+        keep = [c for c in cols if conv[c].abs().max() >= 0.05]
+        cache_md = ("\n\nKernel caches per connection beside the router's (KB, slab deltas at rest):\n\n"
+                    + _md(conv[["system", "connections", *keep]].sort_values(["connections", "system"])))
+    return ("![Concurrency](results/concurrency/figure.png)\n\n" + _md(t.sort_values(["N", "system"]))
+            + cache_md + "\n\n"
+            + ("Not run (one process's open-file limit): " + "; ".join(f"{k}: {v}" for k, v in stopped.items()) + ". "
+               if stopped else "")
+            + "Memory beside the router: MemAvailable's drop per connection with the system, minus the "
+              "router's at the same N (the phone speaking MPTCP end to end to an MPTCP echo server). "
+            + _env_line(man))
+
+
 def section() -> str:
     parts = [("Fig. 5 — requests/s vs file size", fig5()),
              ("Per-connection cost, converter-bound, 1 KB", percost()),
@@ -486,6 +524,7 @@ def section() -> str:
              ("Fig. 5's 1 KB point in both IP families", families()),
              ("The io_uring engine against the epoll core", uring()),
              ("Scale-out: N converters behind one ECMP address", scaleout()),
+             ("Cost against concurrency: mostly idle phones", concurrency()),
              ("RFC 8803 on this kernel: MPTCP with SYN data", tfostall()),
              ("What the hardening costs", hardening()),
              ("Measured steps: each change against the build before it", steps()),

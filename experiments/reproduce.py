@@ -10,6 +10,7 @@ import traceback
 from experiments import (
     breakdown,
     buffers,
+    concurrency,
     delay,
     families,
     goodput,
@@ -36,7 +37,7 @@ REMOTE_FIGURES = ("fig5", "table1", "fig6", "interactive")
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
            "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
            "tfostall": tfostall, "families": families,
-           "uring": uring}
+           "uring": uring, "concurrency": concurrency}
 
 
 def main(argv=None) -> int:

@@ -79,21 +79,36 @@ def _point(tb: ClusterTestbed, boxes: list[MiMBox], router: Router, n, rep: int,
     lost0 = [tb.mib(c, "MPJoinNoTokenFound") for c in tb.converters]
     rejected0 = sum(tb.mib(c, "MPJoinRejected") for c in tb.converters)
     joins0 = sum(tb.mib(c, "MPJoinAckRx") for c in tb.converters)
-    acc0 = [b.stats()["accepted"] for b in boxes]
+    st0 = [b.stats() for b in boxes]
+    acc0 = [s["accepted"] for s in st0]
     cpu0 = [b.cpu_s() for b in boxes]
     r = wrk(tb.instance(0), boxes[0], HTTP_PORT, path, params["seconds"], params["connections"], cpus=END_HOST_CPUS)
     cpu = sum(b.cpu_s() - c for b, c in zip(boxes, cpu0))
-    acc = [b.stats()["accepted"] - a for b, a in zip(boxes, acc0)]
+    st1 = [b.stats() for b in boxes]
+    acc = [s["accepted"] - a for s, a in zip(st1, acc0)]
     row = dict(instances=n, system=f"mimbox x{n}", rep=rep, **r,
                converter_cpu_s=cpu, cpu_us_per_req=1e6 * cpu / r["requests"] if r["requests"] else float("nan"),
                joins=sum(tb.mib(c, "MPJoinAckRx") for c in tb.converters) - joins0,
                joins_no_token=sum(tb.mib(c, "MPJoinNoTokenFound") for c in tb.converters) - sum(lost0),
                joins_rejected=sum(tb.mib(c, "MPJoinRejected") for c in tb.converters) - rejected0,
                accepted_per_instance="/".join(map(str, acc)),
-               busiest_share=max(acc) / max(1, sum(acc)))
+               busiest_share=max(acc) / max(1, sum(acc)),
+               # what the converters refused or ended in an error meanwhile (a wrk socket error's cause)
+               converter_refused=_deltas(st0, st1, "refused"), converter_errors=_deltas(st0, st1, "errors"))
     progress(f"scaleout rep {rep} N={n}: {r['req_per_s']:.0f} req/s, {row['cpu_us_per_req']:.0f} µs/req, "
              f"spread {row['accepted_per_instance']}, joins {row['joins']} (no token {row['joins_no_token']})")
     return row
+
+
+def _deltas(before: list[dict], after: list[dict], key: str) -> str:
+    """What grew in each converter's `key` counters, as JSON ({"converter k": {cause: n}})."""
+    import json
+    out = {}
+    for k, (a, b) in enumerate(zip(before, after)):
+        grew = {c: n - a[key].get(c, 0) for c, n in b[key].items() if n > a[key].get(c, 0)}
+        if grew:
+            out[f"converter {k}"] = grew
+    return json.dumps(out)
 
 
 def findings(df: pd.DataFrame) -> dict:
@@ -111,7 +126,9 @@ def findings(df: pd.DataFrame) -> dict:
 
 def problems(df: pd.DataFrame) -> list[str]:
     bad = df[(df["socket_errors"] > 0) | (df["non_2xx"] > 0)]
-    out = [f"{r.system} rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx" for r in bad.itertuples()]
+    out = [f"{r.system} rep {r.rep}: {r.socket_errors} socket errors, {r.non_2xx} non-2xx"
+           + (f" (converters refused {r.converter_refused}, errors {r.converter_errors})"
+              if isinstance(getattr(r, "converter_refused", None), str) else "") for r in bad.itertuples()]
     lost = df[df["joins_no_token"] > 0]      # NaN (the router's rows) is not > 0
     out += [f"{r.system} rep {r.rep}: {r.joins_no_token} joins met a converter without their token"
             for r in lost.itertuples()]

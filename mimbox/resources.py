@@ -1,8 +1,8 @@
 """What the box really has, and what a connection really costs: the default connection limit.
 
 A converted connection at rest holds kernel objects, not buffers: its client's MPTCP socket and
-subflow, its server's TCP socket, their inodes, files and epoll entries, and the core's slot (~12 KB
-here, by /proc/slabinfo's object sizes; measured 7.5-9.4 KB attributable, results/concurrency). Bytes
+subflows, its server's TCP socket, their inodes, files and epoll entries, and the core's slot (~16 KB
+here with two subflows, by /proc/slabinfo's object sizes; measured: results/concurrency). Bytes
 in flight are the kernel's to bound (tcp_mem): the converter refuses new connections while the
 kernel's TCP memory nears its pressure threshold, before the kernel starts to squeeze established
 ones (MemoryPressure). So the default limit is the memory budget (half of what the host, or the
@@ -18,12 +18,13 @@ from dataclasses import dataclass
 log = logging.getLogger("mimbox")
 
 # What one converted connection holds at rest, by kernel cache: (slab names, the largest counts; how many)
-AT_REST = ((("MPTCP", "MPTCPv6"), 1),          # the client's MPTCP socket
-           (("TCP", "TCPv6"), 2),              # its first subflow, the server's socket
-           (("sock_inode_cache",), 3),         # a struct socket each (the subflow's is the kernel's)
-           (("filp",), 2), (("dentry",), 2),   # the two fds' files
-           (("eventpoll_epi",), 2))            # the two sockets in the worker's epoll set
-SUBFLOW_CONTEXT = 1024      # struct mptcp_subflow_context (kmalloc-1k)
+SUBFLOWS = 2                # a phone's WiFi and cellular
+AT_REST = ((("MPTCP", "MPTCPv6"), 1),                  # the client's MPTCP socket
+           (("TCP", "TCPv6"), SUBFLOWS + 1),           # its subflows, the server's socket
+           (("sock_inode_cache",), SUBFLOWS + 2),      # a struct socket each (a subflow's is the kernel's)
+           (("filp",), 2), (("dentry",), 2),           # the two fds' files
+           (("eventpoll_epi",), 2))                    # the two sockets in the worker's epoll set
+SUBFLOW_CONTEXT = 1024      # struct mptcp_subflow_context (kmalloc-1k), one a subflow
 CORE_SLOT = 512             # struct conn and its pointer (native/core/core-t.h)
 FALLBACK_AT_REST = 16 << 10  # /proc/slabinfo unreadable (not root): a safe upper bound
 FD_RESERVE = 256            # fds beside connections and pooled pipes: listeners, queue, stats, logs
@@ -54,7 +55,7 @@ def bytes_at_rest() -> int:
             sizes = {}
         if all(any(n in sizes for n in names) for names, _ in AT_REST):
             _at_rest = sum(max(sizes.get(n, 0) for n in names) * k for names, k in AT_REST) \
-                + SUBFLOW_CONTEXT + CORE_SLOT
+                + SUBFLOWS * SUBFLOW_CONTEXT + CORE_SLOT
         else:
             _at_rest = FALLBACK_AT_REST
     return _at_rest

@@ -12,21 +12,9 @@ import time
 from typing import Callable, TypeVar
 
 from experiments.systems import ALLOCATE
+from topologies.waits import wait_until  # noqa: F401  (the one wait, shared with experiments/)
 
 T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str = "condition", every: float = 0.02) -> T:
-    """Call predicate() until it returns something true, and return that; AssertionError naming
-    `what` (and the last value) after `timeout` seconds. A predicate that raises fails at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what} (last: {value!r})")
-        time.sleep(every)
 
 
 def watch(read: Callable[[], T], window: float, changed: Callable[[T], bool], every: float = 0.05) -> T:

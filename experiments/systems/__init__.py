@@ -353,9 +353,11 @@ class HAProxy(System):
     SESSION_TAG = "mimbox-session"
 
     def __init__(self, threads: int = 1, mode: str = "http", port: int | None = None, cpus: str | None = None,
-                 server_side: str = "tcp"):
+                 server_side: str = "tcp", maxconn: int = 4096):
         """server_side: "tcp" (MPTCP listener only, as every converter here) or "mptcp" (every socket
-        through the shim, the server side an MPTCP socket fallen back to TCP)."""
+        through the shim, the server side an MPTCP socket fallen back to TCP). maxconn: HAProxy's
+        global limit (two fds each: one process's open-file limit caps it)."""
+        self.maxconn = maxconn
         super().__init__(cpus)
         if server_side not in ("tcp", "mptcp"):
             raise ValueError(f"server_side must be tcp or mptcp, not {server_side!r}")
@@ -367,7 +369,7 @@ class HAProxy(System):
     def config(self, tb, server_port: int) -> str:
         http = self.mode == "http"
         return "\n".join([
-            "global", f"    nbthread {self.threads}", "    maxconn 4096",
+            "global", f"    nbthread {self.threads}", f"    maxconn {self.maxconn}",
             "    tune.maxaccept 64", "    log stderr format raw local0 info",
             "defaults", f"    mode {self.mode}", "    timeout connect 5s", "    timeout client 60s",
             # sessions that end abnormally only (a line each, nothing for the others): their

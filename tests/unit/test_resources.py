@@ -27,10 +27,12 @@ def test_what_a_connection_holds_at_rest_by_slab(monkeypatch, tmp_path):
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if p == "/proc/slabinfo" else p, *a, **k))
     monkeypatch.setattr(resources, "_at_rest", None)
-    # MPTCPv6 + 2 TCPv6 + 3 inodes + 2 files + 2 dentries + 2 epoll entries, a subflow context, the core's slot
-    assert resources.bytes_at_rest() == 2112 + 2 * 2496 + 3 * 832 + 2 * 192 + 2 * 192 + 2 * 128 + 1024 + 512
+    # MPTCPv6 + 3 TCPv6 (2 subflows, the server's) + 4 inodes + 2 files + 2 dentries + 2 epoll entries,
+    # two subflow contexts, the core's slot
+    expect = 2112 + 3 * 2496 + 4 * 832 + 2 * 192 + 2 * 192 + 2 * 128 + 2 * 1024 + 512
+    assert resources.bytes_at_rest() == expect
     f.write_text(SLABINFO.replace("TCPv6", "XXX").replace("TCP ", "YYY "))   # read once: kept
-    assert resources.bytes_at_rest() == 11648 + 512
+    assert resources.bytes_at_rest() == expect
     monkeypatch.setattr(resources, "_at_rest", None)
     assert resources.bytes_at_rest() == resources.FALLBACK_AT_REST   # a cache missing: the safe bound
 

@@ -1,0 +1,306 @@
+"""Cost against concurrency — a converter for a city's phones (issue 39).
+
+N concurrent MPTCP client connections (each on two subflows: the paper's two client paths), mostly
+idle: a 64 B keep-alive every `interval` seconds, echoed by the server, plus a steady trickle of new
+1 KB requests (experiments/measure/crowd.py), through each system towards a plain TCP echo server.
+Per system and N: what the converter holds (its processes' RSS; socket memory in its namespace,
+`ss -m`; MemAvailable and the kernel caches against the router's at the same N), its fds, its CPU
+with the crowd idle and per keep-alive and new request, keep-alive and new-request latency
+p50/p99/p99.9. The router (the phone speaking MPTCP to an MPTCP server, forwarded) is the baseline
+the converters' memory is measured against.
+
+One process holds at most ~10,000 converted connections here (the fd hard limit is 20,000 a
+process, two sockets a connection; CAP_SYS_RESOURCE is missing): single-process systems stop there
+(rows with `stopped` say so, nothing is run past it); MiMBox goes further with more workers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import matplotlib
+import pandas as pd
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
+from experiments.style import styles  # noqa: E402
+from experiments.systems import ALLOCATE, HAProxy, MiMBox, Naive, Router, python  # noqa: E402
+from topologies.regimes import END_HOST_BOUND  # noqa: E402
+from topologies.testbed import PaperTopo  # noqa: E402
+from topologies.waits import NotWithin, wait_until  # noqa: E402
+
+NAME = "concurrency"
+FULL = dict(counts=[1000, 3000, 10000, 30000, 100000], interval=10.0, seconds=20.0, idle_seconds=10.0,
+            new_rate=20.0, new_only_rate=200.0, open_rate=3000.0)
+QUICK = dict(counts=[1000, 10000], interval=10.0, seconds=10.0, idle_seconds=5.0,
+             new_rate=20.0, new_only_rate=200.0, open_rate=3000.0)
+FD_HARD = 20_000               # this machine's per-process hard limit (results' manifest: environment)
+PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.resources)
+HAPROXY_MAXCONN = 7_900        # HAProxy asks for 2.5 fds a connection (pipes): 8,800 would need 22,014
+
+
+def systems(counts: list[int]) -> list:
+    """The systems measured, each with how many connections it can hold here (None: no limit)."""
+    big = max(3, math.ceil(max(counts) / PER_PROCESS))
+    out = [(Router(), None)]
+    for name, kw in (("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
+                     ("mimbox-uring", dict(workers=1, engine="uring")), (f"mimbox-{big}w", dict(workers=big))):
+        m = MiMBox(mode="static", cpus=CONVERTER_CPUS, extra=["--idle-timeout", "0"], **kw)
+        m.name = name
+        out.append((m, PER_PROCESS * kw["workers"]))
+    for threads in (1, 2):      # (HAProxy reserves fds for maxconn / 4 splice pipes too: 2.5 fds a connection)
+        out.append((HAProxy(threads=threads, mode="tcp", cpus=CONVERTER_CPUS, maxconn=HAPROXY_MAXCONN), HAPROXY_MAXCONN))
+    out.append((Naive("readwrite", cpus=CONVERTER_CPUS), PER_PROCESS))
+    return out
+
+
+def meminfo(host) -> int:
+    """MemAvailable, bytes (the kernel is shared: every namespace's sockets count)."""
+    return int(host.cmd("grep MemAvailable /proc/meminfo").split()[1]) * 1024
+
+
+def slabs(host) -> dict[str, int]:
+    """Bytes held by each kernel cache (active objects x object size). Not MemAvailable: a cache
+    keeps the pages of freed objects for the next ones, so an earlier run's sockets hide this one's."""
+    out = {}
+    for line in host.cmd("cat /proc/slabinfo").splitlines()[2:]:
+        f = line.split()
+        if len(f) > 3 and f[1].isdigit():
+            out[f[0]] = int(f[1]) * int(f[3])
+    return out
+
+
+SUM_SKMEM = ("{ ss -tanmH; ss -ManmH 2>/dev/null; } | grep -o 'skmem:([^)]*)' | awk -F'[(),]' "
+             "'{for (i = 2; i <= NF; i++) {if ($i ~ /^[rtfwo][0-9]+$/) s += substr($i, 2); "
+             "else if ($i ~ /^bl[0-9]+$/) s += substr($i, 3)} n++} END {print n + 0, s + 0}'")
+
+
+def socket_memory(host) -> tuple[int, int]:
+    """(sockets, bytes their buffers hold: skmem r+t+f+w+o+bl) of the TCP sockets (subflows included)
+    and MPTCP sockets in host's namespace (summed there: 300,000 sockets' lines stay on the host)."""
+    n, total = host.cmd(SUM_SKMEM).split()[:2]
+    return int(n), int(total)
+
+
+def process_memory(host, pids: list[int]) -> tuple[int, int]:
+    """(RSS bytes, open fds) of `pids`."""
+    if not pids:
+        return 0, 0
+    rss = fds = 0
+    for pid in pids:
+        out = host.cmd(f"grep VmRSS /proc/{pid}/status 2>/dev/null; ls /proc/{pid}/fd 2>/dev/null | wc -l").split()
+        if len(out) >= 4:
+            rss += int(out[1]) * 1024
+            fds += int(out[3])
+    return rss, fds
+
+
+def established(host, port: int) -> int:
+    """Connections the echo server holds on `port` (its TCP sockets; an MPTCP one counts its subflows)."""
+    return int(host.cmd(f"ss -tnH state established '( sport = :{port} )' | wc -l").strip() or 0)
+
+
+def percentile(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))] / 1000.0          # µs -> ms
+
+
+def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[dict, dict]:
+    """One system holding n connections: its row and the kernel caches' deltas."""
+    tcp_port, mptcp_port = ports
+    host, port = system.endpoint(tb, mptcp_port if isinstance(system, Router) else tcp_port)
+    served_port = mptcp_port if isinstance(system, Router) else tcp_port
+    before = established(tb.server, served_port)
+    crowd = tb.client.popen([python(tb.client), "-m", "experiments.measure.crowd", "client", host, str(port), str(n),
+                             "--open-rate", str(params["open_rate"])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    row = dict(system=system.name, connections=n)
+    try:
+        _readline(crowd, 60)                    # its processes run: what they hold is in both readings
+        pids = system.box.pids() if system.box is not None else []
+        mem0, slab0 = meminfo(tb.mbox), slabs(tb.mbox)
+        rss0, fds0 = process_memory(tb.mbox, pids)
+        crowd.stdin.write("open\n")
+        crowd.stdin.flush()
+        opened = json.loads(_readline(crowd, n / params["open_rate"] + 120))
+        row.update(opened=opened["open"], open_failed=sum(opened["failed"].values()), open_s=opened["seconds"])
+        wait_until(lambda: established(tb.server, served_port) - before >= opened["open"], 120,
+                   f"{system.name}: the server holding {opened['open']} connections", every=0.5)
+        pids = system.box.pids() if system.box is not None else []
+        mem1, slab1 = meminfo(tb.mbox), slabs(tb.mbox)
+        rss1, fds1 = process_memory(tb.mbox, pids)
+        sockets, sockmem = socket_memory(tb.mbox)
+        k = max(1, opened["open"])
+        caches = {c: (slab1.get(c, 0) - slab0.get(c, 0)) / k for c in set(slab0) | set(slab1)}
+        caches = {c: round(v) for c, v in caches.items() if abs(v) >= 16}     # bytes a connection
+        row.update(kernel_kb_per_conn=sum(caches.values()) / 1024,
+                   memavail_kb_per_conn=(mem0 - mem1) / k / 1024, rss_kb_per_conn=(rss1 - rss0) / k / 1024,
+                   fds=fds1, fds_per_conn=(fds1 - fds0) / k, sockets_in_converter_ns=sockets,
+                   sockmem_kb_per_conn=sockmem / k / 1024)
+        cpu0 = system.cpu_s()
+        time.sleep(params["idle_seconds"])         # a measurement window: the crowd sends nothing
+        row["idle_cpu_pct"] = 100 * (system.cpu_s() - cpu0) / params["idle_seconds"]
+        cpu0 = system.cpu_s()
+        only_new = _measure(crowd, params["seconds"] / 2, 1e9, params["new_only_rate"])
+        cpu_new = (system.cpu_s() - cpu0) / max(1, len(only_new["new_us"]))
+        cpu0 = system.cpu_s()
+        m = _measure(crowd, params["seconds"], params["interval"], params["new_rate"])
+        cpu = system.cpu_s() - cpu0
+        kas, news = m["keepalive_us"], m["new_us"] + only_new["new_us"]
+        row.update(keepalives=len(kas), new_requests=len(news), errors=sum(m["errors"].values())
+                   + sum(only_new["errors"].values()), error_kinds=json.dumps({**only_new["errors"], **m["errors"]}),
+                   cpu_us_per_new=1e6 * cpu_new,
+                   cpu_us_per_keepalive=1e6 * max(0.0, cpu - cpu_new * len(m["new_us"])) / max(1, len(kas)),
+                   **{f"keepalive_p{q}_ms": percentile(kas, v) for q, v in (("50", .5), ("99", .99), ("99.9", .999))},
+                   **{f"new_p{q}_ms": percentile(news, v) for q, v in (("50", .5), ("99", .99), ("99.9", .999))})
+        if isinstance(system, MiMBox):
+            row["timer_visits"] = system.stats().get("timer_visits")
+        progress(f"concurrency {system.name} N={n}: kernel caches {row['kernel_kb_per_conn']:.1f} KB/conn "
+                 f"(MemAvailable {row['memavail_kb_per_conn']:.1f}), "
+                 f"RSS {row['rss_kb_per_conn']:.2f} KB/conn, idle CPU {row['idle_cpu_pct']:.2f} %, "
+                 f"keep-alive p99 {row['keepalive_p99_ms']:.2f} ms, errors {row['errors']}")
+        return row, caches
+    finally:
+        crowd.stdin.close()
+        try:
+            crowd.wait(timeout=120)
+        except Exception:
+            crowd.kill()
+            crowd.wait(timeout=30)
+        wait_until(lambda: established(tb.server, served_port) <= before, 120,
+                   f"{system.name}: the server's connections closed", every=0.5)
+
+
+def _readline(p, timeout: float) -> str:
+    import select
+    r, _, _ = select.select([p.stdout], [], [], timeout)
+    if not r:
+        p.kill()
+        raise RuntimeError(f"concurrency: no answer from the crowd within {timeout:.0f}s")
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError("concurrency: the crowd exited")
+    return line
+
+
+def _measure(crowd, seconds: float, interval: float, new_rate: float) -> dict:
+    crowd.stdin.write(f"measure {seconds} {interval} {new_rate}\n")
+    crowd.stdin.flush()
+    return json.loads(_readline(crowd, seconds + 120))
+
+
+def run(params: dict) -> tuple[pd.DataFrame, dict]:
+    rows, caches = [], []
+    procs = max(2, math.ceil(max(params["counts"]) / 9000) + 1)
+    with testbed(PaperTopo(ipv6=False)) as tb:
+        tcp_port, mptcp_port = ALLOCATE.port(), ALLOCATE.port()
+        servers = [tb.server.popen(["taskset", "-c", END_HOST_CPUS, python(tb.server), "-m",
+                                    "experiments.measure.crowd", "server", str(p), "--procs", str(procs),
+                                    *(["--mptcp"] if p == mptcp_port else [])],
+                                   stdout=subprocess.PIPE, text=True) for p in (tcp_port, mptcp_port)]
+        try:
+            for s in servers:
+                if _readline(s, 60).strip() != "ready":
+                    raise RuntimeError("concurrency: the echo server did not start")
+            for system, capacity in systems(params["counts"]):
+                with converter_boxes([system], END_HOST_BOUND, host=tb.mbox):
+                    started = False
+                    for n in params["counts"]:
+                        if capacity is not None and n > capacity:
+                            rows.append(dict(system=system.name, connections=n,
+                                             stopped=f"open-file limit: {FD_HARD} a process, 2 a connection "
+                                                     f"(holds ~{capacity})"))
+                            progress(f"concurrency {system.name} N={n}: not run ({rows[-1]['stopped']})")
+                            continue
+                        if not started:
+                            system.start(tb, mptcp_port if isinstance(system, Router) else tcp_port)
+                            started = True
+                        try:
+                            row, cache = _point(tb, system, n, (tcp_port, mptcp_port), params)
+                        except (RuntimeError, NotWithin) as e:
+                            rows.append(dict(system=system.name, connections=n, stopped=str(e)[:200]))
+                            progress(f"concurrency {system.name} N={n}: {e}")
+                            break
+                        rows.append(row)
+                        caches.append(dict(system=system.name, connections=n, **cache))
+                    if started:
+                        system.stop()
+        finally:
+            for s in servers:
+                s.terminate()
+                s.wait(timeout=30)
+    df = pd.DataFrame(rows)
+    return df, {"caches": caches, "regime": END_HOST_BOUND, "fd_hard_limit": FD_HARD,
+                "converter_cpus": CONVERTER_CPUS, "echo_server_processes": procs}
+
+
+def attributable(df: pd.DataFrame) -> pd.DataFrame:
+    """Per system and N, what the converter adds per connection (KB): the kernel caches beside the
+    router's at the same N (the converter's sockets; its server side is TCP where the router's echo
+    server is MPTCP), its processes' RSS and its sockets' buffers; and MemAvailable's view, the same way."""
+    ran = df[df["kernel_kb_per_conn"].notna()] if "kernel_kb_per_conn" in df else df.iloc[0:0]
+    router = ran[ran["system"] == "router"].set_index("connections")
+    out = ran[ran["system"] != "router"].copy()
+    beside = lambda col: out.apply(lambda r: r[col] - router[col].get(r["connections"], float("nan")), axis=1)  # noqa: E731
+    out["kernel_beside_router_kb"] = beside("kernel_kb_per_conn")
+    out["memavail_beside_router_kb"] = beside("memavail_kb_per_conn")
+    out["attributable_kb_per_conn"] = out["kernel_beside_router_kb"] + out["rss_kb_per_conn"] + out["sockmem_kb_per_conn"]
+    return out
+
+
+def findings(df: pd.DataFrame) -> dict:
+    att = attributable(df)
+    out = {}
+    for r in att.itertuples():
+        out.setdefault(r.system, {})[int(r.connections)] = {
+            "attributable_kb_per_conn": round(r.attributable_kb_per_conn, 2), "rss_kb_per_conn": round(r.rss_kb_per_conn, 3),
+            "sockmem_kb_per_conn": round(r.sockmem_kb_per_conn, 3), "idle_cpu_pct": round(r.idle_cpu_pct, 3),
+            "keepalive_p99_ms": round(r.keepalive_p99_ms, 3), "cpu_us_per_keepalive": round(r.cpu_us_per_keepalive, 1)}
+    stopped = df[df["stopped"].notna()] if "stopped" in df else df.iloc[0:0]
+    return {"per_system": out, "stopped": {f"{r.system} N={r.connections}": r.stopped for r in stopped.itertuples()}}
+
+
+def problems(df: pd.DataFrame) -> list[str]:
+    ran = df[df["opened"].notna()] if "opened" in df else df.iloc[0:0]
+    out = [f"{r.system} N={r.connections}: {r.open_failed} connections failed to open"
+           for r in ran.itertuples() if r.open_failed]
+    out += [f"{r.system} N={r.connections}: {r.errors} errors ({r.error_kinds})" for r in ran.itertuples() if r.errors]
+    return out
+
+
+def plot(df: pd.DataFrame):
+    att = attributable(df)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    names = list(dict.fromkeys(df["system"]))
+    st = styles(names)
+    panels = ((axes[0][0], "attributable_kb_per_conn", "memory per connection beside the router's (KB)", att),
+              (axes[0][1], "keepalive_p99_ms", "keep-alive RTT p99 (ms)", df),
+              (axes[1][0], "idle_cpu_pct", "CPU with the crowd idle (% of a core)", df),
+              (axes[1][1], "cpu_us_per_keepalive", "CPU per keep-alive (µs)", df))
+    for ax, col, label, data in panels:
+        if col not in data:
+            continue
+        for name in names:
+            g = data[(data["system"] == name) & data[col].notna()].sort_values("connections")
+            if len(g):
+                ax.plot(g["connections"], g[col], label=name, **st[name])
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent MPTCP connections (two subflows each)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Cost against concurrency: mostly idle phones (64 B every 10 s) and a trickle of new requests",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(quick: bool = True, **overrides) -> pd.DataFrame:
+    """Run this figure (quick or full parameters, overridable) into results/."""
+    return run_experiment(sys.modules[__name__], quick, overrides)

@@ -1,0 +1,45 @@
+"""experiments/measure/crowd.py, the concurrency figure's load: what it counts is what happened."""
+import json
+import subprocess
+import sys
+
+from conftest import readline
+from helpers import free_port
+
+CROWD = [sys.executable, "-m", "experiments.measure.crowd"]
+
+
+def test_crowd_opens_keeps_alive_and_sends_new_requests_through_an_echo_server():
+    port = free_port()
+    srv = subprocess.Popen([*CROWD, "server", str(port), "--procs", "2", "--mptcp"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert readline(srv, timeout=30).strip() == "ready"
+        cl = subprocess.Popen([*CROWD, "client", "127.0.0.1", str(port), "300", "--procs", "2", "--open-rate", "3000"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(readline(cl, timeout=60)) == {"started": 2}
+            cl.stdin.write("open\n")
+            cl.stdin.flush()
+            opened = json.loads(readline(cl, timeout=60))
+            cl.stdin.write("measure 2 1 20\n")      # 2 s: every connection's keep-alive twice, ~40 new
+            cl.stdin.flush()
+            m = json.loads(readline(cl, timeout=60))
+        finally:
+            cl.stdin.close()
+            cl.wait(timeout=60)
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+    assert opened["open"] == 300 and opened["failed"] == {}, opened
+    assert m["errors"] == {} and m["held"] == 300, m["errors"]
+    assert 590 <= len(m["keepalive_us"]) <= 600, len(m["keepalive_us"])
+    assert 10 <= len(m["new_us"]) <= 120, len(m["new_us"])
+    assert all(0 < us < 2_000_000 for us in m["keepalive_us"] + m["new_us"])
+
+
+def test_crowd_counts_what_could_not_open():
+    port = free_port()                                          # nobody listens there
+    cl = subprocess.run([*CROWD, "client", "127.0.0.1", str(port), "20", "--procs", "1"], input="open\n",
+                        capture_output=True, text=True, timeout=60)
+    opened = json.loads(cl.stdout.splitlines()[1])
+    assert opened["open"] == 0 and opened["failed"] == {"ECONNREFUSED": 20}, opened
