@@ -103,14 +103,6 @@ def perf_samples(data: str) -> dict[tuple[str, str], int]:
     return counts
 
 
-def perf_areas(data: str) -> dict[str, int]:
-    """Samples per area in a perf.data file."""
-    counts: dict[str, int] = {}
-    for (a, _), n in perf_samples(data).items():
-        counts[a] = counts.get(a, 0) + n
-    return counts
-
-
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
     if not shutil.which("perf"):
         raise RuntimeError("perf is missing (Debian: linux-perf)")

@@ -239,7 +239,6 @@ def load() -> ctypes.CDLL:
                                         ctypes.c_char_p, U32, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
            "core_gate": (I, [P, A]), "core_gate_hold": (None, [P, A, I]), "core_queue": (I, [P, I]), "core_link": (I, [P, I, I]), "core_worker_of_port": (I, [I, I]),
            "core_parse_syn": (I, [ctypes.c_char_p, I, ctypes.POINTER(SynInfo)]), "core_pending": (I, [P]),
-           "core_open_server": (I, [P, A, U16, ctypes.POINTER(ctypes.c_int)]),
            "core_stats": (ctypes.POINTER(CoreStats), [P]), "core_list": (I, [P, ctypes.POINTER(ConnInfo), I]),
            "core_active": (I, [P]), "core_abort_all": (I, [P]), "core_abi": (I, [I]),
            "core_admit": (I, [P, ctypes.c_int64]), "core_unadmit": (None, [P]),
@@ -458,16 +457,6 @@ class Core:
     def pending(self) -> int:
         """SYNs held, or released and waiting for accept()."""
         return self.lib.core_pending(self.ptr)
-
-    def open_server(self, dst: tuple[str, int]) -> tuple[int, bool]:
-        """A non-blocking socket connecting to dst, as the core opens its own (MPTCP unless the
-        server was seen without it, the configured buffers): (fd, whether MPTCP was tried).
-        Raises OSError with the connect's errno."""
-        tried = ctypes.c_int(0)
-        fd = self.lib.core_open_server(self.ptr, addrs.packed(dst[0]), port_n(dst[1]), ctypes.byref(tried))
-        if fd < 0:
-            raise OSError(-fd, os.strerror(-fd))
-        return fd, bool(tried.value)
 
     def stats(self) -> CoreStats:
         return self.lib.core_stats(self.ptr).contents

@@ -172,9 +172,10 @@ class Crowd:
                         error(f"keep-alive send: {errno.errorcode.get(e.errno, e.errno)}")
                     heapq.heappush(due, (when + interval, 0, i))
                 else:
+                    before = dict(self.failed)
                     s = self._connect()
                     if s is None:
-                        error("new connect")
+                        error("new connect: " + next((k for k, v in self.failed.items() if v != before.get(k)), "?"))
                     else:
                         fresh[s.fileno()] = [s, now, 0]
                         sel.register(s, selectors.EVENT_WRITE, -1)

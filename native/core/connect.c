@@ -175,12 +175,6 @@ int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, in
 	return fd;
 }
 
-int core_open_server(struct core *c, const uint8_t *daddr, uint16_t dport, int *tried_mptcp)
-{
-	struct in6_addr a = addr_load(daddr);
-	return open_server(c, &a, dport, tried_mptcp);
-}
-
 /* a connect() in progress on fd, after epoll event ev: -1 not yet, 0 connected, else its errno */
 int connect_result(int fd, uint32_t ev)
 {

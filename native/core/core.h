@@ -60,7 +60,6 @@ CORE_API int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr,
 				  uint32_t early_len, int *detail, int *err);
 
 /* connect.c */
-CORE_API int core_open_server(struct core *c, const uint8_t *daddr, uint16_t dport, int *tried_mptcp);
 
 /* conn.c */
 CORE_API int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
