@@ -569,7 +569,34 @@ def headline() -> str:
                              f"{m.rps[name]:,.0f} ({m.us[name]:.0f} µs CPU/req)", f"{m.rps[name] / m.rps['haproxy-1t']:.2f}"))
     if not rows:
         return "_No results yet: `./mimbox.sh reproduce --quick`._"
-    return _md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"])) + kernel_headline()
+    return (_md(pd.DataFrame(rows, columns=["run", "system", "requests/s", "vs haproxy-1t"])) + concurrency_headline()
+            + kernel_headline())
+
+
+def concurrency_headline() -> str:
+    """One sentence from results/concurrency: the most connections MiMBox held, what each cost it,
+    and MiMBox beside HAProxy-1t at the largest N both held."""
+    df, _ = _load("concurrency")
+    if df is None or "kernel_kb_per_conn" not in df:
+        return ""
+    from experiments.concurrency import attributable
+    att = attributable(df)
+    mim = att[att.system.str.startswith("mimbox")]
+    if mim.empty:
+        return ""
+    top = mim.sort_values(["connections", "attributable_kb_per_conn"]).iloc[-1]
+    text = (f"\n\nConcurrency (mostly idle MPTCP phones, `results/concurrency`): {top.system} held "
+            f"{int(top.connections):,} connections at {top.attributable_kb_per_conn:.1f} KB each beside the router "
+            f"(kernel caches, RSS, buffers), {top.idle_cpu_pct:.2f} % of a core idle, keep-alive p99 "
+            f"{top.keepalive_p99_ms:.1f} ms")
+    both = att[att.system.isin(["mimbox-1w", "haproxy-1t-tcp"])].pivot_table(
+        index="connections", columns="system", values="attributable_kb_per_conn")
+    both = both.dropna()
+    if len(both):
+        n = both.index.max()
+        m, h = both.loc[n, "mimbox-1w"], both.loc[n, "haproxy-1t-tcp"]
+        text += f"; at {int(n):,}: mimbox-1w {m:.1f} KB, haproxy-1t (tcp) {h:.1f} KB ({m / h:.2f}x)"
+    return text + "."
 
 
 def kernel_headline(top: int = 5) -> str:

@@ -9,11 +9,15 @@ STYLES: dict[str, tuple[str, str]] = {
     "mimbox": ("#1f77b4", "o"),
     "mimbox-static": ("#17becf", "v"),
     "mimbox-convert": ("#aec7e8", "^"),
+    "mimbox-1w": ("#5254a3", "s"),
     "mimbox-2w": ("#393b79", "D"),
+    "mimbox-4w": ("#637939", "X"),           # and every mimbox-Nw with N >= 3
+    "mimbox-uring": ("#6b6ecf", "P"),
     "haproxy-1t": ("#ff7f0e", "o"),
     "haproxy-1t-tcp": ("#ffbb78", "v"),
     "haproxy-1t-mptcp-server": ("#8c564b", "^"),
     "haproxy-2t": ("#d62728", "D"),
+    "haproxy-2t-tcp": ("#ad494a", "v"),
     "squid": ("#2ca02c", "P"),
     "splice": ("#9467bd", "X"),
     "read/write": ("#e377c2", "h"),
@@ -24,10 +28,10 @@ EXTRA_MARKERS = ("*", "p", "<", ">", "8", "d", "H", "1")
 
 
 def _known(name: str) -> str | None:
-    """A listed style for `name`, or for the family it belongs to (mimbox-4w -> mimbox-2w's family)."""
+    """A listed style for `name`, or for the family it belongs to (mimbox-12w -> mimbox-4w's: many workers)."""
     if name in STYLES:
         return name
-    for prefix, family in (("mimbox-", "mimbox-2w"), ("haproxy-", "haproxy-2t")):
+    for prefix, family in (("mimbox-", "mimbox-4w"), ("haproxy-", "haproxy-2t")):
         if name.startswith(prefix) and name.endswith(("w", "t")) and name[len(prefix):-1].isdigit():
             return family
     return None

@@ -105,12 +105,12 @@ def test_styles_are_fixed_and_distinct():
     from experiments.style import STYLES, styles
     colours = [c for c, _ in STYLES.values()]
     assert len(set(colours)) == len(colours)
-    names = [*STYLES, "mimbox-4w", "socat", "my-socat", "other"]
+    names = [*STYLES, "mimbox-12w", "socat", "my-socat", "other"]
     got = styles(names)
-    pairs = [(v["color"], v["marker"]) for k, v in got.items() if k != "mimbox-4w"]
-    assert len(set(pairs)) == len(pairs) and len({v["color"] for k, v in got.items() if k != "mimbox-4w"}) == len(pairs)
+    pairs = [(v["color"], v["marker"]) for k, v in got.items() if k != "mimbox-12w"]
+    assert len(set(pairs)) == len(pairs) and len({v["color"] for k, v in got.items() if k != "mimbox-12w"}) == len(pairs)
     assert styles(["squid"])["squid"] == styles(["router", "squid"])["squid"]
-    assert got["mimbox-4w"] == got["mimbox-2w"]
+    assert got["mimbox-12w"] == got["mimbox-4w"] != got["mimbox-2w"]      # many workers: one family, not 2w's
 
 
 @pytest.mark.parametrize("module,result", [("buffers", "fig6_buffers"), ("workload", "fig5_workload")])
