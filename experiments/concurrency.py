@@ -139,8 +139,9 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
     host, port = system.endpoint(tb, mptcp_port if isinstance(system, Router) else tcp_port)
     served_port = mptcp_port if isinstance(system, Router) else tcp_port
     before = established(tb.server, served_port)
+    sources = [f"--source={a}" for a in params["sources"]]
     crowd = tb.client.popen([python(tb.client), "-m", "experiments.measure.crowd", "client", host, str(port), str(n),
-                             "--open-rate", str(params["open_rate"])],
+                             "--open-rate", str(params["open_rate"]), *sources],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     row = dict(system=system.name, connections=n)
     try:
@@ -238,6 +239,12 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                                     "experiments.measure.crowd", "server", str(p), "--procs", str(procs),
                                     *(["--mptcp"] if p == mptcp_port else [])],
                                    stdout=subprocess.PIPE, text=True) for p in (tcp_port, mptcp_port)]
+        # one source address per crowd process (~30,000 ports each towards one server port; 100,000 need
+        # several), on the first path's subnet; the namespace goes with the testbed
+        first = tb.topo.client_addrs[0]
+        params["sources"] = [f"10.0.{first.n}.{11 + k}" for k in range(procs)]
+        for a in params["sources"]:
+            tb.client.cmd(f"ip addr add {a}/24 dev {first.intf_outer}")
         try:
             for s in servers:
                 if _readline(s, 60).strip() != "ready":

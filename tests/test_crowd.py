@@ -14,13 +14,17 @@ def test_crowd_opens_keeps_alive_and_sends_new_requests_through_an_echo_server()
     srv = subprocess.Popen([*CROWD, "server", str(port), "--procs", "2", "--mptcp"], stdout=subprocess.PIPE, text=True)
     try:
         assert readline(srv, timeout=30).strip() == "ready"
-        cl = subprocess.Popen([*CROWD, "client", "127.0.0.1", str(port), "300", "--procs", "2", "--open-rate", "3000"],
+        cl = subprocess.Popen([*CROWD, "client", "127.0.0.1", str(port), "300", "--procs", "2", "--open-rate", "3000",
+                               "--source", "127.0.0.5", "--source", "127.0.0.6"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert json.loads(readline(cl, timeout=60)) == {"started": 2}
             cl.stdin.write("open\n")
             cl.stdin.flush()
             opened = json.loads(readline(cl, timeout=60))
+            peers = subprocess.run(["ss", "-tnH", "state", "established", f"( dport = :{port} )"],
+                                   capture_output=True, text=True).stdout
+            sources = {line.split()[2].rsplit(":", 1)[0] for line in peers.splitlines()}
             cl.stdin.write("measure 2 1 20\n")      # 2 s: every connection's keep-alive twice, ~40 new
             cl.stdin.flush()
             m = json.loads(readline(cl, timeout=60))
@@ -31,6 +35,7 @@ def test_crowd_opens_keeps_alive_and_sends_new_requests_through_an_echo_server()
         srv.terminate()
         srv.wait(timeout=30)
     assert opened["open"] == 300 and opened["failed"] == {}, opened
+    assert sources == {"127.0.0.5", "127.0.0.6"}, sources        # one source address per process
     assert m["errors"] == {} and m["held"] == 300, m["errors"]
     assert 590 <= len(m["keepalive_us"]) <= 600, len(m["keepalive_us"])
     assert 10 <= len(m["new_us"]) <= 120, len(m["new_us"])

@@ -8,6 +8,7 @@ process): the crowd is split over several, and so is the echo server (SO_REUSEPO
     python -m experiments.measure.crowd server PORT [--procs K] [--mptcp]
         prints "ready"; echoes until SIGTERM
     python -m experiments.measure.crowd client HOST PORT N [--procs K] [--open-rate R] [--tcp]
+                                                  [--source ADDR ...]
         prints {"started": K} once its K processes run; then takes commands on stdin, one per line:
           open                                opens the N connections (paced): {"open": n, "failed": {...},
                                               "seconds": s}
@@ -36,6 +37,7 @@ PER_PROCESS = 9000
 KEEPALIVE = 64
 REQUEST = 1024
 CONNECTING_AT_ONCE = 256
+IP_BIND_ADDRESS_NO_PORT = 24    # bind() an address, the port chosen at connect() for the 4-tuple
 
 
 def _nofile() -> None:
@@ -90,8 +92,8 @@ def serve(port: int, mptcp: bool) -> None:
 class Crowd:
     """n connections of one process, and what happens to them."""
 
-    def __init__(self, host: str, port: int, n: int, open_rate: float, mptcp: bool):
-        self.addr, self.n, self.open_rate = (host, port), n, open_rate
+    def __init__(self, host: str, port: int, n: int, open_rate: float, mptcp: bool, source: str | None = None):
+        self.addr, self.n, self.open_rate, self.source = (host, port), n, open_rate, source
         self.proto = IPPROTO_MPTCP if mptcp else 0
         self.sel = selectors.DefaultSelector()
         self.held: list[socket.socket] = []
@@ -104,6 +106,9 @@ class Crowd:
     def _connect(self) -> socket.socket | None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, self.proto)
         s.setblocking(False)
+        if self.source:         # (one address has ~30,000 ports towards one server port: a crowd needs several)
+            s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.bind((self.source, 0))
         err = s.connect_ex(self.addr)
         if err not in (0, errno.EINPROGRESS):
             self._fail(err)
@@ -242,10 +247,10 @@ class Crowd:
                 "seconds": round(time.monotonic() - t0, 2)}
 
 
-def client_part(host: str, port: int, n: int, open_rate: float, mptcp: bool) -> None:
+def client_part(host: str, port: int, n: int, open_rate: float, mptcp: bool, source: str | None) -> None:
     """One client process: open, then follow the parent's commands."""
     _nofile()
-    crowd = Crowd(host, port, n, open_rate, mptcp)
+    crowd = Crowd(host, port, n, open_rate, mptcp, source)
     print(json.dumps({"started": 1}), flush=True)
     for line in sys.stdin:
         cmd = line.split()
@@ -289,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--procs", type=int, default=0, help="default: N / PER_PROCESS, rounded up")
     c.add_argument("--open-rate", type=float, default=2000, help="new connections a second, all processes")
     c.add_argument("--tcp", action="store_true", help="plain TCP sockets (default MPTCP)")
+    c.add_argument("--source", action="append", default=[], help="source addresses, one per process in turn")
     c.add_argument("--part", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     me = [sys.executable, "-m", "experiments.measure.crowd"]
@@ -308,13 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             k.wait()
         return 0
     if a.part:
-        client_part(a.host, a.port, a.n, a.open_rate, not a.tcp)
+        client_part(a.host, a.port, a.n, a.open_rate, not a.tcp, a.source[0] if a.source else None)
         return 0
     procs = a.procs or max(1, -(-a.n // PER_PROCESS))
     sizes = [a.n // procs + (i < a.n % procs) for i in range(procs)]
     kids = [subprocess.Popen([*me, "client", a.host, str(a.port), str(k), "--part", "--open-rate",
-                              str(a.open_rate / procs), *(["--tcp"] if a.tcp else [])],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k in sizes]
+                              str(a.open_rate / procs), *(["--tcp"] if a.tcp else []),
+                              *(["--source", a.source[i % len(a.source)]] if a.source else [])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i, k in enumerate(sizes)]
     print(json.dumps(merge([json.loads(k.stdout.readline() or "{}") for k in kids])), flush=True)
     for line in sys.stdin:
         for k in kids:
