@@ -140,9 +140,13 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
     served_port = mptcp_port if isinstance(system, Router) else tcp_port
     before = established(tb.server, served_port)
     sources = [f"--source={a}" for a in params["sources"]]
-    crowd = tb.client.popen([python(tb.client), "-m", "experiments.measure.crowd", "client", host, str(port), str(n),
+    # the crowd on the end hosts' core with the echo server (as wrk in Fig. 5): the converter's core is its own
+    import tempfile
+    err = tempfile.TemporaryFile()               # the crowd's tracebacks, if any, into the row
+    crowd = tb.client.popen(["taskset", "-c", END_HOST_CPUS, python(tb.client), "-m", "experiments.measure.crowd",
+                             "client", host, str(port), str(n),
                              "--open-rate", str(params["open_rate"]), *sources],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
     row = dict(system=system.name, connections=n)
     try:
         _readline(crowd, 60)                    # its processes run: what they hold is in both readings
@@ -153,6 +157,8 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
         crowd.stdin.write("open\n")
         crowd.stdin.flush()
         opened = json.loads(_readline(crowd, n / params["open_rate"] + 120))
+        opened.setdefault("open", 0)
+        opened.setdefault("failed", opened.get("errors", {}))
         row.update(opened=opened["open"], open_failed=sum(opened["failed"].values()), open_s=opened["seconds"])
         wait_until(lambda: established(tb.server, served_port) - before >= opened["open"], 120,
                    f"{system.name}: the server holding {opened['open']} connections", every=0.5)
@@ -177,12 +183,12 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
         cpu0 = system.cpu_s()
         m = _measure(crowd, interval, interval, params["new_rate"])      # every connection's keep-alive once
         cpu = system.cpu_s() - cpu0
-        kas, news = m["keepalive_us"], m["new_us"] + only_new["new_us"]
+        kas, news = m.get("keepalive_us", []), m.get("new_us", []) + only_new.get("new_us", [])
+        errs = {**only_new.get("errors", {}), **m.get("errors", {})}
         row.update(keepalive_interval_s=interval, mptcp_fallbacks=fallbacks(tb.client) - fb0,
-                   keepalives=len(kas), new_requests=len(news), errors=sum(m["errors"].values())
-                   + sum(only_new["errors"].values()), error_kinds=json.dumps({**only_new["errors"], **m["errors"]}),
+                   keepalives=len(kas), new_requests=len(news), errors=sum(errs.values()), error_kinds=json.dumps(errs),
                    cpu_us_per_new=1e6 * cpu_new,
-                   cpu_us_per_keepalive=1e6 * max(0.0, cpu - cpu_new * len(m["new_us"])) / max(1, len(kas)),
+                   cpu_us_per_keepalive=1e6 * max(0.0, cpu - cpu_new * len(m.get("new_us", []))) / max(1, len(kas)),
                    **{f"keepalive_p{q}_ms": percentile(kas, v) for q, v in (("50", .5), ("99", .99), ("99.9", .999))},
                    **{f"new_p{q}_ms": percentile(news, v) for q, v in (("50", .5), ("99", .99), ("99.9", .999))})
         if isinstance(system, MiMBox):
@@ -209,6 +215,11 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
             row["close_s"] = round(time.monotonic() - t_close, 1)
         except NotWithin as e:
             row["close_problem"] = str(e)[:200]       # (problems() says so; the measurement stands)
+        err.seek(0)
+        said = err.read().decode(errors="replace").strip()
+        err.close()
+        if said:
+            row["crowd_stderr"] = said[-400:]
     return row, caches
 
 
@@ -305,7 +316,8 @@ def findings(df: pd.DataFrame) -> dict:
         out.setdefault(r.system, {})[int(r.connections)] = {
             "attributable_kb_per_conn": round(r.attributable_kb_per_conn, 2), "rss_kb_per_conn": round(r.rss_kb_per_conn, 3),
             "sockmem_kb_per_conn": round(r.sockmem_kb_per_conn, 3), "idle_cpu_pct": round(r.idle_cpu_pct, 3),
-            "keepalive_p99_ms": round(r.keepalive_p99_ms, 3), "cpu_us_per_keepalive": round(r.cpu_us_per_keepalive, 1)}
+            "keepalive_p99_ms": round(r.keepalive_p99_ms, 3), "cpu_us_per_keepalive": round(r.cpu_us_per_keepalive, 1),
+            "kernel_beside_router_kb": round(r.kernel_beside_router_kb, 2), "mptcp_fallbacks": int(r.mptcp_fallbacks)}
     stopped = df[df["stopped"].notna()] if "stopped" in df else df.iloc[0:0]
     return {"per_system": out, "stopped": {f"{r.system} N={r.connections}": r.stopped for r in stopped.itertuples()}}
 

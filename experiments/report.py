@@ -491,7 +491,8 @@ def concurrency() -> str:
                       "µs CPU/new request": att["cpu_us_per_new"].round(0),
                       "keep-alive p50/p99/p99.9 ms": [f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(
                           att["keepalive_p50_ms"], att["keepalive_p99_ms"], att["keepalive_p99.9_ms"])],
-                      "new request p99 ms": att["new_p99_ms"].round(2)})
+                      "new request p99 ms": att["new_p99_ms"].round(2),
+                      "MPTCP fallbacks": att["mptcp_fallbacks"].astype(int)})
     stopped = man.get("findings", {}).get("stopped", {})
     caches = pd.DataFrame(man.get("caches", []))
     cache_md = ""
@@ -509,8 +510,12 @@ def concurrency() -> str:
             + cache_md + "\n\n"
             + ("Not run (one process's open-file limit): " + "; ".join(f"{k}: {v}" for k, v in stopped.items()) + ". "
                if stopped else "")
-            + "Memory beside the router: MemAvailable's drop per connection with the system, minus the "
-              "router's at the same N (the phone speaking MPTCP end to end to an MPTCP echo server). "
+            + "Memory beside the router: the kernel caches' growth per connection with the system (active "
+              "objects x size), minus the router's at the same N (the phone speaking MPTCP end to end to an MPTCP "
+              "echo server), plus the system's RSS and socket buffers. MPTCP fallbacks: client connections that "
+              "fell back to TCP for want of an MPTCP token — the kernel's token table is one for every namespace "
+              "of this VM (phones', converter's, server's), and fills towards 100,000 connections; on separate "
+              "machines each host has its own. "
             + _env_line(man))
 
 

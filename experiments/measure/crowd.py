@@ -185,10 +185,11 @@ class Crowd:
                         fresh[s.fileno()] = [s, now, 0]
                         sel.register(s, selectors.EVENT_WRITE, -1)
                     heapq.heappush(due, (when + random.expovariate(new_rate), 1, -1))
-            if not due and not sent_at and not fresh:
-                break
+            if (not due or time.monotonic() >= end) and not sent_at and not fresh:
+                break                             # (what is due after the window is not sent)
             if time.monotonic() > end + 5:        # answers still missing 5 s after the window
-                error("no answer") if sent_at or fresh else None
+                for _ in range(len(sent_at) + len(fresh)):
+                    error("no answer within 5 s")
                 break
             wait = max(0.0, min(due[0][0] - time.monotonic(), 0.05)) if due else 0.05
             for key, ev in sel.select(wait):
@@ -239,6 +240,9 @@ class Crowd:
                 got[fd] = got.get(fd, 0) + len(data)
                 if fd in sent_at and got[fd] >= KEEPALIVE:
                     ka.append(int((now - sent_at.pop(fd)) * 1e6))
+        for s, _, _ in fresh.values():            # (unanswered: closed, never left for the next window)
+            sel.unregister(s)
+            s.close()
         for s in self.held:
             if s.fileno() >= 0:
                 sel.unregister(s)
@@ -254,10 +258,18 @@ def client_part(host: str, port: int, n: int, open_rate: float, mptcp: bool, sou
     print(json.dumps({"started": 1}), flush=True)
     for line in sys.stdin:
         cmd = line.split()
-        if cmd and cmd[0] == "open":
-            print(json.dumps(crowd.open()), flush=True)
-        elif cmd and cmd[0] == "measure":
-            print(json.dumps(crowd.measure(float(cmd[1]), float(cmd[2]), float(cmd[3]))), flush=True)
+        try:
+            if cmd and cmd[0] == "open":
+                out = crowd.open()
+            elif cmd and cmd[0] == "measure":
+                out = crowd.measure(float(cmd[1]), float(cmd[2]), float(cmd[3]))
+            else:
+                continue
+        except Exception as e:       # said, counted as an error of the run, never a silent hole
+            import traceback
+            traceback.print_exc()
+            out = {"errors": {f"crowd: {type(e).__name__}: {e}"[:200]: 1}}
+        print(json.dumps(out), flush=True)
     for s in crowd.held:
         s.close()
 
@@ -322,12 +334,20 @@ def main(argv: list[str] | None = None) -> int:
                               str(a.open_rate / procs), *(["--tcp"] if a.tcp else []),
                               *(["--source", a.source[i % len(a.source)]] if a.source else [])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i, k in enumerate(sizes)]
-    print(json.dumps(merge([json.loads(k.stdout.readline() or "{}") for k in kids])), flush=True)
+    def answers() -> dict:
+        return merge([json.loads(k.stdout.readline() or '{"errors": {"a crowd process exited": 1}}') for k in kids])
+    print(json.dumps(answers()), flush=True)
     for line in sys.stdin:
+        cmd = line.split()
+        if cmd and cmd[0] == "measure" and len(cmd) == 4:      # NEW_RATE is the crowd's: each process a share
+            line = f"measure {cmd[1]} {cmd[2]} {float(cmd[3]) / procs}\n"
         for k in kids:
-            k.stdin.write(line)
-            k.stdin.flush()
-        print(json.dumps(merge([json.loads(k.stdout.readline() or "{}") for k in kids])), flush=True)
+            try:
+                k.stdin.write(line)
+                k.stdin.flush()
+            except BrokenPipeError:
+                pass                  # (its answer says it exited)
+        print(json.dumps(answers()), flush=True)
     for k in kids:
         k.stdin.close()
     for k in kids:
