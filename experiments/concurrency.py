@@ -1,6 +1,7 @@
 """Cost against concurrency — a converter for a city's phones (issue 39).
 
-N concurrent MPTCP client connections (each on two subflows: the paper's two client paths), mostly
+N concurrent MPTCP client connections (the paper's two client paths; the client adds second subflows as its
+path manager allows: the kernel caches show about one subflow a connection at rest), mostly
 idle: a 64 B keep-alive every `interval` seconds, echoed by the server, plus a steady trickle of new
 1 KB requests (experiments/measure/crowd.py), through each system towards a plain TCP echo server.
 Per system and N: what the converter holds (its processes' RSS; socket memory in its namespace,
@@ -90,11 +91,12 @@ def socket_memory(host) -> tuple[int, int]:
 
 
 def process_memory(host, pids: list[int]) -> tuple[int, int]:
-    """(RSS bytes, open fds) of `pids`."""
-    if not pids:
-        return 0, 0
+    """(RSS bytes, open fds) of `pids`, MiMBox's keepers left out (they share their worker's fds and pages)."""
+    from mimbox.core import is_keeper
     rss = fds = 0
     for pid in pids:
+        if is_keeper(pid):
+            continue
         out = host.cmd(f"grep VmRSS /proc/{pid}/status 2>/dev/null; ls /proc/{pid}/fd 2>/dev/null | wc -l").split()
         if len(out) >= 4:
             rss += int(out[1]) * 1024
@@ -349,7 +351,7 @@ def plot(df: pd.DataFrame):
             if len(g):
                 ax.plot(g["connections"], g[col], label=name, **st[name])
         ax.set_xscale("log")
-        ax.set_xlabel("concurrent MPTCP connections (two subflows each)")
+        ax.set_xlabel("concurrent MPTCP connections")
         ax.set_ylabel(label)
         ax.grid(alpha=.3, which="both")
     axes[0][0].legend(fontsize=7)
