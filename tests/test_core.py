@@ -580,7 +580,10 @@ def test_sweeps_visit_the_timers_due_not_every_connection():
     away, a second's sweep looks at none of them (it looked at all N before); when the deadline comes
     (a reload shortens it), each is looked at about once and ended, more than a batch's worth of ends
     carried to the next second, none lost."""
+    import resource
     n = 400                                       # > MAX_EVENTS: the ends take more than one batch
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))   # 4 fds a connection
     c = make(idle_timeout=300.0)
     ours = []
     try:
@@ -604,6 +607,7 @@ def test_sweeps_visit_the_timers_due_not_every_connection():
         c.close()
         for s in ours:
             s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- spare server sockets and busy polling -----------------------------------------------------------------

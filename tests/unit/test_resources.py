@@ -63,11 +63,11 @@ def test_the_start_up_line_says_which_limit_binds():
 def test_fd_limit_raised_as_far_as_the_hard_limit_allows():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        room = resources.raise_fd_limit(10_000_000, pipes=1024)    # far beyond any hard limit here
+        room = resources.raise_fd_limit(10_000_000, pipes=64)      # far beyond any hard limit here
         now = resource.getrlimit(resource.RLIMIT_NOFILE)
         assert room.capped and room.limit == now[0] >= soft
-        assert room.connections == (now[0] - 2 * 1024 - resources.FD_RESERVE) // 2
-        assert not resources.raise_fd_limit(10, pipes=1024).capped
+        assert room.connections == (now[0] - 2 * 64 - resources.FD_RESERVE) // 2
+        assert not resources.raise_fd_limit(10, pipes=64).capped
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
