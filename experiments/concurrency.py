@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
 from experiments.style import styles  # noqa: E402
-from experiments.systems import ALLOCATE, HAProxy, MiMBox, Naive, Router, python  # noqa: E402
+from experiments.systems import ALLOCATE, HAProxy, MiMBox, Naive, Router, python, ready_line  # noqa: E402
 from topologies.regimes import END_HOST_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo  # noqa: E402
 from topologies.waits import NotWithin, wait_until  # noqa: E402
@@ -226,14 +226,11 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
 
 
 def _readline(p, timeout: float) -> str:
-    import select
-    r, _, _ = select.select([p.stdout], [], [], timeout)
-    if not r:
-        p.kill()
-        raise RuntimeError(f"concurrency: no answer from the crowd within {timeout:.0f}s")
-    line = p.stdout.readline()
+    """The next line of the crowd (or the echo server); RuntimeError if none within `timeout`."""
+    line = ready_line(p, timeout)
     if not line:
-        raise RuntimeError("concurrency: the crowd exited")
+        p.kill()
+        raise RuntimeError(f"concurrency: no answer from the crowd within {timeout:.0f}s (or it exited)")
     return line
 
 

@@ -109,9 +109,9 @@ class Relay:
         self.worker, self.workers = worker, workers
         self.links = links or {}          # other worker -> a unix datagram socket connected to it
         self.policy = Policy.from_config(cfg.safety, static_upstream(cfg))
+        self.admission = admission or Admission(cfg.connection_limit())
         # the admission's owner (a lone relay; else the supervisor) watches the kernel's TCP memory
-        self.pressure = MemoryPressure(admission := Admission(cfg.connection_limit())) if admission is None else None
-        self.admission = admission
+        self.pressure = MemoryPressure(self.admission) if admission is None else None
         # what this process's RLIMIT_NOFILE lets it hold (all connections may pick one worker)
         self.fds = raise_fd_limit(self.admission.limit, pipes=PIPE_POOL)
         self.fd_capacity = self.fds.connections

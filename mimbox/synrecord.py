@@ -113,6 +113,18 @@ def _clsact_marker(dev: str) -> Path:
     return Path("/sys/fs/bpf") / f"mimbox-clsact-{os.stat('/proc/self/ns/net').st_ino}-{dev}"
 
 
+def _drop_clsact_if_unused(dev: str) -> bool:
+    """Remove `dev`'s clsact qdisc if a recorder added it (its marker) and no filter is left on it
+    (another recorder's, or anyone's); True if removed."""
+    marker = _clsact_marker(dev)
+    if not marker.exists() or any(_run("tc", "filter", "show", "dev", dev, side, check=False).stdout.strip()
+                                  for side in ("ingress", "egress")):
+        return False
+    _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)
+    marker.rmdir()
+    return True
+
+
 def interfaces() -> list[str]:
     """Every interface of this network namespace but loopback."""
     return [name for _, name in socket.if_nameindex() if name != "lo"]
@@ -204,13 +216,7 @@ class SynRecorder:
         for dev in self.attached:
             _run("tc", "filter", "del", "dev", dev, "ingress", "pref", str(self.pref), check=False)
         for dev in dict.fromkeys(self.attached + self.added_clsact):
-            # the clsact qdisc goes with the last recorder on the device, whichever recorder added
-            # it (two listeners share one), and only if a recorder added it and no filter is left
-            marker = _clsact_marker(dev)
-            if marker.exists() and not any(_run("tc", "filter", "show", "dev", dev, side, check=False).stdout.strip()
-                                            for side in ("ingress", "egress")):
-                _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)
-                marker.rmdir()
+            _drop_clsact_if_unused(dev)    # the last recorder on the device, whichever added it
         self.attached, self.added_clsact = [], []
         for m in (self.map, self.conflict_map):
             if m is not None:
@@ -247,10 +253,6 @@ def remove_leftovers(port: int | None = None, devices: list[str] | None = None) 
             if port is None or pref == str(port):
                 _run("tc", "filter", "del", "dev", dev, "ingress", "pref", pref, check=False)
                 done.append(f"tc filter {dev} ingress pref {pref}")
-        marker = _clsact_marker(dev)
-        if port is None and marker.exists() and not any(
-                _run("tc", "filter", "show", "dev", dev, side, check=False).stdout.strip() for side in ("ingress", "egress")):
-            _run("tc", "qdisc", "del", "dev", dev, "clsact", check=False)   # a dead recorder added it
-            marker.rmdir()
+        if port is None and _drop_clsact_if_unused(dev):    # a dead recorder added it
             done.append(f"tc qdisc {dev} clsact")
     return done

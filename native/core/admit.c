@@ -281,10 +281,9 @@ int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal 
 		why->arg = c->cfg.fd_capacity;
 		return why->cause = CAUSE_FD_LIMIT;
 	}
-	if ((checks & ADMIT_LIMIT) && c->cfg.admission && __atomic_load_n(&c->cfg.admission[1], __ATOMIC_RELAXED)) {
-		why->arg = (int)__atomic_load_n(&c->cfg.admission[1], __ATOMIC_RELAXED);
-		return why->cause = CAUSE_MEMORY_PRESSURE;	/* (mimbox.resources.MemoryPressure) */
-	}
+	if ((checks & ADMIT_LIMIT) && c->cfg.admission &&
+	    (why->arg = (int)__atomic_load_n(&c->cfg.admission[1], __ATOMIC_RELAXED)))
+		return why->cause = CAUSE_MEMORY_PRESSURE;	/* pages held (mimbox.resources.MemoryPressure) */
 	if ((checks & ADMIT_LIMIT) && c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit)) {
 		why->arg = (int)c->cfg.admission_limit;
 		return why->cause = CAUSE_CONNECTION_LIMIT;
