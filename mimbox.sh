@@ -42,7 +42,7 @@ if ((${#missing[@]})); then
   done
 fi
 
-# The converter's workers drop to this system user after set-up (mimbox run --user, mimbox.privileges).
+# The converter's workers drop to this system user after set-up (mimbox run --user, mimbox.host.privileges).
 if ! id -u mimbox >/dev/null 2>&1; then
   echo "mimbox.sh: creating the system user mimbox (the converter's workers run as it)" >&2
   useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mimbox

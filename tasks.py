@@ -27,7 +27,7 @@ def wheel(c):
 @task(pre=[build])
 def doctor(c):
     """Probe the kernel and tools (one line per capability; non-zero exit if something needed is missing)."""
-    c.run(f"{PY} -m mimbox.cli doctor --testbed", pty=False)
+    c.run(f"{PY} -m mimbox.ops.cli doctor --testbed", pty=False)
 
 
 def _unprivileged(c, user="nobody"):

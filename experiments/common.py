@@ -40,7 +40,7 @@ def environment() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     except OSError:
-        pass
+        pass                  # unreadable: the CPU model stays unknown
     commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     describe = _first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
     return {
@@ -177,7 +177,10 @@ def testbed(topo):
     """The figure's testbed for `topo`: Mininet on this machine, or the hosts of `--hosts` (the same
     names and operations: topologies.testbed.Testbed, topologies.remotebed.RemoteTestbed)."""
     from topologies.testbed import Testbed
-    return REMOTE.testbed(topo) if REMOTE is not None else Testbed(topo)
+    if REMOTE is None:
+        return Testbed(topo)
+    from topologies.remotebed import RemoteTestbed
+    return RemoteTestbed(REMOTE, topo)
 
 
 @contextlib.contextmanager

@@ -29,10 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
 from experiments.style import styles  # noqa: E402
-from experiments.systems import ALLOCATE, HAProxy, MiMBox, Naive, Router, python, ready_line  # noqa: E402
+from experiments.systems import HAProxy, MiMBox, Naive, Router, python, ready_line  # noqa: E402
+from topologies.support import ALLOCATE  # noqa: E402
 from topologies.regimes import END_HOST_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo  # noqa: E402
-from topologies.waits import NotWithin, wait_until  # noqa: E402
+from topologies.support import NotWithin, wait_until  # noqa: E402
 
 NAME = "concurrency"
 # keep-alives every `interval` s, but at most `keepalive_rate` a second in all: this VM's end hosts (Python
@@ -43,7 +44,7 @@ FULL = dict(counts=[1000, 3000, 10000, 30000, 100000], interval=10.0, keepalive_
 QUICK = dict(counts=[1000, 10000], interval=10.0, keepalive_rate=1000.0, idle_seconds=5.0,
              new_rate=20.0, new_only_rate=200.0, new_seconds=5.0, open_rate=3000.0)
 FD_HARD = 20_000               # this machine's per-process hard limit (results' manifest: environment)
-PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.resources)
+PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.host.resources)
 HAPROXY_MAXCONN = 7_900        # HAProxy asks for 2.5 fds a connection (pipes): 8,800 would need 22,014
 
 
@@ -92,7 +93,7 @@ def socket_memory(host) -> tuple[int, int]:
 
 def process_memory(host, pids: list[int]) -> tuple[int, int]:
     """(RSS bytes, open fds) of `pids`, MiMBox's keepers left out (they share their worker's fds and pages)."""
-    from mimbox.core import is_keeper
+    from mimbox.converter.core import is_keeper
     rss = fds = 0
     for pid in pids:
         if is_keeper(pid):

@@ -55,7 +55,7 @@ PAPER = {  # Table 1, microseconds: (mean, ci) or None for N/A
 }
 BURST_CLIENT = """
 import socket, sys, time
-from mimbox.mptcp import IPPROTO_MPTCP
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 host, port, n, interval, mptcp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5] == '1'
 payload = bytes(1300)
 for i in range(n):
@@ -70,7 +70,7 @@ for i in range(n):
 """
 SINK = """
 import socket, sys, threading
-from mimbox.mptcp import IPPROTO_MPTCP
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 port, mptcp = int(sys.argv[1]), sys.argv[2] == '1'
 ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if mptcp else 0)
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); ls.bind(('0.0.0.0', port)); ls.listen(128)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.common import progress, run_experiment
-from mimbox import dstopt
+from mimbox.wire import dstopt
 from topologies.netns import NamespaceLine
 
 NAME = "dstopt_room"
@@ -54,7 +54,7 @@ def one_case(line: NamespaceLine, params: dict, mptcp: bool, timestamps: bool, d
         while "listening on" not in (cap.stderr.readline() or "listening on"):
             pass
         via = ["--via", f"{line.MB_C4}:{port}", "--via", f"[{line.MB_C6}]:{port}"] + (["--mptcp"] if mptcp else [])
-        out = line.run(line.client_ns, [PY, "-m", "mimbox.cli", "client", *via, "--", PY, "-c", CONNECT, dst,
+        out = line.run(line.client_ns, [PY, "-m", "mimbox.ops.cli", "client", *via, "--", PY, "-c", CONNECT, dst,
                                         str(params["dport"])], cwd=ROOT)
         cap.wait(timeout=10)
         opts = syn_options(pcap)

@@ -55,11 +55,12 @@ def build_before(commit: str) -> str:
 
 # `mimbox run` from another tree: this venv's editable install maps `mimbox` to this checkout with a
 # meta-path finder that PYTHONPATH does not override, so the launcher drops it first
-LAUNCH = ("import runpy, sys; tree = sys.argv.pop(1); "
+LAUNCH = ("import os, runpy, sys; tree = sys.argv.pop(1); "
           "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
           "sys.path.insert(0, tree); sys.modules.pop('mimbox', None); import mimbox; "
           "assert mimbox.__file__.startswith(tree), mimbox.__file__; "
-          "sys.argv[0] = 'mimbox'; runpy.run_module('mimbox.cli', run_name='__main__')")
+          "sys.argv[0] = 'mimbox'; runpy.run_module('mimbox.ops.cli' if os.path.exists(tree + '/mimbox/ops/cli.py') "
+          "else 'mimbox.cli', run_name='__main__')")        # (the command line moved to mimbox/ops/ in round 4)
 
 
 class MiMBoxBefore(MiMBox):

@@ -28,7 +28,9 @@ from experiments.common import (  # noqa: E402
     run_experiment,
 )
 from experiments.measure.tools import wrk  # noqa: E402
-from experiments.systems import ALLOCATE, MiMBox, Router  # noqa: E402
+from experiments.style import styles  # noqa: E402
+from experiments.systems import MiMBox, Router  # noqa: E402
+from topologies.support import ALLOCATE  # noqa: E402
 from topologies.cluster import ClusterTestbed, ClusterTopo  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 
@@ -140,12 +142,14 @@ def plot(df: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     conv = df[df["instances"] > 0]
     st = conv.groupby("instances")["req_per_s"].apply(lambda v: mean_ci(v)).apply(pd.Series)
-    ax.errorbar(st.index, st[0], yerr=st[1], marker="o", capsize=3, label="MiMBox x N (explicit, each 25 % of a core)")
+    ax.errorbar(st.index, st[0], yerr=st[1], capsize=3, label="MiMBox x N (explicit, each 25 % of a core)",
+                **styles(["mimbox"])["mimbox"])
     if 1 in st.index:
         ax.plot(st.index, st.index * st.loc[1, 0], ls="--", color="gray", label="ideal: N x (N = 1)")
     router = df[df["system"] == "router"]["req_per_s"]
     if len(router):
-        ax.axhline(router.mean(), color="black", ls=":", label="no converter (MPTCP end to end): end hosts' ceiling")
+        ax.axhline(router.mean(), color=styles(["router"])["router"]["color"], ls=":",
+                   label="no converter (MPTCP end to end): end hosts' ceiling")
     for n, g in conv.groupby("instances"):
         lost = int(g["joins_no_token"].sum())
         ax.annotate(f"joins w/o token: {lost}", (n, g["req_per_s"].mean()), textcoords="offset points",

@@ -24,7 +24,8 @@ import pandas as pd
 
 from experiments.common import environment, interleave, progress
 from experiments.hardening import MiMBoxBefore, build_before
-from experiments.systems import ALLOCATE, PY, MiMBox
+from experiments.systems import PY, MiMBox
+from topologies.support import ALLOCATE
 from topologies.testbed import PaperTopo, Testbed
 
 NAME = "scrapers"

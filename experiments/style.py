@@ -21,6 +21,17 @@ STYLES: dict[str, tuple[str, str]] = {
     "squid": ("#2ca02c", "P"),
     "splice": ("#9467bd", "X"),
     "read/write": ("#e377c2", "h"),
+    # MiMBox's configurations beside its default (percost, uring): the SYN path, the engine
+    "mimbox-hold": ("#3182bd", "<"),
+    "mimbox-splice-hold": ("#9ecae1", ">"),
+    "mimbox-accept": ("#6baed6", "d"),
+    "mimbox-static-accept": ("#74c476", "v"),
+    "mimbox-copy": ("#9c9ede", "o"),
+    # Table 1's cases (experiments.delay: a configuration and the server it reaches)
+    "mimbox (TCP server)": ("#08519c", "o"),
+    "mimbox busy-poll (TCP server)": ("#e6550d", "D"),
+    "mimbox (MPTCP server)": ("#756bb1", "^"),
+    "mimbox accept-first (TCP server)": ("#843c39", "d"),
 }
 # for systems not listed above, in order of appearance in a figure
 EXTRA_COLOURS = ("#bcbd22", "#000000", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")

@@ -19,6 +19,7 @@ import pandas as pd
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.common import run_experiment  # noqa: E402
+from topologies.support import scratch_netns  # noqa: E402
 
 NAME = "tfo_stall"
 STALL_MS = 100      # a download this slow on loopback waited for a retransmission timeout
@@ -31,7 +32,7 @@ CASES = [("mptcp", "mptcp", True), ("mptcp", "mptcp", False), ("tcp", "tcp", Tru
 # runs inside the namespace: one listener, `reps` downloads of `size` bytes per case, times in ms
 PROBE = r"""
 import json, socket, sys, threading, time
-from mimbox.redirect.convert import TCP_FASTOPEN_NO_COOKIE, fastopen_server, prepare_listener
+from mimbox.converter.convert import TCP_FASTOPEN_NO_COOKIE, fastopen_server, prepare_listener
 sizes, reps, cases = json.loads(sys.argv[1])
 proto = {"mptcp": 262, "tcp": 0}
 out = []
@@ -64,17 +65,12 @@ print(json.dumps(out))
 
 
 def run(params: dict) -> tuple[pd.DataFrame, dict]:
-    ns = "mimbox-tfostall"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+    with scratch_netns("mimbox-tfostall") as ns:
         arg = json.dumps([params["sizes"], params["reps"], CASES])
         p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, arg], capture_output=True,
                            text=True, timeout=600)
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-2000:])
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
     df = pd.DataFrame(json.loads(p.stdout))
     return df, {"namespace": "own, loopback only"}
 

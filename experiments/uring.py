@@ -34,6 +34,7 @@ from experiments.common import (  # noqa: E402
     running,
 )
 from experiments.measure.tools import iperf3  # noqa: E402
+from experiments.style import styles  # noqa: E402
 from experiments.systems import HAProxy, MiMBox  # noqa: E402
 from experiments.workload import HTTP_PORT, _measure  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
@@ -145,10 +146,11 @@ def plot(df: pd.DataFrame):
     for row, w in zip(axes, ws):
         d = df[df.workload == w]
         names = list(dict.fromkeys(d.system))
+        style = styles(names)
         for ax, col, unit in zip(row, ("rate", "cost"), UNITS[w]):
             m = [mean_ci(d[d.system == n][col]) for n in names]
             ax.bar(range(len(names)), [a for a, _ in m], yerr=[b for _, b in m], capsize=3,
-                   color=["0.35" if n == URING else "0.7" for n in names])
+                   color=[style[n]["color"] for n in names])
             for i, (a, _) in enumerate(m):
                 ax.text(i, a, f"{a:.3g}", ha="center", va="bottom", fontsize=8)
             ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)

@@ -6,12 +6,11 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 
+from mimbox.codes import ENGINES, MAX_WORKERS, SPARE_MAX, SYN_PATHS
+
 MODES = ("explicit", "transparent", "static", "convert")
-SYN_PATHS = ("auto", "hold", "accept")
-ENGINES = ("auto", "splice", "copy", "uring")
 CONVERT_COMPAT = ("rfc", "draft")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_WORKERS = 256           # workers of one converter, at most (the core's hand-over table)
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -42,7 +41,7 @@ def hostport(host: str, port: int) -> str:
 def config_key(name: str) -> str:
     """The config file's key of a field name ('pending_limit' -> 'listener.pending_limit'), or the
     name itself when no table declares it."""
-    for table, cls in (("listener", ListenerConfig), ("buffers", BufferConfig), ("safety", SafetyConfig)):
+    for table, cls in TABLES.items():
         if name in {f.name for f in dataclasses.fields(cls)}:
             return f"{table}.{name}"
     return name
@@ -91,7 +90,7 @@ class ListenerConfig:
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
     convert_cookie: bytes | None = None          # convert mode: clients must send this Cookie TLV
-    convert_compat: str = "rfc"                  # convert mode: answers' header field (mimbox.rfc8803.HEADER_FIELD)
+    convert_compat: str = "rfc"                  # convert mode: answers' header field (mimbox.wire.rfc8803.HEADER_FIELD)
     syn_recorder: bool = True                    # explicit: the tc BPF recorder reads SYNs not queued
 
 
@@ -111,9 +110,9 @@ class BufferConfig:
 class SafetyConfig:
     """Who may use the converter and where it may go (explicit mode must not be an open relay)."""
     allow_clients: tuple[str, ...] = ()   # empty: the converter's own connected subnets
-    deny_dst: tuple[str, ...] = ()        # PREFIX[:PORTS] refused (mimbox.safety's rule order)
+    deny_dst: tuple[str, ...] = ()        # PREFIX[:PORTS] refused (mimbox.converter.safety's rule order)
     allow_dst: tuple[str, ...] = ()       # PREFIX[:PORTS] allowed beyond public unicast
-    memory_budget: int | None = None      # None: half of the host's (or cgroup's) memory (mimbox.resources)
+    memory_budget: int | None = None      # None: half of the host's (or cgroup's) memory (mimbox.host.resources)
     max_connections: int | None = None    # None: memory_budget over what a connection holds at rest
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -124,7 +123,7 @@ class SafetyConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything `mimbox run` is told, from flags and a config file (mimbox.configfile: a TOML file
+    """Everything `mimbox run` is told, from flags and a config file (mimbox.ops.configfile: a TOML file
     has a table per concern, [listener], [buffers], [safety], and these fields at its top level)."""
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     buffers: BufferConfig = field(default_factory=BufferConfig)
@@ -132,13 +131,14 @@ class Config:
     stats_path: str | None = None         # unix socket for `mimbox stats`
     log_level: str = "info"
     access_log_every: int = 0             # one access-log line per N finished connections (0: off, 1: every one)
-    user: str = "mimbox"                  # workers run as this user after set-up (mimbox.privileges); root: stay
+    user: str = "mimbox"                  # workers run as this user after set-up (mimbox.host.privileges); root: stay
     workers: int = 0                      # event loops; 0: one per core this process may use
     drain_timeout: float = 30.0           # on SIGTERM, seconds connections may take to finish
     metrics: str | None = None            # HOST:PORT serving /metrics (Prometheus), None: off
 
     def problems(self) -> list[tuple[str, str]]:
-        """Every inconsistency, as (key, message); the key names the config file's entry."""
+        """Every inconsistency of its own values, as (key, message); the key names the config file's
+        entry. mimbox.converter.validation adds the destination rules' and the core layout's."""
         out: list[tuple[str, str]] = []
         lc = self.listener
         if lc.mode not in MODES:
@@ -148,21 +148,20 @@ class Config:
         if lc.mode == "transparent" and not lc.intercept_ports:
             out.append(("listener.intercept_ports", "transparent mode needs ports to intercept (--intercept PORT[,PORT...])"))
         if self.buffers.engine not in ENGINES:
-            out.append(("buffers.engine", f"engine must be one of {ENGINES}, not {self.buffers.engine!r}"))
+            out.append(("buffers.engine", f"engine must be one of {tuple(ENGINES)}, not {self.buffers.engine!r}"))
         n = self.buffers.uring_buffers
         if not 8 <= n <= 32768 or n & (n - 1):
             out.append(("buffers.uring_buffers", f"uring buffers must be a power of two from 8 to 32768, not {n}"))
         if lc.convert_compat not in CONVERT_COMPAT:
             out.append(("listener.convert_compat", f"convert compat must be one of {CONVERT_COMPAT}, not {lc.convert_compat!r}"))
         if lc.syn_path not in SYN_PATHS:
-            out.append(("listener.syn_path", f"unknown SYN path {lc.syn_path!r}: one of {SYN_PATHS}"))
+            out.append(("listener.syn_path", f"unknown SYN path {lc.syn_path!r}: one of {tuple(SYN_PATHS)}"))
         if self.log_level not in LOG_LEVELS:
             out.append(("log_level", f"log level must be one of {LOG_LEVELS}, not {self.log_level!r}"))
         if self.access_log_every < 0:
             out.append(("access_log_every", "access log: off, on, or N (one connection in N) with N >= 1"))
         if not 0 <= self.workers <= MAX_WORKERS:
             out.append(("workers", f"workers must be 0 (one per core) .. {MAX_WORKERS}, not {self.workers}"))
-        from mimbox.core import SPARE_MAX
         if not 0 <= lc.spare_sockets <= SPARE_MAX:
             out.append(("listener.spare_sockets", f"spare sockets must be 0..{SPARE_MAX}"))
         if not 0 <= lc.busy_poll_us <= 10_000_000:
@@ -177,9 +176,6 @@ class Config:
             if getattr(self.safety, key) < 0:
                 out.append((f"safety.{key}", f"{key} must be >= 0 seconds (0: never)"))
         out += _unfinite(self)
-        if not out:       # every value the core gets fits its field (the generated layout decides)
-            from mimbox.synplan import core_config_problems
-            out += core_config_problems(self)
         if self.safety.max_connections is not None and self.safety.max_connections < 1:
             out.append(("safety.max_connections", "max_connections must be >= 1"))
         for key, nets in (("safety.allow_clients", self.safety.allow_clients), ("listener.intercept_from", lc.intercept_from)):
@@ -188,14 +184,6 @@ class Config:
                     ipaddress.ip_network(net, strict=False)
                 except ValueError as e:
                     out.append((key, f"{net!r}: {e}"))
-        from mimbox.safety import parse_destination
-        for key, texts, allow in (("safety.deny_dst", self.safety.deny_dst, False),
-                                  ("safety.allow_dst", self.safety.allow_dst, True)):
-            for text in texts:
-                try:
-                    parse_destination(text, allow)
-                except ValueError as e:
-                    out.append((key, str(e)))
         if self.metrics is not None:
             try:
                 parse_hostport(self.metrics, "127.0.0.1")
@@ -203,26 +191,19 @@ class Config:
                 out.append(("metrics", f"{self.metrics!r}: HOST:PORT or PORT ({e})"))
         return out
 
-    def validate(self) -> "Config":
-        """Raise ValueError naming every inconsistency (see problems())."""
-        found = self.problems()
-        if found:
-            raise ValueError("; ".join(msg for _, msg in found))
-        return self
-
     def per_connection_memory(self) -> int:
-        """Bytes one converted connection holds at rest (mimbox.resources.bytes_at_rest: its kernel
+        """Bytes one converted connection holds at rest (mimbox.host.resources.bytes_at_rest: its kernel
         objects by slab, the core's slot). Bytes in flight are bounded by the kernel's tcp_mem, and
-        new connections are refused under its pressure (mimbox.resources.MemoryPressure), not reserved
+        new connections are refused under its pressure (mimbox.host.resources.MemoryPressure), not reserved
         here: reserving every buffer's worst case admitted 60x fewer connections than the box holds."""
-        from mimbox.resources import bytes_at_rest
+        from mimbox.host.resources import bytes_at_rest
         return bytes_at_rest()
 
     def memory_limit(self) -> int | None:
         """The connections the memory budget admits (None: --max-connections decides)."""
         if self.safety.max_connections is not None:
             return None
-        from mimbox.resources import default_budget
+        from mimbox.host.resources import default_budget
         budget = self.safety.memory_budget if self.safety.memory_budget is not None else default_budget()
         return max(1, budget // self.per_connection_memory())
 
@@ -231,6 +212,45 @@ class Config:
         if self.safety.max_connections is not None:
             return self.safety.max_connections
         return self.memory_limit()
+
+
+# the config file's tables (mimbox.ops.configfile), each one dataclass
+TABLES = {"listener": ListenerConfig, "buffers": BufferConfig, "safety": SafetyConfig}
+
+# What SIGHUP may change in a running converter: new connections get it, established ones carry on.
+# Anything else (where it listens, its mode, workers, rules and queues, buffers) needs a restart.
+RELOADABLE = {
+    "safety.allow_clients", "safety.deny_dst", "safety.allow_dst", "safety.memory_budget",
+    "safety.max_connections", "safety.connect_timeout", "safety.idle_timeout", "safety.handshake_timeout",
+    "safety.server_mptcp_retry", "listener.pending_limit", "listener.pending_per_prefix",
+    "listener.pending_per_address", "safety.silence_timeout",
+    "listener.convert_cookie", "log_level", "access_log_every", "drain_timeout",
+}
+
+
+def flatten(cfg: Config) -> dict[str, object]:
+    """{'table.key' or 'key': value} of every field of `cfg`."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in TABLES:
+            out.update({f"{f.name}.{g.name}": getattr(v, g.name) for g in dataclasses.fields(v)})
+        else:
+            out[f.name] = v
+    return out
+
+
+def changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(keys that changed and may change in place, keys that changed and need a restart)."""
+    a, b = flatten(old), flatten(new)
+    changed = sorted(k for k in a if a[k] != b[k])
+    return [k for k in changed if k in RELOADABLE], [k for k in changed if k not in RELOADABLE]
+
+
+def static_upstream(cfg: Config) -> tuple[str, int] | None:
+    """Static mode's server (the operator named it: the policy allows it), else None."""
+    lc = cfg.listener
+    return (str(lc.upstream[0]).strip("[]"), lc.upstream[1]) if lc.mode == "static" and lc.upstream else None
 
 
 def _addresses() -> list[tuple[str, int]]:

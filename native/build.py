@@ -6,12 +6,13 @@ build/ of a checkout) and for the wheel (setup.py, into the package's mimbox/_na
 What it makes (mimbox.paths finds them):
     OUT/librelaycore.so          the per-connection core (native/core/*.c), with OUT/relaycore.h
     OUT/libmptcpize.so           LD_PRELOAD shim: a program's TCP sockets become MPTCP
-    OUT/libconvertize.so         LD_PRELOAD shim: RFC 8803 client
+    OUT/libconvertize.so         LD_PRELOAD shim: RFC 8803 client (OUT/convert.h from mimbox.wire.rfc8803)
     OUT/bpf/dstopt_*.bpf.o       the client's DST_OPT writer and the converter's SYN recorder
-    OUT/bpf/synack_opts.bpf.o    convert mode: the servers' SYN-ACK options (mimbox.synack)
+    OUT/bpf/synack_opts.bpf.o    convert mode: the servers' SYN-ACK options (mimbox.host.synack)
     OUT/fuzz/{parser,handler}    (--fuzz) libFuzzer harnesses of the core's SYN parser and handler
 
-The generated headers come from the Python that declares the layouts (mimbox.core, mimbox.dstopt, mimbox.synack),
+The generated headers come from the Python that declares the layouts (mimbox.converter.layouts, mimbox.wire.dstopt,
+mimbox.host.synack, mimbox.wire.rfc8803),
 run from this source tree; only the standard library is needed to build. Needs gcc, clang (BPF
 target), libnetfilter-queue-dev, liburing-dev and libbpf-dev (Debian names).
 """
@@ -54,9 +55,10 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
     """Make every artefact in `out` that is missing or older than its sources."""
     out = Path(out).resolve()
     (out / "bpf").mkdir(parents=True, exist_ok=True)
-    _write_if_changed(out / "bpf" / "dstopt.h", _header("mimbox.dstopt"))
-    _write_if_changed(out / "bpf" / "synack.h", _header("mimbox.synack"))
-    _write_if_changed(out / "relaycore.h", _header("mimbox.core"))
+    _write_if_changed(out / "bpf" / "dstopt.h", _header("mimbox.wire.dstopt"))
+    _write_if_changed(out / "bpf" / "synack.h", _header("mimbox.host.synack"))
+    _write_if_changed(out / "relaycore.h", _header("mimbox.converter.layouts"))
+    _write_if_changed(out / "convert.h", _header("mimbox.wire.rfc8803"))
     arch_inc = f"/usr/include/{platform.machine()}-linux-gnu"
     for name in ("dstopt_client", "dstopt_server", "synack_opts"):
         obj, src = out / "bpf" / f"{name}.bpf.o", SRC / "mimbox" / "bpf" / f"{name}.bpf.c"
@@ -64,8 +66,9 @@ def build(out: Path, force: bool = False, fuzz: bool = False) -> None:
             _run(["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-I", str(out / "bpf"), "-I", arch_inc,
                   "-c", str(src), "-o", str(obj)])
     for lib, src, libs in (("libmptcpize.so", "mptcpize.c", ["-ldl"]), ("libconvertize.so", "convertize.c", ["-ldl"])):
-        if force or _stale(out / lib, SRC / "native" / src):
-            _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-o", str(out / lib), str(SRC / "native" / src), *libs])
+        if force or _stale(out / lib, SRC / "native" / src, out / "convert.h"):
+            _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-I", str(out), "-o", str(out / lib), str(SRC / "native" / src),
+                  *libs])
     core = out / "librelaycore.so"
     rooms = sorted(CORE.glob("*.c"))
     inputs = [*rooms, *CORE.glob("*.h"), out / "relaycore.h", out / "bpf" / "dstopt.h", out / "bpf" / "synack.h"]

@@ -15,7 +15,7 @@
  * Destinations in MIMBOX_CONVERT_SKIP (comma-separated addresses of either family), loopback and the
  * converter itself are connected to directly. MIMBOX_CONVERT_FASTOPEN=0 sends the message right after the
  * handshake instead (one round trip later; see README on MPTCP with SYN data on Linux 6.18).
- * Wire format: mimbox/rfc8803.py (RFC 8803 §4). */
+ * Wire format: mimbox/wire/rfc8803.py (RFC 8803 §4). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
@@ -34,10 +34,9 @@
 #define MSG_FASTOPEN 0x20000000
 #endif
 
+#include "convert.h"		/* generated from mimbox/wire/rfc8803.py: CONNECT_LEN, TLV_*, CONVERT_VERSION */
+
 #define MAX_FDS 65536
-#define CONNECT_LEN 24		/* fixed header (1 word) + Connect TLV without options (5 words) */
-#define TLV_CONNECT 10
-#define TLV_ERROR 30
 
 enum { IDLE, SEND_MSG, READ_REPLY, CONVERTED };
 
@@ -216,13 +215,13 @@ int connect(int fd, const struct sockaddr *addr, socklen_t alen)
 	if (!c && !(c = fds[fd] = calloc(1, sizeof(*c))))
 		return real_connect(fd, addr, alen);
 	memset(c, 0, sizeof(*c));
-	/* fixed header: version 1, 6 words, unassigned 0; Connect TLV: type 10, 5 words, port,
-	 * the address as 16 bytes (IPv4 as ::ffff:a.b.c.d) */
+	/* fixed header: version, total words, unassigned 0; Connect TLV: type, words, port, the
+	 * address as 16 bytes (IPv4 as ::ffff:a.b.c.d) */
 	uint8_t *m = c->msg;
-	m[0] = 1;
-	m[1] = CONNECT_LEN / 4;
+	m[0] = CONVERT_VERSION;
+	m[1] = CONNECT_LEN / CONVERT_WORD;
 	m[4] = TLV_CONNECT;
-	m[5] = 5;
+	m[5] = CONNECT_TLV_WORDS;
 	memcpy(m + 6, &dport, 2);
 	memcpy(m + 8, &dst, 16);
 	int nonblocking = fcntl(fd, F_GETFL) & O_NONBLOCK;

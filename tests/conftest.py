@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mimbox import kernel
+from mimbox.host import kernel
 
 PY = sys.executable
 

@@ -29,19 +29,19 @@ def test_clean_keeps_other_files_and_links_and_removes_ours():
 
 def test_synack_reader_of_a_killed_converter_is_detached():
     """A converter killed with SIGKILL leaves its sockops program attached to its cgroup; the next
-    start (mimbox.synack.remove_leftovers) detaches and unpins it."""
+    start (mimbox.host.synack.remove_leftovers) detaches and unpins it."""
     import json
     import signal
     import subprocess
     import sys
 
-    from mimbox import synack
+    from mimbox.host import synack
 
     def attached() -> int:
         tree = subprocess.run(["bpftool", "-j", "cgroup", "tree"], capture_output=True, text=True).stdout
         return sum(p.get("name") == synack.PROG for g in json.loads(tree or "[]") for p in g.get("programs", []))
     before = attached()
-    p = subprocess.Popen([sys.executable, "-c", "from mimbox.synack import SynAckOptions; import signal; "
+    p = subprocess.Popen([sys.executable, "-c", "from mimbox.host.synack import SynAckOptions; import signal; "
                           "SynAckOptions().install(); print('up', flush=True); signal.pause()"],
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -62,13 +62,11 @@ def test_syn_recorder_of_a_killed_converter_leaves_nothing_behind():
     import signal
     import sys
 
-    from helpers import free_port
-    ns, port = f"mimbox-rec{os.getpid()}", free_port()
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    run = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c"]   # this mount namespace: its bpffs
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        p = subprocess.Popen([*run, f"from mimbox.synrecord import SynRecorder; import signal; "
+    from topologies.support import free_port, scratch_netns
+    port = free_port()
+    with scratch_netns("mimbox-rec") as ns:
+        run = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c"]   # this mount namespace: its bpffs
+        p = subprocess.Popen([*run, f"from mimbox.host.synrecord import SynRecorder; import signal; "
                               f"SynRecorder({port}, devices=['lo']).install(); print('up', flush=True); signal.pause()"],
                              stdout=subprocess.PIPE, text=True)
         try:
@@ -80,7 +78,7 @@ def test_syn_recorder_of_a_killed_converter_leaves_nothing_behind():
         assert pins, "the killed recorder's pins are not there to be found"
         assert "clsact" in subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", "lo"],
                                           capture_output=True, text=True).stdout
-        out = subprocess.run([*run, "from mimbox.synrecord import remove_leftovers; "
+        out = subprocess.run([*run, "from mimbox.host.synrecord import remove_leftovers; "
                               "print('\\n'.join(remove_leftovers(None, ['lo'])))"],
                              capture_output=True, text=True, timeout=60, check=True).stdout
         assert f"pins /sys/fs/bpf/{pins[0]}" in out and f"pref {port}" in out and "clsact" in out, out
@@ -90,5 +88,3 @@ def test_syn_recorder_of_a_killed_converter_leaves_nothing_behind():
         assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("mimbox-clsact-") and d.endswith("-lo")
                     and os.path.isdir(f"/sys/fs/bpf/{d}") and d.split("-")[2] == str(
                         os.stat(f"/run/netns/{ns}").st_ino)]
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])

@@ -45,7 +45,8 @@ def test_compare_a_command_line_converter(mptcp_ok, tmp_path):
     p = run("--figure", "fig5", "--systems", "router,mimbox,haproxy-1t,socat,my-socat",
             "--system", f"socat={SOCAT}",
             "--system", "my-socat=@experiments/examples/my_converter.py:SocatMptcp",
-            "--sizes", "1K", "--reps", "1", "--seconds", "1", "--baseline", "haproxy-1t", "--out", str(out))
+            "--sizes", "1K", "--reps", "1", "--seconds", "1", "--baseline", "haproxy-1t", "--quota", "0.25",
+            "--out", str(out))     # (a fixed quota: the calibration is test_fig5_workload_tiny's)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     df = pd.read_csv(out / "fig5_workload" / "data.csv")
     assert set(df.system) == {"router", "mimbox", "haproxy-1t", "socat", "my-socat"}
@@ -150,3 +151,44 @@ def test_one_size_is_drawn_as_labelled_bars_and_paper_stars_do_not_stretch_the_a
     many = workload.plot(df[df["size"] >= 64 * 1024])                       # the paper's stars are at 1 KB
     lo, hi = many.axes[0].get_ylim()
     assert hi < 9_500, "a paper value outside the data set the axis range"
+
+
+def _figure_systems() -> dict[str, list[str]]:
+    """Every figure's systems, by the module's own list (no run)."""
+    from experiments import concurrency, delay, goodput, percost, uring, workload
+    from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND
+    return {"workload": [s.name for r in (CONVERTER_BOUND, END_HOST_BOUND) for s in workload.systems(r)],
+            "goodput": [s.name for s in goodput.systems()],
+            "uring": [s.name for s in uring.small_systems() + uring.bulk_systems()],
+            "percost": [s.name for s in percost.systems()],
+            "concurrency": [s.name for s, _ in concurrency.systems([1000, 10_000, 100_000])],
+            "delay": [name for name, _, _ in delay.cases({"poll_ns": 1000})]}
+
+
+def test_every_system_of_every_figure_has_its_entry_and_no_two_series_of_a_figure_are_alike():
+    from experiments.style import _known, styles
+    for figure, names in _figure_systems().items():
+        assert not [n for n in names if _known(n) is None], (figure, [n for n in names if _known(n) is None])
+        got = styles(names)
+        pairs = [(v["color"], v["marker"]) for v in got.values()]
+        assert len(set(pairs)) == len(pairs), (figure, got)
+
+
+@pytest.mark.parametrize("module,result", [("uring", "uring_engine"), ("scaleout", "scaleout")])
+def test_bar_and_line_figures_take_the_shared_style(module, result):
+    import importlib
+
+    import matplotlib.colors as mcolors
+
+    from experiments.style import styles
+    df = pd.read_csv(ROOT / "results" / result / "data.csv")
+    fig = importlib.import_module(f"experiments.{module}").plot(df)
+    if module == "uring":
+        ax = fig.axes[0]
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        want = styles(names)
+        assert names and all(mcolors.same_color(p.get_facecolor(), want[n]["color"]) for p, n in zip(ax.patches, names))
+    else:
+        line = fig.axes[0].containers[0].lines[0]
+        assert mcolors.same_color(line.get_color(), styles(["mimbox"])["mimbox"]["color"])
+        assert line.get_marker() == styles(["mimbox"])["mimbox"]["marker"]

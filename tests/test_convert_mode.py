@@ -12,11 +12,11 @@ import subprocess
 
 import pytest
 from conftest import PY, Server, readline, transfer
-from helpers import wait_until
+from topologies.support import wait_until
 
 from experiments.systems import MiMBox
-from mimbox import rfc8803
-from mimbox.rfc8803 import Error
+from mimbox.wire import rfc8803
+from mimbox.wire.rfc8803 import Error
 
 PROBE = os.path.join(os.path.dirname(__file__), "tools", "convert_probe.py")
 SERVER_PORT = 9000
@@ -253,7 +253,7 @@ def test_message_after_the_handshake_without_fastopen(paper_tb, conv_open):
     srv = servers.nginx(paper_tb, [262144], 8081)
     try:
         before = tfo_passive(paper_tb)
-        argv = [PY, "-m", "mimbox.cli", "client", "--convert", "--no-fastopen", "--mptcp", "--via",
+        argv = [PY, "-m", "mimbox.ops.cli", "client", "--convert", "--no-fastopen", "--mptcp", "--via",
                 f"{paper_tb.mbox_client_ip}:{conv_open.port}", "--", "curl", "-sS", "-o", "/dev/null", "-w",
                 "%{http_code} %{size_download}", f"http://{paper_tb.server_ip}:8081/262144.bin"]
         out = paper_tb.client.cmd(shlex.join(argv))

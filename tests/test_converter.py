@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 from conftest import PY, Server, run_client, transfer
-from helpers import wait_until
+from topologies.support import wait_until
 
 from experiments.systems import MiMBox
 
@@ -172,7 +172,7 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
     import signal
     import time
 
-    from mimbox.stats import query, worker_stats_path
+    from mimbox.converter.stats import query, worker_stats_path
     m = MiMBox(mode="static", extra=["--workers", "2"])
     m.start(paper_tb, 9000)
     try:
@@ -217,7 +217,7 @@ def test_server_without_mptcp_is_remembered(paper_tb):
         t_learned = time.monotonic()
         _, s = transfer(paper_tb, m, up=1000, down=1000, server_mptcp=True)   # still within the 2 s
         assert s["mptcp"] is False and m.stats()["server_tcp_remembered"] == 2
-        time.sleep(max(0.0, 2.2 - (time.monotonic() - t_learned)))
+        time.sleep(max(0.0, 2.2 - (time.monotonic() - t_learned)))   # the time under test: the 2 s memo runs out
         _, s = transfer(paper_tb, m, up=1000, down=1000, server_mptcp=True)   # tried again: MPTCP
         assert s["mptcp"] is True
         st = m.stats()

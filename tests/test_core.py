@@ -1,4 +1,4 @@
-"""The C core (native/core/) through its Python API (mimbox/core.py), on loopback: its layouts,
+"""The C core (native/core/) through its Python API (mimbox/converter/core.py), on loopback: its layouts,
 the decisions it shares with a Python spec (DST_OPT parsing, policy) checked to agree, the SYN gate,
 and what a relayed connection does (bytes, half-close, refusal, limit, idle timeout). No root."""
 from __future__ import annotations
@@ -14,27 +14,19 @@ import threading
 import time
 
 import pytest
+from topologies.support import wait_until
+from oracle import PolicyOracle
 
-from mimbox import addrs, core, dstopt
-from mimbox.core import (
-    CAUSES,
-    DST_STATIC,
-    ENGINES,
-    EV_REFUSED,
-    SYN_DEFER,
-    SYN_HOLD,
-    SYN_PATHS,
-    SYN_REFUSE,
-    Core,
-    CoreConfig,
-    Event,
-    SynInfo,
-)
-from mimbox.paths import BUILD
+from mimbox import codes
+from mimbox.codes import CAUSES, DST_STATIC, ENGINES, EV_REFUSED, SYN_DEFER, SYN_HOLD, SYN_PATHS, SYN_REFUSE
 from mimbox.config import SafetyConfig
-from mimbox.safety import DENIED_OWN, DENIED_OWN_UNKNOWN, Policy, destination_rules
-from mimbox.synpath import Admission, Cause, syn_error
-from helpers import wait_until
+from mimbox.converter import core, layouts
+from mimbox.converter.core import Core
+from mimbox.converter.layouts import CoreConfig, Event, SynInfo
+from mimbox.converter.safety import DENIED_OWN, DENIED_OWN_UNKNOWN, destination_rules
+from mimbox.converter.synpath import Admission, Cause, syn_error
+from mimbox.paths import BUILD
+from mimbox.wire import addrs, dstopt
 
 try:
     core.lib()
@@ -55,7 +47,7 @@ def make(**kw) -> Core:
 
 
 def test_generated_header_is_current():
-    assert (BUILD / "relaycore.h").read_text() == core.c_header(), "stale build/relaycore.h: ./mimbox.sh build"
+    assert (BUILD / "relaycore.h").read_text() == layouts.c_header(), "stale build/relaycore.h: ./mimbox.sh build"
 
 
 # -- the SYN gate ----------------------------------------------------------------------------------------
@@ -133,8 +125,8 @@ def test_gate_hold_refuses_past_the_caps_and_accept_never_holds():
 
 # -- decisions shared with the Python spec ---------------------------------------------------------------
 def test_worker_of_port_is_the_rules_split():
-    """The core hands a client to the worker whose queue rule (mimbox.netfilter) got its SYN."""
-    from mimbox.netfilter import worker_of_port
+    """The core hands a client to the worker whose queue rule (mimbox.host.netfilter) got its SYN."""
+    from mimbox.host.netfilter import worker_of_port
     for workers in range(1, 9):
         for sport in range(0, 65536, 97):
             assert core.lib().core_worker_of_port(sport, workers) == worker_of_port(sport, workers)
@@ -177,7 +169,7 @@ def option_lists(rng: random.Random, n: int):
 
 
 def test_syn_parser_agrees_with_the_python_spec():
-    """core_parse_syn and mimbox.dstopt.parse_options on the same SYNs: the same destination, the same
+    """core_parse_syn and mimbox.wire.dstopt.parse_options on the same SYNs: the same destination, the same
     verdict (refused or not, and the same reason), the same MP_JOIN."""
     rng = random.Random(8)
     outcomes = set()
@@ -202,7 +194,7 @@ def test_syn_parser_agrees_with_the_python_spec():
         assert bool(info.mp_join) == spec.mp_join, opts
         outcomes.add(("dst", bool(info.mp_join)) if info.has_dst else (info.error, bool(info.mp_join)))
     # the lists reached every verdict, so agreement was shown on each (not only on the common ones)
-    every = {("dst", False), ("dst", True)} | {(i + 1, False) for i in range(len(core.SYN_ERRORS))}
+    every = {("dst", False), ("dst", True)} | {(i + 1, False) for i in range(len(codes.SYN_ERRORS))}
     assert every <= outcomes, f"verdicts never produced: {sorted(every - outcomes, key=str)}"
     # IPv6 with an extension header (hop-by-hop), or neither family: not parsed (the kernel's, then accept())
     assert core.lib().core_parse_syn(b"\x60" + bytes(59), 60, SynInfo()) == -1
@@ -216,7 +208,7 @@ DESTS = ["10.0.1.2", "127.0.0.1", "2001:db8:2::1", "::1", "::ffff:127.0.0.1", ":
 
 
 def test_source_sanity_agrees_with_the_python_spec():
-    """The SYN parser's bad_source (native/core/addr.h) and mimbox.addrs.source_bad, on sources of both
+    """The SYN parser's bad_source (native/core/addr.h) and mimbox.wire.addrs.source_bad, on sources of both
     families sent to loopback and other destinations: forged v4-mapped IPv6 sources, v4-compatible,
     unspecified, loopback towards a non-loopback address, multicast, 0/8 and 240/4 are refused; a real
     client (and this host on lo) is not."""
@@ -258,7 +250,7 @@ def test_policy_agrees_with_the_python_spec():
     cfg = SafetyConfig(allow_dst=("10.0.0.0/9", "192.168.7.0/24:80,8000-8080", "8.8.8.8:25", "[fd00:2::/32]:443"),
                        deny_dst=("10.0.200.0/24", "10.0.101.0/24:443", "2a00:1450:4001::/48"))
     own = {ipaddress.ip_address(a) for a in ("10.0.1.2", "10.0.101.2", "2001:db8:1::2")}
-    spec = Policy(allow_clients=allow, rules=destination_rules(cfg), own=own)
+    spec = PolicyOracle(allow_clients=allow, rules=destination_rules(cfg), own=own)
     c = make()
     try:
         c.policy(spec)
@@ -290,7 +282,7 @@ def test_own_destinations_are_all_held_and_anyip_counts():
     own = {ipaddress.ip_address(0x0A500000 + i) for i in range(9000)} | \
         {ipaddress.ip_address(f"2001:db8:77::{i:x}") for i in range(1000)}
     nets = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:99::/48")]
-    spec = Policy(allow_clients=[ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("2001:db8:1::/64")],
+    spec = PolicyOracle(allow_clients=[ipaddress.ip_network("10.0.1.0/24"), ipaddress.ip_network("2001:db8:1::/64")],
                   rules=[], own=own, own_nets=nets)
     c = make()
     try:
@@ -303,7 +295,7 @@ def test_own_destinations_are_all_held_and_anyip_counts():
         for dst in ("10.80.35.40", "2001:db8:77::3e8", "198.51.101.1", "2001:db8:98::1"):
             client = "2001:db8:1::5" if ":" in dst else "10.0.1.5"
             assert c.refusal(client, (dst, 80)) is None is spec.decide(client, dst, 80), dst
-        c.lib.core_policy(c.ptr, core.POLICY["OWN_FORGET"], None, 0)     # a listing begun, never ended
+        c.lib.core_policy(c.ptr, codes.POLICY["OWN_FORGET"][0], None, 0)     # a listing begun, never ended
         assert c.refusal("10.0.1.5", ("10.80.35.40", 80)) == (Cause.DESTINATION_DENIED, DENIED_OWN_UNKNOWN)
         c.own_addresses(spec.own, spec.own_nets)
         assert c.refusal("10.0.1.5", ("10.80.35.40", 80)) is None
@@ -317,9 +309,9 @@ class Running:
     upstream:upstream_port, its loop in a thread; events copied out."""
 
     def __init__(self, upstream_port: int, listen: str = "127.0.0.1", upstream: str = "127.0.0.1", **kw):
-        self.core = make(static_addr=core.ADDR.from_buffer_copy(addrs.packed(upstream)),
+        self.core = make(static_addr=layouts.ADDR.from_buffer_copy(addrs.packed(upstream)),
                          static_port=core.port_n(upstream_port), **kw)
-        self.core.policy(Policy(allow_clients=[ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")],
+        self.core.policy(PolicyOracle(allow_clients=[ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")],
                                 rules=[], own=set()))
         self.ls = socket.socket(socket.AF_INET6 if ":" in listen else socket.AF_INET)
         if ":" in listen:
@@ -422,7 +414,7 @@ def test_both_families_and_the_mixed_cases(client, server_addr):
         c.close()
         t.join(10)
         assert got["up"] == up and got["peer"] == server_addr      # the server side is of the server's family
-        listed = wait_until(lambda: next((e for e in r.events if e.kind == core.EV_CLOSED), None), 5, "EV_CLOSED")
+        listed = wait_until(lambda: next((e for e in r.events if e.kind == codes.EV_CLOSED), None), 5, "EV_CLOSED")
         assert core.addr_of(listed.caddr, listed.cport) == (client, me[1])
         assert core.addr_of(listed.daddr, listed.dport) == (server_addr, ls.getsockname()[1])
         assert (listed.bytes_up, listed.bytes_down) == (len(up), len(down))
@@ -448,7 +440,7 @@ def test_ipv6_policy_and_gate_in_the_core():
     ls, _ = server(lambda s: s.recv(1), "::1")
     r = Running(ls.getsockname()[1], listen="::", upstream="::1")
     try:
-        r.core.policy(Policy(allow_clients=[ipaddress.ip_network("2001:db8::/32")], rules=[], own=set()), reset=True)
+        r.core.policy(PolicyOracle(allow_clients=[ipaddress.ip_network("2001:db8::/32")], rules=[], own=set()), reset=True)
         with pytest.raises((ConnectionResetError, BrokenPipeError)):   # the RST may beat connect() or send()
             s = socket.create_connection(("::1", r.port), timeout=5)
             s.send(b"x")
@@ -506,7 +498,7 @@ def test_connection_limit_is_shared_through_the_admission_counter(engine):
 
 
 def test_memory_pressure_refuses_new_connections_and_the_established_relay_on():
-    """The admission's pressure word (mimbox.resources.MemoryPressure sets it from the kernel's TCP
+    """The admission's pressure word (mimbox.host.resources.MemoryPressure sets it from the kernel's TCP
     memory): while it is set every new connection is refused at once, counted as memory pressure,
     and an established one relays byte-exact; cleared, connections are admitted again."""
     conns = []
@@ -841,7 +833,7 @@ def test_every_shared_field_is_where_both_sides_say():
     """The five structs the core shares with Python: each field by name and offset, C against ctypes
     (a swap of two same-sized fields passes a size check, not this)."""
     lib = core.lib()
-    for i, layout in enumerate(core.LAYOUTS):
+    for i, layout in enumerate(layouts.LAYOUTS):
         names = [f[0] for f in layout._fields_]
         assert [lib.core_abi_field(i, k).decode() for k in range(len(names))] == names, layout.__name__
         assert [lib.core_abi_offset(i, k) for k in range(len(names))] == [getattr(layout, n).offset for n in names]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from conftest import readline
-from helpers import free_port
+from topologies.support import free_port
 
 CROWD = [sys.executable, "-m", "experiments.measure.crowd"]
 

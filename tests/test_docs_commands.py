@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import wait_until
+from topologies.support import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "docs/running.md")

@@ -3,47 +3,44 @@ import json
 import subprocess
 import sys
 
-from mimbox import kernel
+from mimbox.host import kernel
+from topologies.support import scratch_netns
 
 
 def doctor() -> dict:
-    p = subprocess.run([sys.executable, "-m", "mimbox.cli", "doctor", "--json", "--testbed"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "mimbox.ops.cli", "doctor", "--json", "--testbed"], capture_output=True, text=True)
     return {c["name"]: c for c in json.loads(p.stdout)}, p.returncode
 
 
 def independent_qdisc_try(kind: str) -> bool:
-    """Not through mimbox.kernel: a namespace and veth pair of the test's own."""
-    ns = f"mimbox-test-{kind}"
+    """Not through mimbox.host.kernel: a namespace and veth pair of the test's own."""
     sh = lambda *a: subprocess.run(["ip", "netns", "exec", ns, *a], capture_output=True)  # noqa: E731
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
+    with scratch_netns("mimbox-test") as ns:
         assert sh("ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1").returncode == 0
         args = kernel.QDISC_PROBE_ARGS[kind]
         return sh("tc", "qdisc", "add", "dev", "t0", "root", kind, *args).returncode == 0
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
 
 
 def independent_recorder_try() -> bool:
-    """The converter-side BPF program loads and attaches at tc ingress (not through mimbox.kernel)."""
+    """The converter-side BPF program loads and attaches at tc ingress (not through mimbox.host.kernel)."""
     import os
     import tempfile
+
     from mimbox.paths import BPF_SERVER_OBJ
-    ns, pin = "mimbox-test-rec", tempfile.mktemp(prefix="mimbox-test-rec-", dir="/sys/fs/bpf")
+    pin = tempfile.mktemp(prefix="mimbox-test-rec-", dir="/sys/fs/bpf")
     # nsenter, not `ip netns exec`: that remounts /sys, and the pin is in this mount namespace's bpffs
     sh = lambda *a: subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *a], capture_output=True)  # noqa: E731
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        assert sh("ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1").returncode == 0
-        if subprocess.run(["bpftool", "prog", "load", str(BPF_SERVER_OBJ), pin, "type", "classifier"],
-                          capture_output=True).returncode:
-            return False
-        return (sh("tc", "qdisc", "add", "dev", "t0", "clsact").returncode == 0 and
-                sh("tc", "filter", "add", "dev", "t0", "ingress", "bpf", "da", "object-pinned", pin).returncode == 0)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
-        if os.path.exists(pin):
-            os.unlink(pin)
+    with scratch_netns("mimbox-test") as ns:
+        try:
+            assert sh("ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1").returncode == 0
+            if subprocess.run(["bpftool", "prog", "load", str(BPF_SERVER_OBJ), pin, "type", "classifier"],
+                              capture_output=True).returncode:
+                return False
+            return (sh("tc", "qdisc", "add", "dev", "t0", "clsact").returncode == 0 and
+                    sh("tc", "filter", "add", "dev", "t0", "ingress", "bpf", "da", "object-pinned", pin).returncode == 0)
+        finally:
+            if os.path.exists(pin):
+                os.unlink(pin)
 
 
 def test_doctor_matches_reality():

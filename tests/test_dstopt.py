@@ -1,17 +1,18 @@
 """DST_OPT: one declaration shared by the parser, the BPF header and these tests; fuzzed."""
 import random
+import struct
 import subprocess
 import sys
-import struct
 
 import ledger
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimbox import dstopt
-from mimbox.dstopt import DstOpt, OptionError, parse_options, parse_syn
 from mimbox.paths import BUILD
+from mimbox.wire import dstopt
+from mimbox.wire.dstopt import DstOpt, OptionError, parse_options, parse_syn
+from topologies.support import scratch_netns
 
 
 def test_roundtrip():
@@ -142,11 +143,12 @@ def test_bpf_recorder_agrees_with_the_core_parser():
     recorder took the first DST_OPT of a list with two, and accepted malformed trailing options)."""
     import socket
 
-    from test_core import option_lists, syn_packet as ip_syn
+    from test_core import option_lists
+    from test_core import syn_packet as ip_syn
 
-    from mimbox import core
-    from mimbox.core import SynInfo
-    from mimbox.synrecord import SynRecorder
+    from mimbox.converter import core
+    from mimbox.converter.layouts import SynInfo
+    from mimbox.host.synrecord import SynRecorder
     rec = SynRecorder(7000, devices=[])       # loaded and pinned, attached nowhere
     try:
         rec.install()
@@ -185,15 +187,12 @@ def test_two_recorders_share_a_clsact_qdisc_and_the_last_removes_it(order):
     """Two explicit-mode listeners on one host attach to the same interfaces: the clsact qdisc one
     of them added is gone when both have left, whichever leaves first (it stayed behind on a real
     host: tests/test_remote.py's reproduce run found it); a clsact that was there before stays."""
-    import uuid
-    ns = f"mimbox-clsact-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
+    with scratch_netns("mimbox-clsact") as ns:
         subprocess.run(["ip", "-n", ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1"], check=True)
         subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "d1", "clsact"], check=True)
         script = (
             "import subprocess, sys\n"
-            "from mimbox.synrecord import SynRecorder\n"
+            "from mimbox.host.synrecord import SynRecorder\n"
             "a = SynRecorder(65001, devices=['d0', 'd1']).install()\n"
             "b = SynRecorder(65002, devices=['d0', 'd1']).install()\n"
             "show = lambda: subprocess.run(['tc', 'qdisc', 'show'], capture_output=True, text=True).stdout\n"
@@ -210,5 +209,3 @@ def test_two_recorders_share_a_clsact_qdisc_and_the_last_removes_it(order):
         assert p.returncode == 0, p.stderr[-2000:]
         assert "clsact ffff: dev d0" not in p.stdout              # ours: gone with the last recorder
         assert "clsact ffff: dev d1" in p.stdout                  # there before us: left alone
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)

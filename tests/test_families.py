@@ -78,7 +78,7 @@ def test_tcp_client_to_mptcp_server(tb, converter):
 
 
 @pytest.mark.parametrize("order", ["client-first", "server-first"])
-def test_half_close_propagates(tb, converter, order):
+def test_half_close_crosses_families(tb, converter, order):
     """shutdown(SHUT_WR) crosses the family boundary; the other direction still delivers."""
     crossed(tb, *transfer(tb, converter, up=300_000, down=500_000, order=order))
 

@@ -15,7 +15,7 @@ import time
 
 import ledger
 from conftest import PY, readline
-from helpers import wait_until, watch
+from topologies.support import wait_until, watch
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig, SafetyConfig
@@ -30,7 +30,7 @@ ECHO_PORT = 9700           # the server's (its own namespace); the converter's c
 
 def descendants(pid: int) -> list[int]:
     """pid and the processes below it, without keepers (they share their converter's fds)."""
-    from mimbox.core import is_keeper
+    from mimbox.converter.core import is_keeper
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -72,7 +72,7 @@ def flood_and_measure(tb, host: str, port: int, watch_pid: int | None = None) ->
         syn = tb.client.popen([PY, TOOLS, "syn", host, str(port), "10.0.1", str(RATE), str(SECONDS)],
                               stdout=-1, stderr=-1, text=True)
         assert readline(syn).strip() == "ready", syn.stderr.read()
-        time.sleep(0.5)                                      # the flood is on before the first request
+        assert readline(syn, timeout=10).strip() == "on"     # the flood is on before the first request
         real = tb.client.popen(["env", f"LD_PRELOAD={MPTCPIZE}", PY, TOOLS, "requests", host, str(port),
                                 str(SECONDS - 1), str(CLIENT_RATE)], stdout=-1, text=True)
         peak = (0, 0)
@@ -102,8 +102,9 @@ def test_syn_flood_does_not_lock_out_real_clients(paper_tb):
     m = MiMBox(mode="static")     # its defaults
     m.start(tb, ECHO_PORT)
     try:
-        time.sleep(0.5)
-        base = usage(descendants(m.proc.pid))
+        # its baseline once its processes' fds and memory hold still (every worker up and idle)
+        base = wait_until(lambda: (u := usage(descendants(m.proc.pid))) == usage(descendants(m.proc.pid)) and u,
+                          10, "the converter idle")
         spares0 = m.stats()["spares"]
         conv = flood_and_measure(tb, tb.mbox_client_ip, m.port, watch_pid=m.proc.pid)
         # held flood SYNs never complete: they are let go after the handshake timeout (15 s)

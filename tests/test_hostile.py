@@ -8,14 +8,15 @@ import os
 import subprocess
 import time
 
-import pytest
 import ledger
+import pytest
 from conftest import PY, readline, transfer
-from helpers import wait_until as wait_for, watch  # noqa: F401 (test_service imports wait_for from here)
+from topologies.support import wait_until as wait_for  # noqa: F401 (test_service imports wait_for from here)
+from topologies.support import watch
 
 from experiments.measure import cpu_seconds
 from experiments.systems import MiMBox
-from mimbox import rfc8803
+from mimbox.wire import rfc8803
 
 TOOLS = os.path.join(os.path.dirname(__file__), "tools")
 SINK_PORT = 9400
@@ -262,7 +263,7 @@ def test_idle_crowd_is_capped_and_real_clients_are_served(paper_tb, conv):
 MAPPED = r"""
 import json, random, sys
 from scapy.all import IPv6, TCP, conf, send
-from mimbox import dstopt
+from mimbox.wire import dstopt
 conf.verb = 0
 src, dst, dport, server, sport_, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 opt = dstopt.DstOpt(server, sport_).encode()
@@ -387,7 +388,7 @@ def test_neighbours_crowd_does_not_lock_out_the_real_client(paper_tb, family):
 def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
     """Nothing but the defaults: a private destination (the testbed's server network) is Not
     Authorized and counted; --allow-destination for its /24 and port opens exactly that."""
-    from mimbox.rfc8803 import Error
+    from mimbox.wire.rfc8803 import Error
     closed = MiMBox(mode="convert", workers=1, extra=["--allow-destination", "192.0.2.0/24"])
     opened = MiMBox(mode="convert", workers=1, extra=["--allow-destination", f"10.0.101.0/24:{SINK_PORT}"])
     sink = Sink(paper_tb)
@@ -413,7 +414,7 @@ def test_default_policy_refuses_private_destinations_until_allowed(paper_tb):
 
 def test_an_address_added_while_running_is_refused_within_a_second(paper_tb, conv):
     """The converter never relays to itself, also to an address it got after it started (netlink)."""
-    from mimbox.rfc8803 import Error
+    from mimbox.wire.rfc8803 import Error
     msg = rfc8803.connect_message("10.9.9.9", SINK_PORT)
     before = probe(paper_tb, conv.port, msg)
     assert before["error"] == Error.DESTINATION_UNREACHABLE, before     # no route: not a policy refusal
@@ -437,7 +438,7 @@ def test_every_own_address_and_anyip_route_is_refused(paper_tb):
     starts with the defaults, and a Connect to its 300th address, to an address of an AnyIP route
     (`ip route add local`), and to one added at run time is refused, while every other destination
     the policy allows is tried."""
-    from mimbox.rfc8803 import Error
+    from mimbox.wire.rfc8803 import Error
     own = [f"10.{9 + i // 256}.{i % 256}.1" for i in range(300)]      # 300 /24s: 300 allowed client prefixes
     script = "\n".join(f"addr add {a}/24 dev lo" for a in own) + "\nroute add local 10.250.0.0/16 dev lo\n"
     undo = "\n".join(f"addr del {a}/24 dev lo" for a in own) + "\nroute del local 10.250.0.0/16 dev lo\n"
@@ -462,10 +463,10 @@ def test_every_own_address_and_anyip_route_is_refused(paper_tb):
 
 OWN = r"""
 import json, socket, subprocess, sys
-from mimbox import core
+from mimbox.converter import core
 from mimbox.config import Config
-from mimbox.relay import route_dump_socket
-from mimbox.synplan import core_config
+from mimbox.converter.sockets import route_dump_socket
+from mimbox.converter.synplan import core_config
 from types import SimpleNamespace
 sh = lambda c: subprocess.run(c, shell=True, check=True, capture_output=True, text=True).stdout
 sh("ip link set lo up; ip link add d0 type veth peer name d1; ip link set d0 up; ip link set d1 up")
@@ -546,7 +547,7 @@ def test_first_dstopt_wins(paper_tb, reader):
 
 def converter_tree(m) -> dict[str, list[int]]:
     """The supervisor, its workers and their keepers (by /proc)."""
-    from mimbox.core import is_keeper
+    from mimbox.converter.core import is_keeper
     sup = m.pids()[0]
 
     def children(pid: int) -> list[int]:
@@ -558,7 +559,7 @@ def converter_tree(m) -> dict[str, list[int]]:
     def comm(pid: int) -> str:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
-    from mimbox.metrics import METRICS_NAME
+    from mimbox.converter.metrics import METRICS_NAME
     workers = [p for p in children(sup) if not is_keeper(p) and comm(p) != METRICS_NAME]
     keepers = [k for w in workers for k in children(w) if is_keeper(k)]
     metrics = [p for p in children(sup) if comm(p) == METRICS_NAME]
@@ -573,8 +574,10 @@ def test_metrics_are_served_unprivileged_bounded_and_from_counters_only(paper_tb
     held, a newcomer ends the oldest silent one, each has 2 s); a scrape reads the workers'
     counters-only endpoint."""
     import socket as so
-    from mimbox import privileges
-    from helpers import free_port
+
+    from topologies.support import free_port
+
+    from mimbox.host import privileges
     mport = free_port()
     m = MiMBox(mode="static", workers=1, extra=["--metrics", f"127.0.0.1:{mport}"])
     m.start(paper_tb, SINK_PORT)
@@ -614,7 +617,7 @@ def test_workers_and_keepers_run_unprivileged(paper_tb, mode, syn_path, caps):
     """From /proc: no worker or keeper has uid 0; each has exactly the capabilities its mode needs
     (NFQUEUE verdicts: CAP_NET_ADMIN), a bounding set no larger, NoNewPrivs and a seccomp filter;
     and the converter still converts (a byte-exact transfer)."""
-    from mimbox import privileges
+    from mimbox.host import privileges
     m = MiMBox(mode=mode, workers=2, syn_path=syn_path)
     m.start(paper_tb, 9000)
     try:
@@ -647,7 +650,7 @@ def test_a_forbidden_call_kills_and_an_unlisted_one_fails(call):
     """The workers' filter, applied to a child as to a worker: execve (or making an io_uring ring) kills
     it (SIGSYS), a call that is not on the allow list (mknod) fails with EPERM, and what a worker does
     still works."""
-    script = ("import os,socket,sys;from mimbox import privileges;privileges.drop('mimbox',(),die_with_parent=False)\n"
+    script = ("import os,socket,sys;from mimbox.host import privileges;privileges.drop('mimbox',(),die_with_parent=False)\n"
               "s=socket.socket();s.bind(('127.0.0.1',0));s.listen();print('socket ok',os.getuid(),flush=True)\n"
               "try:\n os.mknod('/tmp/mimbox-mknod-%d'%os.getpid())\nexcept PermissionError:\n print('mknod EPERM',flush=True)\n"
               f"{FORBIDDEN[call]}\nprint('survived {call}',flush=True)\n")
@@ -664,7 +667,7 @@ def test_a_forbidden_call_kills_and_an_unlisted_one_fails(call):
 ADMIN = r"""
 import errno, fcntl, json, os, socket, struct
 from pyroute2 import IPRoute
-from mimbox import privileges
+from mimbox.host import privileges
 with privileges.without("CAP_NET_ADMIN"):          # as a worker opens its route sockets
     ipr = IPRoute()
 privileges.drop("mimbox", ("CAP_NET_ADMIN",), die_with_parent=False)   # as a SYN-holding worker

@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import pytest
+from topologies.support import free_port, free_queues, wait_until
 
-from helpers import free_port, free_queues, wait_until
-from mimbox import rfc8803
+from mimbox.wire import rfc8803
 from topologies.netns import NamespaceLine
 
 PY = sys.executable
@@ -47,7 +47,7 @@ data = bytes(range(256)) * (size // 256)
 s = socket.create_connection((host, port), timeout=10)
 if convert:
     sys.path.insert(0, %r)
-    from mimbox import rfc8803
+    from mimbox.wire import rfc8803
     s.sendall(rfc8803.connect_message(convert[0], int(convert[1])))
 s.sendall(data); s.shutdown(socket.SHUT_WR)
 buf = b''
@@ -69,7 +69,7 @@ class Pair(NamespaceLine):
                via: list[str] | None = None) -> str:
         """Run CLIENT in the client namespace (under `mimbox client` VIA when via is given): its verdict."""
         extra = [convert[0], str(convert[1])] if convert else []
-        wrap = [PY, "-m", "mimbox.cli", "client", *via, "--"] if via else []
+        wrap = [PY, "-m", "mimbox.ops.cli", "client", *via, "--"] if via else []
         p = self.run(self.client_ns, [*wrap, PY, "-c", CLIENT, host, str(port), str(size), *extra], cwd=ROOT)
         return (p.stdout.strip() or p.stderr.strip().splitlines()[-1]) if (p.stdout or p.stderr) else "nothing"
 
@@ -91,7 +91,7 @@ def echo_servers(pair: Pair) -> tuple[int, int]:
 
 def converter(pair: Pair, *args: str) -> tuple[subprocess.Popen, int]:
     port, stats = free_port(), f"/tmp/{pair.mb_ns}.sock"
-    m = pair.start(pair.mb_ns, [PY, "-m", "mimbox.cli", "run", "--listen", f"[::]:{port}", "--stats", stats,
+    m = pair.start(pair.mb_ns, [PY, "-m", "mimbox.ops.cli", "run", "--listen", f"[::]:{port}", "--stats", stats,
                              "--queue-num", str(free_queues(4)), "--allow-client", "fd00:95::/64",
                              "--allow-client", "10.95.0.0/24", "--allow-destination", "fd00:96::/64",
                              "--allow-destination", "10.96.0.0/24", "--log-level", "info", *args],
@@ -113,7 +113,7 @@ def test_static_mode_both_families_held_syns(pair, server):
     rules6 = pair.sh(pair.mb_ns, "ip6tables -t raw -S")
     assert rules6.count("NFQUEUE") == 2                      # one queue rule per worker, IPv6 too
     stats = __import__("json").loads(subprocess.run(
-        ["ip", "netns", "exec", pair.mb_ns, PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+        ["ip", "netns", "exec", pair.mb_ns, PY, "-m", "mimbox.ops.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
         capture_output=True, text=True, timeout=30, cwd=ROOT).stdout)
     assert stats["syns"] == 2 and stats["accepted"] == 2 and not stats["refused"], stats
 
@@ -148,7 +148,7 @@ def test_explicit_mode_ipv6_dstopt(pair, syn_path):
     assert pair.client(SRV6, six, via=["--via", f"{MB4}:{port}", "--mptcp"]) == "ok"
     # only the IPv6 address given: IPv4 sockets cannot reach it and fail rather than go around it
     assert "Errno 1]" in pair.client(SRV4, four, via=["--via", f"[{MB6}]:{port}"])
-    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.ops.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
                                 cwd=ROOT).stdout)
     assert stats["accepted"] == 4 and not stats["refused"], stats
 
@@ -179,7 +179,7 @@ def test_transparent_mode_ipv6(pair, client):
     assert pair.client(dst, dport) == "ok", (client, dst)
     if ":" not in client:       # IPv4 to the dual-stack server's port too
         assert pair.client(SRV4, six) == "ok"
-    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.ops.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
                                 cwd=ROOT).stdout)
     assert stats["accepted"] == (1 if ":" in client else 2) and not stats["refused"], stats
 
@@ -195,7 +195,7 @@ def test_convert_client_ipv6(pair):
         assert pair.client(dst, dport, via=both) == "ok", (dst, dport)
     assert pair.client(SRV6, six, via=["--convert", "--via", f"{MB4}:{port}"]) == "ok"   # via ::ffff:MB4
     assert "Errno 1]" in pair.client(SRV4, four, via=["--convert", "--via", f"[{MB6}]:{port}"])
-    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
+    stats = json.loads(pair.run(pair.mb_ns, [PY, "-m", "mimbox.ops.cli", "stats", "--path", f"/tmp/{pair.mb_ns}.sock"],
                                 cwd=ROOT).stdout)
     assert stats["accepted"] == 4 and not stats["refused"], stats
 
@@ -203,7 +203,7 @@ def test_convert_client_ipv6(pair):
 SYNACK_CLIENT = """
 import socket, sys
 sys.path.insert(0, %r)
-from mimbox import rfc8803, dstopt
+from mimbox.wire import rfc8803, dstopt
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
 s.sendall(rfc8803.connect_message(sys.argv[3], int(sys.argv[4])) + b'x')
 buf = b''
@@ -217,7 +217,7 @@ print(r.error, r.server_options.hex())
 @pytest.mark.parametrize("server,mss", [(SRV6, 1440), (SRV4, 1460)], ids=["ipv6", "ipv4"])
 def test_convert_answer_carries_the_servers_synack_options(pair, server, mss):
     """RFC 8803's Extended TCP Header TLV holds the options of the server's SYN-ACK (read by the sockops
-    program of mimbox.synack): the server's MSS for a 1500-byte veth (1460 IPv4, 1440 IPv6), SACK
+    program of mimbox.host.synack): the server's MSS for a 1500-byte veth (1460 IPv4, 1440 IPv6), SACK
     permitted, timestamps, window scale; it was empty before."""
     six, four = echo_servers(pair)
     m, port = converter(pair, "--mode", "convert")

@@ -11,7 +11,7 @@ from conftest import readline
 
 from experiments.common import converter_boxes
 from experiments.systems import MiMBox, Squid
-from helpers import wait_until
+from topologies.support import wait_until
 from topologies import regimes
 from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND, CpuQuota, IdlePolling
 

@@ -15,11 +15,11 @@ import faults
 import ledger
 import pytest
 from conftest import PY, Server, readline, run_client, transfer
-from helpers import wait_until
+from topologies.support import wait_until
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig
-from mimbox.dstopt import DstOpt
+from mimbox.wire.dstopt import DstOpt
 from topologies.testbed import ConverterTopo, PathSpec, Testbed
 
 SEED = int(os.environ.get("MIMBOX_SEED", "20131209"))
@@ -178,7 +178,9 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
                                       "--up", "1", "--down", str(size), "--order", "server-first", "--mptcp",
                                       "--wait-subflows", "2"])
             proc = tb.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(1.5)
+            start = {d: rx_bytes(tb, d) for d in ("client-eth0", "client-eth1")}
+            # mid-download: both paths have carried some of it, most is still to come
+            wait_until(lambda: all(rx_bytes(tb, d) - start[d] > 200_000 for d in start), 20, "the download on both paths")
             faults.link_down(tb.client, "client-eth0")    # WiFi gone
             out, err = proc.communicate(timeout=60)
             import json
@@ -209,7 +211,7 @@ def test_server_reset_mid_transfer_resets_client(paper_tb):
     try:
         from experiments.systems import wait_port
         wait_port(paper_tb.server, 9100)
-        client = ("import socket,time;from mimbox.mptcp import IPPROTO_MPTCP;s=socket.socket(2,1,IPPROTO_MPTCP);s.connect(('%s',%d));t=time.time();n=0\n"
+        client = ("import socket,time;from mimbox.wire.mptcp import IPPROTO_MPTCP;s=socket.socket(2,1,IPPROTO_MPTCP);s.connect(('%s',%d));t=time.time();n=0\n"
                   "try:\n  while True:\n    b=s.recv(65536)\n    if not b: print('EOF',n); break\n    n+=len(b)\n"
                   "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % (paper_tb.mbox_client_ip, m.port))
         out = paper_tb.client.cmd(f"{PY} -c \"{client}\"")
@@ -274,7 +276,7 @@ def test_converter_restart_serves_at_once(paper_tb):
         "except OSError as e: print('RESET', round(time.time()-t,2))" % paper_tb.server_ip)], mptcp=False),
         stdout=subprocess.PIPE, text=True)
     assert readline(old).strip() == "up"
-    time.sleep(0.3)
+    wait_until(lambda: m.stats()["active"] == 1, 5, "the converter relays it")
     faults.kill(m.procs)
     m.procs.clear()
     ended = readline(old).split()
@@ -354,7 +356,7 @@ def test_slow_trickle_does_not_block_others(paper_tb):
         "import socket,time;s=socket.create_connection(('%s',9400));"
         "[(s.send(b'x'), time.sleep(0.2)) for _ in range(25)]" % paper_tb.server_ip)], mptcp=False))
     try:
-        time.sleep(0.5)
+        wait_until(lambda: m.stats()["active"] == 1, 5, "the trickle relayed")
         t = time.time()
         transfer(paper_tb, m, up=1 << 20, down=1 << 20)
         took = time.time() - t
@@ -403,7 +405,7 @@ def test_connection_limit_refuses_cleanly(paper_tb):
 
 
 def test_memory_budget_limit_fills_then_refuses_at_once_and_the_held_still_relay(paper_tb):
-    """The default limit comes from what a connection holds at rest (mimbox.resources): a budget of
+    """The default limit comes from what a connection holds at rest (mimbox.host.resources): a budget of
     exactly 40 of them admits 40 idle connections; the 41st is refused at once (RST at its SYN, not
     a dropped SYN that retries after a second), and every one of the 40 still relays byte-exact."""
     n = 40
@@ -445,7 +447,7 @@ def wait_active(m, n: int, timeout: float = 5.0) -> bool:
 def converter_pids(m) -> list[int]:
     """The converter's processes: `mimbox run` and, with several workers, its workers (not their
     keepers: they share their worker's fds, which would be counted twice)."""
-    from mimbox.core import is_keeper
+    from mimbox.converter.core import is_keeper
     main = m.pids()[0]
     with open(f"/proc/{main}/task/{main}/children") as f:
         return [main, *(p for p in map(int, f.read().split()) if not is_keeper(p))]
@@ -469,7 +471,7 @@ IDLE_BUFFERS = ["--client-rcvbuf", "64K", "--client-sndbuf", "64K", "--server-rc
 
 def budget_for(n: int, options: list[str]) -> int:
     """The --memory-budget that admits exactly n connections with these buffer options."""
-    from mimbox.cli import build_parser, config_from_args
+    from mimbox.ops.flags import build_parser, config_from_args
     return n * config_from_args(build_parser().parse_args(["run", *options])).per_connection_memory()
 
 
@@ -478,7 +480,7 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     """n idle connections held under a memory budget that admits exactly n, then closed: fds and
     pipes back to start. Two workers: one process's RLIMIT_NOFILE (hard 20000 in this sandbox,
     two sockets a connection) could not hold 10,000."""
-    budget = budget_for(n, IDLE_BUFFERS)     # what n connections hold at rest (mimbox.resources)
+    budget = budget_for(n, IDLE_BUFFERS)     # what n connections hold at rest (mimbox.host.resources)
     m = MiMBox(mode="static", extra=["--workers", "2", *IDLE_BUFFERS,
                                                 "--memory-budget", str(budget), "--idle-timeout", "0"])
     m.start(paper_tb, 9600)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import require
+
 from topologies.sshrig import SSHD, SSHRig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,6 +244,7 @@ def test_shaped_paths_on_the_hosts_own_interfaces(rig):
 
     from topologies.hostsfile import load
     from topologies.lab import LabRefused, RemoteLab
+    from topologies.remotebed import RemoteTestbed
     from topologies.testbed import MobileTopo, PaperTopo, PathSpec
 
     class RateOnly(PaperTopo):
@@ -253,13 +254,13 @@ def test_shaped_paths_on_the_hosts_own_interfaces(rig):
 
     lab = RemoteLab(load(rig.hosts_file)).open(out=io.StringIO())
     try:
-        with lab.testbed(RateOnly()) as tb:
+        with RemoteTestbed(lab, RateOnly()) as tb:
             shown = tb.client.cmd("tc qdisc show dev eth1; tc class show dev eth1")
             assert "qdisc htb 1: root" in shown and "rate 5Mbit" in shown and "pfifo 10: parent 1:1 limit 50p" in shown
             assert "htb" not in tb.mbox.cmd("tc qdisc show")       # the other direction is not shaped
         with pytest.raises(LabRefused, match=r"(client|converter|server) \(root@172\.30\.\d+\.2:22\): cannot "
                                              r"emulate delay or loss.*sch_netem"):
-            lab.testbed(MobileTopo(ipv6=False)).start()
+            RemoteTestbed(lab, MobileTopo(ipv6=False)).start()
     finally:
         lab.close()
     assert_left_as_it_was(rig)

@@ -16,6 +16,7 @@ from conftest import PY, readline
 
 from experiments.systems import MiMBox
 from topologies.cluster import GROUP, ClusterTestbed, ClusterTopo
+from topologies.support import wait_until
 
 N = 3
 CONNECTIONS = 200
@@ -50,6 +51,12 @@ def stop(boxes) -> None:
         # a converter killed with SIGKILL (the crash test) could not remove its stats sockets
         for path in glob.glob(glob.escape(m.stats_path) + "*"):
             os.unlink(path)
+
+
+def phone_rx(tb) -> int:
+    """Bytes the phone has received on all its interfaces (/proc/net/dev in its namespace)."""
+    lines = tb.client.cmd("cat /proc/net/dev").splitlines()[2:]
+    return sum(int(line.split(":", 1)[1].split()[0]) for line in lines if not line.strip().startswith("lo:"))
 
 
 class Load:
@@ -193,9 +200,11 @@ def test_a_dead_converter_takes_only_its_own_connections(mptcp_ok):
         tb.watch(7021)
         try:
             up, down = 50_000, 600_000        # 24 x 600 KB over 2 x 20 Mbit/s: ~3 s
+            rx0 = phone_rx(tb)
             load = Load(tb, boxes, "static", 24, up=up, down=down, parallel=24)
-            time.sleep(1.0)
             victim = 1
+            # in their middle: a fifth of the 14 MB has reached the phone (each transfer ~3 s)
+            wait_until(lambda: phone_rx(tb) - rx0 > (24 * down) // 5, 30, "the transfers under way", every=0.05)
             withdrawn_s = tb.fail(victim)
             rows, served = load.results()
             after, served_after = Load(tb, boxes, "static", 30, up=1000, down=1000, seed=1000).results()

@@ -20,12 +20,13 @@ import pytest
 from conftest import PY, transfer
 from test_hostile import REQUESTS, SINK_PORT, Sink, probe, wait_for
 
-from experiments.systems import ALLOCATE, MiMBox
-from mimbox import rfc8803
+from experiments.systems import MiMBox
+from topologies.support import ALLOCATE
 from mimbox.paths import PACKAGE
+from mimbox.wire import rfc8803
 
 ROOT = Path(__file__).resolve().parent.parent
-MIMBOX = [PY, "-m", "mimbox.cli"]
+MIMBOX = [PY, "-m", "mimbox.ops.cli"]
 
 
 def in_netns(argv: list[str], **kw) -> subprocess.Popen:

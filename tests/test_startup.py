@@ -1,4 +1,4 @@
-"""Clear start-up errors (mimbox.startup): not root, a port in use, an NFQUEUE in use, a kernel
+"""Clear start-up errors (mimbox.converter.startup): not root, a port in use, an NFQUEUE in use, a kernel
 without MPTCP — one line each naming what is missing and how to fix it, exit code 2, no traceback;
 `mimbox --debug run` keeps the traceback. Each case runs in a network namespace of its own."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import PY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = f"{PY} -m mimbox.cli run --mode static --upstream 127.0.0.2:80 --workers 1"
+RUN = f"{PY} -m mimbox.ops.cli run --mode static --upstream 127.0.0.2:80 --workers 1"
 
 
 def in_netns(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -54,6 +54,6 @@ def test_kernel_without_mptcp():
 
 
 def test_debug_keeps_the_traceback():
-    p = in_netns(f"sysctl -qw net.mptcp.enabled=0\n{PY} -m mimbox.cli --debug run --mode static "
+    p = in_netns(f"sysctl -qw net.mptcp.enabled=0\n{PY} -m mimbox.ops.cli --debug run --mode static "
                  "--upstream 127.0.0.2:80 --workers 1 --listen 127.0.0.1:7306")
     assert p.returncode != 0 and "Traceback" in p.stderr and "StartupError" in p.stderr, p.stderr[-2000:]

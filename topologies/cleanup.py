@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 
-PATTERNS = ["topologies.delayline", "mimbox.cli run", "experiments.measure", "mininet:"]
+PATTERNS = ["topologies.delayline", "mimbox.ops.cli run", "experiments.measure", "mininet:"]
 PEERS = ["nginx", "haproxy", "squid", "iperf3", "wrk", "tcpdump"]
 
 
@@ -31,8 +31,8 @@ def kill_orphans_in_namespaces() -> None:
         if ns != root and any(tag in cmd for tag in OURS):
             try:
                 os.kill(int(pid), 9)
-            except OSError:
-                pass
+            except ProcessLookupError:
+                pass                  # gone meanwhile
 
 
 def remove_our_links() -> None:
@@ -64,7 +64,7 @@ def clean() -> None:
             try:
                 os.rmdir(d)
             except OSError:
-                pass
+                pass                  # still has processes (EBUSY), or gone meanwhile
     for f in glob.glob("/tmp/mimbox-syn-*.py"):
         os.unlink(f)
     from topologies.regimes import cleanup_leftovers

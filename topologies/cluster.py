@@ -192,7 +192,7 @@ class ClusterTestbed(Testbed):
         """Converter k: C flag on, its own address announced, with the operator's command
         `mimbox pm --cluster OWN_ADDR`."""
         own = " ".join(f"--cluster {self.instance_ip(k, f)}" for f in self.families)
-        out = self.converter(k).cmd(f"{sys.executable} -m mimbox.cli pm --subflows 2 --add-addr-accepted 0 "
+        out = self.converter(k).cmd(f"{sys.executable} -m mimbox.ops.cli pm --subflows 2 --add-addr-accepted 0 "
                                     f"{own} 2>&1; echo rc=$?")
         if "rc=0" not in out:
             raise RuntimeError(f"conv{k + 1}: mimbox pm --cluster: {out.strip()}")
@@ -303,13 +303,13 @@ class ClusterTestbed(Testbed):
 
 def crash_converter(host) -> None:
     """SIGKILL every converter process in a host's namespace at once (a crash of the service)."""
-    from mimbox.core import is_keeper
+    from mimbox.converter.core import is_keeper
     from topologies.testbed import namespace_pids
     for pid in namespace_pids(host):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if b"mimbox.cli" in argv and b"run" in argv and not is_keeper(pid):
+            if b"mimbox.ops.cli" in argv and b"run" in argv and not is_keeper(pid):
                 os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        except (FileNotFoundError, ProcessLookupError):
+            pass                  # gone meanwhile

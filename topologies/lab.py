@@ -2,7 +2,7 @@
 
     lab = RemoteLab(hostsfile.load("lab.toml"))
     lab.open(needs)        # connect to every host, preflight (one table per host), install the wheel
-    with lab.testbed(PaperTopo()) as tb:      # the same names as topologies.testbed.Testbed
+    with RemoteTestbed(lab, PaperTopo()) as tb:   # (topologies.remotebed) the names of topologies.testbed.Testbed
         tb.client.cmd("ping -c1 " + tb.server_ip)
     lab.close()            # every host as it was: processes, endpoints, routes, sysctls, cgroups
 
@@ -171,19 +171,12 @@ class RemoteLab:
                 print(f"{role}: installed the wheel into {host.workdir}/venv", file=out)
             host.mptcpize = host.run(f"{host.python} -c 'from mimbox.paths import MPTCPIZE; print(MPTCPIZE)'").strip()
             if role == "converter":
-                doctor = host.cmd(f"{host.python} -m mimbox.cli doctor")
+                doctor = host.cmd(f"{host.python} -m mimbox.ops.cli doctor")
                 if "MISSING " in doctor.replace("MISSING (optional)", ""):
                     missing = [line.split()[0] for line in doctor.splitlines()
                                if " MISSING " in line and "(optional)" not in line]
                     raise LabRefused([f"converter ({host.spec.target}): mimbox doctor: missing {', '.join(missing)}"])
         self._parallel(one)
-
-    # -- a figure's testbed ----------------------------------------------------------------------
-    def testbed(self, topo):
-        """The testbed a figure asks for (a topologies.testbed topology) on these hosts
-        (topologies.remotebed.RemoteTestbed)."""
-        from topologies.remotebed import RemoteTestbed
-        return RemoteTestbed(self, topo)
 
     def facts(self) -> dict:
         """Every host's facts for the manifest: kernel, CPU, cores, and each data interface's NIC

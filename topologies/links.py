@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from mininet.link import Intf, Link, TCIntf
 from mininet.log import info
 
-from mimbox.kernel import qdisc_works
+from mimbox.host.kernel import qdisc_works
 
 DEFAULT_QUEUE_PACKETS = 1000
 

@@ -259,7 +259,7 @@ class RemoteHost:
     def stats(self, path: str) -> dict:
         """A converter's statistics socket on this host, read there (`mimbox stats --path`)."""
         import json
-        out = self.run(f"{self.python} -m mimbox.cli stats --path {shlex.quote(path)}", timeout=30)
+        out = self.run(f"{self.python} -m mimbox.ops.cli stats --path {shlex.quote(path)}", timeout=30)
         return json.loads(out)
 
     def cpu_ticks(self) -> tuple[int, int]:

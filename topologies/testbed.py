@@ -205,8 +205,8 @@ class LabHost(Host):
         return CpuQuota(name, cores).create()
 
     def stats(self, path: str) -> dict:
-        """A converter's statistics socket (mimbox.stats)."""
-        from mimbox.stats import query
+        """A converter's statistics socket (mimbox.converter.stats)."""
+        from mimbox.converter.stats import query
         return query(path)
 
 
@@ -215,7 +215,7 @@ HOST_SYSCTLS = {
     "net.ipv4.tcp_tw_reuse": "1",                 # connection-per-request load (wrk, Connection: close)
     "net.ipv4.ip_local_port_range": "1024 65000",
     # never an ephemeral port: what listeners in tests and experiments use (ports named in tests are
-    # 5000-9999; experiments.systems.ALLOCATE hands out 17000 on), else a busy run's outgoing
+    # 5000-9999; topologies.support.ALLOCATE hands out 17000 on), else a busy run's outgoing
     # connections can take a port a converter is about to listen on (EADDRINUSE)
     "net.ipv4.ip_local_reserved_ports": "5000-9999,17000-17999",
     "net.ipv4.conf.all.rp_filter": "0",           # multipath: replies may come back on another interface
@@ -465,8 +465,8 @@ def namespace_pids(host) -> list[int]:
         try:
             if os.readlink(f"/proc/{pid}/ns/net") == ns:
                 out.append(int(pid))
-        except OSError:
-            pass
+        except (FileNotFoundError, PermissionError):
+            pass                  # gone meanwhile, or not ours to read
     return out
 
 
@@ -476,8 +476,8 @@ def kill_namespace_processes(host) -> None:
     for pid in namespace_pids(host):
         try:
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        except ProcessLookupError:
+            pass                  # gone meanwhile
 
 
 # For `mn --custom topologies/testbed.py --topo mimbox-paper --controller none --link emu`.

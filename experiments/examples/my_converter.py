@@ -12,7 +12,8 @@ SIGKILL). `converts = True` puts it in a CPU box of its own and checks that it c
 """
 from __future__ import annotations
 
-from experiments.systems import ALLOCATE, System, mptcp_listeners, wait_port
+from experiments.systems import System, mptcp_listeners, wait_port
+from topologies.support import ALLOCATE
 
 
 class SocatMptcp(System):

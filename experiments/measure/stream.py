@@ -14,7 +14,7 @@ import struct
 import sys
 import time
 
-from mimbox.mptcp import IPPROTO_MPTCP
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 
 MSG = 125
 HEAD = struct.Struct("!dI")   # send time (CLOCK_REALTIME), sequence number

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from mimbox.mptcp import IPPROTO_MPTCP, is_mptcp, subflows
+from mimbox.wire.mptcp import IPPROTO_MPTCP, is_mptcp, subflows
 
 MAGIC = b"MBX1"
 HEADER = struct.Struct("!4sQHxxI")   # magic, download bytes, order, seed  (20 bytes)

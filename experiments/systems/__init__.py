@@ -21,6 +21,7 @@ from experiments.measure import cpu_seconds
 from mimbox.config import hostport
 from mimbox.paths import MPTCPIZE
 from topologies.regimes import CpuQuota
+from topologies.support import ALLOCATE, NotWithin, wait_until
 
 PY = sys.executable
 
@@ -58,39 +59,10 @@ def write_config(host, tag: str, name: str, text: str) -> tuple[str, str]:
     return d, path
 
 
-class Allocator:
-    """Listening ports and NFQUEUE numbers for systems created without them: every system of a run
-    gets its own, and a MiMBox a block of queues (one per worker it may start), so no two overlap
-    whatever the core count. Tests that name ports use the range below FIRST. Two runs on one machine
-    (e.g. a suite beside a developer's tests) take apart ranges: MIMBOX_ALLOCATE_FROM=30000."""
-    FIRST = 17000
-
-    def __init__(self):
-        first = int(os.environ.get("MIMBOX_ALLOCATE_FROM", self.FIRST))
-        self.next_port = first
-        self.next_queue = first
-
-    def port(self) -> int:
-        self.next_port += 1
-        return self.next_port - 1
-
-    def queues(self, n: int) -> int:
-        """The first of `n` consecutive queue numbers."""
-        self.next_queue += n
-        return self.next_queue - n
-
-
-ALLOCATE = Allocator()
-
-
 def wait_port(host, port: int, timeout: float = 10.0) -> None:
-    """Wait until something on `host` listens on TCP `port`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if host.cmd(f"ss -Hltn 'sport = :{port}'").strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+    """Wait until something on `host` listens on TCP `port` (NotWithin: nothing did in time)."""
+    wait_until(lambda: host.cmd(f"ss -Hltn 'sport = :{port}'").strip(), timeout, f"something listens on {host}:{port}",
+               every=0.05)
 
 
 def ready_line(p: subprocess.Popen, timeout: float = 30.0) -> str:
@@ -255,7 +227,7 @@ class MiMBox(System):
 
     def command(self, host) -> list[str]:
         """The `mimbox` command on `host` (the one given, else the host's installed one)."""
-        return self.program or [python(host), "-m", "mimbox.cli"]
+        return self.program or [python(host), "-m", "mimbox.ops.cli"]
 
     @property
     def stats_path(self) -> str:
@@ -315,7 +287,7 @@ class Command(System):
         self._popen(tb.mbox, self.argv(tb, server_port), stdout=subprocess.DEVNULL)
         try:
             wait_port(tb.mbox, self.port, timeout=15)
-        except RuntimeError:
+        except NotWithin:
             self.stop()
             raise RuntimeError(f"{self.name} did not listen on {self.port}: {self.log()[-2000:]}") from None
 

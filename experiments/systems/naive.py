@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from mimbox.mptcp import IPPROTO_MPTCP
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 
 CHUNK = 64 << 10
 

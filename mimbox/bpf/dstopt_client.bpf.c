@@ -12,11 +12,11 @@
  *   process of the client's cgroup. (Redirecting a join to the converter's first address breaks it
  *   behind a load balancer: see ClusterTopo.)
  * sockops: for sockets carrying such storage, ask for header-option callbacks and write DST_OPT
- *   (layout in mimbox/dstopt.py, constants in the generated dstopt.h: 10 bytes for an IPv4 or
+ *   (layout in mimbox/wire/dstopt.py, constants in the generated dstopt.h: 10 bytes for an IPv4 or
  *   IPv4-mapped destination, 22 for an IPv6 one) into the SYN only; once established, the callbacks
  *   are switched off again. SYNs whose option room was too small for DST_OPT (bpf_reserve_hdr_opt:
  *   ENOSPC; the kernel sends them without it) are counted in mimbox_nofit: with timestamps an MPTCP
- *   SYN has 16 bytes left, too few for the IPv6 form (mimbox/dstopt.py, results/dstopt_room).
+ *   SYN has 16 bytes left, too few for the IPv6 form (mimbox/wire/dstopt.py, results/dstopt_room).
  */
 #include <linux/bpf.h>
 #include <linux/types.h>

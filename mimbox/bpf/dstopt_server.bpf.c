@@ -11,7 +11,7 @@
  * recorded less than DSTOPT_RECORD_TTL_NS ago that names another destination (a forged SYN trying to
  * send its victim elsewhere) keeps the record as it is, is marked DSTOPT_REFUSE_MARK (the listener's
  * filter/INPUT rule answers it with RST) and counted in mimbox_conflicts.
- * Layout and constants: mimbox/dstopt.py (generated dstopt.h).
+ * Layout and constants: mimbox/wire/dstopt.py (generated dstopt.h).
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
@@ -60,7 +60,7 @@ struct scan {
 };
 
 /* One step of the option walk (bpf_loop: the verifier checks this once, not 40 unrolled paths).
- * The same decisions as the converter's parser (native/core/synopt.c core_parse_syn, mimbox/dstopt.py
+ * The same decisions as the converter's parser (native/core/synopt.c core_parse_syn, mimbox/wire/dstopt.py
  * parse_options; tests/test_dstopt.py runs this program on their corpus): the whole list is walked,
  * and a SYN yields a destination only if its list is well formed and holds exactly one valid
  * DST_OPT and no other option of kind DSTOPT_KIND with another ExID. */

@@ -6,14 +6,14 @@
  * (server address, local port, server port), for connections in the converter's network namespace
  * only (cfg.netns, a netns cookie). The core takes them (lookup and delete) when its server connection
  * is established and writes them into its answer to the client (native/core/conn.c); a key never
- * taken (another program's connection in the same cgroup) ages out of the LRU. Layout: mimbox/synack.py.
+ * taken (another program's connection in the same cgroup) ages out of the LRU. Layout: mimbox/host/synack.py.
  */
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include "synack.h"		/* generated from mimbox/synack.py */
+#include "synack.h"		/* generated from mimbox/host/synack.py */
 
 #define AF_INET 2
 #define AF_INET6 10

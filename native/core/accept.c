@@ -4,7 +4,7 @@
  * SYN another worker holds is handed over to it.
  *
  * Hand-over between workers: with N workers the SYN of a client is held by the worker its source port
- * picks (the queue rules split by mimbox.netfilter.worker_of_port), and that worker opened the server
+ * picks (the queue rules split by mimbox.host.netfilter.worker_of_port), and that worker opened the server
  * connection. The kernel's reuseport hash, which user space cannot steer on MPTCP listeners, picks the
  * worker that accept()s; if it is another one and the SYN really is held (the workers' shared set), the
  * client socket goes to the owner over a unix datagram socket (SCM_RIGHTS), which pairs it. */
@@ -16,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* mimbox.netfilter.worker_of_port: the worker whose queue gets a SYN from source port sport (host order) */
+/* mimbox.host.netfilter.worker_of_port: the worker whose queue gets a SYN from source port sport (host order) */
 int core_worker_of_port(int sport, int workers)
 {
 	return ((sport & 0xFF) * workers) >> 8;
@@ -46,11 +46,11 @@ static void greet(struct core *c, int cfd, const struct flow *f)
 	struct refusal why;
 	struct core_event *e;
 
-	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, f, &why) >= 0) {
+	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, f, &why) == REFUSED) {
 		if (why.cause == CAUSE_PENDING_LIMIT && (e = emit(c, EV_ACCEPTED))) {
 			/* a cap of the gate (detail: which): Python admits it once the greetings before it in this
 			 * batch are read, or resets the oldest silent greeting under that cap to make room
-			 * (mimbox.greetings), then core_greeting_admit(); or refuses it */
+			 * (mimbox.converter.greetings), then core_greeting_admit(); or refuses it */
 			e->fd = cfd;
 			e->cause = why.cause;
 			e->detail = why.detail;
@@ -97,7 +97,7 @@ int core_greeting_admit(struct core *c, const uint8_t *caddr, uint16_t cport, in
 {
 	struct flow f = {.caddr = addr_load(caddr), .cport = cport};
 	struct refusal why;
-	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0) {
+	if (admit(c, ADMIT_CLIENT | ADMIT_GATE | ADMIT_FDS | ADMIT_LIMIT, &f, &why) == REFUSED) {
 		if (count)
 			refused(c, &why, 1, &f);
 		*detail = why.detail;
@@ -136,7 +136,7 @@ int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr, uint16_t
 	struct refusal why;
 	int sfd, tried, r;
 
-	if (admit(c, ADMIT_DESTINATION, &f, &why) < 0) {
+	if (admit(c, ADMIT_DESTINATION, &f, &why) == ADMITTED) {
 		sfd = open_server(c, &f.daddr, dport, &tried);
 		if (sfd < 0) {
 			why = (struct refusal){.cause = cause_of_errno(-sfd), .err = -sfd};
@@ -172,7 +172,7 @@ static void serve_accepted(struct core *c, int cfd, const struct in6_addr *caddr
 			return;
 		}
 		epoll_ctl(c->epfd, EPOLL_CTL_DEL, h.sfd, NULL);
-		held_end(c, i, 0, 0, 1);	/* the connection takes its socket and admission */
+		held_end(c, i, HELD_PAIRED, NULL);	/* the connection takes its socket and admission */
 		if (conn_add(c, cfd, h.sfd, 0, 0, h.server_mptcp, &h.f, h.t_syn, NULL, 0, NULL, 0) < 0) {
 			reset_close(cfd);
 			close(h.sfd);
@@ -186,7 +186,7 @@ static void serve_accepted(struct core *c, int cfd, const struct in6_addr *caddr
 	case 1:
 		return greet(c, cfd, &f);		/* convert mode: the message says where */
 	}
-	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION | ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0)
+	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION | ADMIT_FDS | ADMIT_LIMIT, &f, &why) == REFUSED)
 		return refuse_accepted(c, cfd, &why, &f);	/* (its SYN may not have been judged) */
 	sfd = open_server(c, &f.daddr, f.dport, &tried);
 	if (sfd < 0) {
@@ -277,17 +277,14 @@ void link_ready(struct core *c, int fd)
 
 /* -- the listeners ------------------------------------------------------------------------------------------ */
 /* Out of fds (EMFILE/ENFILE): a level-triggered listener would report the same waiting client at
- * once, forever (a spin at a full core). Every listener leaves the epoll set for ACCEPT_PAUSE (as
+ * once, forever (a spin at a full core). Every listener leaves the engine for ACCEPT_PAUSE (as
  * nginx disables accept events); its clients wait in the kernel's backlog meanwhile. */
 static void accept_pause(struct core *c)
 {
 	if (c->accept_paused_until > 0)
 		return;
 	for (int j = 0; j < c->nlisteners; j++)
-		if (c->u)
-			uring_unlisten(c, c->listeners[j]);
-		else
-			epoll_ctl(c->epfd, EPOLL_CTL_DEL, c->listeners[j], NULL);
+		c->eng->unlisten(c, c->listeners[j]);
 	c->accept_paused_until = c->now + ACCEPT_PAUSE;
 	c->st.accept_pauses++;
 }
@@ -295,12 +292,9 @@ static void accept_pause(struct core *c)
 void accept_resume(struct core *c)
 {
 	for (int j = 0; j < c->nlisteners; j++) {
-		struct epoll_event ev = {.events = EPOLLIN,
-					 .data.u64 = (uint64_t)FD_LISTENER << FD_SHIFT | (uint32_t)c->listeners[j]};
-		if (c->u)
-			uring_listen(c, c->listeners[j]);
-		else if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, c->listeners[j], &ev) && errno != EEXIST)
-			c->st.errors[errno_slot(errno)]++;
+		int r = c->eng->listen(c, c->listeners[j]);
+		if (r < 0)
+			c->st.errors[errno_slot(-r)]++;
 	}
 	c->accept_paused_until = 0;
 }

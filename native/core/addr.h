@@ -41,7 +41,7 @@ static inline int addr_is_loopback(const struct in6_addr *a)
 	return addr_is_v4(a) ? a->s6_addr[12] == 127 : IN6_IS_ADDR_LOOPBACK(a);
 }
 
-/* A source no real client has (mimbox/addrs.py source_bad says the same; tests compare them):
+/* A source no real client has (mimbox/wire/addrs.py source_bad says the same; tests compare them):
  *   IPv4 (held as ::ffff:a.b.c.d)  0/8, 127/8, 224/4 (multicast), 240/4 (reserved, broadcast);
  *   IPv6                           ::/96 (unspecified, loopback, IPv4-compatible), ff00::/8
  *                                  (multicast), and ::ffff:0:0/96 when it came as an IPv6 source on
@@ -147,7 +147,7 @@ static inline uint64_t mix64(uint64_t k)
 	return k ^ (k >> 33);
 }
 
-/* A client (address, port) as one 64-bit key, never 0; the workers share them (mimbox.synpath.HeldSet).
+/* A client (address, port) as one 64-bit key, never 0; the workers share them (mimbox.converter.synpath.HeldSet).
  * An IPv4 client's key is exact; an IPv6 client's is a hash (top bit set, so never an IPv4 key): a
  * table keyed by it compares the address and port too. */
 static inline uint64_t client_key(const struct in6_addr *a, uint16_t port)

@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Who may go where, and how many: the one place a client is admitted or refused.
  *
- * admit() runs the checks a path asks for (enum admit_check), in one order, and returns the CAUSE_*
- * that refuses the client (with its detail and argument) or -1. The paths:
+ * admit() runs the checks a path asks for (enum admit_check), in one order: ADMITTED, or REFUSED
+ * with the CAUSE_* that refuses the client (its detail and argument) in a struct refusal. The paths:
  *   SYN path (synq.c)        CLIENT | DESTINATION, then the gate (hold, defer, refuse), then FDS | LIMIT
  *   accept path (accept.c)   CLIENT | DESTINATION | FDS | LIMIT (its SYN may not have been judged)
  *   convert mode, accepted   CLIENT | GATE | FDS | LIMIT (a greeting: an fd before the client spoke)
  *   convert mode, message    DESTINATION (the rest was admitted with the greeting)
- * The destination rules are mimbox.safety.Policy's (tests/test_core.py checks they agree); a refusal's
+ * The destination rules are mimbox.converter.safety.Policy's (tests/test_core.py checks they agree); a refusal's
  * detail says which rule, so Python words the log line without deciding again. */
 #include "rooms.h"
 #include <stdlib.h>
@@ -63,13 +63,17 @@ void policy_free(struct core *c)
 	own_free(&c->own);
 }
 
-/* mimbox.core.POLICY_*: a client prefix allowed; one of this host's own destinations (an address, or
+/* enum policy_kind (mimbox.codes.POLICY): a client prefix allowed; one of this host's own destinations (an address, or
  * a shorter local route); this host's own destinations forgotten (Python lists them anew, then says
  * POLICY_OWN_DONE); the allowed clients and rules forgotten (a reload lists them anew). 0 or -errno. */
 int core_policy(struct core *c, int kind, const uint8_t *net, int len)
 {
+	enum policy_kind k = kind;
 	struct in6_addr a;
-	switch (kind) {
+	switch (k) {
+	case POLICY_ALLOW_CLIENT:
+	case POLICY_OWN:
+		break;
 	case POLICY_OWN_FORGET:
 		own_forget(&c->own);
 		return 0;
@@ -80,19 +84,19 @@ int core_policy(struct core *c, int kind, const uint8_t *net, int len)
 		c->nallow = 0;
 		c->nrules = 0;
 		return 0;
+	default:
+		return -EINVAL;		/* (not a kind mimbox.codes declares) */
 	}
 	if (!net || len < 0 || len > 128)
 		return -EINVAL;
 	a = addr_load(net);
-	if (kind == POLICY_ALLOW_CLIENT) {
+	if (k == POLICY_ALLOW_CLIENT) {
 		if (grow((void **)&c->allow, &c->allow_cap, c->nallow + 1, sizeof(*c->allow)))
 			return -ENOMEM;
 		c->allow[c->nallow++] = prefix_make(&a, len);
 		return 0;
 	}
-	if (kind == POLICY_OWN)
-		return own_add(&c->own, &a, len);
-	return -EINVAL;
+	return own_add(&c->own, &a, len);	/* POLICY_OWN */
 }
 
 /* the next destination rule (after those before it): ports lo..hi of net/len allowed or denied */
@@ -144,9 +148,9 @@ int core_refusal(struct core *c, const uint8_t *caddr, const uint8_t *daddr, uin
 {
 	struct flow f = flow_load(caddr, 0, daddr, dport);
 	struct refusal why;
-	int cause = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why);
-	*detail = cause >= 0 ? why.detail : 0;
-	return cause;
+	int denied = admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why) == REFUSED;
+	*detail = denied ? why.detail : 0;
+	return denied ? why.cause : -1;
 }
 
 /* -- the gate: held SYNs and greetings per client /24 (IPv4) or /64 (IPv6), and per address ----------- */
@@ -202,7 +206,7 @@ int gate_size(struct core *c, int pending_limit)
 	return 0;
 }
 
-/* GATE_OPEN, or which cap a newcomer from caddr meets (GATE_*, mimbox/core.py): pending_limit in
+/* GATE_OPEN, or which cap a newcomer from caddr meets (GATE_*, mimbox/codes.py): pending_limit in
  * all, pending_per_prefix from its /24 or /64, pending_per_address from its address */
 int gate_open(struct core *c, const struct in6_addr *caddr)
 {
@@ -264,31 +268,42 @@ void core_gate_hold(struct core *c, const uint8_t *caddr, int on)
 }
 
 /* -- admit ------------------------------------------------------------------------------------------------- */
-int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why)
+/* Run the checks a path asks for (enum admit_check), in one order: ADMITTED, or REFUSED with why filled
+ * in (a CAUSE_*, its detail and argument). ADMIT_LIMIT takes a place under the shared limit when it
+ * admits: admission_return() gives it back. */
+enum admission admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why)
 {
 	*why = (struct refusal){.cause = -1};
-	if ((checks & ADMIT_CLIENT) && !client_allowed(c, &f->caddr))
-		return why->cause = CAUSE_CLIENT_NOT_ALLOWED;
+	if ((checks & ADMIT_CLIENT) && !client_allowed(c, &f->caddr)) {
+		why->cause = CAUSE_CLIENT_NOT_ALLOWED;
+		return REFUSED;
+	}
 	if ((checks & ADMIT_DESTINATION) &&
 	    (why->cause = destination_refusal(c, &f->daddr, f->dport, &why->detail)) >= 0)
-		return why->cause;
+		return REFUSED;
 	why->detail = 0;
 	if ((checks & ADMIT_GATE) && (why->detail = gate_open(c, &f->caddr)) != GATE_OPEN) {
 		why->arg = c->gated;
-		return why->cause = CAUSE_PENDING_LIMIT;	/* detail: which cap (GATE_*) */
+		why->cause = CAUSE_PENDING_LIMIT;	/* detail: which cap (GATE_*) */
+		return REFUSED;
 	}
 	if ((checks & ADMIT_FDS) && c->active + c->nheld + c->greetings >= c->cfg.fd_capacity) {
 		why->arg = c->cfg.fd_capacity;
-		return why->cause = CAUSE_FD_LIMIT;
+		why->cause = CAUSE_FD_LIMIT;
+		return REFUSED;
 	}
 	if ((checks & ADMIT_LIMIT) && c->cfg.admission &&
-	    (why->arg = (int)__atomic_load_n(&c->cfg.admission[1], __ATOMIC_RELAXED)))
-		return why->cause = CAUSE_MEMORY_PRESSURE;	/* pages held (mimbox.resources.MemoryPressure) */
+	    (why->arg = (int)__atomic_load_n(&c->cfg.admission[1], __ATOMIC_RELAXED))) {
+		why->cause = CAUSE_MEMORY_PRESSURE;	/* pages held (mimbox.host.resources.MemoryPressure) */
+		return REFUSED;
+	}
 	if ((checks & ADMIT_LIMIT) && c->cfg.admission && !core_admit(c->cfg.admission, c->cfg.admission_limit)) {
 		why->arg = (int)c->cfg.admission_limit;
-		return why->cause = CAUSE_CONNECTION_LIMIT;
+		why->cause = CAUSE_CONNECTION_LIMIT;
+		return REFUSED;
 	}
-	return -1;
+	why->cause = -1;
+	return ADMITTED;
 }
 
 /* -- refusals: counted here, logged by Python (EV_REFUSED) --------------------------------------------- */

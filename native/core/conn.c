@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Relayed connections: a client socket and its server socket in one slot (struct conn), from
- * core_add() to conn_end() — the one function where a connection ends, whatever ends it.
+ * conn_add() to conn_end() — the one function where a connection ends, whatever ends it.
  *
- *   core_add()        CONN_CONNECTING (server connect() in progress) or CONN_RELAYING
+ *   conn_add()        CONN_CONNECTING (server connect() in progress) or CONN_RELAYING
  *   server_ready()    the connect() finished: CONN_RELAYING, or conn_end(END_CONNECT_FAILED)
- *   conn_ready()      an epoll event on either socket: bytes move (xfer.c)
+ *   conn_ready()      an epoll event on either socket: bytes move (the engine, c->eng)
+ *   conn_due()        its timer (timers.c): connect, idle and convert-answer deadlines
  *   conn_end()        CONN_ENDED: both sockets closed (reset unless both sides finished), counted,
  *                     the access log's line; the slot is freed when the batch ends
  *                     (conns_free_ended), so a stale event of this batch never meets a new tenant. */
 #include "rooms.h"
 #include <stdlib.h>
-#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -36,21 +36,12 @@ static int conn_slot(struct core *c)
 	return c->nconns++;
 }
 
-static void dir_init(struct dir *d, int src, int dst)
-{
-	memset(d, 0, sizeof(*d));
-	d->src = src;
-	d->dst = dst;
-	d->pipe_r = d->pipe_w = -1;
-}
-
 /* Take over a client and its server socket (connecting: the server has not answered yet); the slot,
  * or -errno (the caller still owns both fds). */
 int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
 	     const struct flow *f, double t_syn, const char *prefix, uint32_t prefix_len, const char *early,
 	     uint32_t early_len)
 {
-	struct epoll_event ev = {.events = WATCH_CONN};
 	struct conn *k;
 	int i = conn_slot(c), err = -ENOMEM;
 
@@ -81,21 +72,8 @@ int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, 
 		memcpy(k->early, early, early_len);
 		k->early_len = early_len;
 	}
-	ev.data.u64 = (uint64_t)FD_CONN << FD_SHIFT | (uint64_t)i << 1 | 1;
-	if (c->u)		/* the uring engine watches its sockets itself */
-		goto added;
-	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, cfd, &ev)) {
-		err = -errno;
+	if ((err = c->eng->conn_watch(c, i)) < 0)
 		goto failed;
-	}
-	ev.data.u64 = (uint64_t)FD_CONN << FD_SHIFT | (uint64_t)i << 1;
-	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, sfd, &ev) &&
-	    (errno != EEXIST || epoll_ctl(c->epfd, EPOLL_CTL_MOD, sfd, &ev))) {	/* a socket Python watched */
-		err = -errno;
-		epoll_ctl(c->epfd, EPOLL_CTL_DEL, cfd, NULL);
-		goto failed;
-	}
-added:
 	k->state = connecting ? CONN_CONNECTING : CONN_RELAYING;
 	if (!++c->conn_gen)
 		c->conn_gen = 1;
@@ -116,14 +94,8 @@ added:
 			c->st.server_mptcp++;
 		else
 			c->st.server_tcp++;
-		/* what is there already: EPOLL_CTL_ADD reported it as an event (edge-triggered too) */
 	}
-	if (c->u) {
-		if (connecting)
-			uring_connecting(c, i);
-		else
-			uring_start(c, i);
-	}
+	c->eng->conn_start(c, i);
 	conn_timer(c, i);
 	return i;
 failed:
@@ -173,13 +145,7 @@ void server_ready(struct core *c, int i, uint32_t ev)
 		k->early = NULL;
 		k->early_len = 0;
 	}
-	if (c->u)
-		return uring_start(c, i);
-	if (k->client_ev & ~EPOLLOUT)		/* what the client sent meanwhile: its events were kept */
-		xfer_event(c, i, &k->up, k->client_ev);
-	k->client_ev = 0;
-	if ((ev & ~EPOLLOUT) && k->state != CONN_ENDED)
-		xfer_event(c, i, &k->down, ev);
+	c->eng->server_connected(c, i, ev);
 }
 
 /* an epoll event on a connection's socket (data: slot << 1 | is_client) */
@@ -187,7 +153,6 @@ void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 {
 	int i = (uint32_t)data >> 1, is_client = data & 1;
 	struct conn *k = c->conns[i];
-	struct dir *in, *out;
 
 	switch (k->state) {
 	case CONN_FREE:
@@ -200,16 +165,8 @@ void conn_ready(struct core *c, uint64_t data, uint32_t ev)
 			server_ready(c, i, ev);
 		return;
 	case CONN_RELAYING:
-		break;
+		return c->eng->conn_event(c, i, is_client, ev);
 	}
-	in = is_client ? &k->up : &k->down;
-	out = is_client ? &k->down : &k->up;
-	if (is_client && k->client_synrecv && (ev & EPOLLOUT) && client_ready(k))
-		client_established(c, i);
-	if ((ev & ~EPOLLOUT) && k->state != CONN_ENDED)
-		xfer_event(c, i, in, ev);
-	if ((ev & EPOLLOUT) && out->buffered && k->state != CONN_ENDED)
-		xfer(c, i, out, 1, 0);	/* its destination has room again */
 }
 
 static void conn_event(struct core *c, struct conn *k, int kind, int err)
@@ -285,14 +242,10 @@ void conn_end(struct core *c, int i, enum conn_end_how how, int err)
 	access_log(c, k, reset);
 	c->st.bytes_up += k->up.bytes;
 	c->st.bytes_down += k->down.bytes;
-	if (c->u)
-		uring_end(c, k);
-	if (keep_client) {
-		if (!c->u)		/* (the uring engine never watched it) */
-			epoll_ctl(c->epfd, EPOLL_CTL_DEL, k->cfd, NULL);
-	} else if (reset)
+	c->eng->conn_stop(c, k, keep_client);
+	if (!keep_client && reset)	/* (a client kept is Python's now) */
 		reset_close(k->cfd);
-	else
+	else if (!keep_client)
 		close(k->cfd);
 	if (reset)
 		reset_close(k->sfd);
@@ -325,22 +278,62 @@ void conns_free_ended(struct core *c)
 	c->ndead = 0;
 }
 
-/* Abort every connection and held SYN (the converter stops): returns how many connections. */
-int core_abort_all(struct core *c)
+/* -- its timer (timers.c's wheel) ------------------------------------------------------------------------ */
+static double earliest(double a, double b)
 {
-	int n = 0;
-	for (int i = 0; i < c->nheld_slots; i++)
-		if (c->held[i].state != HELD_FREE)
-			held_end(c, i, CAUSE_SHUTTING_DOWN, 0, 0);
-	for (int i = 0; i < c->nconns; i++) {
-		enum conn_state s = c->conns[i]->state;
-		if (s == CONN_CONNECTING || s == CONN_RELAYING) {
-			conn_end(c, i, END_SHUTDOWN, 0);
-			n++;
+	return a <= 0 ? b : b <= 0 ? a : a < b ? a : b;
+}
+
+/* connection k's next deadline (0: none), from its state now */
+static double conn_deadline(struct core *c, struct conn *k)
+{
+	double when = 0;
+	if (k->state == CONN_CONNECTING)
+		return k->t_accept + c->cfg.connect_timeout;
+	if (k->state != CONN_RELAYING)
+		return 0;
+	if (c->cfg.idle_timeout > 0)
+		when = k->last + c->cfg.idle_timeout;
+	if (k->client_synrecv)
+		when = earliest(when, c->now + 1);	/* looked at each second until its handshake is seen */
+	else if (k->down.prefix && !k->up.bytes)
+		when = earliest(when, k->last + c->cfg.prefix_wait);
+	return when;
+}
+
+/* (re)place connection i on the wheel at its next deadline */
+void conn_timer(struct core *c, int i)
+{
+	timer_set(c, i << 1 | TIMER_CONN, conn_deadline(c, c->conns[i]));
+}
+
+/* connection i's timer is due: judged on what is true now (ended, or set again at its next deadline) */
+void conn_due(struct core *c, int i)
+{
+	struct conn *k = c->conns[i];
+	switch (k->state) {
+	case CONN_FREE:
+	case CONN_ENDED:
+		return;
+	case CONN_CONNECTING:
+		if (c->now - k->t_accept > c->cfg.connect_timeout) {
+			c->st.connect_timeouts++;
+			return conn_end(c, i, END_CONNECT_FAILED, ETIMEDOUT);
 		}
+		break;
+	case CONN_RELAYING:
+		if (c->cfg.idle_timeout > 0 && c->now - k->last > c->cfg.idle_timeout)
+			return conn_end(c, i, END_IDLE, ETIME);
+		if (k->client_synrecv) {
+			if (client_ready(k))	/* (its EPOLLOUT edge should have said so) */
+				c->eng->client_established(c, i);
+		} else if (k->down.prefix && !k->up.bytes && c->now - k->last > c->cfg.prefix_wait &&
+			   dir_flush_prefix(&k->down) < 0)
+			return conn_end(c, i, END_RESET, EPIPE);
+		break;
 	}
-	conns_free_ended(c);
-	return n;
+	if (k->state == CONN_CONNECTING || k->state == CONN_RELAYING)
+		conn_timer(c, i);
 }
 
 int core_list(struct core *c, struct core_conn_info *out, int max)

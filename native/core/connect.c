@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include <linux/bpf.h>
 #include <linux/types.h>
-#include "synack.h"		/* generated from mimbox/synack.py: the SYN-ACK options map */
+#include "synack.h"		/* generated from mimbox/host/synack.py: the SYN-ACK options map */
 
 void reset_close(int fd)
 {
@@ -35,7 +35,7 @@ int tcp_state(int fd)
 	return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 ? ti.tcpi_state : -1;
 }
 
-/* the refusal cause of a failed server connect (mimbox.synpath.Cause.of_errno) */
+/* the refusal cause (CAUSE_*) of a failed server connect's errno */
 int cause_of_errno(int err)
 {
 	switch (err) {
@@ -47,6 +47,11 @@ int cause_of_errno(int err)
 		return CAUSE_SERVER_TIMEOUT;
 	}
 	return CAUSE_SERVER_ERROR;
+}
+
+int core_cause_of_errno(int err)
+{
+	return cause_of_errno(err);
 }
 
 /* -- the memo: servers that answered an MPTCP SYN without MPTCP get TCP for server_mptcp_retry s ------ */

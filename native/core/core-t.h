@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The core's own types: a worker's core, its connections and the SYNs it holds, with their states.
  * The layouts shared with Python (struct core_config, core_event, core_stats, core_conn_info,
- * syn_info) and the codes (CAUSE_*, EV_*, SYN_*, ...) are generated from mimbox/core.py into
+ * syn_info) and the codes (CAUSE_*, EV_*, SYN_*, ...) are generated from mimbox/converter/layouts.py and codes.py into
  * relaycore.h; nothing here crosses to Python. */
 #pragma once
 #include <stdint.h>
@@ -9,7 +9,7 @@
 #include "relaycore.h"		/* generated: shared layouts and codes */
 #include "addr.h"		/* addresses of both families */
 
-#define MAX_RULES 256		/* destination rules: more refuse to start (mimbox.core.Core.policy) */
+#define MAX_RULES 256		/* destination rules: more refuse to start (mimbox.converter.core.Core.policy) */
 #define MAX_LISTENERS 64
 #define MAX_EVENTS 256		/* epoll events per wait */
 #define DESTINATIONS (1 << 16)	/* explicit mode: DST_OPTs of SYNs the kernel answered */
@@ -64,6 +64,20 @@ enum conn_end_how {
 	END_SHUTDOWN,		/* the converter stops (core_abort_all): both reset */
 };
 
+/* What admit() came to (admit.c). */
+enum admission {
+	ADMITTED = 0,		/* every check asked for passed (ADMIT_LIMIT: a place is taken) */
+	REFUSED,		/* one did not: its struct refusal says which and why */
+};
+
+/* How a held SYN's entry ends (held_end, synq.c). */
+enum held_end_how {
+	HELD_PAIRED,		/* accept() paired it with its client: its server socket and admission
+				 * now belong to the connection */
+	HELD_DROPPED,		/* it ends alone: a SYN still waiting is refused (its struct refusal says
+				 * why), the server socket is closed, the admission given back */
+};
+
 /* What admit() checks (admit.c), in this order; a set of them per path. */
 enum admit_check {
 	ADMIT_CLIENT = 1 << 0,		/* the client is in an allowed prefix */
@@ -95,7 +109,7 @@ struct dir {
 	uint64_t bytes;
 	char *prefix;			/* convert mode: the answer, written in front of the first bytes */
 	uint32_t prefix_len, prefix_in_buf;
-	/* the uring engine (uring.c): at most one recv and one send in flight */
+	/* the uring engine (engine_uring.c): at most one recv and one send in flight */
 	uint8_t recving;		/* a recv is in flight (or waits for a free buffer) */
 	uint8_t sending;		/* 0, or the U_SEND* in flight */
 	uint8_t qhead, qn;		/* provided buffers read, not yet all sent (a ring of DIR_QUEUE) */
@@ -126,7 +140,7 @@ struct conn {
 	struct timer timer;
 	uint8_t tried_mptcp, client_mptcp, server_mptcp;
 	uint8_t client_synrecv;		/* an MPTCP client accepted at its TFO SYN, its handshake not yet
-					 * complete: nothing is written to it until it is (xfer.c client_ready) */
+					 * complete: nothing is written to it until it is (dir.c client_ready) */
 	int cfd, sfd;
 	struct dir up, down;
 	struct flow f;
@@ -178,6 +192,40 @@ struct own_table {
 struct nfq_handle;
 struct nfq_q_handle;
 struct uring;
+struct core;
+struct epoll_event;
+struct sockaddr_storage;
+
+/* The engine: where bytes move and where the loop waits (HAProxy's poller and transport operations in
+ * one table). One is chosen by config engine in core_new(), once; the rooms call it through c->eng and
+ * never ask which it is.
+ *   engine_epoll (engine_epoll.c)  copy, splice, auto: a connection's sockets in the epoll set
+ *   engine_uring (engine_uring.c)  uring: a ring; the epoll set is one poll on it */
+struct engine {
+	const char *name;
+	int (*init)(struct core *c);		/* its own state (core_new); 0 or -errno */
+	void (*free)(struct core *c);
+	/* the loop's wait, up to wait_ms (0: none): the epoll set's events into evs (at most room), their
+	 * count returned (-1 with errno: EINTR a signal); *work: events and completions handled */
+	int (*wait)(struct core *c, struct epoll_event *evs, int room, int wait_ms, int *work);
+	int (*listen)(struct core *c, int lfd);		/* a listener takes clients (again): 0 or -errno */
+	int (*unlisten)(struct core *c, int lfd);	/* ... leaves, or rests (accept_pause) */
+	int (*conn_watch)(struct core *c, int i);	/* conn_add: its sockets watched; 0 or -errno (nothing kept) */
+	void (*conn_start)(struct core *c, int i);	/* conn_add, counted: connecting, or bytes may move */
+	void (*conn_event)(struct core *c, int i, int is_client, uint32_t ev);	/* an epoll event, CONN_RELAYING */
+	void (*server_connected)(struct core *c, int i, uint32_t ev);	/* server_ready: it answered */
+	void (*client_established)(struct core *c, int i);	/* a TFO client's handshake is complete */
+	void (*conn_stop)(struct core *c, struct conn *k, int keep_client);	/* conn_end, before the closes */
+};
+
+/* What an engine reports up (HAProxy's fd I/O callback): the rooms above it, set once in core_new(), so
+ * no engine names a room above its own. */
+struct engine_hooks {
+	void (*conn_end)(struct core *c, int i, enum conn_end_how how, int err);	/* conn.c */
+	void (*server_ready)(struct core *c, int i, uint32_t ev);			/* conn.c */
+	void (*accepted)(struct core *c, int fd, const struct sockaddr_storage *peer);	/* accept.c */
+	void (*accept_failed)(struct core *c, int err);				/* accept.c */
+};
 
 /* One worker's core: its epoll set and everything it serves. */
 struct core {
@@ -193,7 +241,9 @@ struct core {
 	int nconns, cap, free_head, active;
 	int *dead;				/* ended during this batch: freed when it ends */
 	int ndead, dead_cap;
-	/* bytes (xfer.c) */
+	/* bytes (the engine; dir.c) */
+	const struct engine *eng;
+	const struct engine_hooks *hooks;
 	char *copy_buf;
 	int pool[PIPE_POOL][2];
 	int npool;
@@ -212,7 +262,7 @@ struct core {
 	int gate_slots, gated;			/* gated: held SYNs and greetings in all */
 	struct prefix *allow;			/* allowed client prefixes (grown as needed) */
 	int nallow, allow_cap;
-	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.safety.Policy) */
+	struct rule rules[MAX_RULES];		/* destinations, in order (mimbox.converter.safety.Policy) */
 	int nrules;
 	struct own_table own;			/* never a destination (own.c; refreshed on netlink news) */
 	uint32_t own_seq;			/* own.c: the sequence number of its last dump request */
@@ -232,7 +282,7 @@ struct core {
 	struct wheel wheel;
 	/* keeper.c */
 	pid_t keeper;
-	/* uring.c (engine uring; NULL: epoll alone) */
+	/* engine_uring.c's state (NULL: the epoll engine) */
 	struct uring *u;
 	uint32_t conn_gen;
 };

@@ -1,16 +1,18 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The core's exports: what mimbox/core.py binds with ctypes (and the fuzz harness calls). Everything
+/* The core's exports: what mimbox/converter/core.py binds with ctypes (mimbox/converter/layouts.py SIGNATURES) (and the fuzz harness calls). Everything
  * else is built with -fvisibility=hidden. Ports are in network order unless noted; an address is 16
  * bytes, IPv6 or an IPv4 address as ::ffff:a.b.c.d (addr.h), a prefix its length over those 16 bytes.
  *
  * Where to look:  a SYN is held ........ synq.c      its options are parsed ... synopt.c
  *                 who may go where ..... admit.c     where a client goes ...... dest.c
  *                 accept, hand-over .... accept.c    server sockets ........... connect.c
- *                 bytes move ........... xfer.c      a connection ends ........ conn.c (conn_end)
- *                 the loop ............. loop.c      once a second ............ timers.c
- *                 counters, ABI ........ stats.c     set-up, reload, free ..... setup.c
- *                 a crash resets ....... keeper.c     both families ............ addr.h
- *                 this host's own ...... own.c
+ *                 bytes move ........... engine_epoll.c (copy, splice), engine_uring.c (uring)
+ *                 a direction holds .... dir.c       a connection ends ........ conn.c (conn_end)
+ *                 the loop ............. loop.c      the timer wheel .......... timers.c
+ *                 events for Python .... events.c    counters, ABI ............ stats.c
+ *                 set-up, reload, free . setup.c     a crash resets ........... keeper.c
+ *                 this host's own ...... own.c       both families ............ addr.h
+ * The rooms' own calls, floor by floor: rooms.h. Types and states: core-t.h.
  */
 #pragma once
 #include <stdint.h>
@@ -23,13 +25,13 @@ CORE_API struct core *core_new(const struct core_config *cfg);
 CORE_API int core_reconfigure(struct core *c, const struct core_config *n);	/* SIGHUP: RELOADABLE fields; 0 or -ENOMEM */
 CORE_API void core_free(struct core *c);					/* aborts what is relayed */
 
+CORE_API int core_abort_all(struct core *c);					/* the converter stops */
+
 /* loop.c */
 CORE_API int core_watch(struct core *c, int fd, uint32_t events, int listener);	/* 0 or -errno */
 CORE_API int core_unwatch(struct core *c, int fd);
 CORE_API int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout);
-
-/* timers.c */
-CORE_API int core_sweep(struct core *c, struct core_event *out, int maxout);
+CORE_API int core_sweep(struct core *c, struct core_event *out, int maxout);	/* once a second */
 
 /* admit.c: policy, the SYN gate, the shared connection limit */
 CORE_API int core_policy(struct core *c, int kind, const uint8_t *net, int len);
@@ -60,6 +62,7 @@ CORE_API int core_convert_connect(struct core *c, int cfd, const uint8_t *caddr,
 				  uint32_t early_len, int *detail, int *err);
 
 /* connect.c */
+CORE_API int core_cause_of_errno(int err);		/* a failed server connect's CAUSE_* */
 
 /* conn.c */
 CORE_API int core_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
@@ -67,7 +70,6 @@ CORE_API int core_add(struct core *c, int cfd, int sfd, int connecting, int trie
 		      const char *prefix, uint32_t prefix_len, const char *early, uint32_t early_len);
 CORE_API int core_list(struct core *c, struct core_conn_info *out, int max);
 CORE_API int core_active(struct core *c);
-CORE_API int core_abort_all(struct core *c);
 
 /* stats.c */
 CORE_API const struct core_stats *core_stats(struct core *c);

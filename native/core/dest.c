@@ -3,7 +3,7 @@
  *   static        the configured server;
  *   transparent   the address the client sent to, which TPROXY kept as the socket's own;
  *   explicit      its SYN's DST_OPT, which on_syn() remembered here, or the BPF recorder's map
- *                 (mimbox/synrecord.py) when the SYN never visited NFQUEUE;
+ *                 (mimbox/host/synrecord.py) when the SYN never visited NFQUEUE;
  *   convert       the client's first bytes say it: Python reads them (accept.c greet()). */
 #include "rooms.h"
 #include <netinet/in.h>
@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include <linux/bpf.h>
 #include <linux/types.h>
-#include "dstopt.h"		/* generated from mimbox/dstopt.py: the recorder's map */
+#include "dstopt.h"		/* generated from mimbox/wire/dstopt.py: the recorder's map */
 
 /* 0: remembered (or the same one again); -1: a recent SYN from this (address, port) asked for another
  * destination: the first wins, this SYN is refused (a forged SYN must not redirect its victim) */

@@ -1,34 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The loop: one epoll set per worker; core_run() waits on it and hands each event to its room by the
- * kind of fd (enum fd_kind). Python's fds and what the core cannot decide alone go back to Python as
- * events (emit). Busy polling and the spare server sockets live here because they are about when
- * the loop sleeps. */
+/* The loop: the top room. core_run() waits on the engine (c->eng: epoll alone, or a ring with the epoll
+ * set on it) and hands each epoll event to its room by the kind of fd (enum fd_kind); core_sweep()
+ * hands each timer due to its owner. Python's fds and what the core cannot decide alone go back to
+ * Python as events (events.c). Busy polling and the spare server sockets live here because they are
+ * about when the loop sleeps. */
 #include "rooms.h"
 #include <sys/epoll.h>
 
-/* the next event for Python in this batch; NULL when there is no room (or no batch: a call from Python) */
-struct core_event *emit(struct core *c, int kind)
-{
-	struct core_event *e;
-	if (c->nout >= c->maxout)
-		return NULL;
-	e = &c->out[c->nout++];
-	memset(e, 0, sizeof(*e));
-	e->kind = kind;
-	e->fd = -1;
-	return e;
-}
-
 int core_watch(struct core *c, int fd, uint32_t events, int listener)
 {
-	struct epoll_event ev = {.events = events,
-				 .data.u64 = (uint64_t)(listener ? FD_LISTENER : FD_PYTHON) << FD_SHIFT | (uint32_t)fd};
+	struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)FD_PYTHON << FD_SHIFT | (uint32_t)fd};
 	if (listener) {
 		if (c->nlisteners == MAX_LISTENERS)
 			return -ENOSPC;
 		c->listeners[c->nlisteners++] = fd;
-		if (c->u)		/* the uring engine accepts on the ring (multishot) */
-			return uring_listen(c, fd);
+		return c->eng->listen(c, fd);
 	}
 	if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) == 0)
 		return 0;
@@ -42,10 +28,7 @@ int core_unwatch(struct core *c, int fd)
 	for (int j = 0; j < c->nlisteners; j++)
 		if (c->listeners[j] == fd) {
 			c->listeners[j] = c->listeners[--c->nlisteners];
-			if (c->u) {
-				uring_unlisten(c, fd);
-				return 0;
-			}
+			return c->eng->unlisten(c, fd);
 		}
 	return epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
@@ -93,9 +76,7 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 
 	c->now = monotonic();
 	deadline = c->now + timeout_ms / 1000.0;
-	c->out = out;
-	c->maxout = maxout;
-	c->nout = 0;
+	batch_begin(c, out, maxout);
 	for (;;) {
 		int polling = timeout_ms && busy_polling(c);
 		if (c->accept_paused_until > 0 && c->now >= c->accept_paused_until)
@@ -104,14 +85,13 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 		if (c->accept_paused_until > 0 && wait > (int)((c->accept_paused_until - c->now) * 1000) + 1)
 			wait = (int)((c->accept_paused_until - c->now) * 1000) + 1;
 		room = c->maxout - c->nout < MAX_EVENTS ? c->maxout - c->nout : MAX_EVENTS;
-		n = c->u ? uring_wait(c, evs, room, wait) : epoll_wait(c->epfd, evs, room, wait);
+		n = c->eng->wait(c, evs, room, wait, &work);
 		if (n < 0) {
 			n = c->nout ? c->nout : -errno;
-			c->maxout = 0;
+			batch_end(c);
 			return n;
 		}
 		c->now = monotonic();
-		work = n + (c->u ? uring_done(c) : 0);
 		if (work == 0 && wait != timeout_ms) {	/* nothing waits: make spares, poll on or sleep */
 			if (c->now >= deadline)
 				break;
@@ -131,7 +111,24 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 			break;
 		timeout_ms = (int)((deadline - c->now) * 1000) + 1;
 	}
-	c->maxout = 0;		/* calls from Python until the next batch emit nothing: their events would
-				 * overwrite the ones Python is reading */
-	return c->nout;
+	return batch_end(c);
+}
+
+/* Once a second (Python): what waited too long, from the timer wheel (timers.c); each entry judged by
+ * its owner (conn_due, held_due). Returns how many events are Python's (in out). */
+int core_sweep(struct core *c, struct core_event *out, int maxout)
+{
+	int id;
+	batch_begin(c, out, maxout);
+	c->now = monotonic();
+	while ((id = timer_due(c, (uint64_t)c->now)) >= 0) {
+		if (c->nout + 2 > c->maxout)	/* (an end emits an event or two): it waits a second */
+			timer_set(c, id, c->now + 1);
+		else if ((id & 1) == TIMER_HELD)
+			held_due(c, id >> 1);
+		else
+			conn_due(c, id >> 1);
+	}
+	conns_free_ended(c);
+	return batch_end(c);
 }

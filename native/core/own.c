@@ -5,7 +5,7 @@
  *
  * core_own_refresh() reads the table with a netlink dump on a route socket Python opened without
  * CAP_NET_ADMIN in force (a SYN-holding worker keeps the capability; rtnetlink asks the opener's too,
- * so nothing sent on it changes anything), at start and whenever the watch (mimbox.safety.AddressWatch)
+ * so nothing sent on it changes anything), at start and whenever the watch (mimbox.converter.safety.AddressWatch)
  * says an address or a local route changed. Held as one hash set per prefix length in use (a lookup
  * costs a probe per length, not per route), grown as needed; while a listing is incomplete (begun,
  * or failed) every destination is refused (admit.c), never a silent truncation. */

@@ -11,6 +11,7 @@
 
 struct nfgenmsg;
 struct nfq_data;
+struct sockaddr_storage;
 
 #ifndef IPPROTO_MPTCP
 #define IPPROTO_MPTCP 262
@@ -51,8 +52,19 @@ static inline int errno_slot(int err)
 	return err > 0 && err < ERRNO_SLOTS ? err : 0;
 }
 
-/* loop.c */
+/* Each room's functions, from the bottom floor up: a room calls the rooms of its own section and the
+ * ones listed above it, never one below it (the engines report up through struct engine_hooks, and
+ * the loop reaches them through struct engine: core-t.h). */
+
+/* -- floor 1: what goes back to Python, counters, tables of their own --------------------------------- */
+/* events.c */
+void batch_begin(struct core *c, struct core_event *out, int maxout);
+int batch_end(struct core *c);
 struct core_event *emit(struct core *c, int kind);	/* NULL: no room (or not inside core_run/sweep) */
+
+/* stats.c */
+void count_connect_time(struct core *c, double us);
+void count_duration(struct core *c, double s);
 
 /* own.c */
 int own_add(struct own_table *t, const struct in6_addr *a, int len);
@@ -60,8 +72,15 @@ int own_has(const struct own_table *t, const struct in6_addr *a);
 void own_forget(struct own_table *t);
 void own_free(struct own_table *t);
 
+/* timers.c: the wheel (its owners compute the deadlines: conn_timer, held_timer) */
+void wheel_init(struct core *c);
+void timer_set(struct core *c, int id, double when);
+void timer_stop(struct core *c, int id);
+int timer_due(struct core *c, uint64_t now_tick);
+
+/* -- floor 2: who may go where, server sockets, where a client goes ----------------------------------- */
 /* admit.c */
-int admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
+enum admission admit(struct core *c, unsigned checks, const struct flow *f, struct refusal *why);
 void policy_free(struct core *c);
 void admission_return(struct core *c);
 int gate_size(struct core *c, int pending_limit);
@@ -70,25 +89,6 @@ void gate_hold(struct core *c, const struct in6_addr *caddr);
 void gate_release(struct core *c, const struct in6_addr *caddr);
 int syn_gate(struct core *c, const struct in6_addr *caddr);
 void refused(struct core *c, const struct refusal *why, int after_accept, const struct flow *f);
-
-/* synq.c */
-int held_find(struct core *c, uint64_t key, const struct in6_addr *caddr, uint16_t cport);
-void held_end(struct core *c, int i, int cause, int err, int paired);
-void held_ready(struct core *c, uint64_t data, uint32_t ev);
-void queue_ready(struct core *c);
-int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data);
-
-/* dest.c */
-int dest_remember(struct core *c, uint64_t key, const struct flow *f);
-int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why);
-
-/* accept.c */
-void accept_all(struct core *c, int lfd);
-void accept_resume(struct core *c);
-void accept_failed(struct core *c, int err);
-struct sockaddr_storage;
-void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer);
-void link_ready(struct core *c, int fd);
 
 /* connect.c */
 int connect_result(int fd, uint32_t ev);
@@ -104,6 +104,28 @@ int sock_is_mptcp(int fd);
 int tcp_state(int fd);
 void reset_close(int fd);
 
+/* dest.c */
+int dest_remember(struct core *c, uint64_t key, const struct flow *f);
+int destination_of(struct core *c, int cfd, struct flow *f, struct refusal *why);
+
+/* -- floor 3: what a direction holds ------------------------------------------------------------------- */
+/* dir.c */
+void dir_init(struct dir *d, int src, int dst);
+void pipe_give(struct core *c, struct dir *d);
+int pipe_take(struct core *c, struct dir *d);
+void dir_release(struct core *c, struct dir *d);
+int dir_own_append(struct dir *d, const char *p, uint32_t n);
+void dir_own_sent(struct dir *d, uint32_t n);
+int dir_own_flush(struct dir *d);
+int dir_write_prefixed(struct dir *d, const char *data, uint32_t n);
+int dir_flush_prefix(struct dir *d);
+int client_ready(struct conn *k);
+
+/* -- floor 4: the engines, where bytes move (struct engine; each reports up through c->hooks) ---------- */
+extern const struct engine engine_epoll;	/* engine_epoll.c */
+extern const struct engine engine_uring;	/* engine_uring.c */
+
+/* -- floor 5: connections, held SYNs ------------------------------------------------------------------- */
 /* conn.c */
 int conn_add(struct core *c, int cfd, int sfd, int connecting, int tried_mptcp, int server_mptcp,
 	     const struct flow *f, double t_syn, const char *prefix, uint32_t prefix_len, const char *early,
@@ -112,38 +134,24 @@ void conn_ready(struct core *c, uint64_t data, uint32_t ev);
 void server_ready(struct core *c, int i, uint32_t ev);
 void conn_end(struct core *c, int i, enum conn_end_how how, int err);
 void conns_free_ended(struct core *c);
-
-/* xfer.c */
-void xfer_event(struct core *c, int i, struct dir *d, uint32_t ev);
-void xfer(struct core *c, int i, struct dir *d, int drain, int rdhup);
-int xfer_flush_prefix(struct dir *d);
-int dir_own_append(struct dir *d, const char *p, uint32_t n);
-void dir_own_sent(struct dir *d, uint32_t n);
-int client_ready(struct conn *k);
-void client_established(struct core *c, int i);
-void dir_release(struct core *c, struct dir *d);
-
-/* uring.c */
-struct epoll_event;
-int uring_init(struct core *c);
-void uring_free(struct core *c);
-int uring_wait(struct core *c, struct epoll_event *evs, int room, int wait_ms);
-int uring_done(struct core *c);
-void uring_connecting(struct core *c, int i);
-void uring_start(struct core *c, int i);
-void uring_client_ready(struct core *c, int i);
-void uring_end(struct core *c, struct conn *k);
-int uring_listen(struct core *c, int lfd);
-void uring_unlisten(struct core *c, int lfd);
-
-/* timers.c */
-void wheel_init(struct core *c);
-void timer_set(struct core *c, int id, double when);
-void timer_stop(struct core *c, int id);
 void conn_timer(struct core *c, int i);
-void held_timer(struct core *c, int i);
-void timers_rearm_all(struct core *c);
+void conn_due(struct core *c, int i);
 
-/* stats.c */
-void count_connect_time(struct core *c, double us);
-void count_duration(struct core *c, double s);
+/* synq.c */
+int held_find(struct core *c, uint64_t key, const struct in6_addr *caddr, uint16_t cport);
+void held_end(struct core *c, int i, enum held_end_how how, const struct refusal *why);
+void held_ready(struct core *c, uint64_t data, uint32_t ev);
+void held_timer(struct core *c, int i);
+void held_due(struct core *c, int i);
+void queue_ready(struct core *c);
+int queue_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data);
+
+/* -- floor 6: accept ----------------------------------------------------------------------------------- */
+/* accept.c */
+void accept_all(struct core *c, int lfd);
+void accept_resume(struct core *c);
+void accept_failed(struct core *c, int err);
+void accept_one(struct core *c, int fd, const struct sockaddr_storage *peer);
+void link_ready(struct core *c, int fd);
+
+/* -- floor 7: the loop (loop.c) and set-up (setup.c): core.h's exports only ---------------------------- */

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* A worker's core made, reconfigured on a reload, and freed. */
+/* A worker's core made (its engine chosen, once), reconfigured on a reload, stopped and freed. */
 #include "rooms.h"
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -8,12 +8,22 @@
 
 static int held_size(struct core *c, int pending_limit);
 
+/* what the engines report up (struct engine_hooks): the rooms above them */
+static const struct engine_hooks hooks = {
+	.conn_end = conn_end,
+	.server_ready = server_ready,
+	.accepted = accept_one,
+	.accept_failed = accept_failed,
+};
+
 struct core *core_new(const struct core_config *cfg)
 {
 	struct core *c = calloc(1, sizeof(*c));
 	if (!c)
 		return NULL;
 	c->cfg = *cfg;
+	c->eng = cfg->engine == ENGINE_URING ? &engine_uring : &engine_epoll;
+	c->hooks = &hooks;
 	c->free_head = -1;
 	c->held_free = -1;
 	c->qfd = -1;
@@ -24,7 +34,7 @@ struct core *core_new(const struct core_config *cfg)
 	c->copy_buf = malloc(cfg->pipe_size);
 	c->dests = calloc(DESTINATIONS, sizeof(*c->dests));
 	if (c->epfd < 0 || !c->copy_buf || !c->dests || held_size(c, cfg->pending_limit) ||
-	    gate_size(c, cfg->pending_limit) || (cfg->engine == ENGINE_URING && uring_init(c) < 0)) {
+	    gate_size(c, cfg->pending_limit) || c->eng->init(c) < 0) {
 		core_free(c);
 		return NULL;
 	}
@@ -53,7 +63,7 @@ static int held_size(struct core *c, int pending_limit)
 	return 0;
 }
 
-/* SIGHUP: what may change in a running core (mimbox.configfile.RELOADABLE); new connections and
+/* SIGHUP: what may change in a running core (mimbox.config.RELOADABLE); new connections and
  * SYNs get it, established connections carry on */
 int core_reconfigure(struct core *c, const struct core_config *n)
 {
@@ -68,8 +78,32 @@ int core_reconfigure(struct core *c, const struct core_config *n)
 	c->cfg.pending_per_prefix = n->pending_per_prefix;
 	c->cfg.pending_per_address = n->pending_per_address;
 	c->cfg.access_log_every = n->access_log_every;
-	timers_rearm_all(c);		/* every deadline by the new timeouts */
+	/* every deadline by the new timeouts (once, not per second) */
+	for (int i = 0; i < c->nheld_slots; i++)
+		if (c->held[i].state != HELD_FREE)
+			held_timer(c, i);
+	for (int i = 0; i < c->nconns; i++)
+		if (c->conns[i]->state == CONN_CONNECTING || c->conns[i]->state == CONN_RELAYING)
+			conn_timer(c, i);
 	return 0;
+}
+
+/* Abort every connection and held SYN (the converter stops): returns how many connections. */
+int core_abort_all(struct core *c)
+{
+	int n = 0;
+	for (int i = 0; i < c->nheld_slots; i++)
+		if (c->held[i].state != HELD_FREE)
+			held_end(c, i, HELD_DROPPED, &(struct refusal){.cause = CAUSE_SHUTTING_DOWN});
+	for (int i = 0; i < c->nconns; i++) {
+		enum conn_state s = c->conns[i]->state;
+		if (s == CONN_CONNECTING || s == CONN_RELAYING) {
+			conn_end(c, i, END_SHUTDOWN, 0);
+			n++;
+		}
+	}
+	conns_free_ended(c);
+	return n;
 }
 
 void core_free(struct core *c)
@@ -77,7 +111,7 @@ void core_free(struct core *c)
 	if (!c)
 		return;
 	core_abort_all(c);
-	uring_free(c);
+	c->eng->free(c);
 	core_keeper_release(c);
 	for (int i = 0; i < c->nconns; i++)
 		free(c->conns[i]);

@@ -39,7 +39,7 @@ const struct core_stats *core_stats(struct core *c)
 	return &c->st;
 }
 
-/* sizeof shared struct `which` (mimbox.core.LAYOUTS' order) */
+/* sizeof shared struct `which` (mimbox.converter.core.LAYOUTS' order) */
 int core_abi(int which)
 {
 	switch (which) {
@@ -52,7 +52,7 @@ int core_abi(int which)
 	return -1;
 }
 
-/* the offset of field k (mimbox.core's order) of shared struct `which`, -1 past the last: Python
+/* the offset of field k (mimbox.converter.core's order) of shared struct `which`, -1 past the last: Python
  * checks every field against this build, not only the sizes */
 int core_abi_offset(int which, int k)
 {

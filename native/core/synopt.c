@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
-/* A SYN's TCP options: the destination option (DST_OPT, mimbox/dstopt.py declares its layout) and
- * MPTCP's subtypes. mimbox/dstopt.py parse_options makes the same decisions (tests/test_core.py
+/* A SYN's TCP options: the destination option (DST_OPT, mimbox/wire/dstopt.py declares its layout) and
+ * MPTCP's subtypes. mimbox/wire/dstopt.py parse_options makes the same decisions (tests/test_core.py
  * compares them; tests/fuzz/fuzz_core.c fuzzes this parser). */
 #include "rooms.h"
 #include <netinet/in.h>
 #include <linux/types.h>
-#include "dstopt.h"		/* generated from mimbox/dstopt.py */
+#include "dstopt.h"		/* generated from mimbox/wire/dstopt.py */
 
 /* 0: a TCP SYN in IPv4 or in IPv6 without extension headers (options parsed, never fails on them;
  * bad_source set for a source no real client has, addr.h addr_source_bad), -1: not one. Addresses as
@@ -87,7 +87,7 @@ int core_parse_syn(const uint8_t *p, int len, struct syn_info *s)
 				s->error = SYN_UNKNOWN_EXID;
 				s->arg = exid;
 			} else {
-				/* the IPv4 form (10 bytes) or the IPv6 form (22): mimbox/dstopt.py */
+				/* the IPv4 form (10 bytes) or the IPv6 form (22): mimbox/wire/dstopt.py */
 				struct in6_addr a;
 				uint16_t port;
 				if (olen == DSTOPT_LEN) {

@@ -6,7 +6,7 @@
  *   server connect() starts and the SYN waits in the queue (HELD_WAITING);
  *   the server answers (held_ready): the SYN goes on to the kernel, which completes the client's
  *   handshake (HELD_RELEASED); accept() finds the entry (accept.c) and pairs the two sockets;
- *   the server fails, or nothing comes in time (timers.c): the SYN is released marked, RST.
+ *   the server fails, or nothing comes in time (held_due): the SYN is released marked, RST.
  * A refused SYN's verdict carries REFUSE_MARK: the listener's filter rule answers it with RST. */
 #include "rooms.h"
 #include <fcntl.h>
@@ -67,16 +67,17 @@ static void refuse_syn(struct core *c, uint32_t id, const struct refusal *why, c
 	refused(c, why, 0, f);
 }
 
-/* end a held entry; a SYN still waiting is refused with `cause`; paired: its server socket and its
- * admission now belong to a connection */
-void held_end(struct core *c, int i, int cause, int err, int paired)
+/* end held entry i: paired (HELD_PAIRED), its server socket and admission now belong to a connection;
+ * or alone (HELD_DROPPED): a SYN still waiting is refused as `why` says, the socket closed, the
+ * admission returned */
+void held_end(struct core *c, int i, enum held_end_how how, const struct refusal *why)
 {
 	struct held *h = &c->held[i];
-	if (h->state == HELD_WAITING)
-		refuse_syn(c, h->id, &(struct refusal){.cause = cause, .err = err}, &h->f);
+	if (h->state == HELD_WAITING && why)
+		refuse_syn(c, h->id, why, &h->f);
 	gate_release(c, &h->f.caddr);
 	held_mark(c, h->key, 0);
-	if (!paired) {
+	if (how == HELD_DROPPED) {
 		admission_return(c);
 		if (h->sfd >= 0)
 			close(h->sfd);
@@ -88,6 +89,32 @@ void held_end(struct core *c, int i, int cause, int err, int paired)
 	c->held_free = i;
 	c->nheld--;
 }
+
+/* -- its timer (timers.c's wheel) ------------------------------------------------------------------------ */
+/* (re)place held entry i on the wheel: the server's deadline while it waits, then the client's handshake */
+void held_timer(struct core *c, int i)
+{
+	struct held *h = &c->held[i];
+	double when = h->state == HELD_WAITING ? h->t_syn + c->cfg.connect_timeout :
+		      h->state == HELD_RELEASED ? h->ready_at + c->cfg.handshake_timeout : 0;
+	timer_set(c, i << 1 | TIMER_HELD, when);
+}
+
+/* held entry i's timer is due: judged on what is true now (ended, or set again) */
+void held_due(struct core *c, int i)
+{
+	struct held *h = &c->held[i];
+	if (h->state == HELD_WAITING && c->now - h->t_syn > c->cfg.connect_timeout) {
+		c->st.held_connect_timeouts++;
+		return held_end(c, i, HELD_DROPPED, &(struct refusal){.cause = CAUSE_SERVER_TIMEOUT, .err = ETIMEDOUT});
+	}
+	if (h->state == HELD_RELEASED && c->now - h->ready_at > c->cfg.handshake_timeout) {
+		c->st.handshake_timeouts++;	/* the client never completed its handshake */
+		return held_end(c, i, HELD_DROPPED, &(struct refusal){.cause = CAUSE_HANDSHAKE_TIMEOUT});
+	}
+	held_timer(c, i);
+}
+
 
 /* hold the SYN: its server connect() starts now */
 static void hold(struct core *c, uint32_t id, uint64_t key, const struct flow *f)
@@ -157,7 +184,7 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 		f.daddr = addr_load(c->cfg.static_addr);
 		f.dport = c->cfg.static_port;
 	}
-	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why) >= 0)
+	if (admit(c, ADMIT_CLIENT | ADMIT_DESTINATION, &f, &why) == REFUSED)
 		return refuse_syn(c, id, &why, &f);
 	switch (syn_gate(c, &f.caddr)) {
 	case SYN_DEFER:		/* the kernel answers (SYN cookies past its backlog); connect after accept */
@@ -170,7 +197,7 @@ static void on_syn(struct core *c, uint32_t id, const uint8_t *pkt, int len)
 	}
 	if (c->held_free < 0)		/* every held slot in use (pending_limit raised by a reload) */
 		return refuse_syn(c, id, &(struct refusal){.cause = CAUSE_FD_LIMIT, .arg = c->cfg.fd_capacity}, &f);
-	if (admit(c, ADMIT_FDS | ADMIT_LIMIT, &f, &why) >= 0)
+	if (admit(c, ADMIT_FDS | ADMIT_LIMIT, &f, &why) == REFUSED)
 		return refuse_syn(c, id, &why, &f);
 	hold(c, id, key, &f);
 }
@@ -187,7 +214,7 @@ void held_ready(struct core *c, uint64_t data, uint32_t ev)
 		return;
 	if (err) {
 		c->st.server_errors[errno_slot(err)]++;
-		return held_end(c, i, cause_of_errno(err), err, 0);
+		return held_end(c, i, HELD_DROPPED, &(struct refusal){.cause = cause_of_errno(err), .err = err});
 	}
 	h->server_mptcp = server_answered(c, h->sfd, h->t_syn, h->tried_mptcp, 0, &h->f.daddr, h->f.dport);
 	h->state = HELD_RELEASED;

@@ -8,7 +8,8 @@
  * so. Each connection and held SYN has one place on the wheel (struct timer), in the list of the second
  * its next deadline falls in. Deadlines are read lazily: a byte that moves only sets k->last; when the
  * second comes, the entry is judged on what is true then (timed out: ended; else set again at its new
- * deadline). Once a second Python calls core_sweep, which walks the seconds that passed since. */
+ * deadline). Once a second Python calls core_sweep (loop.c), which takes what is due (timer_due).
+ * The wheel knows no deadline itself: conn.c (conn_timer) and synq.c (held_timer) compute them. */
 #include "rooms.h"
 
 static struct timer *timer_of(struct core *c, int id)
@@ -61,127 +62,23 @@ void timer_set(struct core *c, int id, double when)
 	t->on = 1;
 }
 
-static double earliest(double a, double b)
+/* The next entry due by second now_tick, taken off the wheel (counted: timer_visits), the wheel moved
+ * on through the seconds that passed; -1: none is due. Its owner judges it and sets it again if it
+ * still waits (conn_due, held_due: the loop's core_sweep calls them). */
+int timer_due(struct core *c, uint64_t now_tick)
 {
-	return a <= 0 ? b : b <= 0 ? a : a < b ? a : b;
-}
-
-/* connection i's next deadline (0: none), from its state now */
-static double conn_deadline(struct core *c, struct conn *k)
-{
-	double when = 0;
-	if (k->state == CONN_CONNECTING)
-		return k->t_accept + c->cfg.connect_timeout;
-	if (k->state != CONN_RELAYING)
-		return 0;
-	if (c->cfg.idle_timeout > 0)
-		when = k->last + c->cfg.idle_timeout;
-	if (k->client_synrecv)
-		when = earliest(when, c->now + 1);	/* looked at each second until its handshake is seen */
-	else if (k->down.prefix && !k->up.bytes)
-		when = earliest(when, k->last + c->cfg.prefix_wait);
-	return when;
-}
-
-/* (re)place connection i on the wheel at its next deadline */
-void conn_timer(struct core *c, int i)
-{
-	timer_set(c, i << 1 | TIMER_CONN, conn_deadline(c, c->conns[i]));
-}
-
-void held_timer(struct core *c, int i)
-{
-	struct held *h = &c->held[i];
-	double when = h->state == HELD_WAITING ? h->t_syn + c->cfg.connect_timeout :
-		      h->state == HELD_RELEASED ? h->ready_at + c->cfg.handshake_timeout : 0;
-	timer_set(c, i << 1 | TIMER_HELD, when);
-}
-
-/* the timeouts changed (a reload): every entry placed again by the new ones (once, not per second) */
-void timers_rearm_all(struct core *c)
-{
-	for (int i = 0; i < c->nheld_slots; i++)
-		if (c->held[i].state != HELD_FREE)
-			held_timer(c, i);
-	for (int i = 0; i < c->nconns; i++)
-		if (c->conns[i]->state == CONN_CONNECTING || c->conns[i]->state == CONN_RELAYING)
-			conn_timer(c, i);
-}
-
-static void held_due(struct core *c, int i)
-{
-	struct held *h = &c->held[i];
-	if (h->state == HELD_WAITING && c->now - h->t_syn > c->cfg.connect_timeout) {
-		c->st.held_connect_timeouts++;
-		return held_end(c, i, CAUSE_SERVER_TIMEOUT, ETIMEDOUT, 0);
-	}
-	if (h->state == HELD_RELEASED && c->now - h->ready_at > c->cfg.handshake_timeout) {
-		c->st.handshake_timeouts++;	/* the client never completed its handshake */
-		return held_end(c, i, CAUSE_HANDSHAKE_TIMEOUT, 0, 0);
-	}
-	held_timer(c, i);
-}
-
-static void conn_due(struct core *c, int i)
-{
-	struct conn *k = c->conns[i];
-	switch (k->state) {
-	case CONN_FREE:
-	case CONN_ENDED:
-		return;
-	case CONN_CONNECTING:
-		if (c->now - k->t_accept > c->cfg.connect_timeout) {
-			c->st.connect_timeouts++;
-			return conn_end(c, i, END_CONNECT_FAILED, ETIMEDOUT);
+	struct wheel *w = &c->wheel;
+	if (now_tick > w->tick + WHEEL_SLOTS)	/* (not swept for longer than the wheel: every list once) */
+		w->tick = now_tick - WHEEL_SLOTS;
+	for (;;) {
+		int id = w->head[w->tick % WHEEL_SLOTS];	/* (the list of the second being swept) */
+		if (id >= 0) {
+			timer_stop(c, id);
+			c->st.timer_visits++;
+			return id;
 		}
-		break;
-	case CONN_RELAYING:
-		if (c->cfg.idle_timeout > 0 && c->now - k->last > c->cfg.idle_timeout)
-			return conn_end(c, i, END_IDLE, ETIME);
-		if (k->client_synrecv) {
-			if (client_ready(k))	/* (its EPOLLOUT edge should have said so) */
-				client_established(c, i);
-		} else if (k->down.prefix && !k->up.bytes && c->now - k->last > c->cfg.prefix_wait &&
-			   xfer_flush_prefix(&k->down) < 0)
-			return conn_end(c, i, END_RESET, EPIPE);
-		break;
+		if (w->tick >= now_tick)
+			return -1;
+		w->tick++;		/* (set again: into a later second than this one) */
 	}
-	if (k->state == CONN_CONNECTING || k->state == CONN_RELAYING)
-		conn_timer(c, i);
-}
-
-/* the entries of second `tick`: each judged now; those the batch has no room left for wait a second */
-static void sweep_tick(struct core *c, uint64_t tick)
-{
-	int id;
-	while ((id = c->wheel.head[tick % WHEEL_SLOTS]) >= 0) {	/* (one at a time: the list stays whole) */
-		timer_stop(c, id);
-		c->st.timer_visits++;
-		if (c->nout + 2 > c->maxout)	/* (an end emits an event or two) */
-			timer_set(c, id, c->now + 1);
-		else if ((id & 1) == TIMER_HELD)
-			held_due(c, id >> 1);
-		else
-			conn_due(c, id >> 1);
-	}
-}
-
-int core_sweep(struct core *c, struct core_event *out, int maxout)
-{
-	uint64_t now_tick, tick;
-	c->out = out;
-	c->maxout = maxout;
-	c->nout = 0;
-	c->now = monotonic();
-	now_tick = (uint64_t)c->now;
-	tick = c->wheel.tick;
-	if (now_tick > tick + WHEEL_SLOTS)	/* (not swept for longer than the wheel: every list once) */
-		tick = now_tick - WHEEL_SLOTS;
-	while (tick < now_tick) {
-		c->wheel.tick = ++tick;		/* (set again: into a later second than this one) */
-		sweep_tick(c, tick);
-	}
-	conns_free_ended(c);
-	c->maxout = 0;		/* (as core_run: no event outside a batch) */
-	return c->nout;
 }

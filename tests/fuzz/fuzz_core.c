@@ -86,7 +86,7 @@ static void report(void)	/* at exit: proof that the hold path was reached */
 {
 	fprintf(stderr, "stat::held_table_filled: %ld\n", q.held_full);
 }
-static int64_t admission[2];	/* the count and the pressure word (mimbox.synpath.Admission) */
+static int64_t admission[2];	/* the count and the pressure word (mimbox.converter.synpath.Admission) */
 
 static struct core *make_core(void)
 {

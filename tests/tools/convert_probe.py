@@ -13,7 +13,7 @@ import socket
 import sys
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from mimbox import rfc8803  # noqa: E402
+from mimbox.wire import rfc8803  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("host")

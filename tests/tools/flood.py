@@ -54,6 +54,8 @@ def flood(dst: str, port: int, prefix: str, rate: int, seconds: float) -> None:
             except OSError:          # e.g. ENOBUFS: count only what left
                 break
             sent += 1
+            if sent == rate // 2:    # half a second of it: the flood is on (the test waits for this line)
+                print("on", flush=True)
         time.sleep(0.001)
     print(f"sent {sent} in {time.monotonic() - start:.1f}s", flush=True)
 

@@ -13,7 +13,7 @@ import sys
 from scapy.all import IP, TCP, conf, send, sr1
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from mimbox.dstopt import DstOpt  # noqa: E402
+from mimbox.wire.dstopt import DstOpt  # noqa: E402
 
 conf.verb = 0
 ap = argparse.ArgumentParser()

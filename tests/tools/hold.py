@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 
-from mimbox.mptcp import IPPROTO_MPTCP
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The TOML config file (mimbox.configfile) and `mimbox check-config`: every error with its key and
+"""The TOML config file (mimbox.ops.configfile) and `mimbox check-config`: every error with its key and
 line, unknown keys refused, secrets only by path, flags over the file, what a reload may change."""
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import textwrap
 
 import pytest
 
-from mimbox import configfile
-from mimbox.cli import build_parser, config_from_args, main
+from mimbox.config import changes
+from mimbox.ops import configfile
+from mimbox.ops.cli import main
+from mimbox.ops.flags import build_parser, config_from_args
 
 
 def write(tmp_path, text: str, name: str = "mimbox.toml"):
@@ -140,10 +142,10 @@ def test_what_a_reload_may_change(tmp_path):
     new = configfile.build({"listener.mode": "static", "listener.upstream": ("192.0.2.1", 80),
                             "safety.deny_dst": ("198.51.100.0/24",), "log_level": "debug",
                             "listener.pending_limit": 10})
-    assert configfile.changes(old, new) == (["listener.pending_limit", "log_level", "safety.deny_dst"], [])
+    assert changes(old, new) == (["listener.pending_limit", "log_level", "safety.deny_dst"], [])
     moved = configfile.build({"listener.mode": "static", "listener.upstream": ("192.0.2.1", 80),
                               "listener.port": 7001, "workers": 4})
-    assert configfile.changes(old, moved) == ([], ["listener.port", "workers"])
+    assert changes(old, moved) == ([], ["listener.port", "workers"])
 
 
 def test_the_shipped_example_is_valid():
@@ -156,7 +158,7 @@ def test_the_dashboard_asks_only_for_metrics_that_exist():
     import json
     import re
 
-    from mimbox import metrics
+    from mimbox.converter import metrics
     from mimbox.paths import PACKAGE
     names = {f"mimbox_{k}_total" for k in metrics.COUNTERS} | {f"mimbox_{k}" for k in metrics.GAUGES}
     names |= {"mimbox_refused_total", "mimbox_errors_total", "mimbox_worker_up"}

@@ -1,4 +1,4 @@
-"""RFC 8803 wire format (mimbox/rfc8803.py), without root: field offsets as the RFC draws them,
+"""RFC 8803 wire format (mimbox/wire/rfc8803.py), without root: field offsets as the RFC draws them,
 round trips, every error a client can cause, and 10^5 fuzzed messages."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from mimbox import rfc8803
-from mimbox.rfc8803 import ConvertError, Error
+from mimbox.wire import rfc8803
+from mimbox.wire.rfc8803 import ConvertError, Error
 
 
 def test_connect_tlv_layout_is_the_rfcs():
@@ -110,8 +110,8 @@ def test_fuzz_parser_raises_only_its_own_error():
 def test_every_refusal_cause_has_its_error():
     """What a client is told for each cause the converter refuses with (Network Failure for a server
     error that is neither a refusal, an unreachable network nor a timeout)."""
-    from mimbox.redirect.convert import ERROR_OF_CAUSE, check_options, error_for
-    from mimbox.synpath import Cause
+    from mimbox.converter.convert import ERROR_OF_CAUSE, check_options, error_for
+    from mimbox.converter.synpath import Cause
     assert set(ERROR_OF_CAUSE) == set(Cause)
     assert rfc8803.parse_reply(error_for(Cause.SERVER_ERROR)).error is Error.NETWORK_FAILURE
     assert rfc8803.parse_reply(error_for(Cause.CONNECTION_LIMIT)).error is Error.RESOURCE_EXCEEDED

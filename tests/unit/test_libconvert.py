@@ -1,5 +1,5 @@
 """RFC 8803 interop with the one public Convert client, Tessares' libconvert: its own encoder and
-parser (tests/interop/libconvert/convert_util.c, unchanged, built here) against mimbox/rfc8803.py.
+parser (tests/interop/libconvert/convert_util.c, unchanged, built here) against mimbox/wire/rfc8803.py.
 
 libconvert writes a Connect of 5 words (port, address as ::ffff:a.b.c.d or IPv6) in a header whose
 16-bit field is 0x2263, and refuses an answer whose header lacks that value (convert_parse_header);
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mimbox import addrs, rfc8803
-from mimbox.rfc8803 import Error
+from mimbox.wire import addrs, rfc8803
+from mimbox.wire.rfc8803 import Error
 
 SRC = Path(__file__).resolve().parents[1] / "interop" / "libconvert"
 F_CONNECT, F_EXTENDED_TCP_HDR, F_COOKIE, F_ERROR = 1 << 1, 1 << 2, 1 << 4, 1 << 5
@@ -114,7 +114,7 @@ def test_the_core_writes_the_configured_field_in_its_busy_answer():
     """The answer the C core writes itself (a crowd past the caps) is generated from rfc8803 and
     stamped with --convert-compat's field at run time (native/core/accept.c greet)."""
     from mimbox.config import Config, ListenerConfig
-    from mimbox.synplan import core_config
+    from mimbox.converter.synplan import core_config
 
     class Shared:
         limit, slots, mask = 1, None, 0

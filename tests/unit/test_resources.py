@@ -1,10 +1,10 @@
-"""mimbox.resources: what a connection holds at rest, the limit's account, the pressure watch."""
+"""mimbox.host.resources: what a connection holds at rest, the limit's account, the pressure watch."""
 import logging
 import resource
 
-from mimbox import resources
-from mimbox.cli import build_parser, config_from_args
-from mimbox.synpath import Admission
+from mimbox.converter.synpath import Admission
+from mimbox.host import resources
+from mimbox.ops.flags import build_parser, config_from_args
 
 SLABINFO = """slabinfo - version: 2.1
 # name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables ...

@@ -1,10 +1,10 @@
-"""The relay's own timers (mimbox/timers.py), without root or sockets. The core's timers (held SYNs,
+"""The relay's own timers (mimbox/converter/timers.py), without root or sockets. The core's timers (held SYNs,
 connections) are in tests/test_core.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-from mimbox.timers import Timeouts, due
+from mimbox.converter.timers import Timeouts, due
 
 T = Timeouts(connect=10, handshake=15, idle=300, prefix_wait=0.2)
 

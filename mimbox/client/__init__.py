@@ -1,0 +1,1 @@
+"""The client side: run a program so its connections reach their servers through a converter."""
