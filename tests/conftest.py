@@ -13,8 +13,11 @@ import sys
 import pytest
 
 from mimbox.host import kernel
+from topologies.support import free_port
 
 PY = sys.executable
+# the server side's port of the byte-checked transfers (transfer(), and every converter started towards it)
+SERVER_PORT = free_port()
 
 
 NO_ROOT = ("tests/unit", "tests/test_core.py")
@@ -124,7 +127,7 @@ def run_client(tb, system, port: int, up: int, down: int, order: str = "both", m
 
 
 def transfer(tb, system, up: int, down: int, order: str = "both", client_mptcp: bool = True,
-             server_mptcp: bool = False, port: int = 9000, wait_subflows: int = 0,
+             server_mptcp: bool = False, port: int = SERVER_PORT, wait_subflows: int = 0,
              server_wait_subflows: int = 0) -> tuple[dict, dict]:
     """One byte-checked transfer through `system`; asserts every byte arrived intact both ways."""
     srv = Server(tb, port, server_mptcp, wait_subflows=server_wait_subflows)

@@ -11,15 +11,17 @@ import shlex
 import subprocess
 
 import pytest
-from conftest import PY, Server, readline, transfer
-from topologies.support import wait_until
+from conftest import PY, SERVER_PORT, Server, readline, transfer
+from topologies.support import free_port, wait_until
 
 from experiments.systems import MiMBox
 from mimbox.wire import rfc8803
 from mimbox.wire.rfc8803 import Error
 
+# the server side's ports of this module's own servers (topologies.support allocates them)
+BLACKHOLE_PORT, CLOSED_PORT, IPERF_PORT, WEB_PORT, BIG_WEB_PORT = (free_port() for _ in range(5))
+
 PROBE = os.path.join(os.path.dirname(__file__), "tools", "convert_probe.py")
-SERVER_PORT = 9000
 
 
 def probe(tb, port: int, message: bytes, read_after: int = 0, mptcp: bool = True) -> dict:
@@ -84,15 +86,15 @@ def test_syn_data_carries_message_and_application_bytes(paper_tb, conv):
 
 
 @pytest.mark.parametrize("name,message,code", [
-    ("version 2", bytes([2, 6, 0, 0]) + rfc8803.connect_message("10.0.101.1", 9000)[4:], Error.UNSUPPORTED_VERSION),
+    ("version 2", bytes([2, 6, 0, 0]) + rfc8803.connect_message("10.0.101.1", SERVER_PORT)[4:], Error.UNSUPPORTED_VERSION),
     ("zero length", bytes([1, 0, 0, 0]), Error.MALFORMED_MESSAGE),
     ("Connect cut", bytes([1, 2, 0, 0, 10, 1, 0x23, 0x28]), Error.MALFORMED_MESSAGE),
     ("unknown TLV", bytes([1, 2, 0, 0, 77, 1, 0, 0]), Error.UNSUPPORTED_MESSAGE),
     ("loopback", rfc8803.connect_message("127.0.0.1", 22), Error.NOT_AUTHORIZED),
     ("the converter itself", rfc8803.connect_message("10.0.1.2", 7800), Error.NOT_AUTHORIZED),
-    ("nobody listens", rfc8803.connect_message("10.0.101.1", 9999), Error.CONNECTION_RESET),
-    ("no route", rfc8803.connect_message("10.0.101.99", 9000), Error.DESTINATION_UNREACHABLE),
-    ("TCP option asked", rfc8803.connect_message("10.0.101.1", 9000, tcp_options=bytes([2, 4, 5, 0xB4])),
+    ("nobody listens", rfc8803.connect_message("10.0.101.1", CLOSED_PORT), Error.CONNECTION_RESET),
+    ("no route", rfc8803.connect_message("10.0.101.99", SERVER_PORT), Error.DESTINATION_UNREACHABLE),
+    ("TCP option asked", rfc8803.connect_message("10.0.101.1", SERVER_PORT, tcp_options=bytes([2, 4, 5, 0xB4])),
      Error.UNSUPPORTED_TCP_OPTION),
 ])
 def test_each_error_on_the_wire(paper_tb, conv, name, message, code):
@@ -131,11 +133,11 @@ def conv_shim():
 def test_destination_unreachable_after_connect_timeout(paper_tb, conv):
     """A server that never answers: after --connect-timeout (1 s) the client is told Destination
     Unreachable."""
-    paper_tb.server.cmd("iptables -I INPUT -p tcp --dport 9301 -j DROP")
+    paper_tb.server.cmd(f"iptables -I INPUT -p tcp --dport {BLACKHOLE_PORT} -j DROP")
     try:
-        r = probe(paper_tb, conv.port, rfc8803.connect_message(paper_tb.server_ip, 9301))
+        r = probe(paper_tb, conv.port, rfc8803.connect_message(paper_tb.server_ip, BLACKHOLE_PORT))
     finally:
-        paper_tb.server.cmd("iptables -D INPUT -p tcp --dport 9301 -j DROP")
+        paper_tb.server.cmd(f"iptables -D INPUT -p tcp --dport {BLACKHOLE_PORT} -j DROP")
     assert r["error"] == Error.DESTINATION_UNREACHABLE, r
 
 
@@ -168,7 +170,7 @@ def test_fuzzed_messages_over_the_wire_never_stop_the_converter(paper_tb, conv):
     """300 mutated Convert messages through real SYNs: each complete one is answered (an Error, or a
     connection), one that claims more bytes than it has is waited for (RFC: the message is
     incomplete), the converter stays up and still serves a real client byte-exact afterwards."""
-    good = rfc8803.connect_message(paper_tb.server_ip, 9998)      # nobody there: errors only
+    good = rfc8803.connect_message(paper_tb.server_ip, CLOSED_PORT)      # nobody there: errors only
     rng = random.Random(8803)
     messages, waits = [], []
     for _ in range(300):
@@ -222,14 +224,14 @@ def test_unchanged_programs_through_convert_client(paper_tb, conv_open, tool):
     """Our client shim with our converter: curl, wrk and iperf3, unchanged, over MPTCP."""
     from experiments import servers
     if tool == "iperf3":
-        srv = servers.iperf3(paper_tb, 5201)
+        srv = servers.iperf3(paper_tb, IPERF_PORT)
         argv = ["iperf3", "-c", paper_tb.server_ip, "-t", "1", "-J"]
     else:
-        srv = servers.nginx(paper_tb, [1024], 8080)
+        srv = servers.nginx(paper_tb, [1024], WEB_PORT)
         argv = (["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-                 f"http://{paper_tb.server_ip}:8080/1024.bin"] if tool == "curl" else
+                 f"http://{paper_tb.server_ip}:{WEB_PORT}/1024.bin"] if tool == "curl" else
                 ["wrk", "-t", "1", "-c", "4", "-d", "1s", "-H", "Connection: close",
-                 f"http://{paper_tb.server_ip}:8080/1024.bin"])
+                 f"http://{paper_tb.server_ip}:{WEB_PORT}/1024.bin"])
     try:
         before = conv_open.stats()["accepted"]
         out = paper_tb.client.cmd(shlex.join(conv_open.client_argv(paper_tb, argv, mptcp=True)))
@@ -250,12 +252,12 @@ def test_message_after_the_handshake_without_fastopen(paper_tb, conv_open):
     """`--no-fastopen`: the SYN carries no data (the kernel's TFO counter does not move) and the
     Convert message leads the first bytes; a 256 KB download still arrives whole."""
     from experiments import servers
-    srv = servers.nginx(paper_tb, [262144], 8081)
+    srv = servers.nginx(paper_tb, [262144], BIG_WEB_PORT)
     try:
         before = tfo_passive(paper_tb)
         argv = [PY, "-m", "mimbox.ops.cli", "client", "--convert", "--no-fastopen", "--mptcp", "--via",
                 f"{paper_tb.mbox_client_ip}:{conv_open.port}", "--", "curl", "-sS", "-o", "/dev/null", "-w",
-                "%{http_code} %{size_download}", f"http://{paper_tb.server_ip}:8081/262144.bin"]
+                "%{http_code} %{size_download}", f"http://{paper_tb.server_ip}:{BIG_WEB_PORT}/262144.bin"]
         out = paper_tb.client.cmd(shlex.join(argv))
         after = tfo_passive(paper_tb)
     finally:

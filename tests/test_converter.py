@@ -4,10 +4,13 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import PY, Server, run_client, transfer
-from topologies.support import wait_until
+from conftest import PY, SERVER_PORT, Server, run_client, transfer
+from topologies.support import free_port, wait_until
 
 from experiments.systems import MiMBox
+
+# the server side's ports of this module's own servers (topologies.support allocates them)
+WEB_PORT = free_port()
 
 SIZES = [1, 64 << 10, 8 << 20 | 12345]   # 1 byte, 64 KiB, > 8 MB (odd size)
 
@@ -21,7 +24,7 @@ def converter(request, paper_tb):
     # convert mode's SYN data is tested in test_convert_mode.py; this matrix moves up to 8 MB over
     # MPTCP, which this kernel stalls (and now and then resets) after SYN data: results/tfo_stall
     m.fastopen = False
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     yield m
     m.stop()
 
@@ -60,7 +63,7 @@ def test_two_subflows_each_side(paper_tb, converter):
 def test_server_refusal_gives_rst(paper_tb, converter):
     """Nothing listens on the server port: the client's connect() fails with a reset, not EOF."""
     before = converter.stats()["refused"].get("server refused", 0)
-    r = run_client(paper_tb, converter, 9000, 10, 10)   # no Server started on 9000
+    r = run_client(paper_tb, converter, SERVER_PORT, 10, 10)   # no Server started on it
     assert r.get("errno") == 111, r                     # ECONNREFUSED: the SYN was answered by RST
     assert converter.stats()["refused"].get("server refused", 0) - before == 1, "refusal not counted once"
 
@@ -68,11 +71,11 @@ def test_server_refusal_gives_rst(paper_tb, converter):
 def test_refused_destination_logged_and_reset(paper_tb):
     """Explicit mode: a destination in the deny list gets RST and a log line."""
     m = MiMBox(mode="explicit", extra=["--deny", f"{paper_tb.server_ip}/32"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
-        srv = Server(paper_tb, 9000, mptcp=False)
+        srv = Server(paper_tb, SERVER_PORT, mptcp=False)
         try:
-            r = run_client(paper_tb, m, 9000, 10, 10)
+            r = run_client(paper_tb, m, SERVER_PORT, 10, 10)
         finally:
             srv.kill()
         assert r.get("errno") == 111, r
@@ -84,14 +87,14 @@ def test_refused_destination_logged_and_reset(paper_tb):
 def test_unchanged_curl_through_explicit_converter(paper_tb):
     """`mimbox client -- curl` reaches a web server through the converter, unchanged, over MPTCP."""
     m = MiMBox(mode="explicit")
-    m.start(paper_tb, 8080)
-    web = paper_tb.server.popen([PY, "-m", "http.server", "8080", "--directory", "/usr/share/doc/iproute2"],
+    m.start(paper_tb, WEB_PORT)
+    web = paper_tb.server.popen([PY, "-m", "http.server", str(WEB_PORT), "--directory", "/usr/share/doc/iproute2"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         from experiments.systems import wait_port
-        wait_port(paper_tb.server, 8080)
+        wait_port(paper_tb.server, WEB_PORT)
         argv = m.client_argv(paper_tb, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{remote_ip}",
-                                        f"http://{paper_tb.server_ip}:8080/"])
+                                        f"http://{paper_tb.server_ip}:{WEB_PORT}/"])
         out = paper_tb.client.cmd(" ".join(f"'{a}'" for a in argv))
         assert out.strip().startswith("200"), out
         st = m.stats()
@@ -105,7 +108,7 @@ def test_unchanged_curl_through_explicit_converter(paper_tb):
 def test_copy_engine_is_byte_exact(paper_tb):
     """The read()/write() engine (for experiments) is as exact as splice."""
     m = MiMBox(mode="static", engine="copy")
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         transfer(paper_tb, m, up=3 << 20, down=5 << 20)
     finally:
@@ -119,11 +122,11 @@ def test_uring_engine_end_to_end(paper_tb, mode):
     refusal (convert mode: the core gives the client back to Python for its Error TLV)."""
     m = MiMBox(mode=mode, engine="uring", extra=["--server-mptcp-retry", "0"])
     m.fastopen = False
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         c, s = transfer(paper_tb, m, up=3 << 20, down=5 << 20 | 7, client_mptcp=True, server_mptcp=False)
         assert c["mptcp"] is True and s["mptcp"] is False
-        r = run_client(paper_tb, m, 9000, 10, 10)            # nothing listens now
+        r = run_client(paper_tb, m, SERVER_PORT, 10, 10)            # nothing listens now
         assert r.get("errno") == 111, r
         st = m.stats()
         assert st["engine"] == "uring" and st["accepted"] >= 1, st
@@ -136,7 +139,7 @@ def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
     is not in epoll_wait to be interrupted: the signal wakes it through a pipe it watches)."""
     import time
     m = MiMBox(mode="static", extra=["--workers", "2", "--busy-poll", "10000000"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         for _ in range(3):
             transfer(paper_tb, m, up=200_000, down=300_000)
@@ -152,7 +155,7 @@ def test_busy_polling_converter_is_exact_and_stops_at_once(paper_tb):
 def test_rules_removed_after_stop(paper_tb):
     """The converter leaves no netfilter rule behind after SIGTERM."""
     m = MiMBox(mode="transparent")
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     assert f"MIMBOX-{m.port}" in paper_tb.mbox.cmd("iptables -t raw -S")
     # each jump matches only what its chain acts on: SYNs (raw), TCP (mangle's TPROXY)
     raw = [r for r in paper_tb.mbox.cmd("iptables -t raw -S PREROUTING").splitlines() if f"MIMBOX-{m.port}" in r]
@@ -174,12 +177,12 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
 
     from mimbox.converter.stats import query, worker_stats_path
     m = MiMBox(mode="static", extra=["--workers", "2"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
-        srv = Server(paper_tb, 9000, mptcp=False, count=24)
+        srv = Server(paper_tb, SERVER_PORT, mptcp=False, count=24)
         try:
             for i in range(24):
-                c = run_client(paper_tb, m, 9000, 1000 + i, 70_000 + i)
+                c = run_client(paper_tb, m, SERVER_PORT, 1000 + i, 70_000 + i)
                 assert c["received"] == 70_000 + i and c["sha_received"] == c["expected_server_sha"], c
             reports = srv.reports()
         finally:
@@ -208,7 +211,7 @@ def test_server_without_mptcp_is_remembered(paper_tb):
     (cheaper than an MPTCP socket falling back); after that MPTCP is tried again, and used."""
     import time
     m = MiMBox(mode="static", extra=["--workers", "1", "--server-mptcp-retry", "2"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         transfer(paper_tb, m, up=1000, down=1000, server_mptcp=False)     # learns: no MPTCP there
         transfer(paper_tb, m, up=1000, down=1000, server_mptcp=False)     # plain TCP socket
@@ -232,7 +235,7 @@ def test_explicit_without_holding_reads_dstopt_from_bpf(paper_tb):
     ms = [MiMBox(mode="explicit", syn_path="accept"),
           MiMBox(mode="explicit", syn_path="accept")]
     for m in ms:
-        m.start(paper_tb, 9000)
+        m.start(paper_tb, SERVER_PORT)
     try:
         filters = paper_tb.mbox.cmd("tc filter show dev mbox-eth0 ingress")
         assert f"pref {ms[0].port}" in filters and f"pref {ms[1].port}" in filters, filters
@@ -250,7 +253,7 @@ def test_explicit_without_holding_reads_dstopt_from_bpf(paper_tb):
 
 def stats_after_transfers(tb, m: MiMBox, n: int) -> dict:
     """Start m, run n byte-checked 1 KB-up / 2 KB-down transfers through it, return its counters."""
-    m.start(tb, 9000)
+    m.start(tb, SERVER_PORT)
     try:
         for _ in range(n):
             transfer(tb, m, up=1000, down=2000)

@@ -5,9 +5,12 @@ import json
 import os
 
 import pytest
-from topologies.support import wait_until
+from topologies.support import free_port, wait_until
 
 from experiments import breakdown, buffers, common, delay, goodput, interactive, profile, report, workload
+
+# the server side's ports of this module's own servers (topologies.support allocates them)
+BULK_PORT, WEB_PORT, CLOSED_PORT = (free_port() for _ in range(3))
 
 
 @pytest.fixture(autouse=True)
@@ -280,8 +283,8 @@ def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
     from experiments.systems import HAProxy, Squid, wait_port
     from mimbox.paths import MPTCPIZE
     system = HAProxy(threads=1) if proxy == "haproxy" else Squid()
-    web = servers.nginx(paper_tb, [32 << 20], 9800)
-    system.start(paper_tb, 9800)
+    web = servers.nginx(paper_tb, [32 << 20], BULK_PORT)
+    system.start(paper_tb, BULK_PORT)
     try:
         wait_port(paper_tb.mbox, system.port)
         curl = paper_tb.client.popen(["env", f"LD_PRELOAD={MPTCPIZE}", "curl", "-s", "-o", "/dev/null",
@@ -292,7 +295,7 @@ def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
         while time.time() < deadline:
             table = paper_tb.mbox.cmd(f"ss -Htni -M state established '( sport = :{system.port} )'")
             every = paper_tb.mbox.cmd("ss -Htni state established").replace("\r", "").replace("\n\t", " ")
-            server_side = "\n".join(line for line in every.splitlines() if ":9800 " in line)
+            server_side = "\n".join(line for line in every.splitlines() if f":{BULK_PORT} " in line)
             if sum(line.startswith("tcp") for line in table.splitlines()) >= 2 and server_side:
                 break
             time.sleep(0.3)
@@ -316,10 +319,10 @@ def test_haproxy_names_how_a_session_ended(paper_tb):
     import time
     from experiments import servers
     from experiments.systems import HAProxy, wait_port
-    web = servers.nginx(paper_tb, [1024], 9801)
+    web = servers.nginx(paper_tb, [1024], WEB_PORT)
     refused, served = HAProxy(threads=1), HAProxy(threads=1)
-    refused.start(paper_tb, 9802)             # nothing listens there
-    served.start(paper_tb, 9801)
+    refused.start(paper_tb, CLOSED_PORT)             # nothing listens there
+    served.start(paper_tb, WEB_PORT)
     try:
         for system in (refused, served):
             wait_port(paper_tb.mbox, system.port)

@@ -10,7 +10,7 @@ timestamps off, as docs/running.md#ipv6 tells users to.
 from __future__ import annotations
 
 import pytest
-from conftest import run_client, transfer
+from conftest import SERVER_PORT, run_client, transfer
 
 from experiments.systems import MiMBox
 
@@ -43,7 +43,7 @@ def converter(case, tb):
     """A converter of the case's mode on [::] (it serves both families)."""
     m = MiMBox(mode=case[0], listen="::", extra=["--workers", "1", "--server-mptcp-retry", "0"])
     m.fastopen = False      # as in test_converter: SYN data with 8 MB over MPTCP stalls this kernel
-    m.start(tb, 9000)
+    m.start(tb, SERVER_PORT)
     yield m
     m.stop()
 
@@ -96,6 +96,6 @@ def test_two_subflows_each_side(tb, converter):
 def test_server_refusal_gives_rst(tb, converter):
     """Nothing listens on the server's port: the client's connect() fails with a reset."""
     before = converter.stats()["refused"].get("server refused", 0)
-    r = run_client(tb, converter, 9000, 10, 10)
+    r = run_client(tb, converter, SERVER_PORT, 10, 10)
     assert r.get("errno") == 111, r
     assert converter.stats()["refused"].get("server refused", 0) - before == 1

@@ -40,8 +40,8 @@ def descendants(pid: int) -> list[int]:
         try:
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
+        except FileNotFoundError:
+            pass                  # gone meanwhile
     return out
 
 

@@ -10,8 +10,8 @@ import time
 
 import ledger
 import pytest
-from conftest import PY, readline, transfer
-from topologies.support import wait_until as wait_for  # noqa: F401 (test_service imports wait_for from here)
+from conftest import PY, SERVER_PORT, readline, transfer
+from topologies.support import free_port, wait_until as wait_for  # noqa: F401 (test_service imports wait_for from here)
 from topologies.support import watch
 
 from experiments.measure import cpu_seconds
@@ -19,7 +19,7 @@ from experiments.systems import MiMBox
 from mimbox.wire import rfc8803
 
 TOOLS = os.path.join(os.path.dirname(__file__), "tools")
-SINK_PORT = 9400
+SINK_PORT = free_port()
 
 
 class Sink:
@@ -619,7 +619,7 @@ def test_workers_and_keepers_run_unprivileged(paper_tb, mode, syn_path, caps):
     and the converter still converts (a byte-exact transfer)."""
     from mimbox.host import privileges
     m = MiMBox(mode=mode, workers=2, syn_path=syn_path)
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         tree = converter_tree(m)
         seen = {role: [privileges.status(p) for p in pids] for role, pids in tree.items()}
@@ -724,7 +724,7 @@ def test_supervisor_reports_a_worker_killed_by_its_filter(paper_tb):
     """A worker that dies of SIGSYS (what a forbidden call does) stops the converter with status 1 and
     a log line saying why; the rules are removed."""
     m = MiMBox(mode="static", workers=1)
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         os.kill(converter_tree(m)["workers"][0], 31)
         code = m.procs[0].wait(timeout=30)
@@ -744,8 +744,8 @@ def test_access_log_line_per_finished_connection(paper_tb):
     every = MiMBox(mode="static", workers=1, extra=["--access-log", "on"])
     sampled = MiMBox(mode="static", workers=1, extra=["--access-log", "2"])
     try:
-        every.start(paper_tb, 9000)
-        sampled.start(paper_tb, 9000)
+        every.start(paper_tb, SERVER_PORT)
+        sampled.start(paper_tb, SERVER_PORT)
         transfer(paper_tb, every, up=123_456, down=654_321)
         for _ in range(4):
             transfer(paper_tb, sampled, up=1000, down=1000)
@@ -762,5 +762,5 @@ def test_access_log_line_per_finished_connection(paper_tb):
     assert m and m.group(1) == paper_tb.client_ips[0] and m.group(3) == paper_tb.server_ip, lines[0]
     assert (int(m.group(5)), int(m.group(6))) == (st["bytes_up"], st["bytes_down"]), (lines[0], st)
     assert st["bytes_up"] >= 123_456 and st["bytes_down"] >= 654_321, st
-    assert m.group(4) == "9000" and 0 < float(m.group(7)) < 30, lines[0]
+    assert m.group(4) == str(SERVER_PORT) and 0 < float(m.group(7)) < 30, lines[0]
     assert len(sampled_lines) == 2, sampled_lines

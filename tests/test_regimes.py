@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import readline
+from conftest import SERVER_PORT, readline
 
 from experiments.common import converter_boxes
 from experiments.systems import MiMBox, Squid
@@ -61,7 +61,7 @@ def test_quota_holds_every_process_of_a_system(paper_tb):
         boxes = [s.box for s in syss]
         try:
             for s in syss:
-                s.start(paper_tb, 9000)
+                s.start(paper_tb, SERVER_PORT)
             for s, loops in zip(syss, (2, 1)):
                 want = 3 if s is syss[0] else 1          # MiMBox: supervisor + 2 workers
                 pids = wait_until(lambda: (lambda ps: ps if len(ps) >= want else None)(

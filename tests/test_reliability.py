@@ -14,8 +14,8 @@ import time
 import faults
 import ledger
 import pytest
-from conftest import PY, Server, readline, run_client, transfer
-from topologies.support import wait_until
+from conftest import PY, SERVER_PORT, Server, readline, run_client, transfer
+from topologies.support import free_port, wait_until
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig
@@ -24,6 +24,9 @@ from topologies.testbed import ConverterTopo, PathSpec, Testbed
 
 SEED = int(os.environ.get("MIMBOX_SEED", "20131209"))
 TOOLS = os.path.join(os.path.dirname(__file__), "tools")
+# the server side's ports, one per use (never typed: topologies.support allocates them)
+(RESET_PORT, VANISH_PORT, BLACKHOLE_PORT, TRICKLE_PORT, LIMIT_PORT, BUDGET_PORT, IDLE_PORT,
+ WEB_PORT) = (free_port() for _ in range(8))
 
 
 def hold_server(tb, port: int, n: int) -> subprocess.Popen:
@@ -67,9 +70,9 @@ def lossy_tb(mptcp_ok):
 
 
 def running_converter(tb, mode: str):
-    """A module-scoped converter towards the server's port 9000 (a generator for fixtures)."""
+    """A module-scoped converter towards the server's SERVER_PORT (a generator for fixtures)."""
     m = MiMBox(mode=mode)
-    m.start(tb, 9000)
+    m.start(tb, SERVER_PORT)
     yield m
     m.stop()
 
@@ -130,7 +133,7 @@ def test_integrity_with_offloads_off(paper_tb):
     m = MiMBox(mode="static")
     try:
         faults.offloads_off((paper_tb.client, paper_tb.mbox, paper_tb.server))
-        m.start(paper_tb, 9000)
+        m.start(paper_tb, SERVER_PORT)
         transfer(paper_tb, m, up=8 << 20, down=8 << 20, order="both")
         ledger.add(cases=1)
     finally:
@@ -150,7 +153,7 @@ def test_aggregation_is_real(mptcp_ok):
     alone allows (8 s), and both subflows carried data (like simult_flows.sh)."""
     with Testbed(AggregationTopo()) as tb:
         m = MiMBox(mode="explicit")
-        m.start(tb, 9000)
+        m.start(tb, SERVER_PORT)
         try:
             size = 20_000_000
             before = {i: rx_bytes(tb, i) for i in ("client-eth0", "client-eth1")}
@@ -170,11 +173,11 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
     """The WiFi link dies mid-download: the transfer completes over the other path, every byte."""
     with Testbed(AggregationTopo()) as tb:
         m = MiMBox(mode="explicit")
-        m.start(tb, 9000)
-        srv = Server(tb, 9000, mptcp=False)
+        m.start(tb, SERVER_PORT)
+        srv = Server(tb, SERVER_PORT, mptcp=False)
         try:
             size = 15_000_000
-            argv = m.client_argv(tb, [PY, "-m", "experiments.measure.xfer", "client", tb.server_ip, "9000",
+            argv = m.client_argv(tb, [PY, "-m", "experiments.measure.xfer", "client", tb.server_ip, str(SERVER_PORT),
                                       "--up", "1", "--down", str(size), "--order", "server-first", "--mptcp",
                                       "--wait-subflows", "2"])
             proc = tb.client.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -203,14 +206,14 @@ def test_handover_wifi_down_mid_transfer(mptcp_ok):
 def test_server_reset_mid_transfer_resets_client(paper_tb):
     """The server resets mid-transfer: the client sees a reset promptly, not a hang or a clean EOF."""
     m = MiMBox(mode="static")
-    m.start(paper_tb, 9100)
-    rst_server = ("import socket,struct,time;ls=socket.socket();ls.setsockopt(1,2,1);ls.bind(('0.0.0.0',9100));"
+    m.start(paper_tb, RESET_PORT)
+    rst_server = (f"import socket,struct,time;ls=socket.socket();ls.setsockopt(1,2,1);ls.bind(('0.0.0.0',{RESET_PORT}));"
                   "ls.listen();c,_=ls.accept();c.sendall(b'x'*100000);time.sleep(0.3);"
                   "c.setsockopt(1,13,struct.pack('ii',1,0));c.close()")
     srv = paper_tb.server.popen([PY, "-c", rst_server])
     try:
         from experiments.systems import wait_port
-        wait_port(paper_tb.server, 9100)
+        wait_port(paper_tb.server, RESET_PORT)
         client = ("import socket,time;from mimbox.wire.mptcp import IPPROTO_MPTCP;s=socket.socket(2,1,IPPROTO_MPTCP);s.connect(('%s',%d));t=time.time();n=0\n"
                   "try:\n  while True:\n    b=s.recv(65536)\n    if not b: print('EOF',n); break\n    n+=len(b)\n"
                   "except ConnectionResetError: print('RESET',n,round(time.time()-t,2))" % (paper_tb.mbox_client_ip, m.port))
@@ -231,8 +234,8 @@ def test_server_reset_mid_transfer_resets_client(paper_tb):
 def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
     """A client that disappears without FIN: both sides are freed after the idle timeout."""
     m = MiMBox(mode="static", extra=["--idle-timeout", "2"])
-    m.start(paper_tb, 9200)
-    srv = hold_server(paper_tb, 9200, 1)
+    m.start(paper_tb, VANISH_PORT)
+    srv = hold_server(paper_tb, VANISH_PORT, 1)
     cl = hold_clients(paper_tb, m.port, 1)
     try:
         assert readline(cl).startswith("held 1")
@@ -252,11 +255,11 @@ def test_vanished_client_is_freed_by_idle_timeout(paper_tb):
 def test_unreachable_server_gives_rst(paper_tb):
     """A destination that never answers: after --connect-timeout the client gets a RST."""
     m = MiMBox(mode="explicit", extra=["--connect-timeout", "1"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
-        with faults.blackhole(paper_tb.server, "INPUT", "-p tcp --dport 9300"):
+        with faults.blackhole(paper_tb.server, "INPUT", f"-p tcp --dport {BLACKHOLE_PORT}"):
             t = time.time()
-            r = run_client(paper_tb, m, 9300, 1, 1, mptcp=True)
+            r = run_client(paper_tb, m, BLACKHOLE_PORT, 1, 1, mptcp=True)
             took = time.time() - t
     finally:
         m.stop()
@@ -268,10 +271,10 @@ def test_converter_restart_serves_at_once(paper_tb):
     """Killed (SIGKILL, rules left behind) and restarted: the old connection ends at once (nothing
     hangs), and new connections work at once."""
     m = MiMBox(mode="explicit")
-    m.start(paper_tb, 9000)
-    srv = hold_server(paper_tb, 9000, 1)
+    m.start(paper_tb, SERVER_PORT)
+    srv = hold_server(paper_tb, SERVER_PORT, 1)
     old = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
-        "import socket,time;s=socket.create_connection(('%s',9000));print('up',flush=True);t=time.time()\n"
+        f"import socket,time;s=socket.create_connection(('%s',{SERVER_PORT}));print('up',flush=True);t=time.time()\n"
         "try:\n  b=s.recv(1)\n  print('EOF' if not b else 'DATA', round(time.time()-t,2))\n"
         "except OSError as e: print('RESET', round(time.time()-t,2))" % paper_tb.server_ip)], mptcp=False),
         stdout=subprocess.PIPE, text=True)
@@ -281,7 +284,7 @@ def test_converter_restart_serves_at_once(paper_tb):
     m.procs.clear()
     ended = readline(old).split()
     srv.kill()
-    m.start(paper_tb, 9000)        # finds and replaces the stale rules of its port
+    m.start(paper_tb, SERVER_PORT)        # finds and replaces the stale rules of its port
     try:
         transfer(paper_tb, m, up=1000, down=1000)
     finally:
@@ -330,7 +333,7 @@ BAD_OPTIONS = [
 def test_bad_dstopt_gets_rst_and_log_and_service_continues(paper_tb):
     """Every malformed or forbidden DST_OPT: RST, a log line naming the reason; others still served."""
     m = MiMBox(mode="explicit")
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
         answers = {name: _syn_with(paper_tb, opt, m.port, 40000 + i) for i, (name, opt) in enumerate(BAD_OPTIONS)}
         transfer(paper_tb, m, up=10_000, down=10_000)      # a good client is still served
@@ -350,10 +353,10 @@ def test_bad_dstopt_gets_rst_and_log_and_service_continues(paper_tb):
 def test_slow_trickle_does_not_block_others(paper_tb):
     """A slowloris-style client trickling a byte at a time: the converter keeps serving others."""
     m = MiMBox(mode="explicit")
-    m.start(paper_tb, 9000)
-    srv = hold_server(paper_tb, 9400, 1)
+    m.start(paper_tb, SERVER_PORT)
+    srv = hold_server(paper_tb, TRICKLE_PORT, 1)
     trickle = paper_tb.client.popen(m.client_argv(paper_tb, [PY, "-c", (
-        "import socket,time;s=socket.create_connection(('%s',9400));"
+        f"import socket,time;s=socket.create_connection(('%s',{TRICKLE_PORT}));"
         "[(s.send(b'x'), time.sleep(0.2)) for _ in range(25)]" % paper_tb.server_ip)], mptcp=False))
     try:
         wait_until(lambda: m.stats()["active"] == 1, 5, "the trickle relayed")
@@ -374,9 +377,9 @@ def test_slow_trickle_does_not_block_others(paper_tb):
 def test_client_outside_allowed_prefixes_refused(paper_tb):
     """No open relay: a client outside --allow-client gets RST; one inside is served."""
     m = MiMBox(mode="explicit", extra=["--allow-client", "10.0.2.0/24"])
-    m.start(paper_tb, 9000)
+    m.start(paper_tb, SERVER_PORT)
     try:
-        r = run_client(paper_tb, m, 9000, 1, 1)   # from 10.0.1.1: outside
+        r = run_client(paper_tb, m, SERVER_PORT, 1, 1)   # from 10.0.1.1: outside
         st = m.stats()
     finally:
         m.stop()
@@ -388,8 +391,8 @@ def test_client_outside_allowed_prefixes_refused(paper_tb):
 def test_connection_limit_refuses_cleanly(paper_tb):
     """--max-connections 5: five idle connections are held, the rest get RST (no random failure)."""
     m = MiMBox(mode="static", extra=["--max-connections", "5"])
-    m.start(paper_tb, 9500)
-    srv = hold_server(paper_tb, 9500, 5)
+    m.start(paper_tb, LIMIT_PORT)
+    srv = hold_server(paper_tb, LIMIT_PORT, 5)
     cl = hold_clients(paper_tb, m.port, 8)
     try:
         line = readline(cl)
@@ -410,8 +413,8 @@ def test_memory_budget_limit_fills_then_refuses_at_once_and_the_held_still_relay
     a dropped SYN that retries after a second), and every one of the 40 still relays byte-exact."""
     n = 40
     m = MiMBox(mode="static", extra=["--memory-budget", str(budget_for(n, []))])
-    m.start(paper_tb, 9550)
-    srv = hold_server(paper_tb, 9550, n)
+    m.start(paper_tb, BUDGET_PORT)
+    srv = hold_server(paper_tb, BUDGET_PORT, n)
     cl = hold_clients(paper_tb, m.port, n + 1)
     try:
         t0 = time.monotonic()
@@ -483,8 +486,8 @@ def test_many_idle_connections_then_no_leak(paper_tb, n):
     budget = budget_for(n, IDLE_BUFFERS)     # what n connections hold at rest (mimbox.host.resources)
     m = MiMBox(mode="static", extra=["--workers", "2", *IDLE_BUFFERS,
                                                 "--memory-budget", str(budget), "--idle-timeout", "0"])
-    m.start(paper_tb, 9600)
-    srv = hold_server(paper_tb, 9600, n)
+    m.start(paper_tb, IDLE_PORT)
+    srv = hold_server(paper_tb, IDLE_PORT, n)
     try:
         fds0, rss0 = converter_fds(m) - m.stats()["spares"], converter_rss_kb(m)
         cl = hold_clients(paper_tb, m.port, n)
@@ -530,15 +533,15 @@ def test_many_short_connections_no_growth(paper_tb, n):
     from experiments import servers
     from experiments.measure.tools import wrk
     m = MiMBox(mode="static", extra=["--handshake-timeout", "2"])
-    web = servers.nginx(paper_tb, [1024], 9700)
-    m.start(paper_tb, 9700)
+    web = servers.nginx(paper_tb, [1024], WEB_PORT)
+    m.start(paper_tb, WEB_PORT)
     try:
-        wrk(paper_tb, m, 9700, "/1024.bin", 1, 20)        # warm-up: pools fill
+        wrk(paper_tb, m, WEB_PORT, "/1024.bin", 1, 20)        # warm-up: pools fill
         fds0, st = fds_beside_pools(m)                     # pools may grow, up to a cap
         rss0 = converter_rss_kb(m)
         done = 0
         while done < n:
-            r = wrk(paper_tb, m, 9700, "/1024.bin", 2, 20)
+            r = wrk(paper_tb, m, WEB_PORT, "/1024.bin", 2, 20)
             assert r["socket_errors"] == 0 and r["non_2xx"] == 0, r
             done += r["requests"]
         # wrk stops mid-handshake on some connections: the server side opened for them is closed

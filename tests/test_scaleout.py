@@ -9,18 +9,20 @@ import json
 import os
 import subprocess
 import threading
-import time
 
 import pytest
 from conftest import PY, readline
 
 from experiments.systems import MiMBox
 from topologies.cluster import GROUP, ClusterTestbed, ClusterTopo
-from topologies.support import wait_until
+from topologies.support import free_port, wait_until
 
 N = 3
 CONNECTIONS = 200
-PORT = 9000
+PORT = free_port()                     # the server's
+# the converters' own (the VIP's port), one per use
+MODE_PORTS = {}
+CLUSTER_PORT, CRASH_PORT, HEALTH_PORT = (free_port() for _ in range(3))
 MODES = ("explicit", "static", "transparent")
 
 
@@ -145,7 +147,7 @@ def test_every_join_reaches_its_converter(cluster, mode):
     tb = cluster
     if mode == "transparent":
         tb.steer_through_converters()
-    boxes = start_converters(tb, mode, port=7000 + MODES.index(mode))
+    boxes = start_converters(tb, mode, port=MODE_PORTS.setdefault(mode, free_port()))
     joins = ("MPJoinNoTokenFound", "MPJoinSynRx", "MPJoinAckRx", "MPJoinRejected")
     try:
         before = {n: [tb.mib(c, n) for c in tb.converters] for n in joins}
@@ -178,7 +180,7 @@ def test_without_c_flag_joins_hash_to_the_wrong_converter(mptcp_ok):
     address allowed, nothing announced). The phone's join is hashed independently of its first
     subflow, so most joins meet a converter that does not know the token and fail."""
     with ClusterTestbed(ClusterTopo(n=N), cluster_pm=False) as tb:
-        boxes = start_converters(tb, "static", port=7010)
+        boxes = start_converters(tb, "static", port=CLUSTER_PORT)
         try:
             rows, _ = Load(tb, boxes, "static", 60, up=1000, down=1000).results()
         finally:
@@ -196,8 +198,8 @@ def test_a_dead_converter_takes_only_its_own_connections(mptcp_ok):
     with ClusterTestbed(ClusterTopo(n=N, client_bw=20)) as tb:
         # small buffers towards the phone: what a killed converter had accepted from the server but
         # not yet sent stays small, so its connections are cut in their middle
-        boxes = start_converters(tb, "static", port=7020, health_port=7021, extra=("--client-sndbuf", "64K"))
-        tb.watch(7021)
+        boxes = start_converters(tb, "static", port=CRASH_PORT, health_port=HEALTH_PORT, extra=("--client-sndbuf", "64K"))
+        tb.watch(HEALTH_PORT)
         try:
             up, down = 50_000, 600_000        # 24 x 600 KB over 2 x 20 Mbit/s: ~3 s
             rx0 = phone_rx(tb)
@@ -247,7 +249,7 @@ def test_every_join_reaches_its_converter_over_ipv6(cluster, timestamps):
     converter (the dual-stack phone joins both announced addresses: 3 subflows)."""
     tb = cluster
     tb.client.cmd(f"sysctl -qw net.ipv4.tcp_timestamps={timestamps}")
-    boxes = start_converters(tb, "static", port=7010, family=6)
+    boxes = start_converters(tb, "static", port=CLUSTER_PORT, family=6)
     names = ("MPJoinNoTokenFound", "AddAddrTx", "AddAddrTxDrop", "MPJoinAckRx")
     try:
         before = {n: sum(tb.mib(c, n) for c in tb.converters) for n in names}

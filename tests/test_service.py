@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, transfer
+from conftest import PY, SERVER_PORT, transfer
 from test_hostile import REQUESTS, SINK_PORT, Sink, probe, wait_for
 
 from experiments.systems import MiMBox
-from topologies.support import ALLOCATE
+from topologies.support import ALLOCATE, NotWithin, wait_until
 from mimbox.paths import PACKAGE
 from mimbox.wire import rfc8803
 
@@ -113,12 +113,12 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 5
-    while (left := left_behind(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if left:
+    try:
+        wait_until(lambda: not left_behind(proc.pid), 5, "every worker and keeper gone", every=0.05)
+    except NotWithin:
+        left = left_behind(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"processes outlived the supervisor: {left}")
+        raise AssertionError(f"processes outlived the supervisor: {left}") from None
     return rc
 
 
@@ -302,7 +302,7 @@ def test_reload_under_load_and_metrics_equal_stats(paper_tb, sinks, tmp_path):
         assert got["failed"] == 0 and got["done"] >= 0.8 * 300 * 4, got
         wait_for(lambda: "reloaded: safety.deny_dst" in conv.log(), 5, "the reload logged")
 
-        config(tmp_path, text.replace("[safety]", f'[buffers]\nengine = "copy"\n[safety]'))
+        config(tmp_path, text.replace("[safety]", '[buffers]\nengine = "copy"\n[safety]'))
         os.kill(conv.proc.pid, signal.SIGHUP)
         wait_for(lambda: "buffers.engine cannot change while running" in conv.log(), 5, "the refusal logged")
         assert refused_b(), "the configuration in force (with the deny rule) stays"
@@ -357,7 +357,7 @@ def test_the_wheel_installs_alone_and_converts(paper_tb):
         assert doc.returncode == 0, doc.stdout + doc.stderr
         assert str(d) in doc.stdout and str(ROOT) not in doc.stdout
         m = MiMBox(mode="explicit", workers=1, program=[str(d / "venv/bin/mimbox")])
-        m.start(paper_tb, 9000)
+        m.start(paper_tb, SERVER_PORT)
         try:
             transfer(paper_tb, m, 1 << 20, 1 << 20)
             assert m.stats()["accepted"] >= 1

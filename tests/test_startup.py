@@ -8,9 +8,12 @@ import subprocess
 
 import pytest
 from conftest import PY
+from topologies.support import free_port, free_queues
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = f"{PY} -m mimbox.ops.cli run --mode static --upstream 127.0.0.2:80 --workers 1"
+# (each case in a namespace of its own: one port and one queue serve them all)
+PORT, OTHER_PORT, QUEUE = free_port(), free_port(), free_queues()
 
 
 def in_netns(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -28,32 +31,32 @@ def one_line(p: subprocess.CompletedProcess, *words: str) -> str:
 
 
 def test_not_root():
-    p = in_netns(f"setpriv --reuid=65534 --regid=65534 --clear-groups {RUN} --listen 127.0.0.1:7301")
+    p = in_netns(f"setpriv --reuid=65534 --regid=65534 --clear-groups {RUN} --listen 127.0.0.1:{PORT}")
     one_line(p, "needs root", "CAP_NET_ADMIN")
 
 
 def test_port_in_use():
-    p = in_netns(f"{PY} -c 'import socket;s=socket.socket();s.bind((\"127.0.0.1\",7302));s.listen();"
+    p = in_netns(f"{PY} -c 'import socket;s=socket.socket();s.bind((\"127.0.0.1\",{PORT}));s.listen();"
                  "import signal;signal.pause()' & A=$!\n"
-                 "for i in $(seq 100); do ss -Hltn 'sport = :7302' | grep -q . && break; sleep 0.1; done\n"
-                 f"{RUN} --listen 127.0.0.1:7302; rc=$?\nkill $A; wait; exit $rc")
-    one_line(p, "port 7302", "in use", "--listen")
+                 f"for i in $(seq 100); do ss -Hltn 'sport = :{PORT}' | grep -q . && break; sleep 0.1; done\n"
+                 f"{RUN} --listen 127.0.0.1:{PORT}; rc=$?\nkill $A; wait; exit $rc")
+    one_line(p, f"port {PORT}", "in use", "--listen")
 
 
 def test_queue_in_use():
-    p = in_netns(f"{RUN} --listen 127.0.0.1:7303 --queue-num 7303 --syn-path hold --user root > /dev/null 2>&1 & A=$!\n"
-                 "for i in $(seq 100); do ss -Hltn 'sport = :7303' | grep -q . && break; sleep 0.1; done\n"
-                 f"{RUN} --listen 127.0.0.1:7304 --queue-num 7303 --syn-path hold; rc=$?\n"
+    p = in_netns(f"{RUN} --listen 127.0.0.1:{PORT} --queue-num {QUEUE} --syn-path hold --user root > /dev/null 2>&1 & A=$!\n"
+                 f"for i in $(seq 100); do ss -Hltn 'sport = :{PORT}' | grep -q . && break; sleep 0.1; done\n"
+                 f"{RUN} --listen 127.0.0.1:{OTHER_PORT} --queue-num {QUEUE} --syn-path hold; rc=$?\n"
                  "kill $A; wait; exit $rc")
-    one_line(p, "NFQUEUE 7303", "--queue-num")
+    one_line(p, f"NFQUEUE {QUEUE}", "--queue-num")
 
 
 def test_kernel_without_mptcp():
-    p = in_netns(f"sysctl -qw net.mptcp.enabled=0\n{RUN} --listen 127.0.0.1:7305")
+    p = in_netns(f"sysctl -qw net.mptcp.enabled=0\n{RUN} --listen 127.0.0.1:{PORT}")
     one_line(p, "MPTCP", "net.mptcp.enabled", "--no-client-mptcp")
 
 
 def test_debug_keeps_the_traceback():
     p = in_netns(f"sysctl -qw net.mptcp.enabled=0\n{PY} -m mimbox.ops.cli --debug run --mode static "
-                 "--upstream 127.0.0.2:80 --workers 1 --listen 127.0.0.1:7306")
+                 f"--upstream 127.0.0.2:80 --workers 1 --listen 127.0.0.1:{PORT}")
     assert p.returncode != 0 and "Traceback" in p.stderr and "StartupError" in p.stderr, p.stderr[-2000:]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Server, run_client
+from conftest import SERVER_PORT, Server, run_client
 
 from experiments.systems import Router
 from topologies.linkcheck import Fidelity, check_testbed, format_table, measure_loss
@@ -74,9 +74,9 @@ def test_mptcp_uses_both_client_paths(mptcp_ok, topo, family):
         size = 2_000_000 if topo is MobileTopo else 50_000_000
         # server-first and both ends waiting for 2 subflows: the kernel drops a join still in its
         # handshake once the connection has seen a DATA_FIN, so nobody half-closes early
-        srv = Server(tb, 9000, mptcp=True, wait_subflows=2)
+        srv = Server(tb, SERVER_PORT, mptcp=True, wait_subflows=2)
         try:
-            c = run_client(tb, Router(), 9000, 1000, size, order="server-first", wait_subflows=2)
+            c = run_client(tb, Router(), SERVER_PORT, 1000, size, order="server-first", wait_subflows=2)
             (s,) = srv.reports()
         finally:
             srv.kill()

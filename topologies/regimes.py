@@ -24,6 +24,8 @@ import signal
 import time
 from pathlib import Path
 
+from topologies.support import NotWithin, wait_until
+
 PREFIX = "mimbox-quota-"
 V1_CPU, V1_CPUACCT = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpuacct")
 V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
@@ -112,11 +114,15 @@ class CpuQuota:
 
     def admit(self, pid: int, timeout: float = 10.0) -> None:
         """Put the stopped process `pid` (started with wrap()) in the group, then let it run."""
-        deadline = time.monotonic() + timeout
-        while _state(pid) not in ("T", "t"):
-            if _state(pid) in ("", "Z", "X") or time.monotonic() > deadline:
-                raise QuotaUnavailable(f"process {pid} did not wait for its CPU group ({_state(pid) or 'gone'})")
-            time.sleep(0.001)
+        def stopped() -> bool:
+            state = _state(pid)
+            if state in ("", "Z", "X"):
+                raise QuotaUnavailable(f"process {pid} did not wait for its CPU group ({state or 'gone'})")
+            return state in ("T", "t")
+        try:
+            wait_until(stopped, timeout, f"process {pid} stopped for its CPU group", every=0.001)
+        except NotWithin:
+            raise QuotaUnavailable(f"process {pid} did not wait for its CPU group ({_state(pid) or 'gone'})") from None
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))
         os.kill(pid, signal.SIGCONT)

@@ -20,9 +20,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
+
+from topologies.support import NotWithin, wait_until
 
 SSHD = "/usr/sbin/sshd"
 ROLES = ("client", "converter", "server")
@@ -148,11 +149,14 @@ class SSHRig:
         self.sshd[role] = subprocess.Popen(
             ["ip", "netns", "exec", self.ns[role], "unshare", "--mount", "--propagation", "private",
              "sh", "-c", script], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, f"sshd-{role}.log"), "w"))
-        deadline = time.monotonic() + 15
-        while not self._listening(role):
-            if self.sshd[role].poll() is not None or time.monotonic() > deadline:
+        def up() -> bool:
+            if self.sshd[role].poll() is not None:
                 raise RigError(f"sshd for {role} did not start: {self.log(role)[-500:]}")
-            time.sleep(0.02)
+            return self._listening(role)
+        try:
+            wait_until(up, 15, f"sshd for {role} listening")
+        except NotWithin:
+            raise RigError(f"sshd for {role} did not start: {self.log(role)[-500:]}") from None
 
     def _listening(self, role: str) -> bool:
         p = subprocess.run(["ip", "netns", "exec", self.ns[role], "ss", "-Hltn", "sport = :22"],

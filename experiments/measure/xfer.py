@@ -25,6 +25,7 @@ import threading
 import time
 
 from mimbox.wire.mptcp import IPPROTO_MPTCP, is_mptcp, subflows
+from topologies.support import NotWithin, wait_until
 
 MAGIC = b"MBX1"
 HEADER = struct.Struct("!4sQHxxI")   # magic, download bytes, order, seed  (20 bytes)
@@ -149,11 +150,12 @@ def serve(port: int, mptcp: bool, count: int, bind: str = "0.0.0.0", want_subflo
 
 
 def wait_subflows(s: socket.socket, n: int, timeout: float) -> int:
-    """Poll until the connection has n subflows (or timeout); return the count seen."""
-    deadline = time.monotonic() + timeout
-    while (k := subflows(s)) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return k
+    """Wait until the connection has n subflows (or timeout); return the count seen."""
+    try:
+        wait_until(lambda: subflows(s) >= n, timeout, f"{n} subflows", every=0.01)
+    except NotWithin:
+        pass                  # the caller reports the count it got
+    return subflows(s)
 
 
 def client(host: str, port: int, up: int, down: int, order: str, mptcp: bool, seed: int,

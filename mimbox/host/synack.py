@@ -24,7 +24,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mimbox.host.kernel import BPFFS, ensure_mounts
+from mimbox.host.synrecord import BpfMap
 from mimbox.paths import BUILD
+from mimbox.wire import addrs
 
 OBJ = BUILD / "bpf" / "synack_opts.bpf.o"
 PROG = "mimbox_synack_opts"
@@ -49,7 +52,6 @@ def c_header() -> str:
 
 def _cgroup_dir() -> Path:
     """This process's cgroup on the v2 hierarchy (where its sockets' sockops programs run)."""
-    from mimbox.host.kernel import ensure_mounts
     root = Path(ensure_mounts())
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         if line.startswith("0::"):
@@ -67,7 +69,6 @@ class SynAckOptions:
     """The sockops program and its map for one converter; install() attaches, remove() undoes."""
 
     def __init__(self, obj: Path = OBJ):
-        from mimbox.host.kernel import BPFFS
         self.obj = obj
         self.pins = Path(BPFFS) / f"mimbox-synack-{os.getpid()}"
         self.cgroup: Path | None = None
@@ -75,8 +76,6 @@ class SynAckOptions:
 
     def install(self) -> "SynAckOptions":
         """Load, set the netns filter, attach to this process's cgroup; RuntimeError says why not."""
-        from mimbox.host.kernel import ensure_mounts
-        from mimbox.host.synrecord import BpfMap
         if not self.obj.exists():
             raise RuntimeError(f"{self.obj} is missing (run `./mimbox.sh build`)")
         if not shutil.which("bpftool"):
@@ -105,7 +104,6 @@ class SynAckOptions:
 
     def take(self, server: tuple[str, int], local_port: int) -> bytes | None:
         """The SYN-ACK options of the connection from local_port to server (once), or None."""
-        from mimbox.wire import addrs
         raw = self.map.pop(KEY.pack(addrs.packed(server[0]), local_port, server[1]))
         if raw is None:
             return None
@@ -125,7 +123,6 @@ class SynAckOptions:
 
 def remove_leftovers() -> list[str]:
     """Programs of converters that died without removing theirs (their pid is gone)."""
-    from mimbox.host.kernel import BPFFS
     done = []
     for d in Path(BPFFS).glob("mimbox-synack-*"):
         pid = d.name.rsplit("-", 1)[1]
