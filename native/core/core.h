@@ -6,7 +6,7 @@
  * Where to look:  a SYN is held ........ synq.c      its options are parsed ... synopt.c
  *                 who may go where ..... admit.c     where a client goes ...... dest.c
  *                 accept, hand-over .... accept.c    server sockets ........... connect.c
- *                 bytes move ........... engine_epoll.c (copy, splice), engine_uring.c (uring)
+ *                 bytes move ........... engine_epoll.c (copy, splice), engine_uring.c (uring; its ring: uring_ring.c)
  *                 a direction holds .... dir.c       a connection ends ........ conn.c (conn_end)
  *                 the loop ............. loop.c      the timer wheel .......... timers.c
  *                 events for Python .... events.c    counters, ABI ............ stats.c
