@@ -225,7 +225,7 @@ def test_unchanged_programs_through_convert_client(paper_tb, conv_open, tool):
     from experiments import servers
     if tool == "iperf3":
         srv = servers.iperf3(paper_tb, IPERF_PORT)
-        argv = ["iperf3", "-c", paper_tb.server_ip, "-t", "1", "-J"]
+        argv = ["iperf3", "-c", paper_tb.server_ip, "-p", str(IPERF_PORT), "-t", "1", "-J"]
     else:
         srv = servers.nginx(paper_tb, [1024], WEB_PORT)
         argv = (["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
