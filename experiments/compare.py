@@ -186,6 +186,10 @@ def plan(a: argparse.Namespace) -> tuple[dict, Selection, Path]:
             raise ValueError(f"--quota {a.quota}: cores per event loop, 0.01 to 64")
         over["quota_cores"] = a.quota
     regime = a.regime or "converter-bound"
+    if (regime == "converter-bound" and a.quota is None and a.figure in ("fig4", "fig5") and "router" not in names
+            and base.get("quota_cores") == "auto"):
+        raise ValueError("the converter-bound quota is calibrated against the router (no converter): add router "
+                         "to --systems, or give --quota CORES")
     if a.figure in ("percost", "table1") and a.regime:
         raise ValueError(f"--regime does not apply to {a.figure} ({'converter-bound only' if a.figure == 'percost' else 'no CPU quota'})")
     if a.figure == "fig5":

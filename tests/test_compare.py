@@ -88,6 +88,7 @@ def test_mptcpize_run_is_flagged_for_mptcp_to_the_server():
     (["--out", str(ROOT / "results")], "shipped results/"),
     (["--baseline", "squid", "--systems", "mimbox"], "--baseline 'squid'"),
     (["--system", "y=@/nonexistent.py:C"], "no file"),
+    (["--systems", "mimbox,mimbox-2w"], "calibrated against the router"),   # (it was a StopIteration)
 ])
 def test_bad_parameters_get_one_clear_line(args, words):
     p = run(*args, timeout=60)

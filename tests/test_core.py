@@ -838,3 +838,20 @@ def test_every_shared_field_is_where_both_sides_say():
         assert [lib.core_abi_field(i, k).decode() for k in range(len(names))] == names, layout.__name__
         assert [lib.core_abi_offset(i, k) for k in range(len(names))] == [getattr(layout, n).offset for n in names]
         assert lib.core_abi_offset(i, len(names)) == -1 and lib.core_abi_field(i, len(names)) is None
+
+
+def test_deferred_syns_whose_keys_share_a_slot_keep_their_own_destination(tmp_path):
+    """dest.c alone (tests/c/test_dest.c, built here with the core's rooms): explicit mode's remembered
+    destinations survive a shared hash slot (a direct-mapped table overwrote them: the client was
+    refused, 'no destination', a scale-out run's one socket error in ~30,000 requests)."""
+    import glob
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    core_dir = os.path.join(root, "native", "core")
+    exe = tmp_path / "test_dest"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-Wno-unused-parameter", "-I", str(BUILD), "-I", str(BUILD / "bpf"),
+                    "-I", core_dir, "-o", str(exe), os.path.join(root, "tests", "c", "test_dest.c"),
+                    *sorted(glob.glob(os.path.join(core_dir, "*.c"))), "-lnetfilter_queue", "-luring"],
+                   check=True, timeout=120)
+    p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "each its own destination" in p.stdout, p.stdout + p.stderr

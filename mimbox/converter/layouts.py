@@ -100,7 +100,8 @@ class CoreStats(ctypes.Structure):
         ("connect_hist", ctypes.c_uint64 * (len(CONNECT_BUCKETS_US) + 1)),
         ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double),
         ("buffer_waits", ctypes.c_uint64),     # uring: recvs that found the buffer pool empty
-        ("timer_visits", ctypes.c_uint64)]     # timers.c: entries the wheel looked at (follows timers due)
+        ("timer_visits", ctypes.c_uint64),     # timers.c: entries the wheel looked at (follows timers due)
+        ("dest_evictions", ctypes.c_uint64)]   # dest.c: a remembered destination pushed out (16 live around its key)
 
 
 class ConnInfo(ctypes.Structure):

@@ -14,32 +14,66 @@
 #include <linux/types.h>
 #include "dstopt.h"		/* generated from mimbox/wire/dstopt.py: the recorder's map */
 
+/* The table of remembered destinations: open addressing over DEST_PROBES slots from the key's hash,
+ * so two clients whose keys share a slot both keep theirs (it was direct-mapped: the second SYN
+ * overwrote the first's destination, whose client was then refused with "no destination" when no
+ * recorder entry was there either). An entry expires after 2 x handshake_timeout. */
+#define DEST_PROBES 16
+
+static struct destination *dest_slot(struct core *c, uint64_t key, int k)
+{
+	return &c->dests[(hash64(key) + k) & (DESTINATIONS - 1)];
+}
+
+static int dest_live(struct core *c, const struct destination *d)
+{
+	return d->key && c->now - d->t <= 2 * c->cfg.handshake_timeout;
+}
+
+static int dest_is(const struct destination *d, uint64_t key, const struct flow *f)
+{
+	return d->key == key && d->f.cport == f->cport && addr_eq(&d->f.caddr, &f->caddr);
+}
+
 /* 0: remembered (or the same one again); -1: a recent SYN from this (address, port) asked for another
  * destination: the first wins, this SYN is refused (a forged SYN must not redirect its victim) */
 int dest_remember(struct core *c, uint64_t key, const struct flow *f)
 {
-	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
-	if (d->key == key && d->f.cport == f->cport && addr_eq(&d->f.caddr, &f->caddr) &&
-	    c->now - d->t <= 2 * c->cfg.handshake_timeout) {
-		if (!addr_eq(&d->f.daddr, &f->daddr) || d->f.dport != f->dport)
-			return -1;
-		return 0;		/* a retransmission: the first SYN's time stays */
+	struct destination *free_slot = NULL, *oldest = NULL;
+	for (int k = 0; k < DEST_PROBES; k++) {
+		struct destination *d = dest_slot(c, key, k);
+		if (dest_live(c, d) && dest_is(d, key, f)) {
+			if (!addr_eq(&d->f.daddr, &f->daddr) || d->f.dport != f->dport)
+				return -1;
+			return 0;	/* a retransmission: the first SYN's time stays */
+		}
+		if (!dest_live(c, d) && !free_slot)
+			free_slot = d;
+		if (!oldest || d->t < oldest->t)
+			oldest = d;
 	}
-	*d = (struct destination){key, *f, c->now};
+	if (!free_slot) {		/* DEST_PROBES live entries around this key: the oldest gives way */
+		free_slot = oldest;
+		c->st.dest_evictions++;
+	}
+	*free_slot = (struct destination){key, *f, c->now};
 	return 0;
 }
 
 static int dest_take(struct core *c, uint64_t key, struct flow *f)
 {
-	struct destination *d = &c->dests[hash64(key) & (DESTINATIONS - 1)];
-	if (d->key != key || d->f.cport != f->cport || !addr_eq(&d->f.caddr, &f->caddr))
-		return 0;
-	d->key = 0;
-	if (c->now - d->t > 2 * c->cfg.handshake_timeout)
-		return 0;
-	f->daddr = d->f.daddr;
-	f->dport = d->f.dport;
-	return 1;
+	for (int k = 0; k < DEST_PROBES; k++) {
+		struct destination *d = dest_slot(c, key, k);
+		if (!dest_is(d, key, f))
+			continue;
+		d->key = 0;
+		if (c->now - d->t > 2 * c->cfg.handshake_timeout)
+			return 0;
+		f->daddr = d->f.daddr;
+		f->dport = d->f.dport;
+		return 1;
+	}
+	return 0;
 }
 
 /* the BPF recorder's destination for the client (its map is keyed by the 16-byte address and port) */
