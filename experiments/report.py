@@ -601,6 +601,12 @@ def concurrency_headline() -> str:
         n = both.index.max()
         m, h = both.loc[n, "mimbox-1w"], both.loc[n, "haproxy-1t-tcp"]
         text += f"; at {int(n):,}: mimbox-1w {m:.1f} KB, haproxy-1t (tcp) {h:.1f} KB ({m / h:.2f}x)"
+        # like for like only if both held the same sockets per connection (client subflows + server)
+        per = {s: r.sockets_in_converter_ns / r.connections for r in df[df.connections == n].itertuples()
+               for s in [r.system] if s in ("mimbox-1w", "haproxy-1t-tcp") and r.connections}
+        if len(per) == 2 and abs(per["mimbox-1w"] - per["haproxy-1t-tcp"]) >= 0.5:
+            text += (f", not like for like: {per['mimbox-1w']:.1f} vs {per['haproxy-1t-tcp']:.1f} sockets per "
+                     "connection (the clients' second subflows)")
     return text + "."
 
 
