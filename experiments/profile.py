@@ -113,7 +113,9 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     # paper's SYN path for every SYN (hold), and static mode that never holds; HAProxy-1t the floor
     small = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, cpus=c)]
     if params.get("variants", True):
-        small[1:1] = [MiMBox(mode="explicit", syn_path="hold", cpus=c), MiMBox(mode="static", syn_path="accept", cpus=c)]
+        from experiments.percost import ONE_CLIENT_ADDRESS     # (wrk's 40 connections: one address)
+        small[1:1] = [MiMBox(mode="explicit", syn_path="hold", cpus=c, extra=ONE_CLIENT_ADDRESS),
+                      MiMBox(mode="static", syn_path="accept", cpus=c)]
     bulk = [MiMBox(mode="explicit", cpus=c), HAProxy(threads=1, mode="tcp", cpus=c), Naive("readwrite", cpus=c)]
     with Testbed(PaperTopo()) as tb:
         web = servers.nginx(tb, [params["size"]], HTTP_PORT, mptcp=False, cpus=END_HOST_CPUS)

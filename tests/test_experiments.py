@@ -334,3 +334,16 @@ def test_haproxy_names_how_a_session_ended(paper_tb):
         refused.stop()
         served.stop()
         web.stop()
+
+
+def test_every_syn_held_converter_admits_the_whole_load_from_its_one_client_address():
+    """wrk's connections come from one address: a MiMBox holding every SYN must not refuse some of them
+    by its per-address cap (32: the percost quick run had ~270 RSTs a rep, a failed reproduce)."""
+    from experiments import percost
+    from mimbox.config import ListenerConfig
+    held = [s for s in percost.systems() if getattr(s, "syn_path", None) == "hold" or "hold" in s.name]
+    assert held
+    for s in held:
+        cap = int(s.extra[s.extra.index("--pending-per-address") + 1]) if "--pending-per-address" in s.extra \
+            else ListenerConfig.pending_per_address
+        assert cap >= max(percost.FULL["connections"], percost.QUICK["connections"]), (s.name, cap)
