@@ -30,10 +30,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
 from experiments.style import styles  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, Router, python, ready_line  # noqa: E402
-from topologies.support import ALLOCATE  # noqa: E402
 from topologies.regimes import END_HOST_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo  # noqa: E402
-from topologies.support import NotWithin, wait_until  # noqa: E402
+from topologies.support import ALLOCATE, NotWithin, stop_process, wait_until  # noqa: E402
 
 NAME = "concurrency"
 # keep-alives every `interval` s, but at most `keepalive_rate` a second in all: this VM's end hosts (Python
@@ -288,8 +287,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                         system.stop()
         finally:
             for s in servers:
-                s.terminate()
-                s.wait(timeout=30)
+                stop_process(s, grace=30)
     df = pd.DataFrame(rows)
     return df, {"caches": caches, "regime": END_HOST_BOUND, "fd_hard_limit": FD_HARD,
                 "converter_cpus": CONVERTER_CPUS, "echo_server_processes": procs}

@@ -15,7 +15,7 @@ import faults
 import ledger
 import pytest
 from conftest import PY, SERVER_PORT, Server, readline, run_client, transfer
-from topologies.support import free_port, wait_until
+from topologies.support import free_port, stop_process, wait_until
 
 from experiments.systems import MiMBox
 from mimbox.config import ListenerConfig
@@ -365,8 +365,7 @@ def test_slow_trickle_does_not_block_others(paper_tb):
         took = time.time() - t
         active = m.stats()["active"]
     finally:
-        trickle.terminate()        # `mimbox client` passes it on, then removes its cgroup
-        trickle.wait(timeout=10)
+        stop_process(trickle)      # SIGTERM: `mimbox client` passes it on, then removes its cgroup
         srv.kill()
         m.stop()
     assert took < 5 and active >= 1, (took, active)
