@@ -182,6 +182,42 @@ def test_bpf_recorder_agrees_with_the_core_parser():
     ledger.add(inputs=len(blobs))
 
 
+def test_bpf_recorder_a_same_destination_syn_renews_the_record():
+    """A SYN naming the destination its (address, port) already has renews the record's time: a
+    retransmission, or the port reused (a held SYN's record is never popped). It kept the first SYN's
+    time before, so a reused port's SYN sent as that record neared 30 s was refused at accept as
+    stale ('no destination': the scale-out figure's rare socket error). A SYN naming another
+    destination keeps the first record, time and all, and is counted."""
+    from test_core import syn_packet as ip_syn
+
+    from mimbox.host.synrecord import SynRecorder
+    rec = SynRecorder(7000, devices=[])       # loaded and pinned, attached nowhere
+    try:
+        rec.install()
+    except RuntimeError as e:
+        pytest.skip(f"BPF recorder cannot load here: {e}")
+    key = dstopt.RECORD_KEY.pack(bytes(10) + b"\xff\xff" + bytes([10, 0, 1, 1]), 41000)
+
+    def send(dst: str) -> int:
+        pkt = ip_syn(DstOpt(dst, 80).encode(), src="10.0.1.1", sport=41000)
+        rec.run_on(b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + pkt)
+        raw = rec.map.lookup(key)
+        assert raw is not None
+        assert dstopt.RECORD_VALUE.unpack(raw[:dstopt.RECORD_VALUE.size])[0][12:] == bytes([10, 0, 101, 1])
+        return int.from_bytes(raw[dstopt.RECORD_VALUE.size:], sys.byteorder)
+
+    try:
+        first = send("10.0.101.1")
+        again = send("10.0.101.1")
+        assert again > first, (first, again)
+        assert rec.conflicts() == 0
+        assert send("10.0.101.9") == again     # another destination: the record, time and all, stays
+        assert rec.conflicts() == 1
+        assert rec.pop(("10.0.1.1", 41000)) == ("10.0.101.1", 80)
+    finally:
+        rec.remove()
+
+
 @pytest.mark.parametrize("order", ["first-in-first-out", "last-in-first-out"])
 def test_two_recorders_share_a_clsact_qdisc_and_the_last_removes_it(order):
     """Two explicit-mode listeners on one host attach to the same interfaces: the clsact qdisc one

@@ -10,7 +10,8 @@
  * the SYN never visits user space. The first DST_OPT wins: a SYN from a (client address, port)
  * recorded less than DSTOPT_RECORD_TTL_NS ago that names another destination (a forged SYN trying to
  * send its victim elsewhere) keeps the record as it is, is marked DSTOPT_REFUSE_MARK (the listener's
- * filter/INPUT rule answers it with RST) and counted in mimbox_conflicts.
+ * filter/INPUT rule answers it with RST) and counted in mimbox_conflicts. A SYN that names the same
+ * destination makes the record as young as itself.
  * Layout and constants: mimbox/wire/dstopt.py (generated dstopt.h).
  */
 #include <linux/bpf.h>
@@ -208,7 +209,12 @@ int mimbox_record_dstopt(struct __sk_buff *skb)
 		if (n)
 			__sync_fetch_and_add(n, 1);
 		skb->mark = DSTOPT_REFUSE_MARK;
-	}			/* else a retransmission: the first SYN's time stays */
+	} else {
+		/* a retransmission, or the client's port reused for the same destination (a held SYN's
+		 * record is never popped): the record is as young as this SYN. Kept at the first SYN's
+		 * time, a SYN sent just before the record turned 30 s old was refused at accept as stale */
+		old->t_ns = v.t_ns;
+	}
 	return TC_ACT_UNSPEC;
 }
 
