@@ -45,15 +45,26 @@ QUICK = dict(counts=[1000, 10000], interval=10.0, keepalive_rate=1000.0, idle_se
 FD_HARD = 20_000               # this machine's per-process hard limit (results' manifest: environment)
 PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.host.resources)
 HAPROXY_MAXCONN = 7_900        # HAProxy asks for 2.5 fds a connection (pipes): 8,800 would need 22,014
+# MiMBox's server connections come from these addresses in turn (--source-address): the one echo server
+# takes a local port a connection from each (57,977 here), and past half of an address's ports every
+# connect() walks the ports in use (the kernel tries even ports first: 95 % of the converter's CPU at
+# 30,000 connections from one address). 8 addresses: 100,000 connections use a quarter of each
+SOURCES = 8
 
 
-def systems(counts: list[int]) -> list:
+def source_addresses(subnet: int) -> list[str]:
+    """The converter's SOURCES addresses on its server side's /24 (10.0.SUBNET.0/24; the server has .1)."""
+    return [f"10.0.{subnet}.{51 + k}" for k in range(SOURCES)]
+
+
+def systems(counts: list[int], sources: list[str] = ()) -> list:
     """The systems measured, each with how many connections it can hold here (None: no limit)."""
     big = max(3, math.ceil(max(counts) / PER_PROCESS))
     out = [(Router(), None)]
     for name, kw in (("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
                      ("mimbox-uring", dict(workers=1, engine="uring")), (f"mimbox-{big}w", dict(workers=big))):
-        m = MiMBox(mode="static", cpus=CONVERTER_CPUS, extra=["--idle-timeout", "0"], **kw)
+        m = MiMBox(mode="static", cpus=CONVERTER_CPUS,
+                   extra=["--idle-timeout", "0", *(f"--source-address={a}" for a in sources)], **kw)
         m.name = name
         out.append((m, PER_PROCESS * kw["workers"]))
     for threads in (1, 2):      # (HAProxy reserves fds for maxconn / 4 splice pipes too: 2.5 fds a connection)
@@ -255,6 +266,10 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
         params["sources"] = [f"10.0.{first.n}.{11 + k}" for k in range(procs)]
         for a in params["sources"]:
             tb.client.cmd(f"ip addr add {a}/24 dev {first.intf_outer}")
+        toward = tb.topo.server_addrs[0]
+        params["converter_sources"] = source_addresses(toward.n)
+        for a in params["converter_sources"]:
+            tb.mbox.cmd(f"ip addr add {a}/24 dev {toward.intf_mbox}")
         try:
             for s in servers:
                 if _readline(s, 60).strip() != "ready":
@@ -262,7 +277,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             # an earlier run's sockets still closing would fill the kernel's token table
             params["mptcp_base"] = wait_until(lambda: (lambda k: (k,) if k < 2000 else None)(mptcp_sockets(tb.mbox)),
                                               300, "MPTCP sockets of an earlier run freed", every=1.0)[0]
-            for system, capacity in systems(params["counts"]):
+            for system, capacity in systems(params["counts"], params["converter_sources"]):
                 with converter_boxes([system], END_HOST_BOUND, host=tb.mbox):
                     started = False
                     for n in params["counts"]:

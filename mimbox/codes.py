@@ -14,6 +14,7 @@ ENGINES = {"auto": 2, "splice": 1, "copy": 0, "uring": 3}
 SYN_PATHS = {"auto": 2, "hold": 0, "accept": 1}
 MAX_WORKERS = 256              # workers of one converter, at most (the core's hand-over table)
 SPARE_MAX = 64                 # server sockets a core makes ahead, per kind, at most (--spare-sockets)
+MAX_SOURCES = 16               # the server side's source addresses, at most (--source-address)
 PIPE_POOL = 1024               # empty pipes a core keeps for splice
 ERRNO_SLOTS = 160              # errno-indexed counters (struct core_stats)
 KEEPER_NAME = "mimbox-keeper"  # the process that resets a crashed converter's connections (core_keeper)

@@ -6,7 +6,7 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 
-from mimbox.codes import ENGINES, MAX_WORKERS, SPARE_MAX, SYN_PATHS
+from mimbox.codes import ENGINES, MAX_SOURCES, MAX_WORKERS, SPARE_MAX, SYN_PATHS
 
 MODES = ("explicit", "transparent", "static", "convert")
 CONVERT_COMPAT = ("rfc", "draft")
@@ -86,6 +86,7 @@ class ListenerConfig:
     pending_per_address: int = 32                # ... and from one client address
     hold_rate: int = 100                         # auto: SYNs/s per client /24 (per worker) sent to be held
     spare_sockets: int = 4                       # server sockets made ahead while idle, per kind (TCP, MPTCP)
+    source_addresses: tuple[str, ...] = ()       # server connections come from these, in turn (empty: the route's)
     busy_poll_us: int = 0                        # poll, not sleep, this long after the last event (0: sleep)
     backlog: int = 4096
     health_port: int | None = None               # a TCP port that accepts while the converter serves
@@ -164,6 +165,16 @@ class Config:
             out.append(("workers", f"workers must be 0 (one per core) .. {MAX_WORKERS}, not {self.workers}"))
         if not 0 <= lc.spare_sockets <= SPARE_MAX:
             out.append(("listener.spare_sockets", f"spare sockets must be 0..{SPARE_MAX}"))
+        if len(lc.source_addresses) > MAX_SOURCES:
+            out.append(("listener.source_addresses", f"at most {MAX_SOURCES} source addresses"))
+        for a in lc.source_addresses:
+            try:
+                ip = ipaddress.ip_address(a)
+            except ValueError as e:
+                out.append(("listener.source_addresses", f"{a!r}: {e}"))
+                continue
+            if ip.is_unspecified or ip.is_multicast:
+                out.append(("listener.source_addresses", f"{a}: a source address must be one of this host's"))
         if not 0 <= lc.busy_poll_us <= 10_000_000:
             out.append(("listener.busy_poll_us", "busy poll must be 0..10000000 microseconds"))
         for key in ("pending_limit", "pending_per_prefix", "pending_per_address", "hold_rate", "backlog"):
@@ -207,11 +218,26 @@ class Config:
         budget = self.safety.memory_budget if self.safety.memory_budget is not None else default_budget()
         return max(1, budget // self.per_connection_memory())
 
+    def ports_limit(self) -> int | None:
+        """Static mode: the connections its one upstream can take, a local port each from every source
+        address (mimbox.host.resources.local_ports); None in the other modes (a port a destination)."""
+        if self.listener.mode != "static" or not self.listener.upstream:
+            return None
+        from mimbox.host.resources import local_ports
+        return local_ports() * max(1, self.upstream_sources())
+
+    def upstream_sources(self) -> int:
+        """Static mode: the source addresses of the upstream's family (0: the route's address)."""
+        up = self.listener.upstream
+        return sum((":" in a) == (":" in up[0]) for a in self.listener.source_addresses) if up else 0
+
     def connection_limit(self) -> int:
-        """The global limit: explicit, or the memory budget over what a connection holds at rest."""
+        """The global limit: explicit, or the memory budget over what a connection holds at rest (in
+        static mode, at most what the upstream's local ports take)."""
         if self.safety.max_connections is not None:
             return self.safety.max_connections
-        return self.memory_limit()
+        ports = self.ports_limit()
+        return self.memory_limit() if ports is None else min(self.memory_limit(), ports)
 
 
 # the config file's tables (mimbox.ops.configfile), each one dataclass

@@ -206,6 +206,41 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
     assert "exited" in m.log(), m.log()[-2000:]
 
 
+def test_source_addresses_take_turns(paper_tb):
+    """--source-address: server connections come from the given addresses in turn (each has its own
+    local ports towards the one upstream: static mode past one port range), byte-exact; an address
+    that is not the host's stops the start, named."""
+    a = paper_tb.topo.server_addrs[0]
+    sources = [f"10.0.{a.n}.41", f"10.0.{a.n}.42"]
+    for s in sources:
+        paper_tb.mbox.cmd(f"ip addr add {s}/24 dev {a.intf_mbox}")
+    try:
+        m = MiMBox(mode="static", extra=["--workers", "1", *(f"--source-address={s}" for s in sources)])
+        m.start(paper_tb, SERVER_PORT)
+        try:
+            srv = Server(paper_tb, SERVER_PORT, mptcp=False, count=6)
+            try:
+                for i in range(6):
+                    c = run_client(paper_tb, m, SERVER_PORT, 2000 + i, 30_000 + i)
+                    assert c["received"] == 30_000 + i and c["sha_received"] == c["expected_server_sha"], c
+                reports = srv.reports()
+            finally:
+                srv.kill()
+            assert [r["received"] for r in reports] == [2000 + i for i in range(6)]
+            peers = [r["peer"].rsplit(":", 1)[0].strip("[]") for r in reports]
+            assert peers == [sources[i % 2] for i in range(6)], peers
+        finally:
+            m.stop()
+        bad = MiMBox(mode="static", extra=["--workers", "1", "--source-address=192.0.2.99"])
+        with pytest.raises(Exception):
+            bad.start(paper_tb, SERVER_PORT)
+        bad.stop()
+        assert "source address 192.0.2.99: not an address of this host" in bad.log(), bad.log()[-1500:]
+    finally:
+        for s in sources:
+            paper_tb.mbox.cmd(f"ip addr del {s}/24 dev {a.intf_mbox}")
+
+
 def test_server_without_mptcp_is_remembered(paper_tb):
     """A server that answered without MPTCP gets plain TCP sockets for --server-mptcp-retry seconds
     (cheaper than an MPTCP socket falling back); after that MPTCP is tried again, and used."""

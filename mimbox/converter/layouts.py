@@ -31,6 +31,7 @@ from mimbox.codes import (
     GATE_OPEN,
     GATE_PREFIX_FULL,
     KEEPER_NAME,
+    MAX_SOURCES,
     MAX_WORKERS,
     PIPE_POOL,
     POLICY,
@@ -71,7 +72,9 @@ class CoreConfig(ctypes.Structure):
                 ("access_log_every", ctypes.c_int32), ("convert_header_field", ctypes.c_int32),
                 ("synack_fd", ctypes.c_int32),         # mimbox.host.synack's map (convert mode), <= 0: none
                 ("uring_buffers", ctypes.c_int32),    # uring: provided buffers (a power of two), 0: 1024
-                ("pending_per_address", ctypes.c_int32)]   # held SYNs and greetings from one client address
+                ("pending_per_address", ctypes.c_int32),   # held SYNs and greetings from one client address
+                ("source_addrs", ctypes.c_uint8 * (16 * MAX_SOURCES)),   # --source-address: nsources ADDRs
+                ("nsources", ctypes.c_int32)]
 
 
 class Event(ctypes.Structure):
@@ -186,7 +189,7 @@ def c_header() -> str:
         lines.append(f"#define ABI_OFFSETS_{i} {{" + ", ".join(f"offsetof(struct {cname}, {f[0]})"
                                                               for f in layout._fields_) + "}")
         lines.append(f"#define ABI_NAMES_{i} {{" + ", ".join(f'"{f[0]}"' for f in layout._fields_) + "}")
-    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define PIPE_POOL {PIPE_POOL}"]
+    lines += [f"#define REFUSE_MARK 0x{REFUSE_MARK:X}u", f"#define REFUSE_MASK 0x{REFUSE_MASK:X}u", f"#define SPARE_MAX {SPARE_MAX}", f"#define MAX_SOURCES {MAX_SOURCES}", f"#define PIPE_POOL {PIPE_POOL}"]
     lines += c_structs()
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,7 @@ from mimbox.converter.synplan import SynPlan, core_config, listener_rules, plan_
 from mimbox.converter.timers import Timeouts
 from mimbox.converter.validation import validate
 from mimbox.host import privileges
-from mimbox.host.resources import MemoryPressure, limit_line, raise_fd_limit
+from mimbox.host.resources import MemoryPressure, check_sources, limit_line, raise_fd_limit
 from mimbox.host.synrecord import SynRecorder
 from mimbox.wire import addrs
 
@@ -122,6 +122,7 @@ class Relay:
                 self.rules = listener_rules(self.cfg, self.plan)
             self.queue_syns = self.plan.queue
             self.recorder = self.plan.recorder
+            check_sources(lc.source_addresses)
             self.core = Core(self._core_config())
             self.core.policy(self.policy)
             ports = lc.intercept_ports if lc.mode == "transparent" else (lc.port,)
@@ -161,7 +162,8 @@ class Relay:
         log.info("listening on %s, mode %s, SYN path %s, engine %s, %s -> %s, %s",
                  hostport(lc.addr, lc.port), lc.mode, lc.syn_path, bc.engine, "MPTCP" if lc.client_mptcp else "TCP",
                  "MPTCP" if lc.server_mptcp else "TCP",
-                 limit_line(self.admission.limit, self.cfg.memory_limit(), self.fds, self.workers))
+                 limit_line(self.admission.limit, self.cfg.memory_limit(), self.fds, self.workers,
+                            self.cfg.ports_limit(), self.cfg.upstream_sources()))
         log.info("policy: %s", self.policy.describe())
         up = static_upstream(self.cfg)
         if not self.policy.allow_clients:

@@ -7,7 +7,7 @@ import ctypes
 import logging
 from dataclasses import dataclass
 
-from mimbox.codes import DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, SYN_PATHS
+from mimbox.codes import DST_EXPLICIT, DST_PYTHON, DST_STATIC, DST_TRANSPARENT, ENGINES, MAX_SOURCES, SYN_PATHS
 from mimbox.config import Config
 from mimbox.converter.core import port_n
 from mimbox.converter.layouts import ADDR, CoreConfig
@@ -103,7 +103,9 @@ def core_config(cfg, *, worker: int, workers: int, fd_capacity: int, admission, 
         pending_per_prefix=lc.pending_per_prefix, pending_per_address=lc.pending_per_address, explicit_opt=int(lc.mode == "explicit"),
         handshake_timeout=sc.handshake_timeout, spare_sockets=lc.spare_sockets, busy_poll_us=lc.busy_poll_us,
         access_log_every=cfg.access_log_every, convert_header_field=HEADER_FIELD[lc.convert_compat],
-        synack_fd=synack_fd)
+        synack_fd=synack_fd, nsources=min(len(lc.source_addresses), MAX_SOURCES),
+        source_addrs=(ctypes.c_uint8 * (16 * MAX_SOURCES)).from_buffer_copy(
+            b"".join(addrs.packed(a) for a in lc.source_addresses[:MAX_SOURCES]).ljust(16 * MAX_SOURCES, b"\0")))
     return values if values_only else fitted(**values)
 
 

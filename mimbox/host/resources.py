@@ -127,11 +127,53 @@ def raise_fd_limit(connections: int, pipes: int = 0, minimum: int = 16) -> FdRoo
     return FdRoom(max(1, fit), soft, hard, fit < connections)
 
 
-def limit_line(admitted: int, memory_limit: int | None, fds: FdRoom, workers: int) -> str:
+def port_count(port_range: str, reserved: str) -> int:
+    """Ports in net.ipv4.ip_local_port_range ('32768\t60999') that ip_local_reserved_ports
+    ('5000-9999,17000') leaves to connect()."""
+    low, high = (int(x) for x in port_range.split())
+    taken = set()
+    for part in filter(None, reserved.strip().split(",")):
+        a, _, b = part.partition("-")
+        taken.update(range(max(low, int(a)), min(high, int(b or a)) + 1))
+    return max(0, high - low + 1 - len(taken))
+
+
+def local_ports() -> int:
+    """The local ports connect() picks from (this network namespace's): one server address and port
+    takes at most this many connections from one source address."""
+    def read(name: str, default: str) -> str:
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                return f.read()
+        except OSError:
+            return default
+    return port_count(read("ip_local_port_range", "32768 60999"), read("ip_local_reserved_ports", ""))
+
+
+def check_sources(addresses: tuple[str, ...]) -> None:
+    """Every --source-address is one of this host's (a bind() to it works): RuntimeError naming the one
+    that is not, at start, rather than every server connection refused later."""
+    import socket
+    for a in addresses:
+        with socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.setsockopt(socket.IPPROTO_IP, 24, 1)      # IP_BIND_ADDRESS_NO_PORT: no port taken here
+                s.bind((a, 0))
+            except OSError as e:
+                raise RuntimeError(f"source address {a}: not an address of this host ({e.strerror})") from None
+
+
+def limit_line(admitted: int, memory_limit: int | None, fds: FdRoom, workers: int,
+               ports_limit: int | None = None, sources: int = 0) -> str:
     """The start-up line's account of the connection limit: the number and what binds it."""
     by_fds = fds.connections * workers
     if memory_limit is None:
         return f"limit {admitted} connections (--max-connections)"
+    if ports_limit is not None and ports_limit < min(by_fds, memory_limit):
+        return (f"limit {ports_limit} connections (local ports bind: the upstream takes one of "
+                f"{ports_limit // max(1, sources)} ports (net.ipv4.ip_local_port_range) from each of "
+                f"{max(1, sources)} source address{'es' if sources > 1 else ''}; more --source-address "
+                f"lift it; memory would admit {memory_limit})")
     if by_fds < memory_limit:
         return (f"limit {by_fds} connections (open files bind: {fds.limit} per process, 2 a connection, "
                 f"{workers} worker{'s' if workers > 1 else ''}; memory would admit {memory_limit}: "

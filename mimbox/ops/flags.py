@@ -87,6 +87,11 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--spare-sockets", type=int, default=ListenerConfig.spare_sockets, metavar="N",
                    help="server sockets made ahead while the converter is idle, per kind (TCP, MPTCP), so that a "
                         f"held SYN costs one connect() (default {ListenerConfig.spare_sockets}; 0: none)")
+    g.add_argument("--source-address", action="append", default=[], metavar="ADDR",
+                   help="server connections come from this address of the host (repeatable: in turn, as HAProxy's "
+                        "`source` and nginx's `proxy_bind`). Each source address has its own local ports towards "
+                        "one server (net.ipv4.ip_local_port_range): static mode's one upstream needs several "
+                        "for more connections than one range holds (default: the route's address)")
     g.add_argument("--busy-poll", type=int, default=ListenerConfig.busy_poll_us, metavar="USEC",
                    help="after its last event a worker polls instead of sleeping for USEC microseconds: no "
                         "wake-up on the next packet (costly on VMs), at the price of a busy core (default 0)")
@@ -226,7 +231,7 @@ FLAGS = {
     "syn_path": ("listener.syn_path", None), "pending_limit": ("listener.pending_limit", None),
     "pending_per_prefix": ("listener.pending_per_prefix", None), "hold_rate": ("listener.hold_rate", None),
     "pending_per_address": ("listener.pending_per_address", None),
-    "spare_sockets": ("listener.spare_sockets", None), "busy_poll": ("listener.busy_poll_us", None),
+    "spare_sockets": ("listener.spare_sockets", None), "source_address": ("listener.source_addresses", tuple), "busy_poll": ("listener.busy_poll_us", None),
     "health_port": ("listener.health_port", None), "convert_compat": ("listener.convert_compat", None),
     "engine": ("buffers.engine", None), "pipe_size": ("buffers.pipe_size", parse_size),
     "uring_buffers": ("buffers.uring_buffers", None),

@@ -8,6 +8,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/bpf.h>
@@ -151,9 +152,34 @@ static int spare_take(struct core *c, int v6, int mptcp)
 	return server_socket(c, v6, mptcp);
 }
 
+/* --source-address: the next of the server side's source addresses of this family (v6: 1), in turn,
+ * bound with IP_BIND_ADDRESS_NO_PORT: the kernel picks the local port at connect() by the whole
+ * four-tuple, so each source address has its own ports towards one server (as HAProxy's `source` and
+ * nginx's `proxy_bind`; one address holds at most ip_local_port_range's ports towards static mode's
+ * upstream). 0 (none of this family: the route's address), or -errno */
+static int bind_source(struct core *c, int fd, int v6)
+{
+	const struct core_config *g = &c->cfg;
+	for (int k = 0; k < g->nsources; k++) {
+		unsigned i = (c->next_source + k) % (unsigned)g->nsources;
+		struct in6_addr a;
+		struct sockaddr_storage sa;
+		int one = 1;
+		memcpy(&a, g->source_addrs + 16 * i, 16);
+		if (addr_is_v4(&a) != !v6)
+			continue;
+		c->next_source = i + 1;
+		setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+		if (bind(fd, (struct sockaddr *)&sa, addr_to_sockaddr(&a, 0, &sa)))
+			return -errno;
+		return 0;
+	}
+	return 0;
+}
+
 /* A non-blocking socket of daddr's family connecting to daddr:dport (MPTCP unless the server was seen
- * without it): its fd, or -errno. Every server connection is opened here (held SYNs, accepted clients,
- * convert mode). */
+ * without it), from the next source address if there are any: its fd, or -errno. Every server
+ * connection is opened here (held SYNs, accepted clients, convert mode). */
 int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, int *tried_mptcp)
 {
 	struct sockaddr_storage sa;
@@ -172,6 +198,10 @@ int open_server(struct core *c, const struct in6_addr *daddr, uint16_t dport, in
 		fd = spare_take(c, v6, 0);
 	if (fd < 0)
 		return fd;
+	if ((err = bind_source(c, fd, v6)) < 0) {
+		close(fd);
+		return err;
+	}
 	if (connect(fd, (struct sockaddr *)&sa, salen) && errno != EINPROGRESS) {
 		err = errno;
 		close(fd);

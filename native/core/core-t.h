@@ -278,6 +278,7 @@ struct core {
 	int spare[2][2][SPARE_MAX];		/* made-ahead server sockets: [family: 0 IPv4, 1 IPv6][0 TCP, 1 MPTCP] */
 	int nspare[2][2], spare_wanted[2][2];	/* a kind is made ahead once it was needed */
 	double spare_retry_at;			/* making spares failed: not before then */
+	unsigned next_source;			/* connect.c: the next of cfg.source_addrs to use */
 	/* timers.c */
 	struct wheel wheel;
 	/* keeper.c */

@@ -60,6 +60,40 @@ def test_the_start_up_line_says_which_limit_binds():
     assert resources.limit_line(7, None, room, 1) == "limit 7 connections (--max-connections)"
 
 
+def test_static_mode_limit_counts_the_upstreams_local_ports(monkeypatch):
+    """One upstream takes a local port a connection from each source address: static mode's limit is
+    at most the ports times the source addresses of its family, and the start-up line says so."""
+    assert resources.port_count("32768\t60999", "") == 28232
+    assert resources.port_count("1024 65000", "5000-9999,17000-17999") == 63977 - 6000
+    assert resources.port_count("1024 2047", "2000,3000-4000") == 1023
+    monkeypatch.setattr(resources, "local_ports", lambda: 1000)
+    parse = lambda *a: config_from_args(build_parser().parse_args(["run", "--mode", "static", "--upstream", *a]))  # noqa: E731
+    one = parse("192.0.2.1:80")
+    assert one.ports_limit() == 1000 and one.connection_limit() == 1000
+    three = parse("192.0.2.1:80", "--source-address", "192.0.2.7", "--source-address", "192.0.2.8",
+                  "--source-address", "2001:db8::8", "--source-address", "192.0.2.9")
+    assert three.upstream_sources() == 3 and three.connection_limit() == 3000    # the IPv6 one cannot serve it
+    assert parse("192.0.2.1:80", "--max-connections", "5000").connection_limit() == 5000
+    explicit = config_from_args(build_parser().parse_args(["run", "--upstream", "192.0.2.1:80"]))
+    assert explicit.ports_limit() is None
+    room = resources.FdRoom(connections=8848, limit=20000, hard=20000, capped=True)
+    line = resources.limit_line(3000, 1_000_000, room, 2, three.ports_limit(), three.upstream_sources())
+    assert line.startswith("limit 3000 connections (local ports bind: the upstream takes one of 1000 ports")
+    assert "each of 3 source addresses" in line and "--source-address" in line
+    assert resources.limit_line(3000, 1_000_000, room, 2, 10**6, 1).startswith("limit 17696 connections (open files")
+
+
+def test_a_source_address_not_the_hosts_is_named_at_start():
+    import pytest
+    resources.check_sources(("127.0.0.1",))
+    with pytest.raises(RuntimeError, match="source address 192.0.2.99: not an address of this host"):
+        resources.check_sources(("127.0.0.1", "192.0.2.99"))
+    for bad in ("nonsense", "0.0.0.0", "224.0.0.1"):
+        with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+            config_from_args(build_parser().parse_args(["run", "--mode", "static", "--upstream", "192.0.2.1:80",
+                                                        "--source-address", bad]))
+
+
 def test_fd_limit_raised_as_far_as_the_hard_limit_allows():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
