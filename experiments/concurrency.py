@@ -12,7 +12,9 @@ the converters' memory is measured against.
 
 One process holds at most ~10,000 converted connections here (the fd hard limit is 20,000 a
 process, two sockets a connection; CAP_SYS_RESOURCE is missing): single-process systems stop there
-(rows with `stopped` say so, nothing is run past it); MiMBox goes further with more workers.
+(rows with `stopped` say so, nothing is run past it); MiMBox goes further with more workers, and its
+server connections come from SOURCES addresses (--source-address): one address has ~58,000 local ports
+towards the one echo server, and connect() slows long before they run out.
 """
 from __future__ import annotations
 
