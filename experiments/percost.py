@@ -39,7 +39,7 @@ from topologies.testbed import PaperTopo, Testbed  # noqa: E402
 NAME = "percost_converter"
 FULL = dict(size=1024, reps=5, seconds=5, connections=40, quota_cores=AUTO)
 QUICK = dict(size=1024, reps=3, seconds=3, connections=40, quota_cores=AUTO)
-PROFILED = ("haproxy-1t-tcp", "read/write", "mimbox", "mimbox-static-accept")   # perf: where the µs go
+PROFILED = ("haproxy-1t-tcp", "read/write", "mimbox", "mimbox-static", "mimbox-static-accept")   # perf, strace
 
 
 # wrk's 40 connections come from one client address: with every SYN held (--syn-path hold), the
@@ -75,10 +75,11 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                 rows = _measure(tb, syss, CONVERTER_BOUND, [params["size"]], params)
                 syn_paths = syn_counts(syss, ("syns", "deferred", "accepted", "refused"))
                 split = [row for s in syss if s.name in PROFILED for row in cpu_split(tb, s, params)]
+                calls = [row for s in syss if s.name in PROFILED for row in work_per_request(tb, s, params)]
         finally:
             web.stop()
             web_mptcp.stop()
-    return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths, "cpu_split": split}
+    return pd.DataFrame(rows), {"regime": box, "syn_paths": syn_paths, "cpu_split": split, "work": calls}
 
 
 def quota_of(df: pd.DataFrame) -> float:
@@ -121,6 +122,67 @@ def cpu_split(tb, system, params: dict) -> list[dict]:
             rows.append(dict(system=system.name, where=where, dso=dso,
                              us_per_req=int(parts[0]) * 1e6 / 4999 / max(1, r["requests"])))
     return rows
+
+
+PACKETS = ("IpInReceives", "IpOutRequests")     # nstat, the converter's namespace: packets in and out
+
+
+def work_per_request(tb, system, params: dict) -> list[dict]:
+    """One more run of the load under `strace -c -f` (the system's processes): what the converter asks
+    of the kernel per request -- its system calls, by name -- and the packets its namespace received
+    and sent per request (nstat). strace slows the converter several times, so only counts are kept,
+    not times (a slower loop batches more: epoll_wait per request is the one count it lowers). Empty
+    where strace is missing."""
+    import shutil
+    import subprocess
+    if not shutil.which("strace"):
+        return []
+    pids = system.box.pids() if system.box else system.pids()
+    trace = subprocess.Popen(["strace", "-c", "-f", "-q", *(x for p in pids for x in ("-p", str(p)))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def packets() -> dict[str, int]:
+        out = tb.mbox.cmd("nstat -az " + " ".join(PACKETS)).splitlines()[1:]
+        return {f[0]: int(f[1]) for f in (line.split() for line in out) if len(f) > 1}
+    try:
+        time.sleep(1.0)                 # attached to every process (strace says nothing until it ends)
+        before = packets()
+        r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                cpus=END_HOST_CPUS)
+        after = packets()
+    finally:
+        trace.send_signal(2)
+        _, table = trace.communicate(timeout=60)
+    n = max(1, r["requests"])
+    rows = [dict(system=system.name, what=name, per_request=(after.get(name, 0) - before.get(name, 0)) / n)
+            for name in PACKETS]
+    rows += [dict(system=system.name, what=f"{name}()", per_request=k / n) for name, k in strace_calls(table).items()]
+    return rows
+
+
+def strace_calls(table: str) -> dict[str, int]:
+    """`strace -c`'s summary table: calls per system call (% time, seconds, usecs/call, calls, [errors,] name)."""
+    out = {}
+    for line in table.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[3].isdigit() and f[-1] != "total" and not f[-1].startswith("-"):
+            out[f[-1]] = int(f[3])
+    return out
+
+
+def work_table(man: dict) -> pd.DataFrame:
+    """System calls and packets per request, a column per system (rows: packets, the calls' total,
+    then each call that one system makes at least 0.05 times a request)."""
+    d = pd.DataFrame(man.get("work", []))
+    if d.empty:
+        return d
+    t = d.pivot_table(index="what", columns="system", values="per_request", aggfunc="sum", sort=False).fillna(0)
+    calls = t[t.index.str.endswith("()")]
+    calls = calls[(calls >= 0.05).any(axis=1)].sort_values(list(calls.columns)[-1], ascending=False)
+    total = pd.DataFrame([t[t.index.str.endswith("()")].sum()], index=["system calls"])
+    names = {"IpInReceives": "packets in", "IpOutRequests": "packets out"}
+    out = pd.concat([t.loc[[p for p in PACKETS if p in t.index]].rename(index=names), total, calls]).round(2)
+    return out.rename_axis("per request").reset_index()
 
 
 def where_of(dso: str) -> str:

@@ -251,9 +251,14 @@ def percost() -> str:
     split = cpu_split_table(man)
     split_md = ("Where the converter's CPU per request runs (µs, `perf record` on its processes during one more "
                 "run of the same load):\n\n" + _md(split.fillna(0)) + "\n\n") if len(split) else ""
+    from experiments.percost import work_table
+    work = work_table(man)
+    work_md = ("What each converter asks of the kernel per request (`strace -c -f` on its processes and `nstat` "
+               "in its namespace, one more run of the same load; strace slows it, so counts only):\n\n"
+               + _md(work) + "\n\n") if len(work) else ""
     return ("![Per-connection cost](results/percost_converter/figure.png)\n\n" + _md(t.astype(object).fillna("—")) + "\n\n"
             + (f"SYNs that visited the converter (NFQUEUE): {held}.\n\n" if held else "")
-            + split_md + _env_line(man))
+            + split_md + work_md + _env_line(man))
 
 
 def fig6() -> str:

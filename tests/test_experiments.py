@@ -347,3 +347,28 @@ def test_every_syn_held_converter_admits_the_whole_load_from_its_one_client_addr
         cap = int(s.extra[s.extra.index("--pending-per-address") + 1]) if "--pending-per-address" in s.extra \
             else ListenerConfig.pending_per_address
         assert cap >= max(percost.FULL["connections"], percost.QUICK["connections"]), (s.name, cap)
+
+
+STRACE_C = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 31.20    0.101000           5     17200      1400 recvfrom
+ 20.10    0.065000           6     10000           sendto
+  9.00    0.029000           5      5000           accept4
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.323000           5     32200      1400 total
+"""
+
+
+def test_work_per_request_reads_strace_and_tables_calls_and_packets():
+    """percost's kernel-work table: strace -c's calls (errors column or not), per request, beside the
+    packets; the total row sums the calls only."""
+    from experiments import percost
+    assert percost.strace_calls(STRACE_C) == {"recvfrom": 17200, "sendto": 10000, "accept4": 5000}
+    calls = {"mimbox": {"recvfrom()": 3.44, "sendto()": 2.0, "epoll_wait()": 0.01},
+             "read/write": {"read()": 3.0, "write()": 2.0, "ioctl()": 2.0}}
+    work = [dict(system=s, what=w, per_request=v) for s, d in calls.items() for w, v in d.items()]
+    work += [dict(system=s, what=p, per_request=18.2) for s in calls for p in percost.PACKETS]
+    t = percost.work_table({"work": work}).set_index("per request")
+    assert list(t.index[:3]) == ["packets in", "packets out", "system calls"]
+    assert t.loc["system calls", "mimbox"] == 5.45 and t.loc["system calls", "read/write"] == 7.0
+    assert "epoll_wait()" not in t.index and t.loc["ioctl()", "mimbox"] == 0
