@@ -167,6 +167,21 @@ def test_rules_removed_after_stop(paper_tb):
         assert f"MIMBOX-{m.port}" not in paper_tb.mbox.cmd(f"iptables -t {table} -S")
 
 
+def relay_in_turn(tb, m, n: int, up: int, down: int) -> list[dict]:
+    """n connections through m one after the other, connection i sending up + i bytes and getting
+    down + i back, each byte-exact both ways; the server's reports, in order."""
+    srv = Server(tb, SERVER_PORT, mptcp=False, count=n)
+    try:
+        for i in range(n):
+            c = run_client(tb, m, SERVER_PORT, up + i, down + i)
+            assert c["received"] == down + i and c["sha_received"] == c["expected_server_sha"], c
+        reports = srv.reports()
+    finally:
+        srv.kill()
+    assert [r["received"] for r in reports] == [up + i for i in range(n)]
+    return reports
+
+
 def test_workers_share_the_port_and_hand_over(paper_tb):
     """Two event loops: SYNs split by source port, accepted sockets handed to the SYN's worker; every
     connection byte-exact, counters summed over both workers, and a dead worker stops the converter
@@ -179,15 +194,7 @@ def test_workers_share_the_port_and_hand_over(paper_tb):
     m = MiMBox(mode="static", extra=["--workers", "2"])
     m.start(paper_tb, SERVER_PORT)
     try:
-        srv = Server(paper_tb, SERVER_PORT, mptcp=False, count=24)
-        try:
-            for i in range(24):
-                c = run_client(paper_tb, m, SERVER_PORT, 1000 + i, 70_000 + i)
-                assert c["received"] == 70_000 + i and c["sha_received"] == c["expected_server_sha"], c
-            reports = srv.reports()
-        finally:
-            srv.kill()
-        assert [r["received"] for r in reports] == [1000 + i for i in range(24)]
+        reports = relay_in_turn(paper_tb, m, 24, 1000, 70_000)
         st = m.stats()
         assert st["workers"] == 2 and st["accepted"] == st["closed"] == 24, st
         assert st["bytes_down"] == sum(70_000 + i + 1 for i in range(24)), st   # +1: xfer's greeting byte
@@ -218,15 +225,7 @@ def test_source_addresses_take_turns(paper_tb):
         m = MiMBox(mode="static", extra=["--workers", "1", *(f"--source-address={s}" for s in sources)])
         m.start(paper_tb, SERVER_PORT)
         try:
-            srv = Server(paper_tb, SERVER_PORT, mptcp=False, count=6)
-            try:
-                for i in range(6):
-                    c = run_client(paper_tb, m, SERVER_PORT, 2000 + i, 30_000 + i)
-                    assert c["received"] == 30_000 + i and c["sha_received"] == c["expected_server_sha"], c
-                reports = srv.reports()
-            finally:
-                srv.kill()
-            assert [r["received"] for r in reports] == [2000 + i for i in range(6)]
+            reports = relay_in_turn(paper_tb, m, 6, 2000, 30_000)
             peers = [r["peer"].rsplit(":", 1)[0].strip("[]") for r in reports]
             assert peers == [sources[i % 2] for i in range(6)], peers
         finally:

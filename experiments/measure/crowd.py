@@ -32,12 +32,13 @@ import subprocess
 import sys
 import time
 
-IPPROTO_MPTCP = 262
+from mimbox.host.resources import IP_BIND_ADDRESS_NO_PORT
+from mimbox.wire.mptcp import IPPROTO_MPTCP
+
 PER_PROCESS = 9000
 KEEPALIVE = 64
 REQUEST = 1024
 CONNECTING_AT_ONCE = 256
-IP_BIND_ADDRESS_NO_PORT = 24    # bind() an address, the port chosen at connect() for the 4-tuple
 
 
 def _nofile() -> None:

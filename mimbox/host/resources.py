@@ -26,6 +26,7 @@ AT_REST = ((("MPTCP", "MPTCPv6"), 1),                  # the client's MPTCP sock
 SUBFLOW_CONTEXT = 1024      # struct mptcp_subflow_context (kmalloc-1k), one a subflow
 CORE_SLOT = 512             # struct conn and its pointer (native/core/core-t.h)
 FALLBACK_AT_REST = 16 << 10  # /proc/slabinfo unreadable (not root): a safe upper bound
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: bind() an address, the port chosen at connect()
 FD_RESERVE = 256            # fds beside connections and pooled pipes: listeners, queue, stats, logs
 
 
@@ -157,7 +158,7 @@ def check_sources(addresses: tuple[str, ...]) -> None:
     for a in addresses:
         with socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
-                s.setsockopt(socket.IPPROTO_IP, 24, 1)      # IP_BIND_ADDRESS_NO_PORT: no port taken here
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)      # no port taken here
                 s.bind((a, 0))
             except OSError as e:
                 raise RuntimeError(f"source address {a}: not an address of this host ({e.strerror})") from None

@@ -101,6 +101,8 @@ static int server_socket(struct core *c, int v6, int mptcp)
 		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &c->cfg.server_rcvbuf, sizeof(int));
 	if (c->cfg.server_sndbuf)
 		setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &c->cfg.server_sndbuf, sizeof(int));
+	if (c->cfg.nsources)		/* bind_source(): the port is picked at connect() */
+		setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
 	return fd;
 }
 
@@ -153,7 +155,7 @@ static int spare_take(struct core *c, int v6, int mptcp)
 }
 
 /* --source-address: the next of the server side's source addresses of this family (v6: 1), in turn,
- * bound with IP_BIND_ADDRESS_NO_PORT: the kernel picks the local port at connect() by the whole
+ * bound with IP_BIND_ADDRESS_NO_PORT (set by server_socket): the kernel picks the local port at connect() by the whole
  * four-tuple, so each source address has its own ports towards one server (as HAProxy's `source` and
  * nginx's `proxy_bind`; one address holds at most ip_local_port_range's ports towards static mode's
  * upstream). 0 (none of this family: the route's address), or -errno */
@@ -164,12 +166,10 @@ static int bind_source(struct core *c, int fd, int v6)
 		unsigned i = (c->next_source + k) % (unsigned)g->nsources;
 		struct in6_addr a;
 		struct sockaddr_storage sa;
-		int one = 1;
 		memcpy(&a, g->source_addrs + 16 * i, 16);
 		if (addr_is_v4(&a) != !v6)
 			continue;
 		c->next_source = i + 1;
-		setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
 		if (bind(fd, (struct sockaddr *)&sa, addr_to_sockaddr(&a, 0, &sa)))
 			return -errno;
 		return 0;
