@@ -9,7 +9,7 @@ cd "$(dirname "$(readlink -f "$0")")"
 
 # Debian packages, by name. mininet is Debian's 2.3.0 (with mnexec), not PyPI's.
 APT_PACKAGES=(mininet iproute2 iptables nftables libnetfilter-queue-dev tcpdump iperf3 wrk haproxy squid
-              nginx-light clang llvm bpftool libbpf-dev python3-venv python3-dev gcc make ethtool
+              nginx-light libnginx-mod-stream clang llvm bpftool libbpf-dev python3-venv python3-dev gcc make ethtool
               iputils-ping curl procps psmisc bpftrace linux-perf strace
               libseccomp-dev python3-seccomp libcap-dev libclang-rt-14-dev socat mptcpize liburing-dev
               openssh-server)

@@ -7,7 +7,10 @@
  * native `bind mptcp4@...` would be. socket() is left alone and listen() swaps the TCP socket for
  * an MPTCP one with the same options, flags and address (a socket cannot change protocol).
  *
- * MPTCPIZE_DEBUG=1 prints each conversion to stderr. */
+ * MPTCPIZE_DEBUG=1 prints each conversion to stderr.
+ *
+ * Both are read once, when the shim is loaded: a program may clear its environment after it starts
+ * (nginx keeps only TZ unless told otherwise), and its sockets must not change mode when it does. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -38,10 +41,23 @@ static void resolve(void)
 		real_listen = (int (*)(int, int))dlsym(RTLD_NEXT, "listen");
 }
 
+static int flag(const char *name)
+{
+	const char *v = getenv(name);
+	return v && *v && strcmp(v, "0") != 0;
+}
+
+static int listen_only_mode, debug_mode;
+
+__attribute__((constructor)) static void read_environment(void)
+{
+	listen_only_mode = flag("MPTCPIZE_LISTEN_ONLY");
+	debug_mode = flag("MPTCPIZE_DEBUG");
+}
+
 static int listen_only(void)
 {
-	const char *v = getenv("MPTCPIZE_LISTEN_ONLY");
-	return v && *v && strcmp(v, "0") != 0;
+	return listen_only_mode;
 }
 
 static int tcp_like(int domain, int type, int protocol)
@@ -56,7 +72,7 @@ int socket(int domain, int type, int protocol)
 	if (!listen_only() && tcp_like(domain, type, protocol)) {
 		int fd = real_socket(domain, type, IPPROTO_MPTCP);
 		if (fd >= 0) {
-			if (getenv("MPTCPIZE_DEBUG"))
+			if (debug_mode)
 				fprintf(stderr, "mptcpize: fd %d is MPTCP\n", fd);
 			return fd;
 		}
@@ -131,7 +147,7 @@ int listen(int fd, int backlog)
 		int r = swap_for_mptcp(fd);	/* -1: not a TCP socket (or no MPTCP): listen as it is */
 		if (r == -2)
 			return -1;
-		if (r == 0 && getenv("MPTCPIZE_DEBUG"))
+		if (r == 0 && debug_mode)
 			fprintf(stderr, "mptcpize: listening fd %d is MPTCP\n", fd);
 	}
 	return real_listen(fd, backlog);

@@ -274,19 +274,24 @@ def test_notebook_reads_the_results_it_is_given(tmp_path):
     assert [c.source for c in shown] == ["figure(workload)"]
 
 
-@pytest.mark.parametrize("proxy", ["haproxy", "squid"])
+@pytest.mark.parametrize("proxy", ["haproxy", "squid", "nginx-stream-1w", "nginx-stream-2w"])
 def test_proxies_speak_mptcp_with_two_subflows_to_the_client(paper_tb, proxy):
-    """HAProxy and Squid have no MPTCP of their own: through the shim, the client's connection to
-    them is MPTCP with 2 subflows, their connection to the server plain TCP (as every converter's;
-    seen in the converter host's socket table during a download)."""
+    """HAProxy, Squid and nginx's stream module have no MPTCP of their own: through the shim, the
+    client's connection to them is MPTCP with 2 subflows, their connection to the server plain TCP
+    (as every converter's; seen in the converter host's socket table during a download). nginx with
+    2 workers: each worker's own listener (reuseport) is MPTCP."""
     from experiments import servers
-    from experiments.systems import HAProxy, Squid, wait_port
+    from experiments.systems import HAProxy, NginxStream, Squid, wait_port
     from mimbox.paths import MPTCPIZE
-    system = HAProxy(threads=1) if proxy == "haproxy" else Squid()
+    system = {"haproxy": lambda: HAProxy(threads=1), "squid": Squid,
+              "nginx-stream-1w": lambda: NginxStream(workers=1), "nginx-stream-2w": lambda: NginxStream(workers=2)}[proxy]()
     web = servers.nginx(paper_tb, [32 << 20], BULK_PORT)
     system.start(paper_tb, BULK_PORT)
     try:
         wait_port(paper_tb.mbox, system.port)
+        listeners = paper_tb.mbox.cmd(f"ss -HMltn 'sport = :{system.port}'").strip().splitlines()
+        mptcp = [line for line in listeners if line.startswith("mptcp")]
+        assert len(mptcp) == getattr(system, "workers", 1), listeners     # one per worker, MPTCP
         curl = paper_tb.client.popen(["env", f"LD_PRELOAD={MPTCPIZE}", "curl", "-s", "-o", "/dev/null",
                                       "--limit-rate", "2M", f"http://{paper_tb.mbox_client_ip}:{system.port}/"
                                       f"{32 << 20}.bin"])

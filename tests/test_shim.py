@@ -45,9 +45,9 @@ print(json.dumps(out))
 """
 
 
-def run_under_shim(**env) -> dict:
+def run_under_shim(program: str = PROGRAM, **env) -> dict:
     full = dict(os.environ, LD_PRELOAD=str(MPTCPIZE), **env)
-    p = subprocess.run([sys.executable, "-c", PROGRAM], env=full, capture_output=True, text=True, timeout=30)
+    p = subprocess.run([sys.executable, "-c", program], env=full, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
@@ -60,6 +60,13 @@ def test_listen_only_makes_listeners_mptcp_and_keeps_their_options(mptcp_ok):
     assert out["reuseaddr"] and out["nodelay"] and out["nonblocking"] and out["cloexec"], out
     assert out["echo"] == "ping", out
     assert out["unix_listens"] == 1, out
+
+
+def test_listen_only_holds_when_the_program_clears_its_environment(mptcp_ok):
+    """nginx keeps only TZ in its environment once it starts: its connections to the server must stay
+    TCP all the same (the shim reads its settings when it is loaded)."""
+    out = run_under_shim("import os\nos.environ.clear()\n" + PROGRAM, MPTCPIZE_LISTEN_ONLY="1")
+    assert out["listener"] == IPPROTO_MPTCP and out["outgoing"] == 6, out
 
 
 def test_default_makes_every_socket_mptcp(mptcp_ok):

@@ -371,6 +371,49 @@ class HAProxy(System):
         wait_port(tb.mbox, self.port)
 
 
+class NginxStream(System):
+    """nginx's stream module (Debian's libnginx-mod-stream) as a TCP relay: the proxy an operator would
+    put in front of TCP servers, its listener made MPTCP by the shim (nginx has no MPTCP of its own).
+    workers > 1: a master and that many worker processes, each with its own listener (reuseport)."""
+    MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+    def __init__(self, workers: int = 1, port: int | None = None, cpus: str | None = None,
+                 max_connections: int = 19_000):
+        """max_connections: each worker's worker_connections (a relayed connection takes two, and each
+        worker one fd a connection: one process's open-file limit caps it)."""
+        super().__init__(cpus)
+        self.workers, self.port, self.max_connections = workers, port or ALLOCATE.port(), max_connections
+        self.loops = workers
+        self.name = f"nginx-stream-{workers}w"
+
+    def config(self, tb, server_port: int, d: str) -> str:
+        v6 = tb.client_family == 6
+        listen = f"[::]:{self.port} ipv6only=off" if v6 else f"{self.port}"
+        server = f"[{tb.server_ip}]" if ":" in tb.server_ip else tb.server_ip
+        return "\n".join([
+            f"load_module {self.MODULE};",
+            "daemon off;", f"master_process {'on' if self.workers > 1 else 'off'};",
+            f"worker_processes {self.workers};", f"pid {d}/nginx.pid;", "error_log stderr warn;",
+            f"worker_rlimit_nofile {self.max_connections + 100};",
+            f"events {{ worker_connections {self.max_connections}; multi_accept on; }}",
+            "stream {",
+            f"  server {{ listen {listen} backlog=4096{' reuseport' if self.workers > 1 else ''};",
+            f"    proxy_pass {server}:{server_port}; proxy_connect_timeout 5s; proxy_timeout 10m; }}",
+            "}", ""])
+
+    def start(self, tb, server_port: int) -> None:
+        super().start(tb, server_port)
+        d = tb.mbox.mkdtemp("nginx-stream")
+        cfg = f"{d}/nginx.conf"
+        tb.mbox.write_file(cfg, self.config(tb, server_port, d))
+        self._popen(tb.mbox, mptcp_listeners(["nginx", "-c", cfg, "-p", d], tb.mbox), stdout=subprocess.DEVNULL)
+        try:
+            wait_port(tb.mbox, self.port, timeout=15)
+        except NotWithin:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not listen on {self.port}: {self.log()[-2000:]}") from None
+
+
 class Squid(System):
     """Squid 5.7 (Debian) as a reverse proxy with caching off; its listener MPTCP through the shim."""
     name = "squid"
