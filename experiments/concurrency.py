@@ -8,7 +8,11 @@ Per system and N: what the converter holds (its processes' RSS; socket memory in
 `ss -m`; MemAvailable and the kernel caches against the router's at the same N), its fds, its CPU
 with the crowd idle and per keep-alive and new request, keep-alive and new-request latency
 p50/p99/p99.9. The router (the phone speaking MPTCP to an MPTCP server, forwarded) is the baseline
-the converters' memory is measured against.
+the converters' memory is measured against. The systems: MiMBox (1 and 2 workers, the io_uring engine,
+and as many workers as the largest N needs), HAProxy-1t/2t and nginx's stream module with 1 and 2
+workers (their listeners made MPTCP by the shim), the paper's naive read()/write() and splice()
+converters. Two regimes: end-host-bound (the converter has its own core) up to the largest N, and
+converter-bound (each event loop held to CONVERTER_QUOTA_CORES of a core) at `bound_counts`.
 
 One process holds at most ~10,000 converted connections here (the fd hard limit is 20,000 a
 process, two sockets a connection; CAP_SYS_RESOURCE is missing): single-process systems stop there
@@ -29,10 +33,11 @@ import pandas as pd
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import CONVERTER_CPUS, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
-from experiments.style import styles  # noqa: E402
-from experiments.systems import HAProxy, MiMBox, Naive, Router, python, ready_line  # noqa: E402
-from topologies.regimes import END_HOST_BOUND  # noqa: E402
+from experiments.common import CONVERTER_CPUS, CONVERTER_QUOTA_CORES, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
+from experiments.measure import runqueue_wait_s, with_descendants  # noqa: E402
+from experiments.style import legend_outside, styles  # noqa: E402
+from experiments.systems import HAProxy, MiMBox, Naive, NginxStream, Router, python, ready_line  # noqa: E402
+from topologies.regimes import CONVERTER_BOUND, END_HOST_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo  # noqa: E402
 from topologies.support import ALLOCATE, NotWithin, stop_process, wait_until  # noqa: E402
 
@@ -40,13 +45,18 @@ NAME = "concurrency"
 # keep-alives every `interval` s, but at most `keepalive_rate` a second in all: this VM's end hosts (Python
 # crowd and echo server, and the kernel's work for both, on 2 cores) saturate near 3,000/s, and a saturated
 # generator measures itself (30,000 connections every 10 s gave a p99 of 90 ms through the router alone)
-FULL = dict(counts=[1000, 3000, 10000, 30000, 100000], interval=10.0, keepalive_rate=1000.0, idle_seconds=10.0,
-            new_rate=20.0, new_only_rate=200.0, new_seconds=10.0, open_rate=3000.0)
-QUICK = dict(counts=[1000, 10000], interval=10.0, keepalive_rate=1000.0, idle_seconds=5.0,
+# counts: end-host-bound (the converter has its own core); bound_counts: converter-bound, each system's event
+# loops held to CONVERTER_QUOTA_CORES of a core each (experiments.common.converter_boxes), where what a
+# converter spends per keep-alive and per new connection shows in the latency
+FULL = dict(counts=[1000, 3000, 10000, 30000, 100000], bound_counts=[1000, 10000], interval=10.0,
+            keepalive_rate=1000.0, idle_seconds=10.0, new_rate=20.0, new_only_rate=200.0, new_seconds=10.0,
+            open_rate=3000.0)
+QUICK = dict(counts=[1000, 10000], bound_counts=[1000], interval=10.0, keepalive_rate=1000.0, idle_seconds=5.0,
              new_rate=20.0, new_only_rate=200.0, new_seconds=5.0, open_rate=3000.0)
 FD_HARD = 20_000               # this machine's per-process hard limit (results' manifest: environment)
 PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.host.resources)
 HAPROXY_MAXCONN = 7_900        # HAProxy asks for 2.5 fds a connection (pipes): 8,800 would need 22,014
+SPLICE_MAX = 3_300             # the naive splice converter: 6 fds a connection (two sockets, two pipes)
 # MiMBox's server connections come from these addresses in turn (--source-address): the one echo server
 # takes a local port a connection from each (57,977 here), and past half of an address's ports every
 # connect() walks the ports in use (the kernel tries even ports first: 95 % of the converter's CPU at
@@ -59,19 +69,30 @@ def source_addresses(subnet: int) -> list[str]:
     return [f"10.0.{subnet}.{51 + k}" for k in range(SOURCES)]
 
 
-def systems(counts: list[int], sources: list[str] = ()) -> list:
-    """The systems measured, each with how many connections it can hold here (None: no limit)."""
-    big = max(3, math.ceil(max(counts) / PER_PROCESS))
-    out = [(Router(), None)]
-    for name, kw in (("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
-                     ("mimbox-uring", dict(workers=1, engine="uring")), (f"mimbox-{big}w", dict(workers=big))):
+def systems(counts: list[int], sources: list[str] = (), many_workers: bool = True) -> list:
+    """The systems measured, each with how many connections it can hold here (None: no limit) and why:
+    [(system, capacity, what caps it)]. many_workers: MiMBox with as many workers as the largest count
+    needs too (the end-host-bound pass; held to a quota per worker it would only repeat mimbox-2w)."""
+    fds = f"open-file limit: {FD_HARD} a process"
+    out = [(Router(), None, "")]
+    mimboxes = [("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
+                ("mimbox-uring", dict(workers=1, engine="uring"))]
+    if many_workers:
+        big = max(3, math.ceil(max(counts) / PER_PROCESS))
+        mimboxes.append((f"mimbox-{big}w", dict(workers=big)))
+    for name, kw in mimboxes:
         m = MiMBox(mode="static", cpus=CONVERTER_CPUS,
                    extra=["--idle-timeout", "0", *(f"--source-address={a}" for a in sources)], **kw)
         m.name = name
-        out.append((m, PER_PROCESS * kw["workers"]))
+        out.append((m, PER_PROCESS * kw["workers"], f"{fds}, 2 a connection"))
     for threads in (1, 2):      # (HAProxy reserves fds for maxconn / 4 splice pipes too: 2.5 fds a connection)
-        out.append((HAProxy(threads=threads, mode="tcp", cpus=CONVERTER_CPUS, maxconn=HAPROXY_MAXCONN), HAPROXY_MAXCONN))
-    out.append((Naive("readwrite", cpus=CONVERTER_CPUS), PER_PROCESS))
+        out.append((HAProxy(threads=threads, mode="tcp", cpus=CONVERTER_CPUS, maxconn=HAPROXY_MAXCONN),
+                    HAPROXY_MAXCONN, f"{fds}, 2.5 a connection (maxconn {HAPROXY_MAXCONN})"))
+    for workers in (1, 2):      # one listener a worker (reuseport), each worker its own open-file limit
+        out.append((NginxStream(workers=workers, cpus=CONVERTER_CPUS), PER_PROCESS * workers,
+                    f"{fds} (each worker's), 2 a connection"))
+    out.append((Naive("readwrite", cpus=CONVERTER_CPUS), PER_PROCESS, f"{fds}, 2 a connection"))
+    out.append((Naive("splice", cpus=CONVERTER_CPUS), SPLICE_MAX, f"{fds}, 6 a connection (two sockets, two pipes)"))
     return out
 
 
@@ -148,7 +169,7 @@ def percentile(values: list[int], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))] / 1000.0          # µs -> ms
 
 
-def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[dict, dict]:
+def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict) -> tuple[dict, dict]:
     """One system holding n connections: its row and the kernel caches' deltas."""
     tcp_port, mptcp_port = ports
     host, port = system.endpoint(tb, mptcp_port if isinstance(system, Router) else tcp_port)
@@ -162,7 +183,7 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
                              "client", host, str(port), str(n),
                              "--open-rate", str(params["open_rate"]), *sources],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-    row = dict(system=system.name, connections=n)
+    row = dict(regime=regime, system=system.name, connections=n)
     try:
         _readline(crowd, 60)                    # its processes run: what they hold is in both readings
         pids = system.box.pids() if system.box is not None else []
@@ -196,8 +217,16 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
         cpu_new = (system.cpu_s() - cpu0) / max(1, len(only_new["new_us"]))
         interval = keepalive_interval(opened["open"], params)
         cpu0 = system.cpu_s()
+        # who waited for a CPU while the keep-alives ran: the end hosts (crowd and echo server, one core)
+        # or the converter (its box's processes)
+        ends = with_descendants([crowd.pid, *params["echo_pids"]])
+        conv = system.box.pids() if system.box is not None else []
+        wait0, t0 = (runqueue_wait_s(ends), runqueue_wait_s(conv)), time.monotonic()
         m = _measure(crowd, interval, interval, params["new_rate"])      # every connection's keep-alive once
         cpu = system.cpu_s() - cpu0
+        window = time.monotonic() - t0
+        row.update(end_hosts_runq_wait_ms_per_s=1e3 * (runqueue_wait_s(ends) - wait0[0]) / window,
+                   converter_runq_wait_ms_per_s=1e3 * (runqueue_wait_s(conv) - wait0[1]) / window)
         kas, news = m.get("keepalive_us", []), m.get("new_us", []) + only_new.get("new_us", [])
         errs = {**only_new.get("errors", {}), **m.get("errors", {})}
         row.update(keepalive_interval_s=interval, mptcp_fallbacks=fallbacks(tb.client) - fb0,
@@ -208,10 +237,12 @@ def _point(tb, system, n: int, ports: tuple[int, int], params: dict) -> tuple[di
                    **{f"new_p{q}_ms": percentile(news, v) for q, v in (("50", .5), ("99", .99), ("99.9", .999))})
         if isinstance(system, MiMBox):
             row["timer_visits"] = system.stats().get("timer_visits")
-        progress(f"concurrency {system.name} N={n}: kernel caches {row['kernel_kb_per_conn']:.1f} KB/conn "
+        progress(f"concurrency {regime} {system.name} N={n}: kernel caches {row['kernel_kb_per_conn']:.1f} KB/conn "
                  f"(MemAvailable {row['memavail_kb_per_conn']:.1f}), "
                  f"RSS {row['rss_kb_per_conn']:.2f} KB/conn, idle CPU {row['idle_cpu_pct']:.2f} %, "
-                 f"keep-alive p99 {row['keepalive_p99_ms']:.2f} ms (every {interval:g} s), errors {row['error_kinds']}, "
+                 f"keep-alive p99 {row['keepalive_p99_ms']:.2f} ms (every {interval:g} s; run-queue wait a second: "
+                 f"end hosts {row['end_hosts_runq_wait_ms_per_s']:.0f} ms, converter {row['converter_runq_wait_ms_per_s']:.0f} ms), "
+                 f"errors {row['error_kinds']}, "
                  f"MPTCP fallbacks {row['mptcp_fallbacks']}")
     finally:
         t_close = time.monotonic()
@@ -270,6 +301,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             tb.client.cmd(f"ip addr add {a}/24 dev {first.intf_outer}")
         toward = tb.topo.server_addrs[0]
         params["converter_sources"] = source_addresses(toward.n)
+        params["echo_pids"] = [s.pid for s in servers]
         for a in params["converter_sources"]:
             tb.mbox.cmd(f"ip addr add {a}/24 dev {toward.intf_mbox}")
         try:
@@ -279,47 +311,71 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
             # an earlier run's sockets still closing would fill the kernel's token table
             params["mptcp_base"] = wait_until(lambda: (lambda k: (k,) if k < 2000 else None)(mptcp_sockets(tb.mbox)),
                                               300, "MPTCP sockets of an earlier run freed", every=1.0)[0]
-            for system, capacity in systems(params["counts"], params["converter_sources"]):
-                with converter_boxes([system], END_HOST_BOUND, host=tb.mbox):
-                    started = False
-                    for n in params["counts"]:
-                        if capacity is not None and n > capacity:
-                            rows.append(dict(system=system.name, connections=n,
-                                             stopped=f"open-file limit: {FD_HARD} a process, 2 a connection "
-                                                     f"(holds ~{capacity})"))
-                            progress(f"concurrency {system.name} N={n}: not run ({rows[-1]['stopped']})")
-                            continue
-                        if not started:
-                            system.start(tb, mptcp_port if isinstance(system, Router) else tcp_port)
-                            started = True
-                        try:
-                            row, cache = _point(tb, system, n, (tcp_port, mptcp_port), params)
-                        except (RuntimeError, NotWithin) as e:
-                            rows.append(dict(system=system.name, connections=n, stopped=str(e)[:200]))
-                            progress(f"concurrency {system.name} N={n}: {e}")
-                            break
-                        rows.append(row)
-                        caches.append(dict(system=system.name, connections=n, **cache))
-                    if started:
-                        system.stop()
+            for regime, counts in ((END_HOST_BOUND, params["counts"]), (CONVERTER_BOUND, params["bound_counts"])):
+                for system, capacity, cap in systems(counts, params["converter_sources"],
+                                                     many_workers=regime == END_HOST_BOUND):
+                    _system_points(tb, system, regime, (capacity, cap), counts, (tcp_port, mptcp_port), params,
+                                   rows, caches)
         finally:
             for s in servers:
                 stop_process(s, grace=30)
+            params.pop("echo_pids", None)           # (this run's, nothing for the manifest)
     df = pd.DataFrame(rows)
-    return df, {"caches": caches, "regime": END_HOST_BOUND, "fd_hard_limit": FD_HARD,
-                "converter_cpus": CONVERTER_CPUS, "echo_server_processes": procs}
+    return df, {"caches": caches, "regimes": {END_HOST_BOUND: "the converter's own core, no quota",
+                                              CONVERTER_BOUND: f"{CONVERTER_QUOTA_CORES} of a core per event loop"},
+                "fd_hard_limit": FD_HARD, "converter_cpus": CONVERTER_CPUS, "echo_server_processes": procs}
+
+
+def _system_points(tb, system, regime: str, limit: tuple[int | None, str], counts: list[int],
+                   ports: tuple[int, int], params: dict, rows: list, caches: list) -> None:
+    """One system at each of `counts` in `regime`, in its CPU box, started once. limit: (how many
+    connections it holds here, None: no limit; what caps it): a count past it gets a `stopped` row
+    saying so, and a point that fails ends the system's run."""
+    capacity, cap = limit
+    tcp_port, mptcp_port = ports
+    with converter_boxes([system], regime, host=tb.mbox):
+        started = False
+        for n in counts:
+            if capacity is not None and n > capacity:
+                rows.append(dict(regime=regime, system=system.name, connections=n,
+                                 stopped=f"{cap} (holds ~{capacity:,})"))
+                progress(f"concurrency {regime} {system.name} N={n}: not run ({rows[-1]['stopped']})")
+                continue
+            if not started:
+                system.start(tb, mptcp_port if isinstance(system, Router) else tcp_port)
+                started = True
+            try:
+                row, cache = _point(tb, system, regime, n, ports, params)
+            except (RuntimeError, NotWithin) as e:
+                rows.append(dict(regime=regime, system=system.name, connections=n, stopped=str(e)[:200]))
+                progress(f"concurrency {regime} {system.name} N={n}: {e}")
+                break
+            rows.append(row)
+            caches.append(dict(regime=regime, system=system.name, connections=n, **cache))
+        if started:
+            system.stop()
+
+
+def with_regime(df: pd.DataFrame) -> pd.DataFrame:
+    """df with its `regime` column (a run before the converter-bound pass was end-host-bound only)."""
+    df = df.copy()
+    df["regime"] = df["regime"].fillna(END_HOST_BOUND) if "regime" in df else END_HOST_BOUND
+    return df
 
 
 def attributable(df: pd.DataFrame) -> pd.DataFrame:
-    """Per system and N, what the converter adds per connection (KB): the kernel caches beside the
-    router's at the same N (the converter's sockets; its server side is TCP where the router's echo
-    server is MPTCP), its processes' RSS and its sockets' buffers; and MemAvailable's view, the same way."""
+    """Per regime, system and N, what the converter adds per connection (KB): the kernel caches beside
+    the router's at the same N in the same regime (the converter's sockets; its server side is TCP where
+    the router's echo server is MPTCP), its processes' RSS and its sockets' buffers; and MemAvailable's
+    view, the same way."""
+    df = with_regime(df)
     ran = df[df["kernel_kb_per_conn"].notna()] if "kernel_kb_per_conn" in df else df.iloc[0:0]
-    router = ran[ran["system"] == "router"].set_index("connections")
+    router = ran[ran["system"] == "router"].set_index(["regime", "connections"])
     out = ran[ran["system"] != "router"].copy()
-    beside = lambda col: out.apply(lambda r: r[col] - router[col].get(r["connections"], float("nan")), axis=1)  # noqa: E731
-    out["kernel_beside_router_kb"] = beside("kernel_kb_per_conn")
-    out["memavail_beside_router_kb"] = beside("memavail_kb_per_conn")
+    beside = lambda col: out.apply(  # noqa: E731
+        lambda r: router[col].get((r["regime"], r["connections"]), float("nan")), axis=1) if len(out) else []
+    out["kernel_beside_router_kb"] = out["kernel_kb_per_conn"] - beside("kernel_kb_per_conn")
+    out["memavail_beside_router_kb"] = out["memavail_kb_per_conn"] - beside("memavail_kb_per_conn")
     out["attributable_kb_per_conn"] = out["kernel_beside_router_kb"] + out["rss_kb_per_conn"] + out["sockmem_kb_per_conn"]
     return out
 
@@ -328,49 +384,68 @@ def findings(df: pd.DataFrame) -> dict:
     att = attributable(df)
     out = {}
     for r in att.itertuples():
-        out.setdefault(r.system, {})[int(r.connections)] = {
+        out.setdefault(r.regime, {}).setdefault(r.system, {})[int(r.connections)] = {
             "attributable_kb_per_conn": round(r.attributable_kb_per_conn, 2), "rss_kb_per_conn": round(r.rss_kb_per_conn, 3),
             "sockmem_kb_per_conn": round(r.sockmem_kb_per_conn, 3), "idle_cpu_pct": round(r.idle_cpu_pct, 3),
-            "keepalive_p99_ms": round(r.keepalive_p99_ms, 3), "cpu_us_per_keepalive": round(r.cpu_us_per_keepalive, 1),
+            "keepalive_p99_ms": round(r.keepalive_p99_ms, 3), "new_p99_ms": round(r.new_p99_ms, 3),
+            "cpu_us_per_keepalive": round(r.cpu_us_per_keepalive, 1), "cpu_us_per_new": round(r.cpu_us_per_new, 1),
             "kernel_beside_router_kb": round(r.kernel_beside_router_kb, 2), "mptcp_fallbacks": int(r.mptcp_fallbacks)}
+    df = with_regime(df)
     stopped = df[df["stopped"].notna()] if "stopped" in df else df.iloc[0:0]
-    return {"per_system": out, "stopped": {f"{r.system} N={r.connections}": r.stopped for r in stopped.itertuples()}}
+    return {"per_system": out,
+            "stopped": {f"{r.regime} {r.system} N={r.connections}": r.stopped for r in stopped.itertuples()}}
 
 
 def problems(df: pd.DataFrame) -> list[str]:
+    df = with_regime(df)
     ran = df[df["opened"].notna()] if "opened" in df else df.iloc[0:0]
-    out = [f"{r.system} N={r.connections}: {r.open_failed} connections failed to open"
+    out = [f"{r.regime} {r.system} N={r.connections}: {r.open_failed} connections failed to open"
            for r in ran.itertuples() if r.open_failed]
-    out += [f"{r.system} N={r.connections}: {r.errors} errors ({r.error_kinds})" for r in ran.itertuples() if r.errors]
+    out += [f"{r.regime} {r.system} N={r.connections}: {r.errors} errors ({r.error_kinds})"
+            for r in ran.itertuples() if r.errors]
     if "close_problem" in df:
-        out += [f"{r.system} N={r.connections}: {r.close_problem}" for r in df[df["close_problem"].notna()].itertuples()]
+        out += [f"{r.regime} {r.system} N={r.connections}: {r.close_problem}"
+                for r in df[df["close_problem"].notna()].itertuples()]
     return out
 
 
 def plot(df: pd.DataFrame):
+    df = with_regime(df)
     att = attributable(df)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.2))
     names = list(dict.fromkeys(df["system"]))
     st = styles(names)
-    panels = ((axes[0][0], "attributable_kb_per_conn", "memory per connection beside the router's (KB)", att),
-              (axes[0][1], "keepalive_p99_ms", "keep-alive RTT p99 (ms)", df),
-              (axes[1][0], "idle_cpu_pct", "CPU with the crowd idle (% of a core)", df),
-              (axes[1][1], "cpu_us_per_keepalive", "CPU per keep-alive (µs)", df))
-    for ax, col, label, data in panels:
+    eh, cb = END_HOST_BOUND, CONVERTER_BOUND
+    panels = ((axes[0][0], eh, "attributable_kb_per_conn", "memory per connection beside the router's (KB)", att),
+              (axes[0][1], eh, "keepalive_p99_ms", "keep-alive RTT p99 (ms)", df),
+              (axes[0][2], eh, "idle_cpu_pct", "CPU with the crowd idle (% of a core)", df),
+              (axes[1][0], eh, "cpu_us_per_keepalive", "CPU per keep-alive (µs)", df),
+              (axes[1][1], cb, "keepalive_p99_ms", "keep-alive RTT p99 (ms)", df),
+              (axes[1][2], cb, "new_p99_ms", "new 1 KB request p99 (ms)", df))
+    for ax, regime, col, label, data in panels:
+        ax.set_title(regime, fontsize=8)
         if col not in data:
             continue
         for name in names:
-            g = data[(data["system"] == name) & data[col].notna()].sort_values("connections")
+            if name == "router" and col.startswith(("cpu", "idle")):
+                continue          # (forwarding runs in the kernel's softirqs: no process to account)
+            g = data[(data["regime"] == regime) & (data["system"] == name) & data[col].notna()]
+            g = g.sort_values("connections")
             if len(g):
                 ax.plot(g["connections"], g[col], label=name, **st[name])
         ax.set_xscale("log")
+        if col.endswith("_ms"):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("concurrent MPTCP connections")
         ax.set_ylabel(label)
         ax.grid(alpha=.3, which="both")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Cost against concurrency: mostly idle phones (64 B every 10 s) and a trickle of new requests",
-                 fontsize=9)
-    fig.tight_layout()
+    legend_outside(fig, axes.flat)
+    fig.suptitle("Cost against concurrency: mostly idle phones (64 B every 10 s) and a trickle of new requests; "
+                 f"converter-bound: {CONVERTER_QUOTA_CORES} of a core per event loop", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
     return fig
 
 

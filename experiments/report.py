@@ -10,7 +10,8 @@ import re
 
 import pandas as pd
 
-from experiments.common import RESULTS, ROOT
+from experiments.common import CONVERTER_QUOTA_CORES, RESULTS, ROOT
+from topologies.regimes import END_HOST_BOUND
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -487,7 +488,7 @@ def concurrency() -> str:
         return "_Cost against concurrency not run yet._"
     from experiments.concurrency import attributable
     att = attributable(df)
-    t = pd.DataFrame({"system": att["system"], "N": att["connections"].astype(int),
+    t = pd.DataFrame({"regime": att["regime"], "system": att["system"], "N": att["connections"].astype(int),
                       "KB/conn beside the router": att["attributable_kb_per_conn"].round(2),
                       "RSS KB/conn": att["rss_kb_per_conn"].round(2),
                       "socket buffers KB/conn": att["sockmem_kb_per_conn"].round(2),
@@ -502,6 +503,8 @@ def concurrency() -> str:
     caches = pd.DataFrame(man.get("caches", []))
     cache_md = ""
     if len(caches):
+        if "regime" in caches:        # the end-host-bound pass's (the converter-bound one's are the same sockets)
+            caches = caches[caches.regime == END_HOST_BOUND].drop(columns="regime")
         top = caches.groupby(["system", "connections"]).sum(numeric_only=True).reset_index()
         router = top[top.system == "router"].set_index("connections")
         conv = top[top.system != "router"].copy()
@@ -509,12 +512,13 @@ def concurrency() -> str:
         for c in cols:
             conv[c] = [round((r[c] - router[c].get(r["connections"], float("nan"))) / 1024, 2) for _, r in conv.iterrows()]
         keep = [c for c in cols if conv[c].abs().max() >= 0.05]
-        cache_md = ("\n\nKernel caches per connection beside the router's (KB, slab deltas at rest):\n\n"
+        cache_md = ("\n\nKernel caches per connection beside the router's (KB, slab deltas at rest, end-host-bound):\n\n"
                     + _md(conv[["system", "connections", *keep]].sort_values(["connections", "system"])))
-    return ("![Concurrency](results/concurrency/figure.png)\n\n" + _md(t.sort_values(["N", "system"]))
+    return ("![Concurrency](results/concurrency/figure.png)\n\n" + _md(t.sort_values(["regime", "N", "system"],
+                                                                                       ascending=[False, True, True]))
             + cache_md + "\n\n"
-            + ("Not run (one process's open-file limit): " + "; ".join(f"{k}: {v}" for k, v in stopped.items()) + ". "
-               if stopped else "")
+            + ("Not run: " + "; ".join(f"{k}: {v}" for k, v in stopped.items()) + ". " if stopped else "")
+            + f"Converter-bound: each system's event loops held to {CONVERTER_QUOTA_CORES} of a core each. "
             + "Memory beside the router: the kernel caches' growth per connection with the system (active "
               "objects x size), minus the router's at the same N (the phone speaking MPTCP end to end to an MPTCP "
               "echo server), plus the system's RSS and socket buffers. MPTCP fallbacks: client connections that "
@@ -591,6 +595,7 @@ def concurrency_headline() -> str:
         return ""
     from experiments.concurrency import attributable
     att = attributable(df)
+    att = att[att.regime == END_HOST_BOUND]
     mim = att[att.system.str.startswith("mimbox")]
     if mim.empty:
         return ""
@@ -607,7 +612,7 @@ def concurrency_headline() -> str:
         m, h = both.loc[n, "mimbox-1w"], both.loc[n, "haproxy-1t-tcp"]
         text += f"; at {int(n):,}: mimbox-1w {m:.1f} KB, haproxy-1t (tcp) {h:.1f} KB ({m / h:.2f}x)"
         # like for like only if both held the same sockets per connection (client subflows + server)
-        per = {s: r.sockets_in_converter_ns / r.connections for r in df[df.connections == n].itertuples()
+        per = {s: r.sockets_in_converter_ns / r.connections for r in att[att.connections == n].itertuples()
                for s in [r.system] if s in ("mimbox-1w", "haproxy-1t-tcp") and r.connections}
         if len(per) == 2 and abs(per["mimbox-1w"] - per["haproxy-1t-tcp"]) >= 0.5:
             text += (f", not like for like: {per['mimbox-1w']:.1f} vs {per['haproxy-1t-tcp']:.1f} sockets per "

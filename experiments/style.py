@@ -19,6 +19,8 @@ STYLES: dict[str, tuple[str, str]] = {
     "haproxy-2t": ("#d62728", "D"),
     "haproxy-2t-tcp": ("#ad494a", "v"),
     "squid": ("#2ca02c", "P"),
+    "nginx-stream-1w": ("#8ca252", "*"),
+    "nginx-stream-2w": ("#7b4173", "p"),
     "splice": ("#9467bd", "X"),
     "read/write": ("#e377c2", "h"),
     # MiMBox's configurations beside its default (percost, uring): the SYN path, the engine

@@ -162,7 +162,7 @@ def _figure_systems() -> dict[str, list[str]]:
             "goodput": [s.name for s in goodput.systems()],
             "uring": [s.name for s in uring.small_systems() + uring.bulk_systems()],
             "percost": [s.name for s in percost.systems()],
-            "concurrency": [s.name for s, _ in concurrency.systems([1000, 10_000, 100_000])],
+            "concurrency": [s.name for s, _, _ in concurrency.systems([1000, 10_000, 100_000])],
             "delay": [name for name, _, _ in delay.cases({"poll_ns": 1000})]}
 
 

@@ -48,3 +48,30 @@ def test_crowd_counts_what_could_not_open():
                         capture_output=True, text=True, timeout=60)
     opened = json.loads(cl.stdout.splitlines()[1])
     assert opened["open"] == 0 and opened["failed"] == {"ECONNREFUSED": 20}, opened
+
+
+def test_runqueue_wait_counts_a_crowded_cpus_waiting_and_follows_children():
+    """The concurrency figure's attribution of latency: two busy processes on one CPU wait for it about
+    half the time, one alone on the other CPU hardly at all, and the wait is found through the process
+    that started them."""
+    import time
+
+    from experiments.measure import runqueue_wait_s, with_descendants
+    spin = "import time\nend = time.monotonic() + 0.8\nwhile time.monotonic() < end: pass"
+    pair = subprocess.Popen(["sh", "-c", f"taskset -c 0 {sys.executable} -c '{spin}' & "
+                                         f"taskset -c 0 {sys.executable} -c '{spin}' & wait"])
+    alone = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 5
+        while len(with_descendants([pair.pid])) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        family = with_descendants([pair.pid])
+        assert len(family) == 3, family
+        w0, a0 = runqueue_wait_s(family), runqueue_wait_s([alone.pid])
+        time.sleep(0.4)
+        waited, alone_waited = runqueue_wait_s(family) - w0, runqueue_wait_s([alone.pid]) - a0
+    finally:
+        for p in (pair, alone):
+            p.wait(timeout=10)
+    assert waited > 0.15, waited             # two spinners on one CPU for 0.4 s: ~0.4 s of waiting between them
+    assert alone_waited < 0.1, alone_waited  # (its CPU time is ~0.4 s: not what is counted)

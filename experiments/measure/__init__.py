@@ -17,3 +17,34 @@ def cpu_seconds(pids: list[int]) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total / CLK_TCK
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    """These processes and every process they started, still alive (/proc/PID/task/TID/children)."""
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds these processes' threads have spent runnable but waiting for a CPU, so far
+    (/proc/PID/task/TID/schedstat, second field): the scheduler's delay, not their work."""
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
