@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import matplotlib
 import pandas as pd
@@ -32,6 +31,7 @@ from experiments.common import (  # noqa: E402
 )
 from experiments.systems import HAProxy, MiMBox, Naive, Router  # noqa: E402
 from experiments.measure.tools import wrk  # noqa: E402
+from experiments.measure.tracer import tracing  # noqa: E402
 from experiments.workload import HTTP_PORT, _measure, calibrated  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
@@ -97,18 +97,14 @@ def cpu_split(tb, system, params: dict) -> list[dict]:
     import tempfile
     if not shutil.which("perf"):
         return []
-    data = tempfile.mktemp(prefix="mimbox-perf-", suffix=".data")
-    pids = ",".join(str(p) for p in (system.box.pids() if system.box else system.pids()))
-    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", pids, "-o", data],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fd, data = tempfile.mkstemp(prefix="mimbox-perf-", suffix=".data")
+    os.close(fd)
+    pids = system.box.pids() if system.box else system.pids()
     try:
-        time.sleep(0.5)
-        r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
-                cpus=END_HOST_CPUS)
-    finally:
-        rec.send_signal(2)
-        rec.wait(timeout=60)
-    try:
+        with tracing(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", ",".join(map(str, pids)),
+                      "-o", data], pids):
+            r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                    cpus=END_HOST_CPUS)
         out = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso", "--stdio", "-q",
                               "-F", "sample,dso"], capture_output=True, text=True, timeout=120).stdout
     finally:
@@ -134,25 +130,19 @@ def work_per_request(tb, system, params: dict) -> list[dict]:
     not times (a slower loop batches more: epoll_wait per request is the one count it lowers). Empty
     where strace is missing."""
     import shutil
-    import subprocess
     if not shutil.which("strace"):
         return []
     pids = system.box.pids() if system.box else system.pids()
-    trace = subprocess.Popen(["strace", "-c", "-f", "-q", *(x for p in pids for x in ("-p", str(p)))],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def packets() -> dict[str, int]:
         out = tb.mbox.cmd("nstat -az " + " ".join(PACKETS)).splitlines()[1:]
         return {f[0]: int(f[1]) for f in (line.split() for line in out) if len(f) > 1}
-    try:
-        time.sleep(1.0)                 # attached to every process (strace says nothing until it ends)
+    with tracing(["strace", "-c", "-f", "-q", *(x for p in pids for x in ("-p", str(p)))], pids) as trace:
         before = packets()
         r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
                 cpus=END_HOST_CPUS)
         after = packets()
-    finally:
-        trace.send_signal(2)
-        _, table = trace.communicate(timeout=60)
+    table = trace.stderr_text
     n = max(1, r["requests"])
     rows = [dict(system=system.name, what=name, per_request=(after.get(name, 0) - before.get(name, 0)) / n)
             for name in PACKETS]

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import matplotlib
 import pandas as pd
@@ -38,6 +37,7 @@ from experiments.common import (  # noqa: E402
     running,
 )
 from experiments.measure.tools import iperf3, wrk  # noqa: E402
+from experiments.measure.tracer import tracing  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive  # noqa: E402
 from topologies.regimes import CONVERTER_BOUND  # noqa: E402
 from topologies.testbed import PaperTopo, Testbed  # noqa: E402
@@ -144,28 +144,23 @@ def _profile_all(tb, systems: list, port: int, params: dict, workload: str, boxe
 
 
 def _profile_one(tb, system, rep: int, params: dict, workload: str) -> list[dict]:
-    pids = ",".join(str(p) for p in (system.box.pids() if system.box else system.pids()))
+    pids = system.box.pids() if system.box else system.pids()
     fd, data = tempfile.mkstemp(prefix="mimbox-perf-", suffix=".data")
     os.close(fd)
-    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-p", pids, "-o", data],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
-        c0 = system.cpu_s()
-        if workload == SMALL:
-            r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
-                    cpus=END_HOST_CPUS)
-            units, rate = max(1, r["requests"]), f"{r['req_per_s']:.0f} req/s"
-            per_unit = 1e6       # µs per request
-        else:
-            r = iperf3(tb, system, IPERF_PORT, params["bulk_seconds"], cpus=END_HOST_CPUS)
-            units, rate = max(1.0, r["bytes"] / 1e9), f"{r['goodput_bps'] / 1e9:.2f} Gbit/s"
-            per_unit = 1e3       # ms per GB
-        cpu = system.cpu_s() - c0
-    finally:
-        rec.send_signal(2)
-        rec.wait(timeout=120)
-    try:
+        with tracing(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-p", ",".join(map(str, pids)),
+                      "-o", data], pids):
+            c0 = system.cpu_s()
+            if workload == SMALL:
+                r = wrk(tb, system, HTTP_PORT, f"/{params['size']}.bin", params["seconds"], params["connections"],
+                        cpus=END_HOST_CPUS)
+                units, rate = max(1, r["requests"]), f"{r['req_per_s']:.0f} req/s"
+                per_unit = 1e6       # µs per request
+            else:
+                r = iperf3(tb, system, IPERF_PORT, params["bulk_seconds"], cpus=END_HOST_CPUS)
+                units, rate = max(1.0, r["bytes"] / 1e9), f"{r['goodput_bps'] / 1e9:.2f} Gbit/s"
+                per_unit = 1e3       # ms per GB
+            cpu = system.cpu_s() - c0
         counts = perf_samples(data)
     finally:
         os.unlink(data)
