@@ -27,6 +27,7 @@ from mimbox.converter.safety import DENIED_OWN, DENIED_OWN_UNKNOWN, destination_
 from mimbox.converter.synpath import Admission, Cause, syn_error
 from mimbox.paths import BUILD
 from mimbox.wire import addrs, dstopt
+from mimbox.wire.mptcp import IPPROTO_MPTCP
 
 try:
     core.lib()
@@ -308,12 +309,14 @@ class Running:
     """A core serving a listener on 127.0.0.1 (or `listen`: '::' serves both families), relaying to
     upstream:upstream_port, its loop in a thread; events copied out."""
 
-    def __init__(self, upstream_port: int, listen: str = "127.0.0.1", upstream: str = "127.0.0.1", **kw):
+    def __init__(self, upstream_port: int, listen: str = "127.0.0.1", upstream: str = "127.0.0.1",
+                 mptcp: bool = False, **kw):
         self.core = make(static_addr=layouts.ADDR.from_buffer_copy(addrs.packed(upstream)),
                          static_port=core.port_n(upstream_port), **kw)
         self.core.policy(PolicyOracle(allow_clients=[ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")],
                                 rules=[], own=set()))
-        self.ls = socket.socket(socket.AF_INET6 if ":" in listen else socket.AF_INET)
+        self.ls = socket.socket(socket.AF_INET6 if ":" in listen else socket.AF_INET, socket.SOCK_STREAM,
+                                IPPROTO_MPTCP if mptcp else 0)
         if ":" in listen:
             self.ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -385,6 +388,52 @@ def test_bytes_exact_both_ways_with_half_close(engine):
         wait_until(lambda: not r.core.active(), 5, "the connection closed")
         st = r.core.stats()
         assert (st.accepted, st.closed, st.bytes_up, st.bytes_down) == (1, 1, len(up), len(down))
+    finally:
+        r.close()
+        ls.close()
+
+
+def echo(s):
+    while data := s.recv(1 << 16):
+        s.sendall(data)
+
+
+@pytest.mark.parametrize("engine", ["auto", "copy", "splice"])
+def test_an_mptcp_clients_room_wakes_the_loop_only_while_bytes_wait_for_it(engine):
+    """An MPTCP socket raises an EPOLLOUT edge at every DATA_ACK that frees room in it: a keep-alive
+    (64 B up, echoed down) must wake the loop about twice (the client's bytes, the server's), not once
+    more for the phone's ACK. Then a phone that stops reading while the server sends 8 MB: bytes wait
+    for room, the client's EPOLLOUT is watched again, and all 8 MB arrive once it reads."""
+    big = random.randbytes(8 << 20)
+
+    def handler(s):
+        while (data := s.recv(1 << 16)) and data != b"big!":
+            s.sendall(data)
+        s.sendall(big)
+        s.shutdown(socket.SHUT_WR)
+        recv_all(s)
+    ls, t = server(handler)
+    r = Running(ls.getsockname()[1], engine=ENGINES[engine], mptcp=True)
+    try:
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        c.settimeout(20)
+        c.connect(("127.0.0.1", r.port))
+        c.sendall(b"k" * 64)                            # the first exchange: the client's first edges
+        assert c.recv(64, socket.MSG_WAITALL) == b"k" * 64
+        time.sleep(0.05)                                # (its ACK's edge, if any, is past)
+        w0 = r.core.stats().wakeups
+        n = 20
+        for _ in range(n):
+            c.sendall(b"k" * 64)
+            assert c.recv(64, socket.MSG_WAITALL) == b"k" * 64
+            time.sleep(0.06)        # a phone's keep-alives are seconds apart: its delayed ACK (40 ms) leaves alone
+        per_exchange = (r.core.stats().wakeups - w0) / n
+        assert per_exchange <= 2.2, per_exchange
+        c.sendall(b"big!")
+        time.sleep(0.5)                                 # not reading: the server's bytes wait in the core
+        assert recv_all(c) == big
+        c.close()
+        t.join(10)
     finally:
         r.close()
         ls.close()

@@ -104,7 +104,8 @@ class CoreStats(ctypes.Structure):
         ("duration_hist", ctypes.c_uint64 * (len(DURATION_BUCKETS_S) + 1)), ("duration_sum", ctypes.c_double),
         ("buffer_waits", ctypes.c_uint64),     # uring: recvs that found the buffer pool empty
         ("timer_visits", ctypes.c_uint64),     # timers.c: entries the wheel looked at (follows timers due)
-        ("dest_evictions", ctypes.c_uint64)]   # dest.c: a remembered destination pushed out (16 live around its key)
+        ("dest_evictions", ctypes.c_uint64),   # dest.c: a remembered destination pushed out (16 live around its key)
+        ("wakeups", ctypes.c_uint64)]          # loop.c: waits that ended with events (the worker woke for work)
 
 
 class ConnInfo(ctypes.Structure):

@@ -44,6 +44,7 @@ COUNTERS = {
     "buffer_waits": "engine uring: reads that found the buffer pool empty (read into the connection's own buffer)",
     "timer_visits": "timeouts looked at on the timer wheel (follows the timers due, not the connections held)",
     "dest_evictions": "explicit mode: remembered SYN destinations pushed out by newer ones (16 live around one key)",
+    "wakeups": "times the event loop woke with work (an MPTCP client's room, unless bytes wait for it, wakes none)",
     "log_lines_refused": "refusal log lines written", "log_lines_access": "access log lines written",
     "access_log_dropped": "access log lines dropped (too many at once)",
 }

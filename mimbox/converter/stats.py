@@ -23,7 +23,7 @@ class Stats:
 CORE_COUNTERS = ("syns", "deferred", "accepted", "client_mptcp", "client_tcp", "server_mptcp", "server_tcp", "closed",
                  "bytes_up", "bytes_down", "server_connects", "server_tcp_remembered", "server_connect_us_sum",
                  "spare_used", "spare_made", "busy_polls", "handed_over", "buffer_waits", "timer_visits",
-                 "dest_evictions")
+                 "dest_evictions", "wakeups")
 # the core's errno-indexed counters, by the prefix of their keys in "errors"
 CORE_ERRNO_COUNTERS = (("", "errors"), ("accept ", "accept_errors"), ("server ", "server_errors"),
                        ("hand-over ", "handover_errors"))

@@ -141,6 +141,7 @@ struct conn {
 	uint8_t tried_mptcp, client_mptcp, server_mptcp;
 	uint8_t client_synrecv;		/* an MPTCP client accepted at its TFO SYN, its handshake not yet
 					 * complete: nothing is written to it until it is (dir.c client_ready) */
+	uint8_t client_out;		/* epoll: the client's socket is watched for EPOLLOUT (engine_epoll.c) */
 	int cfd, sfd;
 	struct dir up, down;
 	struct flow f;

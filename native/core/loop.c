@@ -103,6 +103,7 @@ int core_run(struct core *c, int timeout_ms, struct core_event *out, int maxout)
 		if (work) {
 			c->last_event = c->now;
 			c->st.busy_polls += polling;
+			c->st.wakeups++;
 		}
 		for (int j = 0; j < n; j++)
 			dispatch(c, &evs[j]);
