@@ -74,4 +74,4 @@ def test_runqueue_wait_counts_a_crowded_cpus_waiting_and_follows_children():
         for p in (pair, alone):
             p.wait(timeout=10)
     assert waited > 0.15, waited             # two spinners on one CPU for 0.4 s: ~0.4 s of waiting between them
-    assert alone_waited < 0.1, alone_waited  # (its CPU time is ~0.4 s: not what is counted)
+    assert alone_waited < waited / 2, (alone_waited, waited)   # (its CPU time is ~0.4 s: not what is counted)
