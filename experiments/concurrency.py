@@ -69,10 +69,23 @@ def source_addresses(subnet: int) -> list[str]:
     return [f"10.0.{subnet}.{51 + k}" for k in range(SOURCES)]
 
 
-def systems(counts: list[int], sources: list[str] = (), many_workers: bool = True) -> list:
+def systems(counts: list[int], sources: list[str] = (), many_workers: bool = True, only=None) -> list:
     """The systems measured, each with how many connections it can hold here (None: no limit) and why:
     [(system, capacity, what caps it)]. many_workers: MiMBox with as many workers as the largest count
-    needs too (the end-host-bound pass; held to a quota per worker it would only repeat mimbox-2w)."""
+    needs too (the end-host-bound pass; held to a quota per worker it would only repeat mimbox-2w).
+    only: these names alone (a parameter of the run: e.g. repeating one comparison; the router is the
+    memory baseline and is always kept)."""
+    out = _all_systems(counts, sources, many_workers)
+    if only:
+        unknown = set(only) - {s.name for s, _, _ in out}
+        if unknown:
+            raise ValueError(f"concurrency: no system {', '.join(sorted(unknown))} "
+                             f"(its systems: {', '.join(s.name for s, _, _ in out)})")
+        out = [x for x in out if x[0].name in only or isinstance(x[0], Router)]
+    return out
+
+
+def _all_systems(counts: list[int], sources: list[str], many_workers: bool) -> list:
     fds = f"open-file limit: {FD_HARD} a process"
     out = [(Router(), None, "")]
     mimboxes = [("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
@@ -325,7 +338,7 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                                               300, "MPTCP sockets of an earlier run freed", every=1.0)[0]
             for regime, counts in ((END_HOST_BOUND, params["counts"]), (CONVERTER_BOUND, params["bound_counts"])):
                 for system, capacity, cap in systems(counts, params["converter_sources"],
-                                                     many_workers=regime == END_HOST_BOUND):
+                                                     many_workers=regime == END_HOST_BOUND, only=params.get("only")):
                     _system_points(tb, system, regime, (capacity, cap), counts, (tcp_port, mptcp_port), params,
                                    rows, caches)
         finally:

@@ -166,6 +166,14 @@ def _figure_systems() -> dict[str, list[str]]:
             "delay": [name for name, _, _ in delay.cases({"poll_ns": 1000})]}
 
 
+def test_concurrency_runs_only_the_systems_named_beside_the_router():
+    from experiments import concurrency
+    names = [s.name for s, _, _ in concurrency.systems([1000, 3000], only=["mimbox-1w", "haproxy-1t-tcp"])]
+    assert names == ["router", "mimbox-1w", "haproxy-1t-tcp"]
+    with pytest.raises(ValueError, match="no system haproxy-9t"):
+        concurrency.systems([1000], only=["haproxy-9t"])
+
+
 def test_every_system_of_every_figure_has_its_entry_and_no_two_series_of_a_figure_are_alike():
     from experiments.style import _known, styles
     for figure, names in _figure_systems().items():
