@@ -57,15 +57,14 @@ def test_runqueue_wait_counts_a_crowded_cpus_waiting_and_follows_children():
     import time
 
     from experiments.measure import runqueue_wait_s, with_descendants
+    from topologies.support import wait_until
     spin = "import time\nend = time.monotonic() + 0.8\nwhile time.monotonic() < end: pass"
     pair = subprocess.Popen(["sh", "-c", f"taskset -c 0 {sys.executable} -c '{spin}' & "
                                          f"taskset -c 0 {sys.executable} -c '{spin}' & wait"])
     alone = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", spin])
     try:
-        deadline = time.monotonic() + 5
-        while len(with_descendants([pair.pid])) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        family = with_descendants([pair.pid])
+        family = wait_until(lambda: (lambda f: f if len(f) == 3 else None)(with_descendants([pair.pid])), 5,
+                            "both spinners started", every=0.01)
         assert len(family) == 3, family
         w0, a0 = runqueue_wait_s(family), runqueue_wait_s([alone.pid])
         time.sleep(0.4)
