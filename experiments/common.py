@@ -235,18 +235,23 @@ def calibrate_quota(systems: list, probe, points: list, start: float = CONVERTER
                     floor: float = QUOTA_FLOOR, margin: float = BOUND_MARGIN, rounds: int = 3,
                     probe_with: tuple[str, ...] = ()) -> dict:
     """The largest quota per event loop, at most `start`, at which the router still delivers
-    `margin` x the best one-loop converter at every point (bound_check's test, with room for the
-    noise of a short probe), and set it on every converter's box (N loops: N x that quota, as
-    converter_boxes). `systems`: running, in their boxes, the router among them; probe(system,
-    point) -> rate. A converter held to a quota delivers in proportion to it, so each round scales
-    the quota by what the worst point lacks, then measures again; the result says what was probed.
-    A machine where even `floor` is not converter-bound is reported (bound: False), not hidden.
-    probe_with: probe only the converters of these names (those with the least work per request)
-    when any is running; every system's box gets the result all the same."""
+    `margin` x what the largest converter of the run could deliver at every point (bound_check's
+    test, with room for the noise of a short probe), and set it on every converter's box (N loops:
+    N x that quota, as converter_boxes). What an N-loop converter could deliver is N x the best
+    one-loop converter's rate (scaling perfectly: the most it can ask of the end hosts), so a run
+    with 2-loop systems gets half the quota of a run without: a 2-loop system at 80 % of the
+    router's rate measures the end hosts, not itself. `systems`: running, in their boxes, the
+    router among them; probe(system, point) -> rate. A converter held to a quota delivers in
+    proportion to it, so each round scales the quota by what the worst point lacks, then measures
+    again; the result says what was probed. A machine where even `floor` is not converter-bound is
+    reported (bound: False), not hidden. probe_with: probe only the converters of these names (those
+    with the least work per request) when any is running; every system's box gets the result all
+    the same."""
     from experiments.systems import Router
     router = next(s for s in systems if isinstance(s, Router))
     convs = [s for s in systems if s.converts and s.loops == 1 and s.box is not None]
     convs = [s for s in convs if s.name in probe_with] or convs
+    loops = max((s.loops for s in systems if s.converts and s.box is not None), default=1)
     cores, steps = start, []
 
     def apply(q: float) -> None:
@@ -262,13 +267,14 @@ def calibrate_quota(systems: list, probe, points: list, start: float = CONVERTER
         steps.append({"cores_per_loop": cores, "router_over_best": round(ratio, 2),
                       "router": {str(p): round(routed[p]) for p in points},
                       "best_converter": {str(p): round(best[p]) for p in points}})
-        progress(f"calibration: {cores:.3f} core per loop -> router {ratio:.2f}x the best converter")
-        if ratio >= margin or cores <= floor:
+        progress(f"calibration: {cores:.3f} core per loop -> router {ratio:.2f}x the best converter"
+                 + (f" (needs {margin * loops:.1f}x: {loops}-loop systems run too)" if loops > 1 else ""))
+        if ratio >= margin * loops or cores <= floor:
             break
-        cores = max(floor, int(cores * ratio / margin * 1000) / 1000)
+        cores = max(floor, int(cores * ratio / (margin * loops) * 1000) / 1000)
     apply(cores)
-    return {"cores_per_loop": cores, "converter_bound": steps[-1]["router_over_best"] >= 2.0,
-            "margin": margin, "start": start, "floor": floor, "probes": steps}
+    return {"cores_per_loop": cores, "converter_bound": steps[-1]["router_over_best"] >= 2.0 * loops,
+            "largest_loops": loops, "margin": margin, "start": start, "floor": floor, "probes": steps}
 
 
 def pick(defaults: list, params: dict, tb=None) -> list:
@@ -306,21 +312,27 @@ def syn_counts(systems: list, keys=("syns", "deferred", "accepted")) -> dict:
 
 
 def bound_check(df: pd.DataFrame, metric: str, key: str = "size") -> list[dict]:
-    """Per point of the converter-bound regime: the router's rate over the best one-loop converter's.
-    >= 2 means the converters, not the end hosts, were the bottleneck there."""
+    """Per point of the converter-bound regime and per number of event loops: the router's rate over
+    the best converter's with that many loops (N-loop systems have N quotas). >= 2 means the
+    converters, not the end hosts, were the bottleneck there; a 2-loop system at 80 % of the router
+    is not converter-bound, whatever its one-loop peers were."""
     out = []
     cb = df[df["regime"] == "converter-bound"]
-    if "loops" in cb:
-        cb = cb[cb["loops"] <= 1]       # one event loop each (N-loop systems have N quotas)
+    if "loops" not in cb:
+        cb = cb.assign(loops=1)
     for k, g in cb.groupby(key):
         means = g.groupby("system")[metric].mean()
-        conv = means.drop("router", errors="ignore")
-        if "router" not in means or conv.empty:
+        if "router" not in means:
             continue
-        ratio = float(means["router"] / conv.max())
-        out.append({key: k, "router": float(means["router"]), "best_converter": conv.idxmax(),
-                    "best_rate": float(conv.max()), "router_over_best": round(ratio, 2),
-                    "converter_bound": ratio >= 2.0})
+        loops = g.groupby("system")["loops"].first()
+        for n in sorted({int(v) for s, v in loops.items() if s != "router" and v == v}):
+            conv = means[[s for s in means.index if s != "router" and loops.get(s) == n]]
+            if conv.empty:
+                continue
+            ratio = float(means["router"] / conv.max())
+            out.append({key: k, "loops": n, "router": float(means["router"]), "best_converter": conv.idxmax(),
+                        "best_rate": float(conv.max()), "router_over_best": round(ratio, 2),
+                        "converter_bound": ratio >= 2.0})
     return out
 
 

@@ -98,8 +98,11 @@ def _bound_line(man: dict, key: str, unit: str) -> str:
     checks = man.get("findings", {}).get("bound_check", [])
     if not checks:
         return ""
-    parts = [f"{c[key] // 1024 if key == 'size' else c[key]}{unit}: {c['router_over_best']:.1f}×"
-             + ("" if c["converter_bound"] else " (not converter-bound)") for c in checks]
+    several = len({c.get("loops", 1) for c in checks}) > 1       # a run with N-loop systems: each count apart
+    parts = [f"{c[key] // 1024 if key == 'size' else c[key]}{unit}"
+             + (f" {c.get('loops', 1)} loop{'s' if c.get('loops', 1) > 1 else ''}" if several else "")
+             + f": {c['router_over_best']:.1f}×" + ("" if c["converter_bound"] else " (not converter-bound)")
+             for c in checks]
     return "Router over the best converter (≥ 2× means the converters were the bottleneck): " + ", ".join(parts) + "."
 
 

@@ -126,6 +126,28 @@ def test_quota_calibration_finds_the_largest_converter_bound_quota():
     assert hopeless["cores_per_loop"] == common.QUOTA_FLOOR and not hopeless["converter_bound"]
 
 
+def test_quota_calibration_leaves_room_for_the_largest_system_of_the_run():
+    """A run with a 2-loop converter: the router must deliver the margin over what 2 loops could
+    (twice the best one-loop rate), so the quota per loop is half a one-loop run's; bound_check
+    judges each loop count apart: a 2-loop system at 80 % of the router is not converter-bound."""
+    import pandas as pd
+    from experiments.systems import Router
+    router = Router()
+    router.converts, router.box = False, None
+    one, two = _Converter("one", 10_000), _Converter("two", 10_000)
+    two.loops = 2
+    probe = lambda s, p: 5_000 if s is router else s.per_core * s.box.cores  # noqa: E731
+    cal = common.calibrate_quota([router, one, two], probe, [1])
+    assert cal["largest_loops"] == 2 and cal["converter_bound"], cal
+    assert abs(cal["cores_per_loop"] - 5_000 / 10_000 / 4.4) < 0.002, cal
+    assert one.box.cores == cal["cores_per_loop"] and two.box.cores == 2 * cal["cores_per_loop"]
+    rows = [dict(regime="converter-bound", system=n, loops=k, size=1024, req_per_s=r)
+            for n, k, r in (("router", 1, 4_000), ("mimbox", 1, 1_800), ("mimbox-2w", 2, 3_200))]
+    checks = {c["loops"]: c for c in common.bound_check(pd.DataFrame(rows), "req_per_s")}
+    assert checks[1]["converter_bound"] and checks[1]["router_over_best"] == 2.22
+    assert not checks[2]["converter_bound"] and checks[2]["best_converter"] == "mimbox-2w"
+
+
 def test_fig5_problems_carry_the_peers_own_account():
     import pandas as pd
     df = pd.DataFrame([dict(regime="converter-bound", system="haproxy-2t", size=1 << 20, rep=0, socket_errors=1,
