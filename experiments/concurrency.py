@@ -18,22 +18,31 @@ One process holds at most ~10,000 converted connections here (the fd hard limit 
 process, two sockets a connection; CAP_SYS_RESOURCE is missing): single-process systems stop there
 (rows with `stopped` say so, nothing is run past it); MiMBox goes further with more workers, and its
 server connections come from SOURCES addresses (--source-address): one address has ~58,000 local ports
-towards the one echo server, and connect() slows long before they run out.
+towards the one echo server, and connect() slows long before they run out. Each system's capacity
+follows the converter host's own hard limit (Capacity), read there.
+
+With `--hosts` (topologies.remotebed) the same points run on real machines: the crowd on the client,
+the echo server on the server, the systems on the converter host, whose kernel caches and memory
+then hold that converter's connections alone (the router forwards: nothing of it is held there).
+The extra source addresses are added to the first client path's interface (its subnet's .11, .12,
+...) and to the converter's server-path interface (.51 to .58), and removed afterwards.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import matplotlib
 import pandas as pd
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import CONVERTER_CPUS, CONVERTER_QUOTA_CORES, END_HOST_CPUS, converter_boxes, progress, run_experiment, testbed  # noqa: E402
+from experiments.common import CONVERTER_QUOTA_CORES, converter_boxes, progress, run_experiment, testbed  # noqa: E402
 from experiments.measure import runqueue_wait_s, with_descendants  # noqa: E402
 from experiments.style import legend_outside, styles  # noqa: E402
 from experiments.systems import HAProxy, MiMBox, Naive, NginxStream, Router, python, ready_line  # noqa: E402
@@ -53,10 +62,31 @@ FULL = dict(counts=[1000, 3000, 10000, 30000, 100000], bound_counts=[1000, 10000
             open_rate=3000.0)
 QUICK = dict(counts=[1000, 10000], bound_counts=[1000], interval=10.0, keepalive_rate=1000.0, idle_seconds=5.0,
              new_rate=20.0, new_only_rate=200.0, new_seconds=5.0, open_rate=3000.0)
-FD_HARD = 20_000               # this machine's per-process hard limit (results' manifest: environment)
-PER_PROCESS = 8_800            # converted connections one process holds under it (mimbox.host.resources)
-HAPROXY_MAXCONN = 7_900        # HAProxy asks for 2.5 fds a connection (pipes): 8,800 would need 22,014
-SPLICE_MAX = 3_300             # the naive splice converter: 6 fds a connection (two sockets, two pipes)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many connections one process of each kind holds under the converter host's per-process
+    open-file hard limit (`ulimit -Hn` there; 20,000 on this VM, where CAP_SYS_RESOURCE is missing),
+    with room for what else it opens: 2 fds a connection for MiMBox, nginx and read/write (8,800 at
+    20,000: mimbox.host.resources reserves the rest), 2.5 for HAProxy (it reserves maxconn / 4 splice
+    pipes: 8,800 would need 22,014), 6 for the naive splice converter (two sockets, two pipes)."""
+    fd_hard: int
+
+    @property
+    def per_process(self) -> int:
+        return int(self.fd_hard * 0.44)
+
+    @property
+    def haproxy_maxconn(self) -> int:
+        return int(self.fd_hard * 0.395)
+
+    @property
+    def splice(self) -> int:
+        return int(self.fd_hard * 0.165)
+
+
+HERE = Capacity(20_000)         # this VM's (the results' manifest records each run's own)
 # MiMBox's server connections come from these addresses in turn (--source-address): the one echo server
 # takes a local port a connection from each (57,977 here), and past half of an address's ports every
 # connect() walks the ports in use (the kernel tries even ports first: 95 % of the converter's CPU at
@@ -64,18 +94,25 @@ SPLICE_MAX = 3_300             # the naive splice converter: 6 fds a connection 
 SOURCES = 8
 
 
-def source_addresses(subnet: int) -> list[str]:
-    """The converter's SOURCES addresses on its server side's /24 (10.0.SUBNET.0/24; the server has .1)."""
-    return [f"10.0.{subnet}.{51 + k}" for k in range(SOURCES)]
+def subnet_hosts(subnet: str, first: int, n: int) -> list[str]:
+    """n host addresses of `subnet` (a path's, "10.0.1.0/24"), from its `first`th on."""
+    net = ipaddress.ip_network(subnet, strict=False)
+    return [str(net[first + k]) for k in range(n)]
 
 
-def systems(counts: list[int], sources: list[str] = (), many_workers: bool = True, only=None) -> list:
+def source_addresses(subnet: str) -> list[str]:
+    """The converter's SOURCES addresses on its server side's subnet (.51 on; the server has .1)."""
+    return subnet_hosts(subnet, 51, SOURCES)
+
+
+def systems(counts: list[int], sources: list[str] = (), many_workers: bool = True, only=None,
+            cpus: str = "1", cap: Capacity = HERE) -> list:
     """The systems measured, each with how many connections it can hold here (None: no limit) and why:
     [(system, capacity, what caps it)]. many_workers: MiMBox with as many workers as the largest count
     needs too (the end-host-bound pass; held to a quota per worker it would only repeat mimbox-2w).
     only: these names alone (a parameter of the run: e.g. repeating one comparison; the router is the
-    memory baseline and is always kept)."""
-    out = _all_systems(counts, sources, many_workers)
+    memory baseline and is always kept). cpus: the converter's cores; cap: its host's Capacity."""
+    out = _all_systems(counts, sources, many_workers, cpus, cap)
     if only:
         unknown = set(only) - {s.name for s, _, _ in out}
         if unknown:
@@ -85,27 +122,28 @@ def systems(counts: list[int], sources: list[str] = (), many_workers: bool = Tru
     return out
 
 
-def _all_systems(counts: list[int], sources: list[str], many_workers: bool) -> list:
-    fds = f"open-file limit: {FD_HARD} a process"
+def _all_systems(counts: list[int], sources: list[str], many_workers: bool, cpus: str, cap: Capacity) -> list:
+    fds = f"open-file limit: {cap.fd_hard} a process"
+    per, maxconn = cap.per_process, cap.haproxy_maxconn
     out = [(Router(), None, "")]
     mimboxes = [("mimbox-1w", dict(workers=1)), ("mimbox-2w", dict(workers=2)),
                 ("mimbox-uring", dict(workers=1, engine="uring"))]
     if many_workers:
-        big = max(3, math.ceil(max(counts) / PER_PROCESS))
+        big = max(3, math.ceil(max(counts) / per))
         mimboxes.append((f"mimbox-{big}w", dict(workers=big)))
     for name, kw in mimboxes:
-        m = MiMBox(mode="static", cpus=CONVERTER_CPUS,
+        m = MiMBox(mode="static", cpus=cpus,
                    extra=["--idle-timeout", "0", *(f"--source-address={a}" for a in sources)], **kw)
         m.name = name
-        out.append((m, PER_PROCESS * kw["workers"], f"{fds}, 2 a connection"))
+        out.append((m, per * kw["workers"], f"{fds}, 2 a connection"))
     for threads in (1, 2):      # (HAProxy reserves fds for maxconn / 4 splice pipes too: 2.5 fds a connection)
-        out.append((HAProxy(threads=threads, mode="tcp", cpus=CONVERTER_CPUS, maxconn=HAPROXY_MAXCONN),
-                    HAPROXY_MAXCONN, f"{fds}, 2.5 a connection (maxconn {HAPROXY_MAXCONN})"))
+        out.append((HAProxy(threads=threads, mode="tcp", cpus=cpus, maxconn=maxconn),
+                    maxconn, f"{fds}, 2.5 a connection (maxconn {maxconn})"))
     for workers in (1, 2):      # one listener a worker (reuseport), each worker its own open-file limit
-        out.append((NginxStream(workers=workers, cpus=CONVERTER_CPUS), PER_PROCESS * workers,
+        out.append((NginxStream(workers=workers, cpus=cpus), per * workers,
                     f"{fds} (each worker's), 2 a connection"))
-    out.append((Naive("readwrite", cpus=CONVERTER_CPUS), PER_PROCESS, f"{fds}, 2 a connection"))
-    out.append((Naive("splice", cpus=CONVERTER_CPUS), SPLICE_MAX, f"{fds}, 6 a connection (two sockets, two pipes)"))
+    out.append((Naive("readwrite", cpus=cpus), per, f"{fds}, 2 a connection"))
+    out.append((Naive("splice", cpus=cpus), cap.splice, f"{fds}, 6 a connection (two sockets, two pipes)"))
     return out
 
 
@@ -138,16 +176,19 @@ def socket_memory(host) -> tuple[int, int]:
 
 
 def process_memory(host, pids: list[int]) -> tuple[int, int]:
-    """(RSS bytes, open fds) of `pids`, MiMBox's keepers left out (they share their worker's fds and pages)."""
-    from mimbox.converter.core import is_keeper
+    """(RSS bytes, open fds) of `pids` on `host`, MiMBox's keepers left out (they share their
+    worker's fds and pages); read there, in one command."""
+    from mimbox.converter.core import KEEPER_NAME
+    if not pids:
+        return 0, 0
+    script = "; ".join(f'echo "@$(cat /proc/{p}/comm 2>/dev/null)|$(grep VmRSS /proc/{p}/status 2>/dev/null)|'
+                       f'$(ls /proc/{p}/fd 2>/dev/null | wc -l)"' for p in pids)
     rss = fds = 0
-    for pid in pids:
-        if is_keeper(pid):
-            continue
-        out = host.cmd(f"grep VmRSS /proc/{pid}/status 2>/dev/null; ls /proc/{pid}/fd 2>/dev/null | wc -l").split()
-        if len(out) >= 4:
-            rss += int(out[1]) * 1024
-            fds += int(out[3])
+    for line in host.cmd(script).splitlines():
+        f = line.removeprefix("@").split("|")            # comm | VmRSS:  N kB | fds
+        if len(f) == 3 and f[0] != KEEPER_NAME and f[1].split()[1:2]:
+            rss += int(f[1].split()[1]) * 1024
+            fds += int(f[2])
     return rss, fds
 
 
@@ -173,6 +214,20 @@ def mptcp_sockets(host) -> int:
     closed and freed when this falls back. Until then their tokens fill the kernel's token table, and
     the next run's connections fall back to TCP (an earlier run killed mid-way did that to 776 of 1,000)."""
     return sum(int(line.split()[1]) for line in host.cmd("grep -E '^MPTCP(v6)? ' /proc/slabinfo").splitlines())
+
+
+def mptcp_sockets_of(tb) -> int:
+    """mptcp_sockets() of the testbed's kernels: this machine's one (every namespace's), or with
+    --hosts each host's (the client's, the converter's, the server's)."""
+    if getattr(tb, "remote", False):
+        return sum(mptcp_sockets(h) for h in (tb.client, tb.mbox, tb.server))
+    return mptcp_sockets(tb.mbox)
+
+
+def fd_hard_limit(host) -> int:
+    """The per-process open-file hard limit of the processes `host` starts (`ulimit -Hn` there)."""
+    out = host.cmd("ulimit -Hn").strip()
+    return int(out) if out.isdigit() else 1 << 20          # "unlimited"
 
 
 def keepalive_interval(n: int, params: dict) -> float:
@@ -204,7 +259,7 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
     # the crowd on the end hosts' core with the echo server (as wrk in Fig. 5): the converter's core is its own
     import tempfile
     err = tempfile.TemporaryFile()               # the crowd's tracebacks, if any, into the row
-    crowd = tb.client.popen(["taskset", "-c", END_HOST_CPUS, python(tb.client), "-m", "experiments.measure.crowd",
+    crowd = tb.client.popen(["taskset", "-c", tb.cpus("client"), python(tb.client), "-m", "experiments.measure.crowd",
                              "client", host, str(port), str(n),
                              "--open-rate", str(params["open_rate"]), *sources],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -242,16 +297,19 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
         cpu_new = (system.cpu_s() - cpu0) / max(1, len(only_new["new_us"]))
         interval = keepalive_interval(opened["open"], params)
         cpu0 = system.cpu_s()
-        # who waited for a CPU while the keep-alives ran: the end hosts (crowd and echo server, one core)
-        # or the converter (its box's processes)
-        ends = with_descendants([crowd.pid, *params["echo_pids"]])
+        # who waited for a CPU while the keep-alives ran: the end hosts (crowd and echo server, one core
+        # here; each its own host with --hosts) or the converter (its box's processes)
+        ends = [(tb.client, with_descendants([crowd.pid], tb.client)),
+                (tb.server, with_descendants(params["echo_pids"], tb.server))]
         conv = system.box.pids() if system.box is not None else []
-        wait0, t0 = (runqueue_wait_s(ends), runqueue_wait_s(conv)), time.monotonic()
+        waits = lambda: (sum(runqueue_wait_s(p, h) for h, p in ends), runqueue_wait_s(conv, tb.mbox))  # noqa: E731
+        wait0, t0 = waits(), time.monotonic()
         m = _measure(crowd, interval, interval, params["new_rate"])      # every connection's keep-alive once
         cpu = system.cpu_s() - cpu0
         window = time.monotonic() - t0
-        row.update(end_hosts_runq_wait_ms_per_s=1e3 * (runqueue_wait_s(ends) - wait0[0]) / window,
-                   converter_runq_wait_ms_per_s=1e3 * (runqueue_wait_s(conv) - wait0[1]) / window)
+        wait1 = waits()
+        row.update(end_hosts_runq_wait_ms_per_s=1e3 * (wait1[0] - wait0[0]) / window,
+                   converter_runq_wait_ms_per_s=1e3 * (wait1[1] - wait0[1]) / window)
         kas, news = m.get("keepalive_us", []), m.get("new_us", []) + only_new.get("new_us", [])
         errs = {**only_new.get("errors", {}), **m.get("errors", {})}
         row.update(keepalive_interval_s=interval, mptcp_fallbacks=fallbacks(tb.client) - fb0,
@@ -281,7 +339,7 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
         try:
             wait_until(lambda: established(tb.server, served_port) <= before, 120 + n / 200,
                        f"{system.name}: the server's connections closed", every=0.5)
-            wait_until(lambda: mptcp_sockets(tb.mbox) <= params["mptcp_base"] + 500, 120 + n / 200,
+            wait_until(lambda: mptcp_sockets_of(tb) <= params["mptcp_base"] + 500, 120 + n / 200,
                        f"{system.name}: the MPTCP sockets freed", every=0.5)
             row["close_s"] = round(time.monotonic() - t_close, 1)
         except NotWithin as e:
@@ -313,42 +371,50 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
     rows, caches = [], []
     procs = max(2, math.ceil(max(params["counts"]) / 9000) + 1)
     with testbed(PaperTopo(ipv6=False)) as tb:
-        tcp_port, mptcp_port = ALLOCATE.port(), ALLOCATE.port()
-        servers = [tb.server.popen(["taskset", "-c", END_HOST_CPUS, python(tb.server), "-m",
+        remote = getattr(tb, "remote", False)
+        # a remote server's ports are the preflight's (topologies.lab.Needs): 80 and 81 are Fig. 5's
+        tcp_port, mptcp_port = (80, 81) if remote else (ALLOCATE.port(), ALLOCATE.port())
+        cap = Capacity(fd_hard_limit(tb.mbox))
+        servers = [tb.server.popen(["taskset", "-c", tb.cpus("server"), python(tb.server), "-m",
                                     "experiments.measure.crowd", "server", str(p), "--procs", str(procs),
                                     *(["--mptcp"] if p == mptcp_port else [])],
                                    stdout=subprocess.PIPE, text=True) for p in (tcp_port, mptcp_port)]
         # one source address per crowd process (~30,000 ports each towards one server port; 100,000 need
-        # several), on the first path's subnet; the namespace goes with the testbed
-        first = tb.topo.client_addrs[0]
-        params["sources"] = [f"10.0.{first.n}.{11 + k}" for k in range(procs)]
-        for a in params["sources"]:
-            tb.client.cmd(f"ip addr add {a}/24 dev {first.intf_outer}")
-        toward = tb.topo.server_addrs[0]
-        params["converter_sources"] = source_addresses(toward.n)
+        # several), on the first path's subnet; the converter's own towards the server (SOURCES)
+        first, toward = tb.topo.client_addrs[0], tb.topo.server_addrs[0]
+        params["sources"] = subnet_hosts(first.subnet, 11, procs)
+        params["converter_sources"] = source_addresses(toward.subnet)
         params["echo_pids"] = [s.pid for s in servers]
-        for a in params["converter_sources"]:
-            tb.mbox.cmd(f"ip addr add {a}/24 dev {toward.intf_mbox}")
+        plen = lambda a: ipaddress.ip_network(a.subnet, strict=False).prefixlen  # noqa: E731
+        added = [(tb.client, f"{a}/{plen(first)} dev {first.intf_outer}") for a in params["sources"]] + \
+                [(tb.mbox, f"{a}/{plen(toward)} dev {toward.intf_mbox}") for a in params["converter_sources"]]
         try:
+            for host, addr in added:
+                if remote:                 # (also if this run is killed: the lab's close runs it)
+                    host.undo(f"ip addr del {addr}")
+                host.cmd(f"ip addr add {addr}")
             for s in servers:
                 if _readline(s, 60).strip() != "ready":
                     raise RuntimeError("concurrency: the echo server did not start")
             # an earlier run's sockets still closing would fill the kernel's token table
-            params["mptcp_base"] = wait_until(lambda: (lambda k: (k,) if k < 2000 else None)(mptcp_sockets(tb.mbox)),
+            params["mptcp_base"] = wait_until(lambda: (lambda k: (k,) if k < 2000 else None)(mptcp_sockets_of(tb)),
                                               300, "MPTCP sockets of an earlier run freed", every=1.0)[0]
             for regime, counts in ((END_HOST_BOUND, params["counts"]), (CONVERTER_BOUND, params["bound_counts"])):
-                for system, capacity, cap in systems(counts, params["converter_sources"],
-                                                     many_workers=regime == END_HOST_BOUND, only=params.get("only")):
-                    _system_points(tb, system, regime, (capacity, cap), counts, (tcp_port, mptcp_port), params,
+                for system, capacity, why in systems(counts, params["converter_sources"],
+                                                     many_workers=regime == END_HOST_BOUND, only=params.get("only"),
+                                                     cpus=tb.cpus("mbox"), cap=cap):
+                    _system_points(tb, system, regime, (capacity, why), counts, (tcp_port, mptcp_port), params,
                                    rows, caches)
         finally:
             for s in servers:
                 stop_process(s, grace=30)
+            for host, addr in added if remote else []:    # (a Mininet host's go with its namespace)
+                host.cmd(f"ip addr del {addr}")
             params.pop("echo_pids", None)           # (this run's, nothing for the manifest)
     df = pd.DataFrame(rows)
     return df, {"caches": caches, "regimes": {END_HOST_BOUND: "the converter's own core, no quota",
                                               CONVERTER_BOUND: f"{CONVERTER_QUOTA_CORES} of a core per event loop"},
-                "fd_hard_limit": FD_HARD, "converter_cpus": CONVERTER_CPUS, "echo_server_processes": procs}
+                "fd_hard_limit": cap.fd_hard, "converter_cpus": tb.cpus("mbox"), "echo_server_processes": procs}
 
 
 def _system_points(tb, system, regime: str, limit: tuple[int | None, str], counts: list[int],

@@ -30,10 +30,11 @@ from experiments.common import progress
 REMOTE_OVERRIDES = {"table1": {"idle": ["halt"]}}
 
 # the figures a remote testbed runs (--hosts), on the hosts' own interfaces: fig6 and interactive
-# shape them there (HTB, netem: a host without sch_netem is refused with the reason). The others
-# build topologies of their own (scaleout, families) or trace this machine's kernel (breakdown,
-# profile, tfostall, uring's perf): Mininet only.
-REMOTE_FIGURES = ("fig5", "table1", "fig6", "interactive")
+# shape them there (HTB, netem: a host without sch_netem is refused with the reason); concurrency
+# holds its crowd on the client and measures the converter host's kernel. The others build
+# topologies of their own (scaleout, families) or trace this machine's kernel (breakdown, profile,
+# tfostall, uring's perf): Mininet only.
+REMOTE_FIGURES = ("fig5", "table1", "fig6", "interactive", "concurrency")
 FIGURES = {"fig5": workload, "percost": percost, "fig4": goodput, "table1": delay, "breakdown": breakdown,
            "fig6": buffers, "interactive": interactive, "profile": profile, "scaleout": scaleout,
            "tfostall": tfostall, "families": families,

@@ -64,6 +64,7 @@ def state(rig) -> dict:
             "endpoints": rig.exec(role, "ip mptcp endpoint show"),
             "limits": rig.exec(role, "ip mptcp limits show"),
             "qdiscs": rig.exec(role, "tc qdisc show | grep -v -e noqueue -e 'pfifo_fast' | sort"),
+            "addresses": rig.exec(role, "ip -o addr show | awk '{print $2, $4}' | sort"),
         }
     return out
 
@@ -143,6 +144,37 @@ def test_table1_tiny_run_over_ssh(rig, tmp_path):
         assert counts[(system, "SYN")] >= 90 and counts[(system, "data")] >= 90
     assert counts[("mimbox (TCP server)", "SYN+ACK")] >= 90
     assert (df.delay_us > 0).all()
+    assert_left_as_it_was(rig)
+
+
+def test_concurrency_tiny_points_over_ssh(rig, tmp_path):
+    """The concurrency figure's crowd on the client host, its echo server on the server host, the
+    converter measured on its own host (kernel caches, RSS, fds, run-queue wait, all read there), in
+    both regimes; the source addresses it adds are gone afterwards (assert_left_as_it_was)."""
+    code = ("import sys; from experiments import common, concurrency\n"
+            "with common.remote_lab(sys.argv[1]):\n"
+            "    concurrency.main(quick=True, counts=[40], bound_counts=[20], interval=1.0, idle_seconds=1.0,"
+            " new_seconds=1.0, new_only_rate=20.0, only=['mimbox-1w'])")
+    r = subprocess.run([PY, "-c", code, rig.hosts_file], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "MIMBOX_RESULTS": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "concurrency"
+    df = pd.read_csv(run / "data.csv")
+    assert set(zip(df.regime, df.system, df.connections)) == {
+        ("end-host-bound", "router", 40), ("end-host-bound", "mimbox-1w", 40),
+        ("converter-bound", "router", 20), ("converter-bound", "mimbox-1w", 20)}
+    assert (df.opened == df.connections).all() and (df.open_failed == 0).all() and (df.errors == 0).all()
+    assert (df.keepalives == df.connections).all() and (df.new_requests > 0).all()
+    conv = df[df.system == "mimbox-1w"]
+    # read on the converter host: its processes' fds (two a connection) and memory, its box's CPU
+    assert (conv.fds_per_conn >= 1.5).all() and (conv.rss_kb_per_conn >= 0).all(), conv.to_string()
+    assert (conv.cpu_us_per_new > 0).all() and conv.converter_runq_wait_ms_per_s.notna().all()
+    assert df.end_hosts_runq_wait_ms_per_s.notna().all()
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["remote"]["hosts_file"] == rig.hosts_file and set(man["remote"]["hosts"]) == set(ROLES)
+    # the converter host's own open-file hard limit sets the capacities (the rig's: this machine's)
+    assert man["fd_hard_limit"] == int(rig.exec("converter", "sh -c 'ulimit -Hn'").strip())
+    assert man["converter_cpus"] == "1"
     assert_left_as_it_was(rig)
 
 

@@ -27,7 +27,7 @@ from topologies.hostsfile import Lab
 from topologies.remote import RemoteError, RemoteHost
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = {"client": ("wrk", "iperf3"), "converter": ("haproxy", "squid"), "server": ("nginx", "iperf3")}
+PEERS = {"client": ("wrk", "iperf3"), "converter": ("haproxy", "squid", "nginx"), "server": ("nginx", "iperf3")}
 PIP = "pip==23.0.1"   # installs the wheels into each host's venv (Debian 12's own pip)
 SYSTEM_PYTHON = "/usr/bin/python3"   # each host's venv is made from it, with its Debian packages visible
 
@@ -46,7 +46,7 @@ class Needs:
     """What a run needs of each host: tools by role and ports that must be free."""
     tools: dict[str, list[str]] = field(default_factory=lambda: {
         "client": ["wrk", "iperf3", "ping", "taskset", "ip", "ss"],
-        "converter": ["haproxy", "squid", "tcpdump", "taskset", "ip", "ss", "nstat", "ethtool"],
+        "converter": ["haproxy", "squid", "nginx", "tcpdump", "taskset", "ip", "ss", "nstat", "ethtool"],
         "server": ["nginx", "iperf3", "taskset", "ip", "ss"]})
     ports: dict[str, list[int]] = field(default_factory=lambda: {
         "converter": list(range(17000, 17040)), "server": [80, 81, 5201, 9500]})

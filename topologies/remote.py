@@ -45,10 +45,18 @@ class RemoteProcess:
     """A process started by RemoteHost.popen(): the part of subprocess.Popen the experiments use.
     `pid` is the process's pid on its host (it leads a process group and session of its own)."""
 
-    def __init__(self, host: "RemoteHost", argv: list[str], stdout, stderr, text: bool):
+    def __init__(self, host: "RemoteHost", argv: list[str], stdout, stderr, text: bool, stdin=None):
         self.host, self.args, self.returncode = host, argv, None
         self._pipes: list = []
-        self.stdout = self.stderr = None
+        self.stdout = self.stderr = self.stdin = None
+        feed = False                 # invoke's in_stream: nothing (the process's stdin is closed)
+        if stdin == subprocess.PIPE:     # what the caller writes to .stdin reaches the process; close() is its EOF
+            r, w = os.pipe()
+            feed = _Feed(r)
+            self.stdin = os.fdopen(w, "w" if text else "wb", **({"buffering": 1} if text else {}))
+            self._pipes.append(feed)
+        elif stdin is not None and stdin != subprocess.DEVNULL:
+            raise ValueError(f"unsupported stdin {stdin!r}")
         out_stream, self.stdout = self._stream(stdout, text)
         err_stream, self.stderr = self._stream(stderr, text)
         pid_r, pid_w = os.pipe()
@@ -59,7 +67,7 @@ class RemoteProcess:
         splitter = _PidSplitter(pid_stream, err_stream)
         cmd = ("exec setsid -w sh -c 'echo mimbox-pid:$$ >&2; exec \"$@\"' sh "
                + " ".join(shlex.quote(a) for a in argv))
-        self._promise = host.conn.run(host.wrap(cmd), asynchronous=True, hide=True, warn=True, in_stream=False,
+        self._promise = host.conn.run(host.wrap(cmd), asynchronous=True, hide=True, warn=True, in_stream=feed,
                                       out_stream=out_stream, err_stream=splitter, pty=False)
         line = _readline_timeout(pid_reader, 30.0)
         pid_reader.close()
@@ -125,6 +133,28 @@ class RemoteProcess:
         out = self.stdout.read() if self.stdout else None
         err = self.stderr.read() if self.stderr else None
         return out, err
+
+
+class _Feed:
+    """invoke's in_stream from the read end of a pipe: whatever is there at once (invoke reads a
+    non-terminal stream a byte per 10 ms otherwise); empty at EOF, which closes the process's stdin."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def read(self, _n: int = -1) -> str:
+        return os.read(self.fd, 65536).decode(errors="replace")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _PidSplitter(io.TextIOBase):
@@ -218,9 +248,11 @@ class RemoteHost:
         out = self.cmd("; ".join(f"echo @@mimbox-probe@@; {c} 2>&1" for c in commands.values()))
         return {k: v.strip() for k, v in zip(commands, out.split("@@mimbox-probe@@\n")[1:])}
 
-    def popen(self, argv: list[str], stdout=subprocess.PIPE, stderr=None, text: bool = False, **_) -> RemoteProcess:
-        """Start a background process; its stdout/stderr: subprocess.PIPE, DEVNULL, or a local file."""
-        return RemoteProcess(self, [str(a) for a in argv], stdout, stderr, text)
+    def popen(self, argv: list[str], stdout=subprocess.PIPE, stderr=None, text: bool = False, stdin=None,
+              **_) -> RemoteProcess:
+        """Start a background process; its stdout/stderr: subprocess.PIPE, DEVNULL, or a local file;
+        its stdin: none, or subprocess.PIPE (closing .stdin closes the process's)."""
+        return RemoteProcess(self, [str(a) for a in argv], stdout, stderr, text, stdin)
 
     def undo(self, command: str) -> None:
         """Register a command that close() runs (last registered, first run)."""

@@ -19,8 +19,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def with_descendants(pids: list[int]) -> list[int]:
-    """These processes and every process they started, still alive (/proc/PID/task/TID/children)."""
+def with_descendants(pids: list[int], host=None) -> list[int]:
+    """These processes and every process they started, still alive (/proc/PID/task/TID/children).
+    host: a remote host (topologies.remote) whose pids these are: its process table, read there."""
+    if getattr(host, "remote", False):
+        parent = {}
+        for line in host.cmd("ps -e -o pid=,ppid=").splitlines():
+            f = line.split()
+            if len(f) == 2 and f[0].isdigit() and f[1].isdigit():
+                parent[int(f[0])] = int(f[1])
+        out, todo = [], list(pids)
+        while todo:
+            pid = todo.pop()
+            if pid not in out:
+                out.append(pid)
+                todo += [c for c, pp in parent.items() if pp == pid]
+        return out
     out, todo = [], list(pids)
     while todo:
         pid = todo.pop()
@@ -36,9 +50,16 @@ def with_descendants(pids: list[int]) -> list[int]:
     return out
 
 
-def runqueue_wait_s(pids: list[int]) -> float:
+def runqueue_wait_s(pids: list[int], host=None) -> float:
     """Seconds these processes' threads have spent runnable but waiting for a CPU, so far
-    (/proc/PID/task/TID/schedstat, second field): the scheduler's delay, not their work."""
+    (/proc/PID/task/TID/schedstat, second field): the scheduler's delay, not their work.
+    host: a remote host whose pids these are (read there, in one command)."""
+    if getattr(host, "remote", False):
+        if not pids:
+            return 0.0
+        files = " ".join(f"/proc/{int(p)}/task/*/schedstat" for p in pids)
+        out = host.cmd(f"cat {files} 2>/dev/null | awk '{{s += $2}} END {{printf \"%.0f\\n\", s}}'").strip()
+        return int(out) / 1e9 if out.isdigit() else 0.0
     total = 0
     for pid in pids:
         try:
