@@ -264,6 +264,7 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
                              "--open-rate", str(params["open_rate"]), *sources],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
     row = dict(regime=regime, system=system.name, connections=n)
+    poll = 0.5 if n > 10_000 else 0.1       # (ss over 300,000 sockets takes a while: not 10 times a second)
     try:
         _readline(crowd, 60)                    # its processes run: what they hold is in both readings
         pids = system.box.pids() if system.box is not None else []
@@ -277,7 +278,7 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
         opened.setdefault("failed", opened.get("errors", {}))
         row.update(opened=opened["open"], open_failed=sum(opened["failed"].values()), open_s=opened["seconds"])
         wait_until(lambda: established(tb.server, served_port) - before >= opened["open"], 120,
-                   f"{system.name}: the server holding {opened['open']} connections", every=0.5)
+                   f"{system.name}: the server holding {opened['open']} connections", every=poll)
         pids = system.box.pids() if system.box is not None else []
         mem1, slab1 = meminfo(tb.mbox), slabs(tb.mbox)
         rss1, fds1 = process_memory(tb.mbox, pids)
@@ -338,9 +339,9 @@ def _point(tb, system, regime: str, n: int, ports: tuple[int, int], params: dict
         # (100,000 MPTCP connections take a while to close: the next point must not start beside them)
         try:
             wait_until(lambda: established(tb.server, served_port) <= before, 120 + n / 200,
-                       f"{system.name}: the server's connections closed", every=0.5)
+                       f"{system.name}: the server's connections closed", every=poll)
             wait_until(lambda: mptcp_sockets_of(tb) <= params["mptcp_base"] + 500, 120 + n / 200,
-                       f"{system.name}: the MPTCP sockets freed", every=0.5)
+                       f"{system.name}: the MPTCP sockets freed", every=poll)
             row["close_s"] = round(time.monotonic() - t_close, 1)
         except NotWithin as e:
             row["close_problem"] = str(e)[:200]       # (problems() says so; the measurement stands)
