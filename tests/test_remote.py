@@ -253,7 +253,8 @@ def test_reproduce_hosts_refuses_what_runs_here_only(rig, tmp_path):
 @pytest.mark.slow
 def test_readme_reproduce_hosts_runs_as_written(rig, tmp_path):
     """README's `./mimbox.sh reproduce --quick --hosts lab.toml`, the rig's hosts file for lab.toml,
-    results into a directory of the test's (about 15 minutes: behind --slow)."""
+    results into a directory of the test's (Figs. 5, 6, Table 1, the interactive and concurrency
+    figures: about half an hour, behind --slow)."""
     line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "reproduce --quick --hosts" in x)
     argv = shlex.split(line.split("#")[0])
     argv = [rig.hosts_file if a == "lab.toml" else a for a in argv]
