@@ -25,7 +25,8 @@ With `--hosts` (topologies.remotebed) the same points run on real machines: the 
 the echo server on the server, the systems on the converter host, whose kernel caches and memory
 then hold that converter's connections alone (the router forwards: nothing of it is held there).
 The extra source addresses are added to the first client path's interface (its subnet's .11, .12,
-...) and to the converter's server-path interface (.51 to .58), and removed afterwards.
+...) and to the converter's server-path interface (.51 to .58), and removed when the figure
+ends (also on an error or Ctrl-C).
 """
 from __future__ import annotations
 
@@ -391,8 +392,6 @@ def run(params: dict) -> tuple[pd.DataFrame, dict]:
                 [(tb.mbox, f"{a}/{plen(toward)} dev {toward.intf_mbox}") for a in params["converter_sources"]]
         try:
             for host, addr in added:
-                if remote:                 # (also if this run is killed: the lab's close runs it)
-                    host.undo(f"ip addr del {addr}")
                 host.cmd(f"ip addr add {addr}")
             for s in servers:
                 if _readline(s, 60).strip() != "ready":

@@ -23,30 +23,31 @@ def with_descendants(pids: list[int], host=None) -> list[int]:
     """These processes and every process they started, still alive (/proc/PID/task/TID/children).
     host: a remote host (topologies.remote) whose pids these are: its process table, read there."""
     if getattr(host, "remote", False):
-        parent = {}
-        for line in host.cmd("ps -e -o pid=,ppid=").splitlines():
-            f = line.split()
+        table = [line.split() for line in host.cmd("ps -e -o pid=,ppid=").splitlines()]
+        kids: dict[int, list[int]] = {}
+        for f in table:
             if len(f) == 2 and f[0].isdigit() and f[1].isdigit():
-                parent[int(f[0])] = int(f[1])
-        out, todo = [], list(pids)
-        while todo:
-            pid = todo.pop()
-            if pid not in out:
-                out.append(pid)
-                todo += [c for c, pp in parent.items() if pp == pid]
-        return out
+                kids.setdefault(int(f[1]), []).append(int(f[0]))
+        children = lambda pid: kids.get(pid, [])  # noqa: E731
+    else:
+        children = _local_children
     out, todo = [], list(pids)
     while todo:
         pid = todo.pop()
-        if pid in out:
-            continue
-        out.append(pid)
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
+        if pid not in out:
+            out.append(pid)
+            todo += children(pid)
+    return out
+
+
+def _local_children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
     return out
 
 
